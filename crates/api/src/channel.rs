@@ -1,0 +1,204 @@
+//! Messages on the hub<->edge channel. See `docs/CHANNEL.md` for framing and flow.
+//!
+//! Versioning: [`PROTOCOL_VERSION`] goes up when a message changes meaning. New
+//! optional fields and new message types may be added within a version: decoders
+//! ignore unknown fields, and a peer answers an unknown message type with
+//! [`HubToEdge::Error`]/[`EdgeToHub::Error`] instead of dropping the connection.
+//! The hub accepts edges from [`MIN_PROTOCOL_VERSION`] up to its own version.
+
+use serde::{Deserialize, Serialize};
+
+use crate::instance::{Instance, InstanceStatus};
+use crate::node::NodeStatus;
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The oldest edge protocol version this hub still accepts.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+/// ALPN protocol id of the channel (distinguishes it from the REST API on one port).
+pub const ALPN_CHANNEL: &[u8] = b"verge-channel/1";
+/// ALPN protocol id used by an edge that enrols (has no identity yet).
+pub const ALPN_ENROLL: &[u8] = b"verge-enroll/1";
+
+/// Edge -> hub.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum EdgeToHub {
+    /// First message on an enrolment connection.
+    #[serde(rename_all = "camelCase")]
+    Enroll {
+        /// Protocol version of the edge.
+        protocol_version: u32,
+        /// The join token (secret part included).
+        token: String,
+        /// Requested node name.
+        node_name: String,
+        /// PEM certificate signing request for the key the node generated.
+        csr_pem: String,
+        /// Labels the node starts with (region, city, isp, tier...).
+        #[serde(default)]
+        labels: std::collections::BTreeMap<String, String>,
+    },
+    /// First message on an identified channel connection.
+    #[serde(rename_all = "camelCase")]
+    Hello {
+        /// Protocol version of the edge.
+        protocol_version: u32,
+        /// Agent version string.
+        agent_version: String,
+        /// The last revision the edge has fully applied (0: never synced).
+        since_revision: u64,
+    },
+    /// Periodic liveness, with the node's current facts.
+    #[serde(rename_all = "camelCase")]
+    Heartbeat {
+        /// Node facts (capacity, arch...).
+        status: Box<NodeStatus>,
+    },
+    /// An instance's status changed on the node.
+    #[serde(rename_all = "camelCase")]
+    InstanceStatus {
+        /// Instance name.
+        name: String,
+        /// The instance's uid, so a status for a deleted-and-recreated instance is not misapplied.
+        uid: String,
+        /// The new status (the hub keeps `node`).
+        status: InstanceStatus,
+    },
+    /// An instance the edge has stopped after it was deleted or moved away.
+    #[serde(rename_all = "camelCase")]
+    InstanceRemoved {
+        /// Instance name.
+        name: String,
+        /// Its uid.
+        uid: String,
+    },
+    /// Answer to a [`HubToEdge::Request`].
+    #[serde(rename_all = "camelCase")]
+    Response {
+        /// The request's id.
+        id: u64,
+        /// The answer.
+        body: ResponseBody,
+    },
+    /// Something the edge could not handle.
+    #[serde(rename_all = "camelCase")]
+    Error {
+        /// Machine-readable code.
+        code: String,
+        /// Human text.
+        message: String,
+    },
+}
+
+/// Hub -> edge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum HubToEdge {
+    /// Enrolment accepted: the node's certificate and the hub CA.
+    #[serde(rename_all = "camelCase")]
+    Enrolled {
+        /// PEM certificate for the node's key.
+        cert_pem: String,
+        /// PEM CA certificate.
+        ca_pem: String,
+    },
+    /// Connection accepted.
+    #[serde(rename_all = "camelCase")]
+    Welcome {
+        /// Protocol version the hub will speak on this connection.
+        protocol_version: u32,
+        /// The node name the hub identified from the certificate.
+        node: String,
+        /// How often the edge should send heartbeats.
+        heartbeat_interval_ms: u64,
+    },
+    /// Full desired state for this node: replace everything cached.
+    /// Sent on first sync or when the edge's revision was compacted away.
+    #[serde(rename_all = "camelCase")]
+    Snapshot {
+        /// The revision the snapshot reflects.
+        revision: u64,
+        /// Every instance bound to this node.
+        instances: Vec<Instance>,
+    },
+    /// Incremental changes since the edge's revision.
+    #[serde(rename_all = "camelCase")]
+    Changes {
+        /// The revision these changes bring the edge to.
+        revision: u64,
+        /// Changes in order.
+        changes: Vec<InstanceChange>,
+    },
+    /// Nothing for this node changed up to `revision` (lets the edge resume from there).
+    #[serde(rename_all = "camelCase")]
+    Bookmark {
+        /// The revision.
+        revision: u64,
+    },
+    /// A request the edge must answer with [`EdgeToHub::Response`].
+    #[serde(rename_all = "camelCase")]
+    Request {
+        /// Correlation id.
+        id: u64,
+        /// What is asked.
+        body: RequestBody,
+    },
+    /// The hub refused something; for fatal codes it closes the connection after this.
+    #[serde(rename_all = "camelCase")]
+    Error {
+        /// Machine-readable code (`unauthorized`, `protocol`, `forbidden`...).
+        code: String,
+        /// Human text.
+        message: String,
+    },
+}
+
+/// One change to the instances bound to a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "camelCase")]
+pub enum InstanceChange {
+    /// Run (or update) this instance.
+    Upsert {
+        /// The instance.
+        instance: Box<Instance>,
+    },
+    /// Stop and forget this instance.
+    #[serde(rename_all = "camelCase")]
+    Remove {
+        /// Its name.
+        name: String,
+    },
+}
+
+/// Requests the hub makes of an edge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum RequestBody {
+    /// The tail of an instance's log.
+    #[serde(rename_all = "camelCase")]
+    Logs {
+        /// Instance name.
+        instance: String,
+        /// At most this many bytes from the end.
+        tail_bytes: u64,
+    },
+}
+
+/// Answers to [`RequestBody`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum ResponseBody {
+    /// Log bytes (lossy UTF-8).
+    #[serde(rename_all = "camelCase")]
+    Logs {
+        /// The text.
+        data: String,
+    },
+    /// The request failed.
+    #[serde(rename_all = "camelCase")]
+    Error {
+        /// Why.
+        message: String,
+    },
+}

@@ -1,0 +1,253 @@
+//! `Instance`: the unit of compute. `spec.form` says which kind of compute it is and
+//! names the one form-specific section that must be present (`process` today;
+//! `function`, `container` and `vm` are added beside it without changing the rest).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::meta::{Kind, Object};
+use crate::quantity::{Bytes, Cpu};
+use crate::validate::{FieldErrors, is_dns_label};
+
+/// An Instance object.
+pub type Instance = Object<InstanceSpec>;
+
+/// Which form of compute an instance is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Form {
+    /// A plain process on the node.
+    #[default]
+    Process,
+}
+
+impl std::fmt::Display for Form {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Form::Process => "process",
+        })
+    }
+}
+
+/// What to do when the instance's workload exits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RestartPolicy {
+    /// Restart whatever the exit code.
+    #[default]
+    Always,
+    /// Restart only after a non-zero exit.
+    OnFailure,
+    /// Never restart.
+    Never,
+}
+
+/// The desired state of an instance.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InstanceSpec {
+    /// The form of compute; the section of the same name must be set.
+    #[serde(default)]
+    pub form: Form,
+    /// For `form: process`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessSpec>,
+    /// What the instance reserves on its node.
+    #[serde(default)]
+    pub resources: Resources,
+    /// Where it may run.
+    #[serde(default)]
+    pub placement: Placement,
+    /// What to do when it exits.
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+    /// Seconds between SIGTERM and SIGKILL when stopping (default 10).
+    #[serde(default = "default_grace", skip_serializing_if = "is_default_grace")]
+    pub termination_grace_period_seconds: u32,
+}
+
+fn default_grace() -> u32 {
+    10
+}
+fn is_default_grace(v: &u32) -> bool {
+    *v == 10
+}
+
+/// A process to run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProcessSpec {
+    /// Program and arguments; the program is looked up on `PATH` if not absolute.
+    pub command: Vec<String>,
+    /// Extra environment variables.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Working directory (default: the instance's own directory on the node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+}
+
+/// Reserved resources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Resources {
+    /// CPU, e.g. `500m` or `2`.
+    #[serde(default = "default_cpu")]
+    pub cpu: Cpu,
+    /// Memory, e.g. `64Mi` or `1Gi`.
+    #[serde(default = "default_memory")]
+    pub memory: Bytes,
+}
+
+fn default_cpu() -> Cpu {
+    Cpu(100)
+}
+fn default_memory() -> Bytes {
+    Bytes(64 << 20)
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Self {
+            cpu: default_cpu(),
+            memory: default_memory(),
+        }
+    }
+}
+
+/// Placement constraints.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Placement {
+    /// Node labels that must all match.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Only nodes whose `region` label equals this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+}
+
+/// Lifecycle phase of an instance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InstancePhase {
+    /// Not yet placed on a node.
+    #[default]
+    Pending,
+    /// Bound to a node; the node has not started it yet.
+    Scheduled,
+    /// The node is starting it.
+    Starting,
+    /// Running.
+    Running,
+    /// Exited successfully and will not be restarted.
+    Succeeded,
+    /// Exited with failure (or could not start) and will not be restarted.
+    Failed,
+    /// Being stopped for deletion.
+    Terminating,
+}
+
+impl std::fmt::Display for InstancePhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+/// The observed state of an instance.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceStatus {
+    /// Lifecycle phase.
+    #[serde(default)]
+    pub phase: InstancePhase,
+    /// The node it is bound to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Why it is in this phase, when it is not simply running.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// Exit code of the last run, if it exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// How many times the node restarted it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub restarts: u32,
+    /// Process id on the node while running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// RFC 3339 time the current run started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// The spec generation the node last acted on.
+    #[serde(default, skip_serializing_if = "is_zero64")]
+    pub observed_generation: u64,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+fn is_zero64(v: &u64) -> bool {
+    *v == 0
+}
+
+impl Kind for InstanceSpec {
+    type Status = InstanceStatus;
+    const KIND: &'static str = "Instance";
+    const PLURAL: &'static str = "instances";
+
+    fn validate(&self, errs: &mut FieldErrors) {
+        match self.form {
+            Form::Process => match &self.process {
+                None => errs.push(
+                    "spec.process",
+                    "",
+                    "required when spec.form is 'process'; set spec.process.command, e.g. [\"/bin/sleep\", \"3600\"]",
+                ),
+                Some(p) => {
+                    if p.command.is_empty() || p.command[0].trim().is_empty() {
+                        errs.push(
+                            "spec.process.command",
+                            format!("{:?}", p.command),
+                            "must name a program, e.g. [\"/bin/sleep\", \"3600\"]",
+                        );
+                    }
+                    for k in p.env.keys() {
+                        if k.is_empty() || k.contains('=') || k.contains('\0') {
+                            errs.push(
+                                format!("spec.process.env[{k}]"),
+                                k,
+                                "environment variable names must be non-empty and contain no '=' or NUL",
+                            );
+                        }
+                    }
+                }
+            },
+        }
+        if self.resources.cpu.0 == 0 {
+            errs.push("spec.resources.cpu", self.resources.cpu, "must be more than 0, e.g. 100m");
+        }
+        if self.resources.memory.0 < (1 << 20) {
+            errs.push(
+                "spec.resources.memory",
+                self.resources.memory,
+                "must be at least 1Mi, e.g. 64Mi",
+            );
+        }
+        if let Some(r) = &self.placement.region
+            && !is_dns_label(r)
+        {
+            errs.push(
+                "spec.placement.region",
+                r,
+                "must be a region name like eu-west (lowercase letters, digits, '-')",
+            );
+        }
+        if self.termination_grace_period_seconds > 3600 {
+            errs.push(
+                "spec.terminationGracePeriodSeconds",
+                self.termination_grace_period_seconds,
+                "must be at most 3600",
+            );
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! Verge's API: the resource kinds (`Node`, `Instance`), their envelope, quantities,
+//! manifest parsing with field-level validation, the REST error shape, and the
+//! messages of the hub<->edge channel.
+//!
+//! This crate is serde only: no I/O, no async, no database. Everything else depends on
+//! it; it depends on nothing of ours. Start at [`meta::Object`] and [`instance`].
+
+pub mod channel;
+pub mod error;
+pub mod instance;
+pub mod manifest;
+pub mod meta;
+pub mod node;
+pub mod quantity;
+pub mod validate;
+
+pub use error::{ApiError, ErrorCode};
+pub use instance::{Form, Instance, InstancePhase, InstanceSpec, InstanceStatus, ProcessSpec};
+pub use manifest::{Manifest, parse_manifests};
+pub use meta::{API_VERSION, Kind, Object, ObjectMeta};
+pub use node::{Node, NodePhase, NodeSpec, NodeStatus, ResourceList};
+pub use quantity::{Bytes, Cpu};
+pub use validate::{FieldError, FieldErrors};
+
+/// The store key of an object: `/registry/<plural>/<name>`.
+pub fn object_key(plural: &str, name: &str) -> String {
+    format!("/registry/{plural}/{name}")
+}
+
+/// The store key prefix of a kind: `/registry/<plural>/`.
+pub fn kind_prefix(plural: &str) -> String {
+    format!("/registry/{plural}/")
+}

@@ -1,0 +1,261 @@
+//! Verge's store: a revisioned key-value store with watch, modelled on etcd.
+//!
+//! Every write bumps one global revision; each key remembers the revision that
+//! created it and the one that last modified it. Writers guard their changes with
+//! compare-and-swap on a key's modification revision ([`Txn`]). Watchers name a key
+//! prefix and a start revision and receive every later change exactly once, in
+//! order, even across a reconnect, or a clear [`StoreError::Compacted`] if that
+//! history has been compacted away.
+//!
+//! [`Store`] is the interface callers use; [`SqliteStore`] is the default, embedded
+//! backend (SQLite in WAL mode, one writer thread with group commit). An etcd
+//! backend implements the same trait. Start reading at [`Store`].
+
+mod sqlite;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+pub use sqlite::SqliteStore;
+
+/// One key's current value and its revisions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    /// The key (ASCII, `/`-separated by convention).
+    pub key: String,
+    /// The value bytes (empty for a delete event's `kv`).
+    pub value: Vec<u8>,
+    /// Revision of the write that created this key.
+    pub create_revision: u64,
+    /// Revision of the write that last modified this key.
+    pub mod_revision: u64,
+    /// Number of writes to this key since it was created (1 for a new key).
+    pub version: u64,
+}
+
+/// A condition on a key, evaluated atomically at the start of a [`Txn`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compare {
+    /// The key compared.
+    pub key: String,
+    /// The key's modification revision must equal this; 0 means "the key must not exist".
+    pub mod_revision: u64,
+}
+
+/// A write inside a [`Txn`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Create or replace a key.
+    Put {
+        /// The key.
+        key: String,
+        /// The new value.
+        value: Vec<u8>,
+    },
+    /// Remove a key (no-op if absent).
+    Delete {
+        /// The key.
+        key: String,
+    },
+}
+
+/// An atomic transaction: if every compare holds, apply `ops` under one new revision.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Txn {
+    /// Conditions; all must hold.
+    pub compares: Vec<Compare>,
+    /// Writes applied when they do.
+    pub ops: Vec<Op>,
+}
+
+/// What a [`Txn`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxnResult {
+    /// Whether every compare held and the ops were applied.
+    pub succeeded: bool,
+    /// The store revision after the transaction (unchanged if nothing was written).
+    pub revision: u64,
+    /// For each op (when succeeded): the key's value before the op.
+    pub prev: Vec<Option<KeyValue>>,
+}
+
+/// The result of a range read: the matching keys at one consistent revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RangeResult {
+    /// Matching keys in key order.
+    pub kvs: Vec<KeyValue>,
+    /// The store revision the read observed.
+    pub revision: u64,
+}
+
+/// Kind of a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// The key was created or updated.
+    Put,
+    /// The key was deleted.
+    Delete,
+}
+
+/// One change to one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Put or delete.
+    pub kind: EventKind,
+    /// The key after the change; for a delete, `value` is empty and `mod_revision` is
+    /// the revision of the delete.
+    pub kv: KeyValue,
+    /// The key before the change, when it existed and that history is still kept.
+    pub prev_kv: Option<KeyValue>,
+}
+
+impl Event {
+    /// Revision at which this change happened.
+    pub fn revision(&self) -> u64 {
+        self.kv.mod_revision
+    }
+}
+
+/// Events delivered by a watch: all changes under the prefix at one revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchBatch {
+    /// The revision of every event in the batch.
+    pub revision: u64,
+    /// The changes (at least one).
+    pub events: Vec<Event>,
+}
+
+/// A live watch: receive batches in revision order. Dropping it cancels the watch.
+pub type WatchStream = mpsc::Receiver<Result<WatchBatch, StoreError>>;
+
+/// Errors from a store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The requested start revision is older than the oldest history kept.
+    #[error(
+        "revision {requested} has been compacted (oldest kept revision is {compact_revision}); list again and watch from the list's revision"
+    )]
+    Compacted {
+        /// The revision the caller asked for.
+        requested: u64,
+        /// Revisions below this one are gone.
+        compact_revision: u64,
+    },
+    /// A key was refused (empty, or not printable ASCII).
+    #[error("invalid key {key:?}: keys must be non-empty printable ASCII")]
+    InvalidKey {
+        /// The key.
+        key: String,
+    },
+    /// The backend failed (disk, database).
+    #[error("store backend error")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The store has been shut down.
+    #[error("store is closed")]
+    Closed,
+}
+
+/// The store interface: get, range, transactions, watch, compaction.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The current value of one key.
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
+    /// Every key starting with `prefix`, at one consistent revision.
+    async fn range(&self, prefix: &str) -> Result<RangeResult, StoreError>;
+    /// Apply a transaction atomically.
+    async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError>;
+    /// Watch `prefix` from `from_revision` (inclusive). 0 means "changes after now".
+    async fn watch(&self, prefix: &str, from_revision: u64) -> Result<WatchStream, StoreError>;
+    /// Drop history older than `revision`; watches from before it fail with `Compacted`.
+    async fn compact(&self, revision: u64) -> Result<(), StoreError>;
+    /// The current revision.
+    async fn revision(&self) -> Result<u64, StoreError>;
+    /// The oldest revision a watch may still start from.
+    async fn compact_revision(&self) -> Result<u64, StoreError>;
+}
+
+/// Convenience writes on top of [`Store::txn`].
+#[async_trait]
+pub trait StoreExt: Store {
+    /// Put `key` if its modification revision is `expect` (`Some(0)`: must not exist;
+    /// `None`: unconditional). Returns the result; `succeeded == false` on conflict.
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        expect: Option<u64>,
+    ) -> Result<TxnResult, StoreError> {
+        let compares = expect
+            .map(|r| {
+                vec![Compare {
+                    key: key.to_string(),
+                    mod_revision: r,
+                }]
+            })
+            .unwrap_or_default();
+        self.txn(Txn {
+            compares,
+            ops: vec![Op::Put {
+                key: key.to_string(),
+                value,
+            }],
+        })
+        .await
+    }
+
+    /// Delete `key` if its modification revision is `expect` (`None`: unconditional).
+    async fn delete(&self, key: &str, expect: Option<u64>) -> Result<TxnResult, StoreError> {
+        let compares = expect
+            .map(|r| {
+                vec![Compare {
+                    key: key.to_string(),
+                    mod_revision: r,
+                }]
+            })
+            .unwrap_or_default();
+        self.txn(Txn {
+            compares,
+            ops: vec![Op::Delete {
+                key: key.to_string(),
+            }],
+        })
+        .await
+    }
+}
+
+impl<T: Store + ?Sized> StoreExt for T {}
+
+/// The smallest key greater than every key starting with `prefix` (for range scans).
+pub fn prefix_end(prefix: &str) -> String {
+    let mut bytes = prefix.as_bytes().to_vec();
+    while let Some(last) = bytes.pop() {
+        if last < 0x7f {
+            bytes.push(last + 1);
+            // Keys are ASCII, so incrementing a byte below 0x7f keeps it valid UTF-8.
+            return String::from_utf8(bytes).unwrap_or_default();
+        }
+    }
+    // Empty prefix (or all 0x7f): the whole keyspace; DEL sorts after every printable key.
+    "\u{7f}".to_string()
+}
+
+pub(crate) fn check_key(key: &str) -> Result<(), StoreError> {
+    if key.is_empty() || !key.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err(StoreError::InvalidKey {
+            key: key.to_string(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_increments_last_byte() {
+        assert_eq!(prefix_end("/a/"), "/a0");
+        assert_eq!(prefix_end("abc"), "abd");
+        assert_eq!(prefix_end(""), "\u{7f}");
+    }
+}

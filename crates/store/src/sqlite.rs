@@ -1,0 +1,649 @@
+//! The embedded backend: SQLite in WAL mode.
+//!
+//! Layout: `current` holds the latest value of every live key; `log` holds every
+//! change (puts, and deletes as tombstones that keep the deleted value so that watchers
+//! get `prev_kv`); `meta` holds the global revision and the compaction point.
+//!
+//! One writer thread owns the write connection and commits queued transactions in
+//! groups (one fsync for many writers), then publishes their events to live watchers.
+//! Reads use their own connection; WAL gives them a consistent snapshot.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc as std_mpsc};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::{
+    Event, EventKind, KeyValue, Op, RangeResult, Store, StoreError, Txn, TxnResult, WatchBatch,
+    WatchStream, check_key, prefix_end,
+};
+
+/// How many queued transactions one group commit takes at most.
+const MAX_GROUP: usize = 512;
+/// Rows read per history query when a watch replays from the log.
+const REPLAY_PAGE: i64 = 2048;
+
+fn backend(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::Backend(Box::new(e))
+}
+
+enum WriteReq {
+    Txn(Txn, oneshot::Sender<Result<TxnResult, StoreError>>),
+    Compact(u64, oneshot::Sender<Result<(), StoreError>>),
+}
+
+struct Shared {
+    revision: AtomicU64,
+    compact_revision: AtomicU64,
+    events: broadcast::Sender<Arc<WatchBatch>>,
+    reader: Mutex<Connection>,
+}
+
+/// The SQLite-backed [`Store`]. Cheap to clone; all clones share one database.
+#[derive(Clone)]
+pub struct SqliteStore {
+    shared: Arc<Shared>,
+    writer: std_mpsc::Sender<WriteReq>,
+}
+
+fn open_conn(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(backend)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(backend)?;
+    // FULL: a committed write survives a power cut, not only a crash of the hub.
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(backend)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(backend)?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Open (or create) the store in the SQLite file at `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let path = path.as_ref();
+        let conn = open_conn(path)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS current(
+                key TEXT PRIMARY KEY, value BLOB NOT NULL,
+                create_rev INTEGER NOT NULL, mod_rev INTEGER NOT NULL, version INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS log(
+                id INTEGER PRIMARY KEY AUTOINCREMENT, rev INTEGER NOT NULL, key TEXT NOT NULL,
+                value BLOB NOT NULL, create_rev INTEGER NOT NULL, version INTEGER NOT NULL,
+                prev_rev INTEGER, deleted INTEGER NOT NULL);
+             CREATE INDEX IF NOT EXISTS log_rev ON log(rev);
+             CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+             INSERT OR IGNORE INTO meta VALUES ('revision', 0), ('compact', 0);",
+        )
+        .map_err(backend)?;
+        let revision = read_meta(&conn, "revision")?;
+        let compact = read_meta(&conn, "compact")?;
+        let reader = open_conn(path)?;
+        let (events, _) = broadcast::channel(4096);
+        let shared = Arc::new(Shared {
+            revision: AtomicU64::new(revision),
+            compact_revision: AtomicU64::new(compact),
+            events,
+            reader: Mutex::new(reader),
+        });
+        let (tx, rx) = std_mpsc::channel();
+        let writer_shared = shared.clone();
+        std::thread::Builder::new()
+            .name("verge-store-writer".into())
+            .spawn(move || writer_loop(conn, rx, writer_shared))
+            .map_err(backend)?;
+        Ok(Self { shared, writer: tx })
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = shared.reader.lock().map_err(|_| StoreError::Closed)?;
+            f(&conn)
+        })
+        .await
+        .map_err(backend)?
+    }
+}
+
+fn read_meta(conn: &Connection, name: &str) -> Result<u64, StoreError> {
+    conn.query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| {
+        r.get::<_, i64>(0)
+    })
+    .map(|v| v as u64)
+    .map_err(backend)
+}
+
+fn row_kv(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyValue> {
+    Ok(KeyValue {
+        key: r.get(0)?,
+        value: r.get(1)?,
+        create_revision: r.get::<_, i64>(2)? as u64,
+        mod_revision: r.get::<_, i64>(3)? as u64,
+        version: r.get::<_, i64>(4)? as u64,
+    })
+}
+
+fn get_current(conn: &Connection, key: &str) -> Result<Option<KeyValue>, StoreError> {
+    conn.prepare_cached(
+        "SELECT key, value, create_rev, mod_rev, version FROM current WHERE key = ?1",
+    )
+    .map_err(backend)?
+    .query_row([key], row_kv)
+    .optional()
+    .map_err(backend)
+}
+
+fn writer_loop(mut conn: Connection, rx: std_mpsc::Receiver<WriteReq>, shared: Arc<Shared>) {
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(req) => group.push(req),
+                Err(_) => break,
+            }
+        }
+        let mut txns = Vec::new();
+        for req in group {
+            match req {
+                WriteReq::Txn(t, reply) => txns.push((t, reply)),
+                WriteReq::Compact(rev, reply) => {
+                    let _ = reply.send(compact(&mut conn, rev, &shared));
+                }
+            }
+        }
+        if !txns.is_empty() {
+            commit_group(&mut conn, txns, &shared);
+        }
+    }
+}
+
+type Outcome = (Result<TxnResult, StoreError>, Option<WatchBatch>);
+
+fn commit_group(
+    conn: &mut Connection,
+    txns: Vec<(Txn, oneshot::Sender<Result<TxnResult, StoreError>>)>,
+    shared: &Shared,
+) {
+    let start_rev = shared.revision.load(Ordering::SeqCst);
+    let result = (|| -> Result<(Vec<Outcome>, u64), StoreError> {
+        let tx = conn.transaction().map_err(backend)?;
+        let mut rev = start_rev;
+        let mut outcomes = Vec::with_capacity(txns.len());
+        for (t, _) in &txns {
+            tx.execute_batch("SAVEPOINT one").map_err(backend)?;
+            match apply_txn(&tx, t, rev) {
+                Ok((res, batch)) => {
+                    tx.execute_batch("RELEASE one").map_err(backend)?;
+                    rev = res.revision;
+                    outcomes.push((Ok(res), batch));
+                }
+                Err(e) => {
+                    tx.execute_batch("ROLLBACK TO one; RELEASE one")
+                        .map_err(backend)?;
+                    outcomes.push((Err(e), None));
+                }
+            }
+        }
+        if rev != start_rev {
+            tx.execute(
+                "UPDATE meta SET value = ?1 WHERE name = 'revision'",
+                [rev as i64],
+            )
+            .map_err(backend)?;
+        }
+        tx.commit().map_err(backend)?;
+        Ok((outcomes, rev))
+    })();
+    match result {
+        Ok((outcomes, rev)) => {
+            shared.revision.store(rev, Ordering::SeqCst);
+            for ((_, reply), (res, batch)) in txns.into_iter().zip(outcomes) {
+                if let Some(batch) = batch {
+                    // No receivers is fine: nobody is watching.
+                    let _ = shared.events.send(Arc::new(batch));
+                }
+                let _ = reply.send(res);
+            }
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            tracing::error!(error = %msg, "store group commit failed");
+            for (_, reply) in txns {
+                let _ = reply.send(Err(StoreError::Backend(msg.clone().into())));
+            }
+        }
+    }
+}
+
+fn apply_txn(
+    tx: &rusqlite::Transaction<'_>,
+    t: &Txn,
+    current_rev: u64,
+) -> Result<(TxnResult, Option<WatchBatch>), StoreError> {
+    for c in &t.compares {
+        let actual = get_current(tx, &c.key)?.map_or(0, |kv| kv.mod_revision);
+        if actual != c.mod_revision {
+            return Ok((
+                TxnResult {
+                    succeeded: false,
+                    revision: current_rev,
+                    prev: Vec::new(),
+                },
+                None,
+            ));
+        }
+    }
+    let rev = current_rev + 1;
+    let mut prev = Vec::with_capacity(t.ops.len());
+    let mut events = Vec::new();
+    for op in &t.ops {
+        match op {
+            Op::Put { key, value } => {
+                check_key(key)?;
+                let old = get_current(tx, key)?;
+                let (create_rev, version) = match &old {
+                    Some(kv) => (kv.create_revision, kv.version + 1),
+                    None => (rev, 1),
+                };
+                tx.prepare_cached(
+                    "INSERT INTO current(key, value, create_rev, mod_rev, version)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT(key) DO UPDATE SET value = excluded.value,
+                       mod_rev = excluded.mod_rev, version = excluded.version",
+                )
+                .map_err(backend)?
+                .execute(params![
+                    key,
+                    value,
+                    create_rev as i64,
+                    rev as i64,
+                    version as i64
+                ])
+                .map_err(backend)?;
+                tx.prepare_cached(
+                    "INSERT INTO log(rev, key, value, create_rev, version, prev_rev, deleted)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)",
+                )
+                .map_err(backend)?
+                .execute(params![
+                    rev as i64,
+                    key,
+                    value,
+                    create_rev as i64,
+                    version as i64,
+                    old.as_ref().map(|kv| kv.mod_revision as i64)
+                ])
+                .map_err(backend)?;
+                events.push(Event {
+                    kind: EventKind::Put,
+                    kv: KeyValue {
+                        key: key.clone(),
+                        value: value.clone(),
+                        create_revision: create_rev,
+                        mod_revision: rev,
+                        version,
+                    },
+                    prev_kv: old.clone(),
+                });
+                prev.push(old);
+            }
+            Op::Delete { key } => {
+                check_key(key)?;
+                let old = get_current(tx, key)?;
+                if let Some(kv) = &old {
+                    tx.prepare_cached("DELETE FROM current WHERE key = ?1")
+                        .map_err(backend)?
+                        .execute([key])
+                        .map_err(backend)?;
+                    // The tombstone keeps the deleted value so replayed deletes carry prev_kv.
+                    tx.prepare_cached(
+                        "INSERT INTO log(rev, key, value, create_rev, version, prev_rev, deleted)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1)",
+                    )
+                    .map_err(backend)?
+                    .execute(params![
+                        rev as i64,
+                        key,
+                        kv.value,
+                        kv.create_revision as i64,
+                        kv.version as i64,
+                        kv.mod_revision as i64
+                    ])
+                    .map_err(backend)?;
+                    events.push(delete_event(key, rev, kv.clone()));
+                }
+                prev.push(old);
+            }
+        }
+    }
+    if events.is_empty() {
+        // Nothing changed (e.g. deleting absent keys): no new revision.
+        return Ok((
+            TxnResult {
+                succeeded: true,
+                revision: current_rev,
+                prev,
+            },
+            None,
+        ));
+    }
+    Ok((
+        TxnResult {
+            succeeded: true,
+            revision: rev,
+            prev,
+        },
+        Some(WatchBatch {
+            revision: rev,
+            events,
+        }),
+    ))
+}
+
+fn delete_event(key: &str, rev: u64, prev: KeyValue) -> Event {
+    Event {
+        kind: EventKind::Delete,
+        kv: KeyValue {
+            key: key.to_string(),
+            value: Vec::new(),
+            create_revision: prev.create_revision,
+            mod_revision: rev,
+            version: 0,
+        },
+        prev_kv: Some(prev),
+    }
+}
+
+fn compact(conn: &mut Connection, rev: u64, shared: &Shared) -> Result<(), StoreError> {
+    let current = shared.revision.load(Ordering::SeqCst);
+    let rev = rev.min(current + 1);
+    if rev <= shared.compact_revision.load(Ordering::SeqCst) {
+        return Ok(());
+    }
+    let tx = conn.transaction().map_err(backend)?;
+    // Keep, for every key, its newest change below the compaction point (a watcher
+    // starting at `rev` may need it as prev_kv), except tombstones, which nobody needs.
+    tx.execute(
+        "DELETE FROM log WHERE rev < ?1 AND (deleted = 1 OR id NOT IN
+            (SELECT max(id) FROM log WHERE rev < ?1 GROUP BY key))",
+        [rev as i64],
+    )
+    .map_err(backend)?;
+    tx.execute(
+        "UPDATE meta SET value = ?1 WHERE name = 'compact'",
+        [rev as i64],
+    )
+    .map_err(backend)?;
+    tx.commit().map_err(backend)?;
+    shared.compact_revision.store(rev, Ordering::SeqCst);
+    Ok(())
+}
+
+/// Read history batches with `from <= revision <= to` under `prefix`.
+fn read_history(
+    conn: &Connection,
+    prefix: &str,
+    from: u64,
+    to: u64,
+) -> Result<Vec<WatchBatch>, StoreError> {
+    let end = prefix_end(prefix);
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT l.rev, l.key, l.value, l.create_rev, l.version, l.prev_rev, l.deleted,
+                    p.value, p.version
+             FROM log l LEFT JOIN log p ON p.key = l.key AND p.rev = l.prev_rev AND p.deleted = 0
+             WHERE l.rev >= ?1 AND l.rev <= ?4 AND l.key >= ?2 AND l.key < ?3
+             ORDER BY l.rev, l.id",
+        )
+        .map_err(backend)?;
+    let rows = stmt
+        .query_map(
+            params![from as i64, prefix, end, to as i64],
+            |r| {
+                let rev = r.get::<_, i64>(0)? as u64;
+                let key: String = r.get(1)?;
+                let value: Vec<u8> = r.get(2)?;
+                let create_revision = r.get::<_, i64>(3)? as u64;
+                let version = r.get::<_, i64>(4)? as u64;
+                let prev_rev: Option<i64> = r.get(5)?;
+                let deleted: i64 = r.get(6)?;
+                let prev_value: Option<Vec<u8>> = r.get(7)?;
+                let prev_version: Option<i64> = r.get(8)?;
+                Ok(if deleted == 1 {
+                    delete_event(
+                        &key,
+                        rev,
+                        KeyValue {
+                            key: key.clone(),
+                            value,
+                            create_revision,
+                            mod_revision: prev_rev.unwrap_or(0) as u64,
+                            version,
+                        },
+                    )
+                } else {
+                    Event {
+                        kind: EventKind::Put,
+                        prev_kv: match (prev_rev, prev_value) {
+                            (Some(pr), Some(pv)) => Some(KeyValue {
+                                key: key.clone(),
+                                value: pv,
+                                create_revision,
+                                mod_revision: pr as u64,
+                                version: prev_version.unwrap_or(0) as u64,
+                            }),
+                            _ => None,
+                        },
+                        kv: KeyValue {
+                            key,
+                            value,
+                            create_revision,
+                            mod_revision: rev,
+                            version,
+                        },
+                    }
+                })
+            },
+        )
+        .map_err(backend)?;
+    let mut batches: Vec<WatchBatch> = Vec::new();
+    for ev in rows {
+        let ev = ev.map_err(backend)?;
+        match batches.last_mut() {
+            Some(b) if b.revision == ev.revision() => b.events.push(ev),
+            _ => batches.push(WatchBatch {
+                revision: ev.revision(),
+                events: vec![ev],
+            }),
+        }
+    }
+    Ok(batches)
+}
+
+/// The highest revision that a history page starting at `from` covers.
+fn history_page_end(conn: &Connection, from: u64) -> Result<Option<u64>, StoreError> {
+    conn.prepare_cached(
+        "SELECT max(rev) FROM (SELECT rev FROM log WHERE rev >= ?1 ORDER BY rev LIMIT ?2)",
+    )
+    .map_err(backend)?
+    .query_row(params![from as i64, REPLAY_PAGE], |r| {
+        r.get::<_, Option<i64>>(0)
+    })
+    .map(|v| v.map(|v| v as u64))
+    .map_err(backend)
+}
+
+fn filter_batch(batch: &WatchBatch, prefix: &str) -> Option<WatchBatch> {
+    let events: Vec<Event> = batch
+        .events
+        .iter()
+        .filter(|e| e.kv.key.starts_with(prefix))
+        .cloned()
+        .collect();
+    (!events.is_empty()).then(|| WatchBatch {
+        revision: batch.revision,
+        events,
+    })
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        let key = key.to_string();
+        self.read(move |c| get_current(c, &key)).await
+    }
+
+    async fn range(&self, prefix: &str) -> Result<RangeResult, StoreError> {
+        let prefix = prefix.to_string();
+        self.read(move |c| {
+            // One read transaction: the revision and the rows come from the same snapshot.
+            c.execute_batch("BEGIN").map_err(backend)?;
+            let res = (|| {
+                let revision = read_meta(c, "revision")?;
+                let mut stmt = c
+                    .prepare_cached(
+                        "SELECT key, value, create_rev, mod_rev, version FROM current
+                         WHERE key >= ?1 AND key < ?2 ORDER BY key",
+                    )
+                    .map_err(backend)?;
+                let kvs = stmt
+                    .query_map(params![prefix, prefix_end(&prefix)], row_kv)
+                    .map_err(backend)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(backend)?;
+                Ok(RangeResult { kvs, revision })
+            })();
+            c.execute_batch("COMMIT").map_err(backend)?;
+            res
+        })
+        .await
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send(WriteReq::Txn(txn, tx))
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn watch(&self, prefix: &str, from_revision: u64) -> Result<WatchStream, StoreError> {
+        // Subscribe before reading history so that nothing committed in between is missed;
+        // revisions seen twice are skipped below.
+        let mut live = self.shared.events.subscribe();
+        let compact = self.shared.compact_revision.load(Ordering::SeqCst);
+        let current = self.shared.revision.load(Ordering::SeqCst);
+        let mut next = if from_revision == 0 {
+            current + 1
+        } else {
+            from_revision
+        };
+        if from_revision != 0 && from_revision < compact {
+            return Err(StoreError::Compacted {
+                requested: from_revision,
+                compact_revision: compact,
+            });
+        }
+        let (tx, rx) = mpsc::channel(256);
+        let this = self.clone();
+        let prefix = prefix.to_string();
+        tokio::spawn(async move {
+            loop {
+                // Replay history from `next` until caught up with what is committed.
+                loop {
+                    if next > this.shared.revision.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let p = prefix.clone();
+                    let from = next;
+                    let compact = this.shared.compact_revision.load(Ordering::SeqCst);
+                    if next < compact {
+                        let _ = tx
+                            .send(Err(StoreError::Compacted {
+                                requested: next,
+                                compact_revision: compact,
+                            }))
+                            .await;
+                        return;
+                    }
+                    let page = this
+                        .read(move |c| {
+                            // One snapshot for the page bounds and its rows.
+                            c.execute_batch("BEGIN").map_err(backend)?;
+                            let res = (|| {
+                                let end = history_page_end(c, from)?;
+                                let batches = match end {
+                                    Some(to) => read_history(c, &p, from, to)?,
+                                    None => Vec::new(),
+                                };
+                                Ok((batches, end))
+                            })();
+                            c.execute_batch("COMMIT").map_err(backend)?;
+                            res
+                        })
+                        .await;
+                    match page {
+                        Ok((batches, end)) => {
+                            for b in batches {
+                                if tx.send(Ok(b)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            match end {
+                                Some(end) => next = end + 1,
+                                None => break,
+                            }
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
+                    }
+                }
+                // Follow live commits.
+                loop {
+                    match live.recv().await {
+                        Ok(batch) => {
+                            if batch.revision < next {
+                                continue;
+                            }
+                            next = batch.revision + 1;
+                            if let Some(b) = filter_batch(&batch, &prefix)
+                                && tx.send(Ok(b)).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                        // Fell behind the live feed: go back to the log and replay.
+                        Err(broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    async fn compact(&self, revision: u64) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send(WriteReq::Compact(revision, tx))
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn revision(&self) -> Result<u64, StoreError> {
+        Ok(self.shared.revision.load(Ordering::SeqCst))
+    }
+
+    async fn compact_revision(&self) -> Result<u64, StoreError> {
+        Ok(self.shared.compact_revision.load(Ordering::SeqCst))
+    }
+}
