@@ -1,1 +1,21 @@
-//! stub
+//! Verge's cloud-edge channel: how the hub and an edge talk.
+//!
+//! - [`frame`]: the wire framing (length-prefixed JSON), pure and fuzzable.
+//! - [`pki`]: the hub's certificate authority, node identities (CSR signed by the CA),
+//!   and join tokens that carry the CA fingerprint so an edge can trust the hub on first
+//!   contact.
+//! - [`tls`]: rustls configurations (mutual TLS, the pinned first-contact verifier) and
+//!   dialing.
+//!
+//! The message types live in `verge_api::channel`; this crate moves bytes and
+//! identities, it does not interpret messages.
+
+pub mod frame;
+pub mod pki;
+pub mod tls;
+
+/// Install the one rustls crypto provider (ring) for this process. Idempotent.
+pub fn install_crypto_provider() {
+    // Err means a provider is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

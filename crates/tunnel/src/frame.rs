@@ -1,0 +1,180 @@
+//! Framing: each frame is a 4-byte big-endian length followed by that many bytes of
+//! JSON. Frames larger than [`MAX_FRAME`] are refused before any allocation, so a
+//! hostile peer cannot make the hub buffer gigabytes.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Largest frame accepted (16 MiB).
+pub const MAX_FRAME: usize = 16 << 20;
+
+/// Framing failures.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The peer announced a frame larger than allowed.
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        /// Announced length.
+        len: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// The frame body is not a valid message.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// The connection failed.
+    #[error("channel i/o")]
+    Io(#[from] std::io::Error),
+}
+
+/// Encode one message as a frame.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let body = serde_json::to_vec(msg).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if body.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge {
+            len: body.len(),
+            max: MAX_FRAME,
+        });
+    }
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Decode a frame body into a message.
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    serde_json::from_slice(body).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+/// Incremental decoder over a byte buffer (pure: no I/O).
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+}
+
+impl FrameDecoder {
+    /// Append received bytes.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete frame body, if one is buffered.
+    pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
+        if self.buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if len > MAX_FRAME {
+            return Err(FrameError::TooLarge {
+                len,
+                max: MAX_FRAME,
+            });
+        }
+        if self.buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let body = self.buf[4..4 + len].to_vec();
+        self.buf.drain(..4 + len);
+        Ok(Some(body))
+    }
+}
+
+/// Read one frame body; `Ok(None)` on a clean end of stream between frames.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Vec<u8>>, FrameError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge {
+            len,
+            max: MAX_FRAME,
+        });
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    Ok(Some(body))
+}
+
+/// Read and decode one message; `Ok(None)` on end of stream.
+pub async fn read_msg<T: DeserializeOwned, R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<T>, FrameError> {
+    match read_frame(r).await? {
+        Some(body) => decode(&body).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Encode and write one message, then flush.
+pub async fn write_msg<T: Serialize, W: AsyncWrite + Unpin>(w: &mut W, msg: &T) -> Result<(), FrameError> {
+    let frame = encode(msg)?;
+    w.write_all(&frame).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use verge_api::channel::{EdgeToHub, HubToEdge, InstanceChange};
+
+    #[test]
+    fn oversized_length_is_refused_without_allocating() {
+        let mut d = FrameDecoder::default();
+        d.push(&u32::MAX.to_be_bytes());
+        assert!(matches!(d.next_frame(), Err(FrameError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn garbage_body_is_malformed_not_a_panic() {
+        assert!(matches!(decode::<EdgeToHub>(b"\xff\x00{"), Err(FrameError::Malformed(_))));
+        assert!(matches!(
+            decode::<EdgeToHub>(br#"{"type":"noSuchMessage"}"#),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn frames_round_trip_through_any_split(
+            names in proptest::collection::vec("[a-z][a-z0-9-]{0,20}", 1..8),
+            rev in any::<u64>(),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let msgs: Vec<HubToEdge> = names.iter().map(|n| HubToEdge::Changes {
+                revision: rev,
+                changes: vec![InstanceChange::Remove { name: n.clone() }],
+            }).collect();
+            let mut wire = Vec::new();
+            for m in &msgs {
+                wire.extend(encode(m).expect("encode"));
+            }
+            let cut = cut.index(wire.len() + 1);
+            let mut d = FrameDecoder::default();
+            let mut got = Vec::new();
+            for part in [&wire[..cut], &wire[cut..]] {
+                d.push(part);
+                while let Some(f) = d.next_frame().expect("frame") {
+                    got.push(decode::<HubToEdge>(&f).expect("decode"));
+                }
+            }
+            prop_assert_eq!(got, msgs);
+        }
+
+        #[test]
+        fn decoder_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut d = FrameDecoder::default();
+            d.push(&bytes);
+            while let Ok(Some(f)) = d.next_frame() {
+                let _ = decode::<EdgeToHub>(&f);
+            }
+        }
+    }
+}
