@@ -6,6 +6,7 @@
 //! it; it depends on nothing of ours. Start at [`meta::Object`] and [`instance`].
 
 pub mod channel;
+pub mod clock;
 pub mod error;
 pub mod instance;
 pub mod manifest;

@@ -1,1 +1,166 @@
-//! stub
+//! Verge runtimes: how an edge node actually runs an instance.
+//!
+//! [`Runtime`] is the seam between the edge agent's reconciler (which decides *what*
+//! should run and applies restart policy) and a driver (which knows *how* to start,
+//! observe and stop one form of compute). Drivers here:
+//!
+//! - [`process::ProcessRuntime`]: plain processes, in their own process group, output
+//!   appended to a log file, stopped with SIGTERM then SIGKILL. A process outlives the
+//!   agent and is re-adopted after an agent restart from its [`RunRecord`].
+//! - [`fake::FakeRuntime`]: pretends to run workloads; stands in for real drivers in
+//!   tests and in the fleet simulator.
+//!
+//! A runtime never talks to the hub and never decides about restarts.
+
+pub mod fake;
+pub mod process;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use verge_api::{Instance, InstanceSpec};
+
+/// Everything a driver needs to run one instance.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    /// The instance (spec and metadata).
+    pub instance: Instance,
+    /// A directory owned by this instance on the node (working dir, logs).
+    pub dir: PathBuf,
+}
+
+impl Workload {
+    /// The instance name.
+    pub fn name(&self) -> &str {
+        self.instance.name()
+    }
+    /// The instance spec.
+    pub fn spec(&self) -> &InstanceSpec {
+        &self.instance.spec
+    }
+    /// Where the workload's combined stdout and stderr go.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("output.log")
+    }
+}
+
+/// What a driver persists about a started workload so that a restarted agent can
+/// find it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunRecord {
+    /// Driver that started it (`process`, `fake`).
+    pub driver: String,
+    /// Process id on the node (0 if none).
+    pub pid: u32,
+    /// Kernel start time of the process in clock ticks since boot, so that a recycled
+    /// pid is never mistaken for our process.
+    pub start_ticks: u64,
+    /// RFC 3339 time it started.
+    pub started_at: String,
+}
+
+/// How a workload ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Exited with this code.
+    Code(i32),
+    /// Killed by this signal.
+    Signal(i32),
+    /// Ended while no agent was watching; the code is unknown.
+    Unknown,
+}
+
+impl Exit {
+    /// Whether this counts as success for restart policy.
+    pub fn success(&self) -> bool {
+        matches!(self, Exit::Code(0))
+    }
+    /// The code to report (`128 + signal` for signals, as shells do).
+    pub fn code(&self) -> Option<i32> {
+        match self {
+            Exit::Code(c) => Some(*c),
+            Exit::Signal(s) => Some(128 + s),
+            Exit::Unknown => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Code(c) => write!(f, "exited with code {c}"),
+            Exit::Signal(s) => write!(f, "killed by signal {s}"),
+            Exit::Unknown => write!(f, "exited while the agent was not watching (code unknown)"),
+        }
+    }
+}
+
+/// A started workload: its record and a way to learn when it ends.
+#[derive(Debug, Clone)]
+pub struct Running {
+    /// What to persist.
+    pub record: RunRecord,
+    /// Becomes `Some` when the workload ends.
+    pub exited: watch::Receiver<Option<Exit>>,
+}
+
+impl Running {
+    /// Wait until the workload ends.
+    pub async fn wait(&mut self) -> Exit {
+        loop {
+            if let Some(exit) = *self.exited.borrow_and_update() {
+                return exit;
+            }
+            if self.exited.changed().await.is_err() {
+                // The observer is gone; the workload's fate is unknown.
+                return self.exited.borrow().unwrap_or(Exit::Unknown);
+            }
+        }
+    }
+}
+
+/// Driver failures.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The workload could not be started.
+    #[error("could not start {what}: {source}")]
+    Start {
+        /// What was being started (the program).
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// This driver does not run that form.
+    #[error("this node has no driver for form '{0}'")]
+    Unsupported(String),
+    /// Stopping failed.
+    #[error("could not stop workload: {0}")]
+    Stop(String),
+    /// Filesystem trouble in the instance directory.
+    #[error("instance directory {path}: {source}")]
+    Dir {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One form of compute on a node.
+#[async_trait]
+pub trait Runtime: Send + Sync + 'static {
+    /// Start the workload.
+    async fn start(&self, workload: &Workload) -> Result<Running, RuntimeError>;
+    /// Find a workload started earlier (possibly by a previous agent process) from its
+    /// record. `None` if it is no longer running.
+    async fn adopt(&self, workload: &Workload, record: &RunRecord) -> Option<Running>;
+    /// Stop it: ask politely, wait up to `grace`, then force.
+    async fn stop(&self, record: &RunRecord, grace: Duration) -> Result<(), RuntimeError>;
+}
+

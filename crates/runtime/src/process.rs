@@ -1,0 +1,221 @@
+//! The process driver: plain processes on the node.
+//!
+//! Each process runs in its own process group (so a Ctrl-C or SIGTERM aimed at the
+//! agent does not reach it, and stopping it reaches its children too), with stdin
+//! closed and stdout and stderr appended to `output.log` in the instance directory.
+//! Processes are not tied to the agent's lifetime: a restarted agent re-adopts them by
+//! pid, checking the kernel start time so that a recycled pid is never mistaken for
+//! ours.
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::sync::watch;
+use verge_api::clock::now_rfc3339;
+
+use crate::{Exit, RunRecord, Running, Runtime, RuntimeError, Workload};
+
+/// A log file larger than this is rotated to `output.log.1` when the workload (re)starts.
+pub const LOG_ROTATE_BYTES: u64 = 10 << 20;
+const DRIVER: &str = "process";
+
+/// Runs `form: process` instances.
+#[derive(Debug, Default, Clone)]
+pub struct ProcessRuntime;
+
+/// State and start time (clock ticks since boot) of a pid, from `/proc/PID/stat`.
+pub fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((state, start))
+}
+
+/// Whether the process in `record` is still the one we started and has not exited.
+pub fn is_alive(record: &RunRecord) -> bool {
+    record.pid != 0
+        && matches!(proc_stat(record.pid), Some((state, start)) if start == record.start_ticks && state != 'Z' && state != 'X')
+}
+
+fn rotate_log(path: &Path) -> std::io::Result<()> {
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.len() > LOG_ROTATE_BYTES
+    {
+        std::fs::rename(path, path.with_extension("log.1"))?;
+    }
+    Ok(())
+}
+
+fn watch_by_polling(record: RunRecord) -> watch::Receiver<Option<Exit>> {
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(async move {
+        while is_alive(&record) {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = tx.closed() => return,
+            }
+        }
+        let _ = tx.send(Some(Exit::Unknown));
+    });
+    rx
+}
+
+#[async_trait]
+impl Runtime for ProcessRuntime {
+    async fn start(&self, w: &Workload) -> Result<Running, RuntimeError> {
+        let Some(spec) = &w.spec().process else {
+            return Err(RuntimeError::Unsupported(w.spec().form.to_string()));
+        };
+        let dir_err = |source| RuntimeError::Dir {
+            path: w.dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&w.dir).map_err(dir_err)?;
+        let log_path = w.log_path();
+        rotate_log(&log_path).map_err(dir_err)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(dir_err)?;
+        let log2 = log.try_clone().map_err(dir_err)?;
+        let program = &spec.command[0];
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(&spec.command[1..])
+            .envs(&spec.env)
+            .env("VERGE_INSTANCE", w.name())
+            .current_dir(spec.working_dir.as_deref().map(Path::new).unwrap_or(&w.dir))
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = cmd.spawn().map_err(|source| RuntimeError::Start {
+            what: program.clone(),
+            source,
+        })?;
+        let pid = child.id().unwrap_or(0);
+        let start_ticks = proc_stat(pid).map(|(_, t)| t).unwrap_or(0);
+        let record = RunRecord {
+            driver: DRIVER.into(),
+            pid,
+            start_ticks,
+            started_at: now_rfc3339(),
+        };
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(async move {
+            use std::os::unix::process::ExitStatusExt;
+            let exit = match child.wait().await {
+                Ok(status) => match (status.code(), status.signal()) {
+                    (Some(c), _) => Exit::Code(c),
+                    (None, Some(s)) => Exit::Signal(s),
+                    _ => Exit::Unknown,
+                },
+                Err(_) => Exit::Unknown,
+            };
+            let _ = tx.send(Some(exit));
+        });
+        Ok(Running {
+            record,
+            exited: rx,
+        })
+    }
+
+    async fn adopt(&self, _w: &Workload, record: &RunRecord) -> Option<Running> {
+        if record.driver != DRIVER || !is_alive(record) {
+            return None;
+        }
+        Some(Running {
+            record: record.clone(),
+            exited: watch_by_polling(record.clone()),
+        })
+    }
+
+    async fn stop(&self, record: &RunRecord, grace: Duration) -> Result<(), RuntimeError> {
+        if !is_alive(record) {
+            return Ok(());
+        }
+        let pgid = Pid::from_raw(record.pid as i32);
+        // ESRCH: it exited between the check and the signal, which is what we want.
+        let _ = killpg(pgid, Signal::SIGTERM);
+        let deadline = tokio::time::Instant::now() + grace;
+        while tokio::time::Instant::now() < deadline {
+            if !is_alive(record) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = killpg(pgid, Signal::SIGKILL);
+        for _ in 0..100 {
+            if !is_alive(record) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(RuntimeError::Stop(format!(
+            "pid {} still alive after SIGKILL",
+            record.pid
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use verge_api::{Instance, InstanceSpec, ProcessSpec};
+
+    fn workload(dir: &Path, cmd: &[&str]) -> Workload {
+        let spec = InstanceSpec {
+            process: Some(ProcessSpec {
+                command: cmd.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        Workload {
+            instance: Instance::new("t", spec),
+            dir: dir.join("t"),
+        }
+    }
+
+    #[tokio::test]
+    async fn runs_logs_and_reports_exit_code() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let w = workload(dir.path(), &["/bin/sh", "-c", "echo out; echo err >&2; exit 3"]);
+        let mut r = ProcessRuntime.start(&w).await.expect("start");
+        assert_eq!(r.wait().await, Exit::Code(3));
+        let log = std::fs::read_to_string(w.log_path()).expect("log");
+        assert!(log.contains("out") && log.contains("err"), "{log}");
+    }
+
+    #[tokio::test]
+    async fn stop_escalates_to_sigkill_and_adopt_finds_live_process() {
+        let dir = tempfile::tempdir().expect("tmp");
+        // Ignores SIGTERM, so only SIGKILL ends it.
+        let w = workload(dir.path(), &["/bin/sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"]);
+        let r = ProcessRuntime.start(&w).await.expect("start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let adopted = ProcessRuntime.adopt(&w, &r.record).await;
+        assert!(adopted.is_some(), "a live process is adoptable");
+        ProcessRuntime
+            .stop(&r.record, Duration::from_millis(300))
+            .await
+            .expect("stop");
+        assert!(!is_alive(&r.record));
+        assert!(ProcessRuntime.adopt(&w, &r.record).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn missing_program_is_a_clear_start_error() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let w = workload(dir.path(), &["/no/such/program"]);
+        let err = ProcessRuntime.start(&w).await.expect_err("fails");
+        assert!(err.to_string().contains("/no/such/program"), "{err}");
+    }
+}
