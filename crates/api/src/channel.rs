@@ -136,6 +136,8 @@ pub enum HubToEdge {
         /// The revision.
         revision: u64,
     },
+    /// Answer to a heartbeat: lets the edge notice a dead connection quickly.
+    HeartbeatAck,
     /// A request the edge must answer with [`EdgeToHub::Response`].
     #[serde(rename_all = "camelCase")]
     Request {

@@ -1,1 +1,300 @@
-//! stub
+//! Verge edge agent: the small process on every edge node.
+//!
+//! It enrols once with a join token ([`enroll`]), then keeps one outbound,
+//! mutually authenticated connection to the hub ([`session`]), caches the desired
+//! state on disk ([`files`]) and reconciles workloads towards it ([`agent`]) through a
+//! [`verge_runtime::Runtime`]. The hub never dials the edge. When the hub is
+//! unreachable, the agent keeps running its workloads from the cache; when it returns,
+//! the agent resumes from the last revision it applied.
+//!
+//! Start reading at [`run`].
+
+pub mod agent;
+pub mod files;
+pub mod session;
+pub mod sysinfo;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::io::AsyncWriteExt;
+use verge_api::channel::{ALPN_ENROLL, EdgeToHub, HubToEdge, PROTOCOL_VERSION};
+use verge_runtime::Runtime;
+use verge_tunnel::frame::{read_msg, write_msg};
+use verge_tunnel::pki::{JoinToken, new_node_key_and_csr};
+
+use crate::agent::Agent;
+use crate::files::Identity;
+use crate::session::{SessionCtx, SessionEnd, run_session};
+pub use crate::sysinfo::CapacityConfig;
+
+/// The agent's version string.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Edge agent failures.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    /// A file in the data dir could not be read or written.
+    #[error("{path}: {source}")]
+    File {
+        /// The path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The desired-state cache is unreadable.
+    #[error("desired-state cache {path} is corrupt ({detail}); move it aside to resync from the hub")]
+    Cache {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        detail: String,
+    },
+    /// Enrolment was refused by the hub or could not complete.
+    #[error("enrolment failed: {0}")]
+    Enroll(String),
+    /// The node is not enrolled and no join token was given.
+    #[error("this node has no identity in {0}; pass --join-token to enrol it")]
+    NotEnrolled(PathBuf),
+    /// The hub refuses this node.
+    #[error("the hub refused this node: {0}")]
+    Refused(String),
+    /// PKI failures.
+    #[error(transparent)]
+    Pki(#[from] verge_tunnel::pki::PkiError),
+    /// TLS failures.
+    #[error(transparent)]
+    Tls(#[from] verge_tunnel::tls::TlsError),
+}
+
+impl EdgeError {
+    fn file(path: &Path, source: std::io::Error) -> Self {
+        Self::File {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// How the agent runs.
+#[derive(Debug, Clone)]
+pub struct EdgeConfig {
+    /// Hub URL (`https://HOST:PORT`).
+    pub hub: String,
+    /// Join token for first start.
+    pub join_token: Option<String>,
+    /// Node name.
+    pub name: String,
+    /// Data dir.
+    pub data_dir: PathBuf,
+    /// Labels to enrol with.
+    pub labels: BTreeMap<String, String>,
+    /// Where to serve `/metrics` (None: off).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Stop workloads when the agent exits (default: leave them running).
+    pub stop_workloads_on_exit: bool,
+    /// Capacity overrides.
+    pub capacity: CapacityConfig,
+}
+
+/// The agent's metrics.
+pub struct Metrics {
+    registry: Registry,
+    connected: Gauge,
+    reconnects: Counter,
+    instances: Family<Vec<(String, String)>, Gauge>,
+    revision: Gauge,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("verge_edge");
+        let connected = Gauge::default();
+        let reconnects = Counter::default();
+        let instances = Family::default();
+        let revision = Gauge::default();
+        registry.register("connected", "1 while the channel to the hub is up", connected.clone());
+        registry.register("reconnects", "Connection attempts after a lost session", reconnects.clone());
+        registry.register("instances", "Instances on this node by phase", instances.clone());
+        registry.register("desired_revision", "Hub revision of the cached desired state", revision.clone());
+        Self {
+            registry,
+            connected,
+            reconnects,
+            instances,
+            revision,
+        }
+    }
+}
+
+/// Enrol with the hub: verify it by the CA fingerprint in the token, send a CSR for a
+/// key generated here, and receive the node certificate.
+pub async fn enroll(
+    addr: &str,
+    token: &str,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<Identity, EdgeError> {
+    let parsed = JoinToken::parse(token)?;
+    let cfg = verge_tunnel::tls::pinned_client_config(&parsed.ca_fingerprint, &[ALPN_ENROLL])?;
+    let mut stream = verge_tunnel::tls::dial(addr, cfg).await.map_err(|e| {
+        let cause = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default();
+        EdgeError::Enroll(format!("{e}: {cause}"))
+    })?;
+    let (key_pem, csr_pem) = new_node_key_and_csr(name)?;
+    let msg = EdgeToHub::Enroll {
+        protocol_version: PROTOCOL_VERSION,
+        token: token.trim().to_string(),
+        node_name: name.to_string(),
+        csr_pem,
+        labels: labels.clone(),
+    };
+    write_msg(&mut stream, &msg)
+        .await
+        .map_err(|e| EdgeError::Enroll(e.to_string()))?;
+    let reply = read_msg::<HubToEdge, _>(&mut stream)
+        .await
+        .map_err(|e| EdgeError::Enroll(e.to_string()))?;
+    let _ = stream.shutdown().await;
+    match reply {
+        Some(HubToEdge::Enrolled { cert_pem, ca_pem }) => Ok(Identity {
+            node: name.to_string(),
+            cert_pem,
+            key_pem,
+            ca_pem,
+        }),
+        Some(HubToEdge::Error { message, .. }) => Err(EdgeError::Enroll(message)),
+        other => Err(EdgeError::Enroll(format!("unexpected reply {other:?}"))),
+    }
+}
+
+async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, agent: Arc<Agent>) {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                let agent = agent.clone();
+                async move {
+                    metrics.revision.set(agent.revision() as i64);
+                    metrics.instances.clear();
+                    for (phase, n) in agent.phase_counts() {
+                        metrics.instances.get_or_create(&vec![("phase".into(), phase)]).set(n);
+                    }
+                    let mut out = String::new();
+                    let _ = prometheus_client::encoding::text::encode(&mut out, &metrics.registry);
+                    out
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }));
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::warn!(error = %e, "metrics server stopped");
+    }
+}
+
+/// Run the agent with `runtime` until `shutdown` resolves. `ready` gets the metrics
+/// address once serving.
+pub async fn run(
+    config: EdgeConfig,
+    runtime: Arc<dyn Runtime>,
+    shutdown: impl Future<Output = ()>,
+    ready: impl FnOnce(Option<SocketAddr>),
+) -> Result<(), EdgeError> {
+    verge_tunnel::install_crypto_provider();
+    let addr = verge_tunnel::tls::hub_addr(&config.hub)?;
+    let dir = config.data_dir.clone();
+    std::fs::create_dir_all(&dir).map_err(|e| EdgeError::file(&dir, e))?;
+    let agent = Agent::new(dir.clone(), runtime)?;
+    // Autonomy first: run what the cache says before talking to anyone.
+    tokio::spawn(agent.clone().reconciler());
+
+    let metrics = Arc::new(Metrics::new());
+    let mut metrics_addr = None;
+    if let Some(listen) = config.metrics_listen {
+        let l = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| EdgeError::file(Path::new(&listen.to_string()), e))?;
+        metrics_addr = l.local_addr().ok();
+        tokio::spawn(serve_metrics(l, metrics.clone(), agent.clone()));
+    }
+    ready(metrics_addr);
+
+    tokio::pin!(shutdown);
+    let main = async {
+        let identity = match Identity::load(&dir, &config.name)? {
+            Some(id) => id,
+            None => {
+                let token = config
+                    .join_token
+                    .as_deref()
+                    .ok_or_else(|| EdgeError::NotEnrolled(dir.clone()))?;
+                let mut backoff = Duration::from_millis(500);
+                let id = loop {
+                    match enroll(&addr, token, &config.name, &config.labels).await {
+                        Ok(id) => break id,
+                        // The hub answered and said no: retrying will not help.
+                        Err(EdgeError::Enroll(msg)) if !msg.contains("could not connect") => {
+                            return Err(EdgeError::Enroll(msg));
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "hub unreachable for enrolment; retrying");
+                            tokio::time::sleep(jitter(backoff)).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(30));
+                        }
+                    }
+                };
+                id.save(&dir)?;
+                tracing::info!(node = %config.name, "enrolled");
+                id
+            }
+        };
+        let ctx = SessionCtx {
+            agent: &agent,
+            identity: &identity,
+            addr: &addr,
+            data_dir: &dir,
+            capacity: &config.capacity,
+            metrics: &metrics,
+        };
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            let began = tokio::time::Instant::now();
+            match run_session(&ctx).await? {
+                SessionEnd::Refused(msg) => return Err(EdgeError::Refused(msg)),
+                SessionEnd::Lost(why) => {
+                    if began.elapsed() > Duration::from_secs(10) {
+                        backoff = Duration::from_millis(250);
+                    }
+                    tracing::warn!(%why, retry_in_ms = backoff.as_millis() as u64, "hub connection lost; workloads keep running");
+                    metrics.reconnects.inc();
+                    tokio::time::sleep(jitter(backoff)).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    };
+    let result = tokio::select! {
+        r = main => r,
+        _ = &mut shutdown => Ok(()),
+    };
+    if config.stop_workloads_on_exit {
+        agent.stop_all().await;
+    }
+    result
+}
+
+/// `d` scaled by a random factor in [0.5, 1.5), so that many edges do not retry in step.
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(0.5 + rand::random::<f64>())
+}

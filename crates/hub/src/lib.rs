@@ -1,1 +1,198 @@
-//! stub
+//! Verge hub: the control plane.
+//!
+//! One TLS port serves the REST API (`http`, [`http`]) and the edge channel
+//! ([`channel`]), told apart by ALPN. State lives in a [`verge_store::Store`]
+//! (SQLite by default). Controllers ([`controllers`]) mark silent nodes NotReady,
+//! place pending instances, and compact history.
+//!
+//! Start reading at [`run`]; a request's path is `http` handler → [`objects`] → store,
+//! and from there a watch carries the change to the edge in [`channel`].
+
+pub mod channel;
+pub mod config;
+pub mod controllers;
+pub mod http;
+pub mod objects;
+pub mod state;
+pub mod tokens;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use verge_api::channel::{ALPN_CHANNEL, ALPN_ENROLL};
+use verge_store::{SqliteStore, Store};
+use verge_tunnel::pki::node_name_from_cert;
+
+pub use config::{ClientConfig, HubConfig, SetupError};
+use objects::Objects;
+use state::HubState;
+
+/// Reasons a hub cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// Preparing the data directory failed.
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// The store could not be opened.
+    #[error("store: {0}")]
+    Store(#[from] verge_store::StoreError),
+    /// TLS configuration failed.
+    #[error(transparent)]
+    Tls(#[from] verge_tunnel::tls::TlsError),
+    /// An API-level failure during setup.
+    #[error("{0}")]
+    Api(#[from] verge_api::ApiError),
+    /// Listening failed.
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What a started hub tells its caller.
+#[derive(Debug, Clone)]
+pub struct HubInfo {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// Its URL.
+    pub url: String,
+    /// The admin config it wrote.
+    pub admin_conf: PathBuf,
+    /// The file holding a join token for edges.
+    pub join_token_file: PathBuf,
+}
+
+fn url_for(addr: SocketAddr) -> String {
+    let host = match addr.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => "127.0.0.1".to_string(),
+        ip if ip.is_unspecified() => "[::1]".to_string(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        ip => ip.to_string(),
+    };
+    format!("https://{host}:{}", addr.port())
+}
+
+fn new_admin_token() -> String {
+    let b: [u8; 24] = rand::random();
+    format!("adm_{}", verge_tunnel::pki::hex(&b))
+}
+
+/// Run a hub on `listener` until `shutdown` resolves. `ready` is called once the hub
+/// is serving, with where it wrote its admin config.
+pub async fn run(
+    mut config: HubConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    ready: impl FnOnce(&HubInfo),
+) -> Result<(), HubError> {
+    verge_tunnel::install_crypto_provider();
+    let addr = listener.local_addr()?;
+    config.listen = addr;
+    let dir = config.data_dir.clone();
+    std::fs::create_dir_all(&dir).map_err(|e| SetupError::io(&dir, e))?;
+    let store = SqliteStore::open(dir.join("store.db"))?;
+    let store: Arc<dyn Store> = Arc::new(store);
+    let ca = config::load_or_create_ca(&dir)?;
+    let server = config::server_cert(&ca, &config)?;
+    let tls = verge_tunnel::tls::server_config(
+        ca.cert_pem(),
+        &server,
+        &[ALPN_CHANNEL, ALPN_ENROLL, b"http/1.1"],
+    )?;
+
+    // Admin credentials: reuse the token from an existing admin.conf, else mint one.
+    let admin_conf = dir.join("admin.conf");
+    let token = match ClientConfig::load(&admin_conf) {
+        Ok(c) => c.token,
+        Err(_) => new_admin_token(),
+    };
+    tokens::set_admin_token(store.as_ref(), &token).await?;
+    let url = url_for(addr);
+    ClientConfig {
+        server: url.clone(),
+        ca_cert: ca.cert_pem().to_string(),
+        token,
+    }
+    .save(&admin_conf)?;
+    let join_token_file = dir.join("join-token");
+    if !join_token_file.exists() {
+        let t = tokens::create_join_token(
+            store.as_ref(),
+            &ca.fingerprint(),
+            &tokens::TokenRequest {
+                uses: Some(0),
+                ttl_seconds: Some(24 * 3600),
+                description: "created at first start".into(),
+            },
+        )
+        .await?;
+        config::write_private(&join_token_file, format!("{}\n", t.token).as_bytes())?;
+    }
+
+    let st = HubState::new(Objects::new(store), ca, config);
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(controllers::node_lifecycle(st.clone()));
+    tasks.spawn(controllers::scheduler(st.clone()));
+    tasks.spawn(controllers::compaction(st.clone()));
+    let app = http::router(st.clone());
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    ready(&HubInfo {
+        addr,
+        url: url.clone(),
+        admin_conf,
+        join_token_file,
+    });
+    tracing::info!(%url, "hub serving");
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let st = st.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "tls handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let (_, conn) = tls.get_ref();
+            let alpn = conn.alpn_protocol().map(|p| p.to_vec());
+            let node = conn
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| node_name_from_cert(c));
+            match alpn.as_deref() {
+                Some(p) if p == ALPN_CHANNEL => channel::serve_channel(st, tls, node).await,
+                Some(p) if p == ALPN_ENROLL => channel::serve_enroll(st, tls).await,
+                _ => {
+                    let svc = app.layer(axum::Extension(http::PeerNode(node)));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc))
+                        .await;
+                }
+            }
+        });
+    }
+    tasks.shutdown().await;
+    tracing::info!("hub stopped");
+    Ok(())
+}

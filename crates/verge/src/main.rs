@@ -1,1 +1,300 @@
-fn main() {}
+//! `verge`: one binary for the hub, the edge agent and the operator CLI.
+//!
+//! This file only parses arguments and dispatches; the hub lives in `verge-hub`, the
+//! agent in `verge-edge`, and the CLI commands in [`cli`].
+
+mod bench;
+mod cli;
+mod client;
+mod dev;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use verge_api::{Bytes, Cpu};
+
+#[derive(Parser)]
+#[command(name = "verge", version, about = "Verge: run thousands of edge sites as one cloud")]
+struct Args {
+    /// CLI config (hub URL, CA, token). Default: $VERGE_CONFIG, then ~/.verge/config.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane.
+    Hub {
+        /// Address to listen on (REST API and edge channel share it).
+        #[arg(long, default_value = "0.0.0.0:7443")]
+        listen: SocketAddr,
+        /// Where the hub keeps its CA, store and configs.
+        #[arg(long, default_value = "/var/lib/verge/hub")]
+        data_dir: PathBuf,
+        /// Extra DNS name or IP for the hub certificate (repeatable).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        /// Mark a node NotReady after this long without a heartbeat.
+        #[arg(long, default_value = "40s", value_parser = parse_duration)]
+        node_grace: Duration,
+        /// How often edges send heartbeats.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        heartbeat: Duration,
+    },
+    /// Run the edge agent.
+    Edge {
+        /// Hub URL.
+        #[arg(long)]
+        hub: String,
+        /// Join token (first start only; printed by `verge token create`).
+        #[arg(long, env = "VERGE_JOIN_TOKEN")]
+        join_token: Option<String>,
+        /// Node name.
+        #[arg(long)]
+        name: String,
+        /// Where the agent keeps its identity, cache and instance files.
+        #[arg(long, default_value = "/var/lib/verge/edge")]
+        data_dir: PathBuf,
+        /// Node label KEY=VALUE, e.g. region=eu-west, tier=near (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Serve /metrics here (e.g. 127.0.0.1:9100).
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
+        /// Stop workloads when the agent exits (default: leave them running).
+        #[arg(long)]
+        stop_workloads_on_exit: bool,
+        /// Report this much CPU instead of the machine's (e.g. 2 or 1500m).
+        #[arg(long, value_parser = |s: &str| Cpu::parse(s))]
+        cpu: Option<Cpu>,
+        /// Report this much memory instead of the machine's (e.g. 4Gi).
+        #[arg(long, value_parser = |s: &str| Bytes::parse(s))]
+        memory: Option<Bytes>,
+    },
+    /// All in one: a hub and three edges on this machine, with the samples applied.
+    Dev(dev::DevArgs),
+    /// List objects.
+    Get {
+        /// nodes | instances
+        kind: String,
+        /// One object.
+        name: Option<String>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: cli::Output,
+    },
+    /// Show one object in full.
+    Describe {
+        /// node | instance
+        kind: String,
+        /// Name.
+        name: String,
+    },
+    /// Create or update objects from a manifest file, a directory, or - for stdin.
+    Apply {
+        /// File, directory or -.
+        #[arg(short = 'f', long = "filename")]
+        file: String,
+    },
+    /// Delete an object.
+    Delete {
+        /// node | instance
+        kind: String,
+        /// Name.
+        name: String,
+    },
+    /// Print an instance's output (stdout and stderr).
+    Logs {
+        /// Instance name.
+        instance: String,
+        /// Only the last N bytes.
+        #[arg(long)]
+        tail: Option<u64>,
+    },
+    /// Manage join tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Measure Verge on this machine.
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Mint a join token for edges.
+    Create {
+        /// How many edges may enrol with it (0 = unlimited until it expires).
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Lifetime, e.g. 24h (0 = never expires).
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: Duration,
+        /// What it is for.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+}
+
+/// Parse `100ms`, `40s`, `5m`, `24h`, `7d` (or bare seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, ""), |i| s.split_at(i));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration; use e.g. 500ms, 40s, 5m, 24h"))?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        "d" => Duration::from_secs(n * 86_400),
+        _ => return Err(format!("'{s}': unknown unit '{unit}'; use ms, s, m, h or d")),
+    })
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}' is not KEY=VALUE (e.g. region=eu-west)"))?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    match args.command {
+        Command::Hub {
+            listen,
+            data_dir,
+            sans,
+            node_grace,
+            heartbeat,
+        } => {
+            init_tracing("info");
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let mut config = verge_hub::HubConfig::new(listen, data_dir);
+                config.extra_sans = sans;
+                config.node_grace = node_grace;
+                config.heartbeat_interval = heartbeat;
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {listen}; is another hub running? pick another --listen"))?;
+                verge_hub::run(config, listener, shutdown_signal(), |info| {
+                    // One machine-readable line for scripts and tests.
+                    println!("hub ready url={} admin_conf={} join_token_file={}", info.url, info.admin_conf.display(), info.join_token_file.display());
+                })
+                .await?;
+                Ok(())
+            })
+        }
+        Command::Edge {
+            hub,
+            join_token,
+            name,
+            data_dir,
+            labels,
+            metrics_listen,
+            stop_workloads_on_exit,
+            cpu,
+            memory,
+        } => {
+            init_tracing("info");
+            if !verge_api::validate::is_dns_label(&name) {
+                bail!("--name '{name}': node names are 1-63 lowercase letters, digits or '-' (e.g. edge-paris-1)");
+            }
+            // One thread: the agent is mostly idle, and every thread costs memory.
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async {
+                let config = verge_edge::EdgeConfig {
+                    hub,
+                    join_token,
+                    name,
+                    data_dir,
+                    labels: labels.into_iter().collect::<BTreeMap<_, _>>(),
+                    metrics_listen,
+                    stop_workloads_on_exit,
+                    capacity: verge_edge::CapacityConfig { cpu, memory },
+                };
+                let runtime = Arc::new(verge_runtime::process::ProcessRuntime);
+                verge_edge::run(config, runtime, shutdown_signal(), |m| {
+                    println!("edge ready metrics={}", m.map_or("off".into(), |a| a.to_string()));
+                })
+                .await?;
+                Ok(())
+            })
+        }
+        Command::Dev(d) => {
+            init_tracing("warn");
+            cli_runtime()?.block_on(dev::run(d))
+        }
+        Command::Bench { command } => {
+            init_tracing("warn");
+            bench::run(command)
+        }
+        other => {
+            init_tracing("warn");
+            cli_runtime()?.block_on(run_cli(args.config, other))
+        }
+    }
+}
+
+fn cli_runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+async fn run_cli(config: Option<PathBuf>, command: Command) -> Result<()> {
+    let client = client::Client::from_flag(config)?;
+    match command {
+        Command::Get { kind, name, output } => cli::get(&client, &kind, name.as_deref(), output).await,
+        Command::Describe { kind, name } => cli::describe(&client, &kind, &name).await,
+        Command::Apply { file } => cli::apply(&client, &file).await,
+        Command::Delete { kind, name } => cli::delete(&client, &kind, &name).await,
+        Command::Logs { instance, tail } => cli::logs(&client, &instance, tail).await,
+        Command::Token {
+            command: TokenCommand::Create { uses, ttl, description },
+        } => cli::token_create(&client, uses, Some(ttl.as_secs()), &description).await,
+        Command::Hub { .. } | Command::Edge { .. } | Command::Dev(_) | Command::Bench { .. } => {
+            unreachable!("dispatched in main")
+        }
+    }
+}

@@ -1,0 +1,388 @@
+//! The agent's core: the desired-state cache, one supervisor per instance, and the
+//! statuses waiting to go up to the hub.
+//!
+//! The reconciler compares the cached desired state with the supervisors it runs and
+//! starts, restarts (new spec generation or new uid) or stops them. It never needs the
+//! hub: at start-up it works from the cache alone, which is what keeps workloads
+//! running, or restarts them, when the node reboots while offline.
+//!
+//! Statuses are kept as "latest per instance" plus a dirty set, not as a queue: an
+//! edge that is offline for a day sends one status per instance when it returns.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use verge_api::channel::InstanceChange;
+use verge_api::instance::RestartPolicy;
+use verge_api::{Instance, InstancePhase, InstanceStatus};
+use verge_runtime::{Runtime, Running, Workload};
+
+use crate::EdgeError;
+use crate::files::{self, Desired};
+
+/// Longest wait between restarts of a crashing workload.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A run at least this long resets the restart backoff.
+const HEALTHY_RUN: Duration = Duration::from_secs(10);
+
+struct Supervisor {
+    uid: String,
+    generation: u64,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// The agent's shared state.
+pub struct Agent {
+    dir: PathBuf,
+    runtime: Arc<dyn Runtime>,
+    desired: Mutex<Desired>,
+    supervisors: tokio::sync::Mutex<HashMap<String, Supervisor>>,
+    statuses: Mutex<HashMap<String, (String, InstanceStatus)>>,
+    dirty: Mutex<BTreeSet<String>>,
+    removed: Mutex<Vec<(String, String)>>,
+    /// Signalled when a status is waiting to be sent.
+    pub outbox: Notify,
+    reconcile_kick: Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Agent {
+    /// Load the cache from `dir` and prepare (nothing runs until [`Agent::reconciler`]).
+    pub fn new(dir: PathBuf, runtime: Arc<dyn Runtime>) -> Result<Arc<Self>, EdgeError> {
+        let desired = Desired::load(&dir)?;
+        Ok(Arc::new(Self {
+            dir,
+            runtime,
+            desired: Mutex::new(desired),
+            supervisors: tokio::sync::Mutex::new(HashMap::new()),
+            statuses: Mutex::new(HashMap::new()),
+            dirty: Mutex::new(BTreeSet::new()),
+            removed: Mutex::new(Vec::new()),
+            outbox: Notify::new(),
+            reconcile_kick: Notify::new(),
+        }))
+    }
+
+    /// The revision of the cached desired state.
+    pub fn revision(&self) -> u64 {
+        lock(&self.desired).revision
+    }
+
+    /// Names of the cached instances.
+    pub fn instance_names(&self) -> Vec<String> {
+        lock(&self.desired).instances.keys().cloned().collect()
+    }
+
+    /// Counts of instances by phase, for metrics.
+    pub fn phase_counts(&self) -> HashMap<String, i64> {
+        let mut m = HashMap::new();
+        for (_, s) in lock(&self.statuses).values() {
+            *m.entry(s.phase.to_string()).or_default() += 1;
+        }
+        m
+    }
+
+    fn persist_and_kick(&self, d: &Desired) -> Result<(), EdgeError> {
+        d.save(&self.dir)?;
+        self.reconcile_kick.notify_one();
+        Ok(())
+    }
+
+    /// Replace the whole desired state (snapshot from the hub).
+    pub fn replace(&self, revision: u64, instances: Vec<Instance>) -> Result<(), EdgeError> {
+        let mut d = lock(&self.desired);
+        d.revision = revision;
+        d.instances = instances.into_iter().map(|i| (i.name().to_string(), i)).collect();
+        self.persist_and_kick(&d)
+    }
+
+    /// Apply incremental changes.
+    pub fn apply(&self, revision: u64, changes: Vec<InstanceChange>) -> Result<(), EdgeError> {
+        let mut d = lock(&self.desired);
+        for c in changes {
+            match c {
+                InstanceChange::Upsert { instance } => {
+                    d.instances.insert(instance.name().to_string(), *instance);
+                }
+                InstanceChange::Remove { name } => {
+                    d.instances.remove(&name);
+                }
+            }
+        }
+        d.revision = d.revision.max(revision);
+        self.persist_and_kick(&d)
+    }
+
+    /// Nothing changed for this node up to `revision`.
+    pub fn bookmark(&self, revision: u64) -> Result<(), EdgeError> {
+        let mut d = lock(&self.desired);
+        if revision > d.revision {
+            d.revision = revision;
+            d.save(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Mark every status as needing to be sent (after a reconnect).
+    pub fn mark_all_dirty(&self) {
+        let names: Vec<String> = lock(&self.statuses).keys().cloned().collect();
+        lock(&self.dirty).extend(names);
+        self.outbox.notify_one();
+    }
+
+    /// Take the statuses waiting to be sent: `(name, uid, status)`.
+    pub fn take_dirty(&self) -> Vec<(String, String, InstanceStatus)> {
+        let names = std::mem::take(&mut *lock(&self.dirty));
+        let statuses = lock(&self.statuses);
+        names
+            .into_iter()
+            .filter_map(|n| statuses.get(&n).map(|(uid, s)| (n.clone(), uid.clone(), s.clone())))
+            .collect()
+    }
+
+    /// Take the notices of removed instances: `(name, uid)`.
+    pub fn take_removed(&self) -> Vec<(String, String)> {
+        std::mem::take(&mut *lock(&self.removed))
+    }
+
+    fn set_status(&self, name: &str, uid: &str, f: impl FnOnce(&mut InstanceStatus)) {
+        let mut statuses = lock(&self.statuses);
+        let entry = statuses
+            .entry(name.to_string())
+            .or_insert_with(|| (uid.to_string(), InstanceStatus::default()));
+        if entry.0 != uid {
+            *entry = (uid.to_string(), InstanceStatus::default());
+        }
+        f(&mut entry.1);
+        drop(statuses);
+        lock(&self.dirty).insert(name.to_string());
+        self.outbox.notify_one();
+    }
+
+    /// The log file of an instance on this node.
+    pub fn log_path(&self, name: &str) -> Option<PathBuf> {
+        lock(&self.desired)
+            .instances
+            .contains_key(name)
+            .then(|| files::instance_dir(&self.dir, name).join("output.log"))
+    }
+
+    /// Run the reconciler until the process ends.
+    pub async fn reconciler(self: Arc<Self>) {
+        loop {
+            self.reconcile().await;
+            self.reconcile_kick.notified().await;
+        }
+    }
+
+    /// Bring supervisors in line with the desired state once.
+    pub async fn reconcile(self: &Arc<Self>) {
+        let desired = lock(&self.desired).instances.clone();
+        let mut sups = self.supervisors.lock().await;
+        // Stop what is no longer wanted.
+        let gone: Vec<String> = sups.keys().filter(|n| !desired.contains_key(*n)).cloned().collect();
+        for name in gone {
+            if let Some(sup) = sups.remove(&name) {
+                let _ = sup.stop.send(true);
+                let agent = self.clone();
+                tokio::spawn(async move {
+                    let _ = sup.task.await;
+                    let _ = std::fs::remove_dir_all(files::instance_dir(&agent.dir, &name));
+                    lock(&agent.statuses).remove(&name);
+                    lock(&agent.removed).push((name.clone(), sup.uid));
+                    agent.outbox.notify_one();
+                    tracing::info!(instance = %name, "instance removed");
+                });
+            }
+        }
+        // Start what is new or changed.
+        for (name, inst) in desired {
+            let same = sups.get(&name).is_some_and(|s| {
+                s.uid == inst.metadata.uid && s.generation == inst.metadata.generation
+            });
+            if same {
+                continue;
+            }
+            let previous = sups.remove(&name).map(|s| {
+                let _ = s.stop.send(true);
+                s.task
+            });
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let uid = inst.metadata.uid.clone();
+            let generation = inst.metadata.generation;
+            let task = tokio::spawn(self.clone().supervise(inst, stop_rx, previous));
+            sups.insert(
+                name,
+                Supervisor {
+                    uid,
+                    generation,
+                    stop: stop_tx,
+                    task,
+                },
+            );
+        }
+    }
+
+    /// Stop every workload (used by `verge dev`, where Ctrl-C should leave nothing behind).
+    pub async fn stop_all(&self) {
+        let mut sups = self.supervisors.lock().await;
+        for (_, s) in sups.drain() {
+            let _ = s.stop.send(true);
+            let _ = s.task.await;
+        }
+    }
+
+    async fn supervise(
+        self: Arc<Self>,
+        inst: Instance,
+        mut stop: watch::Receiver<bool>,
+        previous: Option<JoinHandle<()>>,
+    ) {
+        if let Some(p) = previous {
+            let _ = p.await;
+        }
+        let name = inst.name().to_string();
+        let uid = inst.metadata.uid.clone();
+        let generation = inst.metadata.generation;
+        let policy = inst.spec.restart_policy;
+        let grace = Duration::from_secs(inst.spec.termination_grace_period_seconds as u64);
+        let dir = files::instance_dir(&self.dir, &name);
+        let workload = Workload {
+            instance: inst,
+            dir: dir.clone(),
+        };
+        let mut restarts = lock(&self.statuses)
+            .get(&name)
+            .filter(|(u, _)| *u == uid)
+            .map_or(0, |(_, s)| s.restarts);
+        let mut backoff = Duration::from_secs(1);
+        // A workload started before the agent restarted is adopted, not started twice.
+        let mut running: Option<Running> = match files::load_record(&dir) {
+            Some(rec) => {
+                let adopted = self.runtime.adopt(&workload, &rec).await;
+                if adopted.is_some() {
+                    tracing::info!(instance = %name, pid = rec.pid, "re-adopted running workload");
+                } else {
+                    files::clear_record(&dir);
+                }
+                adopted
+            }
+            None => None,
+        };
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let mut run = match running.take() {
+                Some(r) => r,
+                None => {
+                    self.set_status(&name, &uid, |s| {
+                        s.phase = InstancePhase::Starting;
+                        s.observed_generation = generation;
+                    });
+                    match self.runtime.start(&workload).await {
+                        Ok(r) => {
+                            if let Err(e) = files::save_record(&dir, &r.record) {
+                                tracing::warn!(instance = %name, error = %e, "could not save run record");
+                            }
+                            r
+                        }
+                        Err(e) => {
+                            let msg = e.to_string();
+                            tracing::warn!(instance = %name, error = %msg, "start failed");
+                            let retry = policy != RestartPolicy::Never;
+                            self.set_status(&name, &uid, |s| {
+                                s.phase = if retry { InstancePhase::Starting } else { InstancePhase::Failed };
+                                s.message = if retry {
+                                    format!("{msg}; retrying in {}s", backoff.as_secs())
+                                } else {
+                                    msg.clone()
+                                };
+                                s.pid = None;
+                            });
+                            if !retry || wait_or_stop(&mut stop, backoff).await {
+                                let _ = stop.wait_for(|s| *s).await;
+                                return;
+                            }
+                            backoff = (backoff * 2).min(MAX_BACKOFF);
+                            continue;
+                        }
+                    }
+                }
+            };
+            let pid = run.record.pid;
+            let started_at = run.record.started_at.clone();
+            self.set_status(&name, &uid, |s| {
+                s.phase = InstancePhase::Running;
+                s.pid = Some(pid);
+                s.started_at = Some(started_at.clone());
+                s.message = String::new();
+                s.restarts = restarts;
+                s.observed_generation = generation;
+            });
+            let began = tokio::time::Instant::now();
+            let exit = tokio::select! {
+                exit = run.wait() => Some(exit),
+                _ = stop.wait_for(|s| *s) => None,
+            };
+            let Some(exit) = exit else {
+                if let Err(e) = self.runtime.stop(&run.record, grace).await {
+                    tracing::warn!(instance = %name, error = %e, "stop failed");
+                }
+                files::clear_record(&dir);
+                tracing::info!(instance = %name, "workload stopped");
+                return;
+            };
+            files::clear_record(&dir);
+            let restart = match policy {
+                RestartPolicy::Always => true,
+                RestartPolicy::OnFailure => !exit.success(),
+                RestartPolicy::Never => false,
+            };
+            tracing::info!(instance = %name, %exit, restart, "workload exited");
+            if !restart {
+                self.set_status(&name, &uid, |s| {
+                    s.phase = if exit.success() { InstancePhase::Succeeded } else { InstancePhase::Failed };
+                    s.exit_code = exit.code();
+                    s.pid = None;
+                    s.message = exit.to_string();
+                });
+                let _ = stop.wait_for(|s| *s).await;
+                return;
+            }
+            if began.elapsed() >= HEALTHY_RUN {
+                backoff = Duration::from_secs(1);
+            }
+            restarts += 1;
+            self.set_status(&name, &uid, |s| {
+                s.phase = InstancePhase::Starting;
+                s.exit_code = exit.code();
+                s.pid = None;
+                s.restarts = restarts;
+                s.message = format!("{exit}; restarting in {}s", backoff.as_secs());
+            });
+            if wait_or_stop(&mut stop, backoff).await {
+                return;
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+}
+
+/// Sleep for `d` unless asked to stop first; returns whether a stop was requested.
+async fn wait_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
+    let stopped = tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = stop.wait_for(|s| *s) => true,
+    };
+    stopped || *stop.borrow()
+}
+

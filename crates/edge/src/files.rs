@@ -1,0 +1,163 @@
+//! The edge's files in its data directory:
+//!
+//! ```text
+//! identity/node.key, node.crt, ca.crt   the node's identity (from enrolment)
+//! state/desired.json                    desired state: instances + the revision it reflects
+//! instances/NAME/output.log             the instance's stdout and stderr
+//! instances/NAME/run.json               how to find the running workload again
+//! ```
+//!
+//! Every write is atomic (temp file, fsync, rename), so a crash or power cut leaves
+//! either the old or the new version, never a torn file.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use verge_api::Instance;
+use verge_runtime::RunRecord;
+
+use crate::EdgeError;
+
+/// Write `data` to `path` atomically with `mode`.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), EdgeError> {
+    let io = |e| EdgeError::file(path, e);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io)?;
+    f.write_all(data).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// The node's identity.
+#[derive(Clone)]
+pub struct Identity {
+    /// Node name (from the certificate).
+    pub node: String,
+    /// PEM certificate.
+    pub cert_pem: String,
+    /// PEM private key.
+    pub key_pem: String,
+    /// PEM hub CA.
+    pub ca_pem: String,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity").field("node", &self.node).finish_non_exhaustive()
+    }
+}
+
+fn identity_dir(dir: &Path) -> PathBuf {
+    dir.join("identity")
+}
+
+impl Identity {
+    /// Load the identity if this node has enrolled.
+    pub fn load(dir: &Path, node: &str) -> Result<Option<Self>, EdgeError> {
+        let d = identity_dir(dir);
+        let cert = d.join("node.crt");
+        if !cert.exists() {
+            return Ok(None);
+        }
+        let read = |p: PathBuf| std::fs::read_to_string(&p).map_err(|e| EdgeError::file(&p, e));
+        Ok(Some(Self {
+            node: node.to_string(),
+            cert_pem: read(cert)?,
+            key_pem: read(d.join("node.key"))?,
+            ca_pem: read(d.join("ca.crt"))?,
+        }))
+    }
+
+    /// Save it (key readable by the owner only).
+    pub fn save(&self, dir: &Path) -> Result<(), EdgeError> {
+        let d = identity_dir(dir);
+        write_atomic(&d.join("node.key"), self.key_pem.as_bytes(), 0o600)?;
+        write_atomic(&d.join("ca.crt"), self.ca_pem.as_bytes(), 0o644)?;
+        // Certificate last: its presence marks a complete identity.
+        write_atomic(&d.join("node.crt"), self.cert_pem.as_bytes(), 0o644)
+    }
+}
+
+/// The desired state cached on the node.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Desired {
+    /// The hub revision this state reflects (0: never synced).
+    pub revision: u64,
+    /// Instances bound to this node, by name.
+    pub instances: BTreeMap<String, Instance>,
+}
+
+fn desired_path(dir: &Path) -> PathBuf {
+    dir.join("state").join("desired.json")
+}
+
+impl Desired {
+    /// Load the cache (empty if there is none yet). A corrupt cache is an error: the
+    /// agent refuses to guess rather than stop workloads it cannot see.
+    pub fn load(dir: &Path) -> Result<Self, EdgeError> {
+        let p = desired_path(dir);
+        match std::fs::read(&p) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| EdgeError::Cache {
+                path: p.clone(),
+                detail: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(EdgeError::file(&p, e)),
+        }
+    }
+
+    /// Persist the cache.
+    pub fn save(&self, dir: &Path) -> Result<(), EdgeError> {
+        let data = serde_json::to_vec(self).unwrap_or_default();
+        write_atomic(&desired_path(dir), &data, 0o600)
+    }
+}
+
+/// The directory of one instance.
+pub fn instance_dir(dir: &Path, name: &str) -> PathBuf {
+    dir.join("instances").join(name)
+}
+
+/// Load an instance's run record.
+pub fn load_record(inst_dir: &Path) -> Option<RunRecord> {
+    let bytes = std::fs::read(inst_dir.join("run.json")).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Save an instance's run record.
+pub fn save_record(inst_dir: &Path, rec: &RunRecord) -> Result<(), EdgeError> {
+    write_atomic(
+        &inst_dir.join("run.json"),
+        &serde_json::to_vec(rec).unwrap_or_default(),
+        0o600,
+    )
+}
+
+/// Forget an instance's run record.
+pub fn clear_record(inst_dir: &Path) {
+    let _ = std::fs::remove_file(inst_dir.join("run.json"));
+}
+
+/// The last `max` bytes of a file, as text.
+pub fn tail(path: &Path, max: u64) -> std::io::Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(max)))?;
+    let mut buf = Vec::new();
+    f.take(max).read_to_end(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}

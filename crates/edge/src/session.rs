@@ -1,0 +1,184 @@
+//! One connection to the hub: hello with the last applied revision, then desired-state
+//! changes down and heartbeats and statuses up, until the connection fails.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use verge_api::channel::{
+    ALPN_CHANNEL, EdgeToHub, HubToEdge, PROTOCOL_VERSION, RequestBody, ResponseBody,
+};
+use verge_tunnel::frame::{read_msg, write_msg};
+
+use crate::agent::Agent;
+use crate::files::Identity;
+use crate::sysinfo::{CapacityConfig, node_status};
+use crate::{AGENT_VERSION, EdgeError, Metrics};
+
+/// How a session ended.
+#[derive(Debug)]
+pub enum SessionEnd {
+    /// The connection failed or went quiet; reconnect.
+    Lost(String),
+    /// The hub refused this node for good (e.g. it was deleted); do not retry.
+    Refused(String),
+}
+
+/// Everything a session needs.
+pub struct SessionCtx<'a> {
+    /// The agent.
+    pub agent: &'a Arc<Agent>,
+    /// The node identity.
+    pub identity: &'a Identity,
+    /// Hub address `host:port`.
+    pub addr: &'a str,
+    /// Data dir (for disk facts).
+    pub data_dir: &'a std::path::Path,
+    /// Capacity overrides.
+    pub capacity: &'a CapacityConfig,
+    /// Metrics.
+    pub metrics: &'a Metrics,
+}
+
+/// Run one session. Returns when the connection ends.
+pub async fn run_session(ctx: &SessionCtx<'_>) -> Result<SessionEnd, EdgeError> {
+    let cfg = verge_tunnel::tls::client_config(
+        &ctx.identity.ca_pem,
+        Some((&ctx.identity.cert_pem, &ctx.identity.key_pem)),
+        &[ALPN_CHANNEL],
+    )?;
+    let stream = match tokio::time::timeout(Duration::from_secs(10), verge_tunnel::tls::dial(ctx.addr, cfg)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Ok(SessionEnd::Lost(format!("{e}: {}", source_text(&e)))),
+        Err(_) => return Ok(SessionEnd::Lost("connect timed out".into())),
+    };
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let since = ctx.agent.revision();
+    let hello = EdgeToHub::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        agent_version: AGENT_VERSION.into(),
+        since_revision: since,
+    };
+    if let Err(e) = write_msg(&mut writer, &hello).await {
+        return Ok(SessionEnd::Lost(e.to_string()));
+    }
+    let interval = match tokio::time::timeout(Duration::from_secs(10), read_msg::<HubToEdge, _>(&mut reader)).await {
+        Ok(Ok(Some(HubToEdge::Welcome { heartbeat_interval_ms, .. }))) => {
+            Duration::from_millis(heartbeat_interval_ms.clamp(100, 300_000))
+        }
+        Ok(Ok(Some(HubToEdge::Error { code, message }))) if code == "unauthorized" || code == "protocol" => {
+            return Ok(SessionEnd::Refused(message));
+        }
+        Ok(Ok(other)) => return Ok(SessionEnd::Lost(format!("unexpected first message: {other:?}"))),
+        Ok(Err(e)) => return Ok(SessionEnd::Lost(e.to_string())),
+        Err(_) => return Ok(SessionEnd::Lost("no welcome from hub".into())),
+    };
+    tracing::info!(addr = ctx.addr, since, "connected to hub");
+    ctx.metrics.connected.set(1);
+    let end = session_loop(ctx, &mut reader, &mut writer, interval).await;
+    ctx.metrics.connected.set(0);
+    let _ = writer.shutdown().await;
+    end
+}
+
+fn source_text(e: &dyn std::error::Error) -> String {
+    e.source().map(|s| s.to_string()).unwrap_or_default()
+}
+
+async fn session_loop<R, W>(
+    ctx: &SessionCtx<'_>,
+    reader: &mut R,
+    writer: &mut W,
+    interval: Duration,
+) -> Result<SessionEnd, EdgeError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let agent = ctx.agent;
+    let mut heartbeat = tokio::time::interval(interval);
+    // A hub that stays silent for three heartbeats is gone, even if TCP has not noticed.
+    let silence_limit = interval * 3 + Duration::from_secs(2);
+    let mut last_heard = tokio::time::Instant::now();
+    agent.mark_all_dirty();
+    let lost = |e: verge_tunnel::frame::FrameError| Ok(SessionEnd::Lost(e.to_string()));
+    loop {
+        tokio::select! {
+            msg = read_msg::<HubToEdge, _>(reader) => {
+                last_heard = tokio::time::Instant::now();
+                let msg = match msg {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return Ok(SessionEnd::Lost("hub closed the connection".into())),
+                    Err(e) => return lost(e),
+                };
+                match msg {
+                    HubToEdge::Snapshot { revision, instances } => {
+                        tracing::info!(revision, count = instances.len(), "snapshot from hub");
+                        agent.replace(revision, instances)?;
+                    }
+                    HubToEdge::Changes { revision, changes } => {
+                        tracing::debug!(revision, count = changes.len(), "changes from hub");
+                        agent.apply(revision, changes)?;
+                    }
+                    HubToEdge::Bookmark { revision } => agent.bookmark(revision)?,
+                    HubToEdge::HeartbeatAck => {}
+                    HubToEdge::Request { id, body } => {
+                        let body = answer(agent, body);
+                        if let Err(e) = write_msg(writer, &EdgeToHub::Response { id, body }).await {
+                            return lost(e);
+                        }
+                    }
+                    HubToEdge::Error { code, message } => {
+                        tracing::warn!(%code, %message, "hub reported an error");
+                        if code == "gone" {
+                            return Ok(SessionEnd::Lost(message));
+                        }
+                    }
+                    HubToEdge::Welcome { .. } | HubToEdge::Enrolled { .. } => {
+                        return Ok(SessionEnd::Lost("unexpected message from hub".into()));
+                    }
+                }
+            }
+            _ = heartbeat.tick() => {
+                if last_heard.elapsed() > silence_limit {
+                    return Ok(SessionEnd::Lost(format!("hub silent for {}s", last_heard.elapsed().as_secs())));
+                }
+                let status = node_status(ctx.data_dir, ctx.capacity, AGENT_VERSION);
+                if let Err(e) = write_msg(writer, &EdgeToHub::Heartbeat { status: Box::new(status) }).await {
+                    return lost(e);
+                }
+            }
+            _ = agent.outbox.notified() => {
+                for (name, uid, status) in agent.take_dirty() {
+                    if let Err(e) = write_msg(writer, &EdgeToHub::InstanceStatus { name, uid, status }).await {
+                        // Unsent: mark dirty again so the next session sends it.
+                        agent.mark_all_dirty();
+                        return lost(e);
+                    }
+                }
+                for (name, uid) in agent.take_removed() {
+                    if let Err(e) = write_msg(writer, &EdgeToHub::InstanceRemoved { name, uid }).await {
+                        return lost(e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn answer(agent: &Agent, req: RequestBody) -> ResponseBody {
+    match req {
+        RequestBody::Logs { instance, tail_bytes } => match agent.log_path(&instance) {
+            None => ResponseBody::Error {
+                message: format!("no instance '{instance}' on this node"),
+            },
+            Some(path) => match crate::files::tail(&path, tail_bytes.min(8 << 20)) {
+                Ok(data) => ResponseBody::Logs { data },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => ResponseBody::Logs { data: String::new() },
+                Err(e) => ResponseBody::Error {
+                    message: format!("reading {}: {e}", path.display()),
+                },
+            },
+        },
+    }
+}

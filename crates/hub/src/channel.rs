@@ -1,0 +1,458 @@
+//! The hub's side of the edge channel.
+//!
+//! Two kinds of connection arrive on the hub's TLS port, told apart by ALPN:
+//! - `verge-enroll/1`: an edge without an identity presents a join token and a CSR,
+//!   and gets back a certificate. One transaction creates the Node and spends the token.
+//! - `verge-channel/1`: an enrolled edge (mutual TLS; the node name comes from its
+//!   certificate) says `Hello` with the last revision it applied; the hub sends the
+//!   instances bound to that node as incremental changes from there (or a snapshot if
+//!   that history was compacted), and receives heartbeats and instance statuses.
+//!
+//! Everything an edge sends is checked against its identity: a node can only report on
+//! itself and on instances bound to it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use verge_api::channel::{
+    EdgeToHub, HubToEdge, InstanceChange, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
+use verge_api::clock::now_rfc3339;
+use verge_api::{
+    ApiError, ErrorCode, Instance, InstanceSpec, Kind, NodePhase, NodeSpec, NodeStatus, Object,
+    kind_prefix, object_key,
+};
+use verge_store::{Compare, EventKind, Op, StoreError, Txn};
+use verge_tunnel::frame::{FrameError, read_frame, read_msg, write_msg, decode};
+use verge_tunnel::pki::JoinToken;
+
+use crate::objects::{Objects, decode_value, store_err};
+use crate::state::HubState;
+use crate::tokens::check_join_token;
+
+/// How long a peer has to send its first message.
+const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a bookmark is sent when only other nodes' changes happened.
+const BOOKMARK_EVERY: Duration = Duration::from_secs(30);
+/// How long node certificates are valid.
+const NODE_CERT_DAYS: i64 = 365;
+
+fn label(result: &str) -> Vec<(String, String)> {
+    vec![("result".to_string(), result.to_string())]
+}
+
+/// Serve an enrolment connection.
+pub async fn serve_enroll<S: AsyncRead + AsyncWrite + Unpin>(st: Arc<HubState>, mut stream: S) {
+    let reply = match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, read_msg::<EdgeToHub, _>(&mut stream)).await {
+        Ok(Ok(Some(EdgeToHub::Enroll {
+            protocol_version,
+            token,
+            node_name,
+            csr_pem,
+            labels,
+        }))) => {
+            match enroll(&st, protocol_version, &token, &node_name, &csr_pem, labels).await {
+                Ok(reply) => {
+                    tracing::info!(node = %node_name, "edge enrolled");
+                    st.metrics.enrolments.get_or_create(&label("ok")).inc();
+                    reply
+                }
+                Err(e) => {
+                    tracing::warn!(node = %node_name, error = %e.message, "enrolment refused");
+                    st.metrics.enrolments.get_or_create(&label("refused")).inc();
+                    HubToEdge::Error {
+                        code: code_name(e.code).into(),
+                        message: e.message,
+                    }
+                }
+            }
+        }
+        Ok(Ok(_)) => HubToEdge::Error {
+            code: "protocol".into(),
+            message: "expected an enroll message first".into(),
+        },
+        _ => return,
+    };
+    let _ = write_msg(&mut stream, &reply).await;
+    let _ = stream.shutdown().await;
+}
+
+/// The wire name of an error code.
+pub fn code_name(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::Invalid => "invalid",
+        ErrorCode::Unauthorized => "unauthorized",
+        ErrorCode::Forbidden => "forbidden",
+        ErrorCode::NotFound => "notFound",
+        ErrorCode::Conflict => "conflict",
+        ErrorCode::Gone => "gone",
+        ErrorCode::Unavailable => "unavailable",
+        ErrorCode::Internal => "internal",
+    }
+}
+
+async fn enroll(
+    st: &HubState,
+    protocol_version: u32,
+    token: &str,
+    node_name: &str,
+    csr_pem: &str,
+    labels: std::collections::BTreeMap<String, String>,
+) -> Result<HubToEdge, ApiError> {
+    check_version(protocol_version)?;
+    let token = JoinToken::parse(token).map_err(|e| ApiError::new(ErrorCode::Unauthorized, e.to_string()))?;
+    if token.ca_fingerprint != st.ca.fingerprint() {
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "join token was made for a different hub (CA fingerprint differs)",
+        ));
+    }
+    let mut node = Object::<NodeSpec>::new(node_name, NodeSpec::default());
+    node.metadata.labels = labels;
+    let node = st.objects.prepare_create(node).map_err(|mut e| {
+        e.message = format!("cannot enrol: {}", e.message);
+        e
+    })?;
+    let (token_compare, token_op) = check_join_token(st.objects.store().as_ref(), &token).await?;
+    // Sign first: a bad CSR must not spend the token.
+    let cert_pem = st
+        .ca
+        .sign_node_csr(csr_pem, node_name, time::Duration::days(NODE_CERT_DAYS))
+        .map_err(|e| ApiError::new(ErrorCode::Invalid, format!("csrPem: {e}")))?;
+    let node_key = object_key(NodeSpec::PLURAL, node_name);
+    let mut ops: Vec<Op> = token_op.into_iter().collect();
+    ops.push(Op::Put {
+        key: node_key.clone(),
+        value: Objects::encode(&node),
+    });
+    let r = st
+        .objects
+        .store()
+        .txn(Txn {
+            compares: vec![
+                token_compare,
+                Compare {
+                    key: node_key.clone(),
+                    mod_revision: 0,
+                },
+            ],
+            ops,
+        })
+        .await
+        .map_err(store_err)?;
+    if !r.succeeded {
+        if st.objects.store().get(&node_key).await.map_err(store_err)?.is_some() {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!(
+                    "node name '{node_name}' is already enrolled; choose another --name, or delete the old node first (`verge delete node {node_name}`)"
+                ),
+            ));
+        }
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "join token was used concurrently and is spent; ask for a new one",
+        ));
+    }
+    Ok(HubToEdge::Enrolled {
+        cert_pem,
+        ca_pem: st.ca.cert_pem().to_string(),
+    })
+}
+
+fn check_version(v: u32) -> Result<(), ApiError> {
+    if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&v) {
+        return Err(ApiError::new(
+            ErrorCode::Invalid,
+            format!(
+                "edge speaks channel protocol {v}; this hub speaks {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}; upgrade the {}",
+                if v < MIN_PROTOCOL_VERSION { "edge" } else { "hub" }
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Serve an identified edge channel. `node` is the name from the client certificate.
+pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    st: Arc<HubState>,
+    stream: S,
+    node: Option<String>,
+) {
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let refuse = |code: &str, message: String| HubToEdge::Error {
+        code: code.into(),
+        message,
+    };
+    let Some(node) = node else {
+        let _ = write_msg(&mut writer, &refuse("unauthorized", "the channel needs a node certificate; enrol first with --join-token".into())).await;
+        return;
+    };
+    if let Err(e) = st.objects.get::<NodeSpec>(&node).await {
+        let msg = if e.code == ErrorCode::NotFound {
+            format!("node '{node}' was deleted from the hub; remove the edge's identity and enrol again with a new join token")
+        } else {
+            e.message
+        };
+        let _ = write_msg(&mut writer, &refuse("unauthorized", msg)).await;
+        return;
+    }
+    let hello = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, read_msg::<EdgeToHub, _>(&mut reader)).await;
+    let (since, agent_version, protocol_version) = match hello {
+        Ok(Ok(Some(EdgeToHub::Hello {
+            protocol_version,
+            agent_version,
+            since_revision,
+        }))) => (since_revision, agent_version, protocol_version),
+        _ => {
+            let _ = write_msg(&mut writer, &refuse("protocol", "expected hello first".into())).await;
+            return;
+        }
+    };
+    if let Err(e) = check_version(protocol_version) {
+        let _ = write_msg(&mut writer, &refuse("protocol", e.message)).await;
+        return;
+    }
+    let (tx, mut rx) = mpsc::channel::<HubToEdge>(1024);
+    let welcome = HubToEdge::Welcome {
+        protocol_version: PROTOCOL_VERSION,
+        node: node.clone(),
+        heartbeat_interval_ms: st.config.heartbeat_interval.as_millis() as u64,
+    };
+    if write_msg(&mut writer, &welcome).await.is_err() {
+        return;
+    }
+    let conn = st.edges.register(&node, tx.clone());
+    tracing::info!(node = %node, since, agent_version = %agent_version, "edge connected");
+    let writer_task = tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            if let Err(e) = write_msg(&mut writer, &msg).await {
+                tracing::debug!(error = %e, "edge write failed");
+                break;
+            }
+        }
+        let _ = writer.shutdown().await;
+    });
+    let sync_task = tokio::spawn(sync_loop(st.clone(), node.clone(), since, tx.clone()));
+    let idle_limit = st.config.heartbeat_interval * 3 + Duration::from_secs(5);
+    let reason = loop {
+        let frame = match tokio::time::timeout(idle_limit, read_frame(&mut reader)).await {
+            Err(_) => break format!("nothing received for {}s", idle_limit.as_secs()),
+            Ok(Ok(None)) => break "edge closed the connection".to_string(),
+            Ok(Err(FrameError::TooLarge { len, max })) => {
+                st.metrics.channel_rejected.inc();
+                let _ = tx.send(refuse("protocol", format!("frame of {len} bytes exceeds {max}"))).await;
+                break format!("oversized frame ({len} bytes)");
+            }
+            Ok(Err(e)) => break format!("read failed: {e}"),
+            Ok(Ok(Some(f))) => f,
+        };
+        let msg = match decode::<EdgeToHub>(&frame) {
+            Ok(m) => m,
+            Err(e) => {
+                st.metrics.channel_rejected.inc();
+                let _ = tx.send(refuse("protocol", format!("malformed frame: {e}"))).await;
+                break format!("malformed frame: {e}");
+            }
+        };
+        if let Err(e) = handle_edge_message(&st, &node, &conn, msg, protocol_version).await {
+            if e.code == ErrorCode::Forbidden {
+                st.metrics.channel_rejected.inc();
+                tracing::warn!(node = %node, error = %e.message, "edge message refused");
+            } else {
+                tracing::warn!(node = %node, error = %e.message, "edge message failed");
+            }
+            let _ = tx.send(refuse(code_name(e.code), e.message)).await;
+        }
+    };
+    tracing::info!(node = %node, %reason, "edge disconnected");
+    st.edges.unregister(&node, conn.id);
+    sync_task.abort();
+    drop(tx);
+    drop(conn);
+    let _ = writer_task.await;
+}
+
+async fn handle_edge_message(
+    st: &HubState,
+    node: &str,
+    conn: &crate::state::EdgeConn,
+    msg: EdgeToHub,
+    protocol_version: u32,
+) -> Result<(), ApiError> {
+    match msg {
+        EdgeToHub::Heartbeat { status } => {
+            let status = *status;
+            st.objects
+                .update_status::<NodeSpec>(node, |_, s| {
+                    let was_ready = s.phase == NodePhase::Ready;
+                    *s = NodeStatus {
+                        phase: NodePhase::Ready,
+                        last_heartbeat: Some(now_rfc3339()),
+                        protocol_version,
+                        transport: "tls".into(),
+                        message: String::new(),
+                        ..status.clone()
+                    };
+                    if !was_ready {
+                        tracing::info!(node, "node is Ready");
+                    }
+                    Ok(true)
+                })
+                .await?;
+            let _ = conn.tx.send(HubToEdge::HeartbeatAck).await;
+            st.schedule_kick.notify_one();
+            Ok(())
+        }
+        EdgeToHub::InstanceStatus { name, uid, status } => {
+            st.objects
+                .update_status::<InstanceSpec>(&name, |obj, s| {
+                    if obj.metadata.uid != uid || obj.status.node.as_deref() != Some(node) {
+                        return Err(ApiError::new(
+                            ErrorCode::Forbidden,
+                            format!("instance '{name}' (uid {uid}) is not bound to node '{node}'"),
+                        ));
+                    }
+                    *s = InstanceStatus { node: Some(node.to_string()), ..status.clone() };
+                    Ok(true)
+                })
+                .await
+                .map(|_| ())
+                .or_else(|e| if e.code == ErrorCode::NotFound { Ok(()) } else { Err(e) })?;
+            st.schedule_kick.notify_one();
+            Ok(())
+        }
+        EdgeToHub::InstanceRemoved { name, .. } => {
+            tracing::debug!(node, instance = %name, "edge stopped instance");
+            Ok(())
+        }
+        EdgeToHub::Response { id, body } => {
+            conn.complete(id, body);
+            Ok(())
+        }
+        EdgeToHub::Error { code, message } => {
+            tracing::warn!(node, %code, %message, "edge reported an error");
+            Ok(())
+        }
+        EdgeToHub::Enroll { .. } | EdgeToHub::Hello { .. } => Err(ApiError::new(
+            ErrorCode::Invalid,
+            "enroll/hello are only valid as the first message",
+        )),
+    }
+}
+
+use verge_api::InstanceStatus;
+
+fn bound_to(obj: &Option<Instance>, node: &str) -> bool {
+    obj.as_ref()
+        .is_some_and(|i| i.status.node.as_deref() == Some(node))
+}
+
+/// Send the node its desired state: from `since` as changes, or as a snapshot.
+async fn sync_loop(st: Arc<HubState>, node: String, since: u64, tx: mpsc::Sender<HubToEdge>) {
+    let prefix = kind_prefix(InstanceSpec::PLURAL);
+    // What the edge has been sent: name -> (uid, generation). Status-only changes of an
+    // instance the edge already has are not sent back to it.
+    let mut sent: HashMap<String, (String, u64)> = HashMap::new();
+    let store = st.objects.store().clone();
+    let watch = if since == 0 {
+        Err(StoreError::Compacted { requested: 0, compact_revision: 0 })
+    } else {
+        store.watch(&prefix, since + 1).await
+    };
+    let mut last_sent = since;
+    let mut watch = match watch {
+        Ok(w) => w,
+        Err(StoreError::Compacted { .. }) => {
+            // First sync, or the edge was away longer than the history we keep.
+            let (items, revision) = match st.objects.list::<InstanceSpec>().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::error!(error = %e.message, "snapshot failed");
+                    return;
+                }
+            };
+            let instances: Vec<Instance> = items
+                .into_iter()
+                .filter(|i| i.status.node.as_deref() == Some(node.as_str()))
+                .collect();
+            for i in &instances {
+                sent.insert(i.name().to_string(), (i.metadata.uid.clone(), i.metadata.generation));
+            }
+            if tx.send(HubToEdge::Snapshot { revision, instances }).await.is_err() {
+                return;
+            }
+            last_sent = revision;
+            match store.watch(&prefix, revision + 1).await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::error!(error = %e, "watch failed after snapshot");
+                    return;
+                }
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "watch failed");
+            return;
+        }
+    };
+    let mut seen = last_sent;
+    let mut tick = tokio::time::interval(BOOKMARK_EVERY);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            batch = watch.recv() => {
+                let Some(batch) = batch else { return };
+                let batch = match batch {
+                    Ok(b) => b,
+                    Err(e) => {
+                        // Fell behind compaction while connected: make the edge resync.
+                        tracing::warn!(node = %node, error = %e, "watch ended; closing channel so the edge resyncs");
+                        let _ = tx.send(HubToEdge::Error { code: "gone".into(), message: e.to_string() }).await;
+                        return;
+                    }
+                };
+                let mut changes = Vec::new();
+                for ev in &batch.events {
+                    let new: Option<Instance> = match ev.kind {
+                        EventKind::Put => decode_value(&ev.kv.value, ev.kv.mod_revision),
+                        EventKind::Delete => None,
+                    };
+                    let prev: Option<Instance> = ev.prev_kv.as_ref().and_then(|p| decode_value(&p.value, p.mod_revision));
+                    let name = ev.kv.key.trim_start_matches(&prefix).to_string();
+                    if bound_to(&new, &node) {
+                        let Some(inst) = new else { continue };
+                        let ident = (inst.metadata.uid.clone(), inst.metadata.generation);
+                        if sent.get(&name) == Some(&ident) {
+                            continue;
+                        }
+                        sent.insert(name, ident);
+                        changes.push(InstanceChange::Upsert { instance: Box::new(inst) });
+                    } else if bound_to(&prev, &node) || sent.contains_key(&name) {
+                        sent.remove(&name);
+                        changes.push(InstanceChange::Remove { name });
+                    }
+                }
+                seen = batch.revision;
+                if !changes.is_empty() {
+                    if tx.send(HubToEdge::Changes { revision: batch.revision, changes }).await.is_err() {
+                        return;
+                    }
+                    last_sent = batch.revision;
+                }
+            }
+            _ = tick.tick() => {
+                if seen > last_sent {
+                    if tx.send(HubToEdge::Bookmark { revision: seen }).await.is_err() {
+                        return;
+                    }
+                    last_sent = seen;
+                }
+            }
+            _ = tx.closed() => return,
+        }
+    }
+}

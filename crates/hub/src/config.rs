@@ -1,0 +1,164 @@
+//! Hub configuration and the files a hub keeps in its data directory:
+//! `ca.crt`/`ca.key` (the cluster CA, created on first start), `store.db` (the
+//! embedded store), `admin.conf` (hub URL, CA and admin token, for the CLI) and
+//! `join-token` (a join token for edges).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use verge_tunnel::pki::{CertAuthority, Issued, PkiError};
+
+/// How a hub runs.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// Address to listen on (port 0 picks one).
+    pub listen: SocketAddr,
+    /// Where the hub keeps its CA, store and configs.
+    pub data_dir: PathBuf,
+    /// Extra DNS names / IPs for the hub's certificate (what operators dial).
+    pub extra_sans: Vec<String>,
+    /// A node whose last heartbeat is older than this becomes NotReady.
+    pub node_grace: Duration,
+    /// How often edges are asked to send heartbeats.
+    pub heartbeat_interval: Duration,
+    /// Keep at least this many revisions of history for watches to resume from.
+    pub history_revisions: u64,
+}
+
+impl HubConfig {
+    /// Defaults for a hub on `listen` keeping its state in `data_dir`.
+    pub fn new(listen: SocketAddr, data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            listen,
+            data_dir: data_dir.into(),
+            extra_sans: Vec::new(),
+            node_grace: Duration::from_secs(40),
+            heartbeat_interval: Duration::from_secs(10),
+            history_revisions: 10_000,
+        }
+    }
+}
+
+/// The CLI's view of a hub (`admin.conf`, `~/.verge/config`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientConfig {
+    /// Hub URL, `https://HOST:PORT`.
+    pub server: String,
+    /// PEM CA certificate that signed the hub's certificate.
+    pub ca_cert: String,
+    /// Bearer token.
+    pub token: String,
+}
+
+impl ClientConfig {
+    /// Read a config file (YAML or JSON).
+    pub fn load(path: &Path) -> Result<Self, SetupError> {
+        let text = std::fs::read_to_string(path).map_err(|e| SetupError::io(path, e))?;
+        serde_saphyr::from_str(&text).map_err(|e| SetupError::Config {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// Write it (mode 0600: it holds a credential).
+    pub fn save(&self, path: &Path) -> Result<(), SetupError> {
+        let text = serde_saphyr::to_string(self).map_err(|e| SetupError::Config {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        write_private(path, text.as_bytes())
+    }
+}
+
+/// Failures preparing the data directory.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A config file is malformed.
+    #[error("{path}: not a valid verge config: {detail}")]
+    Config {
+        /// File.
+        path: PathBuf,
+        /// Why.
+        detail: String,
+    },
+    /// Certificate trouble.
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+}
+
+impl SetupError {
+    /// Wrap an I/O error with its path.
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Write a file readable only by its owner, atomically (temp file + fsync + rename).
+pub fn write_private(path: &Path, data: &[u8]) -> Result<(), SetupError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| SetupError::io(&tmp, e))?;
+    f.write_all(data).map_err(|e| SetupError::io(&tmp, e))?;
+    f.sync_all().map_err(|e| SetupError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| SetupError::io(path, e))
+}
+
+/// Load the CA from the data dir, creating it on first start.
+pub fn load_or_create_ca(dir: &Path) -> Result<CertAuthority, SetupError> {
+    let cert = dir.join("ca.crt");
+    let key = dir.join("ca.key");
+    if cert.exists() {
+        let c = std::fs::read_to_string(&cert).map_err(|e| SetupError::io(&cert, e))?;
+        let k = std::fs::read_to_string(&key).map_err(|e| SetupError::io(&key, e))?;
+        return Ok(CertAuthority::from_pem(&c, &k)?);
+    }
+    let ca = CertAuthority::generate("verge-ca")?;
+    write_private(&key, ca.key_pem().as_bytes())?;
+    write_private(&cert, ca.cert_pem().as_bytes())?;
+    Ok(ca)
+}
+
+/// Issue this start's server certificate (cheap; avoids stale SANs).
+pub fn server_cert(ca: &CertAuthority, config: &HubConfig) -> Result<Issued, SetupError> {
+    let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    if !config.listen.ip().is_unspecified() {
+        sans.push(config.listen.ip().to_string());
+    }
+    if let Ok(h) = nix_hostname() {
+        sans.push(h);
+    }
+    sans.extend(config.extra_sans.iter().cloned());
+    Ok(ca.issue_server(&sans)?)
+}
+
+fn nix_hostname() -> std::io::Result<String> {
+    let h = std::fs::read_to_string("/proc/sys/kernel/hostname")?;
+    let h = h.trim().to_string();
+    if verge_api::validate::is_dns_label(&h) {
+        Ok(h)
+    } else {
+        Err(std::io::Error::other("hostname is not a DNS label"))
+    }
+}

@@ -1,0 +1,441 @@
+//! The REST API under `/v1`. Handlers are thin: authenticate, parse, call
+//! [`crate::objects::Objects`], map errors to HTTP statuses.
+//!
+//! Operators authenticate with a bearer token. Edges may also call the API with their
+//! node certificate, and then see and change only their own objects.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Extension, Json, Router};
+use serde::Deserialize;
+use verge_api::channel::{PROTOCOL_VERSION, RequestBody, ResponseBody};
+use verge_api::{ApiError, ErrorCode, InstanceSpec, Kind, NodeSpec, Object, kind_prefix};
+use verge_store::EventKind;
+
+use crate::objects::{decode_value, parse_body, store_err};
+use crate::state::HubState;
+use crate::tokens::{TokenRequest, create_join_token, ct_eq, hash};
+
+/// The node identity from a TLS client certificate, if the caller presented one.
+#[derive(Debug, Clone, Default)]
+pub struct PeerNode(pub Option<String>);
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// An operator holding the admin token.
+    Admin,
+    /// An edge node, by name.
+    Node(String),
+}
+
+/// An API error as an HTTP response.
+pub struct HttpError(pub ApiError);
+
+impl From<ApiError> for HttpError {
+    fn from(e: ApiError) -> Self {
+        Self(e)
+    }
+}
+
+/// The HTTP status for an API error code.
+pub fn status_of(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::Invalid => StatusCode::BAD_REQUEST,
+        ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+        ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::Conflict => StatusCode::CONFLICT,
+        ErrorCode::Gone => StatusCode::GONE,
+        ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        (status_of(self.0.code), Json(self.0)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, HttpError>;
+
+impl FromRequestParts<Arc<HubState>> for Principal {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<HubState>) -> Result<Self, Self::Rejection> {
+        if let Some(value) = parts.headers.get(header::AUTHORIZATION) {
+            let token = value
+                .to_str()
+                .ok()
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::trim)
+                .unwrap_or_default();
+            let want = crate::tokens::admin_token_hash(state.objects.store().as_ref())
+                .await?
+                .unwrap_or_default();
+            if !want.is_empty() && ct_eq(&hash(token), &want) {
+                return Ok(Principal::Admin);
+            }
+            return Err(ApiError::new(
+                ErrorCode::Unauthorized,
+                "the bearer token is not valid for this hub; use the token from the hub's admin.conf",
+            )
+            .into());
+        }
+        if let Some(Extension(PeerNode(Some(node)))) = parts.extensions.get::<Extension<PeerNode>>().cloned() {
+            return Ok(Principal::Node(node));
+        }
+        if let Some(PeerNode(Some(node))) = parts.extensions.get::<PeerNode>().cloned() {
+            return Ok(Principal::Node(node));
+        }
+        Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "no credentials: send 'Authorization: Bearer TOKEN' (the verge CLI reads it from --config, $VERGE_CONFIG or ~/.verge/config)",
+        )
+        .into())
+    }
+}
+
+/// Kinds whose objects belong to a node (for node-scoped access).
+pub trait NodeScoped: Kind {
+    /// The node an object belongs to, if any.
+    fn owner(obj: &Object<Self>) -> Option<&str>;
+}
+
+impl NodeScoped for NodeSpec {
+    fn owner(obj: &Object<Self>) -> Option<&str> {
+        Some(obj.name())
+    }
+}
+
+impl NodeScoped for InstanceSpec {
+    fn owner(obj: &Object<Self>) -> Option<&str> {
+        obj.status.node.as_deref()
+    }
+}
+
+fn forbidden(node: &str, what: &str) -> HttpError {
+    ApiError::new(
+        ErrorCode::Forbidden,
+        format!("node '{node}' may only read and write its own objects, not {what}"),
+    )
+    .into()
+}
+
+fn admin_only(p: &Principal, what: &str) -> ApiResult<()> {
+    match p {
+        Principal::Admin => Ok(()),
+        Principal::Node(n) => Err(forbidden(n, what)),
+    }
+}
+
+fn may_access<S: NodeScoped>(p: &Principal, obj: &Object<S>) -> ApiResult<()> {
+    match p {
+        Principal::Admin => Ok(()),
+        Principal::Node(n) if S::owner(obj) == Some(n.as_str()) => Ok(()),
+        Principal::Node(n) => Err(forbidden(n, &format!("{} '{}'", S::KIND.to_lowercase(), obj.name()))),
+    }
+}
+
+/// Query parameters of list/watch.
+#[derive(Debug, Deserialize, Default)]
+pub struct ListQuery {
+    /// Stream changes instead of listing.
+    #[serde(default)]
+    pub watch: bool,
+    /// With `watch`: deliver changes after this revision (default: from now).
+    #[serde(default)]
+    pub revision: Option<u64>,
+}
+
+async fn list<S: NodeScoped>(
+    State(st): State<Arc<HubState>>,
+    p: Principal,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Response> {
+    if q.watch {
+        return watch::<S>(st, p, q.revision.unwrap_or(0)).await;
+    }
+    let (items, revision) = st.objects.list::<S>().await?;
+    let items: Vec<_> = items.into_iter().filter(|o| may_access(&p, o).is_ok()).collect();
+    Ok(Json(serde_json::json!({ "revision": revision, "items": items })).into_response())
+}
+
+async fn watch<S: NodeScoped>(st: Arc<HubState>, p: Principal, after: u64) -> ApiResult<Response> {
+    let from = if after == 0 { 0 } else { after + 1 };
+    let mut rx = st
+        .objects
+        .store()
+        .watch(&kind_prefix(S::PLURAL), from)
+        .await
+        .map_err(store_err)?;
+    let stream = async_stream(move |tx: tokio::sync::mpsc::Sender<Bytes>| async move {
+        while let Some(batch) = rx.recv().await {
+            let batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    let _ = tx.send(Bytes::from(format!("{}\n", serde_json::json!({"type": "ERROR", "message": e.to_string()})))).await;
+                    return;
+                }
+            };
+            for ev in batch.events {
+                let (kind, raw, rev) = match ev.kind {
+                    EventKind::Put => ("PUT", ev.kv.value.clone(), ev.kv.mod_revision),
+                    EventKind::Delete => (
+                        "DELETE",
+                        ev.prev_kv.as_ref().map(|p| p.value.clone()).unwrap_or_default(),
+                        ev.prev_kv.as_ref().map_or(0, |p| p.mod_revision),
+                    ),
+                };
+                let Some(obj) = decode_value::<S>(&raw, rev) else { continue };
+                if may_access(&p, &obj).is_err() {
+                    continue;
+                }
+                let line = serde_json::json!({"type": kind, "revision": batch.revision, "object": obj});
+                if tx.send(Bytes::from(format!("{line}\n"))).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(stream)
+        .unwrap_or_default())
+}
+
+/// A streaming body fed by a task writing into a channel.
+fn async_stream<F, Fut>(f: F) -> Body
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Bytes>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    tokio::spawn(f(tx));
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+    });
+    Body::from_stream(stream)
+}
+
+async fn get_one<S: NodeScoped>(
+    State(st): State<Arc<HubState>>,
+    p: Principal,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Object<S>>> {
+    let obj = st.objects.get::<S>(&name).await?;
+    may_access(&p, &obj)?;
+    Ok(Json(obj))
+}
+
+async fn create<S: NodeScoped>(
+    State(st): State<Arc<HubState>>,
+    p: Principal,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<Object<S>>)> {
+    admin_only(&p, &format!("creating {}", S::PLURAL))?;
+    let obj = parse_body::<S>(&body)?;
+    let obj = st.objects.create(obj).await?;
+    st.schedule_kick.notify_one();
+    Ok((StatusCode::CREATED, Json(obj)))
+}
+
+async fn apply<S: NodeScoped>(
+    State(st): State<Arc<HubState>>,
+    p: Principal,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<Object<S>>)> {
+    admin_only(&p, &format!("changing {} '{name}'", S::KIND.to_lowercase()))?;
+    let obj = parse_body::<S>(&body)?;
+    if obj.name() != name {
+        return Err(ApiError::new(
+            ErrorCode::Invalid,
+            format!("metadata.name: '{}' does not match the name in the URL ('{name}')", obj.name()),
+        )
+        .into());
+    }
+    let (obj, created) = st.objects.apply(obj).await?;
+    st.schedule_kick.notify_one();
+    Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(obj)))
+}
+
+async fn put_status<S: NodeScoped>(
+    State(st): State<Arc<HubState>>,
+    p: Principal,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Object<S>>> {
+    let value: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(ErrorCode::Invalid, format!("request body is not valid JSON: {e}")))?;
+    let status_value = value.get("status").cloned().unwrap_or(value);
+    let new_status: S::Status = verge_api::manifest::from_value(status_value).map_err(|f| {
+        let mut e = ApiError::invalid(f);
+        e.message = format!("invalid status: {}", e.message);
+        e
+    })?;
+    let obj = st
+        .objects
+        .update_status::<S>(&name, |obj, status| {
+            may_access(&p, obj).map_err(|e| e.0)?;
+            let owner_before = S::owner(obj).map(str::to_string);
+            *status = new_status.clone();
+            // Nodes may not move objects between nodes through their status.
+            if let Principal::Node(_) = &p {
+                let mut probe = obj.clone();
+                probe.status = status.clone();
+                if S::owner(&probe).map(str::to_string) != owner_before {
+                    return Err(ApiError::new(
+                        ErrorCode::Forbidden,
+                        "a node may not change which node an object is bound to",
+                    ));
+                }
+            }
+            Ok(true)
+        })
+        .await?;
+    st.schedule_kick.notify_one();
+    Ok(Json(obj))
+}
+
+async fn delete_one<S: NodeScoped>(
+    State(st): State<Arc<HubState>>,
+    p: Principal,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Object<S>>> {
+    admin_only(&p, &format!("deleting {} '{name}'", S::KIND.to_lowercase()))?;
+    let obj = st.objects.delete::<S>(&name).await?;
+    st.schedule_kick.notify_one();
+    Ok(Json(obj))
+}
+
+/// Query of the logs endpoint.
+#[derive(Debug, Deserialize)]
+pub struct LogsQuery {
+    /// Bytes from the end (default 1 MiB).
+    pub tail: Option<u64>,
+}
+
+async fn logs(
+    State(st): State<Arc<HubState>>,
+    p: Principal,
+    Path(name): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> ApiResult<Response> {
+    let inst = st.objects.get::<InstanceSpec>(&name).await?;
+    may_access(&p, &inst)?;
+    let node = inst.status.node.clone().ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::Conflict,
+            format!("instance '{name}' is not scheduled to a node yet, so it has no logs ({})", inst.status.message),
+        )
+    })?;
+    let body = st
+        .edges
+        .request(
+            &node,
+            RequestBody::Logs {
+                instance: name,
+                tail_bytes: q.tail.unwrap_or(1 << 20).min(16 << 20),
+            },
+            Duration::from_secs(15),
+        )
+        .await?;
+    match body {
+        ResponseBody::Logs { data } => Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], data).into_response()),
+        ResponseBody::Error { message } => Err(ApiError::new(ErrorCode::Unavailable, format!("node '{node}': {message}")).into()),
+    }
+}
+
+async fn tokens(
+    State(st): State<Arc<HubState>>,
+    p: Principal,
+    body: Bytes,
+) -> ApiResult<Response> {
+    admin_only(&p, "creating join tokens")?;
+    let req: TokenRequest = if body.is_empty() {
+        TokenRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(ErrorCode::Invalid, format!("token request: {e}")))?
+    };
+    let t = create_join_token(st.objects.store().as_ref(), &st.ca.fingerprint(), &req).await?;
+    Ok((StatusCode::CREATED, Json(t)).into_response())
+}
+
+async fn version() -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "protocolVersion": PROTOCOL_VERSION,
+    }))
+}
+
+async fn metrics(State(st): State<Arc<HubState>>) -> Response {
+    if let Ok(rev) = st.objects.store().revision().await {
+        st.metrics.store_revision.set(rev as i64);
+    }
+    st.metrics.edges_connected.set(st.edges.len() as i64);
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, &st.metrics.registry).is_err() {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        out,
+    )
+        .into_response()
+}
+
+async fn count_requests(State(st): State<Arc<HubState>>, req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    st.metrics
+        .api_requests
+        .get_or_create(&vec![("code".to_string(), resp.status().as_u16().to_string())])
+        .inc();
+    resp
+}
+
+async fn not_found(headers: HeaderMap) -> HttpError {
+    let _ = headers;
+    ApiError::new(
+        ErrorCode::NotFound,
+        "no such endpoint; the API lives under /v1/{nodes,instances,tokens}",
+    )
+    .into()
+}
+
+fn kind_routes<S: NodeScoped>() -> Router<Arc<HubState>> {
+    let base = format!("/v1/{}", S::PLURAL);
+    Router::new()
+        .route(&base, get(list::<S>).post(create::<S>))
+        .route(
+            &format!("{base}/{{name}}"),
+            get(get_one::<S>).put(apply::<S>).delete(delete_one::<S>),
+        )
+        .route(&format!("{base}/{{name}}/status"), put(put_status::<S>))
+}
+
+/// The API router.
+pub fn router(state: Arc<HubState>) -> Router {
+    Router::new()
+        .merge(kind_routes::<NodeSpec>())
+        .merge(kind_routes::<InstanceSpec>())
+        .route("/v1/instances/{name}/logs", get(logs))
+        .route("/v1/tokens", post(tokens))
+        .route("/v1/version", get(version))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))
+        .with_state(state)
+}

@@ -1,0 +1,215 @@
+//! The hub's shared state: store access, CA, connected edges, metrics.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::{Notify, mpsc, oneshot};
+use verge_api::channel::{HubToEdge, RequestBody, ResponseBody};
+use verge_api::{ApiError, ErrorCode};
+use verge_tunnel::pki::CertAuthority;
+
+use crate::config::HubConfig;
+use crate::objects::Objects;
+
+/// Label set for metrics families.
+pub type Labels = Vec<(String, String)>;
+
+/// The hub's metrics.
+pub struct Metrics {
+    /// Registry for `/metrics`.
+    pub registry: Registry,
+    /// Edges with a live channel.
+    pub edges_connected: Gauge,
+    /// API requests by status code.
+    pub api_requests: Family<Labels, Counter>,
+    /// Enrolment attempts by result.
+    pub enrolments: Family<Labels, Counter>,
+    /// Instances placed by the scheduler.
+    pub placements: Counter,
+    /// Instances by phase (as of the last scheduler pass).
+    pub instances: Family<Labels, Gauge>,
+    /// Nodes by phase (as of the last node-controller pass).
+    pub nodes: Family<Labels, Gauge>,
+    /// Current store revision.
+    pub store_revision: Gauge,
+    /// Frames received from edges that were refused (malformed or forbidden).
+    pub channel_rejected: Counter,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("verge_hub");
+        let m = Self {
+            edges_connected: Gauge::default(),
+            api_requests: Family::default(),
+            enrolments: Family::default(),
+            placements: Counter::default(),
+            instances: Family::default(),
+            nodes: Family::default(),
+            store_revision: Gauge::default(),
+            channel_rejected: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register("edges_connected", "Edges with a live channel", m.edges_connected.clone());
+        registry.register("api_requests", "REST API requests by status code", m.api_requests.clone());
+        registry.register("enrolments", "Edge enrolment attempts by result", m.enrolments.clone());
+        registry.register("placements", "Instances placed by the scheduler", m.placements.clone());
+        registry.register("instances", "Instances by phase", m.instances.clone());
+        registry.register("nodes", "Nodes by phase", m.nodes.clone());
+        registry.register("store_revision", "Current store revision", m.store_revision.clone());
+        registry.register(
+            "channel_rejected_frames",
+            "Frames from edges refused as malformed or forbidden",
+            m.channel_rejected.clone(),
+        );
+        Self { registry, ..m }
+    }
+}
+
+/// One live edge channel.
+pub struct EdgeConn {
+    /// Identifies this connection (a reconnect gets a new one).
+    pub id: u64,
+    /// Messages to the edge.
+    pub tx: mpsc::Sender<HubToEdge>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<ResponseBody>>>,
+    next_request: AtomicU64,
+}
+
+impl EdgeConn {
+    /// Complete a pending request.
+    pub fn complete(&self, id: u64, body: ResponseBody) {
+        let waiter = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        if let Some(w) = waiter {
+            let _ = w.send(body);
+        }
+    }
+}
+
+/// Edges currently connected, by node name.
+#[derive(Default)]
+pub struct EdgeRegistry {
+    conns: Mutex<HashMap<String, Arc<EdgeConn>>>,
+    next_id: AtomicU64,
+}
+
+impl EdgeRegistry {
+    /// Register a new connection for `node`, replacing (and so closing) any older one.
+    pub fn register(&self, node: &str, tx: mpsc::Sender<HubToEdge>) -> Arc<EdgeConn> {
+        let conn = Arc::new(EdgeConn {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed) + 1,
+            tx,
+            pending: Mutex::new(HashMap::new()),
+            next_request: AtomicU64::new(1),
+        });
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node.to_string(), conn.clone());
+        conn
+    }
+
+    /// Remove `node`'s connection if it is still connection `id`.
+    pub fn unregister(&self, node: &str, id: u64) {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        if conns.get(node).is_some_and(|c| c.id == id) {
+            conns.remove(node);
+        }
+    }
+
+    /// Number of connected edges.
+    pub fn len(&self) -> usize {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether no edge is connected.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Ask `node` something and wait for the answer.
+    pub async fn request(
+        &self,
+        node: &str,
+        body: RequestBody,
+        timeout: Duration,
+    ) -> Result<ResponseBody, ApiError> {
+        let conn = self
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node)
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::Unavailable,
+                    format!("node '{node}' is not connected to this hub; try again when it is Ready"),
+                )
+            })?;
+        let id = conn.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        conn.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, tx);
+        let gone = || ApiError::new(ErrorCode::Unavailable, format!("node '{node}' disconnected before answering"));
+        conn.tx
+            .send(HubToEdge::Request { id, body })
+            .await
+            .map_err(|_| gone())?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(body)) => Ok(body),
+            Ok(Err(_)) => Err(gone()),
+            Err(_) => {
+                conn.pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                Err(ApiError::new(
+                    ErrorCode::Unavailable,
+                    format!("node '{node}' did not answer within {}s", timeout.as_secs()),
+                ))
+            }
+        }
+    }
+}
+
+/// Everything the hub's handlers, channel sessions and controllers share.
+pub struct HubState {
+    /// Typed object access.
+    pub objects: Objects,
+    /// The cluster CA.
+    pub ca: CertAuthority,
+    /// Configuration.
+    pub config: HubConfig,
+    /// Connected edges.
+    pub edges: EdgeRegistry,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Wakes the scheduler.
+    pub schedule_kick: Notify,
+}
+
+impl HubState {
+    /// Assemble the state.
+    pub fn new(objects: Objects, ca: CertAuthority, config: HubConfig) -> Arc<Self> {
+        Arc::new(Self {
+            objects,
+            ca,
+            config,
+            edges: EdgeRegistry::default(),
+            metrics: Metrics::new(),
+            schedule_kick: Notify::new(),
+        })
+    }
+}

@@ -1,0 +1,175 @@
+//! Credentials the hub checks: the operators' admin token and the edges' join tokens.
+//! Only SHA-256 hashes are stored; comparisons are constant-time.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use verge_api::clock::now_secs;
+use verge_api::{ApiError, ErrorCode};
+use verge_store::{Compare, KeyValue, Op, Store, StoreExt, Txn};
+use verge_tunnel::pki::{JoinToken, hex};
+
+use crate::objects::store_err;
+
+/// Store key of the admin token hash.
+pub const ADMIN_TOKEN_KEY: &str = "/verge/operators/admin";
+/// Store prefix of join tokens.
+pub const JOIN_TOKEN_PREFIX: &str = "/verge/jointokens/";
+
+/// SHA-256 hex of a secret.
+pub fn hash(secret: &str) -> String {
+    hex(&Sha256::digest(secret.as_bytes()))
+}
+
+/// Constant-time equality for hex digests.
+pub fn ct_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A stored join token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JoinTokenRecord {
+    /// SHA-256 of the secret.
+    pub secret_sha256: String,
+    /// Enrolments left; `None` = unlimited until expiry.
+    pub uses_left: Option<u32>,
+    /// Unix seconds after which it is refused; `None` = never.
+    pub expires_at: Option<u64>,
+    /// What it is for.
+    #[serde(default)]
+    pub description: String,
+}
+
+/// What `POST /v1/tokens` accepts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TokenRequest {
+    /// How many enrolments (default 1; 0 = unlimited).
+    #[serde(default)]
+    pub uses: Option<u32>,
+    /// Lifetime in seconds (default 24 h; 0 = never expires).
+    #[serde(default)]
+    pub ttl_seconds: Option<u64>,
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+}
+
+/// What `POST /v1/tokens` returns.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenResponse {
+    /// The token to give to `verge edge --join-token`.
+    pub token: String,
+    /// Its id (public).
+    pub id: String,
+    /// Uses allowed (None = unlimited).
+    pub uses: Option<u32>,
+    /// Unix seconds of expiry.
+    pub expires_at: Option<u64>,
+}
+
+/// Mint and store a join token.
+pub async fn create_join_token(
+    store: &dyn Store,
+    ca_fingerprint: &str,
+    req: &TokenRequest,
+) -> Result<TokenResponse, ApiError> {
+    let token = JoinToken::generate(ca_fingerprint);
+    let uses = match req.uses {
+        Some(0) => None,
+        Some(n) => Some(n),
+        None => Some(1),
+    };
+    let expires_at = match req.ttl_seconds {
+        Some(0) => None,
+        Some(s) => Some(now_secs() + s),
+        None => Some(now_secs() + 24 * 3600),
+    };
+    let rec = JoinTokenRecord {
+        secret_sha256: token.secret_hash(),
+        uses_left: uses,
+        expires_at,
+        description: req.description.clone(),
+    };
+    let value = serde_json::to_vec(&rec).unwrap_or_default();
+    store
+        .put(&format!("{JOIN_TOKEN_PREFIX}{}", token.id), value, Some(0))
+        .await
+        .map_err(store_err)?;
+    Ok(TokenResponse {
+        token: token.to_string(),
+        id: token.id.clone(),
+        uses,
+        expires_at,
+    })
+}
+
+fn refused(why: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::Unauthorized,
+        format!("join token refused: {why}; ask the operator for a new one (`verge token create`)"),
+    )
+}
+
+/// Check a join token. On success returns the compare and op that consume one use,
+/// to be committed in the same transaction as the enrolment.
+pub async fn check_join_token(
+    store: &dyn Store,
+    token: &JoinToken,
+) -> Result<(Compare, Option<Op>), ApiError> {
+    let key = format!("{JOIN_TOKEN_PREFIX}{}", token.id);
+    let kv: KeyValue = store
+        .get(&key)
+        .await
+        .map_err(store_err)?
+        .ok_or_else(|| refused("unknown, spent or revoked"))?;
+    let mut rec: JoinTokenRecord = serde_json::from_slice(&kv.value)
+        .map_err(|_| ApiError::new(ErrorCode::Internal, "stored join token is unreadable"))?;
+    if !ct_eq(&rec.secret_sha256, &token.secret_hash()) {
+        return Err(refused("wrong secret"));
+    }
+    if rec.expires_at.is_some_and(|t| now_secs() > t) {
+        return Err(refused("expired"));
+    }
+    let compare = Compare {
+        key: key.clone(),
+        mod_revision: kv.mod_revision,
+    };
+    let op = match rec.uses_left {
+        None => None,
+        Some(n) if n <= 1 => Some(Op::Delete { key }),
+        Some(n) => {
+            rec.uses_left = Some(n - 1);
+            Some(Op::Put {
+                key,
+                value: serde_json::to_vec(&rec).unwrap_or_default(),
+            })
+        }
+    };
+    Ok((compare, op))
+}
+
+/// Set the admin token hash (first start).
+pub async fn set_admin_token(store: &dyn Store, token: &str) -> Result<(), ApiError> {
+    store
+        .txn(Txn {
+            compares: vec![],
+            ops: vec![Op::Put {
+                key: ADMIN_TOKEN_KEY.into(),
+                value: hash(token).into_bytes(),
+            }],
+        })
+        .await
+        .map_err(store_err)?;
+    Ok(())
+}
+
+/// Fetch the admin token hash.
+pub async fn admin_token_hash(store: &dyn Store) -> Result<Option<String>, ApiError> {
+    Ok(store
+        .get(ADMIN_TOKEN_KEY)
+        .await
+        .map_err(store_err)?
+        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
+}

@@ -1,0 +1,295 @@
+//! Operator commands: get, describe, apply, delete, logs, token.
+
+use std::io::Read;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use verge_api::clock::{now_secs, parse_rfc3339};
+use verge_api::manifest::{Manifest, resolve_kind};
+use verge_api::{Instance, Node, parse_manifests};
+
+use crate::client::Client;
+
+/// Output formats of `get`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Columns, like kubectl.
+    Table,
+    /// More columns.
+    Wide,
+    /// A JSON array of objects.
+    Json,
+    /// A YAML list of objects.
+    Yaml,
+}
+
+fn kind_or_bail(word: &str) -> Result<&'static str> {
+    resolve_kind(word).with_context(|| format!("unknown kind '{word}'; use nodes or instances"))
+}
+
+/// Human age of an RFC 3339 timestamp.
+pub fn age(ts: Option<&str>) -> String {
+    let Some(t) = ts.and_then(parse_rfc3339) else {
+        return "-".into();
+    };
+    let s = now_secs().saturating_sub(t);
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
+/// Render rows as aligned columns.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<&str>, out: &mut String| {
+        let last = cells.len() - 1;
+        for (i, c) in cells.iter().enumerate() {
+            if i == last {
+                out.push_str(c);
+            } else {
+                out.push_str(&format!("{c:<w$}   ", w = widths[i]));
+            }
+        }
+        out.push('\n');
+    };
+    line(header.to_vec(), &mut out);
+    for r in rows {
+        line(r.iter().map(String::as_str).collect(), &mut out);
+    }
+    out
+}
+
+fn dash(s: &str) -> String {
+    if s.is_empty() { "-".into() } else { s.to_string() }
+}
+
+fn node_rows(nodes: &[Node], wide: bool) -> (Vec<&'static str>, Vec<Vec<String>>) {
+    let label = |n: &Node, k: &str| dash(n.metadata.labels.get(k).map(String::as_str).unwrap_or(""));
+    let mut header = vec!["NAME", "STATUS", "REGION", "TIER", "CPU", "MEMORY", "AGE", "VERSION"];
+    if wide {
+        header.extend(["CITY", "ISP", "ARCH", "KERNEL", "TRANSPORT", "MESSAGE"]);
+    }
+    let rows = nodes
+        .iter()
+        .map(|n| {
+            let s = &n.status;
+            let mut r = vec![
+                n.name().to_string(),
+                if n.spec.unschedulable {
+                    format!("{},SchedulingDisabled", s.phase)
+                } else {
+                    s.phase.to_string()
+                },
+                label(n, "region"),
+                label(n, "tier"),
+                s.allocatable.cpu.to_string(),
+                s.allocatable.memory.human(),
+                age(n.metadata.creation_time.as_deref()),
+                dash(&s.agent_version),
+            ];
+            if wide {
+                r.extend([
+                    label(n, "city"),
+                    label(n, "isp"),
+                    dash(&s.architecture),
+                    dash(&s.kernel_version),
+                    dash(&s.transport),
+                    dash(&s.message),
+                ]);
+            }
+            r
+        })
+        .collect();
+    (header, rows)
+}
+
+fn instance_rows(items: &[Instance], wide: bool) -> (Vec<&'static str>, Vec<Vec<String>>) {
+    let mut header = vec!["NAME", "FORM", "PHASE", "NODE", "RESTARTS", "AGE"];
+    if wide {
+        header.extend(["CPU", "MEMORY", "PID", "MESSAGE"]);
+    } else {
+        header.push("MESSAGE");
+    }
+    let rows = items
+        .iter()
+        .map(|i| {
+            let s = &i.status;
+            let mut r = vec![
+                i.name().to_string(),
+                i.spec.form.to_string(),
+                s.phase.to_string(),
+                dash(s.node.as_deref().unwrap_or("")),
+                s.restarts.to_string(),
+                age(i.metadata.creation_time.as_deref()),
+            ];
+            let mut msg = s.message.clone();
+            if wide {
+                r.extend([
+                    i.spec.resources.cpu.to_string(),
+                    i.spec.resources.memory.to_string(),
+                    s.pid.map_or("-".into(), |p| p.to_string()),
+                ]);
+            } else if msg.chars().count() > 60 {
+                msg = msg.chars().take(57).collect::<String>() + "...";
+            }
+            r.push(dash(&msg));
+            r
+        })
+        .collect();
+    (header, rows)
+}
+
+#[derive(serde::Deserialize)]
+struct List<T> {
+    items: Vec<T>,
+}
+
+fn print_values(values: &[serde_json::Value], output: Output) -> Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(values)?),
+        Output::Yaml => print!("{}", serde_saphyr::to_string(&values)?),
+        _ => unreachable!("tables are printed by the caller"),
+    }
+    Ok(())
+}
+
+/// `verge get KIND [NAME]`.
+pub async fn get(client: &Client, kind: &str, name: Option<&str>, output: Output) -> Result<()> {
+    let plural = kind_or_bail(kind)?;
+    let values: Vec<serde_json::Value> = match name {
+        Some(n) => vec![client.get(&format!("/v1/{plural}/{n}")).await?],
+        None => client.get::<List<serde_json::Value>>(&format!("/v1/{plural}")).await?.items,
+    };
+    if matches!(output, Output::Json | Output::Yaml) {
+        return print_values(&values, output);
+    }
+    let wide = output == Output::Wide;
+    let (header, rows) = if plural == "nodes" {
+        let nodes: Vec<Node> = serde_json::from_value(serde_json::Value::Array(values))?;
+        node_rows(&nodes, wide)
+    } else {
+        let items: Vec<Instance> = serde_json::from_value(serde_json::Value::Array(values))?;
+        instance_rows(&items, wide)
+    };
+    if rows.is_empty() {
+        eprintln!("No {plural} found.");
+        return Ok(());
+    }
+    print!("{}", table(&header, &rows));
+    Ok(())
+}
+
+/// `verge describe KIND NAME`.
+pub async fn describe(client: &Client, kind: &str, name: &str) -> Result<()> {
+    let plural = kind_or_bail(kind)?;
+    let v: serde_json::Value = client.get(&format!("/v1/{plural}/{name}")).await?;
+    print!("{}", serde_saphyr::to_string(&v)?);
+    if plural == "nodes" {
+        let list: List<Instance> = client.get("/v1/instances").await?;
+        let mine: Vec<Instance> = list
+            .items
+            .into_iter()
+            .filter(|i| i.status.node.as_deref() == Some(name))
+            .collect();
+        println!("\ninstances on this node: {}", mine.len());
+        if !mine.is_empty() {
+            let (header, rows) = instance_rows(&mine, false);
+            print!("{}", table(&header, &rows));
+        }
+    }
+    Ok(())
+}
+
+/// Read manifests from a file, a directory of `.yaml`/`.yml`/`.json` files, or `-`.
+pub fn read_manifests(source: &str) -> Result<Vec<(String, Manifest)>> {
+    let mut texts = Vec::new();
+    if source == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s).context("reading stdin")?;
+        texts.push(("<stdin>".to_string(), s));
+    } else {
+        let path = Path::new(source);
+        let mut files = Vec::new();
+        if path.is_dir() {
+            for e in std::fs::read_dir(path).with_context(|| format!("reading {source}"))? {
+                let p = e?.path();
+                if matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")) {
+                    files.push(p);
+                }
+            }
+            files.sort();
+        } else {
+            files.push(path.to_path_buf());
+        }
+        for f in files {
+            let text = std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+            texts.push((f.display().to_string(), text));
+        }
+    }
+    let mut out = Vec::new();
+    for (name, text) in texts {
+        let ms = parse_manifests(&text).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+        out.extend(ms.into_iter().map(|m| (name.clone(), m)));
+    }
+    Ok(out)
+}
+
+/// Create or update one manifest on the hub; returns what happened.
+pub async fn apply_one(client: &Client, m: &Manifest) -> Result<&'static str> {
+    let (plural, mut body) = match m {
+        Manifest::Node(o) => ("nodes", serde_json::to_value(o)?),
+        Manifest::Instance(o) => ("instances", serde_json::to_value(o)?),
+    };
+    // apply sets what the user owns; status belongs to the hub and the edges.
+    if let Some(obj) = body.as_object_mut() {
+        obj.remove("status");
+    }
+    let (code, _) = client.put(&format!("/v1/{plural}/{}", m.name()), &body).await?;
+    Ok(if code == 201 { "created" } else { "configured" })
+}
+
+/// `verge apply -f SOURCE`.
+pub async fn apply(client: &Client, source: &str) -> Result<()> {
+    let manifests = read_manifests(source)?;
+    if manifests.is_empty() {
+        bail!("{source}: no manifests found");
+    }
+    for (_, m) in &manifests {
+        let what = apply_one(client, m).await?;
+        println!("{}/{} {what}", m.kind().to_lowercase(), m.name());
+    }
+    Ok(())
+}
+
+/// `verge delete KIND NAME`.
+pub async fn delete(client: &Client, kind: &str, name: &str) -> Result<()> {
+    let plural = kind_or_bail(kind)?;
+    client.delete(&format!("/v1/{plural}/{name}")).await?;
+    println!("{}/{name} deleted", &plural[..plural.len() - 1]);
+    Ok(())
+}
+
+/// `verge logs INSTANCE`.
+pub async fn logs(client: &Client, name: &str, tail: Option<u64>) -> Result<()> {
+    let q = tail.map(|t| format!("?tail={t}")).unwrap_or_default();
+    let text = client.get_text(&format!("/v1/instances/{name}/logs{q}")).await?;
+    print!("{text}");
+    Ok(())
+}
+
+/// `verge token create`.
+pub async fn token_create(client: &Client, uses: u32, ttl: Option<u64>, description: &str) -> Result<()> {
+    let body = serde_json::json!({"uses": uses, "ttlSeconds": ttl, "description": description});
+    let v: serde_json::Value = client.post("/v1/tokens", &body).await?;
+    println!("{}", v["token"].as_str().unwrap_or_default());
+    Ok(())
+}

@@ -1,0 +1,113 @@
+//! The CLI's HTTP client for the hub's REST API.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::de::DeserializeOwned;
+use verge_api::ApiError;
+use verge_hub::ClientConfig;
+
+/// Where the CLI looks for its config: `--config`, then `$VERGE_CONFIG`, then `~/.verge/config`.
+pub fn config_path(flag: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(p) = flag {
+        return Ok(p);
+    }
+    if let Some(p) = std::env::var_os("VERGE_CONFIG").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let home = std::env::var_os("HOME").ok_or_else(|| anyhow!("$HOME is not set; pass --config FILE"))?;
+    Ok(PathBuf::from(home).join(".verge").join("config"))
+}
+
+/// A connection to one hub.
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Client {
+    /// Build from the config file.
+    pub fn from_flag(flag: Option<PathBuf>) -> Result<Self> {
+        let path = config_path(flag)?;
+        let cfg = ClientConfig::load(&path).with_context(|| {
+            format!(
+                "no usable hub config at {} (start a hub with `verge dev`, or point --config / $VERGE_CONFIG at a hub's admin.conf)",
+                path.display()
+            )
+        })?;
+        Self::new(&cfg)
+    }
+
+    /// Build from a config.
+    pub fn new(cfg: &ClientConfig) -> Result<Self> {
+        verge_tunnel::install_crypto_provider();
+        let tls = verge_tunnel::tls::client_config(&cfg.ca_cert, None, &[b"http/1.1"])?;
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured((*tls).clone())
+            .build()
+            .context("building HTTP client")?;
+        Ok(Self {
+            http,
+            base: cfg.server.trim_end_matches('/').to_string(),
+            token: cfg.token.clone(),
+        })
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the hub at {}; is it running?", self.base))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        match serde_json::from_str::<ApiError>(&text) {
+            Ok(e) => bail!("{}", e.message),
+            Err(_) => bail!("hub answered {status}: {text}"),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// GET a JSON document.
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let r = self.send(self.http.get(self.url(path))).await?;
+        r.json().await.context("decoding hub response")
+    }
+
+    /// GET text.
+    pub async fn get_text(&self, path: &str) -> Result<String> {
+        let r = self.send(self.http.get(self.url(path))).await?;
+        r.text().await.context("reading hub response")
+    }
+
+    /// PUT JSON, returning the status code and body.
+    pub async fn put(&self, path: &str, body: &serde_json::Value) -> Result<(u16, serde_json::Value)> {
+        let r = self.send(self.http.put(self.url(path)).json(body)).await?;
+        let code = r.status().as_u16();
+        Ok((code, r.json().await.context("decoding hub response")?))
+    }
+
+    /// POST JSON.
+    pub async fn post<T: DeserializeOwned>(&self, path: &str, body: &serde_json::Value) -> Result<T> {
+        let r = self.send(self.http.post(self.url(path)).json(body)).await?;
+        r.json().await.context("decoding hub response")
+    }
+
+    /// DELETE.
+    pub async fn delete(&self, path: &str) -> Result<()> {
+        self.send(self.http.delete(self.url(path))).await?;
+        Ok(())
+    }
+
+    /// GET a streaming response (watch).
+    pub async fn stream(&self, path: &str) -> Result<reqwest::Response> {
+        self.send(self.http.get(self.url(path))).await
+    }
+}
