@@ -224,7 +224,11 @@ impl Kind for InstanceSpec {
             },
         }
         if self.resources.cpu.0 == 0 {
-            errs.push("spec.resources.cpu", self.resources.cpu, "must be more than 0, e.g. 100m");
+            errs.push(
+                "spec.resources.cpu",
+                self.resources.cpu,
+                "must be more than 0, e.g. 100m",
+            );
         }
         if self.resources.memory.0 < (1 << 20) {
             errs.push(

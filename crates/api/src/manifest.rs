@@ -105,7 +105,16 @@ pub fn parse_documents(text: &str) -> Result<Vec<serde_json::Value>, ManifestErr
     let trimmed = text.trim_start();
     if trimmed.starts_with('{') || trimmed.starts_with('[') {
         let v: serde_json::Value = serde_json::from_str(text).map_err(|e| {
-            one(1, "", "", format!("not valid JSON at line {} column {}: {e}", e.line(), e.column()))
+            one(
+                1,
+                "",
+                "",
+                format!(
+                    "not valid JSON at line {} column {}: {e}",
+                    e.line(),
+                    e.column()
+                ),
+            )
         })?;
         return Ok(match v {
             serde_json::Value::Array(items) => items,
@@ -126,7 +135,12 @@ pub fn parse_documents(text: &str) -> Result<Vec<serde_json::Value>, ManifestErr
 pub fn parse_manifests(text: &str) -> Result<Vec<Manifest>, ManifestError> {
     let docs = parse_documents(text)?;
     if docs.is_empty() {
-        return Err(one(1, "", "", "the manifest is empty; expected at least one object with kind, metadata and spec"));
+        return Err(one(
+            1,
+            "",
+            "",
+            "the manifest is empty; expected at least one object with kind, metadata and spec",
+        ));
     }
     docs.into_iter()
         .enumerate()
@@ -150,12 +164,20 @@ pub fn manifest_from_value(v: serde_json::Value) -> Result<Manifest, FieldErrors
         Some(serde_json::Value::String(k)) => k.clone(),
         Some(other) => {
             let mut e = FieldErrors::default();
-            e.push("kind", other, format!("must be a string, one of {}", KINDS.join(", ")));
+            e.push(
+                "kind",
+                other,
+                format!("must be a string, one of {}", KINDS.join(", ")),
+            );
             return Err(e);
         }
         None => {
             let mut e = FieldErrors::default();
-            e.push("kind", "", format!("missing; set kind to one of {}", KINDS.join(", ")));
+            e.push(
+                "kind",
+                "",
+                format!("missing; set kind to one of {}", KINDS.join(", ")),
+            );
             return Err(e);
         }
     };
@@ -164,7 +186,11 @@ pub fn manifest_from_value(v: serde_json::Value) -> Result<Manifest, FieldErrors
         "Instance" => from_value(v).map(Manifest::Instance),
         other => {
             let mut e = FieldErrors::default();
-            e.push("kind", other, format!("unknown kind; this hub serves {}", KINDS.join(", ")));
+            e.push(
+                "kind",
+                other,
+                format!("unknown kind; this hub serves {}", KINDS.join(", ")),
+            );
             Err(e)
         }
     }
@@ -203,7 +229,9 @@ metadata: {name: edge-1, labels: {tier: near}}
     fn parses_multi_document_yaml() {
         let m = parse_manifests(GOOD).expect("valid");
         assert_eq!(m.len(), 2);
-        let Manifest::Instance(i) = &m[0] else { panic!("instance first") };
+        let Manifest::Instance(i) = &m[0] else {
+            panic!("instance first")
+        };
         assert_eq!(i.spec.resources.cpu.0, 500);
         assert_eq!(i.spec.resources.memory.0, 64 << 20);
     }

@@ -16,7 +16,9 @@ pub struct Bytes(pub u64);
 impl Cpu {
     /// Parse `500m`, `2`, `0.5`.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let bad = || format!("'{s}' is not a CPU quantity; use millicores like 500m or cores like 2 or 0.5");
+        let bad = || {
+            format!("'{s}' is not a CPU quantity; use millicores like 500m or cores like 2 or 0.5")
+        };
         let s = s.trim();
         if let Some(m) = s.strip_suffix('m') {
             return m.parse::<u64>().map(Cpu).map_err(|_| bad());
@@ -25,7 +27,11 @@ impl Cpu {
         if whole.is_empty() && frac.is_empty() || frac.len() > 3 {
             return Err(bad());
         }
-        let whole: u64 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| bad())? };
+        let whole: u64 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().map_err(|_| bad())?
+        };
         let frac_m: u64 = if frac.is_empty() {
             0
         } else {
@@ -79,7 +85,12 @@ impl Bytes {
 
 impl fmt::Display for Bytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (suffix, mult) in [("Ti", 1u64 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
+        for (suffix, mult) in [
+            ("Ti", 1u64 << 40),
+            ("Gi", 1 << 30),
+            ("Mi", 1 << 20),
+            ("Ki", 1 << 10),
+        ] {
             if self.0 >= mult && self.0 % mult == 0 {
                 return write!(f, "{}{suffix}", self.0 / mult);
             }
@@ -91,7 +102,12 @@ impl fmt::Display for Bytes {
 impl Bytes {
     /// A short human form for tables, rounded (e.g. `1.5Gi`).
     pub fn human(&self) -> String {
-        for (suffix, mult) in [("Ti", 1u64 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
+        for (suffix, mult) in [
+            ("Ti", 1u64 << 40),
+            ("Gi", 1 << 30),
+            ("Mi", 1 << 20),
+            ("Ki", 1 << 10),
+        ] {
             if self.0 >= mult {
                 let v = self.0 as f64 / mult as f64;
                 return if v >= 10.0 || self.0 % mult == 0 {

@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use verge_api::channel::InstanceChange;
 use verge_api::instance::RestartPolicy;
 use verge_api::{Instance, InstancePhase, InstanceStatus};
-use verge_runtime::{Runtime, Running, Workload};
+use verge_runtime::{Running, Runtime, Workload};
 
 use crate::EdgeError;
 use crate::files::{self, Desired};
@@ -100,7 +100,10 @@ impl Agent {
     pub fn replace(&self, revision: u64, instances: Vec<Instance>) -> Result<(), EdgeError> {
         let mut d = lock(&self.desired);
         d.revision = revision;
-        d.instances = instances.into_iter().map(|i| (i.name().to_string(), i)).collect();
+        d.instances = instances
+            .into_iter()
+            .map(|i| (i.name().to_string(), i))
+            .collect();
         self.persist_and_kick(&d)
     }
 
@@ -144,7 +147,11 @@ impl Agent {
         let statuses = lock(&self.statuses);
         names
             .into_iter()
-            .filter_map(|n| statuses.get(&n).map(|(uid, s)| (n.clone(), uid.clone(), s.clone())))
+            .filter_map(|n| {
+                statuses
+                    .get(&n)
+                    .map(|(uid, s)| (n.clone(), uid.clone(), s.clone()))
+            })
             .collect()
     }
 
@@ -188,7 +195,11 @@ impl Agent {
         let desired = lock(&self.desired).instances.clone();
         let mut sups = self.supervisors.lock().await;
         // Stop what is no longer wanted.
-        let gone: Vec<String> = sups.keys().filter(|n| !desired.contains_key(*n)).cloned().collect();
+        let gone: Vec<String> = sups
+            .keys()
+            .filter(|n| !desired.contains_key(*n))
+            .cloned()
+            .collect();
         for name in gone {
             if let Some(sup) = sups.remove(&name) {
                 let _ = sup.stop.send(true);
@@ -300,7 +311,11 @@ impl Agent {
                             tracing::warn!(instance = %name, error = %msg, "start failed");
                             let retry = policy != RestartPolicy::Never;
                             self.set_status(&name, &uid, |s| {
-                                s.phase = if retry { InstancePhase::Starting } else { InstancePhase::Failed };
+                                s.phase = if retry {
+                                    InstancePhase::Starting
+                                } else {
+                                    InstancePhase::Failed
+                                };
                                 s.message = if retry {
                                     format!("{msg}; retrying in {}s", backoff.as_secs())
                                 } else {
@@ -350,7 +365,11 @@ impl Agent {
             tracing::info!(instance = %name, %exit, restart, "workload exited");
             if !restart {
                 self.set_status(&name, &uid, |s| {
-                    s.phase = if exit.success() { InstancePhase::Succeeded } else { InstancePhase::Failed };
+                    s.phase = if exit.success() {
+                        InstancePhase::Succeeded
+                    } else {
+                        InstancePhase::Failed
+                    };
                     s.exit_code = exit.code();
                     s.pid = None;
                     s.message = exit.to_string();
@@ -385,4 +404,3 @@ async fn wait_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
     };
     stopped || *stop.borrow()
 }
-

@@ -52,7 +52,9 @@ pub enum EdgeError {
         source: std::io::Error,
     },
     /// The desired-state cache is unreadable.
-    #[error("desired-state cache {path} is corrupt ({detail}); move it aside to resync from the hub")]
+    #[error(
+        "desired-state cache {path} is corrupt ({detail}); move it aside to resync from the hub"
+    )]
     Cache {
         /// The path.
         path: PathBuf,
@@ -62,6 +64,9 @@ pub enum EdgeError {
     /// Enrolment was refused by the hub or could not complete.
     #[error("enrolment failed: {0}")]
     Enroll(String),
+    /// The hub could not be reached (worth retrying).
+    #[error("hub unreachable: {0}")]
+    Unreachable(String),
     /// The node is not enrolled and no join token was given.
     #[error("this node has no identity in {0}; pass --join-token to enrol it")]
     NotEnrolled(PathBuf),
@@ -122,10 +127,26 @@ impl Metrics {
         let reconnects = Counter::default();
         let instances = Family::default();
         let revision = Gauge::default();
-        registry.register("connected", "1 while the channel to the hub is up", connected.clone());
-        registry.register("reconnects", "Connection attempts after a lost session", reconnects.clone());
-        registry.register("instances", "Instances on this node by phase", instances.clone());
-        registry.register("desired_revision", "Hub revision of the cached desired state", revision.clone());
+        registry.register(
+            "connected",
+            "1 while the channel to the hub is up",
+            connected.clone(),
+        );
+        registry.register(
+            "reconnects",
+            "Connection attempts after a lost session",
+            reconnects.clone(),
+        );
+        registry.register(
+            "instances",
+            "Instances on this node by phase",
+            instances.clone(),
+        );
+        registry.register(
+            "desired_revision",
+            "Hub revision of the cached desired state",
+            revision.clone(),
+        );
         Self {
             registry,
             connected,
@@ -146,10 +167,23 @@ pub async fn enroll(
 ) -> Result<Identity, EdgeError> {
     let parsed = JoinToken::parse(token)?;
     let cfg = verge_tunnel::tls::pinned_client_config(&parsed.ca_fingerprint, &[ALPN_ENROLL])?;
-    let mut stream = verge_tunnel::tls::dial(addr, cfg).await.map_err(|e| {
-        let cause = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default();
-        EdgeError::Enroll(format!("{e}: {cause}"))
-    })?;
+    let mut stream = verge_tunnel::tls::dial(addr, cfg)
+        .await
+        .map_err(|e| match &e {
+            // tokio-rustls reports a refused certificate as InvalidData: the hub is not the
+            // one the token names, and retrying cannot fix that.
+            verge_tunnel::tls::TlsError::Connect { source, .. }
+                if source.kind() == std::io::ErrorKind::InvalidData =>
+            {
+                EdgeError::Enroll(format!("the hub at {addr} failed verification: {source}"))
+            }
+            _ => {
+                let cause = std::error::Error::source(&e)
+                    .map(|s| s.to_string())
+                    .unwrap_or_default();
+                EdgeError::Unreachable(format!("{e}: {cause}"))
+            }
+        })?;
     let (key_pem, csr_pem) = new_node_key_and_csr(name)?;
     let msg = EdgeToHub::Enroll {
         protocol_version: PROTOCOL_VERSION,
@@ -177,7 +211,11 @@ pub async fn enroll(
     }
 }
 
-async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, agent: Arc<Agent>) {
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    agent: Arc<Agent>,
+) {
     use axum::routing::get;
     let app = axum::Router::new()
         .route(
@@ -189,7 +227,10 @@ async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>,
                     metrics.revision.set(agent.revision() as i64);
                     metrics.instances.clear();
                     for (phase, n) in agent.phase_counts() {
-                        metrics.instances.get_or_create(&vec![("phase".into(), phase)]).set(n);
+                        metrics
+                            .instances
+                            .get_or_create(&vec![("phase".into(), phase)])
+                            .set(n);
                     }
                     let mut out = String::new();
                     let _ = prometheus_client::encoding::text::encode(&mut out, &metrics.registry);
@@ -243,15 +284,13 @@ pub async fn run(
                 let id = loop {
                     match enroll(&addr, token, &config.name, &config.labels).await {
                         Ok(id) => break id,
-                        // The hub answered and said no: retrying will not help.
-                        Err(EdgeError::Enroll(msg)) if !msg.contains("could not connect") => {
-                            return Err(EdgeError::Enroll(msg));
-                        }
-                        Err(e) => {
+                        Err(e @ EdgeError::Unreachable(_)) => {
                             tracing::warn!(error = %e, "hub unreachable for enrolment; retrying");
                             tokio::time::sleep(jitter(backoff)).await;
                             backoff = (backoff * 2).min(Duration::from_secs(30));
                         }
+                        // The hub answered and said no: retrying will not help.
+                        Err(e) => return Err(e),
                     }
                 };
                 id.save(&dir)?;

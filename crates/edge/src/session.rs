@@ -47,7 +47,12 @@ pub async fn run_session(ctx: &SessionCtx<'_>) -> Result<SessionEnd, EdgeError> 
         Some((&ctx.identity.cert_pem, &ctx.identity.key_pem)),
         &[ALPN_CHANNEL],
     )?;
-    let stream = match tokio::time::timeout(Duration::from_secs(10), verge_tunnel::tls::dial(ctx.addr, cfg)).await {
+    let stream = match tokio::time::timeout(
+        Duration::from_secs(10),
+        verge_tunnel::tls::dial(ctx.addr, cfg),
+    )
+    .await
+    {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Ok(SessionEnd::Lost(format!("{e}: {}", source_text(&e)))),
         Err(_) => return Ok(SessionEnd::Lost("connect timed out".into())),
@@ -62,14 +67,26 @@ pub async fn run_session(ctx: &SessionCtx<'_>) -> Result<SessionEnd, EdgeError> 
     if let Err(e) = write_msg(&mut writer, &hello).await {
         return Ok(SessionEnd::Lost(e.to_string()));
     }
-    let interval = match tokio::time::timeout(Duration::from_secs(10), read_msg::<HubToEdge, _>(&mut reader)).await {
-        Ok(Ok(Some(HubToEdge::Welcome { heartbeat_interval_ms, .. }))) => {
-            Duration::from_millis(heartbeat_interval_ms.clamp(100, 300_000))
-        }
-        Ok(Ok(Some(HubToEdge::Error { code, message }))) if code == "unauthorized" || code == "protocol" => {
+    let interval = match tokio::time::timeout(
+        Duration::from_secs(10),
+        read_msg::<HubToEdge, _>(&mut reader),
+    )
+    .await
+    {
+        Ok(Ok(Some(HubToEdge::Welcome {
+            heartbeat_interval_ms,
+            ..
+        }))) => Duration::from_millis(heartbeat_interval_ms.clamp(100, 300_000)),
+        Ok(Ok(Some(HubToEdge::Error { code, message })))
+            if code == "unauthorized" || code == "protocol" =>
+        {
             return Ok(SessionEnd::Refused(message));
         }
-        Ok(Ok(other)) => return Ok(SessionEnd::Lost(format!("unexpected first message: {other:?}"))),
+        Ok(Ok(other)) => {
+            return Ok(SessionEnd::Lost(format!(
+                "unexpected first message: {other:?}"
+            )));
+        }
         Ok(Err(e)) => return Ok(SessionEnd::Lost(e.to_string())),
         Err(_) => return Ok(SessionEnd::Lost("no welcome from hub".into())),
     };
@@ -168,13 +185,18 @@ where
 
 fn answer(agent: &Agent, req: RequestBody) -> ResponseBody {
     match req {
-        RequestBody::Logs { instance, tail_bytes } => match agent.log_path(&instance) {
+        RequestBody::Logs {
+            instance,
+            tail_bytes,
+        } => match agent.log_path(&instance) {
             None => ResponseBody::Error {
                 message: format!("no instance '{instance}' on this node"),
             },
             Some(path) => match crate::files::tail(&path, tail_bytes.min(8 << 20)) {
                 Ok(data) => ResponseBody::Logs { data },
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => ResponseBody::Logs { data: String::new() },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => ResponseBody::Logs {
+                    data: String::new(),
+                },
                 Err(e) => ResponseBody::Error {
                     message: format!("reading {}: {e}", path.display()),
                 },

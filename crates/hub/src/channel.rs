@@ -26,7 +26,7 @@ use verge_api::{
     kind_prefix, object_key,
 };
 use verge_store::{Compare, EventKind, Op, StoreError, Txn};
-use verge_tunnel::frame::{FrameError, read_frame, read_msg, write_msg, decode};
+use verge_tunnel::frame::{FrameError, decode, read_frame, read_msg, write_msg};
 use verge_tunnel::pki::JoinToken;
 
 use crate::objects::{Objects, decode_value, store_err};
@@ -46,36 +46,39 @@ fn label(result: &str) -> Vec<(String, String)> {
 
 /// Serve an enrolment connection.
 pub async fn serve_enroll<S: AsyncRead + AsyncWrite + Unpin>(st: Arc<HubState>, mut stream: S) {
-    let reply = match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, read_msg::<EdgeToHub, _>(&mut stream)).await {
-        Ok(Ok(Some(EdgeToHub::Enroll {
-            protocol_version,
-            token,
-            node_name,
-            csr_pem,
-            labels,
-        }))) => {
-            match enroll(&st, protocol_version, &token, &node_name, &csr_pem, labels).await {
-                Ok(reply) => {
-                    tracing::info!(node = %node_name, "edge enrolled");
-                    st.metrics.enrolments.get_or_create(&label("ok")).inc();
-                    reply
-                }
-                Err(e) => {
-                    tracing::warn!(node = %node_name, error = %e.message, "enrolment refused");
-                    st.metrics.enrolments.get_or_create(&label("refused")).inc();
-                    HubToEdge::Error {
-                        code: code_name(e.code).into(),
-                        message: e.message,
+    let reply =
+        match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, read_msg::<EdgeToHub, _>(&mut stream))
+            .await
+        {
+            Ok(Ok(Some(EdgeToHub::Enroll {
+                protocol_version,
+                token,
+                node_name,
+                csr_pem,
+                labels,
+            }))) => {
+                match enroll(&st, protocol_version, &token, &node_name, &csr_pem, labels).await {
+                    Ok(reply) => {
+                        tracing::info!(node = %node_name, "edge enrolled");
+                        st.metrics.enrolments.get_or_create(&label("ok")).inc();
+                        reply
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = %node_name, error = %e.message, "enrolment refused");
+                        st.metrics.enrolments.get_or_create(&label("refused")).inc();
+                        HubToEdge::Error {
+                            code: code_name(e.code).into(),
+                            message: e.message,
+                        }
                     }
                 }
             }
-        }
-        Ok(Ok(_)) => HubToEdge::Error {
-            code: "protocol".into(),
-            message: "expected an enroll message first".into(),
-        },
-        _ => return,
-    };
+            Ok(Ok(_)) => HubToEdge::Error {
+                code: "protocol".into(),
+                message: "expected an enroll message first".into(),
+            },
+            _ => return,
+        };
     let _ = write_msg(&mut stream, &reply).await;
     let _ = stream.shutdown().await;
 }
@@ -103,7 +106,8 @@ async fn enroll(
     labels: std::collections::BTreeMap<String, String>,
 ) -> Result<HubToEdge, ApiError> {
     check_version(protocol_version)?;
-    let token = JoinToken::parse(token).map_err(|e| ApiError::new(ErrorCode::Unauthorized, e.to_string()))?;
+    let token = JoinToken::parse(token)
+        .map_err(|e| ApiError::new(ErrorCode::Unauthorized, e.to_string()))?;
     if token.ca_fingerprint != st.ca.fingerprint() {
         return Err(ApiError::new(
             ErrorCode::Unauthorized,
@@ -144,7 +148,14 @@ async fn enroll(
         .await
         .map_err(store_err)?;
     if !r.succeeded {
-        if st.objects.store().get(&node_key).await.map_err(store_err)?.is_some() {
+        if st
+            .objects
+            .store()
+            .get(&node_key)
+            .await
+            .map_err(store_err)?
+            .is_some()
+        {
             return Err(ApiError::new(
                 ErrorCode::Conflict,
                 format!(
@@ -169,7 +180,11 @@ fn check_version(v: u32) -> Result<(), ApiError> {
             ErrorCode::Invalid,
             format!(
                 "edge speaks channel protocol {v}; this hub speaks {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}; upgrade the {}",
-                if v < MIN_PROTOCOL_VERSION { "edge" } else { "hub" }
+                if v < MIN_PROTOCOL_VERSION {
+                    "edge"
+                } else {
+                    "hub"
+                }
             ),
         ));
     }
@@ -188,19 +203,29 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         message,
     };
     let Some(node) = node else {
-        let _ = write_msg(&mut writer, &refuse("unauthorized", "the channel needs a node certificate; enrol first with --join-token".into())).await;
+        let _ = write_msg(
+            &mut writer,
+            &refuse(
+                "unauthorized",
+                "the channel needs a node certificate; enrol first with --join-token".into(),
+            ),
+        )
+        .await;
         return;
     };
     if let Err(e) = st.objects.get::<NodeSpec>(&node).await {
         let msg = if e.code == ErrorCode::NotFound {
-            format!("node '{node}' was deleted from the hub; remove the edge's identity and enrol again with a new join token")
+            format!(
+                "node '{node}' was deleted from the hub; remove the edge's identity and enrol again with a new join token"
+            )
         } else {
             e.message
         };
         let _ = write_msg(&mut writer, &refuse("unauthorized", msg)).await;
         return;
     }
-    let hello = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, read_msg::<EdgeToHub, _>(&mut reader)).await;
+    let hello =
+        tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, read_msg::<EdgeToHub, _>(&mut reader)).await;
     let (since, agent_version, protocol_version) = match hello {
         Ok(Ok(Some(EdgeToHub::Hello {
             protocol_version,
@@ -208,7 +233,11 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             since_revision,
         }))) => (since_revision, agent_version, protocol_version),
         _ => {
-            let _ = write_msg(&mut writer, &refuse("protocol", "expected hello first".into())).await;
+            let _ = write_msg(
+                &mut writer,
+                &refuse("protocol", "expected hello first".into()),
+            )
+            .await;
             return;
         }
     };
@@ -244,7 +273,12 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             Ok(Ok(None)) => break "edge closed the connection".to_string(),
             Ok(Err(FrameError::TooLarge { len, max })) => {
                 st.metrics.channel_rejected.inc();
-                let _ = tx.send(refuse("protocol", format!("frame of {len} bytes exceeds {max}"))).await;
+                let _ = tx
+                    .send(refuse(
+                        "protocol",
+                        format!("frame of {len} bytes exceeds {max}"),
+                    ))
+                    .await;
                 break format!("oversized frame ({len} bytes)");
             }
             Ok(Err(e)) => break format!("read failed: {e}"),
@@ -254,7 +288,9 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             Ok(m) => m,
             Err(e) => {
                 st.metrics.channel_rejected.inc();
-                let _ = tx.send(refuse("protocol", format!("malformed frame: {e}"))).await;
+                let _ = tx
+                    .send(refuse("protocol", format!("malformed frame: {e}")))
+                    .await;
                 break format!("malformed frame: {e}");
             }
         };
@@ -316,12 +352,21 @@ async fn handle_edge_message(
                             format!("instance '{name}' (uid {uid}) is not bound to node '{node}'"),
                         ));
                     }
-                    *s = InstanceStatus { node: Some(node.to_string()), ..status.clone() };
+                    *s = InstanceStatus {
+                        node: Some(node.to_string()),
+                        ..status.clone()
+                    };
                     Ok(true)
                 })
                 .await
                 .map(|_| ())
-                .or_else(|e| if e.code == ErrorCode::NotFound { Ok(()) } else { Err(e) })?;
+                .or_else(|e| {
+                    if e.code == ErrorCode::NotFound {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })?;
             st.schedule_kick.notify_one();
             Ok(())
         }
@@ -359,7 +404,10 @@ async fn sync_loop(st: Arc<HubState>, node: String, since: u64, tx: mpsc::Sender
     let mut sent: HashMap<String, (String, u64)> = HashMap::new();
     let store = st.objects.store().clone();
     let watch = if since == 0 {
-        Err(StoreError::Compacted { requested: 0, compact_revision: 0 })
+        Err(StoreError::Compacted {
+            requested: 0,
+            compact_revision: 0,
+        })
     } else {
         store.watch(&prefix, since + 1).await
     };
@@ -380,9 +428,19 @@ async fn sync_loop(st: Arc<HubState>, node: String, since: u64, tx: mpsc::Sender
                 .filter(|i| i.status.node.as_deref() == Some(node.as_str()))
                 .collect();
             for i in &instances {
-                sent.insert(i.name().to_string(), (i.metadata.uid.clone(), i.metadata.generation));
+                sent.insert(
+                    i.name().to_string(),
+                    (i.metadata.uid.clone(), i.metadata.generation),
+                );
             }
-            if tx.send(HubToEdge::Snapshot { revision, instances }).await.is_err() {
+            if tx
+                .send(HubToEdge::Snapshot {
+                    revision,
+                    instances,
+                })
+                .await
+                .is_err()
+            {
                 return;
             }
             last_sent = revision;

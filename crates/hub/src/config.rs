@@ -142,7 +142,11 @@ pub fn load_or_create_ca(dir: &Path) -> Result<CertAuthority, SetupError> {
 
 /// Issue this start's server certificate (cheap; avoids stale SANs).
 pub fn server_cert(ca: &CertAuthority, config: &HubConfig) -> Result<Issued, SetupError> {
-    let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let mut sans = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
     if !config.listen.ip().is_unspecified() {
         sans.push(config.listen.ip().to_string());
     }

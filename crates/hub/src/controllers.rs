@@ -102,7 +102,10 @@ pub async fn schedule_pass(st: &HubState) -> Result<(), verge_api::ApiError> {
         *phases.entry(inst.status.phase.to_string()).or_default() += 1;
         match &inst.status.node {
             Some(node) => {
-                let done = matches!(inst.status.phase, InstancePhase::Succeeded | InstancePhase::Failed);
+                let done = matches!(
+                    inst.status.phase,
+                    InstancePhase::Succeeded | InstancePhase::Failed
+                );
                 if let (false, Some(&i)) = (done, index.get(node)) {
                     infos[i].reserve(&Request::from_instance(inst));
                 }
@@ -177,7 +180,9 @@ pub async fn compaction(st: Arc<HubState>) {
     loop {
         tick.tick().await;
         let store = st.objects.store();
-        let Ok(rev) = store.revision().await else { continue };
+        let Ok(rev) = store.revision().await else {
+            continue;
+        };
         let keep = st.config.history_revisions;
         if rev > keep
             && let Err(e) = store.compact(rev - keep).await

@@ -72,7 +72,10 @@ type ApiResult<T> = Result<T, HttpError>;
 impl FromRequestParts<Arc<HubState>> for Principal {
     type Rejection = HttpError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &Arc<HubState>) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<HubState>,
+    ) -> Result<Self, Self::Rejection> {
         if let Some(value) = parts.headers.get(header::AUTHORIZATION) {
             let token = value
                 .to_str()
@@ -92,7 +95,9 @@ impl FromRequestParts<Arc<HubState>> for Principal {
             )
             .into());
         }
-        if let Some(Extension(PeerNode(Some(node)))) = parts.extensions.get::<Extension<PeerNode>>().cloned() {
+        if let Some(Extension(PeerNode(Some(node)))) =
+            parts.extensions.get::<Extension<PeerNode>>().cloned()
+        {
             return Ok(Principal::Node(node));
         }
         if let Some(PeerNode(Some(node))) = parts.extensions.get::<PeerNode>().cloned() {
@@ -143,7 +148,10 @@ fn may_access<S: NodeScoped>(p: &Principal, obj: &Object<S>) -> ApiResult<()> {
     match p {
         Principal::Admin => Ok(()),
         Principal::Node(n) if S::owner(obj) == Some(n.as_str()) => Ok(()),
-        Principal::Node(n) => Err(forbidden(n, &format!("{} '{}'", S::KIND.to_lowercase(), obj.name()))),
+        Principal::Node(n) => Err(forbidden(
+            n,
+            &format!("{} '{}'", S::KIND.to_lowercase(), obj.name()),
+        )),
     }
 }
 
@@ -167,7 +175,10 @@ async fn list<S: NodeScoped>(
         return watch::<S>(st, p, q.revision.unwrap_or(0)).await;
     }
     let (items, revision) = st.objects.list::<S>().await?;
-    let items: Vec<_> = items.into_iter().filter(|o| may_access(&p, o).is_ok()).collect();
+    let items: Vec<_> = items
+        .into_iter()
+        .filter(|o| may_access(&p, o).is_ok())
+        .collect();
     Ok(Json(serde_json::json!({ "revision": revision, "items": items })).into_response())
 }
 
@@ -184,7 +195,12 @@ async fn watch<S: NodeScoped>(st: Arc<HubState>, p: Principal, after: u64) -> Ap
             let batch = match batch {
                 Ok(b) => b,
                 Err(e) => {
-                    let _ = tx.send(Bytes::from(format!("{}\n", serde_json::json!({"type": "ERROR", "message": e.to_string()})))).await;
+                    let _ = tx
+                        .send(Bytes::from(format!(
+                            "{}\n",
+                            serde_json::json!({"type": "ERROR", "message": e.to_string()})
+                        )))
+                        .await;
                     return;
                 }
             };
@@ -193,15 +209,21 @@ async fn watch<S: NodeScoped>(st: Arc<HubState>, p: Principal, after: u64) -> Ap
                     EventKind::Put => ("PUT", ev.kv.value.clone(), ev.kv.mod_revision),
                     EventKind::Delete => (
                         "DELETE",
-                        ev.prev_kv.as_ref().map(|p| p.value.clone()).unwrap_or_default(),
+                        ev.prev_kv
+                            .as_ref()
+                            .map(|p| p.value.clone())
+                            .unwrap_or_default(),
                         ev.prev_kv.as_ref().map_or(0, |p| p.mod_revision),
                     ),
                 };
-                let Some(obj) = decode_value::<S>(&raw, rev) else { continue };
+                let Some(obj) = decode_value::<S>(&raw, rev) else {
+                    continue;
+                };
                 if may_access(&p, &obj).is_err() {
                     continue;
                 }
-                let line = serde_json::json!({"type": kind, "revision": batch.revision, "object": obj});
+                let line =
+                    serde_json::json!({"type": kind, "revision": batch.revision, "object": obj});
                 if tx.send(Bytes::from(format!("{line}\n"))).await.is_err() {
                     return;
                 }
@@ -261,13 +283,23 @@ async fn apply<S: NodeScoped>(
     if obj.name() != name {
         return Err(ApiError::new(
             ErrorCode::Invalid,
-            format!("metadata.name: '{}' does not match the name in the URL ('{name}')", obj.name()),
+            format!(
+                "metadata.name: '{}' does not match the name in the URL ('{name}')",
+                obj.name()
+            ),
         )
         .into());
     }
     let (obj, created) = st.objects.apply(obj).await?;
     st.schedule_kick.notify_one();
-    Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(obj)))
+    Ok((
+        if created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        },
+        Json(obj),
+    ))
 }
 
 async fn put_status<S: NodeScoped>(
@@ -276,8 +308,12 @@ async fn put_status<S: NodeScoped>(
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<Json<Object<S>>> {
-    let value: serde_json::Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::new(ErrorCode::Invalid, format!("request body is not valid JSON: {e}")))?;
+    let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            ErrorCode::Invalid,
+            format!("request body is not valid JSON: {e}"),
+        )
+    })?;
     let status_value = value.get("status").cloned().unwrap_or(value);
     let new_status: S::Status = verge_api::manifest::from_value(status_value).map_err(|f| {
         let mut e = ApiError::invalid(f);
@@ -337,7 +373,10 @@ async fn logs(
     let node = inst.status.node.clone().ok_or_else(|| {
         ApiError::new(
             ErrorCode::Conflict,
-            format!("instance '{name}' is not scheduled to a node yet, so it has no logs ({})", inst.status.message),
+            format!(
+                "instance '{name}' is not scheduled to a node yet, so it has no logs ({})",
+                inst.status.message
+            ),
         )
     })?;
     let body = st
@@ -352,16 +391,16 @@ async fn logs(
         )
         .await?;
     match body {
-        ResponseBody::Logs { data } => Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], data).into_response()),
-        ResponseBody::Error { message } => Err(ApiError::new(ErrorCode::Unavailable, format!("node '{node}': {message}")).into()),
+        ResponseBody::Logs { data } => {
+            Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], data).into_response())
+        }
+        ResponseBody::Error { message } => {
+            Err(ApiError::new(ErrorCode::Unavailable, format!("node '{node}': {message}")).into())
+        }
     }
 }
 
-async fn tokens(
-    State(st): State<Arc<HubState>>,
-    p: Principal,
-    body: Bytes,
-) -> ApiResult<Response> {
+async fn tokens(State(st): State<Arc<HubState>>, p: Principal, body: Bytes) -> ApiResult<Response> {
     admin_only(&p, "creating join tokens")?;
     let req: TokenRequest = if body.is_empty() {
         TokenRequest::default()
@@ -390,7 +429,10 @@ async fn metrics(State(st): State<Arc<HubState>>) -> Response {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     }
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         out,
     )
         .into_response()
@@ -400,7 +442,10 @@ async fn count_requests(State(st): State<Arc<HubState>>, req: Request, next: Nex
     let resp = next.run(req).await;
     st.metrics
         .api_requests
-        .get_or_create(&vec![("code".to_string(), resp.status().as_u16().to_string())])
+        .get_or_create(&vec![(
+            "code".to_string(),
+            resp.status().as_u16().to_string(),
+        )])
         .inc();
     resp
 }
@@ -436,6 +481,9 @@ pub fn router(state: Arc<HubState>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .fallback(not_found)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
         .with_state(state)
 }

@@ -149,7 +149,11 @@ impl Objects {
                 if obj.metadata.revision != 0 {
                     return Err(ApiError::new(
                         ErrorCode::NotFound,
-                        format!("{} '{}' no longer exists", S::KIND.to_lowercase(), obj.name()),
+                        format!(
+                            "{} '{}' no longer exists",
+                            S::KIND.to_lowercase(),
+                            obj.name()
+                        ),
                     ));
                 }
                 match self.create(obj.clone()).await {
@@ -159,7 +163,11 @@ impl Objects {
             };
             let current: Object<S> = decode(&kv)?;
             if obj.metadata.revision != 0 && obj.metadata.revision != current.metadata.revision {
-                return Err(conflict::<S>(obj.name(), obj.metadata.revision, current.metadata.revision));
+                return Err(conflict::<S>(
+                    obj.name(),
+                    obj.metadata.revision,
+                    current.metadata.revision,
+                ));
             }
             let mut next = current.clone();
             next.metadata.labels = obj.metadata.labels.clone();
@@ -187,7 +195,11 @@ impl Objects {
         }
         Err(ApiError::new(
             ErrorCode::Conflict,
-            format!("{} '{}' is changing too fast; try again", S::KIND.to_lowercase(), obj.name()),
+            format!(
+                "{} '{}' is changing too fast; try again",
+                S::KIND.to_lowercase(),
+                obj.name()
+            ),
         ))
     }
 
@@ -218,7 +230,10 @@ impl Objects {
         }
         Err(ApiError::new(
             ErrorCode::Conflict,
-            format!("{} '{name}' is changing too fast; try again", S::KIND.to_lowercase()),
+            format!(
+                "{} '{name}' is changing too fast; try again",
+                S::KIND.to_lowercase()
+            ),
         ))
     }
 
@@ -237,7 +252,11 @@ impl Objects {
 }
 
 fn conflict<S: Kind>(name: &str, want: u64, have: u64) -> ApiError {
-    let now = if have == 0 { String::new() } else { format!(" (now at {have})") };
+    let now = if have == 0 {
+        String::new()
+    } else {
+        format!(" (now at {have})")
+    };
     ApiError::new(
         ErrorCode::Conflict,
         format!(
@@ -250,7 +269,10 @@ fn conflict<S: Kind>(name: &str, want: u64, have: u64) -> ApiError {
 /// Parse a JSON request body as an object of kind `S`, naming the bad field on failure.
 pub fn parse_body<S: Kind>(body: &[u8]) -> Result<Object<S>, ApiError> {
     let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::new(ErrorCode::Invalid, format!("request body is not valid JSON: {e}"))
+        ApiError::new(
+            ErrorCode::Invalid,
+            format!("request body is not valid JSON: {e}"),
+        )
     })?;
     verge_api::manifest::from_value::<Object<S>>(value).map_err(|errs: FieldErrors| {
         let mut e = ApiError::invalid(errs);

@@ -56,13 +56,33 @@ impl Metrics {
             channel_rejected: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register("edges_connected", "Edges with a live channel", m.edges_connected.clone());
-        registry.register("api_requests", "REST API requests by status code", m.api_requests.clone());
-        registry.register("enrolments", "Edge enrolment attempts by result", m.enrolments.clone());
-        registry.register("placements", "Instances placed by the scheduler", m.placements.clone());
+        registry.register(
+            "edges_connected",
+            "Edges with a live channel",
+            m.edges_connected.clone(),
+        );
+        registry.register(
+            "api_requests",
+            "REST API requests by status code",
+            m.api_requests.clone(),
+        );
+        registry.register(
+            "enrolments",
+            "Edge enrolment attempts by result",
+            m.enrolments.clone(),
+        );
+        registry.register(
+            "placements",
+            "Instances placed by the scheduler",
+            m.placements.clone(),
+        );
         registry.register("instances", "Instances by phase", m.instances.clone());
         registry.register("nodes", "Nodes by phase", m.nodes.clone());
-        registry.register("store_revision", "Current store revision", m.store_revision.clone());
+        registry.register(
+            "store_revision",
+            "Current store revision",
+            m.store_revision.clone(),
+        );
         registry.register(
             "channel_rejected_frames",
             "Frames from edges refused as malformed or forbidden",
@@ -153,7 +173,9 @@ impl EdgeRegistry {
             .ok_or_else(|| {
                 ApiError::new(
                     ErrorCode::Unavailable,
-                    format!("node '{node}' is not connected to this hub; try again when it is Ready"),
+                    format!(
+                        "node '{node}' is not connected to this hub; try again when it is Ready"
+                    ),
                 )
             })?;
         let id = conn.next_request.fetch_add(1, Ordering::Relaxed);
@@ -162,7 +184,12 @@ impl EdgeRegistry {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, tx);
-        let gone = || ApiError::new(ErrorCode::Unavailable, format!("node '{node}' disconnected before answering"));
+        let gone = || {
+            ApiError::new(
+                ErrorCode::Unavailable,
+                format!("node '{node}' disconnected before answering"),
+            )
+        };
         conn.tx
             .send(HubToEdge::Request { id, body })
             .await

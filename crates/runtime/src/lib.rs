@@ -163,4 +163,3 @@ pub trait Runtime: Send + Sync + 'static {
     /// Stop it: ask politely, wait up to `grace`, then force.
     async fn stop(&self, record: &RunRecord, grace: Duration) -> Result<(), RuntimeError>;
 }
-

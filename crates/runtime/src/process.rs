@@ -121,10 +121,7 @@ impl Runtime for ProcessRuntime {
             };
             let _ = tx.send(Some(exit));
         });
-        Ok(Running {
-            record,
-            exited: rx,
-        })
+        Ok(Running { record, exited: rx })
     }
 
     async fn adopt(&self, _w: &Workload, record: &RunRecord) -> Option<Running> {
@@ -187,7 +184,10 @@ mod tests {
     #[tokio::test]
     async fn runs_logs_and_reports_exit_code() {
         let dir = tempfile::tempdir().expect("tmp");
-        let w = workload(dir.path(), &["/bin/sh", "-c", "echo out; echo err >&2; exit 3"]);
+        let w = workload(
+            dir.path(),
+            &["/bin/sh", "-c", "echo out; echo err >&2; exit 3"],
+        );
         let mut r = ProcessRuntime.start(&w).await.expect("start");
         assert_eq!(r.wait().await, Exit::Code(3));
         let log = std::fs::read_to_string(w.log_path()).expect("log");
@@ -198,7 +198,10 @@ mod tests {
     async fn stop_escalates_to_sigkill_and_adopt_finds_live_process() {
         let dir = tempfile::tempdir().expect("tmp");
         // Ignores SIGTERM, so only SIGKILL ends it.
-        let w = workload(dir.path(), &["/bin/sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"]);
+        let w = workload(
+            dir.path(),
+            &["/bin/sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"],
+        );
         let r = ProcessRuntime.start(&w).await.expect("start");
         tokio::time::sleep(Duration::from_millis(100)).await;
         let adopted = ProcessRuntime.adopt(&w, &r.record).await;

@@ -126,7 +126,10 @@ pub struct Unschedulable {
 impl fmt::Display for Unschedulable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.total == 0 {
-            return write!(f, "0/0 nodes fit: no nodes are registered; enrol an edge with `verge edge --join-token ...`");
+            return write!(
+                f,
+                "0/0 nodes fit: no nodes are registered; enrol an edge with `verge edge --join-token ...`"
+            );
         }
         write!(f, "0/{} nodes fit: ", self.total)?;
         let mut by_count: Vec<_> = self.reasons.iter().collect();
@@ -229,10 +232,17 @@ mod tests {
 
     #[test]
     fn explains_why_nothing_fits() {
-        let mut nodes = vec![node("a", 1000, 100), node("b", 1000, 100), node("c", 1000, 1000)];
+        let mut nodes = vec![
+            node("a", 1000, 100),
+            node("b", 1000, 100),
+            node("c", 1000, 1000),
+        ];
         nodes[2].ready = false;
         let err = first_fit(&nodes, &req(100, 500)).expect_err("nothing fits");
-        assert_eq!(err.to_string(), "0/3 nodes fit: 2 insufficient memory, 1 not ready");
+        assert_eq!(
+            err.to_string(),
+            "0/3 nodes fit: 2 insufficient memory, 1 not ready"
+        );
         let mut r = req(1, 1);
         r.region = Some("us".into());
         assert_eq!(

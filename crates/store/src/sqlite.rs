@@ -404,54 +404,51 @@ fn read_history(
         )
         .map_err(backend)?;
     let rows = stmt
-        .query_map(
-            params![from as i64, prefix, end, to as i64],
-            |r| {
-                let rev = r.get::<_, i64>(0)? as u64;
-                let key: String = r.get(1)?;
-                let value: Vec<u8> = r.get(2)?;
-                let create_revision = r.get::<_, i64>(3)? as u64;
-                let version = r.get::<_, i64>(4)? as u64;
-                let prev_rev: Option<i64> = r.get(5)?;
-                let deleted: i64 = r.get(6)?;
-                let prev_value: Option<Vec<u8>> = r.get(7)?;
-                let prev_version: Option<i64> = r.get(8)?;
-                Ok(if deleted == 1 {
-                    delete_event(
-                        &key,
-                        rev,
-                        KeyValue {
+        .query_map(params![from as i64, prefix, end, to as i64], |r| {
+            let rev = r.get::<_, i64>(0)? as u64;
+            let key: String = r.get(1)?;
+            let value: Vec<u8> = r.get(2)?;
+            let create_revision = r.get::<_, i64>(3)? as u64;
+            let version = r.get::<_, i64>(4)? as u64;
+            let prev_rev: Option<i64> = r.get(5)?;
+            let deleted: i64 = r.get(6)?;
+            let prev_value: Option<Vec<u8>> = r.get(7)?;
+            let prev_version: Option<i64> = r.get(8)?;
+            Ok(if deleted == 1 {
+                delete_event(
+                    &key,
+                    rev,
+                    KeyValue {
+                        key: key.clone(),
+                        value,
+                        create_revision,
+                        mod_revision: prev_rev.unwrap_or(0) as u64,
+                        version,
+                    },
+                )
+            } else {
+                Event {
+                    kind: EventKind::Put,
+                    prev_kv: match (prev_rev, prev_value) {
+                        (Some(pr), Some(pv)) => Some(KeyValue {
                             key: key.clone(),
-                            value,
+                            value: pv,
                             create_revision,
-                            mod_revision: prev_rev.unwrap_or(0) as u64,
-                            version,
-                        },
-                    )
-                } else {
-                    Event {
-                        kind: EventKind::Put,
-                        prev_kv: match (prev_rev, prev_value) {
-                            (Some(pr), Some(pv)) => Some(KeyValue {
-                                key: key.clone(),
-                                value: pv,
-                                create_revision,
-                                mod_revision: pr as u64,
-                                version: prev_version.unwrap_or(0) as u64,
-                            }),
-                            _ => None,
-                        },
-                        kv: KeyValue {
-                            key,
-                            value,
-                            create_revision,
-                            mod_revision: rev,
-                            version,
-                        },
-                    }
-                })
-            },
-        )
+                            mod_revision: pr as u64,
+                            version: prev_version.unwrap_or(0) as u64,
+                        }),
+                        _ => None,
+                    },
+                    kv: KeyValue {
+                        key,
+                        value,
+                        create_revision,
+                        mod_revision: rev,
+                        version,
+                    },
+                }
+            })
+        })
         .map_err(backend)?;
     let mut batches: Vec<WatchBatch> = Vec::new();
     for ev in rows {

@@ -1,7 +1,7 @@
 //! Behaviour of the SQLite store: revisions, CAS, range, watch, compaction, durability.
 
 use proptest::prelude::*;
-use verge_store::{EventKind, SqliteStore, Store, StoreError, StoreExt, Txn, Op, Compare};
+use verge_store::{Compare, EventKind, Op, SqliteStore, Store, StoreError, StoreExt, Txn};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -24,17 +24,33 @@ fn revisions_and_compare_and_swap() {
         assert!(!r.succeeded);
         assert_eq!(s.revision().await.expect("rev"), 1);
         // Updating with the right mod revision works; with a stale one it fails.
-        assert!(s.put("/a", b"2".to_vec(), Some(1)).await.expect("put").succeeded);
-        assert!(!s.put("/a", b"3".to_vec(), Some(1)).await.expect("put").succeeded);
+        assert!(
+            s.put("/a", b"2".to_vec(), Some(1))
+                .await
+                .expect("put")
+                .succeeded
+        );
+        assert!(
+            !s.put("/a", b"3".to_vec(), Some(1))
+                .await
+                .expect("put")
+                .succeeded
+        );
         let kv = s.get("/a").await.expect("get").expect("exists");
         assert_eq!(kv.value, b"2");
         assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (1, 2, 2));
         // A multi-key transaction gets one revision.
         let t = s
             .txn(Txn {
-                compares: vec![Compare { key: "/a".into(), mod_revision: 2 }],
+                compares: vec![Compare {
+                    key: "/a".into(),
+                    mod_revision: 2,
+                }],
                 ops: vec![
-                    Op::Put { key: "/b".into(), value: b"b".to_vec() },
+                    Op::Put {
+                        key: "/b".into(),
+                        value: b"b".to_vec(),
+                    },
                     Op::Delete { key: "/a".into() },
                 ],
             })
@@ -62,7 +78,9 @@ fn survives_reopen_with_every_revision() {
         {
             let s = SqliteStore::open(&path).expect("open");
             for i in 0..50 {
-                s.put(&format!("/k/{}", i % 7), vec![i as u8], None).await.expect("put");
+                s.put(&format!("/k/{}", i % 7), vec![i as u8], None)
+                    .await
+                    .expect("put");
             }
             s.delete("/k/3", None).await.expect("delete");
         }
@@ -90,13 +108,22 @@ fn compacted_history_is_a_clear_error() {
         }
         s.compact(8).await.expect("compact");
         let err = s.watch("/", 3).await.expect_err("compacted");
-        assert!(matches!(err, StoreError::Compacted { requested: 3, compact_revision: 8 }));
+        assert!(matches!(
+            err,
+            StoreError::Compacted {
+                requested: 3,
+                compact_revision: 8
+            }
+        ));
         assert!(err.to_string().contains("list again"));
         // From the compaction point itself, history is complete, with prev_kv.
         let mut w = s.watch("/", 8).await.expect("watch");
         let b = w.recv().await.expect("open").expect("ok");
         assert_eq!(b.revision, 8);
-        assert_eq!(b.events[0].prev_kv.as_ref().map(|p| p.mod_revision), Some(7));
+        assert_eq!(
+            b.events[0].prev_kv.as_ref().map(|p| p.mod_revision),
+            Some(7)
+        );
     });
 }
 

@@ -112,7 +112,10 @@ pub async fn read_msg<T: DeserializeOwned, R: AsyncRead + Unpin>(
 }
 
 /// Encode and write one message, then flush.
-pub async fn write_msg<T: Serialize, W: AsyncWrite + Unpin>(w: &mut W, msg: &T) -> Result<(), FrameError> {
+pub async fn write_msg<T: Serialize, W: AsyncWrite + Unpin>(
+    w: &mut W,
+    msg: &T,
+) -> Result<(), FrameError> {
     let frame = encode(msg)?;
     w.write_all(&frame).await?;
     w.flush().await?;
@@ -134,7 +137,10 @@ mod tests {
 
     #[test]
     fn garbage_body_is_malformed_not_a_panic() {
-        assert!(matches!(decode::<EdgeToHub>(b"\xff\x00{"), Err(FrameError::Malformed(_))));
+        assert!(matches!(
+            decode::<EdgeToHub>(b"\xff\x00{"),
+            Err(FrameError::Malformed(_))
+        ));
         assert!(matches!(
             decode::<EdgeToHub>(br#"{"type":"noSuchMessage"}"#),
             Err(FrameError::Malformed(_))

@@ -198,7 +198,8 @@ pub fn new_node_key_and_csr(node_name: &str) -> Result<(String, String), PkiErro
 
 /// SHA-256 of the DER of the first certificate in `pem`, lowercase hex.
 pub fn pem_fingerprint(pem: &str) -> Result<String, PkiError> {
-    let der = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| parse_err("certificate", e))?;
+    let der =
+        CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| parse_err("certificate", e))?;
     Ok(der_fingerprint(&der))
 }
 
@@ -220,13 +221,22 @@ pub fn node_name_from_cert(der: &[u8]) -> Option<String> {
     if org != NODE_ORG {
         return None;
     }
-    Some(subject.iter_common_name().next()?.as_str().ok()?.to_string())
+    Some(
+        subject
+            .iter_common_name()
+            .next()?
+            .as_str()
+            .ok()?
+            .to_string(),
+    )
 }
 
 /// When a certificate (PEM) expires.
 pub fn cert_not_after(pem: &str) -> Result<OffsetDateTime, PkiError> {
-    let der = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| parse_err("certificate", e))?;
-    let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| parse_err("certificate", e))?;
+    let der =
+        CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| parse_err("certificate", e))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(&der).map_err(|e| parse_err("certificate", e))?;
     Ok(cert.validity().not_after.to_datetime())
 }
 
@@ -308,7 +318,9 @@ mod tests {
         crate::install_crypto_provider();
         let ca = CertAuthority::generate("test-ca").expect("ca");
         let (_key, csr) = new_node_key_and_csr("evil-name").expect("csr");
-        let cert = ca.sign_node_csr(&csr, "edge-1", Duration::days(1)).expect("sign");
+        let cert = ca
+            .sign_node_csr(&csr, "edge-1", Duration::days(1))
+            .expect("sign");
         let der = CertificateDer::from_pem_slice(cert.as_bytes()).expect("pem");
         assert_eq!(node_name_from_cert(&der).as_deref(), Some("edge-1"));
         assert!(cert_not_after(&cert).expect("date") > OffsetDateTime::now_utc());

@@ -6,8 +6,8 @@
 
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -77,9 +77,7 @@ fn key(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
 fn roots(ca_pem: &str) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for c in certs(ca_pem, "CA certificate")? {
-        roots
-            .add(c)
-            .map_err(|e| TlsError::Config(e.to_string()))?;
+        roots.add(c).map_err(|e| TlsError::Config(e.to_string()))?;
     }
     Ok(roots)
 }
@@ -95,10 +93,11 @@ pub fn server_config(
     server: &Issued,
     alpn: &[&[u8]],
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider())
-        .allow_unauthenticated()
-        .build()
-        .map_err(cfg_err)?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider())
+            .allow_unauthenticated()
+            .build()
+            .map_err(cfg_err)?;
     let mut chain = certs(&server.cert_pem, "server certificate")?;
     chain.extend(certs(ca_pem, "CA certificate")?);
     let mut cfg = ServerConfig::builder_with_provider(provider())
@@ -133,7 +132,10 @@ pub fn client_config(
 
 /// First-contact config: trust the hub only if its chain contains a CA whose SHA-256
 /// fingerprint is `ca_fingerprint` and its certificate verifies against that CA.
-pub fn pinned_client_config(ca_fingerprint: &str, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, TlsError> {
+pub fn pinned_client_config(
+    ca_fingerprint: &str,
+    alpn: &[&[u8]],
+) -> Result<Arc<ClientConfig>, TlsError> {
     let verifier = Arc::new(PinnedCaVerifier {
         fingerprint: ca_fingerprint.to_ascii_lowercase(),
         provider: provider(),
@@ -173,9 +175,10 @@ impl ServerCertVerifier for PinnedCaVerifier {
             })?;
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
-        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-            .build()
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let inner =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
         inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
     }
 
@@ -254,12 +257,16 @@ mod tests {
         let ca = CertAuthority::generate("hub").expect("ca");
         let server = ca.issue_server(&[]).expect("server");
         let scfg = server_config(ca.cert_pem(), &server, &[b"x"]).expect("server cfg");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
         tokio::spawn(async move {
             let acceptor = tokio_rustls::TlsAcceptor::from(scfg);
             loop {
-                let Ok((s, _)) = listener.accept().await else { return };
+                let Ok((s, _)) = listener.accept().await else {
+                    return;
+                };
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let _ = acceptor.accept(s).await;
@@ -270,7 +277,9 @@ mod tests {
         dial(&addr, good).await.expect("right fingerprint connects");
         let other = CertAuthority::generate("other").expect("ca");
         let bad = pinned_client_config(&other.fingerprint(), &[b"x"]).expect("cfg");
-        let err = dial(&addr, bad).await.expect_err("wrong fingerprint refused");
+        let err = dial(&addr, bad)
+            .await
+            .expect_err("wrong fingerprint refused");
         let chain = format!("{:?}", std::error::Error::source(&err));
         assert!(chain.contains("fingerprint"), "{chain}");
     }

@@ -44,7 +44,11 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         .enable_all()
         .build()?;
     match cmd {
-        BenchCommand::Store { writes, writers, output } => rt.block_on(store(writes, writers, &output)),
+        BenchCommand::Store {
+            writes,
+            writers,
+            output,
+        } => rt.block_on(store(writes, writers, &output)),
         BenchCommand::Idle { seconds, output } => rt.block_on(idle(seconds, &output)),
     }
 }
@@ -77,7 +81,8 @@ async fn store(writes: usize, writers: usize, output: &str) -> Result<()> {
     // One writer, each write waits for its commit (as a single API client would).
     let t = Instant::now();
     for i in 0..writes {
-        s.put(&format!("/bench/seq/{i}"), value.clone(), Some(0)).await?;
+        s.put(&format!("/bench/seq/{i}"), value.clone(), Some(0))
+            .await?;
     }
     let sequential = t.elapsed();
     // Many writers: the writer thread commits them in groups.
@@ -90,7 +95,8 @@ async fn store(writes: usize, writers: usize, output: &str) -> Result<()> {
         let per = writes / writers;
         tasks.spawn(async move {
             for i in 0..per {
-                s.put(&format!("/bench/par/{w}/{i}"), value.clone(), Some(0)).await?;
+                s.put(&format!("/bench/par/{w}/{i}"), value.clone(), Some(0))
+                    .await?;
             }
             Ok::<_, verge_store::StoreError>(())
         });
@@ -161,7 +167,9 @@ async fn idle(seconds: u64, output: &str) -> Result<()> {
     let conf = dir.join("hub").join("admin.conf");
     let client = wait_for_hub(&conf, &mut hub, &hub_log).await?;
     let url = verge_hub::ClientConfig::load(&conf)?.server;
-    let token: serde_json::Value = client.post("/v1/tokens", &serde_json::json!({"uses": 1})).await?;
+    let token: serde_json::Value = client
+        .post("/v1/tokens", &serde_json::json!({"uses": 1}))
+        .await?;
     let mut edge = spawn_self(
         &[
             "edge".into(),
@@ -184,7 +192,9 @@ async fn idle(seconds: u64, output: &str) -> Result<()> {
     // Wait for the edge to be Ready, then idle.
     let mut ready = false;
     for _ in 0..200 {
-        if let Ok(v) = client.get::<serde_json::Value>("/v1/nodes/bench-edge").await
+        if let Ok(v) = client
+            .get::<serde_json::Value>("/v1/nodes/bench-edge")
+            .await
             && v["status"]["phase"] == "Ready"
         {
             ready = true;

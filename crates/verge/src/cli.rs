@@ -69,12 +69,19 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 fn dash(s: &str) -> String {
-    if s.is_empty() { "-".into() } else { s.to_string() }
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.to_string()
+    }
 }
 
 fn node_rows(nodes: &[Node], wide: bool) -> (Vec<&'static str>, Vec<Vec<String>>) {
-    let label = |n: &Node, k: &str| dash(n.metadata.labels.get(k).map(String::as_str).unwrap_or(""));
-    let mut header = vec!["NAME", "STATUS", "REGION", "TIER", "CPU", "MEMORY", "AGE", "VERSION"];
+    let label =
+        |n: &Node, k: &str| dash(n.metadata.labels.get(k).map(String::as_str).unwrap_or(""));
+    let mut header = vec![
+        "NAME", "STATUS", "REGION", "TIER", "CPU", "MEMORY", "AGE", "VERSION",
+    ];
     if wide {
         header.extend(["CITY", "ISP", "ARCH", "KERNEL", "TRANSPORT", "MESSAGE"]);
     }
@@ -151,6 +158,46 @@ fn instance_rows(items: &[Instance], wide: bool) -> (Vec<&'static str>, Vec<Vec<
 #[derive(serde::Deserialize)]
 struct List<T> {
     items: Vec<T>,
+    #[serde(default)]
+    revision: u64,
+}
+
+/// `verge get KIND --watch`: print changes as they happen, one line each.
+pub async fn watch(client: &Client, kind: &str, output: Output) -> Result<()> {
+    use futures_util::StreamExt;
+    let plural = kind_or_bail(kind)?;
+    let list: List<serde_json::Value> = client.get(&format!("/v1/{plural}")).await?;
+    let mut resp = client
+        .stream(&format!(
+            "/v1/{plural}?watch=true&revision={}",
+            list.revision
+        ))
+        .await?
+        .bytes_stream();
+    let mut buf = Vec::new();
+    while let Some(chunk) = resp.next().await {
+        buf.extend_from_slice(&chunk.context("watch stream broke")?);
+        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            let ev: serde_json::Value = serde_json::from_slice(&line)?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string(&ev)?);
+                continue;
+            }
+            let o = &ev["object"];
+            let phase = o["status"]["phase"].as_str().unwrap_or("-");
+            let node = o["status"]["node"].as_str().unwrap_or("-");
+            println!(
+                "{:<7} {:<8} {}/{} {phase} {}",
+                ev["type"].as_str().unwrap_or("?"),
+                ev["revision"],
+                &plural[..plural.len() - 1],
+                o["metadata"]["name"].as_str().unwrap_or("?"),
+                if plural == "instances" { node } else { "" },
+            );
+        }
+    }
+    Ok(())
 }
 
 fn print_values(values: &[serde_json::Value], output: Output) -> Result<()> {
@@ -167,7 +214,12 @@ pub async fn get(client: &Client, kind: &str, name: Option<&str>, output: Output
     let plural = kind_or_bail(kind)?;
     let values: Vec<serde_json::Value> = match name {
         Some(n) => vec![client.get(&format!("/v1/{plural}/{n}")).await?],
-        None => client.get::<List<serde_json::Value>>(&format!("/v1/{plural}")).await?.items,
+        None => {
+            client
+                .get::<List<serde_json::Value>>(&format!("/v1/{plural}"))
+                .await?
+                .items
+        }
     };
     if matches!(output, Output::Json | Output::Yaml) {
         return print_values(&values, output);
@@ -214,7 +266,9 @@ pub fn read_manifests(source: &str) -> Result<Vec<(String, Manifest)>> {
     let mut texts = Vec::new();
     if source == "-" {
         let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s).context("reading stdin")?;
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading stdin")?;
         texts.push(("<stdin>".to_string(), s));
     } else {
         let path = Path::new(source);
@@ -222,7 +276,10 @@ pub fn read_manifests(source: &str) -> Result<Vec<(String, Manifest)>> {
         if path.is_dir() {
             for e in std::fs::read_dir(path).with_context(|| format!("reading {source}"))? {
                 let p = e?.path();
-                if matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")) {
+                if matches!(
+                    p.extension().and_then(|e| e.to_str()),
+                    Some("yaml" | "yml" | "json")
+                ) {
                     files.push(p);
                 }
             }
@@ -231,7 +288,8 @@ pub fn read_manifests(source: &str) -> Result<Vec<(String, Manifest)>> {
             files.push(path.to_path_buf());
         }
         for f in files {
-            let text = std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+            let text =
+                std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
             texts.push((f.display().to_string(), text));
         }
     }
@@ -253,7 +311,9 @@ pub async fn apply_one(client: &Client, m: &Manifest) -> Result<&'static str> {
     if let Some(obj) = body.as_object_mut() {
         obj.remove("status");
     }
-    let (code, _) = client.put(&format!("/v1/{plural}/{}", m.name()), &body).await?;
+    let (code, _) = client
+        .put(&format!("/v1/{plural}/{}", m.name()), &body)
+        .await?;
     Ok(if code == 201 { "created" } else { "configured" })
 }
 
@@ -281,13 +341,20 @@ pub async fn delete(client: &Client, kind: &str, name: &str) -> Result<()> {
 /// `verge logs INSTANCE`.
 pub async fn logs(client: &Client, name: &str, tail: Option<u64>) -> Result<()> {
     let q = tail.map(|t| format!("?tail={t}")).unwrap_or_default();
-    let text = client.get_text(&format!("/v1/instances/{name}/logs{q}")).await?;
+    let text = client
+        .get_text(&format!("/v1/instances/{name}/logs{q}"))
+        .await?;
     print!("{text}");
     Ok(())
 }
 
 /// `verge token create`.
-pub async fn token_create(client: &Client, uses: u32, ttl: Option<u64>, description: &str) -> Result<()> {
+pub async fn token_create(
+    client: &Client,
+    uses: u32,
+    ttl: Option<u64>,
+    description: &str,
+) -> Result<()> {
     let body = serde_json::json!({"uses": uses, "ttlSeconds": ttl, "description": description});
     let v: serde_json::Value = client.post("/v1/tokens", &body).await?;
     println!("{}", v["token"].as_str().unwrap_or_default());

@@ -15,7 +15,8 @@ pub fn config_path(flag: Option<PathBuf>) -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("VERGE_CONFIG").filter(|p| !p.is_empty()) {
         return Ok(PathBuf::from(p));
     }
-    let home = std::env::var_os("HOME").ok_or_else(|| anyhow!("$HOME is not set; pass --config FILE"))?;
+    let home =
+        std::env::var_os("HOME").ok_or_else(|| anyhow!("$HOME is not set; pass --config FILE"))?;
     Ok(PathBuf::from(home).join(".verge").join("config"))
 }
 
@@ -55,11 +56,10 @@ impl Client {
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
-        let resp = req
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the hub at {}; is it running?", self.base))?;
+        let resp =
+            req.bearer_auth(&self.token).send().await.with_context(|| {
+                format!("cannot reach the hub at {}; is it running?", self.base)
+            })?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -88,14 +88,22 @@ impl Client {
     }
 
     /// PUT JSON, returning the status code and body.
-    pub async fn put(&self, path: &str, body: &serde_json::Value) -> Result<(u16, serde_json::Value)> {
+    pub async fn put(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<(u16, serde_json::Value)> {
         let r = self.send(self.http.put(self.url(path)).json(body)).await?;
         let code = r.status().as_u16();
         Ok((code, r.json().await.context("decoding hub response")?))
     }
 
     /// POST JSON.
-    pub async fn post<T: DeserializeOwned>(&self, path: &str, body: &serde_json::Value) -> Result<T> {
+    pub async fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<T> {
         let r = self.send(self.http.post(self.url(path)).json(body)).await?;
         r.json().await.context("decoding hub response")
     }

@@ -18,16 +18,49 @@ use crate::client::Client;
 
 /// The samples applied by `verge dev` (the same files as `examples/`).
 pub const SAMPLES: &[(&str, &str)] = &[
-    ("hello-process.yaml", include_str!("../../../examples/hello-process.yaml")),
-    ("near-edge-ticker.yaml", include_str!("../../../examples/near-edge-ticker.yaml")),
-    ("one-shot-job.yaml", include_str!("../../../examples/one-shot-job.yaml")),
+    (
+        "hello-process.yaml",
+        include_str!("../../../examples/hello-process.yaml"),
+    ),
+    (
+        "near-edge-ticker.yaml",
+        include_str!("../../../examples/near-edge-ticker.yaml"),
+    ),
+    (
+        "one-shot-job.yaml",
+        include_str!("../../../examples/one-shot-job.yaml"),
+    ),
 ];
 
 /// The simulated sites of the dev edges: name and labels.
 const EDGES: &[(&str, &[(&str, &str)])] = &[
-    ("edge-1", &[("region", "eu-west"), ("city", "paris"), ("isp", "orange"), ("tier", "near")]),
-    ("edge-2", &[("region", "eu-west"), ("city", "lyon"), ("isp", "free"), ("tier", "onsite")]),
-    ("edge-3", &[("region", "ap-south"), ("city", "mumbai"), ("isp", "jio"), ("tier", "cloud")]),
+    (
+        "edge-1",
+        &[
+            ("region", "eu-west"),
+            ("city", "paris"),
+            ("isp", "orange"),
+            ("tier", "near"),
+        ],
+    ),
+    (
+        "edge-2",
+        &[
+            ("region", "eu-west"),
+            ("city", "lyon"),
+            ("isp", "free"),
+            ("tier", "onsite"),
+        ],
+    ),
+    (
+        "edge-3",
+        &[
+            ("region", "ap-south"),
+            ("city", "mumbai"),
+            ("isp", "jio"),
+            ("tier", "cloud"),
+        ],
+    ),
 ];
 
 /// Arguments of `verge dev`.
@@ -72,9 +105,15 @@ pub fn spawn_self(args: &[String], log: &Path) -> Result<Child> {
 /// Send SIGTERM and wait (up to 15 s, then SIGKILL).
 pub async fn stop_child(child: &mut Child) {
     if let Some(pid) = child.id() {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
     }
-    if tokio::time::timeout(Duration::from_secs(15), child.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .is_err()
+    {
         let _ = child.kill().await;
     }
 }
@@ -83,7 +122,11 @@ pub async fn stop_child(child: &mut Child) {
 pub async fn wait_for_hub(conf: &Path, child: &mut Child, log: &Path) -> Result<Client> {
     for _ in 0..300 {
         if let Ok(Some(status)) = child.try_wait() {
-            bail!("the hub exited ({status}); see {}:\n{}", log.display(), tail_file(log));
+            bail!(
+                "the hub exited ({status}); see {}:\n{}",
+                log.display(),
+                tail_file(log)
+            );
         }
         if let Ok(cfg) = ClientConfig::load(conf)
             && let Ok(client) = Client::new(&cfg)
@@ -122,7 +165,10 @@ fn install_cli_config(conf: &Path) -> Result<Option<PathBuf>> {
 
 /// Run the all-in-one.
 pub async fn run(args: DevArgs) -> Result<()> {
-    let dir = args.data_dir.clone().unwrap_or_else(|| home().join(".verge").join("dev"));
+    let dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| home().join(".verge").join("dev"));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
     let hub_dir = dir.join("hub");
@@ -162,7 +208,11 @@ pub async fn run(args: DevArgs) -> Result<()> {
             for m in parse_manifests(text).map_err(|e| anyhow::anyhow!("{file}: {e}"))? {
                 let what = cli::apply_one(&client, &m).await?;
                 let Manifest::Instance(_) = &m else { continue };
-                println!("  applied examples/{file}: {}/{} {what}", m.kind().to_lowercase(), m.name());
+                println!(
+                    "  applied examples/{file}: {}/{} {what}",
+                    m.kind().to_lowercase(),
+                    m.name()
+                );
             }
         }
         // Give the samples a moment to start so the summary shows them running.
@@ -197,7 +247,13 @@ pub async fn run(args: DevArgs) -> Result<()> {
     Ok(())
 }
 
-async fn start_edges(args: &DevArgs, dir: &Path, url: &str, client: &Client, edges: &mut Vec<Child>) -> Result<()> {
+async fn start_edges(
+    args: &DevArgs,
+    dir: &Path,
+    url: &str,
+    client: &Client,
+    edges: &mut Vec<Child>,
+) -> Result<()> {
     let _ = args;
     for (name, labels) in EDGES {
         let edge_dir = dir.join(name);
@@ -217,7 +273,10 @@ async fn start_edges(args: &DevArgs, dir: &Path, url: &str, client: &Client, edg
         }
         if !edge_dir.join("identity").join("node.crt").exists() {
             let t: serde_json::Value = client
-                .post("/v1/tokens", &serde_json::json!({"uses": 1, "description": format!("verge dev {name}")}))
+                .post(
+                    "/v1/tokens",
+                    &serde_json::json!({"uses": 1, "description": format!("verge dev {name}")}),
+                )
                 .await?;
             argv.push("--join-token".into());
             argv.push(t["token"].as_str().unwrap_or_default().to_string());
@@ -229,7 +288,12 @@ async fn start_edges(args: &DevArgs, dir: &Path, url: &str, client: &Client, edg
         for (i, e) in edges.iter_mut().enumerate() {
             if let Ok(Some(status)) = e.try_wait() {
                 let log = dir.join(format!("{}.log", EDGES[i].0));
-                bail!("edge {} exited ({status}); see {}:\n{}", EDGES[i].0, log.display(), tail_file(&log));
+                bail!(
+                    "edge {} exited ({status}); see {}:\n{}",
+                    EDGES[i].0,
+                    log.display(),
+                    tail_file(&log)
+                );
             }
         }
         #[derive(serde::Deserialize)]
@@ -240,7 +304,9 @@ async fn start_edges(args: &DevArgs, dir: &Path, url: &str, client: &Client, edg
             let ready = l
                 .items
                 .iter()
-                .filter(|n| n.status.phase == NodePhase::Ready && EDGES.iter().any(|(e, _)| *e == n.name()))
+                .filter(|n| {
+                    n.status.phase == NodePhase::Ready && EDGES.iter().any(|(e, _)| *e == n.name())
+                })
                 .count();
             if ready == EDGES.len() {
                 return Ok(());
@@ -248,5 +314,8 @@ async fn start_edges(args: &DevArgs, dir: &Path, url: &str, client: &Client, edg
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    bail!("the dev edges did not become Ready within 30s; see {}/edge-*.log", dir.display())
+    bail!(
+        "the dev edges did not become Ready within 30s; see {}/edge-*.log",
+        dir.display()
+    )
 }

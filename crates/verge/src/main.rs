@@ -19,7 +19,11 @@ use clap::{Parser, Subcommand};
 use verge_api::{Bytes, Cpu};
 
 #[derive(Parser)]
-#[command(name = "verge", version, about = "Verge: run thousands of edge sites as one cloud")]
+#[command(
+    name = "verge",
+    version,
+    about = "Verge: run thousands of edge sites as one cloud"
+)]
 struct Args {
     /// CLI config (hub URL, CA, token). Default: $VERGE_CONFIG, then ~/.verge/config.
     #[arg(long, global = true)]
@@ -89,6 +93,9 @@ enum Command {
         /// Output format.
         #[arg(short, long, value_enum, default_value = "table")]
         output: cli::Output,
+        /// After listing, print changes as they happen.
+        #[arg(short, long)]
+        watch: bool,
     },
     /// Show one object in full.
     Describe {
@@ -161,7 +168,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => Duration::from_secs(n * 60),
         "h" => Duration::from_secs(n * 3600),
         "d" => Duration::from_secs(n * 86_400),
-        _ => return Err(format!("'{s}': unknown unit '{unit}'; use ms, s, m, h or d")),
+        _ => {
+            return Err(format!(
+                "'{s}': unknown unit '{unit}'; use ms, s, m, h or d"
+            ));
+        }
     })
 }
 
@@ -177,6 +188,7 @@ fn init_tracing(default: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
 }
@@ -196,7 +208,18 @@ pub async fn shutdown_signal() {
     }
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    match real_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The whole chain, one line, no backtrace: errors here are for operators.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
     let args = Args::parse();
     match args.command {
         Command::Hub {
@@ -240,10 +263,14 @@ fn main() -> Result<()> {
         } => {
             init_tracing("info");
             if !verge_api::validate::is_dns_label(&name) {
-                bail!("--name '{name}': node names are 1-63 lowercase letters, digits or '-' (e.g. edge-paris-1)");
+                bail!(
+                    "--name '{name}': node names are 1-63 lowercase letters, digits or '-' (e.g. edge-paris-1)"
+                );
             }
             // One thread: the agent is mostly idle, and every thread costs memory.
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(async {
                 let config = verge_edge::EdgeConfig {
                     hub,
@@ -257,7 +284,10 @@ fn main() -> Result<()> {
                 };
                 let runtime = Arc::new(verge_runtime::process::ProcessRuntime);
                 verge_edge::run(config, runtime, shutdown_signal(), |m| {
-                    println!("edge ready metrics={}", m.map_or("off".into(), |a| a.to_string()));
+                    println!(
+                        "edge ready metrics={}",
+                        m.map_or("off".into(), |a| a.to_string())
+                    );
                 })
                 .await?;
                 Ok(())
@@ -279,19 +309,37 @@ fn main() -> Result<()> {
 }
 
 fn cli_runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }
 
 async fn run_cli(config: Option<PathBuf>, command: Command) -> Result<()> {
     let client = client::Client::from_flag(config)?;
     match command {
-        Command::Get { kind, name, output } => cli::get(&client, &kind, name.as_deref(), output).await,
+        Command::Get {
+            kind,
+            name,
+            output,
+            watch,
+        } => {
+            cli::get(&client, &kind, name.as_deref(), output).await?;
+            if watch {
+                cli::watch(&client, &kind, output).await?;
+            }
+            Ok(())
+        }
         Command::Describe { kind, name } => cli::describe(&client, &kind, &name).await,
         Command::Apply { file } => cli::apply(&client, &file).await,
         Command::Delete { kind, name } => cli::delete(&client, &kind, &name).await,
         Command::Logs { instance, tail } => cli::logs(&client, &instance, tail).await,
         Command::Token {
-            command: TokenCommand::Create { uses, ttl, description },
+            command:
+                TokenCommand::Create {
+                    uses,
+                    ttl,
+                    description,
+                },
         } => cli::token_create(&client, uses, Some(ttl.as_secs()), &description).await,
         Command::Hub { .. } | Command::Edge { .. } | Command::Dev(_) | Command::Bench { .. } => {
             unreachable!("dispatched in main")

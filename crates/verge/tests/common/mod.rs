@@ -1,0 +1,359 @@
+//! Test kit: start real `verge hub` and `verge edge` processes on loopback, drive them
+//! with the real CLI, and wait for conditions without sleeping blindly.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_verge");
+
+/// A free loopback port (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Poll `f` until it returns Some or `timeout` passes.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A child process killed when dropped, with its output in a log file.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    pub fn term(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn(args: &[&str], log: &Path, ready_prefix: &str) -> (Proc, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .process_group(0)
+        .spawn()
+        .expect("spawn verge");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let mut proc = Proc {
+        child,
+        log: log.to_path_buf(),
+    };
+    let line = loop {
+        match lines.next() {
+            Some(Ok(l)) if l.starts_with(ready_prefix) => break l,
+            Some(Ok(_)) => continue,
+            _ => {
+                let status = proc.exited();
+                panic!(
+                    "{args:?} exited before ready ({status:?}):\n{}",
+                    proc.log_text()
+                );
+            }
+        }
+    };
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (proc, line)
+}
+
+use std::os::unix::process::CommandExt;
+
+/// A running hub.
+pub struct Hub {
+    pub proc: Proc,
+    pub dir: PathBuf,
+    pub port: u16,
+    pub url: String,
+}
+
+impl Hub {
+    pub fn start(dir: &Path) -> Hub {
+        Self::start_on(dir, free_port())
+    }
+
+    pub fn start_on(dir: &Path, port: u16) -> Hub {
+        std::fs::create_dir_all(dir).expect("dir");
+        let listen = format!("127.0.0.1:{port}");
+        let data = dir.join("hub");
+        let log = dir.join(format!("hub-{}.log", rand_suffix()));
+        let (proc, _) = spawn(
+            &[
+                "hub",
+                "--listen",
+                &listen,
+                "--data-dir",
+                data.to_str().expect("utf8"),
+                "--node-grace",
+                "3s",
+                "--heartbeat",
+                "500ms",
+            ],
+            &log,
+            "hub ready",
+        );
+        Hub {
+            proc,
+            dir: dir.to_path_buf(),
+            port,
+            url: format!("https://127.0.0.1:{port}"),
+        }
+    }
+
+    pub fn admin_conf(&self) -> PathBuf {
+        self.dir.join("hub").join("admin.conf")
+    }
+
+    /// Run the CLI against this hub.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        cli_with(&self.admin_conf(), args, None)
+    }
+
+    /// Run the CLI and require success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "verge {args:?} failed:\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn apply(&self, manifest: &str) -> Output {
+        cli_with(&self.admin_conf(), &["apply", "-f", "-"], Some(manifest))
+    }
+
+    pub fn token(&self, uses: u32) -> String {
+        self.ok(&["token", "create", "--uses", &uses.to_string()])
+            .trim()
+            .to_string()
+    }
+
+    /// `verge get KIND NAME -o json` as JSON (None if it fails).
+    pub fn get_json(&self, kind: &str, name: &str) -> Option<serde_json::Value> {
+        let out = self.cli(&["get", kind, name, "-o", "json"]);
+        if !out.status.success() {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v.as_array()?.first().cloned()
+    }
+
+    pub fn list_json(&self, kind: &str) -> Vec<serde_json::Value> {
+        let out = self.ok(&["get", kind, "-o", "json"]);
+        serde_json::from_str::<Vec<serde_json::Value>>(&out).expect("json array")
+    }
+
+    pub fn wait_phase(
+        &self,
+        kind: &str,
+        name: &str,
+        phase: &str,
+        timeout: Duration,
+    ) -> serde_json::Value {
+        wait_for(&format!("{kind}/{name} to be {phase}"), timeout, || {
+            self.get_json(kind, name)
+                .filter(|v| v["status"]["phase"] == phase)
+        })
+    }
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+pub fn cli_with(conf: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--config").arg(conf).args(args);
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn cli");
+    if let Some(text) = stdin {
+        use std::io::Write;
+        let mut s = child.stdin.take().expect("stdin");
+        s.write_all(text.as_bytes()).expect("write stdin");
+    }
+    child.wait_with_output().expect("cli output")
+}
+
+/// A running edge agent.
+pub struct Edge {
+    pub proc: Proc,
+    pub name: String,
+    pub dir: PathBuf,
+    /// Where the agent serves /metrics.
+    pub metrics: String,
+}
+
+impl Edge {
+    pub fn start(hub: &Hub, name: &str, token: Option<&str>) -> Edge {
+        let dir = hub.dir.join(name);
+        Self::start_in(&hub.url, name, token, &dir)
+    }
+
+    pub fn start_in(url: &str, name: &str, token: Option<&str>, dir: &Path) -> Edge {
+        let log = dir.with_extension(format!("{}.log", rand_suffix()));
+        let mut args = vec![
+            "edge",
+            "--hub",
+            url,
+            "--name",
+            name,
+            "--data-dir",
+            dir.to_str().expect("utf8"),
+            "--cpu",
+            "2",
+            "--memory",
+            "4Gi",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--label",
+            "region=eu-west",
+            "--label",
+            "tier=near",
+        ];
+        if let Some(t) = token {
+            args.push("--join-token");
+            args.push(t);
+        }
+        let (proc, line) = spawn(&args, &log, "edge ready");
+        let metrics = line.trim_start_matches("edge ready metrics=").to_string();
+        Edge {
+            proc,
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+            metrics,
+        }
+    }
+
+    /// Start an edge expected to fail; returns its exit status and log.
+    pub fn start_failing(
+        url: &str,
+        name: &str,
+        token: &str,
+        dir: &Path,
+    ) -> (std::process::ExitStatus, String) {
+        let log = dir.with_extension("fail.log");
+        let mut child = Command::new(BIN)
+            .args([
+                "edge",
+                "--hub",
+                url,
+                "--name",
+                name,
+                "--data-dir",
+                dir.to_str().expect("utf8"),
+                "--join-token",
+                token,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn edge");
+        let status = wait_for("failing edge to exit", Duration::from_secs(20), || {
+            child.try_wait().ok().flatten()
+        });
+        (status, std::fs::read_to_string(&log).unwrap_or_default())
+    }
+}
+
+/// Pids of processes whose command line contains `marker`.
+pub fn pids_with(marker: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        // Skip zombies: they have exited.
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let zombie = state
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'));
+        if cmd.contains(marker) && !zombie {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// A manifest for a process instance whose command line carries `marker`.
+pub fn sleeper(name: &str, marker: &str) -> String {
+    format!(
+        "kind: Instance\nmetadata:\n  name: {name}\nspec:\n  form: process\n  process:\n    command: [\"/bin/sh\", \"-c\", \"echo started {marker}; while :; do sleep 1; done\"]\n  resources: {{cpu: 100m, memory: 16Mi}}\n  terminationGracePeriodSeconds: 2\n"
+    )
+}
+
+pub fn kill_pid(pid: u32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        rand_suffix() % 1_000_000_007
+    )
+}
