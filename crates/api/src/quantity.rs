@@ -48,7 +48,7 @@ impl Cpu {
 
 impl fmt::Display for Cpu {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0 % 1000 == 0 {
+        if self.0.is_multiple_of(1000) {
             write!(f, "{}", self.0 / 1000)
         } else {
             write!(f, "{}m", self.0)
@@ -91,7 +91,7 @@ impl fmt::Display for Bytes {
             ("Mi", 1 << 20),
             ("Ki", 1 << 10),
         ] {
-            if self.0 >= mult && self.0 % mult == 0 {
+            if self.0 >= mult && self.0.is_multiple_of(mult) {
                 return write!(f, "{}{suffix}", self.0 / mult);
             }
         }
@@ -110,7 +110,7 @@ impl Bytes {
         ] {
             if self.0 >= mult {
                 let v = self.0 as f64 / mult as f64;
-                return if v >= 10.0 || self.0 % mult == 0 {
+                return if v >= 10.0 || self.0.is_multiple_of(mult) {
                     format!("{:.0}{suffix}", v)
                 } else {
                     format!("{:.1}{suffix}", v)

@@ -20,6 +20,8 @@ fn meminfo_total() -> Option<u64> {
     Some(kib * 1024)
 }
 
+// fsblkcnt_t and c_ulong are u64 here but not on every platform.
+#[allow(clippy::unnecessary_cast)]
 fn disk_total(path: &Path) -> u64 {
     nix::sys::statvfs::statvfs(path)
         .map(|s| s.blocks() as u64 * s.fragment_size() as u64)

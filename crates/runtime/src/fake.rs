@@ -12,10 +12,13 @@ use verge_api::clock::now_rfc3339;
 
 use crate::{Exit, RunRecord, Running, Runtime, RuntimeError, Workload};
 
+/// Fake workloads by pid: name and the sender that reports their exit.
+type Workloads = HashMap<u32, (String, watch::Sender<Option<Exit>>)>;
+
 /// The fake driver. Clones share state.
 #[derive(Debug, Default, Clone)]
 pub struct FakeRuntime {
-    running: Arc<Mutex<HashMap<u32, (String, watch::Sender<Option<Exit>>)>>>,
+    running: Arc<Mutex<Workloads>>,
     next_pid: Arc<Mutex<u32>>,
 }
 

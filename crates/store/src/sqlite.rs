@@ -484,7 +484,7 @@ fn filter_batch(batch: &WatchBatch, prefix: &str) -> Option<WatchBatch> {
         .filter(|e| e.kv.key.starts_with(prefix))
         .cloned()
         .collect();
-    (!events.is_empty()).then(|| WatchBatch {
+    (!events.is_empty()).then_some(WatchBatch {
         revision: batch.revision,
         events,
     })

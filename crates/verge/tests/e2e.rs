@@ -1,5 +1,8 @@
 //! End to end: real hub and edge processes on loopback, driven by the real CLI.
 
+// These tests are synchronous (they drive processes), so blocking sleeps are right here.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::time::Duration;
@@ -542,4 +545,55 @@ fn hub_and_edge_serve_prometheus_metrics() {
         out.contains("verge_edge_connected 1").then_some(out)
     });
     assert!(text.contains("verge_edge_desired_revision"), "{text}");
+}
+
+#[test]
+fn every_example_applies_and_runs() {
+    let d = tmp();
+    let hub = Hub::start(d.path());
+    let _edge = Edge::start(&hub, "edge-1", Some(&hub.token(1)));
+    hub.wait_phase("nodes", "edge-1", "Ready", T);
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
+    let out = hub.ok(&["apply", "-f", examples]);
+    assert!(out.contains("instance/hello created"), "{out}");
+    hub.wait_phase("instances", "hello", "Running", T);
+    hub.wait_phase("instances", "ticker-eu", "Running", T);
+    let done = hub.wait_phase("instances", "report-once", "Succeeded", T);
+    assert_eq!(done["status"]["exitCode"], 0);
+    // Every file under examples/ is a manifest this hub accepts.
+    for e in std::fs::read_dir(examples).expect("examples") {
+        let p = e.expect("entry").path();
+        let text = std::fs::read_to_string(&p).expect("read");
+        verge_api::parse_manifests(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    }
+    let yaml = hub.ok(&["get", "instances", "hello", "-o", "yaml"]);
+    assert!(
+        yaml.contains("kind: Instance") && yaml.contains("phase: Running"),
+        "{yaml}"
+    );
+    let described = hub.ok(&["describe", "node", "edge-1"]);
+    assert!(
+        described.contains("instances on this node: 3"),
+        "{described}"
+    );
+    for name in ["hello", "ticker-eu", "report-once"] {
+        hub.ok(&["delete", "instance", name]);
+    }
+}
+
+#[test]
+fn cli_explains_a_missing_config_and_an_unknown_kind() {
+    let d = tmp();
+    let out = cli_with(&d.path().join("nope.conf"), &["get", "nodes"], None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("verge dev") && err.contains("nope.conf"),
+        "{err}"
+    );
+    let hub = Hub::start(d.path());
+    let err = String::from_utf8_lossy(&hub.cli(&["get", "pods"]).stderr).into_owned();
+    assert!(err.contains("unknown kind 'pods'"), "{err}");
+    let err = String::from_utf8_lossy(&hub.cli(&["logs", "ghost"]).stderr).into_owned();
+    assert!(err.contains("instance 'ghost' not found"), "{err}");
 }

@@ -1,7 +1,7 @@
 //! Test kit: start real `verge hub` and `verge edge` processes on loopback, drive them
 //! with the real CLI, and wait for conditions without sleeping blindly.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::disallowed_methods)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
