@@ -88,7 +88,7 @@ pub struct ProcessSpec {
 }
 
 /// Reserved resources.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Resources {
     /// CPU, e.g. `500m` or `2`.
@@ -97,6 +97,25 @@ pub struct Resources {
     /// Memory, e.g. `64Mi` or `1Gi`.
     #[serde(default = "default_memory")]
     pub memory: Bytes,
+    /// Local disk.
+    #[serde(default, skip_serializing_if = "is_zero_bytes")]
+    pub disk: Bytes,
+    /// GPUs by model, e.g. `nvidia-t4: 1`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub gpus: BTreeMap<String, u32>,
+    /// Accelerators (ASICs) by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub asics: BTreeMap<String, u32>,
+    /// Network bandwidth in Mbit/s.
+    #[serde(default, skip_serializing_if = "is_zero64")]
+    pub bandwidth_mbps: u64,
+    /// Public addresses.
+    #[serde(default, skip_serializing_if = "is_zero64")]
+    pub addresses: u64,
+}
+
+fn is_zero_bytes(b: &Bytes) -> bool {
+    b.0 == 0
 }
 
 fn default_cpu() -> Cpu {
@@ -111,20 +130,145 @@ impl Default for Resources {
         Self {
             cpu: default_cpu(),
             memory: default_memory(),
+            disk: Bytes(0),
+            gpus: BTreeMap::new(),
+            asics: BTreeMap::new(),
+            bandwidth_mbps: 0,
+            addresses: 0,
         }
     }
 }
 
-/// Placement constraints.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Placement constraints and preferences.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Placement {
     /// Node labels that must all match.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
-    /// Only nodes whose `region` label equals this.
+    /// Only this region (shorthand for `regions: [X]` without overflow).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
+    /// Acceptable regions, most preferred first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<String>,
+    /// When the listed regions (or the one nearest `near`) are full, spill over to the
+    /// next nearest region.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub overflow: bool,
+    /// Where the users are: prefer nearby regions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub near: Option<GeoLocation>,
+    /// Required CPU architecture (`x86_64`, `aarch64`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architecture: Option<String>,
+    /// Taints this instance tolerates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Preferred tier (`onsite`, `near`, `cloud`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preferred_tier: Option<String>,
+    /// Preferred ISP (match the users' ISP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preferred_isp: Option<String>,
+    /// Bin-pack (default) or spread.
+    #[serde(default)]
+    pub policy: PlacementPolicy,
+    /// The group constraints apply to (default: the `app` label).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// No two instances of the group in one node / site / region / isp.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub anti_affinity: Vec<TopologyScope>,
+    /// Spread the group evenly over domains.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spread: Vec<SpreadConstraint>,
+    /// At most this many instances of the group per node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_per_node: Option<u32>,
+    /// Place together with the other members of this gang, or not at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gang: Option<Gang>,
+    /// Whether defragmentation may move it (default true).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub movable: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+/// A point on Earth.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GeoLocation {
+    /// Latitude in degrees.
+    pub latitude: f64,
+    /// Longitude in degrees.
+    pub longitude: f64,
+}
+
+/// A tolerated taint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Toleration {
+    /// Taint key.
+    pub key: String,
+    /// Taint value (absent: any value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+}
+
+/// Bin-pack or spread.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PlacementPolicy {
+    /// Prefer fuller nodes.
+    #[default]
+    BinPack,
+    /// Prefer emptier nodes.
+    Spread,
+}
+
+/// Topology scopes for constraints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TopologyScope {
+    /// One node.
+    Node,
+    /// One edge site (`site` label, else `city`).
+    Site,
+    /// One region.
+    Region,
+    /// One ISP.
+    Isp,
+}
+
+/// Spread over a scope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SpreadConstraint {
+    /// Over what.
+    pub scope: TopologyScope,
+    /// Most instances one domain may have beyond the least loaded one (default 1).
+    #[serde(default = "one")]
+    pub max_skew: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Gang membership.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Gang {
+    /// Gang name (shared by its members).
+    pub name: String,
+    /// How many members must be placed together.
+    pub size: u32,
 }
 
 /// Lifecycle phase of an instance.
@@ -181,6 +325,9 @@ pub struct InstanceStatus {
     /// The spec generation the node last acted on.
     #[serde(default, skip_serializing_if = "is_zero64")]
     pub observed_generation: u64,
+    /// How the scheduler placed it (e.g. overflow to another region); set by the hub.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub placement: String,
 }
 
 fn is_zero(v: &u32) -> bool {
@@ -237,14 +384,80 @@ impl Kind for InstanceSpec {
                 "must be at least 1Mi, e.g. 64Mi",
             );
         }
-        if let Some(r) = &self.placement.region
-            && !is_dns_label(r)
-        {
+        let p = &self.placement;
+        for (k, r) in p.region.iter().chain(p.regions.iter()).enumerate() {
+            if !is_dns_label(r) {
+                let field = if p.region.is_some() && k == 0 {
+                    "spec.placement.region".to_string()
+                } else {
+                    format!(
+                        "spec.placement.regions[{}]",
+                        k - usize::from(p.region.is_some())
+                    )
+                };
+                errs.push(
+                    field,
+                    r,
+                    "must be a region name like eu-west (lowercase letters, digits, '-')",
+                );
+            }
+        }
+        if p.region.is_some() && !p.regions.is_empty() {
             errs.push(
                 "spec.placement.region",
-                r,
-                "must be a region name like eu-west (lowercase letters, digits, '-')",
+                p.region.as_deref().unwrap_or(""),
+                "set either region or regions, not both",
             );
+        }
+        if let Some(n) = &p.near
+            && (!(-90.0..=90.0).contains(&n.latitude) || !(-180.0..=180.0).contains(&n.longitude))
+        {
+            errs.push(
+                "spec.placement.near",
+                format!("{},{}", n.latitude, n.longitude),
+                "latitude must be within -90..90 and longitude within -180..180",
+            );
+        }
+        if let Some(a) = &p.architecture
+            && !["x86_64", "aarch64"].contains(&a.as_str())
+        {
+            errs.push(
+                "spec.placement.architecture",
+                a,
+                "must be x86_64 or aarch64",
+            );
+        }
+        if let Some(t) = &p.preferred_tier
+            && !crate::node::TIERS.contains(&t.as_str())
+        {
+            errs.push(
+                "spec.placement.preferredTier",
+                t,
+                format!("must be one of {}", crate::node::TIERS.join(", ")),
+            );
+        }
+        if p.max_per_node == Some(0) {
+            errs.push(
+                "spec.placement.maxPerNode",
+                0,
+                "must be at least 1 (or absent)",
+            );
+        }
+        if let Some(g) = &p.gang {
+            if g.size == 0 || g.size > 1000 {
+                errs.push(
+                    "spec.placement.gang.size",
+                    g.size,
+                    "must be between 1 and 1000",
+                );
+            }
+            if !is_dns_label(&g.name) {
+                errs.push(
+                    "spec.placement.gang.name",
+                    &g.name,
+                    "must be a name like training-run-1",
+                );
+            }
         }
         if self.termination_grace_period_seconds > 3600 {
             errs.push(

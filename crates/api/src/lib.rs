@@ -1,4 +1,4 @@
-//! Verge's API: the resource kinds (`Node`, `Instance`), their envelope, quantities,
+//! Verge's API: the resource kinds (`Node`, `Instance`, `Region`), their envelope, quantities,
 //! manifest parsing with field-level validation, the REST error shape, and the
 //! messages of the hub<->edge channel.
 //!
@@ -13,6 +13,7 @@ pub mod manifest;
 pub mod meta;
 pub mod node;
 pub mod quantity;
+pub mod region;
 pub mod validate;
 
 pub use error::{ApiError, ErrorCode};
@@ -21,6 +22,7 @@ pub use manifest::{Manifest, parse_manifests};
 pub use meta::{API_VERSION, Kind, Object, ObjectMeta};
 pub use node::{Node, NodePhase, NodeSpec, NodeStatus, ResourceList};
 pub use quantity::{Bytes, Cpu};
+pub use region::{Region, RegionSpec};
 pub use validate::{FieldError, FieldErrors};
 
 /// The store key of an object: `/registry/<plural>/<name>`.

@@ -6,6 +6,7 @@ use serde::de::DeserializeOwned;
 use crate::instance::{Instance, InstanceSpec};
 use crate::meta::Kind;
 use crate::node::{Node, NodeSpec};
+use crate::region::{Region, RegionSpec};
 use crate::validate::{FieldError, FieldErrors};
 
 /// One object read from a manifest.
@@ -15,6 +16,8 @@ pub enum Manifest {
     Node(Node),
     /// An Instance.
     Instance(Instance),
+    /// A Region.
+    Region(Region),
 }
 
 impl Manifest {
@@ -23,6 +26,7 @@ impl Manifest {
         match self {
             Manifest::Node(_) => NodeSpec::KIND,
             Manifest::Instance(_) => InstanceSpec::KIND,
+            Manifest::Region(_) => RegionSpec::KIND,
         }
     }
 
@@ -31,6 +35,7 @@ impl Manifest {
         match self {
             Manifest::Node(o) => o.name(),
             Manifest::Instance(o) => o.name(),
+            Manifest::Region(o) => o.name(),
         }
     }
 
@@ -39,12 +44,13 @@ impl Manifest {
         match self {
             Manifest::Node(o) => o.validate(),
             Manifest::Instance(o) => o.validate(),
+            Manifest::Region(o) => o.validate(),
         }
     }
 }
 
 /// Kinds this version understands, for error messages.
-pub const KINDS: &[&str] = &["Node", "Instance"];
+pub const KINDS: &[&str] = &["Node", "Instance", "Region"];
 
 /// A manifest that could not be read.
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
@@ -184,6 +190,7 @@ pub fn manifest_from_value(v: serde_json::Value) -> Result<Manifest, FieldErrors
     match kind.as_str() {
         "Node" => from_value(v).map(Manifest::Node),
         "Instance" => from_value(v).map(Manifest::Instance),
+        "Region" => from_value(v).map(Manifest::Region),
         other => {
             let mut e = FieldErrors::default();
             e.push(
@@ -201,6 +208,7 @@ pub fn resolve_kind(word: &str) -> Option<&'static str> {
     match word.to_ascii_lowercase().as_str() {
         "node" | "nodes" | "no" => Some(NodeSpec::PLURAL),
         "instance" | "instances" | "inst" | "in" => Some(InstanceSpec::PLURAL),
+        "region" | "regions" | "reg" => Some(RegionSpec::PLURAL),
         _ => None,
     }
 }

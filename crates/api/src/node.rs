@@ -29,10 +29,41 @@ pub struct NodeSpec {
     /// When true, no new instances are placed here (existing ones keep running).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unschedulable: bool,
+    /// Taints: instances that do not tolerate them stay away.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub taints: Vec<Taint>,
+    /// Capacity held back for platform services on this node (on top of what the agent
+    /// keeps for the system); only the rest is sold.
+    #[serde(default, skip_serializing_if = "ResourceList::is_empty")]
+    pub reserved: ResourceList,
 }
 
-/// CPU, memory and disk amounts.
+/// A node taint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Taint {
+    /// Key.
+    pub key: String,
+    /// Value (may be empty).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub value: String,
+    /// What it does to intolerant instances.
+    #[serde(default)]
+    pub effect: TaintEffect,
+}
+
+/// What a taint does.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaintEffect {
+    /// Never place intolerant instances here.
+    #[default]
+    NoSchedule,
+    /// Avoid placing intolerant instances here.
+    PreferNoSchedule,
+}
+
+/// Amounts of every resource a node sells.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ResourceList {
     /// CPU.
@@ -44,6 +75,29 @@ pub struct ResourceList {
     /// Local disk.
     #[serde(default)]
     pub disk: Bytes,
+    /// GPUs by model, e.g. `nvidia-t4: 2`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub gpus: BTreeMap<String, u32>,
+    /// Other accelerators (ASICs) by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub asics: BTreeMap<String, u32>,
+    /// Network bandwidth in Mbit/s.
+    #[serde(default, skip_serializing_if = "is_zero64")]
+    pub bandwidth_mbps: u64,
+    /// Public addresses.
+    #[serde(default, skip_serializing_if = "is_zero64")]
+    pub addresses: u64,
+}
+
+fn is_zero64(v: &u64) -> bool {
+    *v == 0
+}
+
+impl ResourceList {
+    /// Whether every amount is zero.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// Whether the node is usable.
@@ -118,5 +172,15 @@ impl Kind for NodeSpec {
     type Status = NodeStatus;
     const KIND: &'static str = "Node";
     const PLURAL: &'static str = "nodes";
-    fn validate(&self, _errors: &mut FieldErrors) {}
+    fn validate(&self, errors: &mut FieldErrors) {
+        for (k, t) in self.taints.iter().enumerate() {
+            if t.key.is_empty() {
+                errors.push(
+                    format!("spec.taints[{k}].key"),
+                    "",
+                    "a taint needs a key, e.g. dedicated",
+                );
+            }
+        }
+    }
 }

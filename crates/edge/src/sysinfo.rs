@@ -4,13 +4,21 @@ use std::path::Path;
 
 use verge_api::{Bytes, Cpu, NodeStatus, ResourceList};
 
-/// Capacity overrides and reservations for the node.
+/// Capacity overrides, and what the kernel cannot tell us (accelerators, uplink).
 #[derive(Debug, Clone, Default)]
 pub struct CapacityConfig {
     /// Report this CPU instead of the machine's.
     pub cpu: Option<Cpu>,
     /// Report this memory instead of the machine's.
     pub memory: Option<Bytes>,
+    /// GPUs by model.
+    pub gpus: std::collections::BTreeMap<String, u32>,
+    /// ASICs by name.
+    pub asics: std::collections::BTreeMap<String, u32>,
+    /// Uplink bandwidth, Mbit/s.
+    pub bandwidth_mbps: u64,
+    /// Public addresses this node can hand out.
+    pub addresses: u64,
 }
 
 fn meminfo_total() -> Option<u64> {
@@ -41,6 +49,10 @@ pub fn node_status(data_dir: &Path, cfg: &CapacityConfig, agent_version: &str) -
         cpu: cfg.cpu.unwrap_or(Cpu(cpus * 1000)),
         memory: cfg.memory.unwrap_or(Bytes(meminfo_total().unwrap_or(0))),
         disk: Bytes(disk_total(data_dir)),
+        gpus: cfg.gpus.clone(),
+        asics: cfg.asics.clone(),
+        bandwidth_mbps: cfg.bandwidth_mbps,
+        addresses: cfg.addresses,
     };
     // Keep back room for the OS and the agent itself: 100m CPU, and 5% of memory
     // (at most 512Mi) and of disk. Only the rest is offered to instances.
@@ -48,6 +60,7 @@ pub fn node_status(data_dir: &Path, cfg: &CapacityConfig, agent_version: &str) -
         cpu: Cpu(capacity.cpu.0.saturating_sub(100)),
         memory: Bytes(capacity.memory.0 - (capacity.memory.0 / 20).min(512 << 20)),
         disk: Bytes(capacity.disk.0 - capacity.disk.0 / 20),
+        ..capacity.clone()
     };
     NodeStatus {
         architecture: std::env::consts::ARCH.to_string(),

@@ -9,9 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use verge_api::clock::{now_secs, parse_rfc3339};
-use verge_api::{InstancePhase, InstanceSpec, NodePhase, NodeSpec};
-use verge_sched::{NodeInfo, Request, first_fit};
+use verge_api::{Instance, InstancePhase, InstanceSpec, NodePhase, NodeSpec, RegionSpec};
 
+use crate::inventory::{self, Binding};
+use crate::offline;
+use crate::placement::{self, View};
 use crate::state::HubState;
 
 /// Mark nodes NotReady when their heartbeats stop.
@@ -86,38 +88,62 @@ pub async fn scheduler(st: Arc<HubState>) {
     }
 }
 
-/// One pass: bind every pending instance that fits, explain the ones that do not.
+/// How long offline recommendations are reused before being recomputed.
+const RECOMMENDATIONS_TTL: Duration = Duration::from_secs(30);
+
+async fn set_message(st: &HubState, inst: &Instance, message: &str) {
+    if inst.status.message == message {
+        return;
+    }
+    let revision = inst.metadata.revision;
+    let _ = st
+        .objects
+        .update_status::<InstanceSpec>(inst.name(), |obj, s| {
+            if obj.metadata.revision != revision || s.node.is_some() {
+                return Ok(false);
+            }
+            s.phase = InstancePhase::Pending;
+            s.message = message.to_string();
+            Ok(true)
+        })
+        .await;
+}
+
+/// One pass: reconcile the inventory, then bind every pending instance (and every
+/// complete gang) that fits, and explain the ones that do not. Placements are planned
+/// on an in-memory view and committed with CAS against the ledgers; on any conflict
+/// the pass stops and the next one replans from fresh data.
 pub async fn schedule_pass(st: &HubState) -> Result<(), verge_api::ApiError> {
+    let store = st.objects.store().clone();
     let (nodes, _) = st.objects.list::<NodeSpec>().await?;
     let (instances, _) = st.objects.list::<InstanceSpec>().await?;
-    let mut infos: Vec<NodeInfo> = nodes.iter().map(NodeInfo::from_node).collect();
-    let index: BTreeMap<String, usize> = infos
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n.name.clone(), i))
-        .collect();
+    let (regions, _) = st.objects.list::<RegionSpec>().await?;
+    let mut ledgers = inventory::ledgers(store.as_ref()).await?;
+    if inventory::reconcile(&st.objects, &nodes, &instances, &ledgers).await? > 0 {
+        ledgers = inventory::ledgers(store.as_ref()).await?;
+    }
     let mut phases: BTreeMap<String, i64> = BTreeMap::new();
-    let mut pending = Vec::new();
     for inst in &instances {
         *phases.entry(inst.status.phase.to_string()).or_default() += 1;
-        match &inst.status.node {
-            Some(node) => {
-                let done = matches!(
-                    inst.status.phase,
-                    InstancePhase::Succeeded | InstancePhase::Failed
-                );
-                if let (false, Some(&i)) = (done, index.get(node)) {
-                    infos[i].reserve(&Request::from_instance(inst));
-                }
-            }
-            None => pending.push(inst),
-        }
     }
     for (phase, n) in phases {
         st.metrics
             .instances
             .get_or_create(&vec![("phase".into(), phase)])
             .set(n);
+    }
+    let mut pending: Vec<&Instance> = instances
+        .iter()
+        .filter(|i| {
+            i.status.node.is_none()
+                && !matches!(
+                    i.status.phase,
+                    InstancePhase::Succeeded | InstancePhase::Failed
+                )
+        })
+        .collect();
+    if pending.is_empty() {
+        return Ok(());
     }
     // Oldest first, so that a stream of new instances cannot starve an old one.
     pending.sort_by(|a, b| {
@@ -126,52 +152,112 @@ pub async fn schedule_pass(st: &HubState) -> Result<(), verge_api::ApiError> {
             .cmp(&b.metadata.creation_time)
             .then(a.name().cmp(b.name()))
     });
-    for inst in pending {
-        let req = Request::from_instance(inst);
-        let revision = inst.metadata.revision;
-        match first_fit(&infos, &req) {
-            Ok(i) => {
-                let node = infos[i].name.clone();
-                let r = st
-                    .objects
-                    .update_status::<InstanceSpec>(inst.name(), |obj, s| {
-                        // Only bind the version we planned for; otherwise the next pass decides.
-                        if obj.metadata.revision != revision || s.node.is_some() {
-                            return Ok(false);
-                        }
-                        s.node = Some(node.clone());
-                        s.phase = InstancePhase::Scheduled;
-                        s.message = String::new();
-                        Ok(true)
+    let View { mut cluster, names } = placement::view(&nodes, &regions, &ledgers);
+    let recs = recommendations(st, &cluster, &ledgers);
+    let mut gangs: BTreeMap<String, (u32, Vec<&Instance>)> = BTreeMap::new();
+    let mut singles = Vec::new();
+    for i in pending {
+        match &i.spec.placement.gang {
+            Some(g) => gangs
+                .entry(g.name.clone())
+                .or_insert((g.size, Vec::new()))
+                .1
+                .push(i),
+            None => singles.push(vec![i]),
+        }
+    }
+    let mut units: Vec<(Option<String>, Vec<&Instance>)> =
+        singles.into_iter().map(|v| (None, v)).collect();
+    for (name, (size, mut members)) in gangs {
+        if (members.len() as u32) < size {
+            let msg = format!(
+                "waiting for gang '{name}': {}/{size} members exist",
+                members.len()
+            );
+            for m in &members {
+                set_message(st, m, &msg).await;
+            }
+            continue;
+        }
+        members.sort_by(|a, b| a.name().cmp(b.name()));
+        members.truncate(size as usize);
+        units.push((Some(name), members));
+    }
+    for (gang, members) in units {
+        let reqs: Vec<_> = members
+            .iter()
+            .map(|i| placement::request(&mut cluster, i))
+            .collect();
+        match verge_sched::place_gang(&mut cluster, &reqs, recs.as_ref()) {
+            Ok(placed) => {
+                let bindings: Vec<Binding> = members
+                    .iter()
+                    .zip(&placed)
+                    .map(|(i, p)| Binding {
+                        instance: (*i).clone(),
+                        node: names[p.node as usize].clone(),
+                        note: match p.overflow_from {
+                            Some(from) => format!(
+                                "overflow: preferred region {} is full; placed in {}",
+                                cluster.regions.name(from),
+                                cluster.regions.name(p.region)
+                            ),
+                            None => String::new(),
+                        },
+                        from: None,
                     })
-                    .await;
-                if let Ok(obj) = r
-                    && obj.status.node.as_deref() == Some(node.as_str())
-                {
-                    infos[i].reserve(&req);
-                    st.metrics.placements.inc();
-                    tracing::info!(instance = %inst.name(), %node, "scheduled");
+                    .collect();
+                match inventory::commit(&st.objects, &ledgers, &bindings, "scheduler").await {
+                    Ok(_) => {
+                        for b in &bindings {
+                            st.metrics.placements.inc();
+                            tracing::info!(instance = %b.instance.name(), node = %b.node, note = %b.note, "scheduled");
+                        }
+                        // Later commits in this pass compare against the new ledger versions.
+                        ledgers = inventory::ledgers(store.as_ref()).await?;
+                    }
+                    Err(e) => {
+                        tracing::debug!(?e, "placement lost a race; replanning");
+                        st.schedule_kick.notify_one();
+                        return Ok(());
+                    }
                 }
             }
-            Err(why) => {
-                let message = why.to_string();
-                if inst.status.message != message {
-                    let _ = st
-                        .objects
-                        .update_status::<InstanceSpec>(inst.name(), |obj, s| {
-                            if obj.metadata.revision != revision || s.node.is_some() {
-                                return Ok(false);
-                            }
-                            s.phase = InstancePhase::Pending;
-                            s.message = message.clone();
-                            Ok(true)
-                        })
-                        .await;
+            Err((k, why)) => {
+                let msg = match &gang {
+                    Some(g) => format!(
+                        "gang '{g}' cannot be placed together (member {}): {why}",
+                        members[k].name()
+                    ),
+                    None => why.to_string(),
+                };
+                for m in &members {
+                    set_message(st, m, &msg).await;
                 }
             }
         }
     }
     Ok(())
+}
+
+/// The offline scheduler's recommendations for the current view, recomputed at most
+/// every [`RECOMMENDATIONS_TTL`] (or when the fleet changes size).
+fn recommendations(
+    st: &HubState,
+    c: &verge_sched::Cluster,
+    ledgers: &BTreeMap<String, inventory::Versioned<inventory::Ledger>>,
+) -> Option<verge_sched::Recommendations> {
+    let mut cache = st.recommendations.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((at, n, r)) = cache.as_ref()
+        && at.elapsed() < RECOMMENDATIONS_TTL
+        && *n == c.len()
+    {
+        return Some(r.clone());
+    }
+    let shapes = offline::shapes_of(ledgers);
+    let r = verge_sched::recommend(c, &shapes);
+    *cache = Some((std::time::Instant::now(), c.len(), r.clone()));
+    Some(r)
 }
 
 /// Keep the store's history bounded: compact all but the last `history_revisions`.

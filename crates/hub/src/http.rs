@@ -18,7 +18,9 @@ use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use verge_api::channel::{PROTOCOL_VERSION, RequestBody, ResponseBody};
-use verge_api::{ApiError, ErrorCode, InstanceSpec, Kind, NodeSpec, Object, kind_prefix};
+use verge_api::{
+    ApiError, ErrorCode, InstanceSpec, Kind, NodeSpec, Object, RegionSpec, kind_prefix,
+};
 use verge_store::EventKind;
 
 use crate::objects::{decode_value, parse_body, store_err};
@@ -120,6 +122,12 @@ pub trait NodeScoped: Kind {
 impl NodeScoped for NodeSpec {
     fn owner(obj: &Object<Self>) -> Option<&str> {
         Some(obj.name())
+    }
+}
+
+impl NodeScoped for RegionSpec {
+    fn owner(_: &Object<Self>) -> Option<&str> {
+        None
     }
 }
 
@@ -412,6 +420,49 @@ async fn tokens(State(st): State<Arc<HubState>>, p: Principal, body: Bytes) -> A
     Ok((StatusCode::CREATED, Json(t)).into_response())
 }
 
+async fn inventory_report(State(st): State<Arc<HubState>>, p: Principal) -> ApiResult<Response> {
+    admin_only(&p, "the inventory")?;
+    let (nodes, _) = st.objects.list::<NodeSpec>().await?;
+    let ledgers = crate::inventory::ledgers(st.objects.store().as_ref()).await?;
+    let report = crate::inventory::report(&nodes, &ledgers);
+    let ledgers: Vec<_> = ledgers.into_values().map(|l| l.value).collect();
+    Ok(Json(serde_json::json!({"report": report, "ledgers": ledgers})).into_response())
+}
+
+/// Query of the audit endpoint.
+#[derive(Debug, Deserialize)]
+pub struct AuditQuery {
+    /// How many of the newest events (default 100).
+    pub limit: Option<usize>,
+}
+
+async fn audit(
+    State(st): State<Arc<HubState>>,
+    p: Principal,
+    Query(q): Query<AuditQuery>,
+) -> ApiResult<Response> {
+    admin_only(&p, "the inventory audit log")?;
+    let events =
+        crate::inventory::audit(st.objects.store().as_ref(), q.limit.unwrap_or(100)).await?;
+    Ok(Json(serde_json::json!({"items": events})).into_response())
+}
+
+async fn sched_plan(
+    State(st): State<Arc<HubState>>,
+    p: Principal,
+    body: Bytes,
+) -> ApiResult<Response> {
+    admin_only(&p, "scheduling plans")?;
+    let req: crate::offline::PlanRequest = if body.is_empty() {
+        Default::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(ErrorCode::Invalid, format!("plan request: {e}")))?
+    };
+    let report = crate::offline::plan(&st, &req).await?;
+    Ok(Json(report).into_response())
+}
+
 async fn version() -> Json<serde_json::Value> {
     Json(serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -454,7 +505,7 @@ async fn not_found(headers: HeaderMap) -> HttpError {
     let _ = headers;
     ApiError::new(
         ErrorCode::NotFound,
-        "no such endpoint; the API lives under /v1/{nodes,instances,tokens}",
+        "no such endpoint; the API lives under /v1/{nodes,instances,regions,tokens,inventory,sched}",
     )
     .into()
 }
@@ -475,6 +526,10 @@ pub fn router(state: Arc<HubState>) -> Router {
     Router::new()
         .merge(kind_routes::<NodeSpec>())
         .merge(kind_routes::<InstanceSpec>())
+        .merge(kind_routes::<RegionSpec>())
+        .route("/v1/inventory", get(inventory_report))
+        .route("/v1/inventory/audit", get(audit))
+        .route("/v1/sched/plan", post(sched_plan))
         .route("/v1/instances/{name}/logs", get(logs))
         .route("/v1/tokens", post(tokens))
         .route("/v1/version", get(version))

@@ -12,7 +12,10 @@ pub mod channel;
 pub mod config;
 pub mod controllers;
 pub mod http;
+pub mod inventory;
 pub mod objects;
+pub mod offline;
+pub mod placement;
 pub mod state;
 pub mod tokens;
 

@@ -225,6 +225,8 @@ pub struct HubState {
     pub metrics: Metrics,
     /// Wakes the scheduler.
     pub schedule_kick: Notify,
+    /// The offline scheduler's latest recommendations: when, for how many nodes, what.
+    pub recommendations: Mutex<Option<(std::time::Instant, usize, verge_sched::Recommendations)>>,
 }
 
 impl HubState {
@@ -237,6 +239,7 @@ impl HubState {
             edges: EdgeRegistry::default(),
             metrics: Metrics::new(),
             schedule_kick: Notify::new(),
+            recommendations: Mutex::new(None),
         })
     }
 }

@@ -26,6 +26,25 @@ pub enum BenchCommand {
         #[arg(short, long, default_value = "text")]
         output: String,
     },
+    /// Scheduler: placements per second on one core at N nodes, and fragmentation after
+    /// a churn trace, against first-fit and best-fit baselines.
+    Sched {
+        /// Nodes in the synthetic fleet.
+        #[arg(long, default_value_t = 10_000)]
+        nodes: usize,
+        /// Placements to time.
+        #[arg(long, default_value_t = 5_000)]
+        placements: usize,
+        /// Nodes in the fragmentation trace.
+        #[arg(long, default_value_t = 300)]
+        trace_nodes: usize,
+        /// Events in the fragmentation trace.
+        #[arg(long, default_value_t = 6_000)]
+        trace_steps: usize,
+        /// `json` for machines.
+        #[arg(short, long, default_value = "text")]
+        output: String,
+    },
     /// Idle memory (RSS) of a hub and an edge agent, against a `sleep` process.
     Idle {
         /// How long to let them idle before sampling.
@@ -50,6 +69,13 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             output,
         } => rt.block_on(store(writes, writers, &output)),
         BenchCommand::Idle { seconds, output } => rt.block_on(idle(seconds, &output)),
+        BenchCommand::Sched {
+            nodes,
+            placements,
+            trace_nodes,
+            trace_steps,
+            output,
+        } => sched(nodes, placements, trace_nodes, trace_steps, &output),
     }
 }
 
@@ -227,6 +253,83 @@ async fn idle(seconds: u64, output: &str) -> Result<()> {
         "hubRssMiB": hub_rss as f64 / 1024.0,
         "edgeTargetMiB": 10,
         "binaryBytes": binary,
+    });
+    print_report(&report, output)
+}
+
+/// Time `placements` placements (each reserved) with `f` on a fresh synthetic fleet.
+fn time_placements(
+    nodes: usize,
+    placements: usize,
+    regional: bool,
+    f: impl Fn(&verge_sched::Cluster, &verge_sched::Request) -> Option<u32>,
+) -> (f64, usize) {
+    use verge_sched::trace::{Rng, random_request, synthetic_cluster};
+    let mut c = synthetic_cluster(nodes, 1);
+    let mut rng = Rng::new(2);
+    let reqs: Vec<_> = (0..placements)
+        .map(|_| random_request(&mut c, &mut rng, regional))
+        .collect();
+    let t = Instant::now();
+    let mut placed = 0;
+    for r in &reqs {
+        if let Some(n) = f(&c, r) {
+            c.reserve(n, &r.res, r.group);
+            placed += 1;
+        }
+    }
+    (per_sec(placements, t.elapsed()), placed)
+}
+
+fn sched(
+    nodes: usize,
+    placements: usize,
+    trace_nodes: usize,
+    trace_steps: usize,
+    output: &str,
+) -> Result<()> {
+    use verge_sched::trace::{Strategy, best_fit, run_trace};
+    let online = |c: &verge_sched::Cluster, r: &verge_sched::Request| {
+        verge_sched::place(c, r, None).ok().map(|p| p.node)
+    };
+    // Everything on this thread: the numbers are for one core.
+    let (global, placed_global) = time_placements(nodes, placements, false, online);
+    let (regional, _) = time_placements(nodes, placements, true, online);
+    let (baseline, _) = time_placements(nodes, placements, false, |c, r| best_fit(c, &r.res));
+    let traces: Vec<_> = [
+        Strategy::FirstFit,
+        Strategy::BestFit,
+        Strategy::Online,
+        Strategy::OnlineOffline,
+    ]
+    .into_iter()
+    .map(|s| run_trace(s, trace_nodes, trace_steps, 7))
+    .collect();
+    let frag = |s: Strategy| {
+        traces
+            .iter()
+            .find(|t| t.strategy == s)
+            .map_or(0.0, |t| t.fragmentation)
+    };
+    let report = serde_json::json!({
+        "bench": "sched",
+        "nodes": nodes,
+        "placements": placements,
+        "placedGlobal": placed_global,
+        "globalPlacementsPerSec": global,
+        "globalNote": "no region named: every node evaluated for every placement",
+        "regionalPlacementsPerSec": regional,
+        "regionalNote": "a region named (with overflow): the region's nodes evaluated",
+        "baselineBestFitPlacementsPerSec": baseline,
+        "globalVsBestFit": global / baseline,
+        "traceNodes": trace_nodes,
+        "traceSteps": trace_steps,
+        "fragFirstFit": frag(Strategy::FirstFit),
+        "fragBestFit": frag(Strategy::BestFit),
+        "fragOnline": frag(Strategy::Online),
+        "fragOnlineOffline": frag(Strategy::OnlineOffline),
+        "offlineCutVsOnline": 1.0 - frag(Strategy::OnlineOffline) / frag(Strategy::Online).max(f64::MIN_POSITIVE),
+        "migrations": traces.iter().map(|t| t.migrations).sum::<usize>(),
     });
     print_report(&report, output)
 }

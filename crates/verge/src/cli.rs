@@ -24,7 +24,9 @@ pub enum Output {
 }
 
 fn kind_or_bail(word: &str) -> Result<&'static str> {
-    resolve_kind(word).with_context(|| format!("unknown kind '{word}'; use nodes or instances"))
+    resolve_kind(word).with_context(|| {
+        format!("unknown kind '{word}'; use nodes, instances, regions, inventory or audit")
+    })
 }
 
 /// Human age of an RFC 3339 timestamp.
@@ -209,8 +211,208 @@ fn print_values(values: &[serde_json::Value], output: Output) -> Result<()> {
     Ok(())
 }
 
+fn cpu(m: u64) -> String {
+    verge_api::Cpu(m).to_string()
+}
+
+fn mem(b: u64) -> String {
+    verge_api::Bytes(b).human()
+}
+
+fn totals_row(name: &str, t: &serde_json::Value) -> Vec<String> {
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    let (cap, alloc) = (&t["capacity"], &t["allocated"]);
+    let devices: Vec<String> = cap["devices"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| {
+                    format!(
+                        "{k} {}/{}",
+                        n(v).saturating_sub(n(&alloc["devices"][k])),
+                        n(v)
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    vec![
+        name.to_string(),
+        n(&t["nodes"]).to_string(),
+        format!("{}/{}", cpu(n(&alloc["cpu"])), cpu(n(&cap["cpu"]))),
+        format!("{}/{}", mem(n(&alloc["memory"])), mem(n(&cap["memory"]))),
+        cpu(n(&cap["cpu"]).saturating_sub(n(&alloc["cpu"]))),
+        mem(n(&cap["memory"]).saturating_sub(n(&alloc["memory"]))),
+        n(&t["allocations"]).to_string(),
+        dash(&devices.join(", ")),
+    ]
+}
+
+const TOTALS_HEADER: [&str; 8] = [
+    "NODES",
+    "CPU ALLOC/CAP",
+    "MEMORY ALLOC/CAP",
+    "FREE CPU",
+    "FREE MEMORY",
+    "INSTANCES",
+    "DEVICES FREE/CAP",
+    "",
+];
+
+fn totals_table(first: &'static str, map: &serde_json::Value) -> String {
+    let mut header = vec![first];
+    header.extend(&TOTALS_HEADER[..7]);
+    let rows: Vec<Vec<String>> = map
+        .as_object()
+        .map(|m| m.iter().map(|(k, t)| totals_row(k, t)).collect())
+        .unwrap_or_default();
+    table(&header, &rows)
+}
+
+async fn get_inventory(client: &Client, output: Output) -> Result<()> {
+    let v: serde_json::Value = client.get("/v1/inventory").await?;
+    if matches!(output, Output::Json | Output::Yaml) {
+        return print_values(&[v], output);
+    }
+    let r = &v["report"];
+    print!("{}", totals_table("REGION", &r["byRegion"]));
+    println!();
+    print!("{}", totals_table("SITE", &r["bySite"]));
+    println!();
+    print!(
+        "{}",
+        table(
+            &[
+                "TOTAL",
+                "NODES",
+                "CPU ALLOC/CAP",
+                "MEMORY ALLOC/CAP",
+                "FREE CPU",
+                "FREE MEMORY",
+                "INSTANCES",
+                "DEVICES FREE/CAP"
+            ],
+            &[totals_row("all", &r["total"])]
+        )
+    );
+    Ok(())
+}
+
+async fn get_audit(client: &Client, output: Output) -> Result<()> {
+    let v: serde_json::Value = client.get("/v1/inventory/audit?limit=50").await?;
+    let items = v["items"].as_array().cloned().unwrap_or_default();
+    if matches!(output, Output::Json | Output::Yaml) {
+        return print_values(&items, output);
+    }
+    let s = |x: &serde_json::Value| dash(x.as_str().unwrap_or(""));
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|e| {
+            vec![
+                s(&e["time"]),
+                s(&e["who"]),
+                s(&e["what"]),
+                s(&e["node"]),
+                s(&e["instance"]),
+                s(&e["why"]),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(&["TIME", "WHO", "WHAT", "NODE", "INSTANCE", "WHY"], &rows)
+    );
+    Ok(())
+}
+
+/// `verge sched report` / `verge sched defrag`.
+pub async fn sched_plan(
+    client: &Client,
+    max_moves: usize,
+    per_group: usize,
+    apply: bool,
+    output: Output,
+) -> Result<()> {
+    let body =
+        serde_json::json!({"maxMoves": max_moves, "maxMovesPerGroup": per_group, "apply": apply});
+    let r: serde_json::Value = client.post("/v1/sched/plan", &body).await?;
+    if matches!(output, Output::Json | Output::Yaml) {
+        return print_values(&[r], output);
+    }
+    let pct = |v: &serde_json::Value| format!("{:.1}%", v.as_f64().unwrap_or(0.0) * 100.0);
+    println!(
+        "fragmentation (stranded / free CPU): now {}, after plan {}; empty nodes: {} -> {}",
+        pct(&r["before"]["ratio"]),
+        pct(&r["after"]["ratio"]),
+        r["before"]["emptyNodes"],
+        r["after"]["emptyNodes"]
+    );
+    let regions: Vec<Vec<String>> = r["before"]["byRegion"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| vec![k.clone(), pct(v), pct(&r["after"]["byRegion"][k])])
+                .collect()
+        })
+        .unwrap_or_default();
+    if !regions.is_empty() {
+        println!();
+        print!(
+            "{}",
+            table(&["REGION", "FRAGMENTATION NOW", "AFTER PLAN"], &regions)
+        );
+    }
+    println!("\ncapacity by region:");
+    print!("{}", totals_table("REGION", &r["capacityByRegion"]));
+    let moves = r["migrations"].as_array().cloned().unwrap_or_default();
+    println!(
+        "\nplan: {} migration(s), frees {}",
+        moves.len(),
+        r["nodesFreed"]
+    );
+    if !moves.is_empty() {
+        let rows: Vec<Vec<String>> = moves
+            .iter()
+            .map(|m| {
+                vec![
+                    dash(m["instance"].as_str().unwrap_or("")),
+                    dash(m["from"].as_str().unwrap_or("")),
+                    dash(m["to"].as_str().unwrap_or("")),
+                ]
+            })
+            .collect();
+        print!("{}", table(&["INSTANCE", "FROM", "TO"], &rows));
+    }
+    if apply {
+        println!("applied {} migration(s)", r["applied"]);
+    } else if !moves.is_empty() {
+        println!("(not applied; run `verge sched defrag --apply` to carry it out)");
+    }
+    Ok(())
+}
+
+fn region_rows(items: &[serde_json::Value]) -> (Vec<&'static str>, Vec<Vec<String>>) {
+    let rows = items
+        .iter()
+        .map(|r| {
+            vec![
+                dash(r["metadata"]["name"].as_str().unwrap_or("")),
+                r["spec"]["latitude"].to_string(),
+                r["spec"]["longitude"].to_string(),
+                dash(r["spec"]["description"].as_str().unwrap_or("")),
+            ]
+        })
+        .collect();
+    (vec!["NAME", "LATITUDE", "LONGITUDE", "DESCRIPTION"], rows)
+}
+
 /// `verge get KIND [NAME]`.
 pub async fn get(client: &Client, kind: &str, name: Option<&str>, output: Output) -> Result<()> {
+    match kind {
+        "inventory" | "inv" => return get_inventory(client, output).await,
+        "audit" => return get_audit(client, output).await,
+        _ => {}
+    }
     let plural = kind_or_bail(kind)?;
     let values: Vec<serde_json::Value> = match name {
         Some(n) => vec![client.get(&format!("/v1/{plural}/{n}")).await?],
@@ -225,7 +427,9 @@ pub async fn get(client: &Client, kind: &str, name: Option<&str>, output: Output
         return print_values(&values, output);
     }
     let wide = output == Output::Wide;
-    let (header, rows) = if plural == "nodes" {
+    let (header, rows) = if plural == "regions" {
+        region_rows(&values)
+    } else if plural == "nodes" {
         let nodes: Vec<Node> = serde_json::from_value(serde_json::Value::Array(values))?;
         node_rows(&nodes, wide)
     } else {
@@ -306,6 +510,7 @@ pub async fn apply_one(client: &Client, m: &Manifest) -> Result<&'static str> {
     let (plural, mut body) = match m {
         Manifest::Node(o) => ("nodes", serde_json::to_value(o)?),
         Manifest::Instance(o) => ("instances", serde_json::to_value(o)?),
+        Manifest::Region(o) => ("regions", serde_json::to_value(o)?),
     };
     // apply sets what the user owns; status belongs to the hub and the edges.
     if let Some(obj) = body.as_object_mut() {

@@ -81,12 +81,24 @@ enum Command {
         /// Report this much memory instead of the machine's (e.g. 4Gi).
         #[arg(long, value_parser = |s: &str| Bytes::parse(s))]
         memory: Option<Bytes>,
+        /// GPUs on this node, MODEL=COUNT (repeatable), e.g. nvidia-t4=2.
+        #[arg(long = "gpu", value_parser = parse_count)]
+        gpus: Vec<(String, u32)>,
+        /// Accelerators (ASICs) on this node, NAME=COUNT (repeatable).
+        #[arg(long = "asic", value_parser = parse_count)]
+        asics: Vec<(String, u32)>,
+        /// Uplink bandwidth this node sells, in Mbit/s.
+        #[arg(long, default_value_t = 0)]
+        bandwidth_mbps: u64,
+        /// Public addresses this node can hand out.
+        #[arg(long, default_value_t = 0)]
+        addresses: u64,
     },
     /// All in one: a hub and three edges on this machine, with the samples applied.
     Dev(dev::DevArgs),
     /// List objects.
     Get {
-        /// nodes | instances
+        /// nodes | instances | regions | inventory | audit
         kind: String,
         /// One object.
         name: Option<String>,
@@ -125,6 +137,11 @@ enum Command {
         #[arg(long)]
         tail: Option<u64>,
     },
+    /// The scheduling centre's offline side: fragmentation and defragmentation.
+    Sched {
+        #[command(subcommand)]
+        command: SchedCommand,
+    },
     /// Manage join tokens.
     Token {
         #[command(subcommand)]
@@ -134,6 +151,34 @@ enum Command {
     Bench {
         #[command(subcommand)]
         command: bench::BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SchedCommand {
+    /// Fragmentation now and after a defragmentation plan, and capacity by region.
+    Report {
+        /// Migrations the plan may use.
+        #[arg(long, default_value_t = 10)]
+        max_moves: usize,
+        /// Migrations per application (disruption budget).
+        #[arg(long, default_value_t = 2)]
+        max_moves_per_group: usize,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: cli::Output,
+    },
+    /// Plan a defragmentation and carry it out (migrations are restarts on other nodes).
+    Defrag {
+        /// Migrations the plan may use.
+        #[arg(long, default_value_t = 10)]
+        max_moves: usize,
+        /// Migrations per application (disruption budget).
+        #[arg(long, default_value_t = 2)]
+        max_moves_per_group: usize,
+        /// Without this, only show the plan.
+        #[arg(long)]
+        apply: bool,
     },
 }
 
@@ -174,6 +219,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             ));
         }
     })
+}
+
+fn parse_count(s: &str) -> Result<(String, u32), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}' is not NAME=COUNT (e.g. nvidia-t4=2)"))?;
+    let n = v
+        .parse()
+        .map_err(|_| format!("'{s}': count '{v}' is not a whole number"))?;
+    Ok((k.to_string(), n))
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -260,6 +315,10 @@ fn real_main() -> Result<()> {
             stop_workloads_on_exit,
             cpu,
             memory,
+            gpus,
+            asics,
+            bandwidth_mbps,
+            addresses,
         } => {
             init_tracing("info");
             if !verge_api::validate::is_dns_label(&name) {
@@ -280,7 +339,14 @@ fn real_main() -> Result<()> {
                     labels: labels.into_iter().collect::<BTreeMap<_, _>>(),
                     metrics_listen,
                     stop_workloads_on_exit,
-                    capacity: verge_edge::CapacityConfig { cpu, memory },
+                    capacity: verge_edge::CapacityConfig {
+                        cpu,
+                        memory,
+                        gpus: gpus.into_iter().collect(),
+                        asics: asics.into_iter().collect(),
+                        bandwidth_mbps,
+                        addresses,
+                    },
                 };
                 let runtime = Arc::new(verge_runtime::process::ProcessRuntime);
                 verge_edge::run(config, runtime, shutdown_signal(), |m| {
@@ -341,6 +407,31 @@ async fn run_cli(config: Option<PathBuf>, command: Command) -> Result<()> {
                     description,
                 },
         } => cli::token_create(&client, uses, Some(ttl.as_secs()), &description).await,
+        Command::Sched {
+            command:
+                SchedCommand::Report {
+                    max_moves,
+                    max_moves_per_group,
+                    output,
+                },
+        } => cli::sched_plan(&client, max_moves, max_moves_per_group, false, output).await,
+        Command::Sched {
+            command:
+                SchedCommand::Defrag {
+                    max_moves,
+                    max_moves_per_group,
+                    apply,
+                },
+        } => {
+            cli::sched_plan(
+                &client,
+                max_moves,
+                max_moves_per_group,
+                apply,
+                cli::Output::Table,
+            )
+            .await
+        }
         Command::Hub { .. } | Command::Edge { .. } | Command::Dev(_) | Command::Bench { .. } => {
             unreachable!("dispatched in main")
         }
