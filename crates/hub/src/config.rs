@@ -25,6 +25,9 @@ pub struct HubConfig {
     pub heartbeat_interval: Duration,
     /// Keep at least this many revisions of history for watches to resume from.
     pub history_revisions: u64,
+    /// `(index, count)`: this hub's scheduler places only the pending instances whose
+    /// name hashes to `index` modulo `count` (several schedulers sharing one store).
+    pub scheduler_shard: Option<(u32, u32)>,
 }
 
 impl HubConfig {
@@ -37,6 +40,7 @@ impl HubConfig {
             node_grace: Duration::from_secs(40),
             heartbeat_interval: Duration::from_secs(10),
             history_revisions: 10_000,
+            scheduler_shard: None,
         }
     }
 }

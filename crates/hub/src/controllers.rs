@@ -240,6 +240,11 @@ pub async fn schedule_pass(st: &HubState) -> Result<(), verge_api::ApiError> {
     Ok(())
 }
 
+/// FNV-1a: a stable hash for sharding (the same on every hub and every build).
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
 /// The offline scheduler's recommendations for the current view, recomputed at most
 /// every [`RECOMMENDATIONS_TTL`] (or when the fleet changes size).
 fn recommendations(
