@@ -352,8 +352,10 @@ async fn handle_edge_message(
                             format!("instance '{name}' (uid {uid}) is not bound to node '{node}'"),
                         ));
                     }
+                    // `node` and `placement` belong to the hub; the edge reports the rest.
                     *s = InstanceStatus {
                         node: Some(node.to_string()),
+                        placement: obj.status.placement.clone(),
                         ..status.clone()
                     };
                     Ok(true)

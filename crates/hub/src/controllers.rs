@@ -132,6 +132,19 @@ pub async fn schedule_pass(st: &HubState) -> Result<(), verge_api::ApiError> {
             .get_or_create(&vec![("phase".into(), phase)])
             .set(n);
     }
+    let mine = |i: &Instance| match st.config.scheduler_shard {
+        // Gang members shard by gang, so a gang is always planned by one scheduler.
+        Some((index, count)) => {
+            let key = i
+                .spec
+                .placement
+                .gang
+                .as_ref()
+                .map_or(i.name(), |g| g.name.as_str());
+            fnv1a(key) % count.max(1) as u64 == index as u64
+        }
+        None => true,
+    };
     let mut pending: Vec<&Instance> = instances
         .iter()
         .filter(|i| {
@@ -140,6 +153,7 @@ pub async fn schedule_pass(st: &HubState) -> Result<(), verge_api::ApiError> {
                     i.status.phase,
                     InstancePhase::Succeeded | InstancePhase::Failed
                 )
+                && mine(i)
         })
         .collect();
     if pending.is_empty() {
@@ -242,7 +256,9 @@ pub async fn schedule_pass(st: &HubState) -> Result<(), verge_api::ApiError> {
 
 /// FNV-1a: a stable hash for sharding (the same on every hub and every build).
 fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// The offline scheduler's recommendations for the current view, recomputed at most

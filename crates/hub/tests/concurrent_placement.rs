@@ -5,15 +5,20 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use verge_api::{Bytes, Cpu, Instance, InstanceSpec, NodePhase, NodeSpec, Object, ProcessSpec};
+use verge_hub::HubConfig;
 use verge_hub::controllers::schedule_pass;
 use verge_hub::inventory;
 use verge_hub::objects::Objects;
 use verge_hub::state::HubState;
-use verge_hub::HubConfig;
 use verge_store::{SqliteStore, Store};
 use verge_tunnel::pki::CertAuthority;
 
-fn hub(store: Arc<dyn Store>, ca: &CertAuthority, dir: &std::path::Path, shard: Option<(u32, u32)>) -> Arc<HubState> {
+fn hub(
+    store: Arc<dyn Store>,
+    ca: &CertAuthority,
+    dir: &std::path::Path,
+    shard: Option<(u32, u32)>,
+) -> Arc<HubState> {
     let mut config = HubConfig::new("127.0.0.1:0".parse().expect("addr"), dir);
     config.scheduler_shard = shard;
     HubState::new(Objects::new(store), ca.clone(), config)
@@ -36,19 +41,32 @@ async fn setup(objects: &Objects, nodes: &[(u64, u64)], instances: &[(u64, u64)]
     }
     for (k, (cpu, mem)) in instances.iter().enumerate() {
         let mut spec = InstanceSpec {
-            process: Some(ProcessSpec { command: vec!["true".into()], ..Default::default() }),
+            process: Some(ProcessSpec {
+                command: vec!["true".into()],
+                ..Default::default()
+            }),
             ..Default::default()
         };
         spec.resources.cpu = Cpu(*cpu);
         spec.resources.memory = Bytes(*mem << 20);
-        objects.create(Instance::new(format!("i{k}"), spec)).await.expect("instance");
+        objects
+            .create(Instance::new(format!("i{k}"), spec))
+            .await
+            .expect("instance");
     }
 }
 
-fn check_invariants(nodes: &[(u64, u64)], all: &[Instance], ledgers: &std::collections::BTreeMap<String, inventory::Versioned<inventory::Ledger>>) {
+fn check_invariants(
+    nodes: &[(u64, u64)],
+    all: &[Instance],
+    ledgers: &std::collections::BTreeMap<String, inventory::Versioned<inventory::Ledger>>,
+) {
     for (i, (cpu, mem)) in nodes.iter().enumerate() {
         let name = format!("n{i}");
-        let bound: Vec<&Instance> = all.iter().filter(|x| x.status.node.as_deref() == Some(name.as_str())).collect();
+        let bound: Vec<&Instance> = all
+            .iter()
+            .filter(|x| x.status.node.as_deref() == Some(name.as_str()))
+            .collect();
         let used_cpu: u64 = bound.iter().map(|x| x.spec.resources.cpu.0).sum();
         let used_mem: u64 = bound.iter().map(|x| x.spec.resources.memory.0).sum();
         assert!(used_cpu <= *cpu, "node {name}: {used_cpu}m bound > {cpu}m");
@@ -58,7 +76,10 @@ fn check_invariants(nodes: &[(u64, u64)], all: &[Instance], ledgers: &std::colle
         let mut bound_names: Vec<&str> = bound.iter().map(|x| x.name()).collect();
         in_ledger.sort();
         bound_names.sort();
-        assert_eq!(in_ledger, bound_names, "ledger of {name} disagrees with the bindings");
+        assert_eq!(
+            in_ledger, bound_names,
+            "ledger of {name} disagrees with the bindings"
+        );
         assert!(ledger.allocated().within(&ledger.capacity));
     }
 }

@@ -246,6 +246,17 @@ impl Edge {
     }
 
     pub fn start_in(url: &str, name: &str, token: Option<&str>, dir: &Path) -> Edge {
+        Self::start_with(url, name, token, dir, &[])
+    }
+
+    /// Start with extra arguments (later `--label`s override the defaults).
+    pub fn start_with(
+        url: &str,
+        name: &str,
+        token: Option<&str>,
+        dir: &Path,
+        extra: &[&str],
+    ) -> Edge {
         let log = dir.with_extension(format!("{}.log", rand_suffix()));
         let mut args = vec![
             "edge",
@@ -255,8 +266,6 @@ impl Edge {
             name,
             "--data-dir",
             dir.to_str().expect("utf8"),
-            "--cpu",
-            "2",
             "--memory",
             "4Gi",
             "--metrics-listen",
@@ -270,6 +279,10 @@ impl Edge {
             args.push("--join-token");
             args.push(t);
         }
+        if !extra.contains(&"--cpu") {
+            args.extend_from_slice(&["--cpu", "2"]);
+        }
+        args.extend_from_slice(extra);
         let (proc, line) = spawn(&args, &log, "edge ready");
         let metrics = line.trim_start_matches("edge ready metrics=").to_string();
         Edge {
