@@ -134,7 +134,8 @@ proptest! {
             }
             let (all, _) = st.objects.list::<InstanceSpec>().await.expect("list");
             let placed = all.iter().filter(|i| i.status.node.is_some()).count();
-            assert!(placed > 0, "some placements got through");
+            let any_fits = instances.iter().any(|(c, m)| nodes.iter().any(|(nc, nm)| c <= nc && m <= nm));
+            assert!(placed > 0 || !any_fits, "nothing got through although something fits");
             check_invariants(&nodes, &all, &inventory::ledgers(store.as_ref()).await.expect("ledgers"));
         });
     }
