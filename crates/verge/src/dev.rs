@@ -19,6 +19,18 @@ use crate::client::Client;
 /// The samples applied by `verge dev` (the same files as `examples/`).
 pub const SAMPLES: &[(&str, &str)] = &[
     (
+        "regions.yaml",
+        include_str!("../../../examples/regions.yaml"),
+    ),
+    (
+        "spread-web.yaml",
+        include_str!("../../../examples/spread-web.yaml"),
+    ),
+    (
+        "gang-pair.yaml",
+        include_str!("../../../examples/gang-pair.yaml"),
+    ),
+    (
         "hello-process.yaml",
         include_str!("../../../examples/hello-process.yaml"),
     ),

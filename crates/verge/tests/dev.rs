@@ -46,6 +46,9 @@ fn dev_starts_everything_and_restarts_on_the_same_state() {
         "hello",
         "ticker-eu",
         "report-once",
+        "web-1",
+        "web-2",
+        "pair-a",
         "Ctrl-C",
     ] {
         assert!(first.contains(want), "missing {want} in:\n{first}");

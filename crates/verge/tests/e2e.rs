@@ -571,12 +571,45 @@ fn every_example_applies_and_runs() {
         yaml.contains("kind: Instance") && yaml.contains("phase: Running"),
         "{yaml}"
     );
+    // One node: one replica of each anti-affine pair fits, the other explains why not.
+    hub.wait_phase("instances", "web-1", "Running", T);
+    let reason = |name: &str| {
+        wait_for(&format!("{name} reason"), T, || {
+            hub.get_json("instances", name).and_then(|v| {
+                v["status"]["message"]
+                    .as_str()
+                    .filter(|m| !m.is_empty())
+                    .map(str::to_string)
+            })
+        })
+    };
+    assert_eq!(reason("web-2"), "0/1 nodes fit: 1 anti-affinity");
+    let gang = reason("pair-a");
+    assert!(
+        gang.contains("gang 'pair' cannot be placed together"),
+        "{gang}"
+    );
+    assert_eq!(reason("inference"), "0/1 nodes fit: 1 missing device");
     let described = hub.ok(&["describe", "node", "edge-1"]);
     assert!(
-        described.contains("instances on this node: 3"),
+        described.contains("instances on this node: 4"),
         "{described}"
     );
-    for name in ["hello", "ticker-eu", "report-once"] {
+    let regions = hub.ok(&["get", "regions"]);
+    assert!(
+        regions.contains("ap-south") && regions.contains("Mumbai"),
+        "{regions}"
+    );
+    for name in [
+        "hello",
+        "ticker-eu",
+        "report-once",
+        "web-1",
+        "web-2",
+        "pair-a",
+        "pair-b",
+        "inference",
+    ] {
         hub.ok(&["delete", "instance", name]);
     }
 }
