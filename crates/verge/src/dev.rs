@@ -241,7 +241,8 @@ pub async fn run(args: DevArgs) -> Result<()> {
     println!(
         "\nVerge is running: hub at {url}, 3 edges. {cfg_hint}\n\
          Try:\n  verge get nodes -o wide\n  verge get instances\n  verge logs hello\n  \
-         verge apply -f examples/\n  verge describe node edge-1\n\
+         verge apply -f examples/\n  verge describe node edge-1\n  \
+         verge get inventory\n  verge sched report\n\
          Logs of the processes: {}/*.log. Press Ctrl-C to stop everything.",
         dir.display()
     );
