@@ -393,47 +393,41 @@ fn requests_without_valid_credentials_or_for_other_nodes_are_refused() {
             body["message"].as_str().unwrap_or("").contains("Bearer"),
             "{body}"
         );
-        let r = anon
-            .get(format!("{}/v1/instances", hub.url))
-            .bearer_auth("adm_wrong")
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(r.status().as_u16(), 401);
+        assert_eq!(
+            status(
+                anon.get(format!("{}/v1/instances", hub.url))
+                    .bearer_auth("adm_wrong")
+            )
+            .await,
+            401
+        );
 
         // edge-a's certificate: its own node yes, edge-b's objects no.
         let as_a = api_client(&hub, Some(&a.dir));
-        let r = as_a
-            .get(format!("{}/v1/nodes/edge-a", hub.url))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(r.status().as_u16(), 200);
-        let r = as_a
-            .get(format!("{}/v1/nodes/edge-b", hub.url))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(r.status().as_u16(), 403);
-        let r = as_a
-            .get(format!("{}/v1/instances/on-b", hub.url))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(r.status().as_u16(), 403);
-        let r = as_a
-            .put(format!("{}/v1/instances/on-b/status", hub.url))
-            .json(&serde_json::json!({"status": {"phase": "Failed", "node": "edge-b"}}))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(r.status().as_u16(), 403);
-        let r = as_a
-            .delete(format!("{}/v1/instances/on-b", hub.url))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(r.status().as_u16(), 403);
+        assert_eq!(
+            status(as_a.get(format!("{}/v1/nodes/edge-a", hub.url))).await,
+            200
+        );
+        assert_eq!(
+            status(as_a.get(format!("{}/v1/nodes/edge-b", hub.url))).await,
+            403
+        );
+        assert_eq!(
+            status(as_a.get(format!("{}/v1/instances/on-b", hub.url))).await,
+            403
+        );
+        assert_eq!(
+            status(
+                as_a.put(format!("{}/v1/instances/on-b/status", hub.url))
+                    .json(&serde_json::json!({"status": {"phase": "Failed", "node": "edge-b"}}))
+            )
+            .await,
+            403
+        );
+        assert_eq!(
+            status(as_a.delete(format!("{}/v1/instances/on-b", hub.url))).await,
+            403
+        );
         let list: serde_json::Value = as_a
             .get(format!("{}/v1/instances", hub.url))
             .send()
@@ -459,6 +453,10 @@ fn requests_without_valid_credentials_or_for_other_nodes_are_refused() {
     assert_eq!(after["status"]["node"], "edge-b");
     hub.ok(&["delete", "instance", "on-b"]);
     wait_for("cleanup", T, || pids_with(&m).is_empty().then_some(()));
+}
+
+async fn status(req: reqwest::RequestBuilder) -> u16 {
+    req.send().await.expect("send").status().as_u16()
 }
 
 async fn channel_forgery(hub: &Hub, edge_dir: &std::path::Path, victim: &serde_json::Value) {
