@@ -49,11 +49,13 @@ pub enum EdgeToHub {
         /// The last revision the edge has fully applied (0: never synced).
         since_revision: u64,
     },
-    /// Periodic liveness, with the node's current facts.
+    /// Periodic liveness. Carries the node's facts on the first heartbeat of a
+    /// session, when they change, and once a minute; otherwise it is a few bytes.
     #[serde(rename_all = "camelCase")]
     Heartbeat {
-        /// Node facts (capacity, arch...).
-        status: Box<NodeStatus>,
+        /// Node facts (capacity, arch...), when sent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        status: Option<Box<NodeStatus>>,
     },
     /// An instance's status changed on the node.
     #[serde(rename_all = "camelCase")]

@@ -93,8 +93,9 @@ impl EdgeError {
 /// How the agent runs.
 #[derive(Debug, Clone)]
 pub struct EdgeConfig {
-    /// Hub URL (`https://HOST:PORT`).
-    pub hub: String,
+    /// Hub endpoints (`https://HOST:PORT`), in order of preference: replicas or
+    /// gateways in different data centres. The agent fails over between them.
+    pub hubs: Vec<String>,
     /// Join token for first start.
     pub join_token: Option<String>,
     /// Node name.
@@ -116,6 +117,7 @@ pub struct Metrics {
     registry: Registry,
     connected: Gauge,
     reconnects: Counter,
+    failovers: Counter,
     instances: Family<Vec<(String, String)>, Gauge>,
     revision: Gauge,
 }
@@ -125,6 +127,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("verge_edge");
         let connected = Gauge::default();
         let reconnects = Counter::default();
+        let failovers = Counter::default();
         let instances = Family::default();
         let revision = Gauge::default();
         registry.register(
@@ -134,8 +137,13 @@ impl Metrics {
         );
         registry.register(
             "reconnects",
-            "Connection attempts after a lost session",
+            "Sessions that ended (each is followed by a reconnect)",
             reconnects.clone(),
+        );
+        registry.register(
+            "failovers",
+            "Switches to another hub endpoint",
+            failovers.clone(),
         );
         registry.register(
             "instances",
@@ -151,6 +159,7 @@ impl Metrics {
             registry,
             connected,
             reconnects,
+            failovers,
             instances,
             revision,
         }
@@ -253,7 +262,16 @@ pub async fn run(
     ready: impl FnOnce(Option<SocketAddr>),
 ) -> Result<(), EdgeError> {
     verge_tunnel::install_crypto_provider();
-    let addr = verge_tunnel::tls::hub_addr(&config.hub)?;
+    let addrs = config
+        .hubs
+        .iter()
+        .map(|h| verge_tunnel::tls::hub_addr(h))
+        .collect::<Result<Vec<_>, _>>()?;
+    if addrs.is_empty() {
+        return Err(EdgeError::Enroll(
+            "no hub endpoint given; pass --hub https://HOST:PORT".into(),
+        ));
+    }
     let dir = config.data_dir.clone();
     std::fs::create_dir_all(&dir).map_err(|e| EdgeError::file(&dir, e))?;
     let agent = Agent::new(dir.clone(), runtime)?;
@@ -281,13 +299,18 @@ pub async fn run(
                     .as_deref()
                     .ok_or_else(|| EdgeError::NotEnrolled(dir.clone()))?;
                 let mut backoff = Duration::from_millis(500);
+                let mut attempt = 0usize;
                 let id = loop {
-                    match enroll(&addr, token, &config.name, &config.labels).await {
+                    let addr = &addrs[attempt % addrs.len()];
+                    attempt += 1;
+                    match enroll(addr, token, &config.name, &config.labels).await {
                         Ok(id) => break id,
                         Err(e @ EdgeError::Unreachable(_)) => {
-                            tracing::warn!(error = %e, "hub unreachable for enrolment; retrying");
-                            tokio::time::sleep(jitter(backoff)).await;
-                            backoff = (backoff * 2).min(Duration::from_secs(30));
+                            tracing::warn!(error = %e, "hub endpoint unreachable for enrolment; trying the next");
+                            if attempt % addrs.len() == 0 {
+                                tokio::time::sleep(jitter(backoff)).await;
+                                backoff = (backoff * 2).min(Duration::from_secs(30));
+                            }
                         }
                         // The hub answered and said no: retrying will not help.
                         Err(e) => return Err(e),
@@ -298,27 +321,48 @@ pub async fn run(
                 id
             }
         };
-        let ctx = SessionCtx {
-            agent: &agent,
-            identity: &identity,
-            addr: &addr,
-            data_dir: &dir,
-            capacity: &config.capacity,
-            metrics: &metrics,
-        };
+        // Fail over between endpoints: a lost session moves to the next endpoint at
+        // once; only after every endpoint has failed in a row does the agent back off
+        // (exponentially, with jitter, so a fleet does not stampede a restarted hub).
         let mut backoff = Duration::from_millis(250);
+        let mut current = 0usize;
+        let mut failures_in_a_row = 0usize;
         loop {
+            let addr = &addrs[current];
+            let ctx = SessionCtx {
+                agent: &agent,
+                identity: &identity,
+                addr,
+                data_dir: &dir,
+                capacity: &config.capacity,
+                metrics: &metrics,
+            };
             let began = tokio::time::Instant::now();
-            match run_session(&ctx).await? {
+            let end = run_session(&ctx).await?;
+            if began.elapsed() > Duration::from_secs(10) {
+                backoff = Duration::from_millis(250);
+                failures_in_a_row = 0;
+            }
+            metrics.reconnects.inc();
+            match end {
                 SessionEnd::Refused(msg) => return Err(EdgeError::Refused(msg)),
-                SessionEnd::Lost(why) => {
-                    if began.elapsed() > Duration::from_secs(10) {
-                        backoff = Duration::from_millis(250);
-                    }
-                    tracing::warn!(%why, retry_in_ms = backoff.as_millis() as u64, "hub connection lost; workloads keep running");
-                    metrics.reconnects.inc();
-                    tokio::time::sleep(jitter(backoff)).await;
+                SessionEnd::Busy(retry_after) => {
+                    tracing::info!(addr = %addr, retry_after_ms = retry_after.as_millis() as u64, "hub is busy admitting edges; waiting");
+                    tokio::time::sleep(jitter(retry_after.max(backoff))).await;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+                SessionEnd::Lost(why) => {
+                    failures_in_a_row += 1;
+                    if addrs.len() > 1 {
+                        current = (current + 1) % addrs.len();
+                        metrics.failovers.inc();
+                    }
+                    tracing::warn!(%why, from = %addr, next = %addrs[current], "hub connection lost; workloads keep running");
+                    if failures_in_a_row >= addrs.len() {
+                        failures_in_a_row = 0;
+                        tokio::time::sleep(jitter(backoff)).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
                 }
             }
         }

@@ -22,7 +22,12 @@ pub enum SessionEnd {
     Lost(String),
     /// The hub refused this node for good (e.g. it was deleted); do not retry.
     Refused(String),
+    /// The hub is admitting other edges first; retry after this long.
+    Busy(Duration),
 }
+
+/// Node facts are resent at least this often even when unchanged.
+const FACTS_EVERY: Duration = Duration::from_secs(60);
 
 /// Everything a session needs.
 pub struct SessionCtx<'a> {
@@ -82,6 +87,13 @@ pub async fn run_session(ctx: &SessionCtx<'_>) -> Result<SessionEnd, EdgeError> 
         {
             return Ok(SessionEnd::Refused(message));
         }
+        Ok(Ok(Some(HubToEdge::Error { code, message }))) if code == "busy" => {
+            let ms = message
+                .split_whitespace()
+                .find_map(|w| w.strip_suffix("ms").and_then(|n| n.parse::<u64>().ok()))
+                .unwrap_or(1000);
+            return Ok(SessionEnd::Busy(Duration::from_millis(ms)));
+        }
         Ok(Ok(other)) => {
             return Ok(SessionEnd::Lost(format!(
                 "unexpected first message: {other:?}"
@@ -114,9 +126,13 @@ where
 {
     let agent = ctx.agent;
     let mut heartbeat = tokio::time::interval(interval);
-    // A hub that stays silent for three heartbeats is gone, even if TCP has not noticed.
-    let silence_limit = interval * 3 + Duration::from_secs(2);
+    // A hub that stays silent for three heartbeats is gone, even if TCP has not noticed
+    // (a black-holed path looks exactly like that). Checked every second, so a dead
+    // endpoint is noticed within three intervals plus a second.
+    let silence_limit = interval * 3;
+    let mut silence_check = tokio::time::interval(Duration::from_secs(1).min(interval));
     let mut last_heard = tokio::time::Instant::now();
+    let mut facts_sent: Option<(verge_api::NodeStatus, tokio::time::Instant)> = None;
     agent.mark_all_dirty();
     let lost = |e: verge_tunnel::frame::FrameError| Ok(SessionEnd::Lost(e.to_string()));
     loop {
@@ -156,13 +172,23 @@ where
                     }
                 }
             }
-            _ = heartbeat.tick() => {
+            _ = silence_check.tick() => {
                 if last_heard.elapsed() > silence_limit {
-                    return Ok(SessionEnd::Lost(format!("hub silent for {}s", last_heard.elapsed().as_secs())));
+                    return Ok(SessionEnd::Lost(format!("hub silent for {:.1}s", last_heard.elapsed().as_secs_f64())));
                 }
-                let status = node_status(ctx.data_dir, ctx.capacity, AGENT_VERSION);
-                if let Err(e) = write_msg(writer, &EdgeToHub::Heartbeat { status: Box::new(status) }).await {
+            }
+            _ = heartbeat.tick() => {
+                let now = node_status(ctx.data_dir, ctx.capacity, AGENT_VERSION);
+                let send_facts = match &facts_sent {
+                    Some((prev, at)) => *prev != now || at.elapsed() >= FACTS_EVERY,
+                    None => true,
+                };
+                let status = send_facts.then(|| Box::new(now.clone()));
+                if let Err(e) = write_msg(writer, &EdgeToHub::Heartbeat { status }).await {
                     return lost(e);
+                }
+                if send_facts {
+                    facts_sent = Some((now, tokio::time::Instant::now()));
                 }
             }
             _ = agent.outbox.notified() => {

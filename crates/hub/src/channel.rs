@@ -245,6 +245,15 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         let _ = write_msg(&mut writer, &refuse("protocol", e.message)).await;
         return;
     }
+    if let Err(retry) = st.admit() {
+        let msg = format!(
+            "hub is admitting {} edges per second; retry in {}ms",
+            st.config.admit_rate,
+            retry.as_millis()
+        );
+        let _ = write_msg(&mut writer, &refuse("busy", msg)).await;
+        return;
+    }
     let (tx, mut rx) = mpsc::channel::<HubToEdge>(1024);
     let welcome = HubToEdge::Welcome {
         protocol_version: PROTOCOL_VERSION,
@@ -321,26 +330,42 @@ async fn handle_edge_message(
 ) -> Result<(), ApiError> {
     match msg {
         EdgeToHub::Heartbeat { status } => {
-            let status = *status;
+            // Liveness is answered at once; the store is written only when the facts
+            // change, the node was not Ready, or the persisted heartbeat is getting old
+            // (well inside the node grace period), so an idle fleet costs few writes.
+            let _ = conn.tx.send(HubToEdge::HeartbeatAck).await;
+            let persist_every = (st.config.node_grace / 3).min(Duration::from_secs(30));
+            let due = conn.heartbeat_persisted_before(persist_every);
+            let mut changed = false;
             st.objects
                 .update_status::<NodeSpec>(node, |_, s| {
+                    if status.is_none() && !due && s.phase == NodePhase::Ready {
+                        return Ok(false);
+                    }
                     let was_ready = s.phase == NodePhase::Ready;
-                    *s = NodeStatus {
+                    let facts = status.as_deref().cloned().unwrap_or_else(|| s.clone());
+                    let next = NodeStatus {
                         phase: NodePhase::Ready,
                         last_heartbeat: Some(now_rfc3339()),
                         protocol_version,
                         transport: "tls".into(),
                         message: String::new(),
-                        ..status.clone()
+                        ..facts
                     };
+                    changed = !was_ready
+                        || next.capacity != s.capacity
+                        || next.allocatable != s.allocatable;
+                    *s = next;
                     if !was_ready {
                         tracing::info!(node, "node is Ready");
                     }
                     Ok(true)
                 })
                 .await?;
-            let _ = conn.tx.send(HubToEdge::HeartbeatAck).await;
-            st.schedule_kick.notify_one();
+            conn.mark_heartbeat_persisted();
+            if changed {
+                st.schedule_kick.notify_one();
+            }
             Ok(())
         }
         EdgeToHub::InstanceStatus { name, uid, status } => {

@@ -28,6 +28,8 @@ pub struct HubConfig {
     /// `(index, count)`: this hub's scheduler places only the pending instances whose
     /// name hashes to `index` modulo `count` (several schedulers sharing one store).
     pub scheduler_shard: Option<(u32, u32)>,
+    /// New edge sessions admitted per second (with a burst of as many).
+    pub admit_rate: f64,
 }
 
 impl HubConfig {
@@ -38,9 +40,10 @@ impl HubConfig {
             data_dir: data_dir.into(),
             extra_sans: Vec::new(),
             node_grace: Duration::from_secs(40),
-            heartbeat_interval: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(3),
             history_revisions: 10_000,
             scheduler_shard: None,
+            admit_rate: 200.0,
         }
     }
 }

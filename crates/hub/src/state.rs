@@ -100,9 +100,27 @@ pub struct EdgeConn {
     pub tx: mpsc::Sender<HubToEdge>,
     pending: Mutex<HashMap<u64, oneshot::Sender<ResponseBody>>>,
     next_request: AtomicU64,
+    heartbeat_persisted: Mutex<Option<std::time::Instant>>,
 }
 
 impl EdgeConn {
+    /// Whether the node's heartbeat was last written to the store more than `age` ago
+    /// (or never on this connection).
+    pub fn heartbeat_persisted_before(&self, age: Duration) -> bool {
+        self.heartbeat_persisted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none_or(|t| t.elapsed() >= age)
+    }
+
+    /// Record that the heartbeat was just written.
+    pub fn mark_heartbeat_persisted(&self) {
+        *self
+            .heartbeat_persisted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+    }
+
     /// Complete a pending request.
     pub fn complete(&self, id: u64, body: ResponseBody) {
         let waiter = self
@@ -131,6 +149,7 @@ impl EdgeRegistry {
             tx,
             pending: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
+            heartbeat_persisted: Mutex::new(None),
         });
         self.conns
             .lock()
@@ -227,11 +246,14 @@ pub struct HubState {
     pub schedule_kick: Notify,
     /// The offline scheduler's latest recommendations: when, for how many nodes, what.
     pub recommendations: Mutex<Option<(std::time::Instant, usize, verge_sched::Recommendations)>>,
+    /// Token bucket for admitting edge sessions: tokens left, last refill.
+    admission: Mutex<(f64, std::time::Instant)>,
 }
 
 impl HubState {
     /// Assemble the state.
     pub fn new(objects: Objects, ca: CertAuthority, config: HubConfig) -> Arc<Self> {
+        let config_burst = config.admit_rate.max(1.0);
         Arc::new(Self {
             objects,
             ca,
@@ -240,6 +262,26 @@ impl HubState {
             metrics: Metrics::new(),
             schedule_kick: Notify::new(),
             recommendations: Mutex::new(None),
+            admission: Mutex::new((config_burst, std::time::Instant::now())),
         })
+    }
+}
+
+impl HubState {
+    /// Take one admission token for a new edge session, or say how long to wait.
+    /// Bounds the rate at which a restarted hub takes reconnecting edges, so that
+    /// thousands of edges coming back at once cannot swamp it.
+    pub fn admit(&self) -> Result<(), Duration> {
+        let rate = self.config.admit_rate.max(1.0);
+        let mut b = self.admission.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * rate).min(rate);
+        b.1 = now;
+        if b.0 >= 1.0 {
+            b.0 -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - b.0) / rate).max(Duration::from_millis(50)))
+        }
     }
 }

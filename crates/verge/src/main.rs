@@ -48,15 +48,19 @@ enum Command {
         /// Mark a node NotReady after this long without a heartbeat.
         #[arg(long, default_value = "40s", value_parser = parse_duration)]
         node_grace: Duration,
-        /// How often edges send heartbeats.
-        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        /// How often edges send heartbeats (an edge gives up on a hub endpoint after
+        /// three silent intervals and fails over).
+        #[arg(long, default_value = "3s", value_parser = parse_duration)]
         heartbeat: Duration,
+        /// Edge sessions admitted per second, so reconnect storms stay bounded.
+        #[arg(long, default_value_t = 200.0)]
+        admit_rate: f64,
     },
     /// Run the edge agent.
     Edge {
-        /// Hub URL.
-        #[arg(long)]
-        hub: String,
+        /// Hub endpoint URL; repeat for failover across data centres (tried in order).
+        #[arg(long = "hub", required = true)]
+        hubs: Vec<String>,
         /// Join token (first start only; printed by `verge token create`).
         #[arg(long, env = "VERGE_JOIN_TOKEN")]
         join_token: Option<String>,
@@ -283,6 +287,7 @@ fn real_main() -> Result<()> {
             sans,
             node_grace,
             heartbeat,
+            admit_rate,
         } => {
             init_tracing("info");
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -294,6 +299,7 @@ fn real_main() -> Result<()> {
                 config.extra_sans = sans;
                 config.node_grace = node_grace;
                 config.heartbeat_interval = heartbeat;
+                config.admit_rate = admit_rate;
                 let listener = tokio::net::TcpListener::bind(listen)
                     .await
                     .with_context(|| format!("cannot listen on {listen}; is another hub running? pick another --listen"))?;
@@ -306,7 +312,7 @@ fn real_main() -> Result<()> {
             })
         }
         Command::Edge {
-            hub,
+            hubs,
             join_token,
             name,
             data_dir,
@@ -332,7 +338,7 @@ fn real_main() -> Result<()> {
                 .build()?;
             rt.block_on(async {
                 let config = verge_edge::EdgeConfig {
-                    hub,
+                    hubs,
                     join_token,
                     name,
                     data_dir,
