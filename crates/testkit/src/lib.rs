@@ -78,7 +78,7 @@ impl FaultProxy {
                     return;
                 };
                 if s.faults.borrow().refuse {
-                    let _ = client.set_linger(Some(Duration::ZERO));
+                    drop(client);
                     continue;
                 }
                 s.connections.fetch_add(1, Ordering::Relaxed);
