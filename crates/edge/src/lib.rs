@@ -307,7 +307,7 @@ pub async fn run(
                         Ok(id) => break id,
                         Err(e @ EdgeError::Unreachable(_)) => {
                             tracing::warn!(error = %e, "hub endpoint unreachable for enrolment; trying the next");
-                            if attempt % addrs.len() == 0 {
+                            if attempt.is_multiple_of(addrs.len()) {
                                 tokio::time::sleep(jitter(backoff)).await;
                                 backoff = (backoff * 2).min(Duration::from_secs(30));
                             }
