@@ -1,0 +1,241 @@
+//! The channel over a weak network: real hub and edge processes with the test kit's
+//! fault-injecting proxy between them.
+
+// These tests are synchronous (they drive processes), so blocking sleeps are right here.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use verge_testkit::{FaultProxy, Faults};
+
+const T: Duration = Duration::from_secs(30);
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn proxy(rt: &tokio::runtime::Runtime, hub: &Hub) -> FaultProxy {
+    let upstream = format!("127.0.0.1:{}", hub.port).parse().expect("addr");
+    rt.block_on(FaultProxy::start(upstream)).expect("proxy")
+}
+
+fn pid_of(hub: &Hub, name: &str) -> u64 {
+    hub.wait_phase("instances", name, "Running", T)["status"]["pid"]
+        .as_u64()
+        .expect("pid")
+}
+
+#[test]
+fn sync_converges_over_200ms_rtt_with_5_percent_loss() {
+    let rt = runtime();
+    let d = tempfile::tempdir().expect("tmp");
+    let hub = Hub::start(d.path());
+    let p = proxy(&rt, &hub);
+    p.set(Faults {
+        latency: Duration::from_millis(100),
+        jitter: Duration::from_millis(20),
+        loss: 0.05,
+        ..Default::default()
+    });
+    let token = hub.token(1);
+    let _edge = Edge::start_with(
+        &p.url(),
+        "far-1",
+        Some(&token),
+        &d.path().join("far-1"),
+        &[],
+    );
+    hub.wait_phase("nodes", "far-1", "Ready", T);
+    let markers: Vec<String> = (0..6).map(|i| unique(&format!("lossy{i}"))).collect();
+    for (i, m) in markers.iter().enumerate() {
+        assert!(hub.apply(&sleeper(&format!("w{i}"), m)).status.success());
+    }
+    for (i, m) in markers.iter().enumerate() {
+        hub.wait_phase(
+            "instances",
+            &format!("w{i}"),
+            "Running",
+            Duration::from_secs(60),
+        );
+        assert_eq!(pids_with(m).len(), 1, "w{i} runs exactly once");
+    }
+    for i in 0..3 {
+        hub.ok(&["delete", "instance", &format!("w{i}")]);
+    }
+    for m in &markers[..3] {
+        wait_for(
+            "deleted over the lossy link",
+            Duration::from_secs(60),
+            || pids_with(m).is_empty().then_some(()),
+        );
+    }
+    for m in &markers[3..] {
+        assert_eq!(pids_with(m).len(), 1);
+    }
+    let (up, down) = p.bytes();
+    assert!(up > 0 && down > 0);
+    for i in 3..6 {
+        hub.ok(&["delete", "instance", &format!("w{i}")]);
+    }
+    for m in &markers[3..] {
+        wait_for("cleanup", T, || pids_with(m).is_empty().then_some(()));
+    }
+}
+
+#[test]
+fn black_holing_one_endpoint_moves_the_edge_to_the_other_and_nothing_runs_twice() {
+    let rt = runtime();
+    let d = tempfile::tempdir().expect("tmp");
+    let hub = Hub::start(d.path());
+    let (p1, p2) = (proxy(&rt, &hub), proxy(&rt, &hub));
+    let token = hub.token(1);
+    let _edge = Edge::start_with(
+        &p1.url(),
+        "dual-1",
+        Some(&token),
+        &d.path().join("dual-1"),
+        &["--hub", &p2.url()],
+    );
+    hub.wait_phase("nodes", "dual-1", "Ready", T);
+    let (ma, mb) = (unique("fo-a"), unique("fo-b"));
+    assert!(hub.apply(&sleeper("a", &ma)).status.success());
+    let pid_a = pid_of(&hub, "a");
+    assert_eq!(p2.connections(), 0, "the second endpoint is a standby");
+
+    // Data centre 1 goes dark: no error, just silence.
+    p1.blackhole(true);
+    wait_for("failover to the second endpoint", T, || {
+        (p2.connections() > 0).then_some(())
+    });
+    // Work issued after the switch arrives; work from before is not applied twice.
+    assert!(hub.apply(&sleeper("b", &mb)).status.success());
+    pid_of(&hub, "b");
+    assert_eq!(pids_with(&mb).len(), 1);
+    assert_eq!(pids_with(&ma), vec![pid_a as u32], "a kept running, once");
+    hub.wait_phase("nodes", "dual-1", "Ready", T);
+    for n in ["a", "b"] {
+        hub.ok(&["delete", "instance", n]);
+    }
+    for m in [&ma, &mb] {
+        wait_for("cleanup", T, || pids_with(m).is_empty().then_some(()));
+    }
+}
+
+#[test]
+fn a_60s_partition_heals_with_every_operation_applied_exactly_once() {
+    let rt = runtime();
+    let d = tempfile::tempdir().expect("tmp");
+    let hub = Hub::start(d.path());
+    let p = proxy(&rt, &hub);
+    let token = hub.token(1);
+    let _edge = Edge::start_with(
+        &p.url(),
+        "cut-1",
+        Some(&token),
+        &d.path().join("cut-1"),
+        &[],
+    );
+    hub.wait_phase("nodes", "cut-1", "Ready", T);
+    let (keep, change, gone) = (unique("keep"), unique("change"), unique("gone"));
+    assert!(hub.apply(&sleeper("keep", &keep)).status.success());
+    assert!(hub.apply(&sleeper("change", &change)).status.success());
+    assert!(hub.apply(&sleeper("gone", &gone)).status.success());
+    let pid_keep = pid_of(&hub, "keep");
+    let pid_change = pid_of(&hub, "change");
+    pid_of(&hub, "gone");
+
+    let _plan = rt.block_on(async {
+        p.schedule(vec![
+            (
+                Duration::ZERO,
+                Faults {
+                    blackhole: true,
+                    ..Default::default()
+                },
+            ),
+            (Duration::from_secs(60), Faults::default()),
+        ])
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    // Operations issued while the edge is cut off.
+    let (new1, new2) = (unique("new1"), unique("new2"));
+    assert!(hub.apply(&sleeper("new-1", &new1)).status.success());
+    assert!(hub.apply(&sleeper("new-2", &new2)).status.success());
+    hub.ok(&["delete", "instance", "gone"]);
+    let changed = sleeper("change", &change)
+        .replace("  resources:", "  restartPolicy: OnFailure\n  resources:");
+    assert!(hub.apply(&changed).status.success());
+    // The edge is autonomous meanwhile: what it ran keeps running, unchanged.
+    std::thread::sleep(Duration::from_secs(20));
+    assert_eq!(pids_with(&keep), vec![pid_keep as u32]);
+    assert_eq!(
+        pids_with(&gone).len(),
+        1,
+        "the delete has not reached the edge yet"
+    );
+    assert!(pids_with(&new1).is_empty());
+
+    // After the partition heals, everything converges, each change applied once.
+    let heal = Duration::from_secs(90);
+    wait_for("new-1 runs", heal, || {
+        (pids_with(&new1).len() == 1).then_some(())
+    });
+    wait_for("new-2 runs", heal, || {
+        (pids_with(&new2).len() == 1).then_some(())
+    });
+    wait_for("gone is stopped", heal, || {
+        pids_with(&gone).is_empty().then_some(())
+    });
+    let v = wait_for("change restarted with the new spec", heal, || {
+        hub.get_json("instances", "change")
+            .filter(|v| v["status"]["observedGeneration"] == 2 && v["status"]["phase"] == "Running")
+    });
+    assert_ne!(v["status"]["pid"].as_u64(), Some(pid_change));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(pids_with(&change).len(), 1, "restarted once, not twice");
+    assert_eq!(
+        pids_with(&keep),
+        vec![pid_keep as u32],
+        "untouched work was never restarted"
+    );
+    assert_eq!(pids_with(&new1).len(), 1);
+    assert_eq!(pids_with(&new2).len(), 1);
+    for n in ["keep", "change", "new-1", "new-2"] {
+        hub.ok(&["delete", "instance", n]);
+    }
+    for m in [&keep, &change, &new1, &new2] {
+        wait_for("cleanup", T, || pids_with(m).is_empty().then_some(()));
+    }
+}
+
+#[test]
+fn cut_connections_are_re_established() {
+    let rt = runtime();
+    let d = tempfile::tempdir().expect("tmp");
+    let hub = Hub::start(d.path());
+    let p = proxy(&rt, &hub);
+    let token = hub.token(1);
+    let _edge = Edge::start_with(
+        &p.url(),
+        "reset-1",
+        Some(&token),
+        &d.path().join("reset-1"),
+        &[],
+    );
+    hub.wait_phase("nodes", "reset-1", "Ready", T);
+    let before = p.connections();
+    p.reset_all();
+    wait_for("reconnect", T, || (p.connections() > before).then_some(()));
+    let m = unique("after-reset");
+    assert!(hub.apply(&sleeper("after", &m)).status.success());
+    pid_of(&hub, "after");
+    hub.ok(&["delete", "instance", "after"]);
+    wait_for("cleanup", T, || pids_with(&m).is_empty().then_some(()));
+}
