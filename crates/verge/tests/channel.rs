@@ -151,18 +151,18 @@ fn a_60s_partition_heals_with_every_operation_applied_exactly_once() {
     let pid_change = pid_of(&hub, "change");
     pid_of(&hub, "gone");
 
-    let _plan = rt.block_on(async {
-        p.schedule(vec![
-            (
-                Duration::ZERO,
-                Faults {
-                    blackhole: true,
-                    ..Default::default()
-                },
-            ),
-            (Duration::from_secs(60), Faults::default()),
-        ])
-    });
+    // The schedule runs on the test's runtime.
+    let _in_runtime = rt.enter();
+    let _plan = p.schedule(vec![
+        (
+            Duration::ZERO,
+            Faults {
+                blackhole: true,
+                ..Default::default()
+            },
+        ),
+        (Duration::from_secs(60), Faults::default()),
+    ]);
     std::thread::sleep(Duration::from_secs(1));
     // Operations issued while the edge is cut off.
     let (new1, new2) = (unique("new1"), unique("new2"));
