@@ -126,10 +126,11 @@ where
 {
     let agent = ctx.agent;
     let mut heartbeat = tokio::time::interval(interval);
-    // A hub that stays silent for three heartbeats is gone, even if TCP has not noticed
-    // (a black-holed path looks exactly like that). Checked every second, so a dead
-    // endpoint is noticed within three intervals plus a second.
-    let silence_limit = interval * 3;
+    // A hub that stays silent for two heartbeats (plus a second of slack for a slow
+    // link) is gone, even if TCP has not noticed: a black-holed path looks exactly like
+    // that. Checked every second, so with the default 4 s interval a dead endpoint is
+    // noticed within 10 s.
+    let silence_limit = interval * 2 + Duration::from_secs(1);
     let mut silence_check = tokio::time::interval(Duration::from_secs(1).min(interval));
     let mut last_heard = tokio::time::Instant::now();
     let mut facts_sent: Option<(verge_api::NodeStatus, tokio::time::Instant)> = None;

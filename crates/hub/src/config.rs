@@ -40,7 +40,7 @@ impl HubConfig {
             data_dir: data_dir.into(),
             extra_sans: Vec::new(),
             node_grace: Duration::from_secs(40),
-            heartbeat_interval: Duration::from_secs(3),
+            heartbeat_interval: Duration::from_secs(4),
             history_revisions: 10_000,
             scheduler_shard: None,
             admit_rate: 200.0,

@@ -45,6 +45,22 @@ pub enum BenchCommand {
         #[arg(short, long, default_value = "text")]
         output: String,
     },
+    /// Channel: idle bytes of an edge, and a fleet of simulated edges reconnecting
+    /// after a hub restart (time, and bytes per edge against a full re-list).
+    Channel {
+        /// Simulated edges (in this process, fake runtime).
+        #[arg(long, default_value_t = 200)]
+        edges: usize,
+        /// Instances per edge.
+        #[arg(long, default_value_t = 2)]
+        per_edge: usize,
+        /// How long to measure the idle edge.
+        #[arg(long, default_value_t = 60)]
+        idle_seconds: u64,
+        /// `json` for machines.
+        #[arg(short, long, default_value = "text")]
+        output: String,
+    },
     /// Idle memory (RSS) of a hub and an edge agent, against a `sleep` process.
     Idle {
         /// How long to let them idle before sampling.
@@ -69,6 +85,12 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             output,
         } => rt.block_on(store(writes, writers, &output)),
         BenchCommand::Idle { seconds, output } => rt.block_on(idle(seconds, &output)),
+        BenchCommand::Channel {
+            edges,
+            per_edge,
+            idle_seconds,
+            output,
+        } => rt.block_on(channel(edges, idle_seconds, per_edge, &output)),
         BenchCommand::Sched {
             nodes,
             placements,
@@ -165,7 +187,11 @@ fn print_report(report: &serde_json::Value, output: &str) -> Result<()> {
 }
 
 fn tempdir() -> Result<std::path::PathBuf> {
-    let d = std::env::temp_dir().join(format!("verge-bench-{}", std::process::id()));
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let d = std::env::temp_dir().join(format!("verge-bench-{}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&d)?;
     Ok(d)
 }
@@ -330,6 +356,205 @@ fn sched(
         "fragOnlineOffline": frag(Strategy::OnlineOffline),
         "offlineCutVsOnline": 1.0 - frag(Strategy::OnlineOffline) / frag(Strategy::Online).max(f64::MIN_POSITIVE),
         "migrations": traces.iter().map(|t| t.migrations).sum::<usize>(),
+    });
+    print_report(&report, output)
+}
+
+/// Start a hub child process on `port` in `dir`; returns it and a client.
+async fn start_hub(
+    dir: &Path,
+    port: u16,
+    extra: &[&str],
+) -> Result<(tokio::process::Child, crate::client::Client)> {
+    let log = dir.join("hub.log");
+    let mut args: Vec<String> = vec![
+        "hub".into(),
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--data-dir".into(),
+        dir.join("hub").display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut hub = spawn_self(&args, &log)?;
+    // A stale admin.conf from a previous start must not be mistaken for readiness.
+    let client = wait_for_hub(&dir.join("hub").join("admin.conf"), &mut hub, &log).await?;
+    Ok((hub, client))
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Run `n` edge agents in this process (fake runtime: they stand in for edges at
+/// scale), all dialing `url`. Returns a sender that stops them.
+fn spawn_edges(
+    prefix: &str,
+    n: usize,
+    url: &str,
+    token: &str,
+    dir: &Path,
+) -> tokio::sync::watch::Sender<bool> {
+    let (stop, _) = tokio::sync::watch::channel(false);
+    for i in 0..n {
+        let config = verge_edge::EdgeConfig {
+            hubs: vec![url.to_string()],
+            join_token: Some(token.to_string()),
+            name: format!("{prefix}-{i:05}"),
+            data_dir: dir.join(format!("{prefix}-{i:05}")),
+            labels: [("region".to_string(), format!("region-{}", i % 10))]
+                .into_iter()
+                .collect(),
+            metrics_listen: None,
+            stop_workloads_on_exit: false,
+            capacity: verge_edge::CapacityConfig {
+                cpu: Some(verge_api::Cpu(4000)),
+                memory: Some(verge_api::Bytes(8 << 30)),
+                ..Default::default()
+            },
+        };
+        let mut rx = stop.subscribe();
+        tokio::spawn(async move {
+            let runtime = std::sync::Arc::new(verge_runtime::fake::FakeRuntime::default());
+            let shutdown = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = verge_edge::run(config, runtime, shutdown, |_| {}).await {
+                tracing::warn!(error = %e, "simulated edge stopped");
+            }
+        });
+    }
+    stop
+}
+
+async fn connected_edges(client: &crate::client::Client) -> u64 {
+    client
+        .get_text("/metrics")
+        .await
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("verge_hub_edges_connected "))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn wait_connected(
+    client: &crate::client::Client,
+    n: u64,
+    limit: Duration,
+) -> Result<Duration> {
+    let t = Instant::now();
+    while connected_edges(client).await < n {
+        if t.elapsed() > limit {
+            bail!(
+                "only {} of {n} edges connected after {}s",
+                connected_edges(client).await,
+                limit.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(t.elapsed())
+}
+
+/// `verge bench channel`: idle traffic of one edge, and a fleet reconnecting after a
+/// hub restart, measured through the test kit's counting proxy.
+pub async fn channel(edges: usize, idle_seconds: u64, per_edge: usize, output: &str) -> Result<()> {
+    use verge_testkit::FaultProxy;
+    let dir = tempdir()?;
+    let port = free_port()?;
+    let (mut hub, client) = start_hub(&dir, port, &["--admit-rate", "500"]).await?;
+    let proxy = FaultProxy::start(format!("127.0.0.1:{port}").parse()?).await?;
+    let token: serde_json::Value = client
+        .post("/v1/tokens", &serde_json::json!({"uses": 0}))
+        .await?;
+    let token = token["token"].as_str().unwrap_or_default().to_string();
+
+    eprintln!("bench channel: hub up on port {port}; measuring one idle edge for {idle_seconds}s");
+    // 1. One idle edge: bytes per minute in each direction.
+    let one = spawn_edges("idle", 1, &proxy.url(), &token, &dir.join("idle"));
+    wait_connected(&client, 1, Duration::from_secs(30)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (u0, d0) = proxy.bytes();
+    tokio::time::sleep(Duration::from_secs(idle_seconds)).await;
+    let (u1, d1) = proxy.bytes();
+    let per_min = |b: u64| b as f64 * 60.0 / idle_seconds as f64;
+    let idle_up = per_min(u1 - u0);
+    let idle_down = per_min(d1 - d0);
+    let _ = one.send(true);
+    // Take the idle edge out so the fleet's work does not land on a stopped agent.
+    client.delete("/v1/nodes/idle-00000").await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    eprintln!("bench channel: connecting {edges} simulated edges");
+    // 2. A fleet: connect, give each edge work, restart the hub, time the resync.
+    let fleet = spawn_edges("sim", edges, &proxy.url(), &token, &dir.join("fleet"));
+    let first_connect = wait_connected(&client, edges as u64, Duration::from_secs(600)).await?;
+    let total = edges * per_edge;
+    for k in 0..total {
+        let m = format!(
+            "kind: Instance\nmetadata: {{name: w-{k:06}}}\nspec: {{form: process, process: {{command: [sleep, '1']}}, resources: {{cpu: 100m, memory: 16Mi}}}}\n"
+        );
+        for mm in verge_api::parse_manifests(&m).map_err(|e| anyhow::anyhow!("{e}"))? {
+            crate::cli::apply_one(&client, &mm).await?;
+        }
+    }
+    // Wait until every instance is running on its (simulated) node.
+    let t = Instant::now();
+    loop {
+        let v: serde_json::Value = client.get("/v1/instances").await?;
+        let running = v["items"].as_array().map_or(0, |a| {
+            a.iter()
+                .filter(|i| i["status"]["phase"] == "Running")
+                .count()
+        });
+        if running >= total {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(600) {
+            bail!("only {running} of {total} instances running");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let full_relist: usize = {
+        let v: serde_json::Value = client.get("/v1/instances").await?;
+        serde_json::to_vec(&v["items"])?.len()
+    };
+    eprintln!("bench channel: {total} instances running; restarting the hub");
+    // Restart the hub (a crash: SIGKILL), same port and state.
+    hub.kill().await?;
+    let _ = hub.wait().await;
+    let (b_up, b_down) = proxy.bytes();
+    let restart = Instant::now();
+    let (mut hub, client) = start_hub(&dir, port, &["--admit-rate", "500"]).await?;
+    let resync = wait_connected(&client, edges as u64, Duration::from_secs(600)).await?;
+    let all_back = restart.elapsed();
+    // Let sessions settle (status resends, acks), then count what crossed the link.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (a_up, a_down) = proxy.bytes();
+    let per_edge_bytes = ((a_up - b_up) + (a_down - b_down)) as f64 / edges as f64;
+    let relist_per_edge = full_relist as f64 / edges as f64;
+    let _ = fleet.send(true);
+    hub.kill().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = serde_json::json!({
+        "bench": "channel",
+        "idleSeconds": idle_seconds,
+        "idleEdgeBytesPerMinuteUp": idle_up,
+        "idleEdgeBytesPerMinuteDown": idle_down,
+        "idleEdgeKbitPerSecond": (idle_up + idle_down) * 8.0 / 60.0 / 1000.0,
+        "kubeEdgeIdleKbitPerSecond": 0.25,
+        "edges": edges,
+        "instancesPerEdge": per_edge,
+        "firstConnectSeconds": first_connect.as_secs_f64(),
+        "hubRestartToAllConnectedSeconds": all_back.as_secs_f64(),
+        "resyncAfterHubReadySeconds": resync.as_secs_f64(),
+        "reconnectBytesPerEdge": per_edge_bytes,
+        "fullRelistBytesPerEdge": relist_per_edge,
+        "admitRatePerSecond": 500,
     });
     print_report(&report, output)
 }

@@ -48,9 +48,9 @@ enum Command {
         /// Mark a node NotReady after this long without a heartbeat.
         #[arg(long, default_value = "40s", value_parser = parse_duration)]
         node_grace: Duration,
-        /// How often edges send heartbeats (an edge gives up on a hub endpoint after
-        /// three silent intervals and fails over).
-        #[arg(long, default_value = "3s", value_parser = parse_duration)]
+        /// How often edges send heartbeats (an edge gives up on a hub endpoint after two
+        /// silent intervals plus a second, and fails over).
+        #[arg(long, default_value = "4s", value_parser = parse_duration)]
         heartbeat: Duration,
         /// Edge sessions admitted per second, so reconnect storms stay bounded.
         #[arg(long, default_value_t = 200.0)]
