@@ -60,6 +60,8 @@ pub struct FragSummary {
     pub by_region: BTreeMap<String, f64>,
     /// Ratio by site.
     pub by_site: BTreeMap<String, f64>,
+    /// Ratio by node.
+    pub by_node: BTreeMap<String, f64>,
 }
 
 impl From<&FragReport> for FragSummary {
@@ -76,6 +78,11 @@ impl From<&FragReport> for FragSummary {
                 .collect(),
             by_site: r
                 .by_site
+                .iter()
+                .map(|(k, v)| (k.clone(), v.ratio()))
+                .collect(),
+            by_node: r
+                .by_node
                 .iter()
                 .map(|(k, v)| (k.clone(), v.ratio()))
                 .collect(),

@@ -116,6 +116,8 @@ pub struct FragReport {
     pub by_region: BTreeMap<String, Frag>,
     /// By site name.
     pub by_site: BTreeMap<String, Frag>,
+    /// By node name.
+    pub by_node: BTreeMap<String, Frag>,
 }
 
 /// Measure fragmentation under `mix`.
@@ -129,6 +131,10 @@ pub fn fragmentation(c: &Cluster, mix: &[Shape]) -> FragReport {
             .add(c, i, mix);
         r.by_site
             .entry(c.sites.name(c.site_of[i as usize]).to_string())
+            .or_default()
+            .add(c, i, mix);
+        r.by_node
+            .entry(c.nodes[i as usize].name.clone())
             .or_default()
             .add(c, i, mix);
     }

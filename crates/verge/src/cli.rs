@@ -362,6 +362,28 @@ pub async fn sched_plan(
             table(&["REGION", "FRAGMENTATION NOW", "AFTER PLAN"], &regions)
         );
     }
+    let mut nodes: Vec<(String, f64)> = r["before"]["byNode"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(0.0)))
+                .collect()
+        })
+        .unwrap_or_default();
+    nodes.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let top: Vec<Vec<String>> = nodes
+        .iter()
+        .take(5)
+        .filter(|(_, f)| *f > 0.0)
+        .map(|(n, f)| vec![n.clone(), format!("{:.1}%", f * 100.0)])
+        .collect();
+    if !top.is_empty() {
+        println!();
+        print!(
+            "{}",
+            table(&["MOST FRAGMENTED NODE", "FRAGMENTATION NOW"], &top)
+        );
+    }
     println!("\ncapacity by region:");
     print!("{}", totals_table("REGION", &r["capacityByRegion"]));
     let moves = r["migrations"].as_array().cloned().unwrap_or_default();

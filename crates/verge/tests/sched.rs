@@ -302,6 +302,16 @@ fn defragmentation_plan_moves_work_and_frees_a_node() {
     assert_eq!(report["nodesFreed"].as_array().map(Vec::len), Some(1));
     assert!(report["after"]["emptyNodes"].as_u64() > report["before"]["emptyNodes"].as_u64());
     assert!(report["capacityByRegion"]["eu-west"]["nodes"] == 2);
+    assert_eq!(
+        report["before"]["byNode"].as_object().map(|m| m.len()),
+        Some(2),
+        "fragmentation per node"
+    );
+    assert!(
+        report["before"]["bySite"]
+            .as_object()
+            .is_some_and(|m| !m.is_empty())
+    );
     let text = hub.ok(&["sched", "report"]);
     assert!(
         text.contains("fragmentation") && text.contains("plan: 1 migration"),
