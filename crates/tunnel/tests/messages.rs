@@ -1,0 +1,185 @@
+//! Every channel message survives the framing: encode, split anywhere, decode, equal.
+
+use proptest::prelude::*;
+use verge_api::channel::{EdgeToHub, HubToEdge, InstanceChange, RequestBody, ResponseBody};
+use verge_api::{
+    Instance, InstancePhase, InstanceSpec, InstanceStatus, NodePhase, NodeStatus, ProcessSpec,
+};
+use verge_tunnel::frame::{FrameDecoder, decode, encode};
+
+fn name() -> impl Strategy<Value = String> {
+    "[a-z][a-z0-9-]{0,20}"
+}
+
+fn text() -> impl Strategy<Value = String> {
+    // Any Unicode, including quotes, backslashes and control characters.
+    any::<String>()
+}
+
+fn instance() -> impl Strategy<Value = Instance> {
+    (
+        name(),
+        proptest::collection::vec(text(), 1..4),
+        any::<u64>(),
+        0u64..64_000,
+        proptest::option::of(name()),
+    )
+        .prop_map(|(n, command, generation, cpu, node)| {
+            let mut spec = InstanceSpec {
+                process: Some(ProcessSpec {
+                    command,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            spec.resources.cpu = verge_api::Cpu(cpu);
+            let mut i = Instance::new(n, spec);
+            i.metadata.generation = generation;
+            i.status.node = node;
+            i
+        })
+}
+
+fn status() -> impl Strategy<Value = InstanceStatus> {
+    (
+        any::<u32>(),
+        proptest::option::of(any::<i32>()),
+        text(),
+        proptest::option::of(any::<u32>()),
+    )
+        .prop_map(|(restarts, exit_code, message, pid)| InstanceStatus {
+            phase: InstancePhase::Running,
+            restarts,
+            exit_code,
+            message,
+            pid,
+            ..Default::default()
+        })
+}
+
+fn edge_msg() -> impl Strategy<Value = EdgeToHub> {
+    prop_oneof![
+        (any::<u32>(), text(), name(), text()).prop_map(
+            |(protocol_version, token, node_name, csr_pem)| EdgeToHub::Enroll {
+                protocol_version,
+                token,
+                node_name,
+                csr_pem,
+                labels: [("region".to_string(), "eu".to_string())]
+                    .into_iter()
+                    .collect(),
+            }
+        ),
+        (any::<u32>(), text(), any::<u64>()).prop_map(
+            |(protocol_version, agent_version, since_revision)| EdgeToHub::Hello {
+                protocol_version,
+                agent_version,
+                since_revision,
+            }
+        ),
+        proptest::option::of((text(), any::<u64>())).prop_map(|s| EdgeToHub::Heartbeat {
+            status: s.map(|(hostname, cpu)| {
+                Box::new(NodeStatus {
+                    phase: NodePhase::Ready,
+                    hostname,
+                    capacity: verge_api::ResourceList {
+                        cpu: verge_api::Cpu(cpu),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                })
+            }),
+        }),
+        (name(), text(), status()).prop_map(|(name, uid, status)| EdgeToHub::InstanceStatus {
+            name,
+            uid,
+            status
+        }),
+        (name(), text()).prop_map(|(name, uid)| EdgeToHub::InstanceRemoved { name, uid }),
+        (any::<u64>(), text()).prop_map(|(id, data)| EdgeToHub::Response {
+            id,
+            body: ResponseBody::Logs { data }
+        }),
+        (any::<u64>(), text()).prop_map(|(id, message)| EdgeToHub::Response {
+            id,
+            body: ResponseBody::Error { message }
+        }),
+        (text(), text()).prop_map(|(code, message)| EdgeToHub::Error { code, message }),
+    ]
+}
+
+fn hub_msg() -> impl Strategy<Value = HubToEdge> {
+    prop_oneof![
+        (text(), text()).prop_map(|(cert_pem, ca_pem)| HubToEdge::Enrolled { cert_pem, ca_pem }),
+        (any::<u32>(), name(), any::<u64>()).prop_map(
+            |(protocol_version, node, heartbeat_interval_ms)| HubToEdge::Welcome {
+                protocol_version,
+                node,
+                heartbeat_interval_ms,
+            }
+        ),
+        (any::<u64>(), proptest::collection::vec(instance(), 0..4)).prop_map(
+            |(revision, instances)| HubToEdge::Snapshot {
+                revision,
+                instances
+            }
+        ),
+        (
+            any::<u64>(),
+            proptest::collection::vec(
+                prop_oneof![
+                    instance().prop_map(|i| InstanceChange::Upsert {
+                        instance: Box::new(i)
+                    }),
+                    name().prop_map(|name| InstanceChange::Remove { name }),
+                ],
+                0..4
+            )
+        )
+            .prop_map(|(revision, changes)| HubToEdge::Changes { revision, changes }),
+        any::<u64>().prop_map(|revision| HubToEdge::Bookmark { revision }),
+        Just(HubToEdge::HeartbeatAck),
+        (any::<u64>(), name(), any::<u64>()).prop_map(|(id, instance, tail_bytes)| {
+            HubToEdge::Request {
+                id,
+                body: RequestBody::Logs {
+                    instance,
+                    tail_bytes,
+                },
+            }
+        }),
+        (text(), text()).prop_map(|(code, message)| HubToEdge::Error { code, message }),
+    ]
+}
+
+fn round_trip<T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(
+    msgs: &[T],
+    cut: usize,
+) {
+    let mut wire = Vec::new();
+    for m in msgs {
+        wire.extend(encode(m).expect("encode"));
+    }
+    let cut = cut % (wire.len() + 1);
+    let mut d = FrameDecoder::default();
+    let mut got = Vec::new();
+    for part in [&wire[..cut], &wire[cut..]] {
+        d.push(part);
+        while let Some(f) = d.next_frame().expect("frame") {
+            got.push(decode::<T>(&f).expect("decode"));
+        }
+    }
+    assert_eq!(&got, msgs);
+}
+
+proptest! {
+    #[test]
+    fn every_edge_message_round_trips(msgs in proptest::collection::vec(edge_msg(), 1..6), cut in any::<usize>()) {
+        round_trip(&msgs, cut);
+    }
+
+    #[test]
+    fn every_hub_message_round_trips(msgs in proptest::collection::vec(hub_msg(), 1..6), cut in any::<usize>()) {
+        round_trip(&msgs, cut);
+    }
+}
