@@ -75,6 +75,13 @@ pub enum EdgeToHub {
         /// Its uid.
         uid: String,
     },
+    /// Ask for a fresh certificate for a new key (sent when the current certificate
+    /// has used two thirds of its lifetime).
+    #[serde(rename_all = "camelCase")]
+    Renew {
+        /// PEM certificate signing request for the new key.
+        csr_pem: String,
+    },
     /// Answer to a [`HubToEdge::Request`].
     #[serde(rename_all = "camelCase")]
     Response {
@@ -140,6 +147,12 @@ pub enum HubToEdge {
     },
     /// Answer to a heartbeat: lets the edge notice a dead connection quickly.
     HeartbeatAck,
+    /// The renewed node certificate (answer to [`EdgeToHub::Renew`]).
+    #[serde(rename_all = "camelCase")]
+    Renewed {
+        /// PEM certificate for the new key.
+        cert_pem: String,
+    },
     /// A request the edge must answer with [`EdgeToHub::Response`].
     #[serde(rename_all = "camelCase")]
     Request {

@@ -82,6 +82,19 @@ impl Identity {
         }))
     }
 
+    /// `(not_before, not_after, renew_at)` of the certificate, as Unix seconds. Renewal
+    /// is due after two thirds of the lifetime.
+    pub fn validity(&self) -> Option<(i64, i64, i64)> {
+        let (nb, na) = verge_tunnel::pki::cert_validity(&self.cert_pem).ok()?;
+        Some((nb, na, nb + (na - nb) * 2 / 3))
+    }
+
+    /// Whether the certificate has expired.
+    pub fn expired(&self) -> bool {
+        self.validity()
+            .is_some_and(|(_, na, _)| verge_api::clock::now_secs() as i64 >= na)
+    }
+
     /// Save it (key readable by the owner only).
     pub fn save(&self, dir: &Path) -> Result<(), EdgeError> {
         let d = identity_dir(dir);

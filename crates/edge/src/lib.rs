@@ -291,9 +291,25 @@ pub async fn run(
 
     tokio::pin!(shutdown);
     let main = async {
-        let identity = match Identity::load(&dir, &config.name)? {
-            Some(id) => id,
-            None => {
+        let mut identity = match Identity::load(&dir, &config.name)? {
+            Some(id) if !id.expired() => id,
+            Some(_) if config.join_token.is_none() => {
+                // Offline past expiry: keep running what the cache says (the reconciler is
+                // already up), and say how to get back in. Verification stays on.
+                loop {
+                    tracing::error!(
+                        node = %config.name,
+                        "this node's certificate has expired, so the hub will not accept it; \
+                         workloads keep running from the cache. To rejoin, mint a re-enrolment \
+                         token bound to this node (`verge token create --node {}`) and restart \
+                         the agent with --join-token",
+                        config.name
+                    );
+                    metrics.connected.set(0);
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+            }
+            _ => {
                 let token = config
                     .join_token
                     .as_deref()
@@ -329,6 +345,10 @@ pub async fn run(
         let mut failures_in_a_row = 0usize;
         loop {
             let addr = &addrs[current];
+            // Pick up a renewed certificate saved by the previous session.
+            if let Some(fresh) = Identity::load(&dir, &config.name)? {
+                identity = fresh;
+            }
             let ctx = SessionCtx {
                 agent: &agent,
                 identity: &identity,

@@ -134,6 +134,9 @@ where
     let mut silence_check = tokio::time::interval(Duration::from_secs(1).min(interval));
     let mut last_heard = tokio::time::Instant::now();
     let mut facts_sent: Option<(verge_api::NodeStatus, tokio::time::Instant)> = None;
+    // Certificate renewal: a new key and CSR once two thirds of the lifetime are gone.
+    let mut renew_at = ctx.identity.validity().map(|(_, _, r)| r);
+    let mut renewal_key: Option<String> = None;
     agent.mark_all_dirty();
     let lost = |e: verge_tunnel::frame::FrameError| Ok(SessionEnd::Lost(e.to_string()));
     loop {
@@ -156,6 +159,14 @@ where
                     }
                     HubToEdge::Bookmark { revision } => agent.bookmark(revision)?,
                     HubToEdge::HeartbeatAck => {}
+                    HubToEdge::Renewed { cert_pem } => {
+                        if let Some(key_pem) = renewal_key.take() {
+                            let renewed = Identity { cert_pem, key_pem, ..ctx.identity.clone() };
+                            renewed.save(ctx.data_dir)?;
+                            renew_at = renewed.validity().map(|(_, _, r)| r);
+                            tracing::info!(valid_until = ?renewed.validity().map(|v| v.1), "node certificate renewed; the next connection uses it");
+                        }
+                    }
                     HubToEdge::Request { id, body } => {
                         let body = answer(agent, body);
                         if let Err(e) = write_msg(writer, &EdgeToHub::Response { id, body }).await {
@@ -179,6 +190,15 @@ where
                 }
             }
             _ = heartbeat.tick() => {
+                if renewal_key.is_none()
+                    && renew_at.is_some_and(|r| verge_api::clock::now_secs() as i64 >= r)
+                {
+                    let (key_pem, csr_pem) = verge_tunnel::pki::new_node_key_and_csr(&ctx.identity.node)?;
+                    if let Err(e) = write_msg(writer, &EdgeToHub::Renew { csr_pem }).await {
+                        return lost(e);
+                    }
+                    renewal_key = Some(key_pem);
+                }
                 let now = node_status(ctx.data_dir, ctx.capacity, AGENT_VERSION);
                 let send_facts = match &facts_sent {
                     Some((prev, at)) => *prev != now || at.elapsed() >= FACTS_EVERY,

@@ -37,8 +37,6 @@ use crate::tokens::check_join_token;
 const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a bookmark is sent when only other nodes' changes happened.
 const BOOKMARK_EVERY: Duration = Duration::from_secs(30);
-/// How long node certificates are valid.
-const NODE_CERT_DAYS: i64 = 365;
 
 fn label(result: &str) -> Vec<(String, String)> {
     vec![("result".to_string(), result.to_string())]
@@ -120,18 +118,38 @@ async fn enroll(
         e.message = format!("cannot enrol: {}", e.message);
         e
     })?;
-    let (token_compare, token_op) = check_join_token(st.objects.store().as_ref(), &token).await?;
+    let (token_compare, token_op, bound) =
+        check_join_token(st.objects.store().as_ref(), &token).await?;
+    if let Some(b) = &bound
+        && b != node_name
+    {
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            format!("join token refused: it is bound to node '{b}', not '{node_name}'"),
+        ));
+    }
     // Sign first: a bad CSR must not spend the token.
-    let cert_pem = st
-        .ca
-        .sign_node_csr(csr_pem, node_name, time::Duration::days(NODE_CERT_DAYS))
-        .map_err(|e| ApiError::new(ErrorCode::Invalid, format!("csrPem: {e}")))?;
+    let cert_pem = sign(st, csr_pem, node_name)?;
     let node_key = object_key(NodeSpec::PLURAL, node_name);
     let mut ops: Vec<Op> = token_op.into_iter().collect();
-    ops.push(Op::Put {
-        key: node_key.clone(),
-        value: Objects::encode(&node),
-    });
+    // A token bound to this node re-enrols it: new identity, same Node object.
+    let existing = st.objects.store().get(&node_key).await.map_err(store_err)?;
+    let node_compare = match (&bound, &existing) {
+        (Some(_), Some(kv)) => {
+            tracing::info!(
+                node = node_name,
+                "re-enrolling an existing node with a node-bound token"
+            );
+            kv.mod_revision
+        }
+        _ => {
+            ops.push(Op::Put {
+                key: node_key.clone(),
+                value: Objects::encode(&node),
+            });
+            0
+        }
+    };
     let r = st
         .objects
         .store()
@@ -140,7 +158,7 @@ async fn enroll(
                 token_compare,
                 Compare {
                     key: node_key.clone(),
-                    mod_revision: 0,
+                    mod_revision: node_compare,
                 },
             ],
             ops,
@@ -159,7 +177,7 @@ async fn enroll(
             return Err(ApiError::new(
                 ErrorCode::Conflict,
                 format!(
-                    "node name '{node_name}' is already enrolled; choose another --name, or delete the old node first (`verge delete node {node_name}`)"
+                    "node name '{node_name}' is already enrolled; choose another --name, delete the old node first (`verge delete node {node_name}`), or re-enrol it with a token bound to it (`verge token create --node {node_name}`)"
                 ),
             ));
         }
@@ -172,6 +190,15 @@ async fn enroll(
         cert_pem,
         ca_pem: st.ca.cert_pem().to_string(),
     })
+}
+
+/// Sign a node CSR for `node` with the configured lifetime.
+fn sign(st: &HubState, csr_pem: &str, node: &str) -> Result<String, ApiError> {
+    let ttl =
+        time::Duration::seconds(st.config.node_cert_ttl.as_secs().min(i64::MAX as u64) as i64);
+    st.ca
+        .sign_node_csr(csr_pem, node, ttl)
+        .map_err(|e| ApiError::new(ErrorCode::Invalid, format!("csrPem: {e}")))
 }
 
 fn check_version(v: u32) -> Result<(), ApiError> {
@@ -395,6 +422,13 @@ async fn handle_edge_message(
                     }
                 })?;
             st.schedule_kick.notify_one();
+            Ok(())
+        }
+        EdgeToHub::Renew { csr_pem } => {
+            // The subject comes from the connection's identity, never from the request.
+            let cert_pem = sign(st, &csr_pem, node)?;
+            tracing::info!(node, "renewed node certificate");
+            let _ = conn.tx.send(HubToEdge::Renewed { cert_pem }).await;
             Ok(())
         }
         EdgeToHub::InstanceRemoved { name, .. } => {

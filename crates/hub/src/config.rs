@@ -30,6 +30,8 @@ pub struct HubConfig {
     pub scheduler_shard: Option<(u32, u32)>,
     /// New edge sessions admitted per second (with a burst of as many).
     pub admit_rate: f64,
+    /// Lifetime of node certificates; edges renew at two thirds of it.
+    pub node_cert_ttl: Duration,
 }
 
 impl HubConfig {
@@ -44,6 +46,7 @@ impl HubConfig {
             history_revisions: 10_000,
             scheduler_shard: None,
             admit_rate: 200.0,
+            node_cert_ttl: Duration::from_secs(365 * 86_400),
         }
     }
 }

@@ -130,6 +130,7 @@ pub async fn run(
                 uses: Some(0),
                 ttl_seconds: Some(24 * 3600),
                 description: "created at first start".into(),
+                node: None,
             },
         )
         .await?;

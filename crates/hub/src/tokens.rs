@@ -42,6 +42,10 @@ pub struct JoinTokenRecord {
     /// What it is for.
     #[serde(default)]
     pub description: String,
+    /// When set, the token may only enrol this node name, and may re-enrol it if it
+    /// already exists (the path back for a node whose certificate expired offline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// What `POST /v1/tokens` accepts.
@@ -57,6 +61,9 @@ pub struct TokenRequest {
     /// Free text.
     #[serde(default)]
     pub description: String,
+    /// Bind the token to one node name (re-enrolment of an existing node).
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 /// What `POST /v1/tokens` returns.
@@ -95,6 +102,7 @@ pub async fn create_join_token(
         uses_left: uses,
         expires_at,
         description: req.description.clone(),
+        node: req.node.clone(),
     };
     let value = serde_json::to_vec(&rec).unwrap_or_default();
     store
@@ -117,11 +125,12 @@ fn refused(why: &str) -> ApiError {
 }
 
 /// Check a join token. On success returns the compare and op that consume one use,
-/// to be committed in the same transaction as the enrolment.
+/// to be committed in the same transaction as the enrolment, and the node name the
+/// token is bound to, if any.
 pub async fn check_join_token(
     store: &dyn Store,
     token: &JoinToken,
-) -> Result<(Compare, Option<Op>), ApiError> {
+) -> Result<(Compare, Option<Op>, Option<String>), ApiError> {
     let key = format!("{JOIN_TOKEN_PREFIX}{}", token.id);
     let kv: KeyValue = store
         .get(&key)
@@ -140,6 +149,7 @@ pub async fn check_join_token(
         key: key.clone(),
         mod_revision: kv.mod_revision,
     };
+    let bound = rec.node.clone();
     let op = match rec.uses_left {
         None => None,
         Some(n) if n <= 1 => Some(Op::Delete { key }),
@@ -151,7 +161,7 @@ pub async fn check_join_token(
             })
         }
     };
-    Ok((compare, op))
+    Ok((compare, op, bound))
 }
 
 /// Set the admin token hash (first start).

@@ -173,7 +173,9 @@ impl CertAuthority {
         csr.params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         csr.params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let now = OffsetDateTime::now_utc();
-        csr.params.not_before = now - Duration::minutes(5);
+        // Backdated a little for clocks that run behind; never by a large part of a
+        // short lifetime, or renewal (at two thirds of it) would come at once.
+        csr.params.not_before = now - Duration::minutes(5).min(valid_for / 10);
         csr.params.not_after = now + valid_for;
         Ok(csr.signed_by(&self.issuer()?)?.pem())
     }
@@ -238,6 +240,16 @@ pub fn cert_not_after(pem: &str) -> Result<OffsetDateTime, PkiError> {
     let (_, cert) =
         x509_parser::parse_x509_certificate(&der).map_err(|e| parse_err("certificate", e))?;
     Ok(cert.validity().not_after.to_datetime())
+}
+
+/// A certificate's validity as Unix seconds: `(not_before, not_after)`.
+pub fn cert_validity(pem: &str) -> Result<(i64, i64), PkiError> {
+    let der =
+        CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| parse_err("certificate", e))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(&der).map_err(|e| parse_err("certificate", e))?;
+    let v = cert.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
 }
 
 /// A join token: `v1.<ca-sha256>.<id>.<secret>`. The id names the token on the hub

@@ -581,8 +581,9 @@ pub async fn token_create(
     uses: u32,
     ttl: Option<u64>,
     description: &str,
+    node: Option<&str>,
 ) -> Result<()> {
-    let body = serde_json::json!({"uses": uses, "ttlSeconds": ttl, "description": description});
+    let body = serde_json::json!({"uses": uses, "ttlSeconds": ttl, "description": description, "node": node});
     let v: serde_json::Value = client.post("/v1/tokens", &body).await?;
     println!("{}", v["token"].as_str().unwrap_or_default());
     Ok(())

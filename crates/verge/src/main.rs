@@ -55,6 +55,9 @@ enum Command {
         /// Edge sessions admitted per second, so reconnect storms stay bounded.
         #[arg(long, default_value_t = 200.0)]
         admit_rate: f64,
+        /// Lifetime of node certificates (edges renew after two thirds of it).
+        #[arg(long, default_value = "365d", value_parser = parse_duration)]
+        node_cert_ttl: Duration,
     },
     /// Run the edge agent.
     Edge {
@@ -199,6 +202,10 @@ enum TokenCommand {
         /// What it is for.
         #[arg(long, default_value = "")]
         description: String,
+        /// Bind the token to one node name; it may then re-enrol that node if it exists
+        /// (the way back for a node whose certificate expired while it was offline).
+        #[arg(long)]
+        node: Option<String>,
     },
 }
 
@@ -288,6 +295,7 @@ fn real_main() -> Result<()> {
             node_grace,
             heartbeat,
             admit_rate,
+            node_cert_ttl,
         } => {
             init_tracing("info");
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -300,6 +308,7 @@ fn real_main() -> Result<()> {
                 config.node_grace = node_grace;
                 config.heartbeat_interval = heartbeat;
                 config.admit_rate = admit_rate;
+                config.node_cert_ttl = node_cert_ttl;
                 let listener = tokio::net::TcpListener::bind(listen)
                     .await
                     .with_context(|| format!("cannot listen on {listen}; is another hub running? pick another --listen"))?;
@@ -411,8 +420,18 @@ async fn run_cli(config: Option<PathBuf>, command: Command) -> Result<()> {
                     uses,
                     ttl,
                     description,
+                    node,
                 },
-        } => cli::token_create(&client, uses, Some(ttl.as_secs()), &description).await,
+        } => {
+            cli::token_create(
+                &client,
+                uses,
+                Some(ttl.as_secs()),
+                &description,
+                node.as_deref(),
+            )
+            .await
+        }
         Command::Sched {
             command:
                 SchedCommand::Report {

@@ -239,3 +239,80 @@ fn cut_connections_are_re_established() {
     hub.ok(&["delete", "instance", "after"]);
     wait_for("cleanup", T, || pids_with(&m).is_empty().then_some(()));
 }
+
+#[test]
+fn node_certificates_are_renewed_before_they_expire() {
+    let d = tempfile::tempdir().expect("tmp");
+    let hub = Hub::start_with(d.path(), free_port(), &["--node-cert-ttl", "12s"]);
+    let dir = d.path().join("renew-1");
+    let mut edge = Edge::start_with(&hub.url, "renew-1", Some(&hub.token(1)), &dir, &[]);
+    hub.wait_phase("nodes", "renew-1", "Ready", T);
+    let cert = || std::fs::read_to_string(dir.join("identity/node.crt")).expect("cert");
+    let first = cert();
+    let enrolled = std::time::Instant::now();
+    // Renewal is due at two thirds of the lifetime (8 s).
+    wait_for("a renewed certificate", T, || {
+        (cert() != first).then_some(())
+    });
+    assert!(
+        enrolled.elapsed() >= Duration::from_secs(6),
+        "renewed too early"
+    );
+    // Past the first certificate's expiry, a fresh connection works with the new one.
+    std::thread::sleep(Duration::from_secs(13).saturating_sub(enrolled.elapsed()));
+    edge.proc.kill();
+    let _edge = Edge::start_in(&hub.url, "renew-1", None, &dir);
+    let before = hub.get_json("nodes", "renew-1").expect("node");
+    hub.wait_phase("nodes", "renew-1", "Ready", T);
+    let after = hub.get_json("nodes", "renew-1").expect("node");
+    assert_eq!(
+        before["metadata"]["uid"], after["metadata"]["uid"],
+        "the same node, not a new one"
+    );
+}
+
+#[test]
+fn a_node_whose_certificate_expired_offline_rejoins_with_a_node_bound_token() {
+    let d = tempfile::tempdir().expect("tmp");
+    let hub = Hub::start_with(d.path(), free_port(), &["--node-cert-ttl", "3s"]);
+    let dir = d.path().join("late-1");
+    let mut edge = Edge::start_with(&hub.url, "late-1", Some(&hub.token(1)), &dir, &[]);
+    hub.wait_phase("nodes", "late-1", "Ready", T);
+    let uid = hub.get_json("nodes", "late-1").expect("node")["metadata"]["uid"].clone();
+    let m = unique("late");
+    assert!(hub.apply(&sleeper("late-work", &m)).status.success());
+    let pid = pid_of(&hub, "late-work");
+    // Offline past expiry.
+    edge.proc.kill();
+    std::thread::sleep(Duration::from_secs(4));
+    let stuck = Edge::start_in(&hub.url, "late-1", None, &dir);
+    let log = wait_for("guidance in the log", T, || {
+        let l = stuck.proc.log_text();
+        l.contains("verge token create --node late-1").then_some(l)
+    });
+    assert!(log.contains("workloads keep running"), "{log}");
+    assert_eq!(pids_with(&m), vec![pid as u32], "the workload kept running");
+    drop(stuck);
+    // A token bound to another node does not let it in.
+    let other = hub
+        .ok(&["token", "create", "--node", "someone-else"])
+        .trim()
+        .to_string();
+    let (status, log) = Edge::start_failing(&hub.url, "late-1", &other, &dir);
+    assert!(!status.success());
+    assert!(log.contains("bound to node 'someone-else'"), "{log}");
+    // The documented way back: a re-enrolment token bound to this node.
+    let token = hub
+        .ok(&["token", "create", "--node", "late-1"])
+        .trim()
+        .to_string();
+    let _edge = Edge::start_in(&hub.url, "late-1", Some(&token), &dir);
+    hub.wait_phase("nodes", "late-1", "Ready", T);
+    assert_eq!(
+        hub.get_json("nodes", "late-1").expect("node")["metadata"]["uid"],
+        uid
+    );
+    assert_eq!(pids_with(&m), vec![pid as u32], "re-adopted, not restarted");
+    hub.ok(&["delete", "instance", "late-work"]);
+    wait_for("cleanup", T, || pids_with(&m).is_empty().then_some(()));
+}

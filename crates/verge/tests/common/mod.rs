@@ -117,25 +117,28 @@ impl Hub {
     }
 
     pub fn start_on(dir: &Path, port: u16) -> Hub {
+        Self::start_with(dir, port, &[])
+    }
+
+    /// Start with extra `verge hub` arguments.
+    pub fn start_with(dir: &Path, port: u16, extra: &[&str]) -> Hub {
         std::fs::create_dir_all(dir).expect("dir");
         let listen = format!("127.0.0.1:{port}");
         let data = dir.join("hub");
         let log = dir.join(format!("hub-{}.log", rand_suffix()));
-        let (proc, _) = spawn(
-            &[
-                "hub",
-                "--listen",
-                &listen,
-                "--data-dir",
-                data.to_str().expect("utf8"),
-                "--node-grace",
-                "3s",
-                "--heartbeat",
-                "500ms",
-            ],
-            &log,
-            "hub ready",
-        );
+        let mut args = vec![
+            "hub",
+            "--listen",
+            &listen,
+            "--data-dir",
+            data.to_str().expect("utf8"),
+            "--node-grace",
+            "3s",
+            "--heartbeat",
+            "500ms",
+        ];
+        args.extend_from_slice(extra);
+        let (proc, _) = spawn(&args, &log, "hub ready");
         Hub {
             proc,
             dir: dir.to_path_buf(),
