@@ -147,6 +147,12 @@ pub enum HubToEdge {
     },
     /// Answer to a heartbeat: lets the edge notice a dead connection quickly.
     HeartbeatAck,
+    /// Stop answering request `id` (a followed log whose reader went away).
+    #[serde(rename_all = "camelCase")]
+    Cancel {
+        /// The request.
+        id: u64,
+    },
     /// The renewed node certificate (answer to [`EdgeToHub::Renew`]).
     #[serde(rename_all = "camelCase")]
     Renewed {
@@ -198,6 +204,15 @@ pub enum RequestBody {
         /// Instance name.
         instance: String,
         /// At most this many bytes from the end.
+        tail_bytes: u64,
+    },
+    /// The tail of an instance's log, then everything appended to it, as a series of
+    /// `logs` responses with the same id until the hub sends `cancel`.
+    #[serde(rename_all = "camelCase")]
+    LogsFollow {
+        /// Instance name.
+        instance: String,
+        /// Start this many bytes before the end.
         tail_bytes: u64,
     },
 }

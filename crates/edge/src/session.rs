@@ -139,8 +139,17 @@ where
     let mut renewal_key: Option<String> = None;
     agent.mark_all_dirty();
     let lost = |e: verge_tunnel::frame::FrameError| Ok(SessionEnd::Lost(e.to_string()));
+    // Messages from background tasks (log followers) go out through this loop, which
+    // is the connection's only writer.
+    let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<EdgeToHub>(64);
+    let mut followers = Followers::default();
     loop {
         tokio::select! {
+            Some(msg) = out_rx.recv() => {
+                if let Err(e) = write_msg(writer, &msg).await {
+                    return lost(e);
+                }
+            }
             msg = read_msg::<HubToEdge, _>(reader) => {
                 last_heard = tokio::time::Instant::now();
                 let msg = match msg {
@@ -167,6 +176,10 @@ where
                             tracing::info!(valid_until = ?renewed.validity().map(|v| v.1), "node certificate renewed; the next connection uses it");
                         }
                     }
+                    HubToEdge::Request { id, body: RequestBody::LogsFollow { instance, tail_bytes } } => {
+                        followers.start(id, follow_log(agent.clone(), instance, tail_bytes, id, out_tx.clone()));
+                    }
+                    HubToEdge::Cancel { id } => followers.stop(id),
                     HubToEdge::Request { id, body } => {
                         let body = answer(agent, body);
                         if let Err(e) = write_msg(writer, &EdgeToHub::Response { id, body }).await {
@@ -230,9 +243,103 @@ where
     }
 }
 
+/// Background log followers of this session; all stop when the session ends.
+#[derive(Default)]
+struct Followers(std::collections::HashMap<u64, tokio::task::AbortHandle>);
+
+impl Followers {
+    fn start(&mut self, id: u64, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.0.insert(id, tokio::spawn(task).abort_handle());
+    }
+    fn stop(&mut self, id: u64) {
+        if let Some(h) = self.0.remove(&id) {
+            h.abort();
+        }
+    }
+}
+
+impl Drop for Followers {
+    fn drop(&mut self) {
+        for h in self.0.values() {
+            h.abort();
+        }
+    }
+}
+
+/// How often a followed log is checked for new output.
+const FOLLOW_POLL: Duration = Duration::from_millis(200);
+/// Most bytes sent in one chunk of a followed log.
+const FOLLOW_CHUNK: u64 = 64 << 10;
+
+/// Send the tail of an instance's log, then whatever is appended, until cancelled or the
+/// instance goes away. Chunks are bounded so a chatty instance cannot crowd out
+/// heartbeats on the shared connection.
+async fn follow_log(
+    agent: Arc<Agent>,
+    instance: String,
+    tail_bytes: u64,
+    id: u64,
+    out: tokio::sync::mpsc::Sender<EdgeToHub>,
+) {
+    use std::io::{Read, Seek, SeekFrom};
+    let send = |body| out.send(EdgeToHub::Response { id, body });
+    let first = answer(
+        &agent,
+        RequestBody::Logs {
+            instance: instance.clone(),
+            tail_bytes,
+        },
+    );
+    let failed = matches!(first, ResponseBody::Error { .. });
+    if send(first).await.is_err() || failed {
+        return;
+    }
+    let mut pos = agent
+        .log_path(&instance)
+        .and_then(|p| std::fs::metadata(p).ok())
+        .map_or(0, |m| m.len());
+    loop {
+        tokio::time::sleep(FOLLOW_POLL).await;
+        let Some(path) = agent.log_path(&instance) else {
+            let _ = send(ResponseBody::Error {
+                message: format!("instance '{instance}' was removed from this node"),
+            })
+            .await;
+            return;
+        };
+        let len = std::fs::metadata(&path).map_or(0, |m| m.len());
+        if len < pos {
+            // Rotated or truncated: start from the beginning of the new file.
+            pos = 0;
+        }
+        while pos < len {
+            let want = (len - pos).min(FOLLOW_CHUNK);
+            let mut buf = Vec::with_capacity(want as usize);
+            let read = std::fs::File::open(&path).and_then(|mut f| {
+                f.seek(SeekFrom::Start(pos))?;
+                f.take(want).read_to_end(&mut buf)
+            });
+            match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    pos += n as u64;
+                    let data = String::from_utf8_lossy(&buf).into_owned();
+                    if send(ResponseBody::Logs { data }).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn answer(agent: &Agent, req: RequestBody) -> ResponseBody {
     match req {
         RequestBody::Logs {
+            instance,
+            tail_bytes,
+        }
+        | RequestBody::LogsFollow {
             instance,
             tail_bytes,
         } => match agent.log_path(&instance) {

@@ -366,8 +366,11 @@ async fn delete_one<S: NodeScoped>(
 /// Query of the logs endpoint.
 #[derive(Debug, Deserialize)]
 pub struct LogsQuery {
-    /// Bytes from the end (default 1 MiB).
+    /// Bytes from the end (default 1 MiB; with `follow`, 4 KiB).
     pub tail: Option<u64>,
+    /// Keep the response open and stream what the instance writes next.
+    #[serde(default)]
+    pub follow: bool,
 }
 
 async fn logs(
@@ -387,6 +390,35 @@ async fn logs(
             ),
         )
     })?;
+    if q.follow {
+        let mut rx = st
+            .edges
+            .request_stream(
+                &node,
+                RequestBody::LogsFollow {
+                    instance: name,
+                    tail_bytes: q.tail.unwrap_or(4 << 10).min(16 << 20),
+                },
+            )
+            .await?;
+        // Dropping the body (the client went away) drops `rx`; the next chunk then
+        // finds the stream closed and tells the edge to stop.
+        let body = async_stream(move |tx: tokio::sync::mpsc::Sender<Bytes>| async move {
+            while let Some(chunk) = rx.recv().await {
+                let (data, last) = match chunk {
+                    ResponseBody::Logs { data } => (data, false),
+                    ResponseBody::Error { message } => (format!("\n[verge: {message}]\n"), true),
+                };
+                if tx.send(Bytes::from(data)).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        return Ok(Response::builder()
+            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(body)
+            .unwrap_or_default());
+    }
     let body = st
         .edges
         .request(

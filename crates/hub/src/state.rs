@@ -98,9 +98,17 @@ pub struct EdgeConn {
     pub id: u64,
     /// Messages to the edge.
     pub tx: mpsc::Sender<HubToEdge>,
-    pending: Mutex<HashMap<u64, oneshot::Sender<ResponseBody>>>,
+    pending: Mutex<HashMap<u64, Waiter>>,
     next_request: AtomicU64,
     heartbeat_persisted: Mutex<Option<std::time::Instant>>,
+}
+
+/// Who waits for the answers to a request.
+enum Waiter {
+    /// One answer.
+    Once(oneshot::Sender<ResponseBody>),
+    /// A series of answers (followed logs).
+    Stream(mpsc::Sender<ResponseBody>),
 }
 
 impl EdgeConn {
@@ -121,15 +129,28 @@ impl EdgeConn {
             .unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
     }
 
-    /// Complete a pending request.
+    /// Deliver an answer to a pending request. A stream whose reader has gone is
+    /// dropped and the edge told to stop.
     pub fn complete(&self, id: u64, body: ResponseBody) {
-        let waiter = self
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
-        if let Some(w) = waiter {
-            let _ = w.send(body);
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        match pending.remove(&id) {
+            Some(Waiter::Once(w)) => {
+                let _ = w.send(body);
+            }
+            Some(Waiter::Stream(w)) => match w.try_send(body) {
+                Ok(()) => {
+                    pending.insert(id, Waiter::Stream(w));
+                }
+                // A reader that falls 256 chunks behind loses chunks rather than
+                // stalling the whole channel; a reader that left ends the stream.
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    pending.insert(id, Waiter::Stream(w));
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    let _ = self.tx.try_send(HubToEdge::Cancel { id });
+                }
+            },
+            None => {}
         }
     }
 }
@@ -176,6 +197,48 @@ impl EdgeRegistry {
         self.len() == 0
     }
 
+    fn conn(&self, node: &str) -> Result<Arc<EdgeConn>, ApiError> {
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node)
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "node '{node}' is not connected to this hub; try again when it is Ready"
+                    ),
+                )
+            })
+    }
+
+    /// Ask `node` something that is answered by a series of responses (until the
+    /// returned receiver is dropped).
+    pub async fn request_stream(
+        &self,
+        node: &str,
+        body: RequestBody,
+    ) -> Result<mpsc::Receiver<ResponseBody>, ApiError> {
+        let conn = self.conn(node)?;
+        let id = conn.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(256);
+        conn.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, Waiter::Stream(tx));
+        conn.tx
+            .send(HubToEdge::Request { id, body })
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    ErrorCode::Unavailable,
+                    format!("node '{node}' disconnected"),
+                )
+            })?;
+        Ok(rx)
+    }
+
     /// Ask `node` something and wait for the answer.
     pub async fn request(
         &self,
@@ -202,7 +265,7 @@ impl EdgeRegistry {
         conn.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id, tx);
+            .insert(id, Waiter::Once(tx));
         let gone = || {
             ApiError::new(
                 ErrorCode::Unavailable,

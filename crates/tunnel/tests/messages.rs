@@ -105,6 +105,7 @@ fn edge_msg() -> impl Strategy<Value = EdgeToHub> {
             body: ResponseBody::Error { message }
         }),
         (text(), text()).prop_map(|(code, message)| EdgeToHub::Error { code, message }),
+        text().prop_map(|csr_pem| EdgeToHub::Renew { csr_pem }),
     ]
 }
 
@@ -149,6 +150,17 @@ fn hub_msg() -> impl Strategy<Value = HubToEdge> {
             }
         }),
         (text(), text()).prop_map(|(code, message)| HubToEdge::Error { code, message }),
+        any::<u64>().prop_map(|id| HubToEdge::Cancel { id }),
+        text().prop_map(|cert_pem| HubToEdge::Renewed { cert_pem }),
+        (any::<u64>(), name(), any::<u64>()).prop_map(|(id, instance, tail_bytes)| {
+            HubToEdge::Request {
+                id,
+                body: RequestBody::LogsFollow {
+                    instance,
+                    tail_bytes,
+                },
+            }
+        }),
     ]
 }
 

@@ -565,13 +565,30 @@ pub async fn delete(client: &Client, kind: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// `verge logs INSTANCE`.
-pub async fn logs(client: &Client, name: &str, tail: Option<u64>) -> Result<()> {
-    let q = tail.map(|t| format!("?tail={t}")).unwrap_or_default();
-    let text = client
-        .get_text(&format!("/v1/instances/{name}/logs{q}"))
-        .await?;
-    print!("{text}");
+/// `verge logs [-f] INSTANCE`.
+pub async fn logs(client: &Client, name: &str, tail: Option<u64>, follow: bool) -> Result<()> {
+    use futures_util::StreamExt;
+    use std::io::Write;
+    let mut q: Vec<String> = tail.map(|t| format!("tail={t}")).into_iter().collect();
+    if follow {
+        q.push("follow=true".into());
+    }
+    let q = if q.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", q.join("&"))
+    };
+    let path = format!("/v1/instances/{name}/logs{q}");
+    if !follow {
+        print!("{}", client.get_text(&path).await?);
+        return Ok(());
+    }
+    let mut body = client.stream(&path).await?.bytes_stream();
+    let mut out = std::io::stdout();
+    while let Some(chunk) = body.next().await {
+        out.write_all(&chunk.context("log stream broke")?)?;
+        out.flush()?;
+    }
     Ok(())
 }
 

@@ -143,6 +143,9 @@ enum Command {
         /// Only the last N bytes.
         #[arg(long)]
         tail: Option<u64>,
+        /// Keep printing what the instance writes (Ctrl-C to stop).
+        #[arg(short, long)]
+        follow: bool,
     },
     /// The scheduling centre's offline side: fragmentation and defragmentation.
     Sched {
@@ -413,7 +416,11 @@ async fn run_cli(config: Option<PathBuf>, command: Command) -> Result<()> {
         Command::Describe { kind, name } => cli::describe(&client, &kind, &name).await,
         Command::Apply { file } => cli::apply(&client, &file).await,
         Command::Delete { kind, name } => cli::delete(&client, &kind, &name).await,
-        Command::Logs { instance, tail } => cli::logs(&client, &instance, tail).await,
+        Command::Logs {
+            instance,
+            tail,
+            follow,
+        } => cli::logs(&client, &instance, tail, follow).await,
         Command::Token {
             command:
                 TokenCommand::Create {

@@ -628,3 +628,52 @@ fn cli_explains_a_missing_config_and_an_unknown_kind() {
     let err = String::from_utf8_lossy(&hub.cli(&["logs", "ghost"]).stderr).into_owned();
     assert!(err.contains("instance 'ghost' not found"), "{err}");
 }
+
+#[test]
+fn logs_follow_streams_new_output_through_the_channel() {
+    use std::io::{BufRead, BufReader};
+    let d = tmp();
+    let hub = Hub::start(d.path());
+    let _edge = Edge::start(&hub, "edge-1", Some(&hub.token(1)));
+    hub.wait_phase("nodes", "edge-1", "Ready", T);
+    let m = unique("tick");
+    let manifest = format!(
+        "kind: Instance\nmetadata: {{name: ticker}}\nspec:\n  form: process\n  process:\n    command: [\"/bin/sh\", \"-c\", \"i=0; while :; do i=$((i+1)); echo {m} $i; sleep 0.2; done\"]\n  terminationGracePeriodSeconds: 1\n"
+    );
+    assert!(hub.apply(&manifest).status.success());
+    hub.wait_phase("instances", "ticker", "Running", T);
+    let mut follower = std::process::Command::new(BIN)
+        .args([
+            "--config",
+            hub.admin_conf().to_str().expect("utf8"),
+            "logs",
+            "-f",
+            "ticker",
+            "--tail",
+            "1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("verge logs -f");
+    let mut lines = BufReader::new(follower.stdout.take().expect("stdout")).lines();
+    let first: u64 = wait_for("first line", T, || {
+        lines.next()?.ok()?.rsplit(' ').next()?.parse().ok()
+    });
+    // Lines written after the follower started keep arriving, in order.
+    let mut last = first;
+    while last < first + 5 {
+        let line = lines.next().expect("stream open").expect("line");
+        let n: u64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .expect("counter");
+        assert_eq!(n, last + 1, "no line lost or repeated");
+        last = n;
+    }
+    let _ = follower.kill();
+    let _ = follower.wait();
+    hub.ok(&["delete", "instance", "ticker"]);
+    wait_for("cleanup", T, || pids_with(&m).is_empty().then_some(()));
+}
