@@ -246,20 +246,7 @@ impl EdgeRegistry {
         body: RequestBody,
         timeout: Duration,
     ) -> Result<ResponseBody, ApiError> {
-        let conn = self
-            .conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(node)
-            .cloned()
-            .ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::Unavailable,
-                    format!(
-                        "node '{node}' is not connected to this hub; try again when it is Ready"
-                    ),
-                )
-            })?;
+        let conn = self.conn(node)?;
         let id = conn.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         conn.pending

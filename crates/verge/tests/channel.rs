@@ -26,6 +26,31 @@ fn proxy(rt: &tokio::runtime::Runtime, hub: &Hub) -> FaultProxy {
     rt.block_on(FaultProxy::start(upstream)).expect("proxy")
 }
 
+/// A hub, a fault proxy in front of it, and one edge that reaches the hub through it.
+fn behind_proxy(
+    edge: &str,
+) -> (
+    tokio::runtime::Runtime,
+    tempfile::TempDir,
+    Hub,
+    FaultProxy,
+    Edge,
+) {
+    let rt = runtime();
+    let d = tempfile::tempdir().expect("tmp");
+    let hub = Hub::start(d.path());
+    let p = proxy(&rt, &hub);
+    let e = Edge::start_with(
+        &p.url(),
+        edge,
+        Some(&hub.token(1)),
+        &d.path().join(edge),
+        &[],
+    );
+    hub.wait_phase("nodes", edge, "Ready", T);
+    (rt, d, hub, p, e)
+}
+
 fn pid_of(hub: &Hub, name: &str) -> u64 {
     hub.wait_phase("instances", name, "Running", T)["status"]["pid"]
         .as_u64()
@@ -120,29 +145,12 @@ fn black_holing_one_endpoint_moves_the_edge_to_the_other_and_nothing_runs_twice(
     assert_eq!(pids_with(&mb).len(), 1);
     assert_eq!(pids_with(&ma), vec![pid_a as u32], "a kept running, once");
     hub.wait_phase("nodes", "dual-1", "Ready", T);
-    for n in ["a", "b"] {
-        hub.ok(&["delete", "instance", n]);
-    }
-    for m in [&ma, &mb] {
-        wait_for("cleanup", T, || pids_with(m).is_empty().then_some(()));
-    }
+    hub.cleanup(&["a", "b"], &[&ma, &mb]);
 }
 
 #[test]
 fn a_60s_partition_heals_with_every_operation_applied_exactly_once() {
-    let rt = runtime();
-    let d = tempfile::tempdir().expect("tmp");
-    let hub = Hub::start(d.path());
-    let p = proxy(&rt, &hub);
-    let token = hub.token(1);
-    let _edge = Edge::start_with(
-        &p.url(),
-        "cut-1",
-        Some(&token),
-        &d.path().join("cut-1"),
-        &[],
-    );
-    hub.wait_phase("nodes", "cut-1", "Ready", T);
+    let (rt, _d, hub, p, _edge) = behind_proxy("cut-1");
     let (keep, change, gone) = (unique("keep"), unique("change"), unique("gone"));
     assert!(hub.apply(&sleeper("keep", &keep)).status.success());
     assert!(hub.apply(&sleeper("change", &change)).status.success());
@@ -207,29 +215,15 @@ fn a_60s_partition_heals_with_every_operation_applied_exactly_once() {
     );
     assert_eq!(pids_with(&new1).len(), 1);
     assert_eq!(pids_with(&new2).len(), 1);
-    for n in ["keep", "change", "new-1", "new-2"] {
-        hub.ok(&["delete", "instance", n]);
-    }
-    for m in [&keep, &change, &new1, &new2] {
-        wait_for("cleanup", T, || pids_with(m).is_empty().then_some(()));
-    }
+    hub.cleanup(
+        &["keep", "change", "new-1", "new-2"],
+        &[&keep, &change, &new1, &new2],
+    );
 }
 
 #[test]
 fn cut_connections_are_re_established() {
-    let rt = runtime();
-    let d = tempfile::tempdir().expect("tmp");
-    let hub = Hub::start(d.path());
-    let p = proxy(&rt, &hub);
-    let token = hub.token(1);
-    let _edge = Edge::start_with(
-        &p.url(),
-        "reset-1",
-        Some(&token),
-        &d.path().join("reset-1"),
-        &[],
-    );
-    hub.wait_phase("nodes", "reset-1", "Ready", T);
+    let (_rt, _d, hub, p, _edge) = behind_proxy("reset-1");
     let before = p.connections();
     p.reset_all();
     wait_for("reconnect", T, || (p.connections() > before).then_some(()));

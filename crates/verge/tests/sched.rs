@@ -86,15 +86,6 @@ fn fleet(hub: &Hub) -> Vec<Edge> {
     edges
 }
 
-fn cleanup(hub: &Hub, names: &[&str], markers: &[&str]) {
-    for n in names {
-        let _ = hub.cli(&["delete", "instance", n]);
-    }
-    for m in markers {
-        wait_for("cleanup", T, || pids_with(m).is_empty().then_some(()));
-    }
-}
-
 #[test]
 fn placement_rules_overflow_devices_and_gangs() {
     let d = tempfile::tempdir().expect("tmp");
@@ -237,8 +228,7 @@ fn placement_rules_overflow_devices_and_gangs() {
             .contains("instance deleted")
             .then_some(())
     });
-    cleanup(
-        &hub,
+    hub.cleanup(
         &[
             "infer-2", "spill", "stay", "arm", "trio-a", "trio-b", "trio-c",
         ],
@@ -366,5 +356,5 @@ fn defragmentation_plan_moves_work_and_frees_a_node() {
         Some(0),
         "{freed}"
     );
-    cleanup(&hub, &["small-1", "small-2"], &[&m1, &m2]);
+    hub.cleanup(&["small-1", "small-2"], &[&m1, &m2]);
 }

@@ -193,6 +193,18 @@ impl Hub {
         serde_json::from_str::<Vec<serde_json::Value>>(&out).expect("json array")
     }
 
+    /// Delete instances and wait until the processes carrying `markers` are gone.
+    pub fn cleanup(&self, names: &[&str], markers: &[&str]) {
+        for n in names {
+            let _ = self.cli(&["delete", "instance", n]);
+        }
+        for m in markers {
+            wait_for("cleanup", Duration::from_secs(30), || {
+                pids_with(m).is_empty().then_some(())
+            });
+        }
+    }
+
     pub fn wait_phase(
         &self,
         kind: &str,
