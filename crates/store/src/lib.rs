@@ -185,16 +185,8 @@ pub trait StoreExt: Store {
         value: Vec<u8>,
         expect: Option<u64>,
     ) -> Result<TxnResult, StoreError> {
-        let compares = expect
-            .map(|r| {
-                vec![Compare {
-                    key: key.to_string(),
-                    mod_revision: r,
-                }]
-            })
-            .unwrap_or_default();
         self.txn(Txn {
-            compares,
+            compares: guard(key, expect),
             ops: vec![Op::Put {
                 key: key.to_string(),
                 value,
@@ -205,16 +197,8 @@ pub trait StoreExt: Store {
 
     /// Delete `key` if its modification revision is `expect` (`None`: unconditional).
     async fn delete(&self, key: &str, expect: Option<u64>) -> Result<TxnResult, StoreError> {
-        let compares = expect
-            .map(|r| {
-                vec![Compare {
-                    key: key.to_string(),
-                    mod_revision: r,
-                }]
-            })
-            .unwrap_or_default();
         self.txn(Txn {
-            compares,
+            compares: guard(key, expect),
             ops: vec![Op::Delete {
                 key: key.to_string(),
             }],
@@ -224,6 +208,18 @@ pub trait StoreExt: Store {
 }
 
 impl<T: Store + ?Sized> StoreExt for T {}
+
+/// The compare for "`key` is at modification revision `expect`" (none when `None`).
+fn guard(key: &str, expect: Option<u64>) -> Vec<Compare> {
+    expect
+        .map(|r| {
+            vec![Compare {
+                key: key.to_string(),
+                mod_revision: r,
+            }]
+        })
+        .unwrap_or_default()
+}
 
 /// The smallest key greater than every key starting with `prefix` (for range scans).
 pub fn prefix_end(prefix: &str) -> String {
