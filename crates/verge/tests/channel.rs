@@ -27,17 +27,9 @@ fn proxy(rt: &tokio::runtime::Runtime, hub: &Hub) -> FaultProxy {
 }
 
 /// A hub, a fault proxy in front of it, and one edge that reaches the hub through it.
-fn behind_proxy(
-    edge: &str,
-) -> (
-    tokio::runtime::Runtime,
-    tempfile::TempDir,
-    Hub,
-    FaultProxy,
-    Edge,
-) {
+fn behind_proxy(edge: &str) -> (tokio::runtime::Runtime, TestDir, Hub, FaultProxy, Edge) {
     let rt = runtime();
-    let d = tempfile::tempdir().expect("tmp");
+    let d = test_dir();
     let hub = Hub::start(d.path());
     let p = proxy(&rt, &hub);
     let e = Edge::start_with(
@@ -60,7 +52,7 @@ fn pid_of(hub: &Hub, name: &str) -> u64 {
 #[test]
 fn sync_converges_over_200ms_rtt_with_5_percent_loss() {
     let rt = runtime();
-    let d = tempfile::tempdir().expect("tmp");
+    let d = test_dir();
     let hub = Hub::start(d.path());
     let p = proxy(&rt, &hub);
     p.set(Faults {
@@ -117,7 +109,7 @@ fn sync_converges_over_200ms_rtt_with_5_percent_loss() {
 #[test]
 fn black_holing_one_endpoint_moves_the_edge_to_the_other_and_nothing_runs_twice() {
     let rt = runtime();
-    let d = tempfile::tempdir().expect("tmp");
+    let d = test_dir();
     let hub = Hub::start(d.path());
     let (p1, p2) = (proxy(&rt, &hub), proxy(&rt, &hub));
     let token = hub.token(1);
@@ -236,7 +228,7 @@ fn cut_connections_are_re_established() {
 
 #[test]
 fn node_certificates_are_renewed_before_they_expire() {
-    let d = tempfile::tempdir().expect("tmp");
+    let d = test_dir();
     let hub = Hub::start_with(d.path(), free_port(), &["--node-cert-ttl", "12s"]);
     let dir = d.path().join("renew-1");
     let mut edge = Edge::start_with(&hub.url, "renew-1", Some(&hub.token(1)), &dir, &[]);
@@ -267,7 +259,7 @@ fn node_certificates_are_renewed_before_they_expire() {
 
 #[test]
 fn a_node_whose_certificate_expired_offline_rejoins_with_a_node_bound_token() {
-    let d = tempfile::tempdir().expect("tmp");
+    let d = test_dir();
     let hub = Hub::start_with(d.path(), free_port(), &["--node-cert-ttl", "3s"]);
     let dir = d.path().join("late-1");
     let mut edge = Edge::start_with(&hub.url, "late-1", Some(&hub.token(1)), &dir, &[]);

@@ -34,7 +34,7 @@ fn dev(dir: &std::path::Path, home: &std::path::Path, port: u16) -> String {
 
 #[test]
 fn dev_starts_everything_and_restarts_on_the_same_state() {
-    let d = tempfile::tempdir().expect("tmp");
+    let d = test_dir();
     let home = d.path().join("home");
     let state = d.path().join("state");
     let port = free_port();

@@ -11,8 +11,8 @@ use common::*;
 
 const T: Duration = Duration::from_secs(20);
 
-fn tmp() -> tempfile::TempDir {
-    tempfile::tempdir().expect("tempdir")
+fn tmp() -> TestDir {
+    test_dir()
 }
 
 #[test]

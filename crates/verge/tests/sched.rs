@@ -88,7 +88,7 @@ fn fleet(hub: &Hub) -> Vec<Edge> {
 
 #[test]
 fn placement_rules_overflow_devices_and_gangs() {
-    let d = tempfile::tempdir().expect("tmp");
+    let d = test_dir();
     let hub = Hub::start(d.path());
     let _edges = fleet(&hub);
     let m = unique("sched");
@@ -238,7 +238,7 @@ fn placement_rules_overflow_devices_and_gangs() {
 
 #[test]
 fn defragmentation_plan_moves_work_and_frees_a_node() {
-    let d = tempfile::tempdir().expect("tmp");
+    let d = test_dir();
     let hub = Hub::start(d.path());
     let url = hub.url.clone();
     let a = Edge::start_with(

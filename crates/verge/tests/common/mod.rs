@@ -385,3 +385,39 @@ pub fn unique(prefix: &str) -> String {
         rand_suffix() % 1_000_000_007
     )
 }
+
+/// A test's scratch directory. When dropped (at the end of the test, or while a failing
+/// test unwinds) it also kills every process still working inside it, so workloads that
+/// outlive their agent by design never outlive the test.
+pub struct TestDir(tempfile::TempDir);
+
+impl TestDir {
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let root = self.0.path().to_string_lossy().into_owned();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(cwd) = std::fs::read_link(format!("/proc/{pid}/cwd")) else {
+                continue;
+            };
+            if cwd.to_string_lossy().starts_with(&root) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+/// A fresh [`TestDir`].
+pub fn test_dir() -> TestDir {
+    TestDir(tempfile::tempdir().expect("tempdir"))
+}
