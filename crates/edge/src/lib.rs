@@ -343,6 +343,17 @@ pub async fn run(
         let mut backoff = Duration::from_millis(250);
         let mut current = 0usize;
         let mut failures_in_a_row = 0usize;
+        // QUIC first; after it fails on an endpoint, TLS over TCP there for a while.
+        let quic = match verge_tunnel::quic::client() {
+            Ok(e) => Some(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "no UDP socket for QUIC; using TLS over TCP");
+                None
+            }
+        };
+        let mut quic_blocked_until: std::collections::HashMap<usize, tokio::time::Instant> =
+            Default::default();
+        let quic_failed = std::sync::atomic::AtomicBool::new(false);
         loop {
             let addr = &addrs[current];
             // Pick up a renewed certificate saved by the previous session.
@@ -356,9 +367,17 @@ pub async fn run(
                 data_dir: &dir,
                 capacity: &config.capacity,
                 metrics: &metrics,
+                quic: quic.as_ref(),
+                try_quic: quic_blocked_until
+                    .get(&current)
+                    .is_none_or(|t| tokio::time::Instant::now() >= *t),
+                quic_failed: &quic_failed,
             };
             let began = tokio::time::Instant::now();
             let end = run_session(&ctx).await?;
+            if quic_failed.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                quic_blocked_until.insert(current, tokio::time::Instant::now() + QUIC_RETRY);
+            }
             if began.elapsed() > Duration::from_secs(10) {
                 backoff = Duration::from_millis(250);
                 failures_in_a_row = 0;
@@ -396,6 +415,10 @@ pub async fn run(
     }
     result
 }
+
+/// After QUIC fails on an endpoint, how long to use TLS over TCP there before trying
+/// QUIC again.
+const QUIC_RETRY: Duration = Duration::from_secs(300);
 
 /// `d` scaled by a random factor in [0.5, 1.5), so that many edges do not retry in step.
 fn jitter(d: Duration) -> Duration {

@@ -43,24 +43,81 @@ pub struct SessionCtx<'a> {
     pub capacity: &'a CapacityConfig,
     /// Metrics.
     pub metrics: &'a Metrics,
+    /// The QUIC client endpoint, and whether to try QUIC on this endpoint now.
+    pub quic: Option<&'a quinn::Endpoint>,
+    /// Try QUIC first this time.
+    pub try_quic: bool,
+    /// Set when QUIC was tried and failed (so the caller prefers TCP for a while).
+    pub quic_failed: &'a std::sync::atomic::AtomicBool,
+}
+
+/// How long a QUIC connection attempt may take before falling back to TCP. UDP that is
+/// filtered is silent, so this is a timeout, not an error.
+const QUIC_ATTEMPT: Duration = Duration::from_millis(1500);
+
+/// Connect: QUIC first (when allowed), TLS over TCP otherwise or when QUIC fails.
+async fn connect(
+    ctx: &SessionCtx<'_>,
+) -> Result<
+    Result<
+        (
+            Box<dyn verge_tunnel::quic::Duplex>,
+            Option<quinn::Connection>,
+            &'static str,
+        ),
+        String,
+    >,
+    EdgeError,
+> {
+    let identity = Some((
+        ctx.identity.cert_pem.as_str(),
+        ctx.identity.key_pem.as_str(),
+    ));
+    if let (Some(endpoint), true) = (ctx.quic, ctx.try_quic) {
+        let cfg =
+            verge_tunnel::tls::client_config(&ctx.identity.ca_pem, identity, &[ALPN_CHANNEL])?;
+        match tokio::time::timeout(
+            QUIC_ATTEMPT,
+            verge_tunnel::quic::dial(endpoint, ctx.addr, cfg),
+        )
+        .await
+        {
+            Ok(Ok((conn, stream))) => return Ok(Ok((stream, Some(conn), "quic"))),
+            Ok(Err(e)) => {
+                tracing::info!(addr = ctx.addr, error = %source_text(&e), "QUIC failed; using TLS over TCP")
+            }
+            Err(_) => tracing::info!(
+                addr = ctx.addr,
+                "no QUIC answer (UDP blocked?); using TLS over TCP"
+            ),
+        }
+        ctx.quic_failed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    let cfg = verge_tunnel::tls::client_config(&ctx.identity.ca_pem, identity, &[ALPN_CHANNEL])?;
+    Ok(
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            verge_tunnel::tls::dial(ctx.addr, cfg),
+        )
+        .await
+        {
+            Ok(Ok(s)) => Ok((
+                Box::new(s) as Box<dyn verge_tunnel::quic::Duplex>,
+                None,
+                "tls",
+            )),
+            Ok(Err(e)) => Err(format!("{e}: {}", source_text(&e))),
+            Err(_) => Err("connect timed out".into()),
+        },
+    )
 }
 
 /// Run one session. Returns when the connection ends.
 pub async fn run_session(ctx: &SessionCtx<'_>) -> Result<SessionEnd, EdgeError> {
-    let cfg = verge_tunnel::tls::client_config(
-        &ctx.identity.ca_pem,
-        Some((&ctx.identity.cert_pem, &ctx.identity.key_pem)),
-        &[ALPN_CHANNEL],
-    )?;
-    let stream = match tokio::time::timeout(
-        Duration::from_secs(10),
-        verge_tunnel::tls::dial(ctx.addr, cfg),
-    )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Ok(SessionEnd::Lost(format!("{e}: {}", source_text(&e)))),
-        Err(_) => return Ok(SessionEnd::Lost("connect timed out".into())),
+    let (stream, _quic_conn, transport) = match connect(ctx).await? {
+        Ok(x) => x,
+        Err(why) => return Ok(SessionEnd::Lost(why)),
     };
     let (mut reader, mut writer) = tokio::io::split(stream);
     let since = ctx.agent.revision();
@@ -102,7 +159,7 @@ pub async fn run_session(ctx: &SessionCtx<'_>) -> Result<SessionEnd, EdgeError> 
         Ok(Err(e)) => return Ok(SessionEnd::Lost(e.to_string())),
         Err(_) => return Ok(SessionEnd::Lost("no welcome from hub".into())),
     };
-    tracing::info!(addr = ctx.addr, since, "connected to hub");
+    tracing::info!(addr = ctx.addr, since, transport, "connected to hub");
     ctx.metrics.connected.set(1);
     let end = session_loop(ctx, &mut reader, &mut writer, interval).await;
     ctx.metrics.connected.set(0);

@@ -223,6 +223,7 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     st: Arc<HubState>,
     stream: S,
     node: Option<String>,
+    transport: &'static str,
 ) {
     let (mut reader, mut writer) = tokio::io::split(stream);
     let refuse = |code: &str, message: String| HubToEdge::Error {
@@ -330,7 +331,9 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 break format!("malformed frame: {e}");
             }
         };
-        if let Err(e) = handle_edge_message(&st, &node, &conn, msg, protocol_version).await {
+        if let Err(e) =
+            handle_edge_message(&st, &node, &conn, msg, protocol_version, transport).await
+        {
             if e.code == ErrorCode::Forbidden {
                 st.metrics.channel_rejected.inc();
                 tracing::warn!(node = %node, error = %e.message, "edge message refused");
@@ -354,6 +357,7 @@ async fn handle_edge_message(
     conn: &crate::state::EdgeConn,
     msg: EdgeToHub,
     protocol_version: u32,
+    transport: &str,
 ) -> Result<(), ApiError> {
     match msg {
         EdgeToHub::Heartbeat { status } => {
@@ -375,7 +379,7 @@ async fn handle_edge_message(
                         phase: NodePhase::Ready,
                         last_heartbeat: Some(now_rfc3339()),
                         protocol_version,
-                        transport: "tls".into(),
+                        transport: transport.into(),
                         message: String::new(),
                         ..facts
                     };

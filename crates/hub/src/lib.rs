@@ -143,6 +143,15 @@ pub async fn run(
     tasks.spawn(controllers::scheduler(st.clone()));
     tasks.spawn(controllers::compaction(st.clone()));
     let app = http::router(st.clone());
+    // QUIC on the same port number, over UDP. Edges try it first and fall back to TCP.
+    match verge_tunnel::quic::server(addr, tls.clone()) {
+        Ok(endpoint) => {
+            tasks.spawn(serve_quic(st.clone(), endpoint));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "QUIC unavailable (UDP bind failed); edges will use TLS over TCP")
+        }
+    }
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     ready(&HubInfo {
         addr,
@@ -186,7 +195,7 @@ pub async fn run(
                 .and_then(|c| c.first())
                 .and_then(|c| node_name_from_cert(c));
             match alpn.as_deref() {
-                Some(p) if p == ALPN_CHANNEL => channel::serve_channel(st, tls, node).await,
+                Some(p) if p == ALPN_CHANNEL => channel::serve_channel(st, tls, node, "tls").await,
                 Some(p) if p == ALPN_ENROLL => channel::serve_enroll(st, tls).await,
                 _ => {
                     let svc = app.layer(axum::Extension(http::PeerNode(node)));
@@ -200,4 +209,37 @@ pub async fn run(
     tasks.shutdown().await;
     tracing::info!("hub stopped");
     Ok(())
+}
+
+/// Accept QUIC connections: each carries one channel (or enrolment) on its first
+/// bidirectional stream.
+async fn serve_quic(st: Arc<HubState>, endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        let st = st.clone();
+        tokio::spawn(async move {
+            let conn = match tokio::time::timeout(Duration::from_secs(10), incoming).await {
+                Ok(Ok(c)) => c,
+                _ => return,
+            };
+            let (alpn, certs) = verge_tunnel::quic::peer(&conn);
+            let node = certs
+                .as_ref()
+                .and_then(|c| c.first())
+                .and_then(|c| node_name_from_cert(c));
+            let Ok(Ok((send, recv))) =
+                tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await
+            else {
+                return;
+            };
+            let stream = tokio::io::join(recv, send);
+            match alpn.as_deref() {
+                Some(p) if p == ALPN_CHANNEL => {
+                    channel::serve_channel(st, stream, node, "quic").await
+                }
+                Some(p) if p == ALPN_ENROLL => channel::serve_enroll(st, stream).await,
+                _ => {}
+            }
+            conn.close(0u32.into(), b"done");
+        });
+    }
 }

@@ -5,13 +5,15 @@
 //!   and join tokens that carry the CA fingerprint so an edge can trust the hub on first
 //!   contact.
 //! - [`tls`]: rustls configurations (mutual TLS, the pinned first-contact verifier) and
-//!   dialing.
+//!   dialing over TCP.
+//! - [`quic`]: the same channel over a QUIC stream (quinn), the edge's first choice.
 //!
 //! The message types live in `verge_api::channel`; this crate moves bytes and
 //! identities, it does not interpret messages.
 
 pub mod frame;
 pub mod pki;
+pub mod quic;
 pub mod tls;
 
 /// Install the one rustls crypto provider (ring) for this process. Idempotent.

@@ -253,12 +253,25 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 fn init_tracing(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
+    // `RUST_LOG` as `level` or `target=level,...` (no regexes: they would cost the edge
+    // agent memory for a feature it does not need).
+    use std::str::FromStr;
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| tracing_subscriber::filter::Targets::from_str(&v).ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::filter::Targets::from_str(default)
+                .unwrap_or_else(|_| tracing_subscriber::filter::Targets::new())
+        });
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_writer(std::io::stderr),
+        )
+        .with(filter)
         .init();
 }
 

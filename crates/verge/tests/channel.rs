@@ -302,3 +302,16 @@ fn a_node_whose_certificate_expired_offline_rejoins_with_a_node_bound_token() {
     hub.ok(&["delete", "instance", "late-work"]);
     wait_for("cleanup", T, || pids_with(&m).is_empty().then_some(()));
 }
+
+#[test]
+fn with_udp_blocked_the_edge_comes_up_over_tcp_on_its_own() {
+    // The proxy carries TCP only: QUIC to its port meets silence, as behind a firewall
+    // that drops UDP.
+    let (_rt, _d, hub, _p, _edge) = behind_proxy("tcp-only");
+    let node = hub.get_json("nodes", "tcp-only").expect("node");
+    assert_eq!(node["status"]["transport"], "tls", "{node}");
+    let m = unique("tcp");
+    assert!(hub.apply(&sleeper("over-tcp", &m)).status.success());
+    pid_of(&hub, "over-tcp");
+    hub.cleanup(&["over-tcp"], &[&m]);
+}

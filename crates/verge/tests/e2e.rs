@@ -25,6 +25,8 @@ fn enrolment_then_spent_wrong_and_foreign_tokens_are_refused() {
     assert_eq!(node["metadata"]["labels"]["region"], "eu-west");
     assert_eq!(node["status"]["allocatable"]["cpu"], "1900m");
     assert_eq!(node["status"]["architecture"], std::env::consts::ARCH);
+    // Straight to the hub, UDP works: the channel runs over QUIC.
+    assert_eq!(node["status"]["transport"], "quic");
     // The identity is on the node; the key never left it.
     assert!(d.path().join("edge-a/identity/node.key").exists());
 

@@ -1,0 +1,113 @@
+//! QUIC transport (quinn): the edge's first choice. One bidirectional QUIC stream
+//! carries the same framed channel as TLS over TCP does, so everything above the
+//! transport is shared. When UDP is blocked the edge falls back to TLS over TCP on its
+//! own (see `verge_edge::session`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::{ClientConfig, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::pki::HUB_SERVER_NAME;
+use crate::tls::TlsError;
+
+/// A duplex byte stream the channel runs over (a QUIC stream pair or a TLS stream).
+pub trait Duplex: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Duplex for T {}
+
+/// Keep-alives well under common NAT UDP timeouts (30 s and up).
+const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// A QUIC connection with no traffic for this long is dead.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    if let Ok(idle) = IDLE_TIMEOUT.try_into() {
+        t.max_idle_timeout(Some(idle));
+    }
+    Arc::new(t)
+}
+
+fn cfg_err(e: impl std::fmt::Display) -> TlsError {
+    TlsError::Config(e.to_string())
+}
+
+/// A QUIC server endpoint on `addr` (UDP) using the hub's TLS configuration.
+pub fn server(addr: SocketAddr, tls: Arc<ServerConfig>) -> Result<quinn::Endpoint, TlsError> {
+    let crypto = QuicServerConfig::try_from(tls).map_err(cfg_err)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport());
+    quinn::Endpoint::server(config, addr).map_err(|source| TlsError::Connect {
+        addr: addr.to_string(),
+        source,
+    })
+}
+
+/// A client endpoint (one per process is enough; it multiplexes connections).
+///
+/// Datagrams are capped at an Ethernet-sized payload: the channel never needs jumbo
+/// datagrams, and the endpoint's receive buffer scales with this cap, which keeps the
+/// edge agent small.
+pub fn client() -> Result<quinn::Endpoint, TlsError> {
+    let any: SocketAddr = ([0, 0, 0, 0], 0).into();
+    let io = |source| TlsError::Connect {
+        addr: any.to_string(),
+        source,
+    };
+    let mut config = quinn::EndpointConfig::default();
+    config.max_udp_payload_size(1472).map_err(cfg_err)?;
+    let socket = std::net::UdpSocket::bind(any).map_err(io)?;
+    quinn::Endpoint::new(config, None, socket, Arc::new(quinn::TokioRuntime)).map_err(io)
+}
+
+/// Connect to the hub at `addr` over QUIC and open the channel stream.
+pub async fn dial(
+    endpoint: &quinn::Endpoint,
+    addr: &str,
+    tls: Arc<ClientConfig>,
+) -> Result<(quinn::Connection, Box<dyn Duplex>), TlsError> {
+    let connect_err = |e: &dyn std::fmt::Display| TlsError::Connect {
+        addr: addr.to_string(),
+        source: std::io::Error::other(e.to_string()),
+    };
+    let sock: SocketAddr = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| connect_err(&e))?
+        .next()
+        .ok_or_else(|| TlsError::BadAddress(addr.to_string()))?;
+    let crypto = QuicClientConfig::try_from(tls).map_err(cfg_err)?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(transport());
+    let conn = endpoint
+        .connect_with(config, sock, HUB_SERVER_NAME)
+        .map_err(|e| connect_err(&e))?
+        .await
+        .map_err(|e| connect_err(&e))?;
+    let (send, recv) = conn.open_bi().await.map_err(|e| connect_err(&e))?;
+    Ok((conn, Box::new(tokio::io::join(recv, send))))
+}
+
+/// The ALPN protocol and the peer's certificates of an accepted connection.
+pub fn peer(
+    conn: &quinn::Connection,
+) -> (
+    Option<Vec<u8>>,
+    Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
+) {
+    let alpn = conn
+        .handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol);
+    let certs = conn
+        .peer_identity()
+        .and_then(|c| {
+            c.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .map(|c| *c);
+    (alpn, certs)
+}
