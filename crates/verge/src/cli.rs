@@ -466,6 +466,30 @@ pub async fn get(client: &Client, kind: &str, name: Option<&str>, output: Output
     Ok(())
 }
 
+/// The default table of every node or instance, as text (for `verge dev`'s summary).
+pub async fn table_of(client: &Client, plural: &str) -> Result<String> {
+    let values = client
+        .get::<List<serde_json::Value>>(&format!("/v1/{plural}"))
+        .await?
+        .items;
+    let (header, rows) = if plural == "nodes" {
+        node_rows(
+            &serde_json::from_value::<Vec<Node>>(serde_json::Value::Array(values))?,
+            false,
+        )
+    } else {
+        instance_rows(
+            &serde_json::from_value::<Vec<Instance>>(serde_json::Value::Array(values))?,
+            false,
+        )
+    };
+    Ok(if rows.is_empty() {
+        format!("No {plural} found.\n")
+    } else {
+        table(&header, &rows)
+    })
+}
+
 /// `verge describe KIND NAME`.
 pub async fn describe(client: &Client, kind: &str, name: &str) -> Result<()> {
     let plural = kind_or_bail(kind)?;

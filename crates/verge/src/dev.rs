@@ -16,6 +16,15 @@ use verge_hub::ClientConfig;
 use crate::cli;
 use crate::client::Client;
 
+/// Print a line; a closed stdout (`verge dev | head`) must not crash `verge dev`, which
+/// would leave its hub and edges behind, so write errors are ignored.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// The samples applied by `verge dev` (the same files as `examples/`).
 pub const SAMPLES: &[(&str, &str)] = &[
     (
@@ -185,7 +194,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
     let dir = dir.canonicalize()?;
     let hub_dir = dir.join("hub");
     let hub_log = dir.join("hub.log");
-    println!("verge dev: state in {}", dir.display());
+    say!("verge dev: state in {}", dir.display());
     let mut hub = spawn_self(
         &[
             "hub".into(),
@@ -220,7 +229,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             for m in parse_manifests(text).map_err(|e| anyhow::anyhow!("{file}: {e}"))? {
                 let what = cli::apply_one(&client, &m).await?;
                 let Manifest::Instance(_) = &m else { continue };
-                println!(
+                say!(
                     "  applied examples/{file}: {}/{} {what}",
                     m.kind().to_lowercase(),
                     m.name()
@@ -230,15 +239,13 @@ pub async fn run(args: DevArgs) -> Result<()> {
         // Give the samples a moment to start so the summary shows them running.
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    println!();
-    cli::get(&client, "nodes", None, cli::Output::Table).await?;
-    println!();
-    cli::get(&client, "instances", None, cli::Output::Table).await?;
+    say!("\n{}", cli::table_of(&client, "nodes").await?);
+    say!("{}", cli::table_of(&client, "instances").await?);
     let cfg_hint = match &installed {
         Some(p) => format!("(CLI config written to {})", p.display()),
         None => format!("export VERGE_CONFIG={}", conf.display()),
     };
-    println!(
+    say!(
         "\nVerge is running: hub at {url}, 3 edges. {cfg_hint}\n\
          Try:\n  verge get nodes -o wide\n  verge get instances\n  verge logs hello\n  \
          verge apply -f examples/\n  verge describe node edge-1\n  \
@@ -248,15 +255,15 @@ pub async fn run(args: DevArgs) -> Result<()> {
     );
     if !args.exit_after_start {
         tokio::select! {
-            _ = crate::shutdown_signal() => println!("\nstopping..."),
-            s = hub.wait() => println!("\nthe hub exited ({s:?}); stopping the edges; see {}", hub_log.display()),
+            _ = crate::shutdown_signal() => say!("\nstopping..."),
+            s = hub.wait() => say!("\nthe hub exited ({s:?}); stopping the edges; see {}", hub_log.display()),
         }
     }
     for e in edges.iter_mut() {
         stop_child(e).await;
     }
     stop_child(&mut hub).await;
-    println!("stopped. Run `verge dev` again to pick up where you left off.");
+    say!("stopped. Run `verge dev` again to pick up where you left off.");
     Ok(())
 }
 
