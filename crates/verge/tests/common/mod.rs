@@ -333,9 +333,22 @@ impl Edge {
             .stderr(std::fs::File::create(&log).expect("log"))
             .spawn()
             .expect("spawn edge");
-        let status = wait_for("failing edge to exit", Duration::from_secs(20), || {
-            child.try_wait().ok().flatten()
-        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                // Do not leave it running behind a failed test.
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the edge should have given up:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
         (status, std::fs::read_to_string(&log).unwrap_or_default())
     }
 }
