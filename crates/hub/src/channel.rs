@@ -22,8 +22,8 @@ use verge_api::channel::{
 };
 use verge_api::clock::now_rfc3339;
 use verge_api::{
-    ApiError, ErrorCode, Instance, InstanceSpec, Kind, NodePhase, NodeSpec, NodeStatus, Object,
-    kind_prefix, object_key,
+    ApiError, ErrorCode, Instance, InstanceSpec, InstanceStatus, Kind, NodePhase, NodeSpec,
+    NodeStatus, Object, kind_prefix, object_key,
 };
 use verge_store::{Compare, EventKind, Op, StoreError, Txn};
 use verge_tunnel::frame::{FrameError, decode, read_frame, read_msg, write_msg};
@@ -453,8 +453,6 @@ async fn handle_edge_message(
         )),
     }
 }
-
-use verge_api::InstanceStatus;
 
 fn bound_to(obj: &Option<Instance>, node: &str) -> bool {
     obj.as_ref()

@@ -281,7 +281,8 @@ fn recommendations(
     Some(r)
 }
 
-/// Keep the store's history bounded: compact all but the last `history_revisions`.
+/// Keep the store bounded: compact all but the last `history_revisions` of history, and
+/// keep only the newest audit events.
 pub async fn compaction(st: Arc<HubState>) {
     let mut tick = tokio::time::interval(Duration::from_secs(300));
     loop {
@@ -295,6 +296,9 @@ pub async fn compaction(st: Arc<HubState>) {
             && let Err(e) = store.compact(rev - keep).await
         {
             tracing::warn!(error = %e, "compaction failed");
+        }
+        if let Err(e) = inventory::prune_audit(store.as_ref(), inventory::AUDIT_KEEP).await {
+            tracing::warn!(error = %e.message, "pruning the audit trail failed");
         }
     }
 }

@@ -11,11 +11,11 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::{Extension, Json, Router};
+use axum::{Json, Router};
 use serde::Deserialize;
 use verge_api::channel::{PROTOCOL_VERSION, RequestBody, ResponseBody};
 use verge_api::{
@@ -96,11 +96,6 @@ impl FromRequestParts<Arc<HubState>> for Principal {
                 "the bearer token is not valid for this hub; use the token from the hub's admin.conf",
             )
             .into());
-        }
-        if let Some(Extension(PeerNode(Some(node)))) =
-            parts.extensions.get::<Extension<PeerNode>>().cloned()
-        {
-            return Ok(Principal::Node(node));
         }
         if let Some(PeerNode(Some(node))) = parts.extensions.get::<PeerNode>().cloned() {
             return Ok(Principal::Node(node));
@@ -533,8 +528,7 @@ async fn count_requests(State(st): State<Arc<HubState>>, req: Request, next: Nex
     resp
 }
 
-async fn not_found(headers: HeaderMap) -> HttpError {
-    let _ = headers;
+async fn not_found() -> HttpError {
     ApiError::new(
         ErrorCode::NotFound,
         "no such endpoint; the API lives under /v1/{nodes,instances,regions,tokens,inventory,sched}",

@@ -296,10 +296,10 @@ pub async fn audit(store: &dyn Store, limit: usize) -> Result<Vec<AuditEvent>, A
         .collect())
 }
 
-/// Drop audit events beyond the newest [`AUDIT_KEEP`].
-pub async fn prune_audit(store: &dyn Store) -> Result<(), ApiError> {
+/// Drop audit events beyond the newest `keep` (the hub uses [`AUDIT_KEEP`]).
+pub async fn prune_audit(store: &dyn Store, keep: usize) -> Result<(), ApiError> {
     let r = store.range(AUDIT_PREFIX).await.map_err(store_err)?;
-    let excess = r.kvs.len().saturating_sub(AUDIT_KEEP);
+    let excess = r.kvs.len().saturating_sub(keep);
     if excess == 0 {
         return Ok(());
     }

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use verge_api::clock::now_secs;
 use verge_api::{ApiError, ErrorCode};
-use verge_store::{Compare, KeyValue, Op, Store, StoreExt, Txn};
+use verge_store::{Compare, KeyValue, Op, Store, StoreExt};
 use verge_tunnel::pki::{JoinToken, hex};
 
 use crate::objects::store_err;
@@ -167,13 +167,7 @@ pub async fn check_join_token(
 /// Set the admin token hash (first start).
 pub async fn set_admin_token(store: &dyn Store, token: &str) -> Result<(), ApiError> {
     store
-        .txn(Txn {
-            compares: vec![],
-            ops: vec![Op::Put {
-                key: ADMIN_TOKEN_KEY.into(),
-                value: hash(token).into_bytes(),
-            }],
-        })
+        .put(ADMIN_TOKEN_KEY, hash(token).into_bytes(), None)
         .await
         .map_err(store_err)?;
     Ok(())

@@ -178,3 +178,40 @@ proptest! {
         });
     }
 }
+
+/// The audit trail is bounded: pruning keeps exactly the newest events.
+#[test]
+fn audit_pruning_keeps_the_newest_events() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(dir.path().join("db")).expect("store"));
+        for i in 0..5 {
+            let ev = inventory::AuditEvent::new(
+                "test",
+                "reserve",
+                "n0",
+                Some(&format!("i{i}")),
+                None,
+                "test",
+            );
+            store
+                .txn(verge_store::Txn {
+                    compares: vec![],
+                    ops: vec![ev.op()],
+                })
+                .await
+                .expect("write");
+        }
+        inventory::prune_audit(store.as_ref(), 2)
+            .await
+            .expect("prune");
+        let left = inventory::audit(store.as_ref(), 100).await.expect("audit");
+        let names: Vec<_> = left.iter().filter_map(|e| e.instance.clone()).collect();
+        assert_eq!(names, vec!["i3".to_string(), "i4".to_string()]);
+    });
+}
