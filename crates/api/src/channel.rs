@@ -12,11 +12,20 @@ use crate::instance::{Instance, InstanceStatus};
 use crate::node::NodeStatus;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// 1: control sync, heartbeats, statuses, logs, renewal on one stream.
+/// 2: adds data streams ([`HubToEdge::OpenStream`], [`StreamHello`]) for logs, exec,
+/// port-forward and edge-to-edge relay.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The oldest edge protocol version this hub still accepts.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
+/// The first protocol version whose edges open data streams.
+pub const STREAMS_SINCE: u32 = 2;
 /// ALPN protocol id of the channel (distinguishes it from the REST API on one port).
 pub const ALPN_CHANNEL: &[u8] = b"verge-channel/1";
+/// ALPN protocol id of a data stream an edge opens over TLS/TCP (over QUIC a data
+/// stream is another bidirectional stream of the channel's connection).
+pub const ALPN_STREAM: &[u8] = b"verge-stream/1";
 /// ALPN protocol id used by an edge that enrols (has no identity yet).
 pub const ALPN_ENROLL: &[u8] = b"verge-enroll/1";
 
@@ -159,6 +168,16 @@ pub enum HubToEdge {
         /// PEM certificate for the new key.
         cert_pem: String,
     },
+    /// Open a data stream for `purpose` (protocol 2): the edge opens a new stream
+    /// (QUIC) or connection (TLS/TCP), sends [`StreamHello::Accept`] with this id, and
+    /// then speaks chunks (`verge_tunnel::chunk`) on it.
+    #[serde(rename_all = "camelCase")]
+    OpenStream {
+        /// Correlation id for [`StreamHello::Accept`].
+        id: u64,
+        /// What the stream is for.
+        purpose: StreamPurpose,
+    },
     /// A request the edge must answer with [`EdgeToHub::Response`].
     #[serde(rename_all = "camelCase")]
     Request {
@@ -232,5 +251,68 @@ pub enum ResponseBody {
     Error {
         /// Why.
         message: String,
+    },
+}
+
+/// What a data stream carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum StreamPurpose {
+    /// An instance's log: the tail, then (with `follow`) what it writes next.
+    #[serde(rename_all = "camelCase")]
+    Logs {
+        /// Instance name.
+        instance: String,
+        /// Start this many bytes before the end.
+        tail_bytes: u64,
+        /// Keep streaming appended output.
+        follow: bool,
+    },
+    /// Run a command in an instance's environment.
+    #[serde(rename_all = "camelCase")]
+    Exec {
+        /// Instance name.
+        instance: String,
+        /// Program and arguments.
+        command: Vec<String>,
+        /// Give the command a terminal (output is then one stream).
+        tty: bool,
+        /// Initial terminal width.
+        #[serde(default)]
+        cols: u16,
+        /// Initial terminal height.
+        #[serde(default)]
+        rows: u16,
+    },
+    /// A TCP connection to a port of an instance.
+    #[serde(rename_all = "camelCase")]
+    PortForward {
+        /// Instance name.
+        instance: String,
+        /// The port on the instance.
+        port: u16,
+    },
+}
+
+/// The first frame an edge sends on a data stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum StreamHello {
+    /// This stream answers [`HubToEdge::OpenStream`] `id`.
+    #[serde(rename_all = "camelCase")]
+    Accept {
+        /// The id from the hub.
+        id: u64,
+    },
+    /// Relay this stream to a declared port of another instance (edge to edge). The
+    /// hub checks policy, then opens a port-forward stream on the target's edge.
+    #[serde(rename_all = "camelCase")]
+    Relay {
+        /// The instance (on this edge) that connects.
+        from: String,
+        /// The instance it reaches.
+        to: String,
+        /// The declared port of `to`.
+        port: u16,
     },
 }

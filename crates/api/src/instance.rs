@@ -64,6 +64,38 @@ pub struct InstanceSpec {
     /// Seconds between SIGTERM and SIGKILL when stopping (default 10).
     #[serde(default = "default_grace", skip_serializing_if = "is_default_grace")]
     pub termination_grace_period_seconds: u32,
+    /// Ports the instance serves on its node; other instances reach them only through
+    /// a declared link, and only where the relay policy allows it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortSpec>,
+    /// Ports of other instances (possibly on other edges) this instance reaches: the
+    /// agent listens on `127.0.0.1:localPort` and relays each connection through the
+    /// channel.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<Link>,
+}
+
+/// A port an instance serves.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortSpec {
+    /// A name for it, e.g. `http`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// The TCP port it listens on (on the node's loopback for processes).
+    pub port: u16,
+}
+
+/// A connection from this instance to a declared port of another instance.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Link {
+    /// The instance to reach.
+    pub instance: String,
+    /// Its declared port.
+    pub port: u16,
+    /// Where this instance connects on its own node (`127.0.0.1:localPort`).
+    pub local_port: u16,
 }
 
 fn default_grace() -> u32 {
@@ -456,6 +488,40 @@ impl Kind for InstanceSpec {
                     "spec.placement.gang.name",
                     &g.name,
                     "must be a name like training-run-1",
+                );
+            }
+        }
+        let mut seen_ports = std::collections::BTreeSet::new();
+        for (i, p) in self.ports.iter().enumerate() {
+            if p.port == 0 {
+                errs.push(format!("spec.ports[{i}].port"), 0, "must be 1..65535");
+            } else if !seen_ports.insert(p.port) {
+                errs.push(format!("spec.ports[{i}].port"), p.port, "is declared twice");
+            }
+        }
+        let mut seen_local = std::collections::BTreeSet::new();
+        for (i, l) in self.links.iter().enumerate() {
+            if !crate::validate::is_dns_label(&l.instance) {
+                errs.push(
+                    format!("spec.links[{i}].instance"),
+                    &l.instance,
+                    "must name an instance, e.g. web-1",
+                );
+            }
+            if l.port == 0 {
+                errs.push(format!("spec.links[{i}].port"), 0, "must be 1..65535");
+            }
+            if l.local_port == 0 {
+                errs.push(
+                    format!("spec.links[{i}].localPort"),
+                    0,
+                    "must be 1..65535: the port this instance connects to on 127.0.0.1",
+                );
+            } else if !seen_local.insert(l.local_port) {
+                errs.push(
+                    format!("spec.links[{i}].localPort"),
+                    l.local_port,
+                    "is used by two links; give each its own local port",
                 );
             }
         }

@@ -17,7 +17,9 @@ pub mod region;
 pub mod validate;
 
 pub use error::{ApiError, ErrorCode};
-pub use instance::{Form, Instance, InstancePhase, InstanceSpec, InstanceStatus, ProcessSpec};
+pub use instance::{
+    Form, Instance, InstancePhase, InstanceSpec, InstanceStatus, Link, PortSpec, ProcessSpec,
+};
 pub use manifest::{Manifest, parse_manifests};
 pub use meta::{API_VERSION, Kind, Object, ObjectMeta};
 pub use node::{Node, NodePhase, NodeSpec, NodeStatus, ResourceList};

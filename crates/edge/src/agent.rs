@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use verge_api::channel::InstanceChange;
 use verge_api::instance::RestartPolicy;
 use verge_api::{Instance, InstancePhase, InstanceStatus};
-use verge_runtime::{Running, Runtime, Workload};
+use verge_runtime::{ExecSpec, Running, Runtime, Workload};
 
 use crate::EdgeError;
 use crate::files::{self, Desired};
@@ -48,6 +48,8 @@ pub struct Agent {
     /// Signalled when a status is waiting to be sent.
     pub outbox: Notify,
     reconcile_kick: Notify,
+    /// Listeners for the instances' links to other instances.
+    pub links: crate::links::Links,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -68,6 +70,7 @@ impl Agent {
             removed: Mutex::new(Vec::new()),
             outbox: Notify::new(),
             reconcile_kick: Notify::new(),
+            links: Default::default(),
         }))
     }
 
@@ -182,6 +185,25 @@ impl Agent {
             .then(|| files::instance_dir(&self.dir, name).join("output.log"))
     }
 
+    /// An instance bound to this node.
+    pub fn instance(&self, name: &str) -> Option<Instance> {
+        lock(&self.desired).instances.get(name).cloned()
+    }
+
+    /// How to run `command` inside instance `name` (for exec), or why not.
+    pub fn exec_spec(&self, name: &str, command: &[String]) -> Result<ExecSpec, String> {
+        let instance = self
+            .instance(name)
+            .ok_or_else(|| format!("no instance '{name}' on this node"))?;
+        let workload = Workload {
+            instance,
+            dir: files::instance_dir(&self.dir, name),
+        };
+        self.runtime
+            .exec_spec(&workload, command)
+            .map_err(|e| e.to_string())
+    }
+
     /// Run the reconciler until the process ends.
     pub async fn reconciler(self: Arc<Self>) {
         loop {
@@ -193,6 +215,12 @@ impl Agent {
     /// Bring supervisors in line with the desired state once.
     pub async fn reconcile(self: &Arc<Self>) {
         let desired = lock(&self.desired).instances.clone();
+        self.links.reconcile(
+            desired
+                .iter()
+                .flat_map(|(name, i)| i.spec.links.iter().map(|l| (name.clone(), l.clone())))
+                .collect(),
+        );
         let mut sups = self.supervisors.lock().await;
         // Stop what is no longer wanted.
         let gone: Vec<String> = sups

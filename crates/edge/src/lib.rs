@@ -11,7 +11,9 @@
 
 pub mod agent;
 pub mod files;
+pub mod links;
 pub mod session;
+pub mod streams;
 pub mod sysinfo;
 
 use std::collections::BTreeMap;

@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use verge_api::channel::{
-    ALPN_CHANNEL, EdgeToHub, HubToEdge, PROTOCOL_VERSION, RequestBody, ResponseBody,
+    ALPN_CHANNEL, ALPN_STREAM, EdgeToHub, HubToEdge, PROTOCOL_VERSION, RequestBody, ResponseBody,
 };
 use verge_tunnel::frame::{read_msg, write_msg};
 
 use crate::agent::Agent;
 use crate::files::Identity;
+use crate::streams::Opener;
 use crate::sysinfo::{CapacityConfig, node_status};
 use crate::{AGENT_VERSION, EdgeError, Metrics};
 
@@ -115,9 +116,25 @@ async fn connect(
 
 /// Run one session. Returns when the connection ends.
 pub async fn run_session(ctx: &SessionCtx<'_>) -> Result<SessionEnd, EdgeError> {
-    let (stream, _quic_conn, transport) = match connect(ctx).await? {
+    let (stream, quic_conn, transport) = match connect(ctx).await? {
         Ok(x) => x,
         Err(why) => return Ok(SessionEnd::Lost(why)),
+    };
+    // Data streams go the same way as the channel: more streams of the QUIC
+    // connection, or more TLS connections to the same endpoint.
+    let opener = match quic_conn {
+        Some(conn) => Opener::Quic(conn),
+        None => Opener::Tls {
+            addr: ctx.addr.to_string(),
+            config: verge_tunnel::tls::client_config(
+                &ctx.identity.ca_pem,
+                Some((
+                    ctx.identity.cert_pem.as_str(),
+                    ctx.identity.key_pem.as_str(),
+                )),
+                &[ALPN_STREAM],
+            )?,
+        },
     };
     let (mut reader, mut writer) = tokio::io::split(stream);
     let since = ctx.agent.revision();
@@ -161,7 +178,9 @@ pub async fn run_session(ctx: &SessionCtx<'_>) -> Result<SessionEnd, EdgeError> 
     };
     tracing::info!(addr = ctx.addr, since, transport, "connected to hub");
     ctx.metrics.connected.set(1);
-    let end = session_loop(ctx, &mut reader, &mut writer, interval).await;
+    ctx.agent.links.opener().set(Some(opener.clone()));
+    let end = session_loop(ctx, &mut reader, &mut writer, interval, &opener).await;
+    ctx.agent.links.opener().set(None);
     ctx.metrics.connected.set(0);
     let _ = writer.shutdown().await;
     end
@@ -176,6 +195,7 @@ async fn session_loop<R, W>(
     reader: &mut R,
     writer: &mut W,
     interval: Duration,
+    opener: &Opener,
 ) -> Result<SessionEnd, EdgeError>
 where
     R: tokio::io::AsyncRead + Unpin,
@@ -196,17 +216,8 @@ where
     let mut renewal_key: Option<String> = None;
     agent.mark_all_dirty();
     let lost = |e: verge_tunnel::frame::FrameError| Ok(SessionEnd::Lost(e.to_string()));
-    // Messages from background tasks (log followers) go out through this loop, which
-    // is the connection's only writer.
-    let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<EdgeToHub>(64);
-    let mut followers = Followers::default();
     loop {
         tokio::select! {
-            Some(msg) = out_rx.recv() => {
-                if let Err(e) = write_msg(writer, &msg).await {
-                    return lost(e);
-                }
-            }
             msg = read_msg::<HubToEdge, _>(reader) => {
                 last_heard = tokio::time::Instant::now();
                 let msg = match msg {
@@ -233,10 +244,11 @@ where
                             tracing::info!(valid_until = ?renewed.validity().map(|v| v.1), "node certificate renewed; the next connection uses it");
                         }
                     }
-                    HubToEdge::Request { id, body: RequestBody::LogsFollow { instance, tail_bytes } } => {
-                        followers.start(id, follow_log(agent.clone(), instance, tail_bytes, id, out_tx.clone()));
+                    HubToEdge::OpenStream { id, purpose } => {
+                        tokio::spawn(crate::streams::serve(opener.clone(), agent.clone(), id, purpose));
                     }
-                    HubToEdge::Cancel { id } => followers.stop(id),
+                    // Only protocol 1 edges follow logs on the control stream.
+                    HubToEdge::Cancel { .. } => {}
                     HubToEdge::Request { id, body } => {
                         let body = answer(agent, body);
                         if let Err(e) = write_msg(writer, &EdgeToHub::Response { id, body }).await {
@@ -293,96 +305,6 @@ where
                 for (name, uid) in agent.take_removed() {
                     if let Err(e) = write_msg(writer, &EdgeToHub::InstanceRemoved { name, uid }).await {
                         return lost(e);
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Background log followers of this session; all stop when the session ends.
-#[derive(Default)]
-struct Followers(std::collections::HashMap<u64, tokio::task::AbortHandle>);
-
-impl Followers {
-    fn start(&mut self, id: u64, task: impl std::future::Future<Output = ()> + Send + 'static) {
-        self.0.insert(id, tokio::spawn(task).abort_handle());
-    }
-    fn stop(&mut self, id: u64) {
-        if let Some(h) = self.0.remove(&id) {
-            h.abort();
-        }
-    }
-}
-
-impl Drop for Followers {
-    fn drop(&mut self) {
-        for h in self.0.values() {
-            h.abort();
-        }
-    }
-}
-
-/// How often a followed log is checked for new output.
-const FOLLOW_POLL: Duration = Duration::from_millis(200);
-/// Most bytes sent in one chunk of a followed log.
-const FOLLOW_CHUNK: u64 = 64 << 10;
-
-/// Send the tail of an instance's log, then whatever is appended, until cancelled or the
-/// instance goes away. Chunks are bounded so a chatty instance cannot crowd out
-/// heartbeats on the shared connection.
-async fn follow_log(
-    agent: Arc<Agent>,
-    instance: String,
-    tail_bytes: u64,
-    id: u64,
-    out: tokio::sync::mpsc::Sender<EdgeToHub>,
-) {
-    use std::io::{Read, Seek, SeekFrom};
-    let send = |body| out.send(EdgeToHub::Response { id, body });
-    let first = answer(
-        &agent,
-        RequestBody::Logs {
-            instance: instance.clone(),
-            tail_bytes,
-        },
-    );
-    let failed = matches!(first, ResponseBody::Error { .. });
-    if send(first).await.is_err() || failed {
-        return;
-    }
-    let mut pos = agent
-        .log_path(&instance)
-        .and_then(|p| std::fs::metadata(p).ok())
-        .map_or(0, |m| m.len());
-    loop {
-        tokio::time::sleep(FOLLOW_POLL).await;
-        let Some(path) = agent.log_path(&instance) else {
-            let _ = send(ResponseBody::Error {
-                message: format!("instance '{instance}' was removed from this node"),
-            })
-            .await;
-            return;
-        };
-        let len = std::fs::metadata(&path).map_or(0, |m| m.len());
-        if len < pos {
-            // Rotated or truncated: start from the beginning of the new file.
-            pos = 0;
-        }
-        while pos < len {
-            let want = (len - pos).min(FOLLOW_CHUNK);
-            let mut buf = Vec::with_capacity(want as usize);
-            let read = std::fs::File::open(&path).and_then(|mut f| {
-                f.seek(SeekFrom::Start(pos))?;
-                f.take(want).read_to_end(&mut buf)
-            });
-            match read {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    pos += n as u64;
-                    let data = String::from_utf8_lossy(&buf).into_owned();
-                    if send(ResponseBody::Logs { data }).await.is_err() {
-                        return;
                     }
                 }
             }

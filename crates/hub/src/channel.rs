@@ -291,7 +291,9 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     if write_msg(&mut writer, &welcome).await.is_err() {
         return;
     }
-    let conn = st.edges.register(&node, tx.clone());
+    let conn = st
+        .edges
+        .register(&node, tx.clone(), protocol_version, transport);
     tracing::info!(node = %node, since, agent_version = %agent_version, "edge connected");
     let writer_task = tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {
@@ -344,6 +346,9 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         }
     };
     tracing::info!(node = %node, %reason, "edge disconnected");
+    conn.close(&format!(
+        "the channel to node '{node}' was lost ({reason}); the edge reconnects on its own, run the command again then"
+    ));
     st.edges.unregister(&node, conn.id);
     sync_task.abort();
     drop(tx);

@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
-use verge_api::channel::{PROTOCOL_VERSION, RequestBody, ResponseBody};
+use verge_api::channel::{PROTOCOL_VERSION, RequestBody, ResponseBody, StreamPurpose};
 use verge_api::{
     ApiError, ErrorCode, InstanceSpec, Kind, NodeSpec, Object, RegionSpec, kind_prefix,
 };
@@ -376,15 +376,11 @@ async fn logs(
 ) -> ApiResult<Response> {
     let inst = st.objects.get::<InstanceSpec>(&name).await?;
     may_access(&p, &inst)?;
-    let node = inst.status.node.clone().ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::Conflict,
-            format!(
-                "instance '{name}' is not scheduled to a node yet, so it has no logs ({})",
-                inst.status.message
-            ),
-        )
-    })?;
+    let node = node_of(&inst, "logs")?;
+    if st.edges.supports_streams(&node)? {
+        return logs_over_stream(&st, &node, name, &q).await;
+    }
+    // Protocol 1 edges: logs travel on the control stream.
     if q.follow {
         let mut rx = st
             .edges
@@ -433,6 +429,212 @@ async fn logs(
             Err(ApiError::new(ErrorCode::Unavailable, format!("node '{node}': {message}")).into())
         }
     }
+}
+
+/// The node an instance is bound to, or why there is none.
+fn node_of(inst: &verge_api::Instance, what: &str) -> ApiResult<String> {
+    inst.status.node.clone().ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::Conflict,
+            format!(
+                "instance '{}' is not scheduled to a node yet, so it has no {what} ({})",
+                inst.name(),
+                inst.status.message
+            ),
+        )
+        .into()
+    })
+}
+
+/// Logs through a data stream of their own, so a large log never delays the node's
+/// heartbeats. An error in the first chunk (no such instance on the node) is an HTTP
+/// error; later ones end the body with a note.
+async fn logs_over_stream(
+    st: &HubState,
+    node: &str,
+    instance: String,
+    q: &LogsQuery,
+) -> ApiResult<Response> {
+    use verge_tunnel::chunk::{Chunk, read_chunk};
+    let tail_bytes = q
+        .tail
+        .unwrap_or(if q.follow { 4 << 10 } else { 1 << 20 })
+        .min(16 << 20);
+    let purpose = StreamPurpose::Logs {
+        instance,
+        tail_bytes,
+        follow: q.follow,
+    };
+    let mut edge = crate::streams::open(st, node, purpose).await?;
+    let first = match read_chunk(&mut edge.io).await {
+        Ok(Some(Chunk::Data(b))) => Bytes::from(b),
+        Ok(Some(Chunk::Eof) | None) => Bytes::new(),
+        Ok(Some(Chunk::Error(m))) => {
+            return Err(
+                ApiError::new(ErrorCode::Unavailable, format!("node '{node}': {m}")).into(),
+            );
+        }
+        Ok(Some(other)) => {
+            return Err(ApiError::new(
+                ErrorCode::Internal,
+                format!("node '{node}' sent {other:?} on a log stream"),
+            )
+            .into());
+        }
+        Err(e) => {
+            return Err(
+                ApiError::new(ErrorCode::Unavailable, format!("node '{node}': {e}")).into(),
+            );
+        }
+    };
+    let body = async_stream(move |tx: tokio::sync::mpsc::Sender<Bytes>| async move {
+        if tx.send(first).await.is_err() {
+            return;
+        }
+        loop {
+            let chunk = tokio::select! {
+                c = read_chunk(&mut edge.io) => c,
+                why = crate::state::closed_reason(&mut edge.closed) => Ok(Some(Chunk::Error(why))),
+            };
+            let data = match chunk {
+                Ok(Some(Chunk::Data(b))) => Bytes::from(b),
+                Ok(Some(Chunk::Error(m))) => Bytes::from(format!("\n[verge: {m}]\n")),
+                Ok(Some(Chunk::Ping)) => continue,
+                Err(e) => Bytes::from(format!("\n[verge: log stream broke: {e}]\n")),
+                Ok(_) => return,
+            };
+            if tx.send(data).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(body)
+        .unwrap_or_default())
+}
+
+/// Query of the exec endpoint.
+#[derive(Debug, Deserialize)]
+pub struct ExecQuery {
+    /// Program and arguments as a JSON array of strings, e.g. `["sh","-c","ls"]`.
+    pub command: String,
+    /// Allocate a terminal.
+    #[serde(default)]
+    pub tty: bool,
+    /// Terminal columns.
+    #[serde(default)]
+    pub cols: u16,
+    /// Terminal rows.
+    #[serde(default)]
+    pub rows: u16,
+}
+
+/// Query of the port-forward endpoint.
+#[derive(Debug, Deserialize)]
+pub struct PortForwardQuery {
+    /// The instance's port.
+    pub port: u16,
+}
+
+/// The upgrade half of a request for a data stream, or the error that says how to ask.
+fn take_upgrade(req: &mut Request, what: &str) -> ApiResult<hyper::upgrade::OnUpgrade> {
+    let wants = req
+        .headers()
+        .get(header::UPGRADE)
+        .is_some_and(|v| v.as_bytes() == verge_api::channel::ALPN_STREAM);
+    match (
+        wants,
+        req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>(),
+    ) {
+        (true, Some(u)) => Ok(u),
+        _ => Err(crate::streams::needs_upgrade(what).into()),
+    }
+}
+
+/// Answer `101 Switching Protocols` and splice the upgraded connection to `edge`.
+fn switch_to_stream(
+    upgrade: hyper::upgrade::OnUpgrade,
+    edge: crate::state::EdgeStream,
+    node: String,
+) -> Response {
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(up) => {
+                crate::streams::serve_client(hyper_util::rt::TokioIo::new(up), edge, &node).await
+            }
+            Err(e) => tracing::debug!(error = %e, "client upgrade failed"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(
+            header::UPGRADE,
+            String::from_utf8_lossy(verge_api::channel::ALPN_STREAM).as_ref(),
+        )
+        .body(Body::empty())
+        .unwrap_or_default()
+}
+
+async fn exec(
+    State(st): State<Arc<HubState>>,
+    p: Principal,
+    Path(name): Path<String>,
+    Query(q): Query<ExecQuery>,
+    mut req: Request,
+) -> ApiResult<Response> {
+    admin_only(&p, "exec")?;
+    let command: Vec<String> = serde_json::from_str(&q.command).map_err(|e| {
+        ApiError::new(
+            ErrorCode::Invalid,
+            format!(
+                "command: '{}' is not a JSON array of strings ({e}); send e.g. [\"sh\",\"-c\",\"ls\"]",
+                q.command
+            ),
+        )
+    })?;
+    if command.is_empty() || command[0].is_empty() || command.len() > 1024 {
+        return Err(ApiError::new(
+            ErrorCode::Invalid,
+            "command: must name a program (1 to 1024 arguments), e.g. [\"sh\"]",
+        )
+        .into());
+    }
+    let upgrade = take_upgrade(&mut req, "exec")?;
+    let inst = st.objects.get::<InstanceSpec>(&name).await?;
+    let node = node_of(&inst, "processes to exec into")?;
+    let purpose = StreamPurpose::Exec {
+        instance: name,
+        command,
+        tty: q.tty,
+        cols: q.cols,
+        rows: q.rows,
+    };
+    let edge = crate::streams::open(&st, &node, purpose).await?;
+    Ok(switch_to_stream(upgrade, edge, node))
+}
+
+async fn port_forward(
+    State(st): State<Arc<HubState>>,
+    p: Principal,
+    Path(name): Path<String>,
+    Query(q): Query<PortForwardQuery>,
+    mut req: Request,
+) -> ApiResult<Response> {
+    admin_only(&p, "port-forward")?;
+    if q.port == 0 {
+        return Err(ApiError::new(ErrorCode::Invalid, "port: must be 1..65535").into());
+    }
+    let upgrade = take_upgrade(&mut req, "port-forward")?;
+    let inst = st.objects.get::<InstanceSpec>(&name).await?;
+    let node = node_of(&inst, "ports")?;
+    let purpose = StreamPurpose::PortForward {
+        instance: name,
+        port: q.port,
+    };
+    let edge = crate::streams::open(&st, &node, purpose).await?;
+    Ok(switch_to_stream(upgrade, edge, node))
 }
 
 async fn tokens(State(st): State<Arc<HubState>>, p: Principal, body: Bytes) -> ApiResult<Response> {
@@ -557,6 +759,8 @@ pub fn router(state: Arc<HubState>) -> Router {
         .route("/v1/inventory/audit", get(audit))
         .route("/v1/sched/plan", post(sched_plan))
         .route("/v1/instances/{name}/logs", get(logs))
+        .route("/v1/instances/{name}/exec", get(exec))
+        .route("/v1/instances/{name}/portforward", get(port_forward))
         .route("/v1/tokens", post(tokens))
         .route("/v1/version", get(version))
         .route("/healthz", get(|| async { "ok" }))

@@ -17,6 +17,7 @@ pub mod objects;
 pub mod offline;
 pub mod placement;
 pub mod state;
+pub mod streams;
 pub mod tokens;
 
 use std::future::Future;
@@ -28,7 +29,7 @@ use std::time::Duration;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use verge_api::channel::{ALPN_CHANNEL, ALPN_ENROLL};
+use verge_api::channel::{ALPN_CHANNEL, ALPN_ENROLL, ALPN_STREAM};
 use verge_store::{SqliteStore, Store};
 use verge_tunnel::pki::node_name_from_cert;
 
@@ -104,7 +105,7 @@ pub async fn run(
     let tls = verge_tunnel::tls::server_config(
         ca.cert_pem(),
         &server,
-        &[ALPN_CHANNEL, ALPN_ENROLL, b"http/1.1"],
+        &[ALPN_CHANNEL, ALPN_STREAM, ALPN_ENROLL, b"http/1.1"],
     )?;
 
     // Admin credentials: reuse the token from an existing admin.conf, else mint one.
@@ -196,11 +197,14 @@ pub async fn run(
                 .and_then(|c| node_name_from_cert(c));
             match alpn.as_deref() {
                 Some(p) if p == ALPN_CHANNEL => channel::serve_channel(st, tls, node, "tls").await,
+                Some(p) if p == ALPN_STREAM => streams::serve_data_stream(st, tls, node).await,
                 Some(p) if p == ALPN_ENROLL => channel::serve_enroll(st, tls).await,
                 _ => {
                     let svc = app.layer(axum::Extension(http::PeerNode(node)));
+                    // Upgrades carry exec and port-forward sessions.
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc))
+                        .with_upgrades()
                         .await;
                 }
             }
@@ -212,7 +216,7 @@ pub async fn run(
 }
 
 /// Accept QUIC connections: each carries one channel (or enrolment) on its first
-/// bidirectional stream.
+/// bidirectional stream; further streams the edge opens are data streams.
 async fn serve_quic(st: Arc<HubState>, endpoint: quinn::Endpoint) {
     while let Some(incoming) = endpoint.accept().await {
         let st = st.clone();
@@ -234,12 +238,26 @@ async fn serve_quic(st: Arc<HubState>, endpoint: quinn::Endpoint) {
             let stream = tokio::io::join(recv, send);
             match alpn.as_deref() {
                 Some(p) if p == ALPN_CHANNEL => {
-                    channel::serve_channel(st, stream, node, "quic").await
+                    let data_streams =
+                        tokio::spawn(accept_data_streams(st.clone(), conn.clone(), node.clone()));
+                    channel::serve_channel(st, stream, node, "quic").await;
+                    data_streams.abort();
                 }
                 Some(p) if p == ALPN_ENROLL => channel::serve_enroll(st, stream).await,
                 _ => {}
             }
             conn.close(0u32.into(), b"done");
         });
+    }
+}
+
+/// Serve the data streams an edge opens on its QUIC channel connection.
+async fn accept_data_streams(st: Arc<HubState>, conn: quinn::Connection, node: Option<String>) {
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        tokio::spawn(streams::serve_data_stream(
+            st.clone(),
+            tokio::io::join(recv, send),
+            node.clone(),
+        ));
     }
 }

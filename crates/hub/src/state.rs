@@ -9,13 +9,17 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::sync::{Notify, mpsc, oneshot};
-use verge_api::channel::{HubToEdge, RequestBody, ResponseBody};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use verge_api::channel::{HubToEdge, RequestBody, ResponseBody, STREAMS_SINCE, StreamPurpose};
 use verge_api::{ApiError, ErrorCode};
 use verge_tunnel::pki::CertAuthority;
+use verge_tunnel::quic::Duplex;
 
 use crate::config::HubConfig;
 use crate::objects::Objects;
+
+/// How long an edge has to open a data stream the hub asked for.
+const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Label set for metrics families.
 pub type Labels = Vec<(String, String)>;
@@ -40,6 +44,8 @@ pub struct Metrics {
     pub store_revision: Gauge,
     /// Frames received from edges that were refused (malformed or forbidden).
     pub channel_rejected: Counter,
+    /// Data streams by purpose (`exec`, `portForward`, `logs`, `relay`) and result.
+    pub streams: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -54,6 +60,7 @@ impl Metrics {
             nodes: Family::default(),
             store_revision: Gauge::default(),
             channel_rejected: Counter::default(),
+            streams: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -88,6 +95,11 @@ impl Metrics {
             "Frames from edges refused as malformed or forbidden",
             m.channel_rejected.clone(),
         );
+        registry.register(
+            "streams",
+            "Data streams (exec, port-forward, logs, relay) by purpose and result",
+            m.streams.clone(),
+        );
         Self { registry, ..m }
     }
 }
@@ -98,9 +110,36 @@ pub struct EdgeConn {
     pub id: u64,
     /// Messages to the edge.
     pub tx: mpsc::Sender<HubToEdge>,
+    /// The channel protocol version the edge spoke in its hello.
+    pub protocol_version: u32,
     pending: Mutex<HashMap<u64, Waiter>>,
+    /// Data streams asked of the edge and not yet opened by it.
+    streams: Mutex<HashMap<u64, oneshot::Sender<Box<dyn Duplex>>>>,
     next_request: AtomicU64,
     heartbeat_persisted: Mutex<Option<std::time::Instant>>,
+    /// Set (with the reason) when this connection ends; data streams opened through it
+    /// end with that reason.
+    closed: watch::Sender<Option<String>>,
+}
+
+/// A data stream the edge opened at the hub's request.
+pub struct EdgeStream {
+    /// The stream (chunks after the edge's hello).
+    pub io: Box<dyn Duplex>,
+    /// Fires with a reason when the edge's channel connection ends.
+    pub closed: watch::Receiver<Option<String>>,
+}
+
+/// Wait until a connection's `closed` fires, and say why.
+pub async fn closed_reason(rx: &mut watch::Receiver<Option<String>>) -> String {
+    loop {
+        if let Some(r) = rx.borrow_and_update().clone() {
+            return r;
+        }
+        if rx.changed().await.is_err() {
+            return "the edge's channel ended".into();
+        }
+    }
 }
 
 /// Who waits for the answers to a request.
@@ -119,6 +158,33 @@ impl EdgeConn {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_none_or(|t| t.elapsed() >= age)
+    }
+
+    /// Watch for this connection ending.
+    pub fn closed_watch(&self) -> watch::Receiver<Option<String>> {
+        self.closed.subscribe()
+    }
+
+    /// End this connection's data streams with `reason`.
+    pub fn close(&self, reason: &str) {
+        self.closed.send_if_modified(|r| {
+            if r.is_some() {
+                return false;
+            }
+            *r = Some(reason.to_string());
+            true
+        });
+    }
+
+    /// Hand a data stream the edge opened to whoever asked for it. False if nobody
+    /// waits for `id` (it timed out, or the id is forged).
+    pub fn accept_stream(&self, id: u64, io: Box<dyn Duplex>) -> bool {
+        let waiter = self
+            .streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        waiter.is_some_and(|w| w.send(io).is_ok())
     }
 
     /// Record that the heartbeat was just written.
@@ -164,18 +230,33 @@ pub struct EdgeRegistry {
 
 impl EdgeRegistry {
     /// Register a new connection for `node`, replacing (and so closing) any older one.
-    pub fn register(&self, node: &str, tx: mpsc::Sender<HubToEdge>) -> Arc<EdgeConn> {
+    pub fn register(
+        &self,
+        node: &str,
+        tx: mpsc::Sender<HubToEdge>,
+        protocol_version: u32,
+        transport: &str,
+    ) -> Arc<EdgeConn> {
         let conn = Arc::new(EdgeConn {
             id: self.next_id.fetch_add(1, Ordering::Relaxed) + 1,
             tx,
+            protocol_version,
             pending: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
             heartbeat_persisted: Mutex::new(None),
+            closed: watch::channel(None).0,
         });
-        self.conns
+        let old = self
+            .conns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(node.to_string(), conn.clone());
+        if let Some(old) = old {
+            old.close(&format!(
+                "node '{node}' reconnected to the hub (now over {transport}); streams of its old connection ended"
+            ));
+        }
         conn
     }
 
@@ -197,7 +278,8 @@ impl EdgeRegistry {
         self.len() == 0
     }
 
-    fn conn(&self, node: &str) -> Result<Arc<EdgeConn>, ApiError> {
+    /// The live connection of `node`.
+    pub fn conn(&self, node: &str) -> Result<Arc<EdgeConn>, ApiError> {
         self.conns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -211,6 +293,56 @@ impl EdgeRegistry {
                     ),
                 )
             })
+    }
+
+    /// Whether `node`'s edge opens data streams (protocol 2 and later).
+    pub fn supports_streams(&self, node: &str) -> Result<bool, ApiError> {
+        Ok(self.conn(node)?.protocol_version >= STREAMS_SINCE)
+    }
+
+    /// Ask `node`'s edge to open a data stream for `purpose`, and wait for it.
+    pub async fn open_stream(
+        &self,
+        node: &str,
+        purpose: StreamPurpose,
+    ) -> Result<EdgeStream, ApiError> {
+        let conn = self.conn(node)?;
+        if conn.protocol_version < STREAMS_SINCE {
+            return Err(ApiError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "node '{node}' runs an edge agent that speaks channel protocol {}; exec, port-forward and relay need protocol {STREAMS_SINCE}: upgrade the agent on that node",
+                    conn.protocol_version
+                ),
+            ));
+        }
+        let id = conn.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        conn.streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, tx);
+        let unavailable =
+            |why: &str| ApiError::new(ErrorCode::Unavailable, format!("node '{node}' {why}"));
+        let closed = conn.closed.subscribe();
+        conn.tx
+            .send(HubToEdge::OpenStream { id, purpose })
+            .await
+            .map_err(|_| unavailable("disconnected"))?;
+        match tokio::time::timeout(STREAM_OPEN_TIMEOUT, rx).await {
+            Ok(Ok(io)) => Ok(EdgeStream { io, closed }),
+            Ok(Err(_)) => Err(unavailable("disconnected before opening the stream")),
+            Err(_) => {
+                conn.streams
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                Err(unavailable(&format!(
+                    "did not open the stream within {}s",
+                    STREAM_OPEN_TIMEOUT.as_secs()
+                )))
+            }
+        }
     }
 
     /// Ask `node` something that is answered by a series of responses (until the

@@ -138,6 +138,9 @@ pub enum RuntimeError {
     /// This driver does not run that form.
     #[error("this node has no driver for form '{0}'")]
     Unsupported(String),
+    /// The driver cannot run commands inside its workloads.
+    #[error("the {0} driver cannot run commands inside an instance (exec)")]
+    NoExec(String),
     /// Stopping failed.
     #[error("could not stop workload: {0}")]
     Stop(String),
@@ -162,4 +165,21 @@ pub trait Runtime: Send + Sync + 'static {
     async fn adopt(&self, workload: &Workload, record: &RunRecord) -> Option<Running>;
     /// Stop it: ask politely, wait up to `grace`, then force.
     async fn stop(&self, record: &RunRecord, grace: Duration) -> Result<(), RuntimeError>;
+    /// How to run `command` inside the workload's environment (`verge exec`). The
+    /// agent runs it; the driver says where and how.
+    fn exec_spec(&self, workload: &Workload, command: &[String]) -> Result<ExecSpec, RuntimeError> {
+        let _ = (workload, command);
+        Err(RuntimeError::NoExec(workload.spec().form.to_string()))
+    }
+}
+
+/// A command to run inside a workload's environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecSpec {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Environment added to the agent's.
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Working directory.
+    pub cwd: PathBuf,
 }

@@ -16,7 +16,7 @@ use nix::unistd::Pid;
 use tokio::sync::watch;
 use verge_api::clock::now_rfc3339;
 
-use crate::{Exit, RunRecord, Running, Runtime, RuntimeError, Workload};
+use crate::{ExecSpec, Exit, RunRecord, Running, Runtime, RuntimeError, Workload};
 
 /// A log file larger than this is rotated to `output.log.1` when the workload (re)starts.
 pub const LOG_ROTATE_BYTES: u64 = 10 << 20;
@@ -66,8 +66,32 @@ fn watch_by_polling(record: RunRecord) -> watch::Receiver<Option<Exit>> {
     rx
 }
 
+/// Where and with what environment a command of this workload runs: the instance's
+/// process and `verge exec` share it.
+fn environment(w: &Workload, spec: &verge_api::ProcessSpec, argv: &[String]) -> ExecSpec {
+    let mut env = spec.env.clone();
+    env.insert("VERGE_INSTANCE".into(), w.name().to_string());
+    ExecSpec {
+        argv: argv.to_vec(),
+        env,
+        cwd: spec
+            .working_dir
+            .as_deref()
+            .map(Path::new)
+            .unwrap_or(&w.dir)
+            .to_path_buf(),
+    }
+}
+
 #[async_trait]
 impl Runtime for ProcessRuntime {
+    fn exec_spec(&self, w: &Workload, command: &[String]) -> Result<ExecSpec, RuntimeError> {
+        match &w.spec().process {
+            Some(spec) => Ok(environment(w, spec, command)),
+            None => Err(RuntimeError::Unsupported(w.spec().form.to_string())),
+        }
+    }
+
     async fn start(&self, w: &Workload) -> Result<Running, RuntimeError> {
         let Some(spec) = &w.spec().process else {
             return Err(RuntimeError::Unsupported(w.spec().form.to_string()));
@@ -86,11 +110,11 @@ impl Runtime for ProcessRuntime {
             .map_err(dir_err)?;
         let log2 = log.try_clone().map_err(dir_err)?;
         let program = &spec.command[0];
+        let run = environment(w, spec, &spec.command);
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(&spec.command[1..])
-            .envs(&spec.env)
-            .env("VERGE_INSTANCE", w.name())
-            .current_dir(spec.working_dir.as_deref().map(Path::new).unwrap_or(&w.dir))
+            .envs(&run.env)
+            .current_dir(&run.cwd)
             .stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(log2)

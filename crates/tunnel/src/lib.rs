@@ -1,6 +1,7 @@
 //! Verge's cloud-edge channel: how the hub and an edge talk.
 //!
 //! - [`frame`]: the wire framing (length-prefixed JSON), pure and fuzzable.
+//! - [`chunk`]: the binary framing of data streams (logs, exec, port-forward, relay).
 //! - [`pki`]: the hub's certificate authority, node identities (CSR signed by the CA),
 //!   and join tokens that carry the CA fingerprint so an edge can trust the hub on first
 //!   contact.
@@ -11,6 +12,7 @@
 //! The message types live in `verge_api::channel`; this crate moves bytes and
 //! identities, it does not interpret messages.
 
+pub mod chunk;
 pub mod frame;
 pub mod pki;
 pub mod quic;

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use serde::de::DeserializeOwned;
 use verge_api::ApiError;
 use verge_hub::ClientConfig;
@@ -18,6 +18,16 @@ pub fn config_path(flag: Option<PathBuf>) -> Result<PathBuf> {
     let home =
         std::env::var_os("HOME").ok_or_else(|| anyhow!("$HOME is not set; pass --config FILE"))?;
     Ok(PathBuf::from(home).join(".verge").join("config"))
+}
+
+/// The error an unsuccessful response carries (the hub's message when it sent one).
+async fn error_of(resp: reqwest::Response) -> anyhow::Error {
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    match serde_json::from_str::<ApiError>(&text) {
+        Ok(e) => anyhow!("{}", e.message),
+        Err(_) => anyhow!("hub answered {status}: {text}"),
+    }
 }
 
 /// A connection to one hub.
@@ -63,12 +73,30 @@ impl Client {
         if resp.status().is_success() {
             return Ok(resp);
         }
-        let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
-        match serde_json::from_str::<ApiError>(&text) {
-            Ok(e) => bail!("{}", e.message),
-            Err(_) => bail!("hub answered {status}: {text}"),
+        Err(error_of(resp).await)
+    }
+
+    /// Open a data stream (exec, port-forward): an HTTP/1.1 upgrade of `GET path?query`
+    /// to `verge-stream/1`, after which the connection carries chunks.
+    pub async fn upgrade(&self, path: &str, query: &[(&str, &str)]) -> Result<reqwest::Upgraded> {
+        let mut url = reqwest::Url::parse(&self.url(path)).context("building the URL")?;
+        for (k, v) in query {
+            url.query_pairs_mut().append_pair(k, v);
         }
+        let proto = String::from_utf8_lossy(verge_api::channel::ALPN_STREAM).into_owned();
+        let resp = self
+            .http
+            .get(url)
+            .header(reqwest::header::CONNECTION, "upgrade")
+            .header(reqwest::header::UPGRADE, proto)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the hub at {}; is it running?", self.base))?;
+        if resp.status() != reqwest::StatusCode::SWITCHING_PROTOCOLS {
+            return Err(error_of(resp).await);
+        }
+        resp.upgrade().await.context("switching to a data stream")
     }
 
     fn url(&self, path: &str) -> String {

@@ -7,6 +7,7 @@ mod bench;
 mod cli;
 mod client;
 mod dev;
+mod remote;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -146,6 +147,37 @@ enum Command {
         /// Keep printing what the instance writes (Ctrl-C to stop).
         #[arg(short, long)]
         follow: bool,
+    },
+    /// Run a command in an instance, through the edge's channel.
+    ///
+    /// `verge exec -it web-1 -- sh` gives an interactive shell with a terminal (window
+    /// size changes follow); `verge exec web-1 -- cat /etc/hostname` runs one command.
+    /// Exits with the command's exit code.
+    Exec {
+        /// Send standard input to the command.
+        #[arg(short = 'i', long)]
+        stdin: bool,
+        /// Give the command a terminal.
+        #[arg(short = 't', long)]
+        tty: bool,
+        /// Instance name.
+        instance: String,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Forward a local port to a port of an instance, through the edge's channel.
+    ///
+    /// `verge port-forward web-1 8080:80` listens on 127.0.0.1:8080; each connection
+    /// reaches port 80 of the instance on its node. Runs until interrupted.
+    PortForward {
+        /// Instance name.
+        instance: String,
+        /// `LOCAL:REMOTE` ports (or one port for both; LOCAL 0 picks a free one).
+        ports: String,
+        /// Local address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        address: String,
     },
     /// The scheduling centre's offline side: fragmentation and defragmentation.
     Sched {
@@ -434,6 +466,30 @@ async fn run_cli(config: Option<PathBuf>, command: Command) -> Result<()> {
             tail,
             follow,
         } => cli::logs(&client, &instance, tail, follow).await,
+        Command::Exec {
+            stdin,
+            tty,
+            instance,
+            command,
+        } => {
+            let code = remote::exec(&client, &instance, &command, stdin, tty).await?;
+            std::process::exit(code)
+        }
+        Command::PortForward {
+            instance,
+            ports,
+            address,
+        } => {
+            let (local, remote_port) = remote::parse_local_remote(&ports)?;
+            remote::port_forward(
+                Arc::new(client),
+                &instance,
+                &address,
+                (local, remote_port),
+                |a| println!("forwarding {a} -> {instance}:{remote_port}"),
+            )
+            .await
+        }
         Command::Token {
             command:
                 TokenCommand::Create {
