@@ -1,5 +1,11 @@
-//! Verge's test kit: a fault-injecting TCP proxy that makes a loopback link behave like
-//! the public internet an edge site sits behind, since `tc netem` is not available.
+//! Verge's test kit: a fault-injecting TCP and UDP proxy that makes a loopback link
+//! behave like the public internet an edge site sits behind, since `tc netem` is not
+//! available.
+//!
+//! UDP (QUIC) is carried when the proxy is started with [`FaultProxy::start_with_udp`]:
+//! datagrams then see the same latency, jitter and black holes, loss drops them (UDP
+//! has no retransmission), and [`Faults::udp_blocked`] drops all of them, as a firewall
+//! that filters UDP does.
 //!
 //! Put a [`FaultProxy`] between an edge and the hub and change its [`Faults`] at any
 //! time: added latency and jitter, loss (a lost TCP segment shows up as a
@@ -14,7 +20,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use std::collections::HashMap;
+
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Notify, watch};
 
 /// What the link does to traffic. The default is a clean link.
@@ -34,6 +42,8 @@ pub struct Faults {
     pub blackhole: bool,
     /// New connections are refused (closed at once).
     pub refuse: bool,
+    /// Every UDP datagram is dropped (TCP unaffected).
+    pub udp_blocked: bool,
 }
 
 struct Shared {
@@ -59,9 +69,33 @@ impl Drop for FaultProxy {
 }
 
 impl FaultProxy {
-    /// Listen on `127.0.0.1:0` and forward to `upstream`.
+    /// Listen on `127.0.0.1:0` and forward TCP to `upstream` (UDP sent to the proxy's
+    /// port meets silence, as behind a firewall that drops it).
     pub async fn start(upstream: SocketAddr) -> std::io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::serve(listener, None, upstream)
+    }
+
+    /// Like [`FaultProxy::start`], and also forward UDP on the same port number to the
+    /// same port of `upstream` (the hub serves QUIC there).
+    pub async fn start_with_udp(upstream: SocketAddr) -> std::io::Result<Self> {
+        let mut last_err = None;
+        for _ in 0..20 {
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            match UdpSocket::bind(listener.local_addr()?).await {
+                Ok(udp) => return Self::serve(listener, Some(udp), upstream),
+                // That port number is taken for UDP: try another.
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| std::io::Error::other("no port free for TCP and UDP")))
+    }
+
+    fn serve(
+        listener: TcpListener,
+        udp: Option<UdpSocket>,
+        upstream: SocketAddr,
+    ) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let (faults, _) = watch::channel(Faults::default());
         let shared = Arc::new(Shared {
@@ -71,6 +105,9 @@ impl FaultProxy {
             down: AtomicU64::new(0),
             connections: AtomicU64::new(0),
         });
+        if let Some(udp) = udp {
+            tokio::spawn(udp_relay(Arc::new(udp), upstream, shared.clone()));
+        }
         let s = shared.clone();
         let accept = tokio::spawn(async move {
             loop {
@@ -157,6 +194,79 @@ impl FaultProxy {
     }
 }
 
+/// What happens to one datagram under `f`: dropped (`None`) or delivered after a delay.
+fn datagram_fate(f: &Faults, len: usize) -> Option<Duration> {
+    if f.udp_blocked || f.blackhole || (f.loss > 0.0 && rand::random::<f64>() < f.loss) {
+        return None;
+    }
+    let mut delay = f.latency;
+    if !f.jitter.is_zero() {
+        delay += f.jitter.mul_f64(rand::random::<f64>());
+    }
+    if let Some(bps) = f.bandwidth.filter(|b| *b > 0) {
+        delay += Duration::from_secs_f64(len as f64 / bps as f64);
+    }
+    Some(delay)
+}
+
+/// Send `data` to `to` from `sock` after the fate `faults` decide, counting it.
+fn send_datagram(
+    sock: Arc<UdpSocket>,
+    to: Option<SocketAddr>,
+    data: Vec<u8>,
+    s: &Arc<Shared>,
+    upstream: bool,
+) {
+    let Some(delay) = datagram_fate(&s.faults.borrow(), data.len()) else {
+        return;
+    };
+    let counter = if upstream { &s.up } else { &s.down };
+    counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+    tokio::spawn(async move {
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let _ = match to {
+            Some(to) => sock.send_to(&data, to).await,
+            None => sock.send(&data).await,
+        };
+    });
+}
+
+/// Forward datagrams between clients and `upstream`, one upstream socket per client
+/// address (as a NAT does), each datagram subject to the faults.
+async fn udp_relay(sock: Arc<UdpSocket>, upstream: SocketAddr, s: Arc<Shared>) {
+    let mut flows: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let Ok((n, client)) = sock.recv_from(&mut buf).await else {
+            return;
+        };
+        let flow = match flows.get(&client) {
+            Some(f) => f.clone(),
+            None => {
+                let Ok(f) = UdpSocket::bind("127.0.0.1:0").await else {
+                    continue;
+                };
+                if f.connect(upstream).await.is_err() {
+                    continue;
+                }
+                let f = Arc::new(f);
+                let (back, down, shared) = (sock.clone(), f.clone(), s.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 << 10];
+                    while let Ok(n) = down.recv(&mut buf).await {
+                        send_datagram(back.clone(), Some(client), buf[..n].to_vec(), &shared, false);
+                    }
+                });
+                flows.insert(client, f.clone());
+                f
+            }
+        };
+        send_datagram(flow, None, buf[..n].to_vec(), &s, true);
+    }
+}
+
 async fn relay(client: TcpStream, server: TcpStream, s: Arc<Shared>) {
     let (cr, cw) = client.into_split();
     let (sr, sw) = server.into_split();
@@ -240,6 +350,51 @@ mod tests {
             }
         });
         addr
+    }
+
+    #[tokio::test]
+    async fn forwards_delays_and_drops_udp() {
+        let echo = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let tcp_echo = echo_server().await;
+        // The proxy forwards UDP to the same port number as TCP: put the UDP echo there.
+        drop(echo);
+        let Ok(echo) = UdpSocket::bind(tcp_echo).await else {
+            return; // that port is taken for UDP on this machine; nothing to test
+        };
+        tokio::spawn(async move {
+            let mut b = [0u8; 1500];
+            while let Ok((n, from)) = echo.recv_from(&mut b).await {
+                let _ = echo.send_to(&b[..n], from).await;
+            }
+        });
+        let p = FaultProxy::start_with_udp(tcp_echo).await.expect("proxy");
+        let c = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        c.connect(p.addr()).await.expect("connect");
+        let ask = |msg: &'static [u8]| {
+            let c = &c;
+            async move {
+                c.send(msg).await.expect("send");
+                let mut b = [0u8; 16];
+                tokio::time::timeout(Duration::from_millis(300), c.recv(&mut b))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .map(|n| b[..n].to_vec())
+            }
+        };
+        assert_eq!(ask(b"hi").await.as_deref(), Some(&b"hi"[..]));
+        p.set(Faults {
+            udp_blocked: true,
+            ..Default::default()
+        });
+        assert_eq!(ask(b"blocked").await, None, "UDP blocked");
+        p.set(Faults {
+            loss: 1.0,
+            ..Default::default()
+        });
+        assert_eq!(ask(b"lost").await, None, "all lost");
+        p.set(Faults::default());
+        assert_eq!(ask(b"back").await.as_deref(), Some(&b"back"[..]));
     }
 
     #[tokio::test]

@@ -472,7 +472,15 @@ async fn run_cli(config: Option<PathBuf>, command: Command) -> Result<()> {
             instance,
             command,
         } => {
-            let code = remote::exec(&client, &instance, &command, stdin, tty).await?;
+            // Exit here, with the command's code: returning would drop the runtime,
+            // which waits for the blocking read of standard input forever.
+            let code = match remote::exec(&client, &instance, &command, stdin, tty).await {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    255
+                }
+            };
             std::process::exit(code)
         }
         Command::PortForward {

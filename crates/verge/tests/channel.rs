@@ -315,3 +315,131 @@ fn with_udp_blocked_the_edge_comes_up_over_tcp_on_its_own() {
     pid_of(&hub, "over-tcp");
     hub.cleanup(&["over-tcp"], &[&m]);
 }
+
+/// Read from `r` into `seen` in the background.
+fn collect(mut r: impl std::io::Read + Send + 'static) -> std::sync::Arc<std::sync::Mutex<String>> {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let s = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 {
+                return;
+            }
+            s.lock()
+                .expect("lock")
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    seen
+}
+
+#[test]
+fn exec_and_port_forward_across_a_switch_from_quic_to_tcp() {
+    use std::io::{Read, Write};
+    use std::process::{Command, Stdio};
+    let rt = runtime();
+    let d = test_dir();
+    let hub = Hub::start(d.path());
+    let upstream = format!("127.0.0.1:{}", hub.port).parse().expect("addr");
+    let p = rt
+        .block_on(FaultProxy::start_with_udp(upstream))
+        .expect("proxy");
+    let _edge = Edge::start_with(&p.url(), "switcher", Some(&hub.token(1)), &d.path().join("switcher"), &[]);
+    let node = hub.wait_phase("nodes", "switcher", "Ready", T);
+    assert_eq!(node["status"]["transport"], "quic", "{node}");
+    let m = unique("switch");
+    assert!(hub.apply(&sleeper("switchy", &m)).status.success());
+    pid_of(&hub, "switchy");
+
+    // An interactive exec and a forwarded connection, both open over QUIC.
+    let mut exec = Command::new(BIN)
+        .arg("--config")
+        .arg(hub.admin_conf())
+        .args(["exec", "-i", "switchy", "--", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("exec");
+    let out = collect(exec.stdout.take().expect("stdout"));
+    let err = collect(exec.stderr.take().expect("stderr"));
+    let mut stdin = exec.stdin.take().expect("stdin");
+    stdin.write_all(b"over quic\n").expect("type");
+    wait_for("the echo over QUIC", T, || {
+        out.lock().expect("lock").contains("over quic").then_some(())
+    });
+    let echo = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let echo_port = echo.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for s in echo.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut b = [0u8; 4096];
+                while let Ok(n) = s.read(&mut b) {
+                    if n == 0 || s.write_all(&b[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let mut pf = Command::new(BIN)
+        .arg("--config")
+        .arg(hub.admin_conf())
+        .args(["port-forward", "switchy", &format!("0:{echo_port}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("port-forward");
+    let pf_err = collect(pf.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(pf.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("ready line");
+    let addr = line.split_whitespace().nth(1).expect("address").to_string();
+    let ping = |s: &mut std::net::TcpStream, msg: &[u8]| -> Option<Vec<u8>> {
+        s.write_all(msg).ok()?;
+        let mut b = vec![0u8; msg.len()];
+        s.read_exact(&mut b).ok()?;
+        Some(b)
+    };
+    let mut held = std::net::TcpStream::connect(&addr).expect("connect");
+    held.set_read_timeout(Some(T)).expect("timeout");
+    assert_eq!(ping(&mut held, b"before").as_deref(), Some(&b"before"[..]));
+
+    // A firewall starts dropping UDP: the edge notices the silence, falls back to TCP.
+    p.set(Faults {
+        udp_blocked: true,
+        ..Default::default()
+    });
+    wait_for("the edge to come back over TCP", T, || {
+        hub.get_json("nodes", "switcher")
+            .filter(|n| n["status"]["transport"] == "tls" && n["status"]["phase"] == "Ready")
+    });
+
+    // The exec session that lived on the old connection ends with a clear message.
+    let status = wait_for("exec to end", T, || exec.try_wait().expect("wait"));
+    assert!(!status.success());
+    let said = err.lock().expect("lock").clone();
+    assert!(
+        said.contains("exec ended") && (said.contains("reconnected") || said.contains("lost")),
+        "{said}"
+    );
+    // So does the forwarded connection that was open; the port-forward itself goes on.
+    let mut b = [0u8; 1];
+    assert!(matches!(held.read(&mut b), Ok(0) | Err(_)), "held connection closed");
+    wait_for("the port-forward to say why", T, || {
+        pf_err.lock().expect("lock").contains("ended").then_some(())
+    });
+    // New connections and new exec sessions work over TCP.
+    let mut fresh = std::net::TcpStream::connect(&addr).expect("connect");
+    fresh.set_read_timeout(Some(T)).expect("timeout");
+    assert_eq!(ping(&mut fresh, b"after").as_deref(), Some(&b"after"[..]));
+    let out = hub.cli(&["exec", "switchy", "--", "echo", "over tcp"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "over tcp\n");
+    let _ = pf.kill();
+    hub.cleanup(&["switchy"], &[&m]);
+}
