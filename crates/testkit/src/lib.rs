@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use std::collections::HashMap;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Notify, watch};
@@ -256,7 +256,13 @@ async fn udp_relay(sock: Arc<UdpSocket>, upstream: SocketAddr, s: Arc<Shared>) {
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 64 << 10];
                     while let Ok(n) = down.recv(&mut buf).await {
-                        send_datagram(back.clone(), Some(client), buf[..n].to_vec(), &shared, false);
+                        send_datagram(
+                            back.clone(),
+                            Some(client),
+                            buf[..n].to_vec(),
+                            &shared,
+                            false,
+                        );
                     }
                 });
                 flows.insert(client, f.clone());

@@ -345,7 +345,13 @@ fn exec_and_port_forward_across_a_switch_from_quic_to_tcp() {
     let p = rt
         .block_on(FaultProxy::start_with_udp(upstream))
         .expect("proxy");
-    let _edge = Edge::start_with(&p.url(), "switcher", Some(&hub.token(1)), &d.path().join("switcher"), &[]);
+    let _edge = Edge::start_with(
+        &p.url(),
+        "switcher",
+        Some(&hub.token(1)),
+        &d.path().join("switcher"),
+        &[],
+    );
     let node = hub.wait_phase("nodes", "switcher", "Ready", T);
     assert_eq!(node["status"]["transport"], "quic", "{node}");
     let m = unique("switch");
@@ -367,7 +373,10 @@ fn exec_and_port_forward_across_a_switch_from_quic_to_tcp() {
     let mut stdin = exec.stdin.take().expect("stdin");
     stdin.write_all(b"over quic\n").expect("type");
     wait_for("the echo over QUIC", T, || {
-        out.lock().expect("lock").contains("over quic").then_some(())
+        out.lock()
+            .expect("lock")
+            .contains("over quic")
+            .then_some(())
     });
     let echo = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let echo_port = echo.local_addr().expect("addr").port();
@@ -430,7 +439,10 @@ fn exec_and_port_forward_across_a_switch_from_quic_to_tcp() {
     );
     // So does the forwarded connection that was open; the port-forward itself goes on.
     let mut b = [0u8; 1];
-    assert!(matches!(held.read(&mut b), Ok(0) | Err(_)), "held connection closed");
+    assert!(
+        matches!(held.read(&mut b), Ok(0) | Err(_)),
+        "held connection closed"
+    );
     wait_for("the port-forward to say why", T, || {
         pf_err.lock().expect("lock").contains("ended").then_some(())
     });

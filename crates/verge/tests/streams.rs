@@ -376,3 +376,79 @@ fn an_instance_reaches_a_declared_port_on_another_edge_only_where_policy_allows(
     });
     hub.cleanup(&["svc", "client", "intruder"], &[&m]);
 }
+
+#[test]
+fn an_edge_speaking_protocol_1_keeps_working_against_this_hub() {
+    use verge_api::channel::{ALPN_CHANNEL, EdgeToHub, HubToEdge, RequestBody, ResponseBody};
+    use verge_tunnel::frame::{read_msg, write_msg};
+    // Enrol with the real agent (for an identity), then stop it and speak protocol 1
+    // with that identity, as an agent of the previous release would.
+    let (d, hub, mut edge) = one_edge("old-1");
+    hub.wait_phase("nodes", "old-1", "Ready", T);
+    edge.proc.kill();
+    let id = verge_edge::files::Identity::load(&d.path().join("old-1"), "old-1")
+        .expect("load")
+        .expect("identity");
+    let m = unique("old");
+    assert!(hub.apply(&instance("legacy", &m, "")).status.success());
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("rt");
+    verge_tunnel::install_crypto_provider();
+    let addr = format!("127.0.0.1:{}", hub.port);
+    let old_edge = rt.spawn(async move {
+        let cfg = verge_tunnel::tls::client_config(
+            &id.ca_pem,
+            Some((&id.cert_pem, &id.key_pem)),
+            &[ALPN_CHANNEL],
+        )
+        .expect("config");
+        let s = verge_tunnel::tls::dial(&addr, cfg).await.expect("dial");
+        let (mut r, mut w) = tokio::io::split(s);
+        let hello = EdgeToHub::Hello {
+            protocol_version: 1,
+            agent_version: "0.0.9".into(),
+            since_revision: 0,
+        };
+        write_msg(&mut w, &hello).await.expect("hello");
+        let mut beat = tokio::time::interval(Duration::from_millis(400));
+        loop {
+            tokio::select! {
+                msg = read_msg::<HubToEdge, _>(&mut r) => match msg.expect("read").expect("open") {
+                    HubToEdge::OpenStream { .. } => panic!("a protocol 1 edge was asked for a data stream"),
+                    HubToEdge::Request { id, body: RequestBody::Logs { instance, .. } } => {
+                        let body = ResponseBody::Logs { data: format!("old agent log of {instance}\n") };
+                        write_msg(&mut w, &EdgeToHub::Response { id, body }).await.expect("answer");
+                    }
+                    _ => {}
+                },
+                _ = beat.tick() => {
+                    write_msg(&mut w, &EdgeToHub::Heartbeat { status: None }).await.expect("beat");
+                }
+            }
+        }
+    });
+    wait_for("the old agent's heartbeat", T, || {
+        hub.get_json("nodes", "old-1")
+            .filter(|n| n["status"]["protocolVersion"] == 1 && n["status"]["phase"] == "Ready")
+    });
+    wait_for("the instance to be bound", T, || {
+        hub.get_json("instances", "legacy")
+            .filter(|i| i["status"]["node"] == "old-1")
+    });
+    // Logs still work (on the control stream, as protocol 1 had them).
+    assert_eq!(hub.ok(&["logs", "legacy"]), "old agent log of legacy\n");
+    // What needs protocol 2 says so, and what to do.
+    let out = hub.cli(&["exec", "legacy", "--", "true"]);
+    assert!(!out.status.success());
+    let said = text(&out.stderr);
+    assert!(
+        said.contains("speaks channel protocol 1") && said.contains("upgrade the agent"),
+        "{said}"
+    );
+    old_edge.abort();
+    let _ = hub.cli(&["delete", "instance", "legacy"]);
+}
