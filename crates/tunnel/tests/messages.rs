@@ -1,10 +1,13 @@
 //! Every channel message survives the framing: encode, split anywhere, decode, equal.
 
 use proptest::prelude::*;
-use verge_api::channel::{EdgeToHub, HubToEdge, InstanceChange, RequestBody, ResponseBody};
+use verge_api::channel::{
+    EdgeToHub, HubToEdge, InstanceChange, RequestBody, ResponseBody, StreamHello, StreamPurpose,
+};
 use verge_api::{
     Instance, InstancePhase, InstanceSpec, InstanceStatus, NodePhase, NodeStatus, ProcessSpec,
 };
+use verge_tunnel::chunk::Chunk;
 use verge_tunnel::frame::{FrameDecoder, decode, encode};
 
 fn name() -> impl Strategy<Value = String> {
@@ -152,6 +155,7 @@ fn hub_msg() -> impl Strategy<Value = HubToEdge> {
         (text(), text()).prop_map(|(code, message)| HubToEdge::Error { code, message }),
         any::<u64>().prop_map(|id| HubToEdge::Cancel { id }),
         text().prop_map(|cert_pem| HubToEdge::Renewed { cert_pem }),
+        (any::<u64>(), purpose()).prop_map(|(id, purpose)| HubToEdge::OpenStream { id, purpose }),
         (any::<u64>(), name(), any::<u64>()).prop_map(|(id, instance, tail_bytes)| {
             HubToEdge::Request {
                 id,
@@ -161,6 +165,57 @@ fn hub_msg() -> impl Strategy<Value = HubToEdge> {
                 },
             }
         }),
+    ]
+}
+
+fn purpose() -> impl Strategy<Value = StreamPurpose> {
+    prop_oneof![
+        (name(), any::<u64>(), any::<bool>()).prop_map(|(instance, tail_bytes, follow)| {
+            StreamPurpose::Logs {
+                instance,
+                tail_bytes,
+                follow,
+            }
+        }),
+        (
+            name(),
+            proptest::collection::vec(text(), 1..4),
+            any::<bool>(),
+            any::<u16>(),
+            any::<u16>()
+        )
+            .prop_map(|(instance, command, tty, cols, rows)| StreamPurpose::Exec {
+                instance,
+                command,
+                tty,
+                cols,
+                rows,
+            }),
+        (name(), any::<u16>())
+            .prop_map(|(instance, port)| StreamPurpose::PortForward { instance, port }),
+    ]
+}
+
+fn stream_hello() -> impl Strategy<Value = StreamHello> {
+    prop_oneof![
+        any::<u64>().prop_map(|id| StreamHello::Accept { id }),
+        (name(), name(), any::<u16>()).prop_map(|(from, to, port)| StreamHello::Relay {
+            from,
+            to,
+            port
+        }),
+    ]
+}
+
+fn chunk() -> impl Strategy<Value = Chunk> {
+    prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..300).prop_map(Chunk::Data),
+        proptest::collection::vec(any::<u8>(), 0..300).prop_map(Chunk::Stderr),
+        Just(Chunk::Eof),
+        (any::<u16>(), any::<u16>()).prop_map(|(cols, rows)| Chunk::Resize { cols, rows }),
+        any::<i32>().prop_map(Chunk::Exit),
+        text().prop_map(Chunk::Error),
+        Just(Chunk::Ping),
     ]
 }
 
@@ -188,6 +243,26 @@ proptest! {
     #[test]
     fn every_edge_message_round_trips(msgs in proptest::collection::vec(edge_msg(), 1..6), cut in any::<usize>()) {
         round_trip(&msgs, cut);
+    }
+
+    #[test]
+    fn every_stream_hello_round_trips(msgs in proptest::collection::vec(stream_hello(), 1..6), cut in any::<usize>()) {
+        round_trip(&msgs, cut);
+    }
+
+    #[test]
+    fn every_chunk_round_trips(chunks in proptest::collection::vec(chunk(), 1..8)) {
+        let wire: Vec<u8> = chunks.iter().flat_map(Chunk::encode).collect();
+        let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
+        let got = rt.block_on(async {
+            let mut r = &wire[..];
+            let mut got = Vec::new();
+            while let Some(c) = verge_tunnel::chunk::read_chunk(&mut r).await.expect("chunk") {
+                got.push(c);
+            }
+            got
+        });
+        prop_assert_eq!(got, chunks);
     }
 
     #[test]

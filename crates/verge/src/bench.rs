@@ -57,6 +57,12 @@ pub enum BenchCommand {
         /// How long to measure the idle edge.
         #[arg(long, default_value_t = 60)]
         idle_seconds: u64,
+        /// MiB sent through a port-forward (and directly) for throughput.
+        #[arg(long, default_value_t = 64)]
+        forward_mib: usize,
+        /// Request/response round trips through a port-forward (and directly).
+        #[arg(long, default_value_t = 2000)]
+        forward_requests: usize,
         /// `json` for machines.
         #[arg(short, long, default_value = "text")]
         output: String,
@@ -89,8 +95,19 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             edges,
             per_edge,
             idle_seconds,
+            forward_mib,
+            forward_requests,
             output,
-        } => rt.block_on(channel(edges, idle_seconds, per_edge, &output)),
+        } => rt.block_on(channel(
+            ChannelBench {
+                edges,
+                idle_seconds,
+                per_edge,
+                forward_mib,
+                forward_requests,
+            },
+            &output,
+        )),
         BenchCommand::Sched {
             nodes,
             placements,
@@ -460,10 +477,163 @@ async fn wait_connected(
     Ok(t.elapsed())
 }
 
-/// `verge bench channel`: idle traffic of one edge, and a fleet reconnecting after a
-/// hub restart, measured through the test kit's counting proxy.
-pub async fn channel(edges: usize, idle_seconds: u64, per_edge: usize, output: &str) -> Result<()> {
+/// Parameters of `verge bench channel`.
+pub struct ChannelBench {
+    /// Simulated edges in the fleet.
+    pub edges: usize,
+    /// Seconds to measure the idle edge.
+    pub idle_seconds: u64,
+    /// Instances per edge.
+    pub per_edge: usize,
+    /// MiB for the throughput measurement.
+    pub forward_mib: usize,
+    /// Round trips for the latency measurement.
+    pub forward_requests: usize,
+}
+
+/// A loopback server: `sink` answers the byte count once the client half-closes,
+/// otherwise it echoes.
+async fn bench_server(sink: bool) -> Result<std::net::SocketAddr> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 << 10];
+                let mut total = 0u64;
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) if sink => total += n as u64,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                if sink {
+                    let _ = s.write_all(&total.to_be_bytes()).await;
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Send `mib` MiB to a sink at `addr`; the time until it confirms them all.
+async fn throughput(addr: std::net::SocketAddr, mib: usize) -> Result<Duration> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let chunk = vec![0x5au8; 64 << 10];
+    let t = Instant::now();
+    for _ in 0..mib * 16 {
+        s.write_all(&chunk).await?;
+    }
+    s.shutdown().await?;
+    let mut n = [0u8; 8];
+    s.read_exact(&mut n).await.context("sink confirmation")?;
+    let got = u64::from_be_bytes(n);
+    if got != (mib as u64) << 20 {
+        bail!("sink received {got} bytes of {}", (mib as u64) << 20);
+    }
+    Ok(t.elapsed())
+}
+
+/// `n` round trips of 64 bytes on one connection to an echo at `addr`, sorted.
+async fn round_trips(addr: std::net::SocketAddr, n: usize) -> Result<Vec<Duration>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let (req, mut resp) = ([7u8; 64], [0u8; 64]);
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        s.write_all(&req).await?;
+        s.read_exact(&mut resp).await?;
+        times.push(t.elapsed());
+    }
+    times.sort();
+    Ok(times)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e6
+}
+
+/// Port-forward against direct loopback TCP, in the same run: throughput and
+/// request latency. The forwarded path is the operator's: a local listener (as
+/// `verge port-forward`), the hub, the edge's channel, the edge, the server.
+async fn forward_bench(
+    client: Arc<crate::client::Client>,
+    instance: &str,
+    mib: usize,
+    requests: usize,
+) -> Result<serde_json::Value> {
+    let (sink, echo) = (bench_server(true).await?, bench_server(false).await?);
+    let mut local = Vec::new();
+    for target in [sink, echo] {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (c, inst) = (client.clone(), instance.to_string());
+        tokio::spawn(async move {
+            let r = crate::remote::port_forward(c, &inst, "127.0.0.1", (0, target.port()), |a| {
+                let _ = tx.send(a);
+            })
+            .await;
+            if let Err(e) = r {
+                eprintln!("bench channel: port-forward failed: {e:#}");
+            }
+        });
+        local.push(rx.await.context("port-forward listener")?);
+    }
+    // Warm up both paths (TLS sessions, QUIC streams, page cache), then measure.
+    round_trips(echo, 50).await?;
+    round_trips(local[1], 50).await?;
+    let direct_t = throughput(sink, mib).await?;
+    let forward_t = throughput(local[0], mib).await?;
+    let direct_rt = round_trips(echo, requests).await?;
+    let forward_rt = round_trips(local[1], requests).await?;
+    let mut connects = Vec::new();
+    for _ in 0..50 {
+        let t = Instant::now();
+        round_trips(local[1], 1).await?;
+        connects.push(t.elapsed());
+    }
+    connects.sort();
+    let mibps = |d: Duration| mib as f64 / d.as_secs_f64();
+    Ok(serde_json::json!({
+        "forwardMiB": mib,
+        "directThroughputMiBps": mibps(direct_t),
+        "forwardThroughputMiBps": mibps(forward_t),
+        "forwardThroughputRatio": mibps(forward_t) / mibps(direct_t),
+        "requests": requests,
+        "directLatencyP50Us": percentile(&direct_rt, 0.5),
+        "directLatencyP99Us": percentile(&direct_rt, 0.99),
+        "forwardLatencyP50Us": percentile(&forward_rt, 0.5),
+        "forwardLatencyP99Us": percentile(&forward_rt, 0.99),
+        "forwardNewConnectionP50Us": percentile(&connects, 0.5),
+    }))
+}
+
+/// `verge bench channel`: idle traffic of one edge, port-forward against direct TCP,
+/// and a fleet reconnecting after a hub restart, measured through the test kit's
+/// counting proxy.
+pub async fn channel(b: ChannelBench, output: &str) -> Result<()> {
     use verge_testkit::FaultProxy;
+    let ChannelBench {
+        edges,
+        idle_seconds,
+        per_edge,
+        forward_mib,
+        forward_requests,
+    } = b;
     let dir = tempdir()?;
     let port = free_port()?;
     let (mut hub, client) = start_hub(&dir, port, &["--admit-rate", "500"]).await?;
@@ -484,6 +654,36 @@ pub async fn channel(edges: usize, idle_seconds: u64, per_edge: usize, output: &
     let per_min = |b: u64| b as f64 * 60.0 / idle_seconds as f64;
     let idle_up = per_min(u1 - u0);
     let idle_down = per_min(d1 - d0);
+
+    eprintln!(
+        "bench channel: port-forward ({forward_mib} MiB, {forward_requests} round trips) against direct TCP"
+    );
+    let target = "kind: Instance\nmetadata: {name: forward-target}\nspec: {form: process, process: {command: [sleep, '1']}, resources: {cpu: 100m, memory: 16Mi}}\n";
+    for mm in verge_api::parse_manifests(target).map_err(|e| anyhow::anyhow!("{e}"))? {
+        crate::cli::apply_one(&client, &mm).await?;
+    }
+    let t = Instant::now();
+    loop {
+        let v: serde_json::Value = client.get("/v1/instances/forward-target").await?;
+        if v["status"]["phase"] == "Running" {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            bail!("the port-forward target did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let client = Arc::new(client);
+    let mut forward = forward_bench(
+        client.clone(),
+        "forward-target",
+        forward_mib,
+        forward_requests,
+    )
+    .await?;
+    let node: serde_json::Value = client.get("/v1/nodes/idle-00000").await?;
+    forward["transport"] = node["status"]["transport"].clone();
+    client.delete("/v1/instances/forward-target").await?;
     let _ = one.send(true);
     // Take the idle edge out so the fleet's work does not land on a stopped agent.
     client.delete("/v1/nodes/idle-00000").await?;
@@ -555,6 +755,7 @@ pub async fn channel(edges: usize, idle_seconds: u64, per_edge: usize, output: &
         "reconnectBytesPerEdge": per_edge_bytes,
         "fullRelistBytesPerEdge": relist_per_edge,
         "admitRatePerSecond": 500,
+        "portForward": forward,
     });
     print_report(&report, output)
 }

@@ -560,6 +560,12 @@ fn every_example_applies_and_runs() {
     hub.wait_phase("instances", "ticker-eu", "Running", T);
     let done = hub.wait_phase("instances", "report-once", "Succeeded", T);
     assert_eq!(done["status"]["exitCode"], 0);
+    // The linked pair talks through the hub's relay.
+    wait_for("storefront to reach catalog", T, || {
+        hub.ok(&["logs", "storefront"])
+            .contains("storefront got: catalog: 3 items in stock")
+            .then_some(())
+    });
     // Every file under examples/ is a manifest this hub accepts.
     for e in std::fs::read_dir(examples).expect("examples") {
         let p = e.expect("entry").path();
@@ -592,7 +598,7 @@ fn every_example_applies_and_runs() {
     assert_eq!(reason("inference"), "0/1 nodes fit: 1 missing device");
     let described = hub.ok(&["describe", "node", "edge-1"]);
     assert!(
-        described.contains("instances on this node: 4"),
+        described.contains("instances on this node: 6"),
         "{described}"
     );
     let regions = hub.ok(&["get", "regions"]);
