@@ -239,6 +239,14 @@ pub async fn dial(addr: &str, config: Arc<ClientConfig>) -> Result<TlsStream<Tcp
     };
     let tcp = TcpStream::connect(addr).await.map_err(connect_err)?;
     tcp.set_nodelay(true).map_err(connect_err)?;
+    // Keep NAT mappings of quiet connections (an idle port-forward, a shell waiting
+    // for input) alive: probes after 20 s of silence, well under common NAT timeouts.
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(std::time::Duration::from_secs(20))
+        .with_interval(std::time::Duration::from_secs(10));
+    socket2::SockRef::from(&tcp)
+        .set_tcp_keepalive(&keepalive)
+        .map_err(connect_err)?;
     let name = ServerName::try_from(HUB_SERVER_NAME).map_err(cfg_err)?;
     TlsConnector::from(config)
         .connect(name, tcp)

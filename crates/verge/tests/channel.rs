@@ -453,5 +453,6 @@ fn exec_and_port_forward_across_a_switch_from_quic_to_tcp() {
     let out = hub.cli(&["exec", "switchy", "--", "echo", "over tcp"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "over tcp\n");
     let _ = pf.kill();
+    let _ = pf.wait();
     hub.cleanup(&["switchy"], &[&m]);
 }
