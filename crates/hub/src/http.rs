@@ -552,6 +552,28 @@ fn take_upgrade(req: &mut Request, what: &str) -> ApiResult<hyper::upgrade::OnUp
     }
 }
 
+/// Open a data stream for `purpose` on the edge of its instance, then answer `101
+/// Switching Protocols` and splice the client's upgraded connection to it. Errors
+/// before the switch (not an upgrade, no such instance, edge not connected) are
+/// ordinary HTTP errors.
+async fn upgrade_to_stream(
+    st: &HubState,
+    req: &mut Request,
+    what: &str,
+    purpose: StreamPurpose,
+) -> ApiResult<Response> {
+    let upgrade = take_upgrade(req, what)?;
+    let instance = match &purpose {
+        StreamPurpose::Exec { instance, .. }
+        | StreamPurpose::PortForward { instance, .. }
+        | StreamPurpose::Logs { instance, .. } => instance.clone(),
+    };
+    let inst = st.objects.get::<InstanceSpec>(&instance).await?;
+    let node = node_of(&inst, &format!("node to {what} on"))?;
+    let edge = crate::streams::open(st, &node, purpose).await?;
+    Ok(switch_to_stream(upgrade, edge, node))
+}
+
 /// Answer `101 Switching Protocols` and splice the upgraded connection to `edge`.
 fn switch_to_stream(
     upgrade: hyper::upgrade::OnUpgrade,
@@ -601,9 +623,6 @@ async fn exec(
         )
         .into());
     }
-    let upgrade = take_upgrade(&mut req, "exec")?;
-    let inst = st.objects.get::<InstanceSpec>(&name).await?;
-    let node = node_of(&inst, "processes to exec into")?;
     let purpose = StreamPurpose::Exec {
         instance: name,
         command,
@@ -611,8 +630,7 @@ async fn exec(
         cols: q.cols,
         rows: q.rows,
     };
-    let edge = crate::streams::open(&st, &node, purpose).await?;
-    Ok(switch_to_stream(upgrade, edge, node))
+    upgrade_to_stream(&st, &mut req, "exec", purpose).await
 }
 
 async fn port_forward(
@@ -626,15 +644,11 @@ async fn port_forward(
     if q.port == 0 {
         return Err(ApiError::new(ErrorCode::Invalid, "port: must be 1..65535").into());
     }
-    let upgrade = take_upgrade(&mut req, "port-forward")?;
-    let inst = st.objects.get::<InstanceSpec>(&name).await?;
-    let node = node_of(&inst, "ports")?;
     let purpose = StreamPurpose::PortForward {
         instance: name,
         port: q.port,
     };
-    let edge = crate::streams::open(&st, &node, purpose).await?;
-    Ok(switch_to_stream(upgrade, edge, node))
+    upgrade_to_stream(&st, &mut req, "port-forward", purpose).await
 }
 
 async fn tokens(State(st): State<Arc<HubState>>, p: Principal, body: Bytes) -> ApiResult<Response> {
