@@ -67,6 +67,31 @@ pub enum BenchCommand {
         #[arg(short, long, default_value = "text")]
         output: String,
     },
+    /// Port-forward against a direct connection, between real hosts: through the hub
+    /// of `--config` to INSTANCE's node, where `verge bench serve` listens on DIRECT.
+    Forward {
+        /// An instance on the node that runs `verge bench serve`.
+        instance: String,
+        /// `HOST:PORT` of `verge bench serve`, as this host reaches it directly; the
+        /// edge reaches the same port on its loopback.
+        #[arg(long)]
+        direct: std::net::SocketAddr,
+        /// MiB for throughput.
+        #[arg(long, default_value_t = 64)]
+        mib: usize,
+        /// Round trips for latency.
+        #[arg(long, default_value_t = 2000)]
+        requests: usize,
+        /// `json` for machines.
+        #[arg(short, long, default_value = "text")]
+        output: String,
+    },
+    /// The server side of `verge bench forward` (sink and echo on one port).
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:7480")]
+        listen: std::net::SocketAddr,
+    },
     /// Idle memory (RSS) of a hub and an edge agent, against a `sleep` process.
     Idle {
         /// How long to let them idle before sampling.
@@ -78,8 +103,8 @@ pub enum BenchCommand {
     },
 }
 
-/// Run a benchmark.
-pub fn run(cmd: BenchCommand) -> Result<()> {
+/// Run a benchmark. `config` is the CLI config (for benchmarks against a running hub).
+pub fn run(cmd: BenchCommand, config: Option<std::path::PathBuf>) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -91,6 +116,23 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             output,
         } => rt.block_on(store(writes, writers, &output)),
         BenchCommand::Idle { seconds, output } => rt.block_on(idle(seconds, &output)),
+        BenchCommand::Forward {
+            instance,
+            direct,
+            mib,
+            requests,
+            output,
+        } => rt.block_on(async {
+            let client = Arc::new(crate::client::Client::from_flag(config)?);
+            let report = forward_bench(client, &instance, direct, mib, requests).await?;
+            print_report(&report, &output)
+        }),
+        BenchCommand::Serve { listen } => rt.block_on(async {
+            let l = bench_server(listen).await?;
+            println!("bench server listening on {}", l.local_addr()?);
+            serve_bench(l).await;
+            Ok(())
+        }),
         BenchCommand::Channel {
             edges,
             per_edge,
@@ -491,36 +533,43 @@ pub struct ChannelBench {
     pub forward_requests: usize,
 }
 
-/// A loopback server: `sink` answers the byte count once the client half-closes,
-/// otherwise it echoes.
-async fn bench_server(sink: bool) -> Result<std::net::SocketAddr> {
+/// The bench server's listener.
+async fn bench_server(listen: std::net::SocketAddr) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))
+}
+
+/// The bench server: the client's first byte picks the mode. `S`: a sink that answers
+/// the byte count once the client half-closes; `E`: an echo.
+async fn serve_bench(l: tokio::net::TcpListener) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = l.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let _ = s.set_nodelay(true);
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 64 << 10];
-                let mut total = 0u64;
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) if sink => total += n as u64,
-                        Ok(n) => {
-                            if s.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
+    while let Ok((mut s, _)) = l.accept().await {
+        let _ = s.set_nodelay(true);
+        tokio::spawn(async move {
+            let mut mode = [0u8; 1];
+            if s.read_exact(&mut mode).await.is_err() {
+                return;
+            }
+            let sink = mode[0] == b'S';
+            let mut buf = vec![0u8; 64 << 10];
+            let mut total = 0u64;
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) if sink => total += n as u64,
+                    Ok(n) => {
+                        if s.write_all(&buf[..n]).await.is_err() {
+                            return;
                         }
                     }
                 }
-                if sink {
-                    let _ = s.write_all(&total.to_be_bytes()).await;
-                }
-            });
-        }
-    });
-    Ok(addr)
+            }
+            if sink {
+                let _ = s.write_all(&total.to_be_bytes()).await;
+            }
+        });
+    }
 }
 
 /// Send `mib` MiB to a sink at `addr`; the time until it confirms them all.
@@ -528,6 +577,7 @@ async fn throughput(addr: std::net::SocketAddr, mib: usize) -> Result<Duration> 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
+    s.write_all(b"S").await?;
     let chunk = vec![0x5au8; 64 << 10];
     let t = Instant::now();
     for _ in 0..mib * 16 {
@@ -548,6 +598,7 @@ async fn round_trips(addr: std::net::SocketAddr, n: usize) -> Result<Vec<Duratio
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
+    s.write_all(b"E").await?;
     let (req, mut resp) = ([7u8; 64], [0u8; 64]);
     let mut times = Vec::with_capacity(n);
     for _ in 0..n {
@@ -571,39 +622,39 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 /// Port-forward against direct loopback TCP, in the same run: throughput and
 /// request latency. The forwarded path is the operator's: a local listener (as
 /// `verge port-forward`), the hub, the edge's channel, the edge, the server.
+///
+/// `direct` is a bench server (`verge bench serve`) on the instance's node, which the
+/// edge reaches at `127.0.0.1:<its port>`.
 async fn forward_bench(
     client: Arc<crate::client::Client>,
     instance: &str,
+    direct: std::net::SocketAddr,
     mib: usize,
     requests: usize,
 ) -> Result<serde_json::Value> {
-    let (sink, echo) = (bench_server(true).await?, bench_server(false).await?);
-    let mut local = Vec::new();
-    for target in [sink, echo] {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let (c, inst) = (client.clone(), instance.to_string());
-        tokio::spawn(async move {
-            let r = crate::remote::port_forward(c, &inst, "127.0.0.1", (0, target.port()), |a| {
-                let _ = tx.send(a);
-            })
-            .await;
-            if let Err(e) = r {
-                eprintln!("bench channel: port-forward failed: {e:#}");
-            }
-        });
-        local.push(rx.await.context("port-forward listener")?);
-    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let inst = instance.to_string();
+    tokio::spawn(async move {
+        let r = crate::remote::port_forward(client, &inst, "127.0.0.1", (0, direct.port()), |a| {
+            let _ = tx.send(a);
+        })
+        .await;
+        if let Err(e) = r {
+            eprintln!("bench channel: port-forward failed: {e:#}");
+        }
+    });
+    let forwarded = rx.await.context("port-forward listener")?;
     // Warm up both paths (TLS sessions, QUIC streams, page cache), then measure.
-    round_trips(echo, 50).await?;
-    round_trips(local[1], 50).await?;
-    let direct_t = throughput(sink, mib).await?;
-    let forward_t = throughput(local[0], mib).await?;
-    let direct_rt = round_trips(echo, requests).await?;
-    let forward_rt = round_trips(local[1], requests).await?;
+    round_trips(direct, 50).await?;
+    round_trips(forwarded, 50).await?;
+    let direct_t = throughput(direct, mib).await?;
+    let forward_t = throughput(forwarded, mib).await?;
+    let direct_rt = round_trips(direct, requests).await?;
+    let forward_rt = round_trips(forwarded, requests).await?;
     let mut connects = Vec::new();
     for _ in 0..50 {
         let t = Instant::now();
-        round_trips(local[1], 1).await?;
+        round_trips(forwarded, 1).await?;
         connects.push(t.elapsed());
     }
     connects.sort();
@@ -674,9 +725,13 @@ pub async fn channel(b: ChannelBench, output: &str) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let client = Arc::new(client);
+    let server = bench_server(([127, 0, 0, 1], 0).into()).await?;
+    let direct = server.local_addr()?;
+    tokio::spawn(serve_bench(server));
     let mut forward = forward_bench(
         client.clone(),
         "forward-target",
+        direct,
         forward_mib,
         forward_requests,
     )

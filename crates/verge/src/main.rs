@@ -428,7 +428,7 @@ fn real_main() -> Result<()> {
         }
         Command::Bench { command } => {
             init_tracing("warn");
-            bench::run(command)
+            bench::run(command, args.config)
         }
         other => {
             init_tracing("warn");
