@@ -20,12 +20,15 @@ pub enum Form {
     /// A plain process on the node.
     #[default]
     Process,
+    /// A virtual machine (QEMU), outside the agent's lifetime.
+    Vm,
 }
 
 impl std::fmt::Display for Form {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Form::Process => "process",
+            Form::Vm => "vm",
         })
     }
 }
@@ -52,6 +55,9 @@ pub struct InstanceSpec {
     /// For `form: process`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process: Option<ProcessSpec>,
+    /// For `form: vm`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmSpec>,
     /// What the instance reserves on its node.
     #[serde(default)]
     pub resources: Resources,
@@ -73,6 +79,26 @@ pub struct InstanceSpec {
     /// channel.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub links: Vec<Link>,
+}
+
+/// A virtual machine to boot. Its vCPUs and memory come from `resources` (vCPUs: the
+/// CPU request rounded up to whole CPUs); its serial console is its log.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmSpec {
+    /// Kernel image to boot directly: an absolute path on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// Initial ramdisk for the kernel: an absolute path on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    /// Kernel command line (default `console=ttyS0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    /// Disk image (raw or qcow2) attached as a virtio disk; boots from it when no
+    /// kernel is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
 }
 
 /// A port an instance serves.
@@ -375,7 +401,65 @@ impl Kind for InstanceSpec {
     const PLURAL: &'static str = "instances";
 
     fn validate(&self, errs: &mut FieldErrors) {
+        if self.form != Form::Vm && self.vm.is_some() {
+            errs.push(
+                "spec.vm",
+                "",
+                format!(
+                    "is only for form 'vm' (this instance is form '{}')",
+                    self.form
+                ),
+            );
+        }
+        if self.form != Form::Process && self.process.is_some() {
+            errs.push(
+                "spec.process",
+                "",
+                format!(
+                    "is only for form 'process' (this instance is form '{}')",
+                    self.form
+                ),
+            );
+        }
         match self.form {
+            Form::Vm => match &self.vm {
+                None => errs.push(
+                    "spec.vm",
+                    "",
+                    "required when spec.form is 'vm'; set spec.vm.kernel (and initrd) or spec.vm.disk",
+                ),
+                Some(vm) => {
+                    if vm.kernel.is_none() && vm.disk.is_none() {
+                        errs.push(
+                            "spec.vm",
+                            "",
+                            "needs a kernel to boot (spec.vm.kernel) or a disk image (spec.vm.disk)",
+                        );
+                    }
+                    if vm.initrd.is_some() && vm.kernel.is_none() {
+                        errs.push(
+                            "spec.vm.initrd",
+                            vm.initrd.as_deref().unwrap_or(""),
+                            "an initrd needs spec.vm.kernel",
+                        );
+                    }
+                    for (field, path) in [
+                        ("spec.vm.kernel", &vm.kernel),
+                        ("spec.vm.initrd", &vm.initrd),
+                        ("spec.vm.disk", &vm.disk),
+                    ] {
+                        if let Some(p) = path
+                            && (!p.starts_with('/') || p.contains(','))
+                        {
+                            errs.push(
+                                field,
+                                p,
+                                "must be an absolute path on the node, without commas",
+                            );
+                        }
+                    }
+                }
+            },
             Form::Process => match &self.process {
                 None => errs.push(
                     "spec.process",

@@ -13,11 +13,11 @@ use crate::validate::{FieldError, FieldErrors};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Manifest {
     /// A Node.
-    Node(Node),
+    Node(Box<Node>),
     /// An Instance.
-    Instance(Instance),
+    Instance(Box<Instance>),
     /// A Region.
-    Region(Region),
+    Region(Box<Region>),
 }
 
 impl Manifest {

@@ -47,6 +47,9 @@ impl FakeRuntime {
 
 #[async_trait]
 impl Runtime for FakeRuntime {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
     async fn start(&self, w: &Workload) -> Result<Running, RuntimeError> {
         let pid = {
             let mut next = self.next_pid.lock().unwrap_or_else(|e| e.into_inner());

@@ -158,6 +158,8 @@ pub enum RuntimeError {
 /// One form of compute on a node.
 #[async_trait]
 pub trait Runtime: Send + Sync + 'static {
+    /// The driver's name, as written in the run records it makes.
+    fn name(&self) -> &'static str;
     /// Start the workload.
     async fn start(&self, workload: &Workload) -> Result<Running, RuntimeError>;
     /// Find a workload started earlier (possibly by a previous agent process) from its
@@ -170,6 +172,51 @@ pub trait Runtime: Send + Sync + 'static {
     fn exec_spec(&self, workload: &Workload, command: &[String]) -> Result<ExecSpec, RuntimeError> {
         let _ = (workload, command);
         Err(RuntimeError::NoExec(workload.spec().form.to_string()))
+    }
+}
+
+/// Every driver of a node: routes an instance to the driver of its form, and a run
+/// record to the driver that wrote it.
+#[derive(Default)]
+pub struct Drivers {
+    drivers: Vec<(verge_api::Form, std::sync::Arc<dyn Runtime>)>,
+}
+
+impl Drivers {
+    /// Add the driver for `form`.
+    pub fn with(mut self, form: verge_api::Form, driver: std::sync::Arc<dyn Runtime>) -> Self {
+        self.drivers.push((form, driver));
+        self
+    }
+
+    fn for_form(&self, form: verge_api::Form) -> Result<&dyn Runtime, RuntimeError> {
+        self.drivers
+            .iter()
+            .find(|(f, _)| *f == form)
+            .map(|(_, d)| d.as_ref())
+            .ok_or_else(|| RuntimeError::Unsupported(form.to_string()))
+    }
+}
+
+#[async_trait]
+impl Runtime for Drivers {
+    fn name(&self) -> &'static str {
+        "drivers"
+    }
+    async fn start(&self, w: &Workload) -> Result<Running, RuntimeError> {
+        self.for_form(w.spec().form)?.start(w).await
+    }
+    async fn adopt(&self, w: &Workload, record: &RunRecord) -> Option<Running> {
+        self.for_form(w.spec().form).ok()?.adopt(w, record).await
+    }
+    async fn stop(&self, record: &RunRecord, grace: Duration) -> Result<(), RuntimeError> {
+        match self.drivers.iter().find(|(_, d)| d.name() == record.driver) {
+            Some((_, d)) => d.stop(record, grace).await,
+            None => Err(RuntimeError::Unsupported(record.driver.clone())),
+        }
+    }
+    fn exec_spec(&self, w: &Workload, command: &[String]) -> Result<ExecSpec, RuntimeError> {
+        self.for_form(w.spec().form)?.exec_spec(w, command)
     }
 }
 

@@ -43,7 +43,8 @@ pub fn is_alive(record: &RunRecord) -> bool {
         && matches!(proc_stat(record.pid), Some((state, start)) if start == record.start_ticks && state != 'Z' && state != 'X')
 }
 
-fn rotate_log(path: &Path) -> std::io::Result<()> {
+/// Move a log over [`LOG_ROTATE_BYTES`] aside to `output.log.1` (at a (re)start).
+pub fn rotate_log(path: &Path) -> std::io::Result<()> {
     if let Ok(meta) = std::fs::metadata(path)
         && meta.len() > LOG_ROTATE_BYTES
     {
@@ -52,7 +53,9 @@ fn rotate_log(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn watch_by_polling(record: RunRecord) -> watch::Receiver<Option<Exit>> {
+/// Learn when a process that is not our child (adopted, or daemonized) ends, by
+/// polling `/proc`; its exit code is unknown.
+pub fn watch_by_polling(record: RunRecord) -> watch::Receiver<Option<Exit>> {
     let (tx, rx) = watch::channel(None);
     tokio::spawn(async move {
         while is_alive(&record) {
@@ -85,6 +88,9 @@ fn environment(w: &Workload, spec: &verge_api::ProcessSpec, argv: &[String]) -> 
 
 #[async_trait]
 impl Runtime for ProcessRuntime {
+    fn name(&self) -> &'static str {
+        DRIVER
+    }
     fn exec_spec(&self, w: &Workload, command: &[String]) -> Result<ExecSpec, RuntimeError> {
         match &w.spec().process {
             Some(spec) => Ok(environment(w, spec, command)),

@@ -411,7 +411,7 @@ fn real_main() -> Result<()> {
                         addresses,
                     },
                 };
-                let runtime = Arc::new(verge_runtime::process::ProcessRuntime);
+                let runtime = Arc::new(node_drivers());
                 verge_edge::run(config, runtime, shutdown_signal(), |m| {
                     println!(
                         "edge ready metrics={}",
@@ -435,6 +435,17 @@ fn real_main() -> Result<()> {
             cli_runtime()?.block_on(run_cli(args.config, other))
         }
     }
+}
+
+/// The drivers this build runs instances with, one per form.
+fn node_drivers() -> verge_runtime::Drivers {
+    let drivers = verge_runtime::Drivers::default().with(
+        verge_api::Form::Process,
+        Arc::new(verge_runtime::process::ProcessRuntime),
+    );
+    #[cfg(feature = "vm")]
+    let drivers = drivers.with(verge_api::Form::Vm, Arc::new(verge_vm::VmRuntime::detect()));
+    drivers
 }
 
 fn cli_runtime() -> Result<tokio::runtime::Runtime> {
