@@ -4,9 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages the tests use. The foundation needs only the Rust toolchain and a C
-# compiler (SQLite is built from source); later runtimes add runc, qemu, etcd-server...
-APT_PACKAGES=(gcc)
+# System packages the tests use: a C compiler (SQLite is built from source), QEMU and a
+# static busybox for the VM driver's tests (they boot a busybox initrd).
+APT_PACKAGES=(gcc qemu-system-x86 busybox-static)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -18,6 +18,19 @@ if ((${#missing[@]})); then
     echo "missing packages: ${missing[*]} (run as root to install them)" >&2
     exit 1
   fi
+fi
+
+# A kernel for the VM tests: Debian's cloud kernel, extracted from its package (not
+# installed: nothing on this machine boots it). Cached across runs.
+KERNEL_CACHE=/var/cache/verge-test
+if ! ls "$KERNEL_CACHE"/boot/vmlinuz-* >/dev/null 2>&1; then
+  mkdir -p "$KERNEL_CACHE"
+  kernel_pkg() { apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}'; }
+  pkg=$(kernel_pkg)
+  if [ -z "$pkg" ]; then apt-get update -qq && pkg=$(kernel_pkg); fi
+  (cd "$KERNEL_CACHE" && apt-get download -qq "$pkg" 2>/dev/null \
+    && dpkg-deb --fsys-tarfile "$pkg"_*.deb | tar -x --wildcards './boot/vmlinuz-*' \
+    && rm -f "$pkg"_*.deb)
 fi
 
 echo "== fmt"
