@@ -386,6 +386,19 @@ pub struct InstanceStatus {
     /// How the scheduler placed it (e.g. overflow to another region); set by the hub.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub placement: String,
+    /// What it uses on its node, as the node measures it (cgroups).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<ResourceUsage>,
+}
+
+/// Resources an instance uses, measured on its node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceUsage {
+    /// Average CPU over the last sampling interval.
+    pub cpu: Cpu,
+    /// Memory in use.
+    pub memory: Bytes,
 }
 
 fn is_zero(v: &u32) -> bool {

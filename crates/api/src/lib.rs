@@ -19,7 +19,7 @@ pub mod validate;
 pub use error::{ApiError, ErrorCode};
 pub use instance::{
     Form, Instance, InstancePhase, InstanceSpec, InstanceStatus, Link, PortSpec, ProcessSpec,
-    VmSpec,
+    ResourceUsage, VmSpec,
 };
 pub use manifest::{Manifest, parse_manifests};
 pub use meta::{API_VERSION, Kind, Object, ObjectMeta};

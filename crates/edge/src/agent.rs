@@ -36,6 +36,57 @@ struct Supervisor {
     task: JoinHandle<()>,
 }
 
+/// How often a running instance's usage is sampled from its cgroup.
+const USAGE_EVERY: Duration = Duration::from_secs(10);
+
+/// Turns cgroup counters into the usage an instance reports: CPU averaged over the
+/// interval. Reports only when the rounded value changes (to 1 MiB, 10m CPU), so an
+/// idle instance costs the channel little.
+#[derive(Default)]
+struct UsageSampler {
+    last: Option<(tokio::time::Instant, u64)>,
+    reported: Option<verge_api::ResourceUsage>,
+}
+
+impl UsageSampler {
+    fn sample(
+        &mut self,
+        cg: &verge_runtime::cgroup::InstanceCgroup,
+    ) -> Option<verge_api::ResourceUsage> {
+        let u = cg.usage();
+        let now = tokio::time::Instant::now();
+        let (then, usec) = self.last.replace((now, u.cpu_usec))?;
+        let wall = now.duration_since(then).as_micros().max(1) as u64;
+        let cpu = u.cpu_usec.saturating_sub(usec) * 1000 / wall;
+        let usage = verge_api::ResourceUsage {
+            cpu: verge_api::Cpu(cpu / 10 * 10),
+            memory: verge_api::Bytes(u.memory_bytes >> 20 << 20),
+        };
+        (self.reported.as_ref() != Some(&usage)).then(|| {
+            self.reported = Some(usage.clone());
+            usage
+        })
+    }
+}
+
+/// An instance's share of the node, given back when its supervisor ends.
+struct Admission<'a> {
+    agent: &'a Agent,
+    name: &'a str,
+}
+
+impl Admission<'_> {
+    fn admitted(&self) -> bool {
+        self.agent.resources.is_admitted(self.name)
+    }
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        self.agent.resources.release(self.name);
+    }
+}
+
 /// The agent's shared state.
 pub struct Agent {
     dir: PathBuf,
@@ -50,6 +101,8 @@ pub struct Agent {
     reconcile_kick: Notify,
     /// Listeners for the instances' links to other instances.
     pub links: crate::links::Links,
+    /// The node's account of resources, and the cgroups that enforce it.
+    pub resources: crate::resources::ResourceManager,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -58,7 +111,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Agent {
     /// Load the cache from `dir` and prepare (nothing runs until [`Agent::reconciler`]).
-    pub fn new(dir: PathBuf, runtime: Arc<dyn Runtime>) -> Result<Arc<Self>, EdgeError> {
+    pub fn new(
+        dir: PathBuf,
+        runtime: Arc<dyn Runtime>,
+        resources: crate::resources::ResourceManager,
+    ) -> Result<Arc<Self>, EdgeError> {
         let desired = Desired::load(&dir)?;
         Ok(Arc::new(Self {
             dir,
@@ -71,6 +128,7 @@ impl Agent {
             outbox: Notify::new(),
             reconcile_kick: Notify::new(),
             links: Default::default(),
+            resources,
         }))
     }
 
@@ -198,6 +256,7 @@ impl Agent {
         let workload = Workload {
             instance,
             dir: files::instance_dir(&self.dir, name),
+            cgroup: None,
         };
         self.runtime
             .exec_spec(&workload, command)
@@ -294,9 +353,16 @@ impl Agent {
         let policy = inst.spec.restart_policy;
         let grace = Duration::from_secs(inst.spec.termination_grace_period_seconds as u64);
         let dir = files::instance_dir(&self.dir, &name);
-        let workload = Workload {
+        let overhead = self.runtime.memory_overhead(&inst.spec);
+        let mut workload = Workload {
             instance: inst,
             dir: dir.clone(),
+            cgroup: None,
+        };
+        // Released (and the cgroup removed) however this supervisor ends.
+        let admission = Admission {
+            agent: &self,
+            name: &name,
         };
         let mut restarts = lock(&self.statuses)
             .get(&name)
@@ -309,6 +375,14 @@ impl Agent {
                 let adopted = self.runtime.adopt(&workload, &rec).await;
                 if adopted.is_some() {
                     tracing::info!(instance = %name, pid = rec.pid, "re-adopted running workload");
+                    // It runs already: account for it as it is.
+                    workload.cgroup = self
+                        .resources
+                        .admit(&workload.instance, overhead, true)
+                        .unwrap_or_else(|e| {
+                            tracing::warn!(instance = %name, error = %e, "could not account a re-adopted workload");
+                            None
+                        });
                 } else {
                     files::clear_record(&dir);
                 }
@@ -323,6 +397,22 @@ impl Agent {
             let mut run = match running.take() {
                 Some(r) => r,
                 None => {
+                    if !admission.admitted() {
+                        match self.resources.admit(&workload.instance, overhead, false) {
+                            Ok(cg) => workload.cgroup = cg,
+                            Err(why) => {
+                                tracing::warn!(instance = %name, reason = %why, "instance refused by the node");
+                                self.set_status(&name, &uid, |s| {
+                                    s.phase = InstancePhase::Failed;
+                                    s.message = why.clone();
+                                    s.pid = None;
+                                    s.observed_generation = generation;
+                                });
+                                let _ = stop.wait_for(|s| *s).await;
+                                return;
+                            }
+                        }
+                    }
                     self.set_status(&name, &uid, |s| {
                         s.phase = InstancePhase::Starting;
                         s.observed_generation = generation;
@@ -372,9 +462,19 @@ impl Agent {
                 s.observed_generation = generation;
             });
             let began = tokio::time::Instant::now();
-            let exit = tokio::select! {
-                exit = run.wait() => Some(exit),
-                _ = stop.wait_for(|s| *s) => None,
+            let oom_before = workload.cgroup.as_ref().map_or(0, |c| c.usage().oom_kills);
+            let mut sampler = UsageSampler::default();
+            let mut sample_tick = tokio::time::interval(USAGE_EVERY);
+            let exit = loop {
+                tokio::select! {
+                    exit = run.wait() => break Some(exit),
+                    _ = stop.wait_for(|s| *s) => break None,
+                    _ = sample_tick.tick() => {
+                        if let Some(usage) = workload.cgroup.as_ref().and_then(|c| sampler.sample(c)) {
+                            self.set_status(&name, &uid, |s| s.usage = Some(usage.clone()));
+                        }
+                    }
+                }
             };
             let Some(exit) = exit else {
                 if let Err(e) = self.runtime.stop(&run.record, grace).await {
@@ -385,6 +485,17 @@ impl Agent {
                 return;
             };
             files::clear_record(&dir);
+            let oom = workload
+                .cgroup
+                .as_ref()
+                .is_some_and(|c| c.usage().oom_kills > oom_before);
+            let why = match (&workload.cgroup, oom) {
+                (Some(c), true) => format!(
+                    "{exit}: out of memory (the instance's limit is {})",
+                    verge_api::Bytes(c.limits.memory_bytes)
+                ),
+                _ => exit.to_string(),
+            };
             let restart = match policy {
                 RestartPolicy::Always => true,
                 RestartPolicy::OnFailure => !exit.success(),
@@ -400,7 +511,8 @@ impl Agent {
                     };
                     s.exit_code = exit.code();
                     s.pid = None;
-                    s.message = exit.to_string();
+                    s.usage = None;
+                    s.message = why.clone();
                 });
                 let _ = stop.wait_for(|s| *s).await;
                 return;
@@ -414,7 +526,8 @@ impl Agent {
                 s.exit_code = exit.code();
                 s.pid = None;
                 s.restarts = restarts;
-                s.message = format!("{exit}; restarting in {}s", backoff.as_secs());
+                s.usage = None;
+                s.message = format!("{why}; restarting in {}s", backoff.as_secs());
             });
             if wait_or_stop(&mut stop, backoff).await {
                 return;

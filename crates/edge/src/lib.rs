@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod files;
 pub mod links;
+pub mod resources;
 pub mod session;
 pub mod streams;
 pub mod sysinfo;
@@ -276,7 +277,13 @@ pub async fn run(
     }
     let dir = config.data_dir.clone();
     std::fs::create_dir_all(&dir).map_err(|e| EdgeError::file(&dir, e))?;
-    let agent = Agent::new(dir.clone(), runtime)?;
+    let facts = sysinfo::node_status(&dir, &config.capacity, AGENT_VERSION);
+    let resources = resources::ResourceManager::new(
+        facts.allocatable.cpu,
+        facts.allocatable.memory,
+        verge_runtime::cgroup::Cgroups::detect(&format!("verge-{}", config.name)),
+    );
+    let agent = Agent::new(dir.clone(), runtime, resources)?;
     // Autonomy first: run what the cache says before talking to anyone.
     tokio::spawn(agent.clone().reconciler());
 

@@ -12,6 +12,7 @@
 //!
 //! A runtime never talks to the hub and never decides about restarts.
 
+pub mod cgroup;
 pub mod fake;
 pub mod process;
 
@@ -30,6 +31,8 @@ pub struct Workload {
     pub instance: Instance,
     /// A directory owned by this instance on the node (working dir, logs).
     pub dir: PathBuf,
+    /// The cgroup the workload must start in (set by the node's Resource Manager).
+    pub cgroup: Option<cgroup::InstanceCgroup>,
 }
 
 impl Workload {
@@ -44,6 +47,13 @@ impl Workload {
     /// Where the workload's combined stdout and stderr go.
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("output.log")
+    }
+    /// `argv` as the workload must run it: inside its cgroup when it has one.
+    pub fn confined(&self, argv: &[String]) -> Vec<String> {
+        match &self.cgroup {
+            Some(cg) => cg.wrap(argv),
+            None => argv.to_vec(),
+        }
     }
 }
 
@@ -167,6 +177,12 @@ pub trait Runtime: Send + Sync + 'static {
     async fn adopt(&self, workload: &Workload, record: &RunRecord) -> Option<Running>;
     /// Stop it: ask politely, wait up to `grace`, then force.
     async fn stop(&self, record: &RunRecord, grace: Duration) -> Result<(), RuntimeError>;
+    /// Memory the driver itself uses per workload on top of the instance's request
+    /// (QEMU's own process for a VM), which the node accounts and limits too.
+    fn memory_overhead(&self, spec: &InstanceSpec) -> u64 {
+        let _ = spec;
+        0
+    }
     /// How to run `command` inside the workload's environment (`verge exec`). The
     /// agent runs it; the driver says where and how.
     fn exec_spec(&self, workload: &Workload, command: &[String]) -> Result<ExecSpec, RuntimeError> {
@@ -217,6 +233,10 @@ impl Runtime for Drivers {
     }
     fn exec_spec(&self, w: &Workload, command: &[String]) -> Result<ExecSpec, RuntimeError> {
         self.for_form(w.spec().form)?.exec_spec(w, command)
+    }
+    fn memory_overhead(&self, spec: &InstanceSpec) -> u64 {
+        self.for_form(spec.form)
+            .map_or(0, |d| d.memory_overhead(spec))
     }
 }
 

@@ -117,8 +117,9 @@ impl Runtime for ProcessRuntime {
         let log2 = log.try_clone().map_err(dir_err)?;
         let program = &spec.command[0];
         let run = environment(w, spec, &spec.command);
-        let mut cmd = tokio::process::Command::new(program);
-        cmd.args(&spec.command[1..])
+        let argv = w.confined(&spec.command);
+        let mut cmd = tokio::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..])
             .envs(&run.env)
             .current_dir(&run.cwd)
             .stdin(std::process::Stdio::null())
@@ -208,6 +209,7 @@ mod tests {
         Workload {
             instance: Instance::new("t", spec),
             dir: dir.join("t"),
+            cgroup: None,
         }
     }
 

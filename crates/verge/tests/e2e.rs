@@ -322,30 +322,6 @@ fn admin_token(hub: &Hub) -> String {
         .to_string()
 }
 
-fn api_client(hub: &Hub, identity: Option<&std::path::Path>) -> reqwest::Client {
-    verge_tunnel::install_crypto_provider();
-    let conf = std::fs::read_to_string(hub.admin_conf()).expect("conf");
-    let ca_dir = hub.dir.join("hub").join("ca.crt");
-    let ca = std::fs::read_to_string(ca_dir).expect("ca");
-    let _ = conf;
-    let id = identity.map(|dir| {
-        (
-            std::fs::read_to_string(dir.join("identity/node.crt")).expect("crt"),
-            std::fs::read_to_string(dir.join("identity/node.key")).expect("key"),
-        )
-    });
-    let cfg = verge_tunnel::tls::client_config(
-        &ca,
-        id.as_ref().map(|(c, k)| (c.as_str(), k.as_str())),
-        &[b"http/1.1"],
-    )
-    .expect("tls");
-    reqwest::Client::builder()
-        .tls_backend_preconfigured((*cfg).clone())
-        .build()
-        .expect("client")
-}
-
 #[test]
 fn requests_without_valid_credentials_or_for_other_nodes_are_refused() {
     let d = tmp();

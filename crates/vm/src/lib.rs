@@ -27,6 +27,8 @@ use verge_runtime::process::{is_alive, proc_stat, rotate_log, watch_by_polling};
 use verge_runtime::{RunRecord, Running, Runtime, RuntimeError, Workload};
 
 const DRIVER: &str = "vm";
+/// QEMU's own memory beside the guest's RAM (device models, TCG translation cache).
+pub const QEMU_OVERHEAD: u64 = 96 << 20;
 
 /// Runs `form: vm` instances with QEMU.
 #[derive(Debug, Clone)]
@@ -79,7 +81,8 @@ pub fn qemu_args(spec: &InstanceSpec, vm: &VmSpec, dir: &Path, kvm: bool) -> Vec
     if kvm {
         push(&["-accel", "kvm"]);
     }
-    push(&["-accel", "tcg"]);
+    // A bounded translation cache keeps QEMU inside its memory limit under TCG.
+    push(&["-accel", "tcg,tb-size=64"]);
     let smp = vcpus(spec.resources.cpu.0).to_string();
     let mem = format!("{}M", (spec.resources.memory.0 >> 20).max(16));
     push(&["-smp", &smp, "-m", &mem]);
@@ -119,6 +122,10 @@ impl Runtime for VmRuntime {
         DRIVER
     }
 
+    fn memory_overhead(&self, _spec: &InstanceSpec) -> u64 {
+        QEMU_OVERHEAD
+    }
+
     async fn start(&self, w: &Workload) -> Result<Running, RuntimeError> {
         let Some(vm) = &w.spec().vm else {
             return Err(RuntimeError::Unsupported(w.spec().form.to_string()));
@@ -138,10 +145,13 @@ impl Runtime for VmRuntime {
         };
         // With -daemonize QEMU returns once the VM is set up (or failed to be), and the
         // VM process is no child of ours: it outlives the agent.
-        let out = tokio::process::Command::new(&self.qemu)
-            .args(&args)
-            .arg("-name")
-            .arg(format!("verge-{}", w.name()))
+        let mut argv = vec![self.qemu.display().to_string()];
+        argv.extend(args);
+        argv.extend(["-name".to_string(), format!("verge-{}", w.name())]);
+        // The daemonized QEMU is forked from this process, so it stays in the cgroup.
+        let argv = w.confined(&argv);
+        let out = tokio::process::Command::new(&argv[0])
+            .args(&argv[1..])
             .stdin(std::process::Stdio::null())
             .output()
             .await
@@ -280,7 +290,7 @@ mod tests {
         assert!(
             qemu_args(&spec, &vm, Path::new("/d"), true)
                 .join(" ")
-                .contains("-accel kvm -accel tcg")
+                .contains("-accel kvm -accel tcg,tb-size=64")
         );
         assert_eq!(vcpus(0), 1);
         assert_eq!(vcpus(1000), 1);

@@ -47,6 +47,7 @@ async fn boots_to_the_marker_survives_a_new_driver_and_stops() {
     let w = Workload {
         instance: Instance::new("vm-1", spec),
         dir: dir.path().join("vm-1"),
+        cgroup: None,
     };
     let driver = VmRuntime::detect();
     let running = driver.start(&w).await.expect("start");

@@ -434,3 +434,47 @@ impl Drop for TestDir {
 pub fn test_dir() -> TestDir {
     TestDir(tempfile::tempdir().expect("tempdir"))
 }
+
+/// An HTTP client for the hub's API, trusting its CA; with `identity` (an edge's data
+/// dir) it presents that node's certificate.
+pub fn api_client(hub: &Hub, identity: Option<&std::path::Path>) -> reqwest::Client {
+    verge_tunnel::install_crypto_provider();
+    let ca_dir = hub.dir.join("hub").join("ca.crt");
+    let ca = std::fs::read_to_string(ca_dir).expect("ca");
+    let id = identity.map(|dir| {
+        (
+            std::fs::read_to_string(dir.join("identity/node.crt")).expect("crt"),
+            std::fs::read_to_string(dir.join("identity/node.key")).expect("key"),
+        )
+    });
+    let cfg = verge_tunnel::tls::client_config(
+        &ca,
+        id.as_ref().map(|(c, k)| (c.as_str(), k.as_str())),
+        &[b"http/1.1"],
+    )
+    .expect("tls");
+    reqwest::Client::builder()
+        .tls_backend_preconfigured((*cfg).clone())
+        .build()
+        .expect("client")
+}
+
+/// `PUT /v1/instances/NAME/status` as the admin (what a hub's scheduler would write).
+pub fn put_instance_status(hub: &Hub, name: &str, status: serde_json::Value) -> u16 {
+    let conf = verge_hub::ClientConfig::load(&hub.admin_conf()).expect("admin.conf");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async {
+        api_client(hub, None)
+            .put(format!("{}/v1/instances/{name}/status", hub.url))
+            .bearer_auth(conf.token)
+            .json(&serde_json::json!({ "status": status }))
+            .send()
+            .await
+            .expect("send")
+            .status()
+            .as_u16()
+    })
+}
