@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages the tests use: a C compiler (SQLite is built from source), QEMU and a
-# static busybox for the VM driver's tests (they boot a busybox initrd).
-APT_PACKAGES=(gcc qemu-system-x86 busybox-static)
+# static busybox for the VM driver's tests (they boot a busybox initrd), runc and
+# Debian's OCI registry for the container driver's (busybox again, as an image).
+APT_PACKAGES=(gcc qemu-system-x86 busybox-static runc docker-registry)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -22,6 +22,8 @@ pub enum Form {
     Process,
     /// A virtual machine (QEMU), outside the agent's lifetime.
     Vm,
+    /// An OCI container (runc), from an image in a registry.
+    Container,
 }
 
 impl std::fmt::Display for Form {
@@ -29,6 +31,7 @@ impl std::fmt::Display for Form {
         f.write_str(match self {
             Form::Process => "process",
             Form::Vm => "vm",
+            Form::Container => "container",
         })
     }
 }
@@ -58,6 +61,9 @@ pub struct InstanceSpec {
     /// For `form: vm`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<VmSpec>,
+    /// For `form: container`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerSpec>,
     /// What the instance reserves on its node.
     #[serde(default)]
     pub resources: Resources,
@@ -99,6 +105,21 @@ pub struct VmSpec {
     /// kernel is given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<String>,
+}
+
+/// A container to run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ContainerSpec {
+    /// Image reference, e.g. `registry.example:5000/tools/busybox:1.36` or pinned by
+    /// digest (`...@sha256:...`).
+    pub image: String,
+    /// Replaces the image's entrypoint and command.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// Extra environment variables (over the image's).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
 }
 
 /// A port an instance serves.
@@ -424,6 +445,16 @@ impl Kind for InstanceSpec {
                 ),
             );
         }
+        if self.form != Form::Container && self.container.is_some() {
+            errs.push(
+                "spec.container",
+                "",
+                format!(
+                    "is only for form 'container' (this instance is form '{}')",
+                    self.form
+                ),
+            );
+        }
         if self.form != Form::Process && self.process.is_some() {
             errs.push(
                 "spec.process",
@@ -435,6 +466,31 @@ impl Kind for InstanceSpec {
             );
         }
         match self.form {
+            Form::Container => match &self.container {
+                None => errs.push(
+                    "spec.container",
+                    "",
+                    "required when spec.form is 'container'; set spec.container.image, e.g. registry.example:5000/busybox:1.36",
+                ),
+                Some(c) => {
+                    if c.image.trim().is_empty() || c.image.contains(char::is_whitespace) {
+                        errs.push(
+                            "spec.container.image",
+                            &c.image,
+                            "must be an image reference like registry.example:5000/busybox:1.36",
+                        );
+                    }
+                    for k in c.env.keys() {
+                        if k.is_empty() || k.contains('=') || k.contains('\0') {
+                            errs.push(
+                                format!("spec.container.env[{k}]"),
+                                k,
+                                "environment variable names must be non-empty and contain no '=' or NUL",
+                            );
+                        }
+                    }
+                }
+            },
             Form::Vm => match &self.vm {
                 None => errs.push(
                     "spec.vm",

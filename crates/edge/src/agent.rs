@@ -485,10 +485,11 @@ impl Agent {
                 return;
             };
             files::clear_record(&dir);
-            let oom = workload
-                .cgroup
-                .as_ref()
-                .is_some_and(|c| c.usage().oom_kills > oom_before);
+            let oom = exit == verge_runtime::Exit::OutOfMemory
+                || workload
+                    .cgroup
+                    .as_ref()
+                    .is_some_and(|c| c.usage().oom_kills > oom_before);
             let why = match (&workload.cgroup, oom) {
                 (Some(c), true) => format!(
                     "{exit}: out of memory (the instance's limit is {})",

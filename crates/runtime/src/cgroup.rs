@@ -84,6 +84,23 @@ fn read_u64(path: &Path) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
+/// OOM kills in a v1 memory group and every group below it: v1 counts a kill only in
+/// the group of the process killed, which for a container is runc's group inside the
+/// instance's.
+fn oom_kills_v1(dir: &Path) -> u64 {
+    let own = keyed(&dir.join("memory.oom_control"), "oom_kill ").unwrap_or(0);
+    let below: u64 = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| oom_kills_v1(&e.path()))
+                .sum()
+        })
+        .unwrap_or(0);
+    own + below
+}
+
 /// `key value` lines (`memory.events`, `cpu.stat`, `memory.oom_control`).
 fn keyed(path: &Path, key: &str) -> Option<u64> {
     std::fs::read_to_string(path)
@@ -226,6 +243,18 @@ impl InstanceCgroup {
         out
     }
 
+    /// The group's path below its hierarchy's mount point (for v1, the memory tree's),
+    /// as an OCI runtime's `cgroupsPath` names it.
+    pub fn hierarchy_path(&self) -> String {
+        let d = &self.dirs[0];
+        let mount = if self.v2 {
+            Path::new("/sys/fs/cgroup")
+        } else {
+            Path::new("/sys/fs/cgroup/memory")
+        };
+        format!("/{}", d.strip_prefix(mount).unwrap_or(d).display())
+    }
+
     /// What the group has used.
     pub fn usage(&self) -> Usage {
         let d = &self.dirs;
@@ -240,9 +269,7 @@ impl InstanceCgroup {
             Usage {
                 memory_bytes: read_u64(&d[0].join("memory.usage_in_bytes")).unwrap_or(0),
                 cpu_usec: read_u64(&acct.join("cpuacct.usage")).unwrap_or(0) / 1000,
-                oom_kills: keyed(&d[0].join("memory.oom_control"), "oom_kill ")
-                    .or_else(|| read_u64(&d[0].join("memory.failcnt")).map(|f| u64::from(f > 0)))
-                    .unwrap_or(0),
+                oom_kills: oom_kills_v1(&d[0]),
             }
         }
     }

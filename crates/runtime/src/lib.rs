@@ -82,6 +82,9 @@ pub enum Exit {
     Signal(i32),
     /// Ended while no agent was watching; the code is unknown.
     Unknown,
+    /// Killed by the kernel because its cgroup ran out of memory (as its driver saw
+    /// before cleaning up).
+    OutOfMemory,
 }
 
 impl Exit {
@@ -94,6 +97,7 @@ impl Exit {
         match self {
             Exit::Code(c) => Some(*c),
             Exit::Signal(s) => Some(128 + s),
+            Exit::OutOfMemory => Some(128 + 9),
             Exit::Unknown => None,
         }
     }
@@ -104,7 +108,11 @@ impl std::fmt::Display for Exit {
         match self {
             Exit::Code(c) => write!(f, "exited with code {c}"),
             Exit::Signal(s) => write!(f, "killed by signal {s}"),
-            Exit::Unknown => write!(f, "exited while the agent was not watching (code unknown)"),
+            Exit::OutOfMemory => write!(f, "killed by signal 9"),
+            Exit::Unknown => write!(
+                f,
+                "exited (exit code unknown: the workload is not the agent's child)"
+            ),
         }
     }
 }

@@ -101,6 +101,10 @@ enum Command {
         /// Public addresses this node can hand out.
         #[arg(long, default_value_t = 0)]
         addresses: u64,
+        /// An OCI registry (HOST:PORT) to pull images from over plain HTTP instead of
+        /// HTTPS, e.g. one on loopback or on the site's own network (repeatable).
+        #[arg(long = "plain-http-registry")]
+        plain_http_registries: Vec<String>,
     },
     /// All in one: a hub and three edges on this machine, with the samples applied.
     Dev(dev::DevArgs),
@@ -382,6 +386,7 @@ fn real_main() -> Result<()> {
             asics,
             bandwidth_mbps,
             addresses,
+            plain_http_registries,
         } => {
             init_tracing("info");
             if !verge_api::validate::is_dns_label(&name) {
@@ -393,6 +398,9 @@ fn real_main() -> Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
+            // Before the drivers: the image client needs the crypto provider.
+            verge_tunnel::install_crypto_provider();
+            let runtime = Arc::new(node_drivers(&data_dir, plain_http_registries));
             rt.block_on(async {
                 let config = verge_edge::EdgeConfig {
                     hubs,
@@ -411,7 +419,6 @@ fn real_main() -> Result<()> {
                         addresses,
                     },
                 };
-                let runtime = Arc::new(node_drivers());
                 verge_edge::run(config, runtime, shutdown_signal(), |m| {
                     println!(
                         "edge ready metrics={}",
@@ -438,13 +445,19 @@ fn real_main() -> Result<()> {
 }
 
 /// The drivers this build runs instances with, one per form.
-fn node_drivers() -> verge_runtime::Drivers {
+#[allow(unused_variables)]
+fn node_drivers(data_dir: &std::path::Path, plain_http: Vec<String>) -> verge_runtime::Drivers {
     let drivers = verge_runtime::Drivers::default().with(
         verge_api::Form::Process,
         Arc::new(verge_runtime::process::ProcessRuntime),
     );
     #[cfg(feature = "vm")]
     let drivers = drivers.with(verge_api::Form::Vm, Arc::new(verge_vm::VmRuntime::detect()));
+    #[cfg(feature = "container")]
+    let drivers = drivers.with(
+        verge_api::Form::Container,
+        Arc::new(verge_container::ContainerRuntime::new(data_dir, plain_http)),
+    );
     drivers
 }
 

@@ -1,0 +1,194 @@
+//! `form: container` end to end with the real things: Debian's `docker-registry` on
+//! loopback as the OCI registry (the test pushes a small image it builds from
+//! busybox-static), `runc`, and a real hub and edge. Create, Running, logs, exec (its
+//! own network namespace), an agent restart that leaves the container running and
+//! re-adopted, a restart from the node's cache with the registry gone, memory limits,
+//! delete.
+
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(60);
+
+/// `docker-registry` on a free loopback port, stopped on drop.
+struct Registry {
+    proc: Proc,
+    addr: String,
+}
+
+impl Registry {
+    fn start(dir: &std::path::Path) -> Registry {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                dir.join("registry-data").display()
+            ),
+        )
+        .expect("config");
+        let log = dir.join("registry.log");
+        let child = std::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::fs::File::create(&log).expect("log"))
+            .stderr(std::fs::File::create(dir.join("registry.err")).expect("log"))
+            .spawn()
+            .expect("docker-registry (apt-get install docker-registry)");
+        let r = Registry {
+            proc: Proc { child, log },
+            addr,
+        };
+        wait_for("the registry", T, || {
+            std::net::TcpStream::connect(&r.addr).ok()
+        });
+        r
+    }
+}
+
+/// Build a busybox image and push it to `reference`.
+fn push_busybox(reference: &str, registry: &str) {
+    let busybox =
+        std::fs::read("/bin/busybox").expect("/bin/busybox (apt-get install busybox-static)");
+    let layer = verge_container::image::layer_tar_gz(
+        &[("bin/busybox", 0o755, &busybox)],
+        &[
+            ("bin/sh", "busybox"),
+            ("bin/sleep", "busybox"),
+            ("bin/head", "busybox"),
+            ("bin/tr", "busybox"),
+            ("bin/hostname", "busybox"),
+        ],
+    );
+    verge_tunnel::install_crypto_provider();
+    let store = verge_container::image::ImageStore::new(
+        tempfile::tempdir().expect("tmp").keep(),
+        vec![registry.to_string()],
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(store.push(
+        reference,
+        layer,
+        serde_json::json!({"Cmd": ["/bin/sh", "-c", "echo from image cmd"], "Env": ["PATH=/bin"]}),
+    ))
+    .expect("push");
+}
+
+fn container(name: &str, image: &str, memory: &str, script: &str, extra: &str) -> String {
+    format!(
+        "kind: Instance\nmetadata: {{name: {name}}}\nspec:\n  form: container\n  container:\n    image: {image}\n    command: [/bin/sh, -c, '{script}']\n  resources: {{cpu: 500m, memory: {memory}}}\n  terminationGracePeriodSeconds: 2\n{extra}"
+    )
+}
+
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+#[test]
+fn a_container_from_a_registry_runs_survives_the_agent_and_restarts_offline() {
+    let d = test_dir();
+    let mut registry = Registry::start(d.path());
+    let image = format!("{}/verge/busybox:1", registry.addr);
+    push_busybox(&image, &registry.addr);
+
+    let hub = Hub::start(d.path());
+    let edge_args = ["--plain-http-registry", registry.addr.as_str()];
+    let dir = d.path().join("ctr-node");
+    let edge = Edge::start_with(&hub.url, "ctr-node", Some(&hub.token(1)), &dir, &edge_args);
+    let m = unique("ctr");
+    let web = container(
+        "web",
+        &image,
+        "64Mi",
+        &format!("echo {m} up in $(hostname); while :; do sleep 1; done"),
+        "",
+    );
+    let out = hub.apply(&web);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pid = hub.wait_phase("instances", "web", "Running", T)["status"]["pid"]
+        .as_u64()
+        .expect("pid");
+    wait_for("the container's output", T, || {
+        hub.ok(&["logs", "web"])
+            .contains(&format!("{m} up in web"))
+            .then_some(())
+    });
+    // Its own network namespace: only a loopback interface in there.
+    let links = hub.ok(&["exec", "web", "--", "/bin/busybox", "ip", "-o", "link"]);
+    assert!(links.contains("lo:") && !links.contains("eth0"), "{links}");
+
+    // The agent dies and comes back: the container ran on and is adopted.
+    let mut edge = edge;
+    edge.proc.kill();
+    assert!(alive(pid), "the container outlives the agent");
+    let edge = Edge::start_with(&hub.url, "ctr-node", None, &dir, &edge_args);
+    wait_for("re-adoption", T, || {
+        edge.proc
+            .log_text()
+            .contains("re-adopted running workload")
+            .then_some(())
+    });
+    let again = hub.wait_phase("instances", "web", "Running", T);
+    assert_eq!(again["status"]["pid"].as_u64(), Some(pid), "{again}");
+
+    // The registry goes away: a new container of the same image starts from the cache.
+    registry.proc.kill();
+    let cached = container("cached", &image, "64Mi", "echo from cache; sleep 600", "");
+    assert!(hub.apply(&cached).status.success());
+    hub.wait_phase("instances", "cached", "Running", T);
+    wait_for("output from the cached image", T, || {
+        hub.ok(&["logs", "cached"])
+            .contains("from cache")
+            .then_some(())
+    });
+
+    // Limits hold: 32 MiB allowed, 100 MB wanted.
+    let hog = container(
+        "hog",
+        &image,
+        "32Mi",
+        "x=$(head -c 100000000 /dev/zero | tr \"\\\\0\" a); sleep 60",
+        "  restartPolicy: Never\n",
+    );
+    assert!(hub.apply(&hog).status.success());
+    let failed = hub.wait_phase("instances", "hog", "Failed", T);
+    assert!(
+        failed["status"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("out of memory")),
+        "{failed}\n{}",
+        hub.ok(&["logs", "hog"])
+    );
+
+    for n in ["web", "cached", "hog"] {
+        hub.ok(&["delete", "instance", n]);
+    }
+    wait_for("the container to stop", T, || (!alive(pid)).then_some(()));
+    // Nothing is left mounted or registered with runc.
+    let root = d.path().display().to_string();
+    wait_for("the containers' roots to be unmounted", T, || {
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        (!mounts.contains(&root)).then_some(())
+    });
+    drop(edge);
+}
