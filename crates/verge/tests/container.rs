@@ -133,6 +133,21 @@ fn a_container_from_a_registry_runs_survives_the_agent_and_restarts_offline() {
             .contains(&format!("{m} up in web"))
             .then_some(())
     });
+    // The example, pointed at this registry.
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/runtimes/container-busybox.yaml"
+    );
+    let example = std::fs::read_to_string(example)
+        .expect("example")
+        .replace("127.0.0.1:5000", &registry.addr);
+    assert!(hub.apply(&example).status.success());
+    hub.wait_phase("instances", "busybox-web", "Running", T);
+    wait_for("the example's output", T, || {
+        hub.ok(&["logs", "busybox-web"])
+            .contains("container up in busybox-web")
+            .then_some(())
+    });
     // Its own network namespace: only a loopback interface in there.
     let links = hub.ok(&["exec", "web", "--", "/bin/busybox", "ip", "-o", "link"]);
     assert!(links.contains("lo:") && !links.contains("eth0"), "{links}");
@@ -180,7 +195,7 @@ fn a_container_from_a_registry_runs_survives_the_agent_and_restarts_offline() {
         hub.ok(&["logs", "hog"])
     );
 
-    for n in ["web", "cached", "hog"] {
+    for n in ["web", "cached", "hog", "busybox-web"] {
         hub.ok(&["delete", "instance", n]);
     }
     wait_for("the container to stop", T, || (!alive(pid)).then_some(()));

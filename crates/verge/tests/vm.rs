@@ -31,11 +31,21 @@ fn a_vm_boots_to_its_marker_outlives_the_agent_and_is_reattached() {
     let initrd = d.path().join("initrd.cpio");
     verge_vm::images::busybox_initrd(&initrd, &verge_vm::images::marker_init("VERGE-VM-UP"))
         .expect("initrd");
-    let manifest = format!(
-        "kind: Instance\nmetadata: {{name: tiny-vm}}\nspec:\n  form: vm\n  vm:\n    kernel: {}\n    initrd: {}\n    cmdline: console=ttyS0 quiet panic=-1\n  resources: {{cpu: '1', memory: 128Mi}}\n  terminationGracePeriodSeconds: 1\n",
-        kernel.display(),
-        initrd.display()
+    // The example, with this machine's kernel and the initrd built above.
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/runtimes/vm-busybox.yaml"
     );
+    let manifest = std::fs::read_to_string(example)
+        .expect("example")
+        .replace(
+            "/var/lib/verge/images/vmlinuz",
+            &kernel.display().to_string(),
+        )
+        .replace(
+            "/var/lib/verge/images/busybox-initrd.cpio",
+            &initrd.display().to_string(),
+        );
     let out = hub.apply(&manifest);
     assert!(
         out.status.success(),
