@@ -92,6 +92,16 @@ pub enum BenchCommand {
         #[arg(long, default_value = "0.0.0.0:7480")]
         listen: std::net::SocketAddr,
     },
+    /// Runtimes on this node: container start to running (against runc alone) and VM
+    /// start to its serial marker, with the real drivers.
+    Runtime {
+        /// Starts per measurement.
+        #[arg(long, default_value_t = 20)]
+        starts: usize,
+        /// `json` for machines.
+        #[arg(short, long, default_value = "text")]
+        output: String,
+    },
     /// Idle memory (RSS) of a hub and an edge agent, against a `sleep` process.
     Idle {
         /// How long to let them idle before sampling.
@@ -116,6 +126,10 @@ pub fn run(cmd: BenchCommand, config: Option<std::path::PathBuf>) -> Result<()> 
             output,
         } => rt.block_on(store(writes, writers, &output)),
         BenchCommand::Idle { seconds, output } => rt.block_on(idle(seconds, &output)),
+        BenchCommand::Runtime { starts, output } => {
+            verge_tunnel::install_crypto_provider();
+            rt.block_on(crate::bench_runtime::run(starts, &output))
+        }
         BenchCommand::Forward {
             instance,
             direct,
@@ -231,7 +245,7 @@ async fn store(writes: usize, writers: usize, output: &str) -> Result<()> {
     print_report(&report, output)
 }
 
-fn print_report(report: &serde_json::Value, output: &str) -> Result<()> {
+pub(crate) fn print_report(report: &serde_json::Value, output: &str) -> Result<()> {
     if output == "json" {
         println!("{}", serde_json::to_string_pretty(report)?);
     } else if let Some(obj) = report.as_object() {
@@ -245,7 +259,7 @@ fn print_report(report: &serde_json::Value, output: &str) -> Result<()> {
     Ok(())
 }
 
-fn tempdir() -> Result<std::path::PathBuf> {
+pub(crate) fn tempdir() -> Result<std::path::PathBuf> {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
@@ -440,7 +454,7 @@ async fn start_hub(
     Ok((hub, client))
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())

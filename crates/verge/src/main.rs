@@ -4,6 +4,7 @@
 //! agent in `verge-edge`, and the CLI commands in [`cli`].
 
 mod bench;
+mod bench_runtime;
 mod cli;
 mod client;
 mod dev;
