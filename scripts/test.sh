@@ -34,6 +34,10 @@ if ! ls "$KERNEL_CACHE"/boot/vmlinuz-* >/dev/null 2>&1; then
     && rm -f "$pkg"_*.deb)
 fi
 
+# The Wasm component the function tests run, built from guests/hello-fn.
+rustup target add wasm32-wasip2 >/dev/null
+cargo build --quiet --locked --release --target wasm32-wasip2 --manifest-path guests/hello-fn/Cargo.toml
+
 echo "== fmt"
 cargo fmt --all -- --check
 echo "== clippy"

@@ -24,6 +24,8 @@ pub enum Form {
     Vm,
     /// An OCI container (runc), from an image in a registry.
     Container,
+    /// A WebAssembly component answering HTTP requests (WASI 0.2), run by the agent.
+    Function,
 }
 
 impl std::fmt::Display for Form {
@@ -32,6 +34,7 @@ impl std::fmt::Display for Form {
             Form::Process => "process",
             Form::Vm => "vm",
             Form::Container => "container",
+            Form::Function => "function",
         })
     }
 }
@@ -64,6 +67,9 @@ pub struct InstanceSpec {
     /// For `form: container`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<ContainerSpec>,
+    /// For `form: function`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<FunctionSpec>,
     /// What the instance reserves on its node.
     #[serde(default)]
     pub resources: Resources,
@@ -120,6 +126,20 @@ pub struct ContainerSpec {
     /// Extra environment variables (over the image's).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+}
+
+/// An HTTP function: a WASI 0.2 component exporting `wasi:http/incoming-handler`,
+/// served by the node's function gateway at `/<instance name>/...`. Each request gets
+/// a fresh instance (no state survives a request), limited to the instance's memory,
+/// and interrupted after `timeoutMs`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FunctionSpec {
+    /// The component: an absolute path on the node.
+    pub component: String,
+    /// Longest a request may run, in milliseconds (default 10000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }
 
 /// A port an instance serves.
@@ -445,6 +465,16 @@ impl Kind for InstanceSpec {
                 ),
             );
         }
+        if self.form != Form::Function && self.function.is_some() {
+            errs.push(
+                "spec.function",
+                "",
+                format!(
+                    "is only for form 'function' (this instance is form '{}')",
+                    self.form
+                ),
+            );
+        }
         if self.form != Form::Container && self.container.is_some() {
             errs.push(
                 "spec.container",
@@ -466,6 +496,29 @@ impl Kind for InstanceSpec {
             );
         }
         match self.form {
+            Form::Function => match &self.function {
+                None => errs.push(
+                    "spec.function",
+                    "",
+                    "required when spec.form is 'function'; set spec.function.component to the component's path on the node",
+                ),
+                Some(f) => {
+                    if !f.component.starts_with('/') {
+                        errs.push(
+                            "spec.function.component",
+                            &f.component,
+                            "must be an absolute path on the node, e.g. /var/lib/verge/functions/hello.wasm",
+                        );
+                    }
+                    if f.timeout_ms.is_some_and(|t| t == 0 || t > 600_000) {
+                        errs.push(
+                            "spec.function.timeoutMs",
+                            f.timeout_ms.unwrap_or(0),
+                            "must be 1..600000 (ten minutes)",
+                        );
+                    }
+                }
+            },
             Form::Container => match &self.container {
                 None => errs.push(
                     "spec.container",

@@ -331,6 +331,7 @@ impl Runtime for ContainerRuntime {
             .ok_or_else(|| start_err("runc run", "no pid file".into()))?;
         let record = RunRecord {
             driver: DRIVER.into(),
+            instance: w.name().to_string(),
             pid,
             start_ticks: proc_stat(pid).map(|(_, t)| t).unwrap_or(0),
             started_at: now_rfc3339(),

@@ -64,6 +64,7 @@ impl Runtime for FakeRuntime {
         Ok(Running {
             record: RunRecord {
                 driver: "fake".into(),
+                instance: w.name().to_string(),
                 pid,
                 start_ticks: 0,
                 started_at: now_rfc3339(),

@@ -64,6 +64,9 @@ impl Workload {
 pub struct RunRecord {
     /// Driver that started it (`process`, `fake`).
     pub driver: String,
+    /// The instance it runs (empty in records written before this field existed).
+    #[serde(default)]
+    pub instance: String,
     /// Process id on the node (0 if none).
     pub pid: u32,
     /// Kernel start time of the process in clock ticks since boot, so that a recycled

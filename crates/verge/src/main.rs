@@ -106,6 +106,11 @@ enum Command {
         /// HTTPS, e.g. one on loopback or on the site's own network (repeatable).
         #[arg(long = "plain-http-registry")]
         plain_http_registries: Vec<String>,
+        /// Serve `form: function` instances over HTTP here (e.g. 127.0.0.1:8088; port 0
+        /// picks one): `http://ADDR/<instance>/<path>`. Without it the node runs no
+        /// functions.
+        #[arg(long)]
+        function_listen: Option<SocketAddr>,
     },
     /// All in one: a hub and three edges on this machine, with the samples applied.
     Dev(dev::DevArgs),
@@ -388,6 +393,7 @@ fn real_main() -> Result<()> {
             bandwidth_mbps,
             addresses,
             plain_http_registries,
+            function_listen,
         } => {
             init_tracing("info");
             if !verge_api::validate::is_dns_label(&name) {
@@ -401,7 +407,11 @@ fn real_main() -> Result<()> {
                 .build()?;
             // Before the drivers: the image client needs the crypto provider.
             verge_tunnel::install_crypto_provider();
-            let runtime = Arc::new(node_drivers(&data_dir, plain_http_registries));
+            let runtime = Arc::new(node_drivers(
+                &data_dir,
+                plain_http_registries,
+                function_listen,
+            )?);
             rt.block_on(async {
                 let config = verge_edge::EdgeConfig {
                     hubs,
@@ -447,7 +457,11 @@ fn real_main() -> Result<()> {
 
 /// The drivers this build runs instances with, one per form.
 #[allow(unused_variables)]
-fn node_drivers(data_dir: &std::path::Path, plain_http: Vec<String>) -> verge_runtime::Drivers {
+fn node_drivers(
+    data_dir: &std::path::Path,
+    plain_http: Vec<String>,
+    function_listen: Option<SocketAddr>,
+) -> Result<verge_runtime::Drivers> {
     let drivers = verge_runtime::Drivers::default().with(
         verge_api::Form::Process,
         Arc::new(verge_runtime::process::ProcessRuntime),
@@ -459,7 +473,43 @@ fn node_drivers(data_dir: &std::path::Path, plain_http: Vec<String>) -> verge_ru
         verge_api::Form::Container,
         Arc::new(verge_container::ContainerRuntime::new(data_dir, plain_http)),
     );
-    drivers
+    #[cfg(feature = "function")]
+    let drivers = match function_listen {
+        Some(addr) => drivers.with(verge_api::Form::Function, function_gateway(addr)?),
+        None => drivers,
+    };
+    Ok(drivers)
+}
+
+/// The function driver and its HTTP gateway, on threads of their own: a busy function
+/// must never delay the agent's heartbeats.
+#[cfg(feature = "function")]
+fn function_gateway(addr: SocketAddr) -> Result<Arc<dyn verge_runtime::Runtime>> {
+    let functions = verge_function::FunctionRuntime::new(1000)?;
+    let listener =
+        std::net::TcpListener::bind(addr).with_context(|| format!("--function-listen {addr}"))?;
+    listener.set_nonblocking(true)?;
+    tracing::info!("function gateway listening on {}", listener.local_addr()?);
+    let gateway = functions.clone();
+    std::thread::Builder::new()
+        .name("verge-functions".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("verge-fn")
+                .enable_all()
+                .build();
+            match rt {
+                Ok(rt) => rt.block_on(async move {
+                    match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => gateway.serve(l).await,
+                        Err(e) => tracing::error!(error = %e, "function gateway"),
+                    }
+                }),
+                Err(e) => tracing::error!(error = %e, "function gateway runtime"),
+            }
+        })?;
+    Ok(functions)
 }
 
 fn cli_runtime() -> Result<tokio::runtime::Runtime> {

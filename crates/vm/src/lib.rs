@@ -168,6 +168,7 @@ impl Runtime for VmRuntime {
         let start_ticks = proc_stat(pid).map(|(_, t)| t).unwrap_or(0);
         let record = RunRecord {
             driver: DRIVER.into(),
+            instance: w.name().to_string(),
             pid,
             start_ticks,
             started_at: now_rfc3339(),

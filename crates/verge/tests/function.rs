@@ -1,0 +1,86 @@
+//! `form: function` end to end: the example manifest, a real hub and edge, the edge's
+//! function gateway, and the component the test suite builds (`guests/hello-fn`).
+
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(30);
+
+fn get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(T)).expect("timeout");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: fn\r\n\r\n").as_bytes())
+        .expect("write");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read");
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        raw.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
+    )
+}
+
+#[test]
+fn an_http_function_is_deployed_served_and_removed() {
+    let component = std::env::var("VERGE_TEST_FUNCTION").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../guests/hello-fn/target/wasm32-wasip2/release/hello_fn.wasm"
+        )
+        .to_string()
+    });
+    assert!(
+        std::path::Path::new(&component).exists(),
+        "{component} is missing: run ./scripts/test.sh (it builds guests/hello-fn)"
+    );
+    let d = test_dir();
+    let hub = Hub::start(d.path());
+    let edge = Edge::start_with(
+        &hub.url,
+        "fn-node",
+        Some(&hub.token(1)),
+        &d.path().join("fn-node"),
+        &["--function-listen", "127.0.0.1:0"],
+    );
+    let addr = wait_for("the gateway address", T, || {
+        edge.proc.log_text().lines().find_map(|l| {
+            l.split("function gateway listening on ")
+                .nth(1)
+                .map(|a| a.trim().to_string())
+        })
+    });
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/runtimes/function-hello.yaml"
+    ))
+    .expect("example")
+    .replace("/var/lib/verge/functions/hello_fn.wasm", &component);
+    let out = hub.apply(&example);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    hub.wait_phase("instances", "hello-fn", "Running", T);
+    assert_eq!(
+        get(&addr, "/hello-fn/edge"),
+        (200, "hello from /edge".into())
+    );
+    let (status, body) = get(&addr, "/hello-fn/spin");
+    assert_eq!(status, 504, "{body}");
+
+    hub.ok(&["delete", "instance", "hello-fn"]);
+    wait_for("the function to be gone", T, || {
+        (get(&addr, "/hello-fn/edge").0 == 404).then_some(())
+    });
+}
