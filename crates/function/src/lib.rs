@@ -80,6 +80,9 @@ pub struct FunctionRuntime {
     engine: Engine,
     linker: Linker<RequestState>,
     functions: RwLock<HashMap<String, Arc<Function>>>,
+    /// Compiled components by file (path, size, modification time): many instances of
+    /// one function share one compilation.
+    compiled: std::sync::Mutex<HashMap<(String, u64, std::time::SystemTime), Component>>,
 }
 
 fn wasm_err(e: impl std::fmt::Display) -> RuntimeError {
@@ -124,7 +127,60 @@ impl FunctionRuntime {
             engine,
             linker,
             functions: RwLock::new(HashMap::new()),
+            compiled: std::sync::Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// The compiled component at `path` (compiled once per file version).
+    fn component(&self, path: &str) -> Result<Component, RuntimeError> {
+        let start_err = |e: String| RuntimeError::Start {
+            what: path.to_string(),
+            source: std::io::Error::other(e),
+        };
+        let meta = std::fs::metadata(path).map_err(|e| start_err(e.to_string()))?;
+        let key = (
+            path.to_string(),
+            meta.len(),
+            meta.modified().unwrap_or(std::time::UNIX_EPOCH),
+        );
+        let mut cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = cache.get(&key) {
+            return Ok(c.clone());
+        }
+        let c =
+            Component::from_file(&self.engine, path).map_err(|e| start_err(format!("{e:#}")))?;
+        cache.retain(|k, _| k.0 != path);
+        cache.insert(key, c.clone());
+        Ok(c)
+    }
+
+    /// How long instantiating function `name` takes, `n` times (for benchmarks): a
+    /// fresh store and instance from the pre-instantiated component, as each request
+    /// gets.
+    pub async fn instantiation_times(&self, name: &str, n: usize) -> Result<Vec<Duration>, String> {
+        let f = self
+            .get(name)
+            .ok_or_else(|| format!("no function '{name}'"))?;
+        let mut times = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut store = Store::new(
+                &self.engine,
+                RequestState {
+                    wasi: WasiCtx::builder().build(),
+                    http: WasiHttpCtx::new(),
+                    table: ResourceTable::new(),
+                    limits: StoreLimitsBuilder::new().memory_size(f.memory).build(),
+                },
+            );
+            store.limiter(|s| &mut s.limits);
+            let t = std::time::Instant::now();
+            f.pre
+                .instantiate_async(&mut store)
+                .await
+                .map_err(|e| format!("{e:#}"))?;
+            times.push(t.elapsed());
+        }
+        Ok(times)
     }
 
     fn get(&self, name: &str) -> Option<Arc<Function>> {
@@ -282,12 +338,7 @@ impl Runtime for FunctionRuntime {
         let Some(spec) = &w.spec().function else {
             return Err(RuntimeError::Unsupported(w.spec().form.to_string()));
         };
-        let component = Component::from_file(&self.engine, &spec.component).map_err(|e| {
-            RuntimeError::Start {
-                what: spec.component.clone(),
-                source: std::io::Error::other(format!("{e:#}")),
-            }
-        })?;
+        let component = self.component(&spec.component)?;
         let pre = self
             .linker
             .instantiate_pre(&component)

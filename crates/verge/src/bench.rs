@@ -92,12 +92,19 @@ pub enum BenchCommand {
         #[arg(long, default_value = "0.0.0.0:7480")]
         listen: std::net::SocketAddr,
     },
-    /// Runtimes on this node: container start to running (against runc alone) and VM
-    /// start to its serial marker, with the real drivers.
+    /// Runtimes on this node, with the real drivers: container start to running
+    /// (against runc alone), VM start to its serial marker, function instantiation and
+    /// requests (against a native HTTP answer), memory per idle function.
     Runtime {
         /// Starts per measurement.
         #[arg(long, default_value_t = 20)]
         starts: usize,
+        /// The Wasm component for the function measurements.
+        #[arg(
+            long,
+            default_value = "guests/hello-fn/target/wasm32-wasip2/release/hello_fn.wasm"
+        )]
+        component: std::path::PathBuf,
         /// `json` for machines.
         #[arg(short, long, default_value = "text")]
         output: String,
@@ -126,9 +133,13 @@ pub fn run(cmd: BenchCommand, config: Option<std::path::PathBuf>) -> Result<()> 
             output,
         } => rt.block_on(store(writes, writers, &output)),
         BenchCommand::Idle { seconds, output } => rt.block_on(idle(seconds, &output)),
-        BenchCommand::Runtime { starts, output } => {
+        BenchCommand::Runtime {
+            starts,
+            component,
+            output,
+        } => {
             verge_tunnel::install_crypto_provider();
-            rt.block_on(crate::bench_runtime::run(starts, &output))
+            rt.block_on(crate::bench_runtime::run(starts, &component, &output))
         }
         BenchCommand::Forward {
             instance,

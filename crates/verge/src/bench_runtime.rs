@@ -1,6 +1,6 @@
 //! `verge bench runtime`: how fast the node's drivers start workloads, with the real
-//! drivers and the real tools (runc, a local OCI registry, QEMU), each against a
-//! baseline in the same run where one exists.
+//! drivers and the real tools (runc, a local OCI registry, QEMU, wasmtime), each
+//! against a baseline in the same run where one exists.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -38,8 +38,9 @@ fn have(program: &str) -> bool {
         .is_ok()
 }
 
-/// Run the runtime benchmarks.
-pub async fn run(starts: usize, output: &str) -> Result<()> {
+/// Run the runtime benchmarks. `component`: the Wasm component for the function
+/// measurements (`guests/hello-fn`, built for wasm32-wasip2).
+pub async fn run(starts: usize, component: &Path, output: &str) -> Result<()> {
     let dir = crate::bench::tempdir()?;
     let skipped = |e: anyhow::Error| json!({ "skipped": format!("{e:#}") });
     eprintln!("bench runtime: containers ({starts} starts)");
@@ -50,12 +51,14 @@ pub async fn run(starts: usize, output: &str) -> Result<()> {
     let vm = vm(&dir.join("v"), starts.min(5))
         .await
         .unwrap_or_else(skipped);
+    eprintln!("bench runtime: functions");
+    let function = function(component).await.unwrap_or_else(skipped);
     let _ = std::fs::remove_dir_all(&dir);
     let report = json!({
         "bench": "runtime",
         "container": container,
         "vm": vm,
-        "function": {"skipped": "the function (Wasm) driver is not built yet"},
+        "function": function,
     });
     crate::bench::print_report(&report, output)
 }
@@ -276,6 +279,120 @@ async fn vm(dir: &Path, boots: usize) -> Result<serde_json::Value> {
         "startToSerialMarkerP50Ms": p(&times, 0.5),
         "startToSerialMarkerMaxMs": p(&times, 1.0),
     }))
+}
+
+/// One HTTP/1.0 request on a new connection; the time until the whole answer is in.
+async fn timed_get(addr: std::net::SocketAddr, path: &str) -> Result<(Duration, u16)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: b\r\n\r\n").as_bytes())
+        .await?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await?;
+    let status = String::from_utf8_lossy(&raw)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((t.elapsed(), status))
+}
+
+/// Function cold starts (every request is a fresh instance): instantiation alone, and
+/// an HTTP request through the gateway against a native HTTP answer on the same
+/// loopback; then the agent's memory per idle deployed function.
+#[cfg(feature = "function")]
+async fn function(component: &Path) -> Result<serde_json::Value> {
+    use verge_api::FunctionSpec;
+    if !component.exists() {
+        bail!(
+            "no component at {} (cargo build --release --target wasm32-wasip2 --manifest-path guests/hello-fn/Cargo.toml, or pass --component)",
+            component.display()
+        );
+    }
+    const DEPLOYED: usize = 1000;
+    let rt = verge_function::FunctionRuntime::new(DEPLOYED as u32 + 16)?;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let gateway = l.local_addr()?;
+    tokio::spawn(rt.clone().serve(l));
+    let spec = InstanceSpec {
+        form: Form::Function,
+        function: Some(FunctionSpec {
+            component: component.display().to_string(),
+            timeout_ms: Some(2000),
+        }),
+        resources: verge_api::instance::Resources {
+            cpu: Cpu(100),
+            memory: Bytes(32 << 20),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let dir = std::env::temp_dir();
+    let t = Instant::now();
+    rt.start(&workload(&dir, "f-0", spec.clone())).await?;
+    let first_deploy = t.elapsed();
+    let mut inst = rt
+        .instantiation_times("f-0", 2000)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    inst.sort();
+    let native = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let native_addr = native.local_addr()?;
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = native.accept().await {
+            tokio::spawn(async move {
+                let mut b = [0u8; 1024];
+                let _ = s.read(&mut b).await;
+                let _ = s
+                    .write_all(b"HTTP/1.0 200 OK\r\ncontent-length: 14\r\n\r\nhello from /x\n")
+                    .await;
+            });
+        }
+    });
+    let (mut via_fn, mut via_native) = (Vec::new(), Vec::new());
+    for _ in 0..50 {
+        timed_get(gateway, "/f-0/x").await?;
+    }
+    for _ in 0..1000 {
+        let (d, status) = timed_get(gateway, "/f-0/x").await?;
+        if status != 200 {
+            bail!("the function answered {status}");
+        }
+        via_fn.push(d);
+        via_native.push(timed_get(native_addr, "/x").await?.0);
+    }
+    via_fn.sort();
+    via_native.sort();
+    let rss = || crate::bench::rss_kib(std::process::id()).unwrap_or(0);
+    let before = rss();
+    for i in 1..=DEPLOYED {
+        rt.start(&workload(&dir, &format!("f-{i}"), spec.clone()))
+            .await?;
+    }
+    let after = rss();
+    let us = |d: &[Duration], q: f64| p(d, q) * 1000.0;
+    Ok(json!({
+        "component": component.display().to_string(),
+        "firstDeployMs": ms(first_deploy),
+        "instantiationP50Us": us(&inst, 0.5),
+        "instantiationP99Us": us(&inst, 0.99),
+        "wasmtimePoolingAnchorUs": 5,
+        "requestP50Ms": p(&via_fn, 0.5),
+        "requestP99Ms": p(&via_fn, 0.99),
+        "nativeRequestP50Ms": p(&via_native, 0.5),
+        "nativeRequestP99Ms": p(&via_native, 0.99),
+        "cloudflareWorkersColdStartAnchorMs": 5,
+        "deployedFunctions": DEPLOYED,
+        "agentKiBPerIdleFunction": after.saturating_sub(before) as f64 / DEPLOYED as f64,
+    }))
+}
+
+#[cfg(not(feature = "function"))]
+async fn function(_component: &Path) -> Result<serde_json::Value> {
+    bail!("this build has no function driver (feature `function`)")
 }
 
 #[cfg(not(feature = "vm"))]
