@@ -71,6 +71,8 @@ struct Function {
     pre: ProxyPre<RequestState>,
     memory: usize,
     timeout: Duration,
+    /// The instance's `output.log`: the guest's stdout and stderr.
+    log: wasmtime_wasi::cli::OutputFile,
     /// Kept so the supervisor's wait never ends while the function is deployed.
     _alive: tokio::sync::watch::Sender<Option<Exit>>,
 }
@@ -262,10 +264,14 @@ impl FunctionRuntime {
             .memory_size(f.memory)
             .trap_on_grow_failure(true)
             .build();
+        let wasi = WasiCtx::builder()
+            .stdout(f.log.clone())
+            .stderr(f.log.clone())
+            .build();
         let mut store = Store::new(
             &self.engine,
             RequestState {
-                wasi: WasiCtx::builder().build(),
+                wasi,
                 http: WasiHttpCtx::new(),
                 table: ResourceTable::new(),
                 limits,
@@ -349,8 +355,20 @@ impl Runtime for FunctionRuntime {
                     "not a wasi:http/proxy component this node can run: {e:#}"
                 )),
             })?;
+        let dir_err = |source| RuntimeError::Dir {
+            path: w.dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&w.dir).map_err(dir_err)?;
+        verge_runtime::process::rotate_log(&w.log_path()).map_err(dir_err)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(w.log_path())
+            .map_err(dir_err)?;
         let (alive, exited) = tokio::sync::watch::channel(None);
         let f = Function {
+            log: wasmtime_wasi::cli::OutputFile::new(log),
             pre,
             memory: (w.spec().resources.memory.0 as usize).min(MAX_MEMORY),
             timeout: spec

@@ -18,7 +18,7 @@ fn component() -> PathBuf {
         })
 }
 
-fn workload(name: &str, memory: u64, timeout_ms: u64) -> Workload {
+fn workload(dir: &std::path::Path, name: &str, memory: u64, timeout_ms: u64) -> Workload {
     let path = component();
     assert!(
         path.exists(),
@@ -36,7 +36,7 @@ fn workload(name: &str, memory: u64, timeout_ms: u64) -> Workload {
     spec.resources.memory = Bytes(memory);
     Workload {
         instance: Instance::new(name, spec),
-        dir: std::env::temp_dir(),
+        dir: dir.join(name),
         cgroup: None,
     }
 }
@@ -70,12 +70,18 @@ async fn functions_answer_http_within_their_limits() {
     let addr = l.local_addr().expect("addr");
     tokio::spawn(rt.clone().serve(l));
 
+    let tmp = tempfile::tempdir().expect("tmp");
     let hello = rt
-        .start(&workload("hello", 32 << 20, 300))
+        .start(&workload(tmp.path(), "hello", 32 << 20, 300))
         .await
         .expect("deploy");
     let (status, body) = get(addr, "/hello/greet?who=edge").await;
     assert_eq!((status, body.as_str()), (200, "hello from /greet?who=edge"));
+    let log = std::fs::read_to_string(tmp.path().join("hello/output.log")).expect("log");
+    assert!(
+        log.contains("request for /greet?who=edge"),
+        "stdout is the log: {log}"
+    );
     // Every request is a fresh instance; many in a row work.
     for i in 0..20 {
         assert_eq!(get(addr, &format!("/hello/{i}")).await.0, 200);
@@ -88,7 +94,7 @@ async fn functions_answer_http_within_their_limits() {
     let (status, body) = get(addr, "/hello/hog").await;
     assert_eq!(status, 500, "{body}");
     // More memory, and the same request succeeds.
-    rt.start(&workload("roomy", 128 << 20, 1000))
+    rt.start(&workload(tmp.path(), "roomy", 128 << 20, 1000))
         .await
         .expect("deploy");
     assert_eq!(

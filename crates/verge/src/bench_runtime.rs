@@ -329,7 +329,7 @@ async fn function(component: &Path) -> Result<serde_json::Value> {
         },
         ..Default::default()
     };
-    let dir = std::env::temp_dir();
+    let dir = crate::bench::tempdir()?;
     let t = Instant::now();
     rt.start(&workload(&dir, "f-0", spec.clone())).await?;
     let first_deploy = t.elapsed();
@@ -373,6 +373,7 @@ async fn function(component: &Path) -> Result<serde_json::Value> {
             .await?;
     }
     let after = rss();
+    let _ = std::fs::remove_dir_all(&dir);
     let us = |d: &[Duration], q: f64| p(d, q) * 1000.0;
     Ok(json!({
         "component": component.display().to_string(),

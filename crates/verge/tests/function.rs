@@ -76,6 +76,12 @@ fn an_http_function_is_deployed_served_and_removed() {
         get(&addr, "/hello-fn/edge"),
         (200, "hello from /edge".into())
     );
+    // What the function prints is its log, through the channel like any instance's.
+    wait_for("the function's log", T, || {
+        hub.ok(&["logs", "hello-fn"])
+            .contains("request for /edge")
+            .then_some(())
+    });
     let (status, body) = get(&addr, "/hello-fn/spin");
     assert_eq!(status, 504, "{body}");
 

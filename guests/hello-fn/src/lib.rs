@@ -34,7 +34,11 @@ impl wasi::exports::http::incoming_handler::Guest for Hello {
                 let v = vec![7u8; 64 << 20];
                 respond(out, 200, format!("held {} bytes", std::hint::black_box(v).len()).as_bytes());
             }
-            _ => respond(out, 200, format!("hello from {path}").as_bytes()),
+            _ => {
+                // Standard output is the instance's log on the node.
+                println!("request for {path}");
+                respond(out, 200, format!("hello from {path}").as_bytes())
+            }
         }
     }
 }
