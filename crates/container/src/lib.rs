@@ -32,6 +32,91 @@ const DRIVER: &str = "container";
 pub struct ContainerRuntime {
     images: ImageStore,
     runc: Runc,
+    published: Published,
+}
+
+/// The host listeners that publish each container's declared ports, by instance.
+type Published = std::sync::Arc<
+    std::sync::Mutex<std::collections::HashMap<String, Vec<tokio::task::AbortHandle>>>,
+>;
+
+fn unpublish(published: &Published, instance: &str) {
+    let handles = published
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(instance);
+    for h in handles.into_iter().flatten() {
+        h.abort();
+    }
+}
+
+/// Connect to `127.0.0.1:port` inside the network namespace of process `pid`. The
+/// socket keeps that namespace after the thread that made it leaves; the thread is a
+/// fresh one that ends right after, so no other work ever runs in a switched namespace.
+async fn connect_inside(pid: u32, port: u16) -> std::io::Result<tokio::net::TcpStream> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("verge-netns".into())
+        .spawn(move || {
+            let r = (|| -> std::io::Result<std::net::TcpStream> {
+                let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)?;
+                let s = std::net::TcpStream::connect_timeout(
+                    &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                    Duration::from_secs(5),
+                )?;
+                s.set_nonblocking(true)?;
+                Ok(s)
+            })();
+            let _ = tx.send(r);
+        })?;
+    let s = rx
+        .await
+        .map_err(|_| std::io::Error::other("netns thread ended"))??;
+    tokio::net::TcpStream::from_std(s)
+}
+
+impl ContainerRuntime {
+    /// Publish `w`'s declared ports (`spec.ports`) on the node's loopback, each
+    /// connection joined to the same port inside the container (whose network
+    /// namespace has only a loopback of its own). Port-forward and links to a
+    /// container then work as for a process.
+    fn publish(&self, w: &Workload, pid: u32) {
+        unpublish(&self.published, w.name());
+        let mut handles = Vec::new();
+        for p in &w.spec().ports {
+            let (port, name) = (p.port, w.name().to_string());
+            let task = tokio::spawn(async move {
+                let l = match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::warn!(instance = %name, port, error = %e, "cannot publish the container's port");
+                        return;
+                    }
+                };
+                while let Ok((mut outside, _)) = l.accept().await {
+                    let name = name.clone();
+                    tokio::spawn(async move {
+                        match connect_inside(pid, port).await {
+                            Ok(mut inside) => {
+                                let _ =
+                                    tokio::io::copy_bidirectional(&mut outside, &mut inside).await;
+                            }
+                            Err(e) => {
+                                tracing::info!(instance = %name, port, error = %e, "connection into the container failed")
+                            }
+                        }
+                    });
+                }
+            });
+            handles.push(task.abort_handle());
+        }
+        self.published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(w.name().to_string(), handles);
+    }
 }
 
 /// How the driver calls runc.
@@ -52,6 +137,7 @@ impl ContainerRuntime {
                 state: data.join("runc"),
                 runc: PathBuf::from("runc"),
             },
+            published: Default::default(),
         }
     }
 }
@@ -61,6 +147,7 @@ impl ContainerRuntime {
 /// nothing behind.
 fn watch_container(
     runc: Runc,
+    published: Published,
     record: RunRecord,
     w: &Workload,
 ) -> tokio::sync::watch::Receiver<Option<verge_runtime::Exit>> {
@@ -69,6 +156,7 @@ fn watch_container(
     // before cleaning.
     let cgroup = w.cgroup.clone();
     let oom_before = cgroup.as_ref().map_or(0, |c| c.usage().oom_kills);
+    let instance = record.instance.clone();
     let mut polled = watch_by_polling(record);
     let (tx, rx) = tokio::sync::watch::channel(None);
     tokio::spawn(async move {
@@ -83,6 +171,7 @@ fn watch_container(
         let oom = cgroup
             .as_ref()
             .is_some_and(|c| c.usage().oom_kills > oom_before);
+        unpublish(&published, &instance);
         runc.clean(&id, &bundle).await;
         let exit = if oom {
             verge_runtime::Exit::OutOfMemory
@@ -337,8 +426,9 @@ impl Runtime for ContainerRuntime {
             started_at: now_rfc3339(),
         };
         tracing::info!(instance = w.name(), pid, image = %image.digest, "container started");
+        self.publish(w, pid);
         Ok(Running {
-            exited: watch_container(self.runc.clone(), record.clone(), w),
+            exited: watch_container(self.runc.clone(), self.published.clone(), record.clone(), w),
             record,
         })
     }
@@ -347,13 +437,15 @@ impl Runtime for ContainerRuntime {
         if record.driver != DRIVER || !is_alive(record) {
             return None;
         }
+        self.publish(w, record.pid);
         Some(Running {
             record: record.clone(),
-            exited: watch_container(self.runc.clone(), record.clone(), w),
+            exited: watch_container(self.runc.clone(), self.published.clone(), record.clone(), w),
         })
     }
 
     async fn stop(&self, record: &RunRecord, grace: Duration) -> Result<(), RuntimeError> {
+        unpublish(&self.published, &record.instance);
         let Some((id, bundle)) = self.runc.find(record.pid).await else {
             return Ok(());
         };

@@ -84,6 +84,20 @@ fn read_u64(path: &Path) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
+/// Remove the (empty) groups below `dir`, deepest first. A group still holding
+/// processes stays.
+fn remove_children(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_children(&e.path());
+            let _ = std::fs::remove_dir(e.path());
+        }
+    }
+}
+
 /// OOM kills in a v1 memory group and every group below it: v1 counts a kill only in
 /// the group of the process killed, which for a container is runc's group inside the
 /// instance's.
@@ -176,6 +190,9 @@ impl Cgroups {
     pub fn create(&self, name: &str, limits: Limits) -> std::io::Result<InstanceCgroup> {
         let dirs: Vec<PathBuf> = self.bases().iter().map(|b| b.join(name)).collect();
         for d in &dirs {
+            // Groups a previous run left below (a container's): a child with a larger
+            // quota than the new limit would make the kernel refuse the limit.
+            remove_children(d);
             std::fs::create_dir_all(d)?;
         }
         match self {
@@ -274,9 +291,10 @@ impl InstanceCgroup {
         }
     }
 
-    /// Remove the group (its processes must have ended).
+    /// Remove the group and any below it (their processes must have ended).
     pub fn remove(&self) {
         for d in &self.dirs {
+            remove_children(d);
             let _ = std::fs::remove_dir(d);
         }
     }

@@ -65,6 +65,8 @@ fn push_busybox(reference: &str, registry: &str) {
             ("bin/head", "busybox"),
             ("bin/tr", "busybox"),
             ("bin/hostname", "busybox"),
+            ("bin/httpd", "busybox"),
+            ("bin/mkdir", "busybox"),
         ],
     );
     verge_tunnel::install_crypto_provider();
@@ -86,7 +88,7 @@ fn push_busybox(reference: &str, registry: &str) {
 
 fn container(name: &str, image: &str, memory: &str, script: &str, extra: &str) -> String {
     format!(
-        "kind: Instance\nmetadata: {{name: {name}}}\nspec:\n  form: container\n  container:\n    image: {image}\n    command: [/bin/sh, -c, '{script}']\n  resources: {{cpu: 500m, memory: {memory}}}\n  terminationGracePeriodSeconds: 2\n{extra}"
+        "kind: Instance\nmetadata: {{name: {name}}}\nspec:\n  form: container\n  container:\n    image: {image}\n    command: [/bin/sh, -c, '{script}']\n  resources: {{cpu: 200m, memory: {memory}}}\n  terminationGracePeriodSeconds: 2\n{extra}"
     )
 }
 
@@ -109,8 +111,10 @@ fn a_container_from_a_registry_runs_survives_the_agent_and_restarts_offline() {
 
     let hub = Hub::start(d.path());
     let edge_args = ["--plain-http-registry", registry.addr.as_str()];
-    let dir = d.path().join("ctr-node");
-    let edge = Edge::start_with(&hub.url, "ctr-node", Some(&hub.token(1)), &dir, &edge_args);
+    // A node name of its own: cgroups are named after the node, and outlive a test.
+    let node = unique("ctr");
+    let dir = d.path().join(&node);
+    let edge = Edge::start_with(&hub.url, &node, Some(&hub.token(1)), &dir, &edge_args);
     let m = unique("ctr");
     let web = container(
         "web",
@@ -152,11 +156,34 @@ fn a_container_from_a_registry_runs_survives_the_agent_and_restarts_offline() {
     let links = hub.ok(&["exec", "web", "--", "/bin/busybox", "ip", "-o", "link"]);
     assert!(links.contains("lo:") && !links.contains("eth0"), "{links}");
 
+    // A declared port is published on the node's loopback and reaches the container.
+    let port = free_port();
+    let server = container(
+        "server",
+        &image,
+        "32Mi",
+        &format!(
+            "mkdir -p /www && echo served-from-inside > /www/index.html && exec httpd -f -p {port} -h /www"
+        ),
+        &format!("  ports: [{{port: {port}}}]\n"),
+    );
+    assert!(hub.apply(&server).status.success());
+    hub.wait_phase("instances", "server", "Running", T);
+    let page = wait_for("the published port", T, || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+        let mut page = String::new();
+        s.read_to_string(&mut page).ok()?;
+        page.contains("served-from-inside").then_some(page)
+    });
+    assert!(page.starts_with("HTTP/1."), "{page}");
+
     // The agent dies and comes back: the container ran on and is adopted.
     let mut edge = edge;
     edge.proc.kill();
     assert!(alive(pid), "the container outlives the agent");
-    let edge = Edge::start_with(&hub.url, "ctr-node", None, &dir, &edge_args);
+    let edge = Edge::start_with(&hub.url, &node, None, &dir, &edge_args);
     wait_for("re-adoption", T, || {
         edge.proc
             .log_text()
@@ -195,7 +222,7 @@ fn a_container_from_a_registry_runs_survives_the_agent_and_restarts_offline() {
         hub.ok(&["logs", "hog"])
     );
 
-    for n in ["web", "cached", "hog", "busybox-web"] {
+    for n in ["web", "cached", "hog", "busybox-web", "server"] {
         hub.ok(&["delete", "instance", n]);
     }
     wait_for("the container to stop", T, || (!alive(pid)).then_some(()));
