@@ -21,7 +21,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use verge_api::clock::now_rfc3339;
 use verge_api::{ContainerSpec, InstanceSpec};
-use verge_runtime::process::{is_alive, proc_stat, rotate_log, watch_by_polling};
+use verge_runtime::process::{is_alive, proc_stat, watch_by_polling};
 use verge_runtime::{ExecSpec, RunRecord, Running, Runtime, RuntimeError, Workload};
 
 use crate::image::{Image, ImageStore};
@@ -334,10 +334,7 @@ impl Runtime for ContainerRuntime {
             .ensure(&container.image)
             .await
             .map_err(|e| start_err(&container.image, e.to_string()))?;
-        let dir_err = |source| RuntimeError::Dir {
-            path: w.dir.clone(),
-            source,
-        };
+        let dir_err = |e| w.dir_error(e);
         let id = container_id(w);
         let bundle = w.dir.join("bundle");
         // Whatever a previous run left: its runc state, its mount, its writable layer.
@@ -350,7 +347,7 @@ impl Runtime for ContainerRuntime {
             std::fs::create_dir_all(&d).map_err(dir_err)?;
         }
         std::fs::create_dir_all(&self.runc.state).map_err(dir_err)?;
-        rotate_log(&w.log_path()).map_err(dir_err)?;
+        let log = w.prepare()?;
         let options = format!(
             "lowerdir={},upperdir={},workdir={}",
             image.rootfs.display(),
@@ -378,11 +375,6 @@ impl Runtime for ContainerRuntime {
             serde_json::to_vec_pretty(&config).unwrap_or_default(),
         )
         .map_err(dir_err)?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(w.log_path())
-            .map_err(dir_err)?;
         let log2 = log.try_clone().map_err(dir_err)?;
         let pid_file = w.dir.join("container.pid");
         let _ = std::fs::remove_file(&pid_file);

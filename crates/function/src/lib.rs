@@ -355,17 +355,7 @@ impl Runtime for FunctionRuntime {
                     "not a wasi:http/proxy component this node can run: {e:#}"
                 )),
             })?;
-        let dir_err = |source| RuntimeError::Dir {
-            path: w.dir.clone(),
-            source,
-        };
-        std::fs::create_dir_all(&w.dir).map_err(dir_err)?;
-        verge_runtime::process::rotate_log(&w.log_path()).map_err(dir_err)?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(w.log_path())
-            .map_err(dir_err)?;
+        let log = w.prepare()?;
         let (alive, exited) = tokio::sync::watch::channel(None);
         let f = Function {
             log: wasmtime_wasi::cli::OutputFile::new(log),

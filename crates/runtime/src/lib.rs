@@ -48,6 +48,26 @@ impl Workload {
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("output.log")
     }
+    /// An error about this workload's directory.
+    pub fn dir_error(&self, source: std::io::Error) -> RuntimeError {
+        RuntimeError::Dir {
+            path: self.dir.clone(),
+            source,
+        }
+    }
+
+    /// Before a start: make the instance directory and move an overgrown log aside;
+    /// returns the log opened for appending (what every driver writes output to).
+    pub fn prepare(&self) -> Result<std::fs::File, RuntimeError> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| self.dir_error(e))?;
+        process::rotate_log(&self.log_path()).map_err(|e| self.dir_error(e))?;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .map_err(|e| self.dir_error(e))
+    }
+
     /// `argv` as the workload must run it: inside its cgroup when it has one.
     pub fn confined(&self, argv: &[String]) -> Vec<String> {
         match &self.cgroup {

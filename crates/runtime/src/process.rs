@@ -102,19 +102,8 @@ impl Runtime for ProcessRuntime {
         let Some(spec) = &w.spec().process else {
             return Err(RuntimeError::Unsupported(w.spec().form.to_string()));
         };
-        let dir_err = |source| RuntimeError::Dir {
-            path: w.dir.clone(),
-            source,
-        };
-        std::fs::create_dir_all(&w.dir).map_err(dir_err)?;
-        let log_path = w.log_path();
-        rotate_log(&log_path).map_err(dir_err)?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(dir_err)?;
-        let log2 = log.try_clone().map_err(dir_err)?;
+        let log = w.prepare()?;
+        let log2 = log.try_clone().map_err(|e| w.dir_error(e))?;
         let program = &spec.command[0];
         let run = environment(w, spec, &spec.command);
         let argv = w.confined(&spec.command);

@@ -92,16 +92,6 @@ fn container(name: &str, image: &str, memory: &str, script: &str, extra: &str) -
     )
 }
 
-fn alive(pid: u64) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        !s.rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z')
-    })
-}
-
 #[test]
 fn a_container_from_a_registry_runs_survives_the_agent_and_restarts_offline() {
     let d = test_dir();
@@ -182,7 +172,7 @@ fn a_container_from_a_registry_runs_survives_the_agent_and_restarts_offline() {
     // The agent dies and comes back: the container ran on and is adopted.
     let mut edge = edge;
     edge.proc.kill();
-    assert!(alive(pid), "the container outlives the agent");
+    assert!(pid_alive(pid), "the container outlives the agent");
     let edge = Edge::start_with(&hub.url, &node, None, &dir, &edge_args);
     wait_for("re-adoption", T, || {
         edge.proc
@@ -225,7 +215,9 @@ fn a_container_from_a_registry_runs_survives_the_agent_and_restarts_offline() {
     for n in ["web", "cached", "hog", "busybox-web", "server"] {
         hub.ok(&["delete", "instance", n]);
     }
-    wait_for("the container to stop", T, || (!alive(pid)).then_some(()));
+    wait_for("the container to stop", T, || {
+        (!pid_alive(pid)).then_some(())
+    });
     // Nothing is left mounted or registered with runc.
     let root = d.path().display().to_string();
     wait_for("the containers' roots to be unmounted", T, || {

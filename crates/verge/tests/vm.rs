@@ -12,16 +12,6 @@ use common::*;
 
 const T: Duration = Duration::from_secs(60);
 
-fn alive(pid: u64) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        !s.rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z')
-    })
-}
-
 #[test]
 fn a_vm_boots_to_its_marker_outlives_the_agent_and_is_reattached() {
     let d = test_dir();
@@ -64,7 +54,7 @@ fn a_vm_boots_to_its_marker_outlives_the_agent_and_is_reattached() {
     // The agent dies; the VM does not.
     edge.proc.kill();
     std::thread::sleep(Duration::from_secs(1));
-    assert!(alive(pid), "QEMU outlives the agent");
+    assert!(pid_alive(pid), "QEMU outlives the agent");
     let edge = Edge::start_in(&hub.url, "vm-node", None, &edge.dir);
     wait_for("the agent to reattach", T, || {
         edge.proc
@@ -82,5 +72,5 @@ fn a_vm_boots_to_its_marker_outlives_the_agent_and_is_reattached() {
     assert_eq!(vm["status"]["restarts"].as_u64().unwrap_or(0), 0, "{vm}");
 
     hub.ok(&["delete", "instance", "tiny-vm"]);
-    wait_for("QEMU to stop", T, || (!alive(pid)).then_some(()));
+    wait_for("QEMU to stop", T, || (!pid_alive(pid)).then_some(()));
 }

@@ -23,7 +23,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use verge_api::clock::now_rfc3339;
 use verge_api::{InstanceSpec, VmSpec};
-use verge_runtime::process::{is_alive, proc_stat, rotate_log, watch_by_polling};
+use verge_runtime::process::{is_alive, proc_stat, watch_by_polling};
 use verge_runtime::{RunRecord, Running, Runtime, RuntimeError, Workload};
 
 const DRIVER: &str = "vm";
@@ -130,12 +130,9 @@ impl Runtime for VmRuntime {
         let Some(vm) = &w.spec().vm else {
             return Err(RuntimeError::Unsupported(w.spec().form.to_string()));
         };
-        let dir_err = |source| RuntimeError::Dir {
-            path: w.dir.clone(),
-            source,
-        };
-        std::fs::create_dir_all(&w.dir).map_err(dir_err)?;
-        rotate_log(&w.log_path()).map_err(dir_err)?;
+        // QEMU appends the console to the log itself.
+        drop(w.prepare()?);
+        let dir_err = |e| w.dir_error(e);
         let _ = std::fs::remove_file(control_socket(&w.dir));
         let _ = std::fs::remove_file(w.dir.join("qemu.pid"));
         let args = qemu_args(w.spec(), vm, &w.dir, self.kvm);

@@ -478,3 +478,14 @@ pub fn put_instance_status(hub: &Hub, name: &str, status: serde_json::Value) -> 
             .as_u16()
     })
 }
+
+/// Whether process `pid` exists and is not a zombie.
+pub fn pid_alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
