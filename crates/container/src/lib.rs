@@ -21,7 +21,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use verge_api::clock::now_rfc3339;
 use verge_api::{ContainerSpec, InstanceSpec};
-use verge_runtime::process::{is_alive, proc_stat, watch_by_polling};
+use verge_runtime::process::{is_alive, proc_stat, wait_gone, watch_by_polling};
 use verge_runtime::{ExecSpec, RunRecord, Running, Runtime, RuntimeError, Workload};
 
 use crate::image::{Image, ImageStore};
@@ -441,16 +441,7 @@ impl Runtime for ContainerRuntime {
         let Some((id, bundle)) = self.runc.find(record.pid).await else {
             return Ok(());
         };
-        let gone = |d: Duration| async move {
-            let deadline = tokio::time::Instant::now() + d;
-            while tokio::time::Instant::now() < deadline {
-                if !is_alive(record) {
-                    return true;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            !is_alive(record)
-        };
+        let gone = |d: Duration| wait_gone(record, d);
         if is_alive(record) {
             let _ = self.runc.runc_ok(&["kill", &id, "TERM"]).await;
             if !gone(grace).await {

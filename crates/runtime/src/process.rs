@@ -53,6 +53,18 @@ pub fn rotate_log(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Wait up to `within` for the workload of `record` to be gone; whether it is.
+pub async fn wait_gone(record: &RunRecord, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if !is_alive(record) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    !is_alive(record)
+}
+
 /// Learn when a process that is not our child (adopted, or daemonized) ends, by
 /// polling `/proc`; its exit code is unknown.
 pub fn watch_by_polling(record: RunRecord) -> watch::Receiver<Option<Exit>> {
@@ -162,19 +174,12 @@ impl Runtime for ProcessRuntime {
         let pgid = Pid::from_raw(record.pid as i32);
         // ESRCH: it exited between the check and the signal, which is what we want.
         let _ = killpg(pgid, Signal::SIGTERM);
-        let deadline = tokio::time::Instant::now() + grace;
-        while tokio::time::Instant::now() < deadline {
-            if !is_alive(record) {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if wait_gone(record, grace).await {
+            return Ok(());
         }
         let _ = killpg(pgid, Signal::SIGKILL);
-        for _ in 0..100 {
-            if !is_alive(record) {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if wait_gone(record, Duration::from_secs(2)).await {
+            return Ok(());
         }
         Err(RuntimeError::Stop(format!(
             "pid {} still alive after SIGKILL",

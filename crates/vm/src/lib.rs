@@ -23,7 +23,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use verge_api::clock::now_rfc3339;
 use verge_api::{InstanceSpec, VmSpec};
-use verge_runtime::process::{is_alive, proc_stat, watch_by_polling};
+use verge_runtime::process::{is_alive, proc_stat, wait_gone, watch_by_polling};
 use verge_runtime::{RunRecord, Running, Runtime, RuntimeError, Workload};
 
 const DRIVER: &str = "vm";
@@ -207,16 +207,7 @@ impl Runtime for VmRuntime {
         }
         // The socket path is not in the record; find it from the pid's command line.
         let socket = qmp_socket_of(record.pid);
-        let wait_gone = |d: Duration| async move {
-            let deadline = tokio::time::Instant::now() + d;
-            while tokio::time::Instant::now() < deadline {
-                if !is_alive(record) {
-                    return true;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            !is_alive(record)
-        };
+        let wait_gone = |d: Duration| wait_gone(record, d);
         if let Some(sock) = &socket
             && let Ok(mut q) = qmp::Qmp::connect(sock).await
         {
