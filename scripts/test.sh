@@ -41,11 +41,13 @@ cargo build --quiet --locked --release --target wasm32-wasip2 --manifest-path gu
 echo "== fmt"
 cargo fmt --all -- --check
 echo "== clippy"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+# Every driver is built and tested, including those outside the default build.
+FEATURES=verge/container,verge/function
+cargo clippy --workspace --all-targets --locked --features "$FEATURES" -- -D warnings
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --locked --no-fail-fast
+  cargo nextest run --workspace --locked --no-fail-fast --features "$FEATURES"
 else
-  cargo test --workspace --locked --no-fail-fast
+  cargo test --workspace --locked --no-fail-fast --features "$FEATURES"
 fi
 echo "== all tests passed"

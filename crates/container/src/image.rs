@@ -122,7 +122,10 @@ pub fn layer_tar_gz(files: &[(&str, u32, &[u8])], symlinks: &[(&str, &str)]) -> 
 /// The image cache of a node.
 pub struct ImageStore {
     root: PathBuf,
-    client: oci_client::Client,
+    plain_http: Vec<String>,
+    /// Made at the first pull: an idle agent should not carry an HTTP client, its TLS
+    /// roots and connection pool.
+    client: std::sync::OnceLock<oci_client::Client>,
 }
 
 fn sha256_hex(data: &[u8]) -> String {
@@ -154,16 +157,25 @@ impl ImageStore {
     /// (a registry on loopback or a trusted site network). The process's rustls crypto
     /// provider must be installed first.
     pub fn new(root: PathBuf, plain_http: Vec<String>) -> Self {
-        let protocol = if plain_http.is_empty() {
-            ClientProtocol::Https
-        } else {
-            ClientProtocol::HttpsExcept(plain_http)
-        };
-        let client = oci_client::Client::new(ClientConfig {
-            protocol,
-            ..Default::default()
-        });
-        Self { root, client }
+        Self {
+            root,
+            plain_http,
+            client: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn client(&self) -> &oci_client::Client {
+        self.client.get_or_init(|| {
+            let protocol = if self.plain_http.is_empty() {
+                ClientProtocol::Https
+            } else {
+                ClientProtocol::HttpsExcept(self.plain_http.clone())
+            };
+            oci_client::Client::new(ClientConfig {
+                protocol,
+                ..Default::default()
+            })
+        })
     }
 
     /// Push a one-layer image (`layer`: a gzipped tar; `config`: the image config's
@@ -201,7 +213,7 @@ impl ImageStore {
             oci_client::manifest::IMAGE_CONFIG_MEDIA_TYPE.to_string(),
             None,
         );
-        self.client
+        self.client()
             .push(&r, &[layer], config, &RegistryAuth::Anonymous, None)
             .await
             .map(|p| p.manifest_url)
@@ -253,7 +265,7 @@ impl ImageStore {
         })?;
         let pull = |e: &dyn std::fmt::Display| ImageError::Pull(reference.into(), e.to_string());
         let (manifest, digest, config) = self
-            .client
+            .client()
             .pull_manifest_and_config(&r, &RegistryAuth::Anonymous)
             .await
             .map_err(|e| pull(&e))?;
@@ -283,7 +295,7 @@ impl ImageStore {
             let path = blobs.join(lhex);
             if !path.exists() {
                 let mut data = Vec::new();
-                self.client
+                self.client()
                     .pull_blob(&r, layer, &mut data)
                     .await
                     .map_err(|e| pull(&e))?;

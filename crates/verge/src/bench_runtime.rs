@@ -5,9 +5,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use serde_json::json;
-use verge_api::{Bytes, ContainerSpec, Cpu, Form, Instance, InstanceSpec, VmSpec};
+use verge_api::{Bytes, Cpu, Form, Instance, InstanceSpec, VmSpec};
 use verge_runtime::{Runtime, Workload};
 
 fn ms(d: Duration) -> f64 {
@@ -67,6 +67,8 @@ pub async fn run(starts: usize, component: &Path, output: &str) -> Result<()> {
 /// `runc run --detach` + `runc delete --force` of the same image root by hand.
 #[cfg(feature = "container")]
 async fn container(dir: &Path, starts: usize) -> Result<serde_json::Value> {
+    use anyhow::Context;
+    use verge_api::ContainerSpec;
     use verge_container::image::{ImageStore, layer_tar_gz};
     if !have("runc") || !have("docker-registry") {
         bail!("needs runc and docker-registry (apt-get install runc docker-registry)");
@@ -282,6 +284,7 @@ async fn vm(dir: &Path, boots: usize) -> Result<serde_json::Value> {
 }
 
 /// One HTTP/1.0 request on a new connection; the time until the whole answer is in.
+#[cfg(feature = "function")]
 async fn timed_get(addr: std::net::SocketAddr, path: &str) -> Result<(Duration, u16)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let t = Instant::now();

@@ -5,6 +5,7 @@
 //! re-adopted, a restart from the node's cache with the registry gone, memory limits,
 //! delete.
 
+#![cfg(feature = "container")]
 #![allow(clippy::disallowed_methods)]
 
 mod common;

@@ -1,6 +1,7 @@
 //! `form: function` end to end: the example manifest, a real hub and edge, the edge's
 //! function gateway, and the component the test suite builds (`guests/hello-fn`).
 
+#![cfg(feature = "function")]
 #![allow(clippy::disallowed_methods)]
 
 mod common;

@@ -2,6 +2,7 @@
 //! marker on its serial console (the instance's log), keeps running when the agent is
 //! killed, is reattached by the restarted agent, and is stopped on delete.
 
+#![cfg(feature = "vm")]
 #![allow(clippy::disallowed_methods)]
 
 mod common;
