@@ -36,7 +36,9 @@ fi
 
 # The Wasm component the function tests run, built from guests/hello-fn.
 rustup target add wasm32-wasip2 >/dev/null
-cargo build --quiet --locked --release --target wasm32-wasip2 --manifest-path guests/hello-fn/Cargo.toml
+# (its own target dir, whatever CARGO_TARGET_DIR says: the tests look for it there)
+cargo build --quiet --locked --release --target wasm32-wasip2 \
+  --manifest-path guests/hello-fn/Cargo.toml --target-dir guests/hello-fn/target
 
 echo "== fmt"
 cargo fmt --all -- --check

@@ -212,10 +212,21 @@ impl Hub {
         phase: &str,
         timeout: Duration,
     ) -> serde_json::Value {
-        wait_for(&format!("{kind}/{name} to be {phase}"), timeout, || {
-            self.get_json(kind, name)
-                .filter(|v| v["status"]["phase"] == phase)
-        })
+        let mut last = None;
+        let start = Instant::now();
+        loop {
+            let got = self.get_json(kind, name);
+            if let Some(v) = got.as_ref().filter(|v| v["status"]["phase"] == phase) {
+                return v.clone();
+            }
+            last = got.or(last);
+            assert!(
+                start.elapsed() < timeout,
+                "timed out after {timeout:?} waiting for {kind}/{name} to be {phase}; last seen: {}",
+                last.map_or("nothing".to_string(), |v| v["status"].to_string())
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
