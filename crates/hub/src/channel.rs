@@ -33,6 +33,9 @@ use crate::objects::{Objects, decode_value, store_err};
 use crate::state::HubState;
 use crate::tokens::check_join_token;
 
+/// How a lost race on a join token's revision starts its message.
+const CONCURRENT_USE: &str = "join token was used concurrently";
+
 /// How long a peer has to send its first message.
 const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a bookmark is sent when only other nodes' changes happened.
@@ -55,7 +58,27 @@ pub async fn serve_enroll<S: AsyncRead + AsyncWrite + Unpin>(st: Arc<HubState>, 
                 csr_pem,
                 labels,
             }))) => {
-                match enroll(&st, protocol_version, &token, &node_name, &csr_pem, labels).await {
+                // Two edges enrolling at once with one multi-use token race on the
+                // token's revision; the loser tries again (a spent token then says so).
+                let mut attempt = 0;
+                let result = loop {
+                    let r = enroll(
+                        &st,
+                        protocol_version,
+                        &token,
+                        &node_name,
+                        &csr_pem,
+                        labels.clone(),
+                    )
+                    .await;
+                    match r {
+                        Err(e) if e.message.starts_with(CONCURRENT_USE) && attempt < 8 => {
+                            attempt += 1;
+                        }
+                        r => break r,
+                    }
+                };
+                match result {
                     Ok(reply) => {
                         tracing::info!(node = %node_name, "edge enrolled");
                         st.metrics.enrolments.get_or_create(&label("ok")).inc();
@@ -183,7 +206,7 @@ async fn enroll(
         }
         return Err(ApiError::new(
             ErrorCode::Unauthorized,
-            "join token was used concurrently and is spent; ask for a new one",
+            format!("{CONCURRENT_USE} and is spent; ask for a new one"),
         ));
     }
     Ok(HubToEdge::Enrolled {
