@@ -68,6 +68,15 @@ pub struct Image {
     pub working_dir: String,
 }
 
+/// A configuration for Debian's `docker-registry` serving from `storage` on `addr`
+/// (what tests and `verge bench runtime` start on loopback).
+pub fn registry_config(storage: &Path, addr: &str) -> String {
+    format!(
+        "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+        storage.display()
+    )
+}
+
 /// A gzipped tar layer holding `files` (path, mode, contents) and `symlinks`
 /// (path, target): how tests and examples build small images without a container
 /// engine.

@@ -79,10 +79,7 @@ async fn container(dir: &Path, starts: usize) -> Result<serde_json::Value> {
     let config = dir.join("registry.yml");
     std::fs::write(
         &config,
-        format!(
-            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-            dir.join("registry").display()
-        ),
+        verge_container::image::registry_config(&dir.join("registry"), &addr),
     )?;
     let _registry = tokio::process::Command::new("docker-registry")
         .arg("serve")

@@ -29,10 +29,7 @@ impl Registry {
         let config = dir.join("registry.yml");
         std::fs::write(
             &config,
-            format!(
-                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-                dir.join("registry-data").display()
-            ),
+            verge_container::image::registry_config(&dir.join("registry-data"), &addr),
         )
         .expect("config");
         let log = dir.join("registry.log");
