@@ -5,9 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages the tests use: a C compiler (SQLite is built from source), QEMU and a
-# static busybox for the VM driver's tests (they boot a busybox initrd), runc and
+# static busybox for the VM driver's tests (they boot a busybox initrd; qemu-img makes
+# the overlays of disk images from the artifact cache), runc and
 # Debian's OCI registry for the container driver's (busybox again, as an image).
-APT_PACKAGES=(gcc qemu-system-x86 busybox-static runc docker-registry)
+APT_PACKAGES=(gcc qemu-system-x86 qemu-utils busybox-static runc docker-registry)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

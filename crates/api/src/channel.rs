@@ -315,4 +315,11 @@ pub enum StreamHello {
         /// The declared port of `to`.
         port: u16,
     },
+    /// Send the artifact `digest` from the hub's artifact store (data chunks, then
+    /// eof; or an error chunk). The edge verifies the digest.
+    #[serde(rename_all = "camelCase")]
+    Artifact {
+        /// `sha256:...`.
+        digest: String,
+    },
 }

@@ -500,16 +500,10 @@ impl Kind for InstanceSpec {
                 None => errs.push(
                     "spec.function",
                     "",
-                    "required when spec.form is 'function'; set spec.function.component to the component's path on the node",
+                    "required when spec.form is 'function'; set spec.function.component to the component (a registry reference, a sha256: digest in the hub's artifact store, or a path on the node)",
                 ),
                 Some(f) => {
-                    if !f.component.starts_with('/') {
-                        errs.push(
-                            "spec.function.component",
-                            &f.component,
-                            "must be an absolute path on the node, e.g. /var/lib/verge/functions/hello.wasm",
-                        );
-                    }
+                    check_artifact(errs, "spec.function.component", &f.component);
                     if f.timeout_ms.is_some_and(|t| t == 0 || t > 600_000) {
                         errs.push(
                             "spec.function.timeoutMs",
@@ -565,19 +559,13 @@ impl Kind for InstanceSpec {
                             "an initrd needs spec.vm.kernel",
                         );
                     }
-                    for (field, path) in [
+                    for (field, value) in [
                         ("spec.vm.kernel", &vm.kernel),
                         ("spec.vm.initrd", &vm.initrd),
                         ("spec.vm.disk", &vm.disk),
                     ] {
-                        if let Some(p) = path
-                            && (!p.starts_with('/') || p.contains(','))
-                        {
-                            errs.push(
-                                field,
-                                p,
-                                "must be an absolute path on the node, without commas",
-                            );
+                        if let Some(v) = value {
+                            check_artifact(errs, field, v);
                         }
                     }
                 }
@@ -738,5 +726,25 @@ impl Kind for InstanceSpec {
                 "must be at most 3600",
             );
         }
+    }
+}
+
+/// Check an artifact field: an absolute path on the node, a `sha256:` digest of a
+/// blob in the hub's artifact store, or an OCI registry reference.
+fn check_artifact(errs: &mut FieldErrors, field: &str, value: &str) {
+    const FORMS: &str = "must be an OCI reference (registry.example:5000/fns/hello:1), a digest in the hub's artifact store (sha256:<64 hex digits>, from `verge artifact push FILE`), or an absolute path on the node";
+    let bad = value.is_empty()
+        || value.contains(|c: char| c.is_whitespace() || c.is_control() || c == ',')
+        || match value.strip_prefix("sha256:") {
+            Some(hex) => {
+                hex.len() != 64
+                    || !hex
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            }
+            None => !value.starts_with('/') && (value.contains("..") || value.starts_with('.')),
+        };
+    if bad {
+        errs.push(field, value, FORMS);
     }
 }

@@ -2,10 +2,11 @@
 //! against its digest, kept content-addressed, and unpacked once per image.
 //!
 //! ```text
-//! ROOT/blobs/sha256/HEX          layers and configs, by digest
+//! ROOT/blobs/sha256/HEX          layers, by digest (a verge_artifacts::Cache, shared
+//!                                with the node's other artifacts)
 //! ROOT/images/HEX/rootfs/        an image's unpacked layers (HEX: manifest digest)
 //! ROOT/images/HEX/config.json    its image config
-//! ROOT/refs/NAME                 reference -> manifest digest
+//! ROOT/refs/images/NAME          reference -> manifest digest
 //! ```
 //!
 //! A reference found in `refs/` is used from the cache without asking the registry, so
@@ -13,36 +14,18 @@
 
 use std::path::{Path, PathBuf};
 
-use oci_client::Reference;
-use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
-use sha2::{Digest, Sha256};
+use verge_artifacts::{ArtifactError, Cache, Registry, digest_hex, sha256_hex};
 
 use crate::unpack::{UnpackError, unpack_layer};
 
 /// Image failures.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    /// The reference does not parse.
-    #[error("image reference {0:?} is not valid: {1}")]
-    Reference(String, String),
-    /// The registry failed or refused.
-    #[error("pulling {0}: {1}")]
-    Pull(String, String),
-    /// A blob's content does not match its digest.
-    #[error(
-        "{what} of {image} does not match its digest (expected {expected}, got {actual}); refusing it"
-    )]
-    Digest {
-        /// Which blob.
-        what: String,
-        /// The image.
-        image: String,
-        /// The digest the manifest names.
-        expected: String,
-        /// The digest of what arrived.
-        actual: String,
-    },
+    /// Fetching or verifying a blob failed (bad reference, registry error, digest
+    /// mismatch).
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
     /// A layer could not be unpacked safely.
     #[error("unpacking {0}: {1}")]
     Unpack(String, UnpackError),
@@ -66,15 +49,6 @@ pub struct Image {
     pub env: Vec<String>,
     /// `WorkingDir` of the image config.
     pub working_dir: String,
-}
-
-/// A configuration for Debian's `docker-registry` serving from `storage` on `addr`
-/// (what tests and `verge bench runtime` start on loopback).
-pub fn registry_config(storage: &Path, addr: &str) -> String {
-    format!(
-        "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-        storage.display()
-    )
 }
 
 /// A gzipped tar layer holding `files` (path, mode, contents) and `symlinks`
@@ -131,34 +105,8 @@ pub fn layer_tar_gz(files: &[(&str, u32, &[u8])], symlinks: &[(&str, &str)]) -> 
 /// The image cache of a node.
 pub struct ImageStore {
     root: PathBuf,
-    plain_http: Vec<String>,
-    /// Made at the first pull: an idle agent should not carry an HTTP client, its TLS
-    /// roots and connection pool.
-    client: std::sync::OnceLock<oci_client::Client>,
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    let mut h = Sha256::new();
-    h.update(data);
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn hex_of(digest: &str) -> Option<&str> {
-    let hex = digest.strip_prefix("sha256:")?;
-    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(hex)
-}
-
-fn ref_file_name(reference: &str) -> String {
-    reference
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    blobs: Cache,
+    registry: Registry,
 }
 
 impl ImageStore {
@@ -167,24 +115,10 @@ impl ImageStore {
     /// provider must be installed first.
     pub fn new(root: PathBuf, plain_http: Vec<String>) -> Self {
         Self {
+            blobs: Cache::new(&root),
             root,
-            plain_http,
-            client: std::sync::OnceLock::new(),
+            registry: Registry::new(plain_http),
         }
-    }
-
-    fn client(&self) -> &oci_client::Client {
-        self.client.get_or_init(|| {
-            let protocol = if self.plain_http.is_empty() {
-                ClientProtocol::Https
-            } else {
-                ClientProtocol::HttpsExcept(self.plain_http.clone())
-            };
-            oci_client::Client::new(ClientConfig {
-                protocol,
-                ..Default::default()
-            })
-        })
     }
 
     /// Push a one-layer image (`layer`: a gzipped tar; `config`: the image config's
@@ -195,9 +129,7 @@ impl ImageStore {
         layer: Vec<u8>,
         config: serde_json::Value,
     ) -> Result<String, ImageError> {
-        let r: Reference = reference.parse().map_err(|e: oci_client::ParseError| {
-            ImageError::Reference(reference.into(), e.to_string())
-        })?;
+        let r = Registry::parse(reference)?;
         let layer = oci_client::client::ImageLayer::new(
             layer,
             oci_client::manifest::IMAGE_LAYER_GZIP_MEDIA_TYPE.to_string(),
@@ -222,11 +154,12 @@ impl ImageStore {
             oci_client::manifest::IMAGE_CONFIG_MEDIA_TYPE.to_string(),
             None,
         );
-        self.client()
+        self.registry
+            .client()
             .push(&r, &[layer], config, &RegistryAuth::Anonymous, None)
             .await
             .map(|p| p.manifest_url)
-            .map_err(|e| ImageError::Pull(reference.into(), e.to_string()))
+            .map_err(|e| ArtifactError::Registry(reference.into(), format!("push: {e}")).into())
     }
 
     fn io(&self, p: &Path) -> impl Fn(std::io::Error) -> ImageError + '_ {
@@ -235,7 +168,7 @@ impl ImageStore {
     }
 
     fn load(&self, digest: &str) -> Option<Image> {
-        let dir = self.root.join("images").join(hex_of(digest)?);
+        let dir = self.root.join("images").join(digest_hex(digest)?);
         let config: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.join("config.json")).ok()?).ok()?;
         let c = &config["config"];
@@ -262,57 +195,41 @@ impl ImageStore {
     /// The image for `reference`: from the cache when it was pulled before, else pulled,
     /// verified and unpacked.
     pub async fn ensure(&self, reference: &str) -> Result<Image, ImageError> {
-        let refs = self.root.join("refs");
-        let ref_file = refs.join(ref_file_name(reference));
-        if let Ok(d) = std::fs::read_to_string(&ref_file)
-            && let Some(img) = self.load(d.trim())
+        if let Some(img) = self
+            .blobs
+            .reference("images", reference)
+            .and_then(|d| self.load(&d))
         {
             return Ok(img);
         }
-        let r: Reference = reference.parse().map_err(|e: oci_client::ParseError| {
-            ImageError::Reference(reference.into(), e.to_string())
-        })?;
-        let pull = |e: &dyn std::fmt::Display| ImageError::Pull(reference.into(), e.to_string());
+        let r = Registry::parse(reference)?;
+        let pull =
+            |e: &dyn std::fmt::Display| ArtifactError::Registry(reference.into(), e.to_string());
         let (manifest, digest, config) = self
+            .registry
             .client()
             .pull_manifest_and_config(&r, &RegistryAuth::Anonymous)
             .await
             .map_err(|e| pull(&e))?;
-        let hex = hex_of(&digest)
+        let hex = digest_hex(&digest)
             .ok_or_else(|| pull(&format!("unexpected manifest digest {digest:?}")))?
             .to_string();
-        let check = |what: &str, expected: &str, data: &[u8]| {
-            let actual = format!("sha256:{}", sha256_hex(data));
-            if actual == expected {
-                Ok(())
-            } else {
-                Err(ImageError::Digest {
-                    what: what.into(),
-                    image: reference.into(),
-                    expected: expected.into(),
-                    actual,
-                })
+        let config_digest = format!("sha256:{}", sha256_hex(config.as_bytes()));
+        if config_digest != manifest.config.digest {
+            return Err(ArtifactError::Digest {
+                what: format!("the config of {reference}"),
+                expected: manifest.config.digest.clone(),
+                actual: config_digest,
             }
-        };
-        check("the config", &manifest.config.digest, config.as_bytes())?;
-        let blobs = self.root.join("blobs").join("sha256");
-        std::fs::create_dir_all(&blobs).map_err(self.io(&blobs))?;
+            .into());
+        }
         let mut layer_files = Vec::new();
         for (i, layer) in manifest.layers.iter().enumerate() {
-            let lhex = hex_of(&layer.digest)
-                .ok_or_else(|| pull(&format!("layer digest {:?}", layer.digest)))?;
-            let path = blobs.join(lhex);
-            if !path.exists() {
-                let mut data = Vec::new();
-                self.client()
-                    .pull_blob(&r, layer, &mut data)
-                    .await
-                    .map_err(|e| pull(&e))?;
-                check(&format!("layer {i}"), &layer.digest, &data)?;
-                let tmp = path.with_extension("partial");
-                std::fs::write(&tmp, &data).map_err(self.io(&tmp))?;
-                std::fs::rename(&tmp, &path).map_err(self.io(&path))?;
-            }
+            let what = format!("layer {i} of {reference}");
+            let path = self
+                .registry
+                .pull_blob(&self.blobs, &r, layer, &what)
+                .await?;
             layer_files.push((path, layer.media_type.clone()));
         }
         let images = self.root.join("images");
@@ -338,10 +255,9 @@ impl ImageStore {
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::rename(&tmp, &dir).map_err(self.io(&dir))?;
         }
-        std::fs::create_dir_all(&refs).map_err(self.io(&refs))?;
-        std::fs::write(&ref_file, &digest).map_err(self.io(&ref_file))?;
+        self.blobs.set_reference("images", reference, &digest)?;
         tracing::info!(image = reference, %digest, "image pulled and unpacked");
         self.load(&digest)
-            .ok_or_else(|| pull(&"the unpacked image is incomplete"))
+            .ok_or_else(|| pull(&"the unpacked image is incomplete").into())
     }
 }

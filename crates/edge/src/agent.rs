@@ -103,6 +103,8 @@ pub struct Agent {
     pub links: crate::links::Links,
     /// The node's account of resources, and the cgroups that enforce it.
     pub resources: crate::resources::ResourceManager,
+    /// The node's artifact cache (components, VM images), filled before starts.
+    pub artifacts: crate::artifacts::Artifacts,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -115,8 +117,12 @@ impl Agent {
         dir: PathBuf,
         runtime: Arc<dyn Runtime>,
         resources: crate::resources::ResourceManager,
+        plain_http_registries: Vec<String>,
     ) -> Result<Arc<Self>, EdgeError> {
         let desired = Desired::load(&dir)?;
+        let links = crate::links::Links::default();
+        let artifacts =
+            crate::artifacts::Artifacts::new(&dir, plain_http_registries, links.opener().clone());
         Ok(Arc::new(Self {
             dir,
             runtime,
@@ -127,8 +133,9 @@ impl Agent {
             removed: Mutex::new(Vec::new()),
             outbox: Notify::new(),
             reconcile_kick: Notify::new(),
-            links: Default::default(),
+            links,
             resources,
+            artifacts,
         }))
     }
 
@@ -417,15 +424,24 @@ impl Agent {
                         s.phase = InstancePhase::Starting;
                         s.observed_generation = generation;
                     });
-                    match self.runtime.start(&workload).await {
+                    let started = match self.artifacts.localize(&workload.instance.spec).await {
+                        Ok(spec) => {
+                            workload.instance.spec = spec;
+                            self.runtime
+                                .start(&workload)
+                                .await
+                                .map_err(|e| e.to_string())
+                        }
+                        Err(why) => Err(why),
+                    };
+                    match started {
                         Ok(r) => {
                             if let Err(e) = files::save_record(&dir, &r.record) {
                                 tracing::warn!(instance = %name, error = %e, "could not save run record");
                             }
                             r
                         }
-                        Err(e) => {
-                            let msg = e.to_string();
+                        Err(msg) => {
                             tracing::warn!(instance = %name, error = %msg, "start failed");
                             let retry = policy != RestartPolicy::Never;
                             self.set_status(&name, &uid, |s| {

@@ -10,6 +10,7 @@
 //! Start reading at [`run`].
 
 pub mod agent;
+pub mod artifacts;
 pub mod files;
 pub mod links;
 pub mod resources;
@@ -113,6 +114,8 @@ pub struct EdgeConfig {
     pub stop_workloads_on_exit: bool,
     /// Capacity overrides.
     pub capacity: CapacityConfig,
+    /// OCI registries (`HOST:PORT`) spoken to over plain HTTP.
+    pub plain_http_registries: Vec<String>,
 }
 
 /// The agent's metrics.
@@ -283,7 +286,12 @@ pub async fn run(
         facts.allocatable.memory,
         verge_runtime::cgroup::Cgroups::detect(&format!("verge-{}", config.name)),
     );
-    let agent = Agent::new(dir.clone(), runtime, resources)?;
+    let agent = Agent::new(
+        dir.clone(),
+        runtime,
+        resources,
+        config.plain_http_registries.clone(),
+    )?;
     // Autonomy first: run what the cache says before talking to anyone.
     tokio::spawn(agent.clone().reconciler());
 

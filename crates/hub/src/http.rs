@@ -140,7 +140,7 @@ fn forbidden(node: &str, what: &str) -> HttpError {
     .into()
 }
 
-fn admin_only(p: &Principal, what: &str) -> ApiResult<()> {
+pub(crate) fn admin_only(p: &Principal, what: &str) -> ApiResult<()> {
     match p {
         Principal::Admin => Ok(()),
         Principal::Node(n) => Err(forbidden(n, what)),
@@ -747,7 +747,7 @@ async fn count_requests(State(st): State<Arc<HubState>>, req: Request, next: Nex
 async fn not_found() -> HttpError {
     ApiError::new(
         ErrorCode::NotFound,
-        "no such endpoint; the API lives under /v1/{nodes,instances,regions,tokens,inventory,sched}",
+        "no such endpoint; the API lives under /v1/{nodes,instances,regions,tokens,inventory,sched,artifacts}",
     )
     .into()
 }
@@ -776,6 +776,14 @@ pub fn router(state: Arc<HubState>) -> Router {
         .route("/v1/instances/{name}/exec", get(exec))
         .route("/v1/instances/{name}/portforward", get(port_forward))
         .route("/v1/tokens", post(tokens))
+        .route(
+            "/v1/artifacts",
+            get(crate::artifacts::handlers::get_list).put(crate::artifacts::handlers::put),
+        )
+        .route(
+            "/v1/artifacts/{digest}",
+            get(crate::artifacts::handlers::get_one).delete(crate::artifacts::handlers::delete_one),
+        )
         .route("/v1/version", get(version))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))

@@ -428,6 +428,9 @@ pub struct HubState {
     pub schedule_kick: Notify,
     /// The offline scheduler's latest recommendations: when, for how many nodes, what.
     pub recommendations: Mutex<Option<(std::time::Instant, usize, verge_sched::Recommendations)>>,
+    /// The artifact store: blobs (Wasm components, VM images, ...) by digest, under
+    /// `DATA_DIR/artifacts`, which edges fetch over their channel.
+    pub artifacts: verge_artifacts::Cache,
     /// Token bucket for admitting edge sessions: tokens left, last refill.
     admission: Mutex<(f64, std::time::Instant)>,
 }
@@ -439,6 +442,7 @@ impl HubState {
         Arc::new(Self {
             objects,
             ca,
+            artifacts: verge_artifacts::Cache::new(config.data_dir.join("artifacts")),
             config,
             edges: EdgeRegistry::default(),
             metrics: Metrics::new(),

@@ -86,6 +86,10 @@ pub async fn serve_data_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'stati
         StreamHello::Relay { from, to, port } => {
             relay(st, node, Box::new(stream), from, to, port).await;
         }
+        StreamHello::Artifact { digest } => {
+            count(&st, "artifact", "ok");
+            crate::artifacts::serve_stream(&st, &node, stream, &digest).await;
+        }
     }
 }
 

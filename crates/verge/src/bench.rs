@@ -497,6 +497,7 @@ fn spawn_edges(
                 memory: Some(verge_api::Bytes(8 << 30)),
                 ..Default::default()
             },
+            plain_http_registries: Vec::new(),
         };
         let mut rx = stop.subscribe();
         tokio::spawn(async move {

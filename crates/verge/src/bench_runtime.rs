@@ -79,7 +79,7 @@ async fn container(dir: &Path, starts: usize) -> Result<serde_json::Value> {
     let config = dir.join("registry.yml");
     std::fs::write(
         &config,
-        verge_container::image::registry_config(&dir.join("registry"), &addr),
+        verge_artifacts::registry_config(&dir.join("registry"), &addr),
     )?;
     let _registry = tokio::process::Command::new("docker-registry")
         .arg("serve")

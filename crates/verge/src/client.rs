@@ -126,6 +126,23 @@ impl Client {
         Ok((code, r.json().await.context("decoding hub response")?))
     }
 
+    /// PUT a file's bytes (streamed), returning the JSON answer.
+    pub async fn put_file<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        file: tokio::fs::File,
+    ) -> Result<T> {
+        let r = self
+            .send(
+                self.http
+                    .put(self.url(path))
+                    .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                    .body(file),
+            )
+            .await?;
+        r.json().await.context("decoding hub response")
+    }
+
     /// POST JSON.
     pub async fn post<T: DeserializeOwned>(
         &self,

@@ -3,6 +3,7 @@
 //! This file only parses arguments and dispatches; the hub lives in `verge-hub`, the
 //! agent in `verge-edge`, and the CLI commands in [`cli`].
 
+mod artifact;
 mod bench;
 mod bench_runtime;
 mod cli;
@@ -199,6 +200,12 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Put files (Wasm components, VM kernels, initrds, disk images) where nodes fetch
+    /// them: the hub's artifact store (named by digest) or an OCI registry.
+    Artifact {
+        #[command(subcommand)]
+        command: ArtifactCommand,
+    },
     /// Measure Verge on this machine.
     Bench {
         #[command(subcommand)]
@@ -231,6 +238,34 @@ enum SchedCommand {
         /// Without this, only show the plan.
         #[arg(long)]
         apply: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ArtifactCommand {
+    /// Upload a file to the hub's artifact store and print its digest (sha256:...), which
+    /// manifests then name; or, with --to, publish it to an OCI registry.
+    Push {
+        /// The file.
+        file: PathBuf,
+        /// Publish to this OCI reference instead (e.g. registry.example:5000/fns/hello:1).
+        #[arg(long)]
+        to: Option<String>,
+        /// Speak plain HTTP to the registry of --to (a registry on loopback or a trusted
+        /// network).
+        #[arg(long)]
+        plain_http: bool,
+    },
+    /// List the hub's artifacts.
+    List {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: cli::Output,
+    },
+    /// Delete an artifact from the hub's store (nodes keep their copies).
+    Rm {
+        /// Its digest.
+        digest: String,
     },
 }
 
@@ -409,7 +444,7 @@ fn real_main() -> Result<()> {
             verge_tunnel::install_crypto_provider();
             let runtime = Arc::new(node_drivers(
                 &data_dir,
-                plain_http_registries,
+                plain_http_registries.clone(),
                 function_listen,
             )?);
             rt.block_on(async {
@@ -429,6 +464,7 @@ fn real_main() -> Result<()> {
                         bandwidth_mbps,
                         addresses,
                     },
+                    plain_http_registries,
                 };
                 verge_edge::run(config, runtime, shutdown_signal(), |m| {
                     println!(
@@ -447,6 +483,24 @@ fn real_main() -> Result<()> {
         Command::Bench { command } => {
             init_tracing("warn");
             bench::run(command, args.config)
+        }
+        Command::Artifact {
+            command:
+                ArtifactCommand::Push {
+                    file,
+                    to: Some(reference),
+                    plain_http,
+                },
+        } => {
+            init_tracing("warn");
+            // The registry's HOST:PORT is what precedes the first '/'.
+            let registry = reference.split('/').next().unwrap_or_default().to_string();
+            let plain = if plain_http {
+                vec![registry]
+            } else {
+                Vec::new()
+            };
+            cli_runtime()?.block_on(artifact::push_to_registry(&file, &reference, plain))
         }
         other => {
             init_tracing("warn");
@@ -573,6 +627,17 @@ async fn run_cli(config: Option<PathBuf>, command: Command) -> Result<()> {
             )
             .await
         }
+        Command::Artifact { command } => match command {
+            ArtifactCommand::Push { file, .. } => {
+                artifact::push_to_hub(&client, &file).await.map(drop)
+            }
+            ArtifactCommand::List { output } => artifact::list(&client, output).await,
+            ArtifactCommand::Rm { digest } => {
+                client.delete(&format!("/v1/artifacts/{digest}")).await?;
+                println!("artifact {digest} deleted");
+                Ok(())
+            }
+        },
         Command::Token {
             command:
                 TokenCommand::Create {

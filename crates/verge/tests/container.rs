@@ -16,41 +16,6 @@ use common::*;
 
 const T: Duration = Duration::from_secs(60);
 
-/// `docker-registry` on a free loopback port, stopped on drop.
-struct Registry {
-    proc: Proc,
-    addr: String,
-}
-
-impl Registry {
-    fn start(dir: &std::path::Path) -> Registry {
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
-        let config = dir.join("registry.yml");
-        std::fs::write(
-            &config,
-            verge_container::image::registry_config(&dir.join("registry-data"), &addr),
-        )
-        .expect("config");
-        let log = dir.join("registry.log");
-        let child = std::process::Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(std::fs::File::create(&log).expect("log"))
-            .stderr(std::fs::File::create(dir.join("registry.err")).expect("log"))
-            .spawn()
-            .expect("docker-registry (apt-get install docker-registry)");
-        let r = Registry {
-            proc: Proc { child, log },
-            addr,
-        };
-        wait_for("the registry", T, || {
-            std::net::TcpStream::connect(&r.addr).ok()
-        });
-        r
-    }
-}
-
 /// Build a busybox image and push it to `reference`.
 fn push_busybox(reference: &str, registry: &str) {
     let busybox =

@@ -1,5 +1,7 @@
 //! `form: function` end to end: the example manifest, a real hub and edge, the edge's
-//! function gateway, and the component the test suite builds (`guests/hello-fn`).
+//! function gateway, and the component the test suite builds (`guests/hello-fn`),
+//! published to Debian's `docker-registry` on loopback and served from the node's cache
+//! once the registry is gone.
 
 #![cfg(feature = "function")]
 #![allow(clippy::disallowed_methods)]
@@ -45,27 +47,48 @@ fn an_http_function_is_deployed_served_and_removed() {
         "{component} is missing: run ./scripts/test.sh (it builds guests/hello-fn)"
     );
     let d = test_dir();
+    let mut registry = Registry::start(d.path());
+    let reference = format!("{}/verge/hello-fn:1", registry.addr);
     let hub = Hub::start(d.path());
-    let edge = Edge::start_with(
+    // Published the way users do it: a single-layer OCI artifact (application/wasm).
+    hub.ok(&[
+        "artifact",
+        "push",
+        &component,
+        "--to",
+        &reference,
+        "--plain-http",
+    ]);
+    let edge_dir = d.path().join("fn-node");
+    let edge_args = [
+        "--function-listen",
+        "127.0.0.1:0",
+        "--plain-http-registry",
+        registry.addr.as_str(),
+    ];
+    let mut edge = Edge::start_with(
         &hub.url,
         "fn-node",
         Some(&hub.token(1)),
-        &d.path().join("fn-node"),
-        &["--function-listen", "127.0.0.1:0"],
+        &edge_dir,
+        &edge_args,
     );
-    let addr = wait_for("the gateway address", T, || {
-        edge.proc.log_text().lines().find_map(|l| {
-            l.split("function gateway listening on ")
-                .nth(1)
-                .map(|a| a.trim().to_string())
+    let gateway = |edge: &Edge| {
+        wait_for("the gateway address", T, || {
+            edge.proc.log_text().lines().find_map(|l| {
+                l.split("function gateway listening on ")
+                    .nth(1)
+                    .map(|a| a.trim().to_string())
+            })
         })
-    });
+    };
+    let addr = gateway(&edge);
     let example = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../examples/runtimes/function-hello.yaml"
     ))
     .expect("example")
-    .replace("/var/lib/verge/functions/hello_fn.wasm", &component);
+    .replace("127.0.0.1:5000", &registry.addr);
     let out = hub.apply(&example);
     assert!(
         out.status.success(),
@@ -85,6 +108,15 @@ fn an_http_function_is_deployed_served_and_removed() {
     });
     let (status, body) = get(&addr, "/hello-fn/spin");
     assert_eq!(status, 504, "{body}");
+
+    // Cut off from the registry, a restarted agent serves the function from its cache.
+    registry.proc.kill();
+    edge.proc.kill();
+    edge = Edge::start_with(&hub.url, "fn-node", None, &edge_dir, &edge_args);
+    let addr = gateway(&edge);
+    wait_for("the function back from the cache", T, || {
+        (get(&addr, "/hello-fn/edge") == (200, "hello from /edge".into())).then_some(())
+    });
 
     hub.ok(&["delete", "instance", "hello-fn"]);
     wait_for("the function to be gone", T, || {

@@ -75,3 +75,98 @@ fn a_vm_boots_to_its_marker_outlives_the_agent_and_is_reattached() {
     hub.ok(&["delete", "instance", "tiny-vm"]);
     wait_for("QEMU to stop", T, || (!pid_alive(pid)).then_some(()));
 }
+
+#[test]
+fn a_vm_boots_a_disk_image_from_the_hubs_artifact_store_and_restarts_without_the_hub() {
+    let d = test_dir();
+    let mut hub = Hub::start(d.path());
+    let node = unique("disk-node");
+    let mut edge = Edge::start(&hub, &node, Some(&hub.token(1)));
+    let image = d.path().join("disk.img");
+    verge_vm::images::boot_sector_disk(&image, "VERGE-DISK-UP").expect("disk");
+    let digest = hub
+        .ok(&["artifact", "push", image.to_str().expect("utf8")])
+        .trim()
+        .to_string();
+    assert!(digest.starts_with("sha256:"), "{digest}");
+    assert!(hub.ok(&["artifact", "list"]).contains(&digest));
+
+    // A digest the hub does not have: the instance says so and what to do.
+    let missing = format!("sha256:{}", "1".repeat(64));
+    let manifest = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/runtimes/vm-disk.yaml"
+    ))
+    .expect("example");
+    let zero = format!("sha256:{}", "0".repeat(64));
+    let out = hub.apply(
+        &manifest
+            .replace(&zero, &missing)
+            .replace("name: disk-vm", "name: nowhere-vm"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the missing artifact explained", T, || {
+        let i = hub.get_json("instances", "nowhere-vm")?;
+        let msg = i["status"]["message"].as_str().unwrap_or("").to_string();
+        (msg.contains(&missing) && msg.contains("verge artifact push")).then_some(())
+    });
+    hub.ok(&["delete", "instance", "nowhere-vm"]);
+
+    let out = hub.apply(&manifest.replace(&zero, &digest));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pid = hub.wait_phase("instances", "disk-vm", "Running", T)["status"]["pid"]
+        .as_u64()
+        .expect("pid");
+    wait_for("the disk's boot marker", T, || {
+        hub.ok(&["logs", "disk-vm"])
+            .contains("VERGE-DISK-UP")
+            .then_some(())
+    });
+    // The node's copy is verified and read-only; the VM writes to its own overlay.
+    let instance_dir = edge.dir.join("instances").join("disk-vm");
+    assert!(instance_dir.join("disk.qcow2").exists());
+    let cached = edge
+        .dir
+        .join("artifacts/blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"));
+    assert_eq!(
+        std::fs::read(&cached).expect("cached copy"),
+        std::fs::read(&image).expect("image")
+    );
+
+    // Cut off: the hub is gone, the agent restarts, the VM dies. The agent boots it
+    // again from its cache.
+    hub.proc.kill();
+    edge.proc.kill();
+    kill_pid(pid as u32);
+    wait_for("QEMU to die", T, || (!pid_alive(pid)).then_some(()));
+    let edge = Edge::start_in(&hub.url, &node, None, &edge.dir);
+    let log = instance_dir.join("output.log");
+    wait_for("the VM booted again without the hub", T, || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        (text.matches("VERGE-DISK-UP").count() >= 2).then_some(())
+    });
+    assert!(
+        !edge.proc.log_text().contains("fetched from the hub"),
+        "the restart used the node's copy"
+    );
+    // The hub comes back (same data), and deleting the instance stops the VM.
+    let hub = Hub::start_on(d.path(), hub.port);
+    let old = pid;
+    let pid = wait_for("the VM's new pid", T, || {
+        hub.get_json("instances", "disk-vm")?["status"]["pid"]
+            .as_u64()
+            .filter(|p| *p != old)
+    });
+    hub.ok(&["delete", "instance", "disk-vm"]);
+    wait_for("QEMU to stop", T, || (!pid_alive(pid)).then_some(()));
+    drop(edge);
+}

@@ -60,3 +60,27 @@ pub fn marker_init(marker: &str) -> String {
         "#!/bin/busybox sh\n/bin/busybox echo {marker}\nwhile true; do /bin/busybox echo tick; /bin/busybox sleep 1; done\n"
     )
 }
+
+/// A raw disk image (1 MiB) whose boot sector prints `marker` on the first serial port
+/// and halts: the smallest thing a BIOS boots from a disk, for testing disk boots.
+pub fn boot_sector_disk(path: &Path, marker: &str) -> Result<(), String> {
+    // 16-bit real mode at 0x7c00:
+    //   cli; xor ax,ax; mov ds,ax; mov si,msg; mov dx,0x3f8
+    //   next: lodsb; test al,al; jz done; out dx,al; jmp next
+    //   done: hlt; jmp done
+    //   msg: marker, "\r\n", 0
+    const CODE: [u8; 22] = [
+        0xfa, 0x31, 0xc0, 0x8e, 0xd8, 0xbe, 0x16, 0x7c, 0xba, 0xf8, 0x03, 0xac, 0x84, 0xc0, 0x74,
+        0x03, 0xee, 0xeb, 0xf8, 0xf4, 0xeb, 0xfd,
+    ];
+    let msg = format!("{marker}\r\n\0");
+    if CODE.len() + msg.len() > 510 {
+        return Err(format!("marker {marker:?} does not fit in a boot sector"));
+    }
+    let mut disk = vec![0u8; 1 << 20];
+    disk[..CODE.len()].copy_from_slice(&CODE);
+    disk[CODE.len()..CODE.len() + msg.len()].copy_from_slice(msg.as_bytes());
+    disk[510] = 0x55;
+    disk[511] = 0xaa;
+    std::fs::write(path, disk).map_err(|e| format!("{}: {e}", path.display()))
+}

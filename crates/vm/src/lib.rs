@@ -72,7 +72,57 @@ fn control_socket(dir: &Path) -> PathBuf {
     dir.join("qmp.sock")
 }
 
-/// The QEMU command line for a VM (pure, so it can be checked without QEMU).
+/// `qcow2` or `raw`, by the image's magic number (QEMU is told, never left to guess:
+/// a guessed raw image could turn itself into another format by writing a header).
+pub fn disk_format(path: &Path) -> &'static str {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let qcow2 = std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && magic == *b"QFI\xfb";
+    if qcow2 { "qcow2" } else { "raw" }
+}
+
+/// The disk a VM writes to: the image itself when it is writable; for a read-only
+/// image (every artifact from the node's cache is one) a copy-on-write qcow2 overlay
+/// in the instance directory, made once and kept across restarts of the VM.
+fn writable_disk(image: &str, dir: &Path) -> Result<String, String> {
+    let readonly = std::fs::metadata(image)
+        .map_err(|e| format!("disk image {image}: {e}"))?
+        .permissions()
+        .readonly();
+    if !readonly {
+        return Ok(image.to_string());
+    }
+    let overlay = dir.join("disk.qcow2");
+    if !overlay.exists() {
+        let out = std::process::Command::new("qemu-img")
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                disk_format(Path::new(image)),
+                "-b",
+                image,
+            ])
+            .arg(&overlay)
+            .output()
+            .map_err(|e| format!("qemu-img (apt-get install qemu-utils): {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "qemu-img create overlay on {image}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+    }
+    Ok(overlay.display().to_string())
+}
+
+/// The QEMU command line for a VM (pure but for reading a disk image's magic, so it
+/// can be checked without QEMU).
 pub fn qemu_args(spec: &InstanceSpec, vm: &VmSpec, dir: &Path, kvm: bool) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
@@ -94,7 +144,8 @@ pub fn qemu_args(spec: &InstanceSpec, vm: &VmSpec, dir: &Path, kvm: bool) -> Vec
         push(&["-initrd", i]);
     }
     if let Some(d) = &vm.disk {
-        push(&["-drive", &format!("file={d},if=virtio")]);
+        let format = disk_format(Path::new(d));
+        push(&["-drive", &format!("file={d},if=virtio,format={format}")]);
     }
     let log = dir.join("output.log");
     push(&[
@@ -135,7 +186,15 @@ impl Runtime for VmRuntime {
         let dir_err = |e| w.dir_error(e);
         let _ = std::fs::remove_file(control_socket(&w.dir));
         let _ = std::fs::remove_file(w.dir.join("qemu.pid"));
-        let args = qemu_args(w.spec(), vm, &w.dir, self.kvm);
+        let mut vm = vm.clone();
+        if let Some(d) = &vm.disk {
+            let disk = writable_disk(d, &w.dir).map_err(|why| RuntimeError::Start {
+                what: "the VM's disk".into(),
+                source: std::io::Error::other(why),
+            })?;
+            vm.disk = Some(disk);
+        }
+        let args = qemu_args(w.spec(), &vm, &w.dir, self.kvm);
         let start_err = |source| RuntimeError::Start {
             what: self.qemu.display().to_string(),
             source,

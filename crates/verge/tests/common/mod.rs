@@ -500,3 +500,41 @@ pub fn pid_alive(pid: u64) -> bool {
             .starts_with('Z')
     })
 }
+
+/// `docker-registry` on a free loopback port, stopped on drop.
+pub struct Registry {
+    /// The registry process.
+    pub proc: Proc,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+}
+
+impl Registry {
+    /// Start one keeping its data under `dir`.
+    pub fn start(dir: &std::path::Path) -> Registry {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.join("registry.yml");
+        std::fs::write(
+            &config,
+            verge_artifacts::registry_config(&dir.join("registry-data"), &addr),
+        )
+        .expect("config");
+        let log = dir.join("registry.log");
+        let child = std::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::fs::File::create(&log).expect("log"))
+            .stderr(std::fs::File::create(dir.join("registry.err")).expect("log"))
+            .spawn()
+            .expect("docker-registry (apt-get install docker-registry)");
+        let r = Registry {
+            proc: Proc { child, log },
+            addr,
+        };
+        wait_for("the registry", Duration::from_secs(60), || {
+            std::net::TcpStream::connect(&r.addr).ok()
+        });
+        r
+    }
+}

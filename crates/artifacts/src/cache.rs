@@ -1,0 +1,318 @@
+//! A content-addressed blob directory.
+//!
+//! ```text
+//! ROOT/blobs/sha256/HEX      a blob, read-only, named by the SHA-256 of its content
+//! ROOT/blobs/tmp/            blobs being written (renamed into place once verified)
+//! ROOT/refs/KIND/NAME        a reference (an image or artifact name) -> a digest
+//! ```
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::ArtifactError;
+
+/// Lower-case hex SHA-256 of `data`.
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex(&Sha256::digest(data))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The hex part of a `sha256:<64 hex>` digest, if it is one.
+pub fn digest_hex(digest: &str) -> Option<&str> {
+    let hex = digest.strip_prefix("sha256:")?;
+    (hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    .then_some(hex)
+}
+
+/// A reference name as a file name (registry references hold `/` and `:`).
+fn ref_file_name(reference: &str) -> String {
+    reference
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// A content-addressed blob directory (see the module docs for its layout).
+#[derive(Debug, Clone)]
+pub struct Cache {
+    root: PathBuf,
+}
+
+impl Cache {
+    /// The cache under `root` (created on first write).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// Its root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn io(p: &Path) -> impl Fn(std::io::Error) -> ArtifactError + '_ {
+        move |e| ArtifactError::Io(p.to_path_buf(), e)
+    }
+
+    fn blobs(&self) -> PathBuf {
+        self.root.join("blobs").join("sha256")
+    }
+
+    /// Where the blob `digest` lives (whether or not it is there).
+    pub fn path(&self, digest: &str) -> Result<PathBuf, ArtifactError> {
+        let hex = digest_hex(digest).ok_or_else(|| ArtifactError::BadDigest(digest.into()))?;
+        Ok(self.blobs().join(hex))
+    }
+
+    /// The blob `digest`, if the cache has it.
+    pub fn get(&self, digest: &str) -> Option<PathBuf> {
+        self.path(digest).ok().filter(|p| p.is_file())
+    }
+
+    /// Start writing a blob (of unknown digest until [`BlobWriter::finish`]).
+    pub fn writer(&self, what: &str, limit: u64) -> Result<BlobWriter, ArtifactError> {
+        let tmp_dir = self.root.join("blobs").join("tmp");
+        std::fs::create_dir_all(&tmp_dir).map_err(Self::io(&tmp_dir))?;
+        std::fs::create_dir_all(self.blobs()).map_err(Self::io(&self.blobs()))?;
+        let tmp = tmp_dir.join(format!(
+            "{}-{}",
+            std::process::id(),
+            TMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let file = std::fs::File::create(&tmp).map_err(Self::io(&tmp))?;
+        Ok(BlobWriter {
+            cache: self.clone(),
+            what: what.to_string(),
+            file: std::io::BufWriter::with_capacity(256 << 10, file),
+            tmp,
+            hash: Sha256::new(),
+            size: 0,
+            limit,
+            done: false,
+        })
+    }
+
+    /// Store `data`; with `expected`, only if it hashes to it. Returns its digest.
+    pub fn put(
+        &self,
+        what: &str,
+        data: &[u8],
+        expected: Option<&str>,
+    ) -> Result<String, ArtifactError> {
+        let mut w = self.writer(what, u64::MAX)?;
+        w.write(data)?;
+        w.finish(expected)
+    }
+
+    /// Every blob: digest and size, sorted by digest.
+    pub fn list(&self) -> Vec<(String, u64)> {
+        let mut out: Vec<(String, u64)> = std::fs::read_dir(self.blobs())
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let digest = format!("sha256:{}", e.file_name().to_string_lossy());
+                digest_hex(&digest)?;
+                Some((digest, e.metadata().ok()?.len()))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Remove a blob; whether it was there.
+    pub fn remove(&self, digest: &str) -> Result<bool, ArtifactError> {
+        let p = self.path(digest)?;
+        match std::fs::remove_file(&p) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(ArtifactError::Io(p, e)),
+        }
+    }
+
+    fn ref_path(&self, kind: &str, name: &str) -> PathBuf {
+        self.root.join("refs").join(kind).join(ref_file_name(name))
+    }
+
+    /// What reference `name` of `kind` (e.g. `images`, `files`) resolved to when it was
+    /// last pulled.
+    pub fn reference(&self, kind: &str, name: &str) -> Option<String> {
+        std::fs::read_to_string(self.ref_path(kind, name))
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|d| digest_hex(d).is_some())
+    }
+
+    /// Remember that reference `name` of `kind` resolves to `digest`.
+    pub fn set_reference(&self, kind: &str, name: &str, digest: &str) -> Result<(), ArtifactError> {
+        let p = self.ref_path(kind, name);
+        if let Some(dir) = p.parent() {
+            std::fs::create_dir_all(dir).map_err(Self::io(dir))?;
+        }
+        let tmp = p.with_extension("tmp");
+        std::fs::write(&tmp, digest).map_err(Self::io(&tmp))?;
+        std::fs::rename(&tmp, &p).map_err(Self::io(&p))
+    }
+}
+
+static TMP_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A blob being written: hashed as it goes, put in place by [`finish`](Self::finish)
+/// only when complete and (if a digest was expected) matching. Dropped unfinished, it
+/// leaves nothing behind.
+pub struct BlobWriter {
+    cache: Cache,
+    what: String,
+    file: std::io::BufWriter<std::fs::File>,
+    tmp: PathBuf,
+    hash: Sha256,
+    size: u64,
+    limit: u64,
+    done: bool,
+}
+
+impl BlobWriter {
+    /// Append bytes.
+    pub fn write(&mut self, data: &[u8]) -> Result<(), ArtifactError> {
+        self.size += data.len() as u64;
+        if self.size > self.limit {
+            return Err(ArtifactError::TooLarge {
+                what: self.what.clone(),
+                limit: self.limit,
+            });
+        }
+        self.hash.update(data);
+        self.file
+            .write_all(data)
+            .map_err(|e| ArtifactError::Io(self.tmp.clone(), e))
+    }
+
+    /// Bytes written so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Verify against `expected` (if given) and put the blob in place; its digest.
+    pub fn finish(mut self, expected: Option<&str>) -> Result<String, ArtifactError> {
+        let actual = format!("sha256:{}", hex(&std::mem::take(&mut self.hash).finalize()));
+        if let Some(expected) = expected
+            && expected != actual
+        {
+            return Err(ArtifactError::Digest {
+                what: self.what.clone(),
+                expected: expected.to_string(),
+                actual,
+            });
+        }
+        let io = |e| ArtifactError::Io(self.tmp.clone(), e);
+        self.file.flush().map_err(io)?;
+        self.file.get_ref().sync_all().map_err(io)?;
+        let mut perms = self.file.get_ref().metadata().map_err(io)?.permissions();
+        perms.set_readonly(true);
+        std::fs::set_permissions(&self.tmp, perms).map_err(io)?;
+        let dest = self.cache.path(&actual)?;
+        std::fs::rename(&self.tmp, &dest).map_err(|e| ArtifactError::Io(dest.clone(), e))?;
+        self.done = true;
+        Ok(actual)
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blobs_are_kept_by_digest_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::new(dir.path());
+        let d = c.put("greeting", b"hello", None).unwrap();
+        assert_eq!(d, format!("sha256:{}", sha256_hex(b"hello")));
+        assert_eq!(std::fs::read(c.get(&d).unwrap()).unwrap(), b"hello");
+        assert!(
+            c.get(&d)
+                .unwrap()
+                .metadata()
+                .unwrap()
+                .permissions()
+                .readonly()
+        );
+        // Same content again: same blob.
+        assert_eq!(c.put("again", b"hello", Some(&d)).unwrap(), d);
+        // Wrong content for a digest: refused, nothing left behind.
+        let err = c.put("forged", b"hellO", Some(&d)).unwrap_err();
+        assert!(
+            err.to_string().contains("does not match its digest"),
+            "{err}"
+        );
+        assert_eq!(c.list(), vec![(d.clone(), 5)]);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("blobs/tmp"))
+                .unwrap()
+                .count(),
+            0
+        );
+        assert!(c.remove(&d).unwrap());
+        assert!(c.get(&d).is_none());
+    }
+
+    #[test]
+    fn limits_and_bad_digests_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::new(dir.path());
+        let mut w = c.writer("big", 4).unwrap();
+        assert!(matches!(
+            w.write(b"12345"),
+            Err(ArtifactError::TooLarge { .. })
+        ));
+        drop(w);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("blobs/tmp"))
+                .unwrap()
+                .count(),
+            0
+        );
+        for bad in [
+            "sha256:abc",
+            "md5:00",
+            "sha256:../../../etc/passwd",
+            &format!("sha256:{}", "A".repeat(64)),
+        ] {
+            assert!(
+                matches!(c.path(bad), Err(ArtifactError::BadDigest(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn references_map_names_to_digests() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::new(dir.path());
+        let d = format!("sha256:{}", sha256_hex(b"x"));
+        assert_eq!(c.reference("files", "reg:5000/a/b:1"), None);
+        c.set_reference("files", "reg:5000/a/b:1", &d).unwrap();
+        assert_eq!(c.reference("files", "reg:5000/a/b:1"), Some(d.clone()));
+        assert_eq!(c.reference("images", "reg:5000/a/b:1"), None);
+    }
+}

@@ -1,0 +1,124 @@
+//! The files instances are made from, fetched to the node before a start.
+//!
+//! A manifest's artifact fields (`spec.function.component`, `spec.vm.kernel`,
+//! `initrd`, `disk`) name a path on the node, a digest in the hub's artifact store, or
+//! an OCI reference ([`Source`]). Before starting an instance the agent replaces each
+//! with a path in the node's cache (`DATA_DIR/artifacts`, shared with container image
+//! layers): a digest is fetched from the hub over the channel (a data stream with hello
+//! `artifact`), a reference from its registry; both are verified against their digest.
+//! What is in the cache is used without asking anyone, so a node cut off from the hub
+//! and the registry still restarts everything it ran before.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use verge_api::InstanceSpec;
+use verge_api::channel::StreamHello;
+use verge_artifacts::{ArtifactError, Cache, Registry, Source};
+use verge_tunnel::chunk::{Chunk, read_chunk};
+
+use crate::streams::CurrentOpener;
+
+/// A fetch that receives nothing for this long fails (and is retried with the start).
+const STALL: Duration = Duration::from_secs(60);
+
+/// The node's artifact cache and the ways to fill it.
+pub struct Artifacts {
+    cache: Cache,
+    registry: Registry,
+    hub: CurrentOpener,
+}
+
+impl Artifacts {
+    /// The cache under `data_dir/artifacts`; `plain_http` registries are spoken to
+    /// without TLS; `hub` opens streams to the hub while connected.
+    pub fn new(data_dir: &Path, plain_http: Vec<String>, hub: CurrentOpener) -> Self {
+        Self {
+            cache: Cache::new(data_dir.join("artifacts")),
+            registry: Registry::new(plain_http),
+            hub,
+        }
+    }
+
+    /// `spec` with every artifact field replaced by a path on the node (fetching what
+    /// the cache lacks). The error names the field.
+    pub async fn localize(&self, spec: &InstanceSpec) -> Result<InstanceSpec, String> {
+        let mut out = spec.clone();
+        if let Some(f) = &mut out.function {
+            self.localize_field("spec.function.component", &mut f.component)
+                .await?;
+        }
+        if let Some(vm) = &mut out.vm {
+            for (field, value) in [
+                ("spec.vm.kernel", &mut vm.kernel),
+                ("spec.vm.initrd", &mut vm.initrd),
+                ("spec.vm.disk", &mut vm.disk),
+            ] {
+                if let Some(v) = value {
+                    self.localize_field(field, v).await?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn localize_field(&self, field: &str, value: &mut String) -> Result<(), String> {
+        let path = self
+            .fetch(value)
+            .await
+            .map_err(|e| format!("{field} ({value}): {e}"))?;
+        *value = path.display().to_string();
+        Ok(())
+    }
+
+    /// The local path of an artifact.
+    pub async fn fetch(&self, value: &str) -> Result<PathBuf, String> {
+        match Source::of(value) {
+            Source::NodePath(p) => Ok(PathBuf::from(p)),
+            Source::Oci(r) => self
+                .registry
+                .pull_file(&self.cache, r)
+                .await
+                .map_err(|e| e.to_string()),
+            Source::Hub(digest) => match self.cache.get(digest) {
+                Some(p) => Ok(p),
+                None => self.fetch_from_hub(digest).await,
+            },
+        }
+    }
+
+    async fn fetch_from_hub(&self, digest: &str) -> Result<PathBuf, String> {
+        self.cache.path(digest).map_err(|e| e.to_string())?;
+        let opener = self.hub.get().ok_or_else(|| {
+            "the node has no copy and is not connected to the hub; it is fetched once the hub is reachable".to_string()
+        })?;
+        let mut io = opener
+            .open(&StreamHello::Artifact {
+                digest: digest.to_string(),
+            })
+            .await?;
+        let mut w = self
+            .cache
+            .writer(&format!("artifact {digest} from the hub"), u64::MAX)
+            .map_err(|e| e.to_string())?;
+        loop {
+            let chunk = tokio::time::timeout(STALL, read_chunk(&mut io))
+                .await
+                .map_err(|_| format!("the hub sent nothing for {}s", STALL.as_secs()))?
+                .map_err(|e| format!("fetching from the hub: {e}"))?;
+            match chunk {
+                Some(Chunk::Data(d)) => w.write(&d).map_err(|e| e.to_string())?,
+                Some(Chunk::Eof) => break,
+                Some(Chunk::Error(m)) => return Err(m),
+                Some(_) => {}
+                None => return Err("the hub closed the stream before the end".into()),
+            }
+        }
+        let size = w.size();
+        let got = w
+            .finish(Some(digest))
+            .map_err(|e: ArtifactError| e.to_string())?;
+        tracing::info!(digest = %got, size, "artifact fetched from the hub");
+        self.cache.path(&got).map_err(|e| e.to_string())
+    }
+}
