@@ -8,11 +8,14 @@
 //!   the root of an OCI bundle, and runs with `runc`: its own pid, mount, ipc, uts and
 //!   network namespaces, the instance's CPU and memory as `linux.resources`, inside the
 //!   cgroup the node's Resource Manager made for the instance.
-//! - Containers are not the agent's children (`runc run --detach`): they keep running
-//!   across agent restarts and are found again by pid. Output goes to the instance's
-//!   `output.log`. `verge exec` runs `runc exec` in the container.
+//! - Containers are not the agent's children (`runc run --detach` under a [`shim`]):
+//!   they keep running across agent restarts and are found again by pid; the shim
+//!   records each container's exit code, even one that ends while the agent is down.
+//!   Output goes to the instance's `output.log`. `verge exec` runs `runc exec` in the
+//!   container.
 
 pub mod image;
+pub mod shim;
 pub mod unpack;
 
 use std::path::{Path, PathBuf};
@@ -27,6 +30,10 @@ use verge_runtime::{ExecSpec, RunRecord, Running, Runtime, RuntimeError, Workloa
 use crate::image::{Image, ImageStore};
 
 const DRIVER: &str = "container";
+/// The shim's memory, in the instance's cgroup beside the container's.
+pub const SHIM_OVERHEAD: u64 = 4 << 20;
+/// Longest `runc run` may take to start a container.
+const RUNC_START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Runs `form: container` instances with runc.
 pub struct ContainerRuntime {
@@ -125,17 +132,21 @@ struct Runc {
     /// runc's state directory (ours alone).
     state: PathBuf,
     runc: PathBuf,
+    /// The `verge` executable, run as `verge container-shim` ([`shim`]).
+    shim: PathBuf,
 }
 
 impl ContainerRuntime {
     /// Images cached under `data/artifacts`, runc state under `data/runc`; registries
-    /// in `plain_http` are spoken to without TLS.
-    pub fn new(data: &Path, plain_http: Vec<String>) -> Self {
+    /// in `plain_http` are spoken to without TLS; `shim` is the `verge` executable
+    /// (which has the `container-shim` command).
+    pub fn new(data: &Path, plain_http: Vec<String>, shim: PathBuf) -> Self {
         Self {
             images: ImageStore::new(data.join("artifacts"), plain_http),
             runc: Runc {
                 state: data.join("runc"),
                 runc: PathBuf::from("runc"),
+                shim,
             },
             published: Default::default(),
         }
@@ -152,6 +163,7 @@ fn watch_container(
     w: &Workload,
 ) -> tokio::sync::watch::Receiver<Option<verge_runtime::Exit>> {
     let (id, bundle) = (container_id(w), w.dir.join("bundle"));
+    let exit_file = exit_file(&w.dir);
     // An out-of-memory kill is counted in runc's group, which cleaning removes: look
     // before cleaning.
     let cgroup = w.cgroup.clone();
@@ -173,10 +185,20 @@ fn watch_container(
             .is_some_and(|c| c.usage().oom_kills > oom_before);
         unpublish(&published, &instance);
         runc.clean(&id, &bundle).await;
+        // The shim writes the status right after reaping the container, which is what
+        // made it gone: give it a moment.
+        let mut recorded = None;
+        for _ in 0..50 {
+            recorded = shim::read_exit(&exit_file);
+            if recorded.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let exit = if oom {
             verge_runtime::Exit::OutOfMemory
         } else {
-            exit
+            recorded.unwrap_or(exit)
         };
         let _ = tx.send(Some(exit));
     });
@@ -224,6 +246,11 @@ impl Runc {
         let _ = self.runc_ok(&["delete", "--force", id]).await;
         let _ = nix::mount::umount(&bundle.join("rootfs"));
     }
+}
+
+/// Where a container's shim records its exit status.
+fn exit_file(dir: &Path) -> PathBuf {
+    dir.join("container.exit")
 }
 
 /// The container id of an instance.
@@ -321,6 +348,10 @@ impl Runtime for ContainerRuntime {
         DRIVER
     }
 
+    fn memory_overhead(&self, _spec: &InstanceSpec) -> u64 {
+        SHIM_OVERHEAD
+    }
+
     async fn start(&self, w: &Workload) -> Result<Running, RuntimeError> {
         let Some(container) = &w.spec().container else {
             return Err(RuntimeError::Unsupported(w.spec().form.to_string()));
@@ -375,10 +406,17 @@ impl Runtime for ContainerRuntime {
             serde_json::to_vec_pretty(&config).unwrap_or_default(),
         )
         .map_err(dir_err)?;
-        let log2 = log.try_clone().map_err(dir_err)?;
         let pid_file = w.dir.join("container.pid");
         let _ = std::fs::remove_file(&pid_file);
+        let _ = std::fs::remove_file(exit_file(&w.dir));
         let mut argv = vec![
+            self.runc.shim.display().to_string(),
+            "container-shim".into(),
+            "--exit-file".into(),
+            exit_file(&w.dir).display().to_string(),
+            "--pid-file".into(),
+            pid_file.display().to_string(),
+            "--".into(),
             self.runc.runc.display().to_string(),
             "--root".into(),
             self.runc.state.display().to_string(),
@@ -390,26 +428,46 @@ impl Runtime for ContainerRuntime {
             bundle.display().to_string(),
             id.clone(),
         ];
-        // runc itself starts inside the instance's cgroup, so the container does too.
+        // The shim, and runc after it, start inside the instance's cgroup, so the
+        // container does too.
         argv = w.confined(&argv);
-        let status = tokio::process::Command::new(&argv[0])
+        let mut shim = tokio::process::Command::new(&argv[0])
             .args(&argv[1..])
             .stdin(std::process::Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .status()
-            .await
-            .map_err(|e| start_err("runc", e.to_string()))?;
-        if !status.success() {
+            .stdout(std::process::Stdio::piped())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| start_err("the container shim", format!("{}: {e}", argv[0])))?;
+        let report = match shim.stdout.take() {
+            Some(out) => {
+                use tokio::io::AsyncBufReadExt;
+                let mut line = String::new();
+                let mut reader = tokio::io::BufReader::new(out);
+                let _ = tokio::time::timeout(RUNC_START_TIMEOUT, reader.read_line(&mut line)).await;
+                line
+            }
+            None => String::new(),
+        };
+        // Reap the shim whenever it ends while this agent runs (after a restart, init
+        // does).
+        tokio::spawn(async move {
+            let _ = shim.wait().await;
+        });
+        let Some(pid) = report
+            .trim()
+            .strip_prefix(shim::STARTED)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
             let tail = std::fs::read_to_string(w.log_path()).unwrap_or_default();
             let last = tail.lines().last().unwrap_or("").to_string();
             self.runc.clean(&id, &bundle).await;
-            return Err(start_err("runc run", format!("{status}: {last}")));
-        }
-        let pid: u32 = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .ok_or_else(|| start_err("runc run", "no pid file".into()))?;
+            let why = report
+                .trim()
+                .strip_prefix(shim::FAILED)
+                .unwrap_or(report.trim());
+            return Err(start_err("runc run", format!("{why}: {last}")));
+        };
         let record = RunRecord {
             driver: DRIVER.into(),
             instance: w.name().to_string(),
@@ -426,8 +484,22 @@ impl Runtime for ContainerRuntime {
     }
 
     async fn adopt(&self, w: &Workload, record: &RunRecord) -> Option<Running> {
-        if record.driver != DRIVER || !is_alive(record) {
+        if record.driver != DRIVER {
             return None;
+        }
+        if !is_alive(record) {
+            // It ended while no agent watched; its shim knows how. Reported as this
+            // run's end (restart policy applies), not started again blindly.
+            let exit = shim::read_exit(&exit_file(&w.dir))?;
+            self.runc
+                .clean(&container_id(w), &w.dir.join("bundle"))
+                .await;
+            tracing::info!(instance = w.name(), %exit, "container ended while the agent was away");
+            let (_, exited) = tokio::sync::watch::channel(Some(exit));
+            return Some(Running {
+                record: record.clone(),
+                exited,
+            });
         }
         self.publish(w, record.pid);
         Some(Running {

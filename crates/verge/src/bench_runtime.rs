@@ -107,7 +107,8 @@ async fn container(dir: &Path, starts: usize) -> Result<serde_json::Value> {
         .await?;
 
     let node = dir.join("node");
-    let driver = verge_container::ContainerRuntime::new(&node, vec![addr.clone()]);
+    let driver =
+        verge_container::ContainerRuntime::new(&node, vec![addr.clone()], std::env::current_exe()?);
     let spec = InstanceSpec {
         form: Form::Container,
         container: Some(ContainerSpec {

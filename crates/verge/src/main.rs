@@ -115,6 +115,20 @@ enum Command {
     },
     /// All in one: a hub and three edges on this machine, with the samples applied.
     Dev(dev::DevArgs),
+    /// The per-container shim the container driver starts (not for people).
+    #[cfg(feature = "container")]
+    #[command(hide = true)]
+    ContainerShim {
+        /// Where to record the container's exit status.
+        #[arg(long)]
+        exit_file: PathBuf,
+        /// The pid file runc writes.
+        #[arg(long)]
+        pid_file: PathBuf,
+        /// The `runc ... run --detach ...` command line.
+        #[arg(last = true, required = true)]
+        runc: Vec<String>,
+    },
     /// List objects.
     Get {
         /// nodes | instances | regions | inventory | audit
@@ -380,6 +394,15 @@ fn main() -> std::process::ExitCode {
 
 fn real_main() -> Result<()> {
     let args = Args::parse();
+    #[cfg(feature = "container")]
+    if let Command::ContainerShim {
+        exit_file,
+        pid_file,
+        runc,
+    } = &args.command
+    {
+        std::process::exit(verge_container::shim::run(exit_file, pid_file, runc));
+    }
     match args.command {
         Command::Hub {
             listen,
@@ -525,7 +548,11 @@ fn node_drivers(
     #[cfg(feature = "container")]
     let drivers = drivers.with(
         verge_api::Form::Container,
-        Arc::new(verge_container::ContainerRuntime::new(data_dir, plain_http)),
+        Arc::new(verge_container::ContainerRuntime::new(
+            data_dir,
+            plain_http,
+            std::env::current_exe().context("finding the verge executable (the container shim)")?,
+        )),
     );
     #[cfg(feature = "function")]
     let drivers = match function_listen {
@@ -684,5 +711,7 @@ async fn run_cli(config: Option<PathBuf>, command: Command) -> Result<()> {
         Command::Hub { .. } | Command::Edge { .. } | Command::Dev(_) | Command::Bench { .. } => {
             unreachable!("dispatched in main")
         }
+        #[cfg(feature = "container")]
+        Command::ContainerShim { .. } => unreachable!("dispatched in main"),
     }
 }

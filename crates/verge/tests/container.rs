@@ -132,11 +132,40 @@ fn a_container_from_a_registry_runs_survives_the_agent_and_restarts_offline() {
     });
     assert!(page.starts_with("HTTP/1."), "{page}");
 
+    // Exit codes are known: a container is no child of the agent, but of its shim.
+    let three = container(
+        "three",
+        &image,
+        "16Mi",
+        "exit 3",
+        "  restartPolicy: Never\n",
+    );
+    assert!(hub.apply(&three).status.success());
+    let failed = hub.wait_phase("instances", "three", "Failed", T);
+    assert_eq!(failed["status"]["exitCode"].as_i64(), Some(3), "{failed}");
+    // One that ends while the agent is down.
+    let late = container(
+        "late",
+        &image,
+        "16Mi",
+        "sleep 2; exit 7",
+        "  restartPolicy: Never\n",
+    );
+    assert!(hub.apply(&late).status.success());
+    let late_pid = hub.wait_phase("instances", "late", "Running", T)["status"]["pid"]
+        .as_u64()
+        .expect("pid");
+
     // The agent dies and comes back: the container ran on and is adopted.
     let mut edge = edge;
     edge.proc.kill();
     assert!(pid_alive(pid), "the container outlives the agent");
+    wait_for("'late' to end while the agent is down", T, || {
+        (!pid_alive(late_pid)).then_some(())
+    });
     let edge = Edge::start_with(&hub.url, &node, None, &dir, &edge_args);
+    let late = hub.wait_phase("instances", "late", "Failed", T);
+    assert_eq!(late["status"]["exitCode"].as_i64(), Some(7), "{late}");
     wait_for("re-adoption", T, || {
         edge.proc
             .log_text()
@@ -175,7 +204,15 @@ fn a_container_from_a_registry_runs_survives_the_agent_and_restarts_offline() {
         hub.ok(&["logs", "hog"])
     );
 
-    for n in ["web", "cached", "hog", "busybox-web", "server"] {
+    for n in [
+        "web",
+        "cached",
+        "hog",
+        "busybox-web",
+        "server",
+        "three",
+        "late",
+    ] {
         hub.ok(&["delete", "instance", n]);
     }
     wait_for("the container to stop", T, || {
