@@ -273,6 +273,35 @@ metadata: {name: edge-1, labels: {tier: near}}
     }
 
     #[test]
+    fn artifact_fields_take_a_registry_reference_a_digest_or_a_node_path() {
+        let vm = |disk: &str| {
+            format!(
+                "kind: Instance\nmetadata: {{name: v}}\nspec:\n  form: vm\n  vm: {{disk: '{disk}'}}\n  resources: {{cpu: '1', memory: 64Mi}}\n"
+            )
+        };
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        for good in [
+            "/var/lib/verge/disk.img",
+            "registry.example:5000/vm/disk:1",
+            "busybox@sha256:0123",
+            digest.as_str(),
+        ] {
+            parse_manifests(&vm(good)).unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        for bad in [
+            "sha256:abc",
+            &format!("sha256:{}", "AB".repeat(32)),
+            "../disk.img",
+            "disk.img,format=qcow2",
+            "two words",
+        ] {
+            let err = parse_manifests(&vm(bad)).expect_err(bad).to_string();
+            assert!(err.contains("spec.vm.disk"), "{err}");
+            assert!(err.contains("verge artifact push"), "{err}");
+        }
+    }
+
+    #[test]
     fn json_arrays_work() {
         let m = parse_manifests(r#"[{"kind":"Node","metadata":{"name":"n1"}}]"#).expect("ok");
         assert_eq!(m[0].name(), "n1");

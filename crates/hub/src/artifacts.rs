@@ -179,13 +179,13 @@ pub mod handlers {
 }
 
 /// Send artifact `digest` down a data stream an edge opened: data chunks, then eof;
-/// or one error chunk saying why not.
+/// or one error chunk saying why not. Whether it was all sent.
 pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     st: &HubState,
     node: &str,
     mut stream: S,
     digest: &str,
-) {
+) -> bool {
     let path = match st.artifacts.path(digest) {
         Err(e) => Err(e.to_string()),
         Ok(_) => st
@@ -218,10 +218,12 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(()) => {
             let _ = write_chunk(&mut stream, &Chunk::Eof).await;
             tracing::info!(node, digest, "artifact sent to edge");
+            true
         }
         Err(why) => {
             tracing::warn!(node, digest, error = %why, "artifact not sent");
             let _ = write_chunk(&mut stream, &Chunk::Error(why)).await;
+            false
         }
     }
 }

@@ -87,8 +87,8 @@ pub async fn serve_data_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'stati
             relay(st, node, Box::new(stream), from, to, port).await;
         }
         StreamHello::Artifact { digest } => {
-            count(&st, "artifact", "ok");
-            crate::artifacts::serve_stream(&st, &node, stream, &digest).await;
+            let sent = crate::artifacts::serve_stream(&st, &node, stream, &digest).await;
+            count(&st, "artifact", if sent { "ok" } else { "failed" });
         }
     }
 }

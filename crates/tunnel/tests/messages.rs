@@ -204,6 +204,7 @@ fn stream_hello() -> impl Strategy<Value = StreamHello> {
             to,
             port
         }),
+        "[a-z0-9:]{0,80}".prop_map(|digest| StreamHello::Artifact { digest }),
     ]
 }
 
