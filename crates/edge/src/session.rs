@@ -216,9 +216,12 @@ where
     let mut renewal_key: Option<String> = None;
     agent.mark_all_dirty();
     let lost = |e: verge_tunnel::frame::FrameError| Ok(SessionEnd::Lost(e.to_string()));
+    // The read below loses every race against the ticks while a large snapshot
+    // trickles in: it must not lose the bytes it read when it does.
+    let mut frames = verge_tunnel::frame::FrameReader::new(reader);
     loop {
         tokio::select! {
-            msg = read_msg::<HubToEdge, _>(reader) => {
+            msg = frames.next_msg::<HubToEdge>() => {
                 last_heard = tokio::time::Instant::now();
                 let msg = match msg {
                     Ok(Some(m)) => m,

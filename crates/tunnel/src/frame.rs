@@ -101,6 +101,47 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Vec<u8
     Ok(Some(body))
 }
 
+/// Reads messages from a stream and may be cancelled between any two polls without
+/// losing bytes: what it has read stays buffered in it. Use it wherever a read races
+/// other work in `tokio::select!` (a plain [`read_msg`] dropped halfway through a large
+/// frame loses the part it read, and every frame after it is garbage).
+pub struct FrameReader<R> {
+    inner: R,
+    decoder: FrameDecoder,
+    buf: Vec<u8>,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// Read from `inner`.
+    pub fn new(inner: R) -> Self {
+        Self {
+            inner,
+            decoder: FrameDecoder::default(),
+            buf: vec![0u8; 64 << 10],
+        }
+    }
+
+    /// The next message; `Ok(None)` on a clean end of stream between frames.
+    /// Cancellation-safe.
+    pub async fn next_msg<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+        loop {
+            if let Some(body) = self.decoder.next_frame()? {
+                return decode(&body).map(Some);
+            }
+            // `read` either returns bytes or, when dropped, has taken none.
+            let n = self.inner.read(&mut self.buf).await?;
+            if n == 0 {
+                return if self.decoder.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into())
+                };
+            }
+            self.decoder.push(&self.buf[..n]);
+        }
+    }
+}
+
 /// Read and decode one message; `Ok(None)` on end of stream.
 pub async fn read_msg<T: DeserializeOwned, R: AsyncRead + Unpin>(
     r: &mut R,
@@ -182,5 +223,42 @@ mod tests {
                 let _ = decode::<EdgeToHub>(&f);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod reader_tests {
+    use super::*;
+
+    /// A large frame arrives in small pieces while a fast timer keeps winning the
+    /// `select!`: every message still arrives whole.
+    #[tokio::test]
+    async fn a_frame_reader_loses_nothing_when_cancelled_mid_frame() {
+        let (mut tx, rx) = tokio::io::duplex(1024);
+        let msgs: Vec<String> = (0..5).map(|i| format!("{i}").repeat(200_000)).collect();
+        let sent = msgs.clone();
+        tokio::spawn(async move {
+            for m in &sent {
+                let frame = encode(m).expect("encode");
+                for piece in frame.chunks(3000) {
+                    tx.write_all(piece).await.expect("write");
+                    tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+                }
+            }
+        });
+        let mut frames = FrameReader::new(rx);
+        let mut tick = tokio::time::interval(std::time::Duration::from_micros(100));
+        let (mut got, mut ticks) = (Vec::new(), 0u32);
+        loop {
+            tokio::select! {
+                m = frames.next_msg::<String>() => match m.expect("frame") {
+                    Some(m) => got.push(m),
+                    None => break,
+                },
+                _ = tick.tick() => ticks += 1,
+            }
+        }
+        assert!(ticks > 10, "the timer won races ({ticks})");
+        assert_eq!(got, msgs);
     }
 }

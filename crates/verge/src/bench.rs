@@ -114,6 +114,17 @@ pub enum BenchCommand {
         /// How long to let them idle before sampling.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Then deploy this many HTTP functions to the edge (through the hub, the
+        /// component from the hub's artifact store), idle again and sample again: the
+        /// agent's memory per idle deployed function. Needs a build with `function`.
+        #[arg(long, default_value_t = 0)]
+        functions: usize,
+        /// The component to deploy.
+        #[arg(
+            long,
+            default_value = "guests/hello-fn/target/wasm32-wasip2/release/hello_fn.wasm"
+        )]
+        component: std::path::PathBuf,
         /// `json` for machines.
         #[arg(short, long, default_value = "text")]
         output: String,
@@ -132,7 +143,12 @@ pub fn run(cmd: BenchCommand, config: Option<std::path::PathBuf>) -> Result<()> 
             writers,
             output,
         } => rt.block_on(store(writes, writers, &output)),
-        BenchCommand::Idle { seconds, output } => rt.block_on(idle(seconds, &output)),
+        BenchCommand::Idle {
+            seconds,
+            functions,
+            component,
+            output,
+        } => rt.block_on(idle(seconds, functions, &component, &output)),
         BenchCommand::Runtime {
             starts,
             component,
@@ -287,7 +303,16 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-async fn idle(seconds: u64, output: &str) -> Result<()> {
+async fn idle(seconds: u64, functions: usize, component: &Path, output: &str) -> Result<()> {
+    if functions > 0 && !cfg!(feature = "function") {
+        bail!("--functions needs a build with the function driver (--features function)");
+    }
+    if functions > 0 && !component.exists() {
+        bail!(
+            "no component at {} (cargo build --release --target wasm32-wasip2 --manifest-path guests/hello-fn/Cargo.toml, or pass --component)",
+            component.display()
+        );
+    }
     let dir = tempdir()?;
     let hub_log = dir.join("hub.log");
     let mut hub = spawn_self(
@@ -306,20 +331,32 @@ async fn idle(seconds: u64, output: &str) -> Result<()> {
     let token: serde_json::Value = client
         .post("/v1/tokens", &serde_json::json!({"uses": 1}))
         .await?;
-    let mut edge = spawn_self(
-        &[
-            "edge".into(),
-            "--hub".into(),
-            url,
-            "--name".into(),
-            "bench-edge".into(),
-            "--data-dir".into(),
-            dir.join("edge").display().to_string(),
-            "--join-token".into(),
-            token["token"].as_str().unwrap_or_default().into(),
-        ],
-        &dir.join("edge.log"),
-    )?;
+    let mut edge_args: Vec<String> = vec![
+        "edge".into(),
+        "--hub".into(),
+        url,
+        "--name".into(),
+        "bench-edge".into(),
+        "--data-dir".into(),
+        dir.join("edge").display().to_string(),
+        "--join-token".into(),
+        token["token"].as_str().unwrap_or_default().into(),
+    ];
+    if functions > 0 {
+        // Room in the node's account for every function's request.
+        edge_args.extend(
+            [
+                "--function-listen",
+                "127.0.0.1:0",
+                "--cpu",
+                "64",
+                "--memory",
+                "64Gi",
+            ]
+            .map(String::from),
+        );
+    }
+    let mut edge = spawn_self(&edge_args, &dir.join("edge.log"))?;
     let mut baseline = tokio::process::Command::new("sleep")
         .arg("3600")
         .kill_on_drop(true)
@@ -348,6 +385,21 @@ async fn idle(seconds: u64, output: &str) -> Result<()> {
     let hub_rss = rss_kib(pid(&hub)).unwrap_or(0);
     let edge_rss = rss_kib(pid(&edge)).unwrap_or(0);
     let base_rss = rss_kib(pid(&baseline)).unwrap_or(0);
+    let with_functions = if functions > 0 {
+        match deploy_functions(&client, component, functions).await {
+            Ok(()) => {
+                tokio::time::sleep(Duration::from_secs(seconds)).await;
+                Some(rss_kib(pid(&edge)).unwrap_or(0))
+            }
+            Err(e) => {
+                stop_child(&mut edge).await;
+                stop_child(&mut hub).await;
+                return Err(e.context(format!("see {}", dir.display())));
+            }
+        }
+    } else {
+        None
+    };
     let binary = std::fs::metadata(std::env::current_exe()?)?.len();
     stop_child(&mut edge).await;
     stop_child(&mut hub).await;
@@ -364,7 +416,61 @@ async fn idle(seconds: u64, output: &str) -> Result<()> {
         "edgeTargetMiB": 10,
         "binaryBytes": binary,
     });
+    let mut report = report;
+    if let Some(after) = with_functions {
+        report["deployedFunctions"] = functions.into();
+        report["edgeRssKiBWithFunctions"] = after.into();
+        report["edgeKiBPerIdleFunction"] =
+            (after.saturating_sub(edge_rss) as f64 / functions as f64).into();
+    }
     print_report(&report, output)
+}
+
+/// Upload `component` to the hub's artifact store, deploy `n` functions of it, and
+/// wait until every one is Running.
+async fn deploy_functions(
+    client: &crate::client::Client,
+    component: &Path,
+    n: usize,
+) -> Result<()> {
+    let file = tokio::fs::File::open(component).await?;
+    let info: verge_hub::artifacts::ArtifactInfo = client.put_file("/v1/artifacts", file).await?;
+    for i in 0..n {
+        let name = format!("fn-{i:04}");
+        let body = serde_json::json!({
+            "kind": "Instance",
+            "metadata": {"name": name},
+            "spec": {
+                "form": "function",
+                "function": {"component": info.digest},
+                "resources": {"cpu": "10m", "memory": "16Mi"},
+            },
+        });
+        client.put(&format!("/v1/instances/{name}"), &body).await?;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    loop {
+        let list: serde_json::Value = client.get("/v1/instances").await?;
+        let items = list["items"].as_array().cloned().unwrap_or_default();
+        let running = items
+            .iter()
+            .filter(|i| i["status"]["phase"] == "Running")
+            .count();
+        if running >= n {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            let failed = items.iter().find(|i| i["status"]["phase"] == "Failed");
+            bail!(
+                "only {running} of {n} functions Running after 10 minutes{}",
+                failed.map_or(String::new(), |f| format!(
+                    "; e.g. {}",
+                    f["status"]["message"]
+                ))
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Time `placements` placements (each reserved) with `f` on a fresh synthetic fleet.
