@@ -47,6 +47,34 @@ pub fn read_exit(exit_file: &Path) -> Option<Exit> {
     }
 }
 
+/// `verge container-shim --exit-file FILE --pid-file FILE -- RUNC...` (the arguments
+/// after `container-shim`); returns the process's exit code.
+pub fn main(args: Vec<String>) -> i32 {
+    let mut it = args.into_iter();
+    let (mut exit_file, mut pid_file) = (None, None);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--exit-file" => exit_file = it.next(),
+            "--pid-file" => pid_file = it.next(),
+            "--" => break,
+            other => {
+                println!("{FAILED}unknown argument {other:?}");
+                return 2;
+            }
+        }
+    }
+    let runc: Vec<String> = it.collect();
+    match (exit_file, pid_file) {
+        (Some(e), Some(p)) => run(Path::new(&e), Path::new(&p), &runc),
+        _ => {
+            println!(
+                "{FAILED}usage: verge container-shim --exit-file FILE --pid-file FILE -- RUNC..."
+            );
+            2
+        }
+    }
+}
+
 /// Run the shim: `runc` is the full `runc ... run --detach --pid-file PID_FILE ...`
 /// command line. Returns the shim's exit code.
 pub fn run(exit_file: &Path, pid_file: &Path, runc: &[String]) -> i32 {

@@ -115,20 +115,6 @@ enum Command {
     },
     /// All in one: a hub and three edges on this machine, with the samples applied.
     Dev(dev::DevArgs),
-    /// The per-container shim the container driver starts (not for people).
-    #[cfg(feature = "container")]
-    #[command(hide = true)]
-    ContainerShim {
-        /// Where to record the container's exit status.
-        #[arg(long)]
-        exit_file: PathBuf,
-        /// The pid file runc writes.
-        #[arg(long)]
-        pid_file: PathBuf,
-        /// The `runc ... run --detach ...` command line.
-        #[arg(last = true, required = true)]
-        runc: Vec<String>,
-    },
     /// List objects.
     Get {
         /// nodes | instances | regions | inventory | audit
@@ -393,16 +379,18 @@ fn main() -> std::process::ExitCode {
 }
 
 fn real_main() -> Result<()> {
-    let args = Args::parse();
+    // The container shim stays small: it starts before the command line parser (whose
+    // code it would otherwise page in) and runs no async runtime.
     #[cfg(feature = "container")]
-    if let Command::ContainerShim {
-        exit_file,
-        pid_file,
-        runc,
-    } = &args.command
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "container-shim")
     {
-        std::process::exit(verge_container::shim::run(exit_file, pid_file, runc));
+        std::process::exit(verge_container::shim::main(
+            std::env::args().skip(2).collect(),
+        ));
     }
+    let args = Args::parse();
     match args.command {
         Command::Hub {
             listen,
@@ -711,7 +699,5 @@ async fn run_cli(config: Option<PathBuf>, command: Command) -> Result<()> {
         Command::Hub { .. } | Command::Edge { .. } | Command::Dev(_) | Command::Bench { .. } => {
             unreachable!("dispatched in main")
         }
-        #[cfg(feature = "container")]
-        Command::ContainerShim { .. } => unreachable!("dispatched in main"),
     }
 }
