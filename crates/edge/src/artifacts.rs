@@ -9,7 +9,9 @@
 //! What is in the cache is used without asking anyone, so a node cut off from the hub
 //! and the registry still restarts everything it ran before.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use verge_api::InstanceSpec;
@@ -27,6 +29,9 @@ pub struct Artifacts {
     cache: Cache,
     registry: Registry,
     hub: CurrentOpener,
+    /// One fetch per artifact at a time: a thousand instances of one component, or
+    /// two VMs of one disk image, download it once.
+    in_flight: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Artifacts {
@@ -37,6 +42,7 @@ impl Artifacts {
             cache: Cache::new(data_dir.join("artifacts")),
             registry: Registry::new(plain_http),
             hub,
+            in_flight: Default::default(),
         }
     }
 
@@ -73,6 +79,29 @@ impl Artifacts {
 
     /// The local path of an artifact.
     pub async fn fetch(&self, value: &str) -> Result<PathBuf, String> {
+        if let Source::NodePath(p) = Source::of(value) {
+            return Ok(PathBuf::from(p));
+        }
+        let gate = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(value.to_string())
+            .or_default()
+            .clone();
+        let fetched = {
+            let _one_at_a_time = gate.lock().await;
+            self.fetch_now(value).await
+        };
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        // The last one out removes the gate (the map holds one reference).
+        if Arc::strong_count(&gate) == 2 {
+            in_flight.remove(value);
+        }
+        fetched
+    }
+
+    async fn fetch_now(&self, value: &str) -> Result<PathBuf, String> {
         match Source::of(value) {
             Source::NodePath(p) => Ok(PathBuf::from(p)),
             Source::Oci(r) => self
