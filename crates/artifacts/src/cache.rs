@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! ROOT/blobs/sha256/HEX      a blob, read-only, named by the SHA-256 of its content
-//! ROOT/blobs/tmp/            blobs being written (renamed into place once verified)
+//! ROOT/blobs/tmp/            blobs being written (renamed into place once verified;
+//!                            cleared when the cache's writer starts)
 //! ROOT/refs/KIND/NAME        a reference (an image or artifact name) -> a digest
 //! ```
 
@@ -80,6 +81,15 @@ impl Cache {
     /// The blob `digest`, if the cache has it.
     pub fn get(&self, digest: &str) -> Option<PathBuf> {
         self.path(digest).ok().filter(|p| p.is_file())
+    }
+
+    /// Remove blobs left half-written by a process that died while writing. Call it
+    /// when nothing writes yet (the cache's only writer starting up).
+    pub fn clear_partial(&self) {
+        let tmp = self.root.join("blobs").join("tmp");
+        for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 
     /// Start writing a blob (of unknown digest until [`BlobWriter::finish`]).
@@ -286,12 +296,17 @@ mod tests {
             Err(ArtifactError::TooLarge { .. })
         ));
         drop(w);
-        assert_eq!(
+        let partial = || {
             std::fs::read_dir(dir.path().join("blobs/tmp"))
                 .unwrap()
-                .count(),
-            0
-        );
+                .count()
+        };
+        assert_eq!(partial(), 0);
+        // A writer that never finished because its process died.
+        std::mem::forget(c.writer("crashed", 100).unwrap());
+        assert_eq!(partial(), 1);
+        c.clear_partial();
+        assert_eq!(partial(), 0);
         for bad in [
             "sha256:abc",
             "md5:00",

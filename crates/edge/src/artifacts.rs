@@ -38,8 +38,11 @@ impl Artifacts {
     /// The cache under `data_dir/artifacts`; `plain_http` registries are spoken to
     /// without TLS; `hub` opens streams to the hub while connected.
     pub fn new(data_dir: &Path, plain_http: Vec<String>, hub: CurrentOpener) -> Self {
+        let cache = Cache::new(data_dir.join("artifacts"));
+        // The agent is the cache's only writer, and it is only starting.
+        cache.clear_partial();
         Self {
-            cache: Cache::new(data_dir.join("artifacts")),
+            cache,
             registry: Registry::new(plain_http),
             hub,
             in_flight: Default::default(),

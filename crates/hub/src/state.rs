@@ -442,7 +442,12 @@ impl HubState {
         Arc::new(Self {
             objects,
             ca,
-            artifacts: verge_artifacts::Cache::new(config.data_dir.join("artifacts")),
+            artifacts: {
+                let store = verge_artifacts::Cache::new(config.data_dir.join("artifacts"));
+                // This hub is the store's only writer, and it is only starting.
+                store.clear_partial();
+                store
+            },
             config,
             edges: EdgeRegistry::default(),
             metrics: Metrics::new(),
