@@ -729,22 +729,9 @@ impl Kind for InstanceSpec {
     }
 }
 
-/// Check an artifact field: an absolute path on the node, a `sha256:` digest of a
-/// blob in the hub's artifact store, or an OCI registry reference.
+/// Check an artifact field ([`crate::artifact::check`]).
 fn check_artifact(errs: &mut FieldErrors, field: &str, value: &str) {
-    const FORMS: &str = "must be an OCI reference (registry.example:5000/fns/hello:1), a digest in the hub's artifact store (sha256:<64 hex digits>, from `verge artifact push FILE`), or an absolute path on the node";
-    let bad = value.is_empty()
-        || value.contains(|c: char| c.is_whitespace() || c.is_control() || c == ',')
-        || match value.strip_prefix("sha256:") {
-            Some(hex) => {
-                hex.len() != 64
-                    || !hex
-                        .bytes()
-                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-            }
-            None => !value.starts_with('/') && (value.contains("..") || value.starts_with('.')),
-        };
-    if bad {
-        errs.push(field, value, FORMS);
+    if let Err(why) = crate::artifact::check(value) {
+        errs.push(field, value, why);
     }
 }

@@ -5,6 +5,7 @@
 //! This crate is serde only: no I/O, no async, no database. Everything else depends on
 //! it; it depends on nothing of ours. Start at [`meta::Object`] and [`instance`].
 
+pub mod artifact;
 pub mod channel;
 pub mod clock;
 pub mod error;

@@ -7,14 +7,15 @@
 //!   artifact store and every node's cache are each one `Cache`.
 //! - [`Registry`]: OCI registry pulls and pushes of single-file artifacts (one layer
 //!   per manifest, as Wasm components are published), behind the `oci` feature.
-//! - [`Source`]: what a manifest's artifact field names: a path on the node, a digest
-//!   in the hub's store, or an OCI reference.
+//! - [`Source`] (from `verge_api`): what a manifest's artifact field names: a path on
+//!   the node, a digest in the hub's store, or an OCI reference.
 
 pub mod cache;
 pub mod registry;
 
-pub use cache::{BlobWriter, Cache, digest_hex, sha256_hex};
+pub use cache::{BlobWriter, Cache, sha256_hex};
 pub use registry::{Registry, registry_config};
+pub use verge_api::artifact::{Source, digest_hex};
 
 use std::path::PathBuf;
 
@@ -56,29 +57,4 @@ pub enum ArtifactError {
     /// Cache i/o.
     #[error("artifact cache {0}: {1}")]
     Io(PathBuf, std::io::Error),
-}
-
-/// Where an artifact field of a manifest points.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Source<'a> {
-    /// An absolute path on the node, used in place.
-    NodePath(&'a str),
-    /// A blob in the hub's artifact store, by digest (`sha256:...`).
-    Hub(&'a str),
-    /// A single-file artifact in an OCI registry, e.g. `registry.example:5000/fns/hello:1`.
-    Oci(&'a str),
-}
-
-impl<'a> Source<'a> {
-    /// Classify a manifest value. Validation (`verge_api`) has already refused values
-    /// that are none of the three.
-    pub fn of(value: &'a str) -> Self {
-        if value.starts_with('/') {
-            Self::NodePath(value)
-        } else if value.starts_with("sha256:") {
-            Self::Hub(value)
-        } else {
-            Self::Oci(value)
-        }
-    }
 }

@@ -94,16 +94,13 @@ pub enum BenchCommand {
     },
     /// Runtimes on this node, with the real drivers: container start to running
     /// (against runc alone), VM start to its serial marker, function instantiation and
-    /// requests (against a native HTTP answer), memory per idle function.
+    /// requests (against a native HTTP answer).
     Runtime {
         /// Starts per measurement.
         #[arg(long, default_value_t = 20)]
         starts: usize,
         /// The Wasm component for the function measurements.
-        #[arg(
-            long,
-            default_value = "guests/hello-fn/target/wasm32-wasip2/release/hello_fn.wasm"
-        )]
+        #[arg(long, default_value = GUEST_COMPONENT)]
         component: std::path::PathBuf,
         /// `json` for machines.
         #[arg(short, long, default_value = "text")]
@@ -120,15 +117,26 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 0)]
         functions: usize,
         /// The component to deploy.
-        #[arg(
-            long,
-            default_value = "guests/hello-fn/target/wasm32-wasip2/release/hello_fn.wasm"
-        )]
+        #[arg(long, default_value = GUEST_COMPONENT)]
         component: std::path::PathBuf,
         /// `json` for machines.
         #[arg(short, long, default_value = "text")]
         output: String,
     },
+}
+
+/// The component `guests/hello-fn` builds (what the function benchmarks deploy).
+const GUEST_COMPONENT: &str = "guests/hello-fn/target/wasm32-wasip2/release/hello_fn.wasm";
+
+/// Refuse a missing component, saying how to build one.
+pub fn component_exists(component: &Path) -> Result<()> {
+    if !component.exists() {
+        bail!(
+            "no component at {} (cargo build --release --target wasm32-wasip2 --manifest-path guests/hello-fn/Cargo.toml, or pass --component)",
+            component.display()
+        );
+    }
+    Ok(())
 }
 
 /// Run a benchmark. `config` is the CLI config (for benchmarks against a running hub).
@@ -307,11 +315,8 @@ async fn idle(seconds: u64, functions: usize, component: &Path, output: &str) ->
     if functions > 0 && !cfg!(feature = "function") {
         bail!("--functions needs a build with the function driver (--features function)");
     }
-    if functions > 0 && !component.exists() {
-        bail!(
-            "no component at {} (cargo build --release --target wasm32-wasip2 --manifest-path guests/hello-fn/Cargo.toml, or pass --component)",
-            component.display()
-        );
+    if functions > 0 {
+        component_exists(component)?;
     }
     let dir = tempdir()?;
     let hub_log = dir.join("hub.log");

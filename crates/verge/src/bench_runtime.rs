@@ -312,12 +312,7 @@ async fn timed_get(addr: std::net::SocketAddr, path: &str) -> Result<(Duration, 
 #[cfg(feature = "function")]
 async fn function(component: &Path) -> Result<serde_json::Value> {
     use verge_api::FunctionSpec;
-    if !component.exists() {
-        bail!(
-            "no component at {} (cargo build --release --target wasm32-wasip2 --manifest-path guests/hello-fn/Cargo.toml, or pass --component)",
-            component.display()
-        );
-    }
+    crate::bench::component_exists(component)?;
     let rt = verge_function::FunctionRuntime::new(16)?;
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let gateway = l.local_addr()?;

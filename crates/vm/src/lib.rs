@@ -87,7 +87,7 @@ pub fn disk_format(path: &Path) -> &'static str {
 /// The disk a VM writes to: the image itself when it is writable; for a read-only
 /// image (every artifact from the node's cache is one) a copy-on-write qcow2 overlay
 /// in the instance directory, made once and kept across restarts of the VM.
-fn writable_disk(image: &str, dir: &Path) -> Result<String, String> {
+async fn writable_disk(image: &str, dir: &Path) -> Result<String, String> {
     let readonly = std::fs::metadata(image)
         .map_err(|e| format!("disk image {image}: {e}"))?
         .permissions()
@@ -97,7 +97,8 @@ fn writable_disk(image: &str, dir: &Path) -> Result<String, String> {
     }
     let overlay = dir.join("disk.qcow2");
     if !overlay.exists() {
-        let out = std::process::Command::new("qemu-img")
+        // Not std's Command: the agent's one runtime thread must not wait on it.
+        let out = tokio::process::Command::new("qemu-img")
             .args([
                 "create",
                 "-q",
@@ -110,6 +111,7 @@ fn writable_disk(image: &str, dir: &Path) -> Result<String, String> {
             ])
             .arg(&overlay)
             .output()
+            .await
             .map_err(|e| format!("qemu-img (apt-get install qemu-utils): {e}"))?;
         if !out.status.success() {
             return Err(format!(
@@ -188,10 +190,12 @@ impl Runtime for VmRuntime {
         let _ = std::fs::remove_file(w.dir.join("qemu.pid"));
         let mut vm = vm.clone();
         if let Some(d) = &vm.disk {
-            let disk = writable_disk(d, &w.dir).map_err(|why| RuntimeError::Start {
-                what: "the VM's disk".into(),
-                source: std::io::Error::other(why),
-            })?;
+            let disk = writable_disk(d, &w.dir)
+                .await
+                .map_err(|why| RuntimeError::Start {
+                    what: "the VM's disk".into(),
+                    source: std::io::Error::other(why),
+                })?;
             vm.disk = Some(disk);
         }
         let args = qemu_args(w.spec(), &vm, &w.dir, self.kvm);
