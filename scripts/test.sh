@@ -9,15 +9,43 @@ cd "$(dirname "$0")/.."
 # the overlays of disk images from the artifact cache), runc and
 # Debian's OCI registry for the container driver's (busybox again, as an image).
 APT_PACKAGES=(gcc qemu-system-x86 qemu-utils busybox-static runc docker-registry)
+# Each tool the tests run, and the package that provides it. The machine image may ship
+# a newer build of a package than Debian's (qemu-utils, for one), and installing another
+# package can remove it; so after installing, every tool is run, and what does not run
+# is installed again (Debian's build, which matches the rest).
+TOOLS=(
+  "gcc --version:gcc"
+  "qemu-system-x86_64 --version:qemu-system-x86"
+  "qemu-img --version:qemu-utils"
+  "busybox true:busybox-static"
+  "runc --version:runc"
+  "docker-registry --version:docker-registry"
+)
+apt_install() {
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing packages: $* (run as root to install them)" >&2
+    exit 1
+  fi
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
+}
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
-if ((${#missing[@]})); then
-  if [ "$(id -u)" -eq 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
-  else
-    echo "missing packages: ${missing[*]} (run as root to install them)" >&2
+if ((${#missing[@]})); then apt_install "${missing[@]}"; fi
+broken_tools() {
+  local t
+  for t in "${TOOLS[@]}"; do
+    ${t%%:*} >/dev/null 2>&1 || echo "${t##*:}"
+  done
+}
+broken=($(broken_tools))
+if ((${#broken[@]})); then
+  echo "tools that do not run after installing: ${broken[*]}; installing their packages again" >&2
+  apt_install "${broken[@]}"
+  broken=($(broken_tools))
+  if ((${#broken[@]})); then
+    echo "still not runnable: ${broken[*]}" >&2
     exit 1
   fi
 fi
