@@ -16,7 +16,14 @@ use crate::node::NodeStatus;
 /// 1: control sync, heartbeats, statuses, logs, renewal on one stream.
 /// 2: adds data streams ([`HubToEdge::OpenStream`], [`StreamHello`]) for logs, exec,
 /// port-forward and edge-to-edge relay.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: snapshots arrive in parts ([`HubToEdge::SnapshotPart`]) that each fit in a
+/// frame, however large the node's desired state.
+pub const PROTOCOL_VERSION: u32 = 3;
+/// The first protocol version whose edges take snapshots in parts.
+pub const SNAPSHOT_PARTS_SINCE: u32 = 3;
+/// How large one part of a snapshot (or of a batch of changes) may be, encoded:
+/// well inside a frame, so any object that passed validation fits.
+pub const PART_BYTES: usize = 4 << 20;
 /// The oldest edge protocol version this hub still accepts.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 /// The first protocol version whose edges open data streams.
@@ -57,6 +64,11 @@ pub enum EdgeToHub {
         agent_version: String,
         /// The last revision the edge has fully applied (0: never synced).
         since_revision: u64,
+        /// The history that revision belongs to (the `clusterId` of the hub's
+        /// welcome when the edge last took a snapshot). A different one, or none,
+        /// gets a snapshot.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cluster_id: Option<String>,
     },
     /// Periodic liveness. Carries the node's facts on the first heartbeat of a
     /// session, when they change, and once a minute; otherwise it is a few bytes.
@@ -130,6 +142,10 @@ pub enum HubToEdge {
         node: String,
         /// How often the edge should send heartbeats.
         heartbeat_interval_ms: u64,
+        /// The identity of the hub's store history: revisions are only comparable
+        /// within one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cluster_id: Option<String>,
     },
     /// Full desired state for this node: replace everything cached.
     /// Sent on first sync or when the edge's revision was compacted away.
@@ -139,6 +155,18 @@ pub enum HubToEdge {
         revision: u64,
         /// Every instance bound to this node.
         instances: Vec<Instance>,
+    },
+    /// One part of a full desired state (protocol 3): the edge collects the parts
+    /// and, at the `last`, replaces everything cached, as for [`HubToEdge::Snapshot`].
+    /// A session that ends before the last part leaves the cache as it was.
+    #[serde(rename_all = "camelCase")]
+    SnapshotPart {
+        /// The revision the snapshot reflects.
+        revision: u64,
+        /// Some of the instances bound to this node.
+        instances: Vec<Instance>,
+        /// Whether this is the last part.
+        last: bool,
     },
     /// Incremental changes since the edge's revision.
     #[serde(rename_all = "camelCase")]

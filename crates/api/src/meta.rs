@@ -128,7 +128,34 @@ impl<S: Kind> Object<S> {
         for (k, v) in &self.metadata.labels {
             crate::validate::label(&mut errs, k, v);
         }
+        let annotations: usize = self
+            .metadata
+            .annotations
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum();
+        if annotations > crate::validate::MAX_ANNOTATION_BYTES {
+            errs.push(
+                "metadata.annotations",
+                format!("{annotations} bytes"),
+                format!(
+                    "annotations may hold at most {} KiB in all; keep large data in an artifact (verge artifact push) and refer to it",
+                    crate::validate::MAX_ANNOTATION_BYTES >> 10
+                ),
+            );
+        }
         self.spec.validate(&mut errs);
+        let size = serde_json::to_vec(self).map_or(0, |v| v.len());
+        if size > crate::validate::MAX_OBJECT_BYTES {
+            errs.push(
+                "object",
+                format!("{size} bytes"),
+                format!(
+                    "an object may be at most {} MiB encoded; keep large data in an artifact and refer to it",
+                    crate::validate::MAX_OBJECT_BYTES >> 20
+                ),
+            );
+        }
         errs.into_result()
     }
 }

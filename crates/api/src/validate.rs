@@ -85,22 +85,30 @@ pub fn name(errs: &mut FieldErrors, field: &str, value: &str) {
     }
 }
 
-fn is_label_part(s: &str, max: usize) -> bool {
+fn is_label_part(s: &str, max: usize, slash: bool) -> bool {
     s.len() <= max
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'))
+        && s.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.') || (slash && b == b'/')
+        })
 }
+
+/// Largest total size of an object's annotations (keys and values), as Kubernetes.
+pub const MAX_ANNOTATION_BYTES: usize = 256 << 10;
+
+/// Largest object, encoded: every object must fit in one message to its edge with
+/// room to spare, and large data belongs in an artifact, not in a manifest.
+pub const MAX_OBJECT_BYTES: usize = 1 << 20;
 
 /// Check one label (key and value).
 pub fn label(errs: &mut FieldErrors, key: &str, value: &str) {
-    if key.is_empty() || !is_label_part(key, 253) {
+    if key.is_empty() || !is_label_part(key, 253, true) {
         errs.push(
             format!("metadata.labels[{key}]"),
             key,
             "label keys are 1-253 of letters, digits, '-', '_', '.', '/'",
         );
     }
-    if !is_label_part(value, 63) {
+    if !is_label_part(value, 63, false) {
         errs.push(
             format!("metadata.labels[{key}]"),
             value,

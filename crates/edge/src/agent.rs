@@ -164,15 +164,34 @@ impl Agent {
         Ok(())
     }
 
-    /// Replace the whole desired state (snapshot from the hub).
-    pub fn replace(&self, revision: u64, instances: Vec<Instance>) -> Result<(), EdgeError> {
+    /// The hub store history the cached revision belongs to.
+    pub fn cluster_id(&self) -> Option<String> {
+        lock(&self.desired).cluster_id.clone()
+    }
+
+    /// Replace the whole desired state (snapshot from the hub whose store history is
+    /// `cluster_id`; `None` keeps the one recorded).
+    pub fn replace_from(
+        &self,
+        cluster_id: Option<String>,
+        revision: u64,
+        instances: Vec<Instance>,
+    ) -> Result<(), EdgeError> {
         let mut d = lock(&self.desired);
+        if cluster_id.is_some() {
+            d.cluster_id = cluster_id;
+        }
         d.revision = revision;
         d.instances = instances
             .into_iter()
             .map(|i| (i.name().to_string(), i))
             .collect();
         self.persist_and_kick(&d)
+    }
+
+    /// Replace the whole desired state, keeping the recorded history.
+    pub fn replace(&self, revision: u64, instances: Vec<Instance>) -> Result<(), EdgeError> {
+        self.replace_from(None, revision, instances)
     }
 
     /// Apply incremental changes.

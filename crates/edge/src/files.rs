@@ -113,6 +113,9 @@ pub struct Desired {
     pub revision: u64,
     /// Instances bound to this node, by name.
     pub instances: BTreeMap<String, Instance>,
+    /// The hub store history `revision` belongs to (from the hub's welcome).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<String>,
 }
 
 fn desired_path(dir: &Path) -> PathBuf {

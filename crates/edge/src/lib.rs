@@ -402,6 +402,14 @@ pub async fn run(
             metrics.reconnects.inc();
             match end {
                 SessionEnd::Refused(msg) => return Err(EdgeError::Refused(msg)),
+                SessionEnd::Deleted(msg) => {
+                    // Decommissioned: forget the desired state (a restart must not
+                    // bring the workloads back) and stop everything.
+                    tracing::warn!(%msg, "this node was deleted at the hub; stopping its workloads");
+                    agent.replace(0, Vec::new())?;
+                    agent.stop_all().await;
+                    return Err(EdgeError::Refused(msg));
+                }
                 SessionEnd::Busy(retry_after) => {
                     tracing::info!(addr = %addr, retry_after_ms = retry_after.as_millis() as u64, "hub is busy admitting edges; waiting");
                     tokio::time::sleep(jitter(retry_after.max(backoff))).await;

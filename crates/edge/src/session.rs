@@ -21,8 +21,11 @@ use crate::{AGENT_VERSION, EdgeError, Metrics};
 pub enum SessionEnd {
     /// The connection failed or went quiet; reconnect.
     Lost(String),
-    /// The hub refused this node for good (e.g. it was deleted); do not retry.
+    /// The hub refused this node for good (its certificate was revoked, or the
+    /// protocol is not one the hub speaks); do not retry.
     Refused(String),
+    /// The node was deleted at the hub: nothing it runs is wanted any more.
+    Deleted(String),
     /// The hub is admitting other edges first; retry after this long.
     Busy(Duration),
 }
@@ -142,11 +145,12 @@ pub async fn run_session(ctx: &SessionCtx<'_>) -> Result<SessionEnd, EdgeError> 
         protocol_version: PROTOCOL_VERSION,
         agent_version: AGENT_VERSION.into(),
         since_revision: since,
+        cluster_id: ctx.agent.cluster_id(),
     };
     if let Err(e) = write_msg(&mut writer, &hello).await {
         return Ok(SessionEnd::Lost(e.to_string()));
     }
-    let interval = match tokio::time::timeout(
+    let (interval, cluster_id) = match tokio::time::timeout(
         Duration::from_secs(10),
         read_msg::<HubToEdge, _>(&mut reader),
     )
@@ -154,12 +158,14 @@ pub async fn run_session(ctx: &SessionCtx<'_>) -> Result<SessionEnd, EdgeError> 
     {
         Ok(Ok(Some(HubToEdge::Welcome {
             heartbeat_interval_ms,
+            cluster_id,
             ..
-        }))) => Duration::from_millis(heartbeat_interval_ms.clamp(100, 300_000)),
-        Ok(Ok(Some(HubToEdge::Error { code, message })))
-            if code == "unauthorized" || code == "protocol" =>
-        {
-            return Ok(SessionEnd::Refused(message));
+        }))) => (
+            Duration::from_millis(heartbeat_interval_ms.clamp(100, 300_000)),
+            cluster_id,
+        ),
+        Ok(Ok(Some(HubToEdge::Error { code, message }))) if refusal(&code, &message).is_some() => {
+            return Ok(refusal(&code, &message).unwrap_or(SessionEnd::Refused(message)));
         }
         Ok(Ok(Some(HubToEdge::Error { code, message }))) if code == "busy" => {
             let ms = message
@@ -179,11 +185,20 @@ pub async fn run_session(ctx: &SessionCtx<'_>) -> Result<SessionEnd, EdgeError> 
     tracing::info!(addr = ctx.addr, since, transport, "connected to hub");
     ctx.metrics.connected.set(1);
     ctx.agent.links.opener().set(Some(opener.clone()));
-    let end = session_loop(ctx, &mut reader, &mut writer, interval, &opener).await;
+    let end = session_loop(ctx, &mut reader, &mut writer, interval, &opener, cluster_id).await;
     ctx.agent.links.opener().set(None);
     ctx.metrics.connected.set(0);
     let _ = writer.shutdown().await;
     end
+}
+
+/// How an error code from the hub ends the session for good, if it does.
+fn refusal(code: &str, message: &str) -> Option<SessionEnd> {
+    match code {
+        "nodeDeleted" => Some(SessionEnd::Deleted(message.to_string())),
+        "unauthorized" | "protocol" | "revoked" => Some(SessionEnd::Refused(message.to_string())),
+        _ => None,
+    }
 }
 
 fn source_text(e: &dyn std::error::Error) -> String {
@@ -196,6 +211,7 @@ async fn session_loop<R, W>(
     writer: &mut W,
     interval: Duration,
     opener: &Opener,
+    cluster_id: Option<String>,
 ) -> Result<SessionEnd, EdgeError>
 where
     R: tokio::io::AsyncRead + Unpin,
@@ -219,6 +235,7 @@ where
     // The read below loses every race against the ticks while a large snapshot
     // trickles in: it must not lose the bytes it read when it does.
     let mut frames = verge_tunnel::frame::FrameReader::new(reader);
+    let mut snapshot_parts: Option<(u64, Vec<verge_api::Instance>)> = None;
     loop {
         tokio::select! {
             msg = frames.next_msg::<HubToEdge>() => {
@@ -231,7 +248,22 @@ where
                 match msg {
                     HubToEdge::Snapshot { revision, instances } => {
                         tracing::info!(revision, count = instances.len(), "snapshot from hub");
-                        agent.replace(revision, instances)?;
+                        agent.replace_from(cluster_id.clone(), revision, instances)?;
+                    }
+                    HubToEdge::SnapshotPart { revision, instances, last } => {
+                        // Nothing is applied until the last part: a session cut halfway
+                        // leaves the cache as it was.
+                        let parts = snapshot_parts.get_or_insert_with(|| (revision, Vec::new()));
+                        if parts.0 != revision {
+                            *parts = (revision, Vec::new());
+                        }
+                        parts.1.extend(instances);
+                        if last
+                            && let Some((revision, instances)) = snapshot_parts.take()
+                        {
+                            tracing::info!(revision, count = instances.len(), "snapshot from hub");
+                            agent.replace_from(cluster_id.clone(), revision, instances)?;
+                        }
                     }
                     HubToEdge::Changes { revision, changes } => {
                         tracing::debug!(revision, count = changes.len(), "changes from hub");
@@ -260,7 +292,10 @@ where
                     }
                     HubToEdge::Error { code, message } => {
                         tracing::warn!(%code, %message, "hub reported an error");
-                        if code == "gone" {
+                        if let Some(end) = refusal(&code, &message) {
+                            return Ok(end);
+                        }
+                        if code == "gone" || code == "replaced" {
                             return Ok(SessionEnd::Lost(message));
                         }
                     }

@@ -18,7 +18,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use verge_api::channel::{
-    EdgeToHub, HubToEdge, InstanceChange, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    EdgeToHub, HubToEdge, InstanceChange, MIN_PROTOCOL_VERSION, PART_BYTES, PROTOCOL_VERSION,
+    SNAPSHOT_PARTS_SINCE,
 };
 use verge_api::clock::now_rfc3339;
 use verge_api::{
@@ -26,9 +27,12 @@ use verge_api::{
     NodeStatus, Object, kind_prefix, object_key,
 };
 use verge_store::{Compare, EventKind, Op, StoreError, Txn};
-use verge_tunnel::frame::{FrameError, decode, read_frame, read_msg, write_msg};
+use verge_tunnel::frame::{
+    FrameError, MAX_UNAUTHENTICATED_FRAME, decode, read_frame, read_msg_limited, write_msg,
+};
 use verge_tunnel::pki::JoinToken;
 
+use crate::identity::PeerIdentity;
 use crate::objects::{Objects, decode_value, store_err};
 use crate::state::HubState;
 use crate::tokens::check_join_token;
@@ -48,8 +52,11 @@ fn label(result: &str) -> Vec<(String, String)> {
 /// Serve an enrolment connection.
 pub async fn serve_enroll<S: AsyncRead + AsyncWrite + Unpin>(st: Arc<HubState>, mut stream: S) {
     let reply =
-        match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, read_msg::<EdgeToHub, _>(&mut stream))
-            .await
+        match tokio::time::timeout(
+            FIRST_MESSAGE_TIMEOUT,
+            read_msg_limited::<EdgeToHub, _>(&mut stream, MAX_UNAUTHENTICATED_FRAME),
+        )
+        .await
         {
             Ok(Ok(Some(EdgeToHub::Enroll {
                 protocol_version,
@@ -98,6 +105,15 @@ pub async fn serve_enroll<S: AsyncRead + AsyncWrite + Unpin>(st: Arc<HubState>, 
                 code: "protocol".into(),
                 message: "expected an enroll message first".into(),
             },
+            Ok(Err(FrameError::TooLarge { len, max })) => {
+                st.metrics.channel_rejected.inc();
+                HubToEdge::Error {
+                    code: "protocol".into(),
+                    message: format!(
+                        "an enrolment request of {len} bytes exceeds the {max} bytes allowed before a peer is known"
+                    ),
+                }
+            }
             _ => return,
         };
     let _ = write_msg(&mut stream, &reply).await;
@@ -151,10 +167,13 @@ async fn enroll(
             format!("join token refused: it is bound to node '{b}', not '{node_name}'"),
         ));
     }
-    // Sign first: a bad CSR must not spend the token.
-    let cert_pem = sign(st, csr_pem, node_name)?;
+    // Sign first: a bad CSR must not spend the token. The certificate belongs to this
+    // enrolment only: recording it revokes every certificate the node had before.
+    let enrolment = crate::identity::new_enrolment_id();
+    let cert_pem = sign(st, csr_pem, node_name, Some(&enrolment))?;
     let node_key = object_key(NodeSpec::PLURAL, node_name);
     let mut ops: Vec<Op> = token_op.into_iter().collect();
+    ops.push(crate::identity::record(node_name, &enrolment));
     // A token bound to this node re-enrols it: new identity, same Node object.
     let existing = st.objects.store().get(&node_key).await.map_err(store_err)?;
     let node_compare = match (&bound, &existing) {
@@ -209,18 +228,31 @@ async fn enroll(
             format!("{CONCURRENT_USE} and is spent; ask for a new one"),
         ));
     }
+    // Sessions of the node's earlier identity end now, not when they next reconnect.
+    st.edges.evict(
+        node_name,
+        crate::identity::REVOKED,
+        &format!(
+            "node '{node_name}' was enrolled again; this connection's certificate was revoked"
+        ),
+    );
     Ok(HubToEdge::Enrolled {
         cert_pem,
         ca_pem: st.ca.cert_pem().to_string(),
     })
 }
 
-/// Sign a node CSR for `node` with the configured lifetime.
-fn sign(st: &HubState, csr_pem: &str, node: &str) -> Result<String, ApiError> {
+/// Sign a node CSR for `node` (and its `enrolment`) with the configured lifetime.
+fn sign(
+    st: &HubState,
+    csr_pem: &str,
+    node: &str,
+    enrolment: Option<&str>,
+) -> Result<String, ApiError> {
     let ttl =
         time::Duration::seconds(st.config.node_cert_ttl.as_secs().min(i64::MAX as u64) as i64);
     st.ca
-        .sign_node_csr(csr_pem, node, ttl)
+        .sign_node_csr(csr_pem, node, enrolment, ttl)
         .map_err(|e| ApiError::new(ErrorCode::Invalid, format!("csrPem: {e}")))
 }
 
@@ -245,7 +277,7 @@ fn check_version(v: u32) -> Result<(), ApiError> {
 pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     st: Arc<HubState>,
     stream: S,
-    node: Option<String>,
+    identity: Option<PeerIdentity>,
     transport: &'static str,
 ) {
     let (mut reader, mut writer) = tokio::io::split(stream);
@@ -253,7 +285,7 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         code: code.into(),
         message,
     };
-    let Some(node) = node else {
+    let Some(identity) = identity else {
         let _ = write_msg(
             &mut writer,
             &refuse(
@@ -264,25 +296,23 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         .await;
         return;
     };
-    if let Err(e) = st.objects.get::<NodeSpec>(&node).await {
-        let msg = if e.code == ErrorCode::NotFound {
-            format!(
-                "node '{node}' was deleted from the hub; remove the edge's identity and enrol again with a new join token"
-            )
-        } else {
-            e.message
-        };
-        let _ = write_msg(&mut writer, &refuse("unauthorized", msg)).await;
+    let node = identity.node.clone();
+    if let Err(r) = crate::identity::admit(&st, &identity, "channel").await {
+        let _ = write_msg(&mut writer, &refuse(r.code, r.error.message)).await;
         return;
     }
-    let hello =
-        tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, read_msg::<EdgeToHub, _>(&mut reader)).await;
-    let (since, agent_version, protocol_version) = match hello {
+    let hello = tokio::time::timeout(
+        FIRST_MESSAGE_TIMEOUT,
+        read_msg_limited::<EdgeToHub, _>(&mut reader, MAX_UNAUTHENTICATED_FRAME),
+    )
+    .await;
+    let (since, agent_version, protocol_version, edge_cluster) = match hello {
         Ok(Ok(Some(EdgeToHub::Hello {
             protocol_version,
             agent_version,
             since_revision,
-        }))) => (since_revision, agent_version, protocol_version),
+            cluster_id,
+        }))) => (since_revision, agent_version, protocol_version, cluster_id),
         _ => {
             let _ = write_msg(
                 &mut writer,
@@ -305,32 +335,83 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         let _ = write_msg(&mut writer, &refuse("busy", msg)).await;
         return;
     }
+    let cluster_id = match crate::identity::cluster_id(st.objects.store().as_ref()).await {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = write_msg(&mut writer, &refuse("unavailable", store_err(e).message)).await;
+            return;
+        }
+    };
     let (tx, mut rx) = mpsc::channel::<HubToEdge>(1024);
     let welcome = HubToEdge::Welcome {
         protocol_version: PROTOCOL_VERSION,
         node: node.clone(),
         heartbeat_interval_ms: st.config.heartbeat_interval.as_millis() as u64,
+        cluster_id: Some(cluster_id.clone()),
     };
     if write_msg(&mut writer, &welcome).await.is_err() {
         return;
     }
-    let conn = st
-        .edges
-        .register(&node, tx.clone(), protocol_version, transport);
+    let conn = st.edges.register(
+        &node,
+        identity.enrolment.clone(),
+        tx.clone(),
+        protocol_version,
+        transport,
+        &st.metrics,
+    );
     tracing::info!(node = %node, since, agent_version = %agent_version, "edge connected");
     let writer_task = tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {
-            if let Err(e) = write_msg(&mut writer, &msg).await {
-                tracing::debug!(error = %e, "edge write failed");
-                break;
+            // An edge that takes nothing for this long is gone or hostile: what is
+            // queued for it must not pile up.
+            match tokio::time::timeout(WRITE_DEADLINE, write_msg(&mut writer, &msg)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "edge write failed");
+                    break;
+                }
+                Err(_) => {
+                    tracing::warn!("edge took nothing for {}s; closing its channel", WRITE_DEADLINE.as_secs());
+                    break;
+                }
             }
         }
         let _ = writer.shutdown().await;
     });
-    let sync_task = tokio::spawn(sync_loop(st.clone(), node.clone(), since, tx.clone()));
+    let mut closed = conn.closed_watch();
+    // A revision from another history, or one ahead of this store (restored from a
+    // backup), cannot be resumed from: the edge gets a snapshot.
+    let same_history = edge_cluster.as_ref().is_none_or(|c| *c == cluster_id);
+    let current = st.objects.store().revision().await.unwrap_or(0);
+    let resume = if !same_history {
+        tracing::warn!(node = %node, "edge's cache is from another store history; sending a snapshot");
+        0
+    } else if since > current {
+        tracing::warn!(node = %node, since, current, "edge is ahead of the hub (store restored from a backup?); sending a snapshot");
+        0
+    } else {
+        since
+    };
+    let sync_task = tokio::spawn(sync_loop(
+        st.clone(),
+        node.clone(),
+        resume,
+        protocol_version,
+        tx.clone(),
+    ));
     let idle_limit = st.config.heartbeat_interval * 3 + Duration::from_secs(5);
     let reason = loop {
-        let frame = match tokio::time::timeout(idle_limit, read_frame(&mut reader)).await {
+        let read = tokio::select! {
+            r = tokio::time::timeout(idle_limit, read_frame(&mut reader)) => r,
+            // A newer session for this node, a delete or a re-enrolment ends this one.
+            why = crate::state::closed_reason(&mut closed) => {
+                let (code, message) = conn.refusal().unwrap_or(("replaced", why.clone()));
+                let _ = tx.send(refuse(code, message)).await;
+                break why;
+            }
+        };
+        let frame = match read {
             Err(_) => break format!("nothing received for {}s", idle_limit.as_secs()),
             Ok(Ok(None)) => break "edge closed the connection".to_string(),
             Ok(Err(FrameError::TooLarge { len, max })) => {
@@ -376,8 +457,12 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     sync_task.abort();
     drop(tx);
     drop(conn);
-    let _ = writer_task.await;
+    // The refusal, if any, is the last frame the edge gets.
+    let _ = tokio::time::timeout(WRITE_DEADLINE, writer_task).await;
 }
+
+/// How long a frame to an edge may take to be written.
+const WRITE_DEADLINE: Duration = Duration::from_secs(30);
 
 async fn handle_edge_message(
     st: &HubState,
@@ -395,12 +480,13 @@ async fn handle_edge_message(
             let _ = conn.tx.send(HubToEdge::HeartbeatAck).await;
             let persist_every = (st.config.node_grace / 3).min(Duration::from_secs(30));
             let due = conn.heartbeat_persisted_before(persist_every);
-            let mut changed = false;
+            let (mut changed, mut written) = (false, false);
             st.objects
                 .update_status::<NodeSpec>(node, |_, s| {
                     if status.is_none() && !due && s.phase == NodePhase::Ready {
                         return Ok(false);
                     }
+                    written = true;
                     let was_ready = s.phase == NodePhase::Ready;
                     let facts = status.as_deref().cloned().unwrap_or_else(|| s.clone());
                     let next = NodeStatus {
@@ -420,8 +506,22 @@ async fn handle_edge_message(
                     }
                     Ok(true)
                 })
-                .await?;
-            conn.mark_heartbeat_persisted();
+                .await
+                .inspect_err(|e| {
+                    if e.code == ErrorCode::NotFound {
+                        // Deleted while connected: end the session at once.
+                        conn.refuse(
+                            crate::identity::NODE_DELETED,
+                            &format!("node '{node}' was deleted from the hub; its edge stops its workloads"),
+                        );
+                    }
+                })?;
+            // Only a heartbeat that reached the store restarts the clock: marking the
+            // skipped ones too left the stored heartbeat to the once-a-minute facts,
+            // older than the grace period, and every node went NotReady each minute.
+            if written {
+                conn.mark_heartbeat_persisted();
+            }
             if changed {
                 st.schedule_kick.notify_one();
             }
@@ -458,7 +558,7 @@ async fn handle_edge_message(
         }
         EdgeToHub::Renew { csr_pem } => {
             // The subject comes from the connection's identity, never from the request.
-            let cert_pem = sign(st, &csr_pem, node)?;
+            let cert_pem = sign(st, &csr_pem, node, conn.enrolment.as_deref())?;
             tracing::info!(node, "renewed node certificate");
             let _ = conn.tx.send(HubToEdge::Renewed { cert_pem }).await;
             Ok(())
@@ -488,7 +588,13 @@ fn bound_to(obj: &Option<Instance>, node: &str) -> bool {
 }
 
 /// Send the node its desired state: from `since` as changes, or as a snapshot.
-async fn sync_loop(st: Arc<HubState>, node: String, since: u64, tx: mpsc::Sender<HubToEdge>) {
+async fn sync_loop(
+    st: Arc<HubState>,
+    node: String,
+    since: u64,
+    protocol_version: u32,
+    tx: mpsc::Sender<HubToEdge>,
+) {
     let prefix = kind_prefix(InstanceSpec::PLURAL);
     // What the edge has been sent: name -> (uid, generation). Status-only changes of an
     // instance the edge already has are not sent back to it.
@@ -524,11 +630,7 @@ async fn sync_loop(st: Arc<HubState>, node: String, since: u64, tx: mpsc::Sender
                     (i.metadata.uid.clone(), i.metadata.generation),
                 );
             }
-            if tx
-                .send(HubToEdge::Snapshot {
-                    revision,
-                    instances,
-                })
+            if send_snapshot(&tx, protocol_version, revision, instances)
                 .await
                 .is_err()
             {
@@ -587,8 +689,18 @@ async fn sync_loop(st: Arc<HubState>, node: String, since: u64, tx: mpsc::Sender
                 }
                 seen = batch.revision;
                 if !changes.is_empty() {
-                    if tx.send(HubToEdge::Changes { revision: batch.revision, changes }).await.is_err() {
-                        return;
+                    // In parts that each fit a frame; all but the last keep the edge at
+                    // the revision it had, so a session cut between parts resumes right.
+                    let parts = in_parts(changes, |c| match c {
+                        InstanceChange::Upsert { instance } => encoded_len(instance),
+                        InstanceChange::Remove { name } => name.len() + 32,
+                    });
+                    let n = parts.len();
+                    for (i, changes) in parts.into_iter().enumerate() {
+                        let revision = if i + 1 == n { batch.revision } else { last_sent };
+                        if tx.send(HubToEdge::Changes { revision, changes }).await.is_err() {
+                            return;
+                        }
                     }
                     last_sent = batch.revision;
                 }
@@ -603,5 +715,74 @@ async fn sync_loop(st: Arc<HubState>, node: String, since: u64, tx: mpsc::Sender
             }
             _ = tx.closed() => return,
         }
+    }
+}
+
+fn encoded_len(i: &Instance) -> usize {
+    serde_json::to_vec(i).map_or(0, |v| v.len())
+}
+
+/// Split `items` into runs whose encoded size stays under [`PART_BYTES`] (a single
+/// item larger than that makes a run of its own; validation keeps objects far below).
+fn in_parts<T>(items: Vec<T>, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+    let mut parts: Vec<Vec<T>> = Vec::new();
+    let mut current = Vec::new();
+    let mut bytes = 0;
+    for item in items {
+        let n = size(&item) + 8;
+        if !current.is_empty() && bytes + n > PART_BYTES {
+            parts.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        bytes += n;
+        current.push(item);
+    }
+    if !current.is_empty() || parts.is_empty() {
+        parts.push(current);
+    }
+    parts
+}
+
+/// Send a node its whole desired state: in parts to edges that take them, else in one
+/// message (an old edge whose state outgrows a frame cannot sync, and says so).
+async fn send_snapshot(
+    tx: &mpsc::Sender<HubToEdge>,
+    protocol_version: u32,
+    revision: u64,
+    instances: Vec<Instance>,
+) -> Result<(), mpsc::error::SendError<HubToEdge>> {
+    if protocol_version < SNAPSHOT_PARTS_SINCE {
+        return tx
+            .send(HubToEdge::Snapshot {
+                revision,
+                instances,
+            })
+            .await;
+    }
+    let parts = in_parts(instances, encoded_len);
+    let n = parts.len();
+    for (i, instances) in parts.into_iter().enumerate() {
+        tx.send(HubToEdge::SnapshotPart {
+            revision,
+            instances,
+            last: i + 1 == n,
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_stay_under_the_part_size_and_keep_every_item_in_order() {
+        let items: Vec<usize> = (0..100).collect();
+        let parts = in_parts(items.clone(), |_| PART_BYTES / 10);
+        assert!(parts.len() >= 10, "{}", parts.len());
+        assert!(parts.iter().all(|p| p.len() <= 10));
+        assert_eq!(parts.concat(), items);
+        assert_eq!(in_parts(Vec::<usize>::new(), |_| 1), vec![Vec::<usize>::new()]);
     }
 }

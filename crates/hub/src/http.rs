@@ -29,7 +29,12 @@ use crate::tokens::{TokenRequest, create_join_token, ct_eq, hash};
 
 /// The node identity from a TLS client certificate, if the caller presented one.
 #[derive(Debug, Clone, Default)]
-pub struct PeerNode(pub Option<String>);
+pub struct PeerNode(pub Option<crate::identity::PeerIdentity>);
+
+/// How long a watcher may leave an event untaken before the watch is ended: a slow
+/// or stalled reader must not make the hub hold an ever-growing backlog for it. It
+/// gets an `ERROR` line saying to list and watch again (when the line fits).
+const WATCH_SEND_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Who is calling.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,8 +102,12 @@ impl FromRequestParts<Arc<HubState>> for Principal {
             )
             .into());
         }
-        if let Some(PeerNode(Some(node))) = parts.extensions.get::<PeerNode>().cloned() {
-            return Ok(Principal::Node(node));
+        if let Some(PeerNode(Some(peer))) = parts.extensions.get::<PeerNode>().cloned() {
+            // A certificate counts only while its enrolment is the node's current one.
+            if let Err(r) = crate::identity::admit(state, &peer, "rest").await {
+                return Err(r.error.into());
+            }
+            return Ok(Principal::Node(peer.node));
         }
         Err(ApiError::new(
             ErrorCode::Unauthorized,
@@ -112,11 +121,33 @@ impl FromRequestParts<Arc<HubState>> for Principal {
 pub trait NodeScoped: Kind {
     /// The node an object belongs to, if any.
     fn owner(obj: &Object<Self>) -> Option<&str>;
+
+    /// What is deleted with an object, in the same transaction.
+    fn deleted_with(_name: &str) -> Vec<verge_store::Op> {
+        Vec::new()
+    }
+
+    /// What happens once an object is deleted.
+    fn after_delete(_st: &HubState, _name: &str) {}
 }
 
 impl NodeScoped for NodeSpec {
     fn owner(obj: &Object<Self>) -> Option<&str> {
         Some(obj.name())
+    }
+
+    /// A node's enrolment goes with it: every certificate it had is revoked.
+    fn deleted_with(name: &str) -> Vec<verge_store::Op> {
+        vec![crate::identity::forget(name)]
+    }
+
+    /// Its live session ends now, and its edge stops its workloads.
+    fn after_delete(st: &HubState, name: &str) {
+        st.edges.evict(
+            name,
+            crate::identity::NODE_DELETED,
+            &format!("node '{name}' was deleted from the hub; its edge stops its workloads"),
+        );
     }
 }
 
@@ -185,7 +216,43 @@ async fn list<S: NodeScoped>(
     Ok(Json(serde_json::json!({ "revision": revision, "items": items })).into_response())
 }
 
+impl Principal {
+    /// The key its per-principal limits are kept under.
+    fn key(&self) -> String {
+        match self {
+            Principal::Admin => "admin".into(),
+            Principal::Node(n) => format!("node/{n}"),
+        }
+    }
+}
+
+/// Send one line of a watch, or give up on a reader that does not take it in time.
+async fn send_watch_line(
+    st: &HubState,
+    tx: &tokio::sync::mpsc::Sender<Bytes>,
+    line: Bytes,
+) -> bool {
+    match tokio::time::timeout(WATCH_SEND_DEADLINE, tx.send(line)).await {
+        Ok(r) => r.is_ok(),
+        Err(_) => {
+            st.metrics.watches_dropped.inc();
+            tracing::info!("watch ended: its reader took nothing for {}s", WATCH_SEND_DEADLINE.as_secs());
+            let msg = serde_json::json!({"type": "ERROR", "message": format!(
+                "the watch was ended because its reader fell behind (nothing taken for {}s); list again and watch from the revision the list returns",
+                WATCH_SEND_DEADLINE.as_secs())});
+            let _ = tx.try_send(Bytes::from(format!("{msg}\n")));
+            false
+        }
+    }
+}
+
 async fn watch<S: NodeScoped>(st: Arc<HubState>, p: Principal, after: u64) -> ApiResult<Response> {
+    let permit = st.watches.acquire(p.key()).map_err(|r| {
+        ApiError::new(
+            ErrorCode::Unavailable,
+            format!("{r}: close a watch you hold before opening another"),
+        )
+    })?;
     let from = if after == 0 { 0 } else { after + 1 };
     let mut rx = st
         .objects
@@ -194,6 +261,7 @@ async fn watch<S: NodeScoped>(st: Arc<HubState>, p: Principal, after: u64) -> Ap
         .await
         .map_err(store_err)?;
     let stream = async_stream(move |tx: tokio::sync::mpsc::Sender<Bytes>| async move {
+        let _permit = permit;
         while let Some(batch) = rx.recv().await {
             let batch = match batch {
                 Ok(b) => b,
@@ -227,7 +295,7 @@ async fn watch<S: NodeScoped>(st: Arc<HubState>, p: Principal, after: u64) -> Ap
                 }
                 let line =
                     serde_json::json!({"type": kind, "revision": batch.revision, "object": obj});
-                if tx.send(Bytes::from(format!("{line}\n"))).await.is_err() {
+                if !send_watch_line(&st, &tx, Bytes::from(format!("{line}\n"))).await {
                     return;
                 }
             }
@@ -353,7 +421,8 @@ async fn delete_one<S: NodeScoped>(
     Path(name): Path<String>,
 ) -> ApiResult<Json<Object<S>>> {
     admin_only(&p, &format!("deleting {} '{name}'", S::KIND.to_lowercase()))?;
-    let obj = st.objects.delete::<S>(&name).await?;
+    let obj = st.objects.delete_with::<S>(&name, S::deleted_with(&name)).await?;
+    S::after_delete(&st, &name);
     st.schedule_kick.notify_one();
     Ok(Json(obj))
 }

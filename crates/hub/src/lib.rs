@@ -13,7 +13,9 @@ pub mod channel;
 pub mod config;
 pub mod controllers;
 pub mod http;
+pub mod identity;
 pub mod inventory;
+pub mod limits;
 pub mod objects;
 pub mod offline;
 pub mod placement;
@@ -32,9 +34,9 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use verge_api::channel::{ALPN_CHANNEL, ALPN_ENROLL, ALPN_STREAM};
 use verge_store::{SqliteStore, Store};
-use verge_tunnel::pki::node_name_from_cert;
 
 pub use config::{ClientConfig, HubConfig, SetupError};
+use identity::PeerIdentity;
 use objects::Objects;
 use state::HubState;
 
@@ -161,7 +163,12 @@ pub async fn run(
         admin_conf,
         join_token_file,
     });
-    tracing::info!(%url, "hub serving");
+    tracing::info!(
+        %url,
+        connections = st.limits.connections.max_total(),
+        unauthenticated = st.limits.unauthenticated.max_total(),
+        "hub serving"
+    );
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -176,34 +183,58 @@ pub async fn run(
                 }
             },
         };
+        // Every connection holds a slot of the descriptor budget; until its peer is
+        // known, also one of the strangers' pool. Over a limit it is closed at once,
+        // which gives its descriptor straight back.
+        let Some((slot, stranger)) = admit_connection(&st, peer.ip()) else {
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let st = st.clone();
         let app = app.clone();
         tokio::spawn(async move {
-            let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "tls handshake failed");
-                        return;
-                    }
-                    Err(_) => return,
-                };
+            let _slot = slot;
+            let tls = match tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "tls handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
             let (_, conn) = tls.get_ref();
             let alpn = conn.alpn_protocol().map(|p| p.to_vec());
-            let node = conn
+            let identity = conn
                 .peer_certificates()
                 .and_then(|c| c.first())
-                .and_then(|c| node_name_from_cert(c));
+                .and_then(|c| PeerIdentity::from_cert(c));
             match alpn.as_deref() {
-                Some(p) if p == ALPN_CHANNEL => channel::serve_channel(st, tls, node, "tls").await,
-                Some(p) if p == ALPN_STREAM => streams::serve_data_stream(st, tls, node).await,
+                Some(p) if p == ALPN_CHANNEL => {
+                    drop(stranger);
+                    channel::serve_channel(st, tls, identity, "tls").await
+                }
+                Some(p) if p == ALPN_STREAM => {
+                    drop(stranger);
+                    streams::serve_data_stream(st, tls, identity).await
+                }
+                // An enrolling peer has no credentials until it is done: it stays in
+                // the strangers' pool.
                 Some(p) if p == ALPN_ENROLL => channel::serve_enroll(st, tls).await,
                 _ => {
-                    let svc = app.layer(axum::Extension(http::PeerNode(node)));
+                    drop(stranger);
+                    let _http = match st.limits.http.acquire(peer.ip()) {
+                        Ok(p) => p,
+                        Err(r) => return refused(&st, &r),
+                    };
+                    let svc = app.layer(axum::Extension(http::PeerNode(identity)));
+                    // A whole request head must arrive within the deadline, and an
+                    // idle keep-alive connection is closed after it (hyper starts the
+                    // same timer whenever the connection waits for a request).
                     // Upgrades carry exec and port-forward sessions.
                     let _ = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(REQUEST_HEAD_DEADLINE)
                         .serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc))
                         .with_upgrades()
                         .await;
@@ -216,32 +247,82 @@ pub async fn run(
     Ok(())
 }
 
+/// How long a TLS or QUIC handshake may take.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a REST request's whole head may take to arrive, and how long an idle
+/// keep-alive connection is kept.
+pub const REQUEST_HEAD_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Count and log a connection turned away.
+fn refused(st: &HubState, why: &limits::Refusal) {
+    st.metrics
+        .connections_refused
+        .get_or_create(&vec![("reason".to_string(), why.reason())])
+        .inc();
+    tracing::debug!(reason = %why, "connection refused");
+}
+
+/// Slots for a new TCP connection from `ip`: one of the descriptor budget and one of
+/// the strangers' pool; `None` (counted) when either is spent.
+fn admit_connection(st: &HubState, ip: std::net::IpAddr) -> Option<(limits::Permit, limits::Permit)> {
+    let slot = st
+        .limits
+        .connections
+        .acquire(ip)
+        .map_err(|r| refused(st, &r))
+        .ok()?;
+    let stranger = st
+        .limits
+        .unauthenticated
+        .acquire(ip)
+        .map_err(|r| refused(st, &r))
+        .ok()?;
+    Some((slot, stranger))
+}
+
 /// Accept QUIC connections: each carries one channel (or enrolment) on its first
 /// bidirectional stream; further streams the edge opens are data streams.
 async fn serve_quic(st: Arc<HubState>, endpoint: quinn::Endpoint) {
     while let Some(incoming) = endpoint.accept().await {
+        // QUIC connections share one socket, so only the strangers' pool applies.
+        let stranger = match st
+            .limits
+            .unauthenticated
+            .acquire(incoming.remote_address().ip())
+        {
+            Ok(p) => p,
+            Err(r) => {
+                refused(&st, &r);
+                incoming.refuse();
+                continue;
+            }
+        };
         let st = st.clone();
         tokio::spawn(async move {
-            let conn = match tokio::time::timeout(Duration::from_secs(10), incoming).await {
+            let conn = match tokio::time::timeout(HANDSHAKE_DEADLINE, incoming).await {
                 Ok(Ok(c)) => c,
                 _ => return,
             };
             let (alpn, certs) = verge_tunnel::quic::peer(&conn);
-            let node = certs
+            let identity = certs
                 .as_ref()
                 .and_then(|c| c.first())
-                .and_then(|c| node_name_from_cert(c));
+                .and_then(|c| PeerIdentity::from_cert(c));
             let Ok(Ok((send, recv))) =
-                tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await
+                tokio::time::timeout(HANDSHAKE_DEADLINE, conn.accept_bi()).await
             else {
                 return;
             };
             let stream = tokio::io::join(recv, send);
             match alpn.as_deref() {
                 Some(p) if p == ALPN_CHANNEL => {
-                    let data_streams =
-                        tokio::spawn(accept_data_streams(st.clone(), conn.clone(), node.clone()));
-                    channel::serve_channel(st, stream, node, "quic").await;
+                    drop(stranger);
+                    let data_streams = tokio::spawn(accept_data_streams(
+                        st.clone(),
+                        conn.clone(),
+                        identity.clone(),
+                    ));
+                    channel::serve_channel(st, stream, identity, "quic").await;
                     data_streams.abort();
                 }
                 Some(p) if p == ALPN_ENROLL => channel::serve_enroll(st, stream).await,
@@ -253,12 +334,16 @@ async fn serve_quic(st: Arc<HubState>, endpoint: quinn::Endpoint) {
 }
 
 /// Serve the data streams an edge opens on its QUIC channel connection.
-async fn accept_data_streams(st: Arc<HubState>, conn: quinn::Connection, node: Option<String>) {
+async fn accept_data_streams(
+    st: Arc<HubState>,
+    conn: quinn::Connection,
+    identity: Option<PeerIdentity>,
+) {
     while let Ok((send, recv)) = conn.accept_bi().await {
         tokio::spawn(streams::serve_data_stream(
             st.clone(),
             tokio::io::join(recv, send),
-            node.clone(),
+            identity.clone(),
         ));
     }
 }

@@ -239,8 +239,26 @@ impl Objects {
 
     /// Delete; `NotFound` if absent.
     pub async fn delete<S: Kind>(&self, name: &str) -> Result<Object<S>, ApiError> {
+        self.delete_with::<S>(name, Vec::new()).await
+    }
+
+    /// Delete an object and, in the same transaction, run `also` (what goes with it).
+    pub async fn delete_with<S: Kind>(
+        &self,
+        name: &str,
+        also: Vec<verge_store::Op>,
+    ) -> Result<Object<S>, ApiError> {
         let key = object_key(S::PLURAL, name);
-        let r = self.store.delete(&key, None).await.map_err(store_err)?;
+        let mut ops = vec![verge_store::Op::Delete { key }];
+        ops.extend(also);
+        let r = self
+            .store
+            .txn(verge_store::Txn {
+                compares: Vec::new(),
+                ops,
+            })
+            .await
+            .map_err(store_err)?;
         match r.prev.into_iter().next().flatten() {
             Some(kv) => decode(&kv),
             None => Err(ApiError::new(

@@ -46,6 +46,15 @@ pub struct Metrics {
     pub channel_rejected: Counter,
     /// Data streams by purpose (`exec`, `portForward`, `logs`, `relay`) and result.
     pub streams: Family<Labels, Counter>,
+    /// Connections turned away at a limit, by reason.
+    pub connections_refused: Family<Labels, Counter>,
+    /// Channel sessions closed because a newer one for the same node arrived.
+    pub sessions_replaced: Counter,
+    /// Channel sessions, data streams and REST requests refused because their node
+    /// certificate was revoked, by reason (`nodeDeleted`, `revoked`).
+    pub revoked_certificates: Family<Labels, Counter>,
+    /// Watches ended because their reader fell too far behind.
+    pub watches_dropped: Counter,
 }
 
 impl Metrics {
@@ -61,8 +70,32 @@ impl Metrics {
             store_revision: Gauge::default(),
             channel_rejected: Counter::default(),
             streams: Family::default(),
+            connections_refused: Family::default(),
+            sessions_replaced: Counter::default(),
+            revoked_certificates: Family::default(),
+            watches_dropped: Counter::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "connections_refused",
+            "Connections turned away at a limit (all, unauthenticated, http; in all or per address)",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "sessions_replaced",
+            "Channel sessions closed because a newer session for the same node arrived",
+            m.sessions_replaced.clone(),
+        );
+        registry.register(
+            "revoked_certificates",
+            "Requests, sessions and streams refused because their node certificate was revoked",
+            m.revoked_certificates.clone(),
+        );
+        registry.register(
+            "watches_dropped",
+            "Watches ended because their reader fell too far behind",
+            m.watches_dropped.clone(),
+        );
         registry.register(
             "edges_connected",
             "Edges with a live channel",
@@ -112,6 +145,11 @@ pub struct EdgeConn {
     pub tx: mpsc::Sender<HubToEdge>,
     /// The channel protocol version the edge spoke in its hello.
     pub protocol_version: u32,
+    /// The enrolment of the certificate the session authenticated with (renewals keep
+    /// it).
+    pub enrolment: Option<String>,
+    /// Why the hub ended this session, as the wire code and message the edge gets.
+    refusal: Mutex<Option<(&'static str, String)>>,
     pending: Mutex<HashMap<u64, Waiter>>,
     /// Data streams asked of the edge and not yet opened by it.
     streams: Mutex<HashMap<u64, oneshot::Sender<Box<dyn Duplex>>>>,
@@ -165,7 +203,22 @@ impl EdgeConn {
         self.closed.subscribe()
     }
 
-    /// End this connection's data streams with `reason`.
+    /// End this session: the edge gets `code` and `message`, then the connection
+    /// closes, and with it its data streams.
+    pub fn refuse(&self, code: &'static str, message: &str) {
+        *self.refusal.lock().unwrap_or_else(|e| e.into_inner()) = Some((code, message.into()));
+        self.close(message);
+    }
+
+    /// The code and message the session was ended with, if the hub ended it.
+    pub fn refusal(&self) -> Option<(&'static str, String)> {
+        self.refusal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// End this connection's data streams (and the session) with `reason`.
     pub fn close(&self, reason: &str) {
         self.closed.send_if_modified(|r| {
             if r.is_some() {
@@ -229,18 +282,26 @@ pub struct EdgeRegistry {
 }
 
 impl EdgeRegistry {
-    /// Register a new connection for `node`, replacing (and so closing) any older one.
+    /// Register a new connection for `node`. One session per node: the newer one
+    /// wins, and the older is closed (logged, and counted in `sessions_replaced`), so
+    /// that routing always points at a live session. A second session with the same
+    /// identity is either the edge reconnecting before the hub noticed the old
+    /// connection die, or a copy of its certificate; the log line says which node.
     pub fn register(
         &self,
         node: &str,
+        enrolment: Option<String>,
         tx: mpsc::Sender<HubToEdge>,
         protocol_version: u32,
         transport: &str,
+        metrics: &Metrics,
     ) -> Arc<EdgeConn> {
         let conn = Arc::new(EdgeConn {
             id: self.next_id.fetch_add(1, Ordering::Relaxed) + 1,
             tx,
             protocol_version,
+            enrolment,
+            refusal: Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
@@ -253,11 +314,34 @@ impl EdgeRegistry {
             .unwrap_or_else(|e| e.into_inner())
             .insert(node.to_string(), conn.clone());
         if let Some(old) = old {
-            old.close(&format!(
-                "node '{node}' reconnected to the hub (now over {transport}); streams of its old connection ended"
-            ));
+            metrics.sessions_replaced.inc();
+            tracing::warn!(
+                node,
+                transport,
+                "a newer session for this node replaced its older one (a reconnect, or a copy of its certificate in use)"
+            );
+            old.refuse(
+                "replaced",
+                &format!(
+                    "node '{node}' reconnected to the hub (now over {transport}); streams of its old connection ended"
+                ),
+            );
         }
         conn
+    }
+
+    /// End `node`'s session, if it has one, with `code` and `message` (its node was
+    /// deleted, or enrolled again).
+    pub fn evict(&self, node: &str, code: &'static str, message: &str) {
+        let conn = self
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(node);
+        if let Some(conn) = conn {
+            tracing::info!(node, code, "ending the node's session: {message}");
+            conn.refuse(code, message);
+        }
     }
 
     /// Remove `node`'s connection if it is still connection `id`.
@@ -431,6 +515,10 @@ pub struct HubState {
     /// The artifact store: blobs (Wasm components, VM images, ...) by digest, under
     /// `DATA_DIR/artifacts`, which edges fetch over their channel.
     pub artifacts: verge_artifacts::Cache,
+    /// Bounds on connections (in all, strangers, REST) and their source addresses.
+    pub limits: crate::limits::Limits,
+    /// Concurrent watches, in all and per principal.
+    pub watches: crate::limits::Pool<String>,
     /// Token bucket for admitting edge sessions: tokens left, last refill.
     admission: Mutex<(f64, std::time::Instant)>,
 }
@@ -453,6 +541,8 @@ impl HubState {
             metrics: Metrics::new(),
             schedule_kick: Notify::new(),
             recommendations: Mutex::new(None),
+            limits: crate::limits::Limits::from_descriptor_limit(),
+            watches: crate::limits::Pool::new("watches", 4096, crate::limits::WATCHES_PER_PRINCIPAL),
             admission: Mutex::new((config_burst, std::time::Instant::now())),
         })
     }

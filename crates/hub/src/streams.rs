@@ -20,7 +20,7 @@ use tokio::sync::{Mutex, watch};
 use verge_api::channel::{StreamHello, StreamPurpose};
 use verge_api::{ApiError, ErrorCode, Instance, InstanceSpec};
 use verge_tunnel::chunk::{Chunk, read_chunk, write_chunk};
-use verge_tunnel::frame::read_msg;
+use verge_tunnel::frame::{MAX_UNAUTHENTICATED_FRAME, read_msg_limited};
 use verge_tunnel::quic::Duplex;
 
 use crate::state::{HubState, closed_reason};
@@ -51,9 +51,9 @@ pub fn purpose_name(p: &StreamPurpose) -> &'static str {
 pub async fn serve_data_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     st: Arc<HubState>,
     mut stream: S,
-    node: Option<String>,
+    identity: Option<crate::identity::PeerIdentity>,
 ) {
-    let Some(node) = node else {
+    let Some(identity) = identity else {
         let _ = write_chunk(
             &mut stream,
             &Chunk::Error("a data stream needs a node certificate".into()),
@@ -61,8 +61,16 @@ pub async fn serve_data_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'stati
         .await;
         return;
     };
-    let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_msg::<StreamHello, _>(&mut stream))
-        .await
+    if let Err(r) = crate::identity::admit(&st, &identity, "data stream").await {
+        let _ = write_chunk(&mut stream, &Chunk::Error(r.error.message)).await;
+        return;
+    }
+    let node = identity.node;
+    let hello = match tokio::time::timeout(
+        HELLO_TIMEOUT,
+        read_msg_limited::<StreamHello, _>(&mut stream, MAX_UNAUTHENTICATED_FRAME),
+    )
+    .await
     {
         Ok(Ok(Some(h))) => h,
         Ok(Err(e)) => {

@@ -23,8 +23,13 @@ use crate::{
 
 /// How many queued transactions one group commit takes at most.
 const MAX_GROUP: usize = 512;
+/// Batches a watch queues for a reader that has not taken them yet.
+const WATCH_QUEUE: usize = 64;
 /// Rows read per history query when a watch replays from the log.
-const REPLAY_PAGE: i64 = 2048;
+// Kept small: a watcher replaying history holds one page, and a slow or hostile
+// watcher must not make the hub hold megabytes per watch (50 watches from revision 1
+// once took the hub from 338 MiB to 2.2 GiB with 2,048-revision pages).
+const REPLAY_PAGE: i64 = 256;
 
 fn backend(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
     StoreError::Backend(Box::new(e))
@@ -548,7 +553,7 @@ impl Store for SqliteStore {
                 compact_revision: compact,
             });
         }
-        let (tx, rx) = mpsc::channel(256);
+        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
         let this = self.clone();
         let prefix = prefix.to_string();
         tokio::spawn(async move {

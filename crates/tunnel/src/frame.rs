@@ -6,8 +6,17 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// Largest frame accepted (16 MiB).
+/// Largest frame accepted from an authenticated peer (16 MiB).
 pub const MAX_FRAME: usize = 16 << 20;
+
+/// Largest frame accepted before the peer is known: an enrolment request (a join
+/// token, a CSR, a few labels) or a hello is a few KiB. A peer with no credentials
+/// must not be able to make the hub hold megabytes.
+pub const MAX_UNAUTHENTICATED_FRAME: usize = 64 << 10;
+
+/// How much of a frame body is read (and allocated) at a time: a frame's memory grows
+/// with the bytes that have actually arrived, not with the length its prefix claims.
+const READ_STEP: usize = 64 << 10;
 
 /// Framing failures.
 #[derive(Debug, thiserror::Error)]
@@ -49,12 +58,27 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
 }
 
 /// Incremental decoder over a byte buffer (pure: no I/O).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
+    max: usize,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        Self::with_limit(MAX_FRAME)
+    }
 }
 
 impl FrameDecoder {
+    /// A decoder that refuses frames longer than `max` bytes.
+    pub fn with_limit(max: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            max,
+        }
+    }
+
     /// Append received bytes.
     pub fn push(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
@@ -66,11 +90,8 @@ impl FrameDecoder {
             return Ok(None);
         }
         let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
-        if len > MAX_FRAME {
-            return Err(FrameError::TooLarge {
-                len,
-                max: MAX_FRAME,
-            });
+        if len > self.max {
+            return Err(FrameError::TooLarge { len, max: self.max });
         }
         if self.buf.len() < 4 + len {
             return Ok(None);
@@ -83,6 +104,15 @@ impl FrameDecoder {
 
 /// Read one frame body; `Ok(None)` on a clean end of stream between frames.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Vec<u8>>, FrameError> {
+    read_frame_limited(r, MAX_FRAME).await
+}
+
+/// Read one frame body of at most `max` bytes. The body's buffer grows as its bytes
+/// arrive, so a length prefix alone allocates nothing.
+pub async fn read_frame_limited<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<Vec<u8>>, FrameError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -90,14 +120,17 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Vec<u8
         Err(e) => return Err(e.into()),
     }
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(FrameError::TooLarge {
-            len,
-            max: MAX_FRAME,
-        });
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await?;
+    let mut body = Vec::with_capacity(len.min(READ_STEP));
+    while body.len() < len {
+        let step = (len - body.len()).min(READ_STEP);
+        let n = (&mut *r).take(step as u64).read_to_end(&mut body).await?;
+        if n == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+    }
     Ok(Some(body))
 }
 
@@ -146,7 +179,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 pub async fn read_msg<T: DeserializeOwned, R: AsyncRead + Unpin>(
     r: &mut R,
 ) -> Result<Option<T>, FrameError> {
-    match read_frame(r).await? {
+    read_msg_limited(r, MAX_FRAME).await
+}
+
+/// Read and decode one message of at most `max` bytes; `Ok(None)` on end of stream.
+pub async fn read_msg_limited<T: DeserializeOwned, R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<T>, FrameError> {
+    match read_frame_limited(r, max).await? {
         Some(body) => decode(&body).map(Some),
         None => Ok(None),
     }
@@ -174,6 +215,49 @@ mod tests {
         let mut d = FrameDecoder::default();
         d.push(&u32::MAX.to_be_bytes());
         assert!(matches!(d.next_frame(), Err(FrameError::TooLarge { .. })));
+    }
+
+    /// A peer announces a frame just under the limit and sends a few bytes: the
+    /// reader holds only what arrived (it used to allocate the whole announced length
+    /// at once, 16 MiB per unauthenticated connection).
+    #[tokio::test]
+    async fn a_frames_buffer_grows_with_what_arrived_not_with_its_length_prefix() {
+        let (mut tx, mut rx) = tokio::io::duplex(1 << 20);
+        tx.write_all(&((MAX_FRAME - 1) as u32).to_be_bytes())
+            .await
+            .expect("write");
+        tx.write_all(&[b'x'; 1000]).await.expect("write");
+        drop(tx);
+        let mut body = Vec::new();
+        // Read the way read_frame does, but look at the buffer on the way.
+        let mut len = [0u8; 4];
+        rx.read_exact(&mut len).await.expect("len");
+        let n = (&mut rx)
+            .take(READ_STEP as u64)
+            .read_to_end(&mut body)
+            .await
+            .expect("body");
+        assert_eq!(n, 1000);
+        assert!(body.capacity() <= 2 * READ_STEP, "{}", body.capacity());
+        // And the reader itself ends with an error at the early EOF, not a hang.
+        let (mut tx, mut rx) = tokio::io::duplex(1 << 20);
+        tx.write_all(&((MAX_FRAME - 1) as u32).to_be_bytes())
+            .await
+            .expect("write");
+        drop(tx);
+        assert!(matches!(read_frame(&mut rx).await, Err(FrameError::Io(_))));
+    }
+
+    #[tokio::test]
+    async fn an_unauthenticated_peer_may_not_announce_more_than_64_kib() {
+        let (mut tx, mut rx) = tokio::io::duplex(1024);
+        tx.write_all(&((MAX_UNAUTHENTICATED_FRAME + 1) as u32).to_be_bytes())
+            .await
+            .expect("write");
+        let r = read_frame_limited(&mut rx, MAX_UNAUTHENTICATED_FRAME).await;
+        assert!(
+            matches!(r, Err(FrameError::TooLarge { max, .. }) if max == MAX_UNAUTHENTICATED_FRAME)
+        );
     }
 
     #[test]

@@ -157,10 +157,15 @@ impl CertAuthority {
 
     /// Sign a node's CSR. The subject is set by the hub (CN = `node_name`), not taken
     /// from the request, and the certificate is good for client authentication only.
+    /// `enrolment` names the enrolment the certificate belongs to (kept in the
+    /// subject's OU): the hub accepts a node certificate only while that enrolment is
+    /// the node's current one, so deleting or re-enrolling a node revokes the
+    /// certificates it had before.
     pub fn sign_node_csr(
         &self,
         csr_pem: &str,
         node_name: &str,
+        enrolment: Option<&str>,
         valid_for: Duration,
     ) -> Result<String, PkiError> {
         let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
@@ -168,6 +173,11 @@ impl CertAuthority {
         let mut csr = CertificateSigningRequestParams::from_der(&der)
             .map_err(|e| parse_err("certificate signing request", e))?;
         csr.params.distinguished_name = dn(node_name, NODE_ORG);
+        if let Some(e) = enrolment {
+            csr.params
+                .distinguished_name
+                .push(DnType::OrganizationalUnitName, format!("{ENROLMENT_OU}{e}"));
+        }
         csr.params.subject_alt_names = Vec::new();
         csr.params.is_ca = IsCa::ExplicitNoCa;
         csr.params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -215,22 +225,35 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// How the enrolment a node certificate belongs to starts its OU.
+const ENROLMENT_OU: &str = "enrolment:";
+
 /// The node name in a node certificate (its CN, if the certificate is a node's).
 pub fn node_name_from_cert(der: &[u8]) -> Option<String> {
+    node_identity_from_cert(der).map(|(n, _)| n)
+}
+
+/// The node name and enrolment of a node certificate. Certificates issued before
+/// enrolments were recorded have none.
+pub fn node_identity_from_cert(der: &[u8]) -> Option<(String, Option<String>)> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let subject = cert.subject();
     let org = subject.iter_organization().next()?.as_str().ok()?;
     if org != NODE_ORG {
         return None;
     }
-    Some(
-        subject
-            .iter_common_name()
-            .next()?
-            .as_str()
-            .ok()?
-            .to_string(),
-    )
+    let name = subject
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_string();
+    let enrolment = subject
+        .iter_organizational_unit()
+        .filter_map(|ou| ou.as_str().ok())
+        .find_map(|ou| ou.strip_prefix(ENROLMENT_OU))
+        .map(str::to_string);
+    Some((name, enrolment))
 }
 
 /// When a certificate (PEM) expires.
@@ -331,10 +354,14 @@ mod tests {
         let ca = CertAuthority::generate("test-ca").expect("ca");
         let (_key, csr) = new_node_key_and_csr("evil-name").expect("csr");
         let cert = ca
-            .sign_node_csr(&csr, "edge-1", Duration::days(1))
+            .sign_node_csr(&csr, "edge-1", Some("e1f2"), Duration::days(1))
             .expect("sign");
         let der = CertificateDer::from_pem_slice(cert.as_bytes()).expect("pem");
         assert_eq!(node_name_from_cert(&der).as_deref(), Some("edge-1"));
+        assert_eq!(
+            node_identity_from_cert(&der),
+            Some(("edge-1".to_string(), Some("e1f2".to_string())))
+        );
         assert!(cert_not_after(&cert).expect("date") > OffsetDateTime::now_utc());
         // The hub's own certificate is not a node identity.
         let server = ca.issue_server(&["127.0.0.1".into()]).expect("server");

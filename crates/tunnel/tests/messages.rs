@@ -73,13 +73,20 @@ fn edge_msg() -> impl Strategy<Value = EdgeToHub> {
                     .collect(),
             }
         ),
-        (any::<u32>(), text(), any::<u64>()).prop_map(
-            |(protocol_version, agent_version, since_revision)| EdgeToHub::Hello {
-                protocol_version,
-                agent_version,
-                since_revision,
-            }
-        ),
+        (
+            any::<u32>(),
+            text(),
+            any::<u64>(),
+            proptest::option::of(text())
+        )
+            .prop_map(
+                |(protocol_version, agent_version, since_revision, cluster_id)| EdgeToHub::Hello {
+                    protocol_version,
+                    agent_version,
+                    since_revision,
+                    cluster_id,
+                }
+            ),
         proptest::option::of((text(), any::<u64>())).prop_map(|s| EdgeToHub::Heartbeat {
             status: s.map(|(hostname, cpu)| {
                 Box::new(NodeStatus {
@@ -115,19 +122,36 @@ fn edge_msg() -> impl Strategy<Value = EdgeToHub> {
 fn hub_msg() -> impl Strategy<Value = HubToEdge> {
     prop_oneof![
         (text(), text()).prop_map(|(cert_pem, ca_pem)| HubToEdge::Enrolled { cert_pem, ca_pem }),
-        (any::<u32>(), name(), any::<u64>()).prop_map(
-            |(protocol_version, node, heartbeat_interval_ms)| HubToEdge::Welcome {
-                protocol_version,
-                node,
-                heartbeat_interval_ms,
-            }
-        ),
+        (
+            any::<u32>(),
+            name(),
+            any::<u64>(),
+            proptest::option::of(text())
+        )
+            .prop_map(
+                |(protocol_version, node, heartbeat_interval_ms, cluster_id)| HubToEdge::Welcome {
+                    protocol_version,
+                    node,
+                    heartbeat_interval_ms,
+                    cluster_id,
+                }
+            ),
         (any::<u64>(), proptest::collection::vec(instance(), 0..4)).prop_map(
             |(revision, instances)| HubToEdge::Snapshot {
                 revision,
                 instances
             }
         ),
+        (
+            any::<u64>(),
+            proptest::collection::vec(instance(), 0..4),
+            any::<bool>()
+        )
+            .prop_map(|(revision, instances, last)| HubToEdge::SnapshotPart {
+                revision,
+                instances,
+                last
+            }),
         (
             any::<u64>(),
             proptest::collection::vec(

@@ -1,0 +1,172 @@
+//! Node identities: which enrolment a node certificate belongs to, and whether it
+//! still counts.
+//!
+//! Every enrolment (the first, and each re-enrolment with a node-bound token) gets a
+//! fresh random id, stored under [`ENROLMENT_PREFIX`] in the same transaction that
+//! spends the token, and written into the certificate's subject. Renewals keep the
+//! id. A certificate is accepted only while its node exists and its id is the node's
+//! current one, checked on every REST request, channel session and data stream; so
+//! `verge delete node` and a re-enrolment revoke every certificate issued before,
+//! however long it is still valid. Certificates from before ids were recorded carry
+//! none and are accepted until the node is enrolled again.
+
+use serde::{Deserialize, Serialize};
+use verge_api::{ApiError, ErrorCode, Kind, NodeSpec, object_key};
+use verge_store::{Compare, Op, Store, StoreError, Txn};
+
+use crate::objects::store_err;
+
+/// Where each node's current enrolment is kept.
+pub const ENROLMENT_PREFIX: &str = "/verge/enrolments/";
+
+/// Who a peer with a node certificate claims to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// The node (the certificate's CN).
+    pub node: String,
+    /// The enrolment the certificate belongs to.
+    pub enrolment: Option<String>,
+}
+
+impl PeerIdentity {
+    /// The identity in a node certificate (DER), if it is one.
+    pub fn from_cert(der: &[u8]) -> Option<Self> {
+        verge_tunnel::pki::node_identity_from_cert(der)
+            .map(|(node, enrolment)| Self { node, enrolment })
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EnrolmentRecord {
+    id: String,
+    enrolled_at: String,
+}
+
+/// A fresh enrolment id.
+pub fn new_enrolment_id() -> String {
+    let b: [u8; 12] = rand::random();
+    verge_tunnel::pki::hex(&b)
+}
+
+/// The store operation that makes `id` the node's current enrolment.
+pub fn record(node: &str, id: &str) -> Op {
+    Op::Put {
+        key: format!("{ENROLMENT_PREFIX}{node}"),
+        value: serde_json::to_vec(&EnrolmentRecord {
+            id: id.to_string(),
+            enrolled_at: verge_api::clock::now_rfc3339(),
+        })
+        .unwrap_or_default(),
+    }
+}
+
+/// The store operation that forgets the node's enrolment (with the node).
+pub fn forget(node: &str) -> Op {
+    Op::Delete {
+        key: format!("{ENROLMENT_PREFIX}{node}"),
+    }
+}
+
+/// Wire code: the node was deleted (its edge stops its workloads and exits).
+pub const NODE_DELETED: &str = "nodeDeleted";
+/// Wire code: the certificate belongs to an earlier enrolment.
+pub const REVOKED: &str = "revoked";
+
+/// A certificate that no longer counts.
+#[derive(Debug)]
+pub struct Refused {
+    /// The wire code ([`NODE_DELETED`], [`REVOKED`], or `unavailable` when the store
+    /// could not be read).
+    pub code: &'static str,
+    /// What happened and what to do.
+    pub error: ApiError,
+}
+
+/// Check that `peer`'s certificate still counts.
+pub async fn verify(store: &dyn Store, peer: &PeerIdentity) -> Result<(), Refused> {
+    let node = &peer.node;
+    let unavailable = |e| Refused {
+        code: "unavailable",
+        error: store_err(e),
+    };
+    if store
+        .get(&object_key(NodeSpec::PLURAL, node))
+        .await
+        .map_err(unavailable)?
+        .is_none()
+    {
+        return Err(Refused {
+            code: NODE_DELETED,
+            error: ApiError::new(
+                ErrorCode::Unauthorized,
+                format!(
+                    "node '{node}' was deleted from the hub, and its certificate with it; remove the edge's identity and enrol again with a new join token"
+                ),
+            ),
+        });
+    }
+    let current = store
+        .get(&format!("{ENROLMENT_PREFIX}{node}"))
+        .await
+        .map_err(unavailable)?
+        .and_then(|kv| serde_json::from_slice::<EnrolmentRecord>(&kv.value).ok())
+        .map(|r| r.id);
+    if current == peer.enrolment {
+        return Ok(());
+    }
+    Err(Refused {
+        code: REVOKED,
+        error: ApiError::new(
+            ErrorCode::Unauthorized,
+            format!(
+                "this certificate of node '{node}' was revoked: the node was enrolled again since it was issued; the edge holding the new identity keeps working, this one must enrol again"
+            ),
+        ),
+    })
+}
+
+/// [`verify`], counted in `verge_hub_revoked_certificates` and logged when refused:
+/// the one check every front door (REST, channel, data streams) makes.
+pub async fn admit(st: &crate::state::HubState, peer: &PeerIdentity, door: &str) -> Result<(), Refused> {
+    let r = verify(st.objects.store().as_ref(), peer).await;
+    if let Err(refused) = &r {
+        st.metrics
+            .revoked_certificates
+            .get_or_create(&vec![("reason".to_string(), refused.code.to_string())])
+            .inc();
+        tracing::warn!(node = %peer.node, door, error = %refused.error.message, "node certificate refused");
+    }
+    r
+}
+
+/// Where the store's history identity is kept.
+pub const CLUSTER_ID_KEY: &str = "/verge/cluster-id";
+
+/// The identity of this store's history, made on first use. Edges keep it with their
+/// cached revision: a revision from another history (another store, or one rebuilt
+/// from scratch) is not resumed from, it gets a snapshot.
+pub async fn cluster_id(store: &dyn Store) -> Result<String, StoreError> {
+    for _ in 0..3 {
+        if let Some(kv) = store.get(CLUSTER_ID_KEY).await? {
+            return Ok(String::from_utf8_lossy(&kv.value).into_owned());
+        }
+        let id = new_enrolment_id();
+        let r = store
+            .txn(Txn {
+                compares: vec![Compare {
+                    key: CLUSTER_ID_KEY.into(),
+                    mod_revision: 0,
+                }],
+                ops: vec![Op::Put {
+                    key: CLUSTER_ID_KEY.into(),
+                    value: id.clone().into_bytes(),
+                }],
+            })
+            .await?;
+        if r.succeeded {
+            return Ok(id);
+        }
+    }
+    Err(StoreError::Closed)
+}
