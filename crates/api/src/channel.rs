@@ -64,11 +64,10 @@ pub enum EdgeToHub {
         agent_version: String,
         /// The last revision the edge has fully applied (0: never synced).
         since_revision: u64,
-        /// The history that revision belongs to (the `clusterId` of the hub's
-        /// welcome when the edge last took a snapshot). A different one, or none,
-        /// gets a snapshot.
+        /// The epoch of the hub's store history in which that revision was last
+        /// confirmed (from a welcome). A revision of another history gets a snapshot.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        cluster_id: Option<String>,
+        epoch: Option<String>,
     },
     /// Periodic liveness. Carries the node's facts on the first heartbeat of a
     /// session, when they change, and once a minute; otherwise it is a few bytes.
@@ -142,10 +141,10 @@ pub enum HubToEdge {
         node: String,
         /// How often the edge should send heartbeats.
         heartbeat_interval_ms: u64,
-        /// The identity of the hub's store history: revisions are only comparable
-        /// within one.
+        /// The hub's epoch of its store history: revisions are only comparable
+        /// within one history (see `verge_hub::history`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        cluster_id: Option<String>,
+        epoch: Option<String>,
     },
     /// Full desired state for this node: replace everything cached.
     /// Sent on first sync or when the edge's revision was compacted away.

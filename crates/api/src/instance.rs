@@ -181,9 +181,35 @@ pub struct ProcessSpec {
     /// Extra environment variables.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
-    /// Working directory (default: the instance's own directory on the node).
+    /// Working directory (default: the instance's own work directory on the node,
+    /// `instances/NAME/work` in the agent's data directory, writable by its user).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub working_dir: Option<String>,
+    /// Who the process runs as: `root`, a user name on the node, or `UID[:GID]`.
+    /// Default: `nobody` (65534:65534), so a workload cannot reach the agent's
+    /// identity or state; ask for `root` only where the workload needs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+/// The user a process runs as when its spec names none.
+pub const DEFAULT_PROCESS_USER: &str = "nobody";
+
+/// Whether `s` names a user the way `spec.process.user` may: `UID`, `UID:GID`, or a
+/// user name (`[a-z_][a-z0-9_-]*`, up to 32).
+pub fn is_user_spec(s: &str) -> bool {
+    let ids = s.split_once(':').map_or((s, None), |(u, g)| (u, Some(g)));
+    let numeric =
+        |v: &str| !v.is_empty() && v.len() <= 10 && v.parse::<u32>().is_ok_and(|n| n < u32::MAX);
+    if numeric(ids.0) {
+        return ids.1.is_none_or(numeric);
+    }
+    ids.1.is_none()
+        && !s.is_empty()
+        && s.len() <= 32
+        && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
 /// Reserved resources.
@@ -584,14 +610,50 @@ impl Kind for InstanceSpec {
                             "must name a program, e.g. [\"/bin/sleep\", \"3600\"]",
                         );
                     }
-                    for k in p.env.keys() {
+                    // A NUL cannot be passed to a program: refused here, not by the
+                    // edge after the instance was placed.
+                    for (i, a) in p.command.iter().enumerate() {
+                        if a.contains('\0') {
+                            errs.push(
+                                format!("spec.process.command[{i}]"),
+                                a.escape_debug(),
+                                "arguments may not contain a NUL character",
+                            );
+                        }
+                    }
+                    for (k, v) in &p.env {
                         if k.is_empty() || k.contains('=') || k.contains('\0') {
                             errs.push(
                                 format!("spec.process.env[{k}]"),
-                                k,
+                                k.escape_debug(),
                                 "environment variable names must be non-empty and contain no '=' or NUL",
                             );
                         }
+                        if v.contains('\0') {
+                            errs.push(
+                                format!("spec.process.env[{k}]"),
+                                v.escape_debug(),
+                                "environment values may not contain a NUL character",
+                            );
+                        }
+                    }
+                    if let Some(w) = &p.working_dir
+                        && (w.contains('\0') || !w.starts_with('/'))
+                    {
+                        errs.push(
+                            "spec.process.workingDir",
+                            w.escape_debug(),
+                            "must be an absolute path, e.g. /srv/app",
+                        );
+                    }
+                    if let Some(u) = &p.user
+                        && !is_user_spec(u)
+                    {
+                        errs.push(
+                            "spec.process.user",
+                            u.escape_debug(),
+                            "must be root, a user name on the node, or UID[:GID], e.g. 1000:1000",
+                        );
                     }
                 }
             },

@@ -19,8 +19,8 @@ pub mod validate;
 
 pub use error::{ApiError, ErrorCode};
 pub use instance::{
-    ContainerSpec, Form, FunctionSpec, Instance, InstancePhase, InstanceSpec, InstanceStatus, Link,
-    PortSpec, ProcessSpec, ResourceUsage, VmSpec,
+    ContainerSpec, DEFAULT_PROCESS_USER, Form, FunctionSpec, Instance, InstancePhase, InstanceSpec,
+    InstanceStatus, Link, PortSpec, ProcessSpec, ResourceUsage, VmSpec,
 };
 pub use manifest::{Manifest, parse_manifests};
 pub use meta::{API_VERSION, Kind, Object, ObjectMeta};

@@ -544,6 +544,8 @@ impl Runtime for ContainerRuntime {
             argv,
             env: Default::default(),
             cwd: w.dir.clone(),
+            // runc runs the command inside the container, as the container's user.
+            user: None,
         })
     }
 }

@@ -164,22 +164,32 @@ impl Agent {
         Ok(())
     }
 
-    /// The hub store history the cached revision belongs to.
-    pub fn cluster_id(&self) -> Option<String> {
-        lock(&self.desired).cluster_id.clone()
+    /// The epoch of the hub's history in which the cached revision was confirmed.
+    pub fn epoch(&self) -> Option<String> {
+        lock(&self.desired).epoch.clone()
     }
 
-    /// Replace the whole desired state (snapshot from the hub whose store history is
-    /// `cluster_id`; `None` keeps the one recorded).
+    /// The hub resumed this node's sync in `epoch`: its revision holds there.
+    pub fn confirm_epoch(&self, epoch: Option<&str>) -> Result<(), EdgeError> {
+        let mut d = lock(&self.desired);
+        if epoch.is_some() && d.epoch.as_deref() != epoch {
+            d.epoch = epoch.map(str::to_string);
+            d.save(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Replace the whole desired state (snapshot from the hub, in `epoch`; `None`
+    /// keeps the one recorded).
     pub fn replace_from(
         &self,
-        cluster_id: Option<String>,
+        epoch: Option<String>,
         revision: u64,
         instances: Vec<Instance>,
     ) -> Result<(), EdgeError> {
         let mut d = lock(&self.desired);
-        if cluster_id.is_some() {
-            d.cluster_id = cluster_id;
+        if epoch.is_some() {
+            d.epoch = epoch;
         }
         d.revision = revision;
         d.instances = instances

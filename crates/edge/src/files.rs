@@ -21,6 +21,24 @@ use verge_runtime::RunRecord;
 
 use crate::EdgeError;
 
+/// Make the data directory and set who may enter what: the identity and the state
+/// only the agent (0700); the instances tree may be passed through (0711) so that a
+/// workload running as its own user reaches its work directory, and nothing else.
+pub fn prepare_data_dir(dir: &Path) -> Result<(), EdgeError> {
+    use std::os::unix::fs::PermissionsExt;
+    for (d, mode) in [
+        (dir.to_path_buf(), 0o711),
+        (identity_dir(dir), 0o700),
+        (dir.join("state"), 0o700),
+        (dir.join("instances"), 0o711),
+    ] {
+        std::fs::create_dir_all(&d).map_err(|e| EdgeError::file(&d, e))?;
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| EdgeError::file(&d, e))?;
+    }
+    Ok(())
+}
+
 /// Write `data` to `path` atomically with `mode`.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), EdgeError> {
     let io = |e| EdgeError::file(path, e);
@@ -95,6 +113,25 @@ impl Identity {
             .is_some_and(|(_, na, _)| verge_api::clock::now_secs() as i64 >= na)
     }
 
+    /// Check that certificate, key and CA can be used: a damaged identity file is an
+    /// error that names it, not a connection that fails forever.
+    pub fn check(&self) -> Result<(), EdgeError> {
+        verge_tunnel::tls::client_config(
+            &self.ca_pem,
+            Some((self.cert_pem.as_str(), self.key_pem.as_str())),
+            &[verge_api::channel::ALPN_CHANNEL],
+        )?;
+        if self.validity().is_none() {
+            return Err(EdgeError::Refused(format!(
+                "{}: the node certificate cannot be read; restore it, or remove the identity directory and enrol again with --join-token",
+                identity_dir(Path::new("<data-dir>"))
+                    .join("node.crt")
+                    .display()
+            )));
+        }
+        Ok(())
+    }
+
     /// Save it (key readable by the owner only).
     pub fn save(&self, dir: &Path) -> Result<(), EdgeError> {
         let d = identity_dir(dir);
@@ -113,9 +150,9 @@ pub struct Desired {
     pub revision: u64,
     /// Instances bound to this node, by name.
     pub instances: BTreeMap<String, Instance>,
-    /// The hub store history `revision` belongs to (from the hub's welcome).
+    /// The epoch of the hub's store history in which `revision` was last confirmed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cluster_id: Option<String>,
+    pub epoch: Option<String>,
 }
 
 fn desired_path(dir: &Path) -> PathBuf {

@@ -279,7 +279,7 @@ pub async fn run(
         ));
     }
     let dir = config.data_dir.clone();
-    std::fs::create_dir_all(&dir).map_err(|e| EdgeError::file(&dir, e))?;
+    files::prepare_data_dir(&dir)?;
     let facts = sysinfo::node_status(&dir, &config.capacity, AGENT_VERSION);
     let resources = resources::ResourceManager::new(
         facts.allocatable.cpu,
@@ -303,6 +303,10 @@ pub async fn run(
             .map_err(|e| EdgeError::file(Path::new(&listen.to_string()), e))?;
         metrics_addr = l.local_addr().ok();
         tokio::spawn(serve_metrics(l, metrics.clone(), agent.clone()));
+    }
+    // A damaged identity is an error now, before the agent says it is ready.
+    if let Some(id) = Identity::load(&dir, &config.name)? {
+        id.check()?;
     }
     ready(metrics_addr);
 

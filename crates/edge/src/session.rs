@@ -145,12 +145,12 @@ pub async fn run_session(ctx: &SessionCtx<'_>) -> Result<SessionEnd, EdgeError> 
         protocol_version: PROTOCOL_VERSION,
         agent_version: AGENT_VERSION.into(),
         since_revision: since,
-        cluster_id: ctx.agent.cluster_id(),
+        epoch: ctx.agent.epoch(),
     };
     if let Err(e) = write_msg(&mut writer, &hello).await {
         return Ok(SessionEnd::Lost(e.to_string()));
     }
-    let (interval, cluster_id) = match tokio::time::timeout(
+    let (interval, epoch) = match tokio::time::timeout(
         Duration::from_secs(10),
         read_msg::<HubToEdge, _>(&mut reader),
     )
@@ -158,11 +158,11 @@ pub async fn run_session(ctx: &SessionCtx<'_>) -> Result<SessionEnd, EdgeError> 
     {
         Ok(Ok(Some(HubToEdge::Welcome {
             heartbeat_interval_ms,
-            cluster_id,
+            epoch,
             ..
         }))) => (
             Duration::from_millis(heartbeat_interval_ms.clamp(100, 300_000)),
-            cluster_id,
+            epoch,
         ),
         Ok(Ok(Some(HubToEdge::Error { code, message }))) if refusal(&code, &message).is_some() => {
             return Ok(refusal(&code, &message).unwrap_or(SessionEnd::Refused(message)));
@@ -185,7 +185,7 @@ pub async fn run_session(ctx: &SessionCtx<'_>) -> Result<SessionEnd, EdgeError> 
     tracing::info!(addr = ctx.addr, since, transport, "connected to hub");
     ctx.metrics.connected.set(1);
     ctx.agent.links.opener().set(Some(opener.clone()));
-    let end = session_loop(ctx, &mut reader, &mut writer, interval, &opener, cluster_id).await;
+    let end = session_loop(ctx, &mut reader, &mut writer, interval, &opener, epoch).await;
     ctx.agent.links.opener().set(None);
     ctx.metrics.connected.set(0);
     let _ = writer.shutdown().await;
@@ -211,7 +211,7 @@ async fn session_loop<R, W>(
     writer: &mut W,
     interval: Duration,
     opener: &Opener,
-    cluster_id: Option<String>,
+    epoch: Option<String>,
 ) -> Result<SessionEnd, EdgeError>
 where
     R: tokio::io::AsyncRead + Unpin,
@@ -248,7 +248,7 @@ where
                 match msg {
                     HubToEdge::Snapshot { revision, instances } => {
                         tracing::info!(revision, count = instances.len(), "snapshot from hub");
-                        agent.replace_from(cluster_id.clone(), revision, instances)?;
+                        agent.replace_from(epoch.clone(), revision, instances)?;
                     }
                     HubToEdge::SnapshotPart { revision, instances, last } => {
                         // Nothing is applied until the last part: a session cut halfway
@@ -262,14 +262,20 @@ where
                             && let Some((revision, instances)) = snapshot_parts.take()
                         {
                             tracing::info!(revision, count = instances.len(), "snapshot from hub");
-                            agent.replace_from(cluster_id.clone(), revision, instances)?;
+                            agent.replace_from(epoch.clone(), revision, instances)?;
                         }
                     }
+                    // Changes or a bookmark mean the hub resumed from our revision:
+                    // it holds in this epoch of its history.
                     HubToEdge::Changes { revision, changes } => {
                         tracing::debug!(revision, count = changes.len(), "changes from hub");
+                        agent.confirm_epoch(epoch.as_deref())?;
                         agent.apply(revision, changes)?;
                     }
-                    HubToEdge::Bookmark { revision } => agent.bookmark(revision)?,
+                    HubToEdge::Bookmark { revision } => {
+                        agent.confirm_epoch(epoch.as_deref())?;
+                        agent.bookmark(revision)?;
+                    }
                     HubToEdge::HeartbeatAck => {}
                     HubToEdge::Renewed { cert_pem } => {
                         if let Some(key_pem) = renewal_key.take() {

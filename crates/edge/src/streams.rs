@@ -259,20 +259,25 @@ struct Started {
 
 fn start(spec: &verge_runtime::ExecSpec, tty: bool, size: (u16, u16)) -> std::io::Result<Started> {
     use std::process::Stdio;
+    let argv = spec.argv_as_user();
     let mut cmd = if tty {
         // `setsid --ctty` makes the terminal the command's controlling terminal (job
         // control, Ctrl-C, SIGWINCH) without any unsafe code in the agent.
         let mut c = tokio::process::Command::new("setsid");
-        c.arg("--ctty").args(&spec.argv);
-        if !spec.env.contains_key("TERM") {
-            c.env("TERM", "xterm-256color");
-        }
+        c.arg("--ctty").args(&argv);
         c
     } else {
-        let mut c = tokio::process::Command::new(&spec.argv[0]);
-        c.args(&spec.argv[1..]);
+        let mut c = tokio::process::Command::new(&argv[0]);
+        c.args(&argv[1..]);
         c
     };
+    // A command in a workload gets the workload's environment, not the agent's.
+    if spec.user.is_some() {
+        cmd.env_clear();
+    }
+    if tty && !spec.env.contains_key("TERM") {
+        cmd.env("TERM", "xterm-256color");
+    }
     cmd.envs(&spec.env)
         .current_dir(&spec.cwd)
         .kill_on_drop(true);

@@ -51,71 +51,70 @@ fn label(result: &str) -> Vec<(String, String)> {
 
 /// Serve an enrolment connection.
 pub async fn serve_enroll<S: AsyncRead + AsyncWrite + Unpin>(st: Arc<HubState>, mut stream: S) {
-    let reply =
-        match tokio::time::timeout(
-            FIRST_MESSAGE_TIMEOUT,
-            read_msg_limited::<EdgeToHub, _>(&mut stream, MAX_UNAUTHENTICATED_FRAME),
-        )
-        .await
-        {
-            Ok(Ok(Some(EdgeToHub::Enroll {
-                protocol_version,
-                token,
-                node_name,
-                csr_pem,
-                labels,
-            }))) => {
-                // Two edges enrolling at once with one multi-use token race on the
-                // token's revision; the loser tries again (a spent token then says so).
-                let mut attempt = 0;
-                let result = loop {
-                    let r = enroll(
-                        &st,
-                        protocol_version,
-                        &token,
-                        &node_name,
-                        &csr_pem,
-                        labels.clone(),
-                    )
-                    .await;
-                    match r {
-                        Err(e) if e.message.starts_with(CONCURRENT_USE) && attempt < 8 => {
-                            attempt += 1;
-                        }
-                        r => break r,
+    let reply = match tokio::time::timeout(
+        FIRST_MESSAGE_TIMEOUT,
+        read_msg_limited::<EdgeToHub, _>(&mut stream, MAX_UNAUTHENTICATED_FRAME),
+    )
+    .await
+    {
+        Ok(Ok(Some(EdgeToHub::Enroll {
+            protocol_version,
+            token,
+            node_name,
+            csr_pem,
+            labels,
+        }))) => {
+            // Two edges enrolling at once with one multi-use token race on the
+            // token's revision; the loser tries again (a spent token then says so).
+            let mut attempt = 0;
+            let result = loop {
+                let r = enroll(
+                    &st,
+                    protocol_version,
+                    &token,
+                    &node_name,
+                    &csr_pem,
+                    labels.clone(),
+                )
+                .await;
+                match r {
+                    Err(e) if e.message.starts_with(CONCURRENT_USE) && attempt < 8 => {
+                        attempt += 1;
                     }
-                };
-                match result {
-                    Ok(reply) => {
-                        tracing::info!(node = %node_name, "edge enrolled");
-                        st.metrics.enrolments.get_or_create(&label("ok")).inc();
-                        reply
-                    }
-                    Err(e) => {
-                        tracing::warn!(node = %node_name, error = %e.message, "enrolment refused");
-                        st.metrics.enrolments.get_or_create(&label("refused")).inc();
-                        HubToEdge::Error {
-                            code: code_name(e.code).into(),
-                            message: e.message,
-                        }
+                    r => break r,
+                }
+            };
+            match result {
+                Ok(reply) => {
+                    tracing::info!(node = %node_name, "edge enrolled");
+                    st.metrics.enrolments.get_or_create(&label("ok")).inc();
+                    reply
+                }
+                Err(e) => {
+                    tracing::warn!(node = %node_name, error = %e.message, "enrolment refused");
+                    st.metrics.enrolments.get_or_create(&label("refused")).inc();
+                    HubToEdge::Error {
+                        code: code_name(e.code).into(),
+                        message: e.message,
                     }
                 }
             }
-            Ok(Ok(_)) => HubToEdge::Error {
+        }
+        Ok(Ok(_)) => HubToEdge::Error {
+            code: "protocol".into(),
+            message: "expected an enroll message first".into(),
+        },
+        Ok(Err(FrameError::TooLarge { len, max })) => {
+            st.metrics.channel_rejected.inc();
+            HubToEdge::Error {
                 code: "protocol".into(),
-                message: "expected an enroll message first".into(),
-            },
-            Ok(Err(FrameError::TooLarge { len, max })) => {
-                st.metrics.channel_rejected.inc();
-                HubToEdge::Error {
-                    code: "protocol".into(),
-                    message: format!(
-                        "an enrolment request of {len} bytes exceeds the {max} bytes allowed before a peer is known"
-                    ),
-                }
+                message: format!(
+                    "an enrolment request of {len} bytes exceeds the {max} bytes allowed before a peer is known"
+                ),
             }
-            _ => return,
-        };
+        }
+        _ => return,
+    };
     let _ = write_msg(&mut stream, &reply).await;
     let _ = stream.shutdown().await;
 }
@@ -306,13 +305,13 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         read_msg_limited::<EdgeToHub, _>(&mut reader, MAX_UNAUTHENTICATED_FRAME),
     )
     .await;
-    let (since, agent_version, protocol_version, edge_cluster) = match hello {
+    let (since, agent_version, protocol_version, edge_epoch) = match hello {
         Ok(Ok(Some(EdgeToHub::Hello {
             protocol_version,
             agent_version,
             since_revision,
-            cluster_id,
-        }))) => (since_revision, agent_version, protocol_version, cluster_id),
+            epoch,
+        }))) => (since_revision, agent_version, protocol_version, epoch),
         _ => {
             let _ = write_msg(
                 &mut writer,
@@ -335,8 +334,22 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         let _ = write_msg(&mut writer, &refuse("busy", msg)).await;
         return;
     }
-    let cluster_id = match crate::identity::cluster_id(st.objects.store().as_ref()).await {
-        Ok(c) => c,
+    // A revision from another history (a store restored from a backup, or another
+    // store) cannot be resumed from: the edge gets a snapshot.
+    let resume = match crate::history::can_resume(
+        st.objects.store().as_ref(),
+        edge_epoch.as_deref(),
+        since,
+    )
+    .await
+    {
+        Ok(true) => since,
+        Ok(false) => {
+            if since != 0 {
+                tracing::warn!(node = %node, since, epoch = ?edge_epoch, "the edge's revision is not from this store's history (restored from a backup?); sending a snapshot");
+            }
+            0
+        }
         Err(e) => {
             let _ = write_msg(&mut writer, &refuse("unavailable", store_err(e).message)).await;
             return;
@@ -347,7 +360,7 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         protocol_version: PROTOCOL_VERSION,
         node: node.clone(),
         heartbeat_interval_ms: st.config.heartbeat_interval.as_millis() as u64,
-        cluster_id: Some(cluster_id.clone()),
+        epoch: st.epoch().map(str::to_string),
     };
     if write_msg(&mut writer, &welcome).await.is_err() {
         return;
@@ -372,7 +385,10 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                     break;
                 }
                 Err(_) => {
-                    tracing::warn!("edge took nothing for {}s; closing its channel", WRITE_DEADLINE.as_secs());
+                    tracing::warn!(
+                        "edge took nothing for {}s; closing its channel",
+                        WRITE_DEADLINE.as_secs()
+                    );
                     break;
                 }
             }
@@ -380,19 +396,6 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         let _ = writer.shutdown().await;
     });
     let mut closed = conn.closed_watch();
-    // A revision from another history, or one ahead of this store (restored from a
-    // backup), cannot be resumed from: the edge gets a snapshot.
-    let same_history = edge_cluster.as_ref().is_none_or(|c| *c == cluster_id);
-    let current = st.objects.store().revision().await.unwrap_or(0);
-    let resume = if !same_history {
-        tracing::warn!(node = %node, "edge's cache is from another store history; sending a snapshot");
-        0
-    } else if since > current {
-        tracing::warn!(node = %node, since, current, "edge is ahead of the hub (store restored from a backup?); sending a snapshot");
-        0
-    } else {
-        since
-    };
     let sync_task = tokio::spawn(sync_loop(
         st.clone(),
         node.clone(),
@@ -783,6 +786,9 @@ mod tests {
         assert!(parts.len() >= 10, "{}", parts.len());
         assert!(parts.iter().all(|p| p.len() <= 10));
         assert_eq!(parts.concat(), items);
-        assert_eq!(in_parts(Vec::<usize>::new(), |_| 1), vec![Vec::<usize>::new()]);
+        assert_eq!(
+            in_parts(Vec::<usize>::new(), |_| 1),
+            vec![Vec::<usize>::new()]
+        );
     }
 }

@@ -118,6 +118,29 @@ impl SetupError {
     }
 }
 
+/// Make the hub's data directory private to the service: the directory 0700, what is
+/// in it (the store and its WAL, the CA key, credentials, artifacts) 0600, and files
+/// the hub makes from now on no more than 0600 (umask 077). Env values in instances
+/// and the CA key must not be readable by other local users.
+pub fn prepare_private_dir(dir: &Path) -> Result<(), SetupError> {
+    use std::os::unix::fs::PermissionsExt;
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    std::fs::create_dir_all(dir).map_err(|e| SetupError::io(dir, e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| SetupError::io(dir, e))?;
+    for e in std::fs::read_dir(dir)
+        .map_err(|e| SetupError::io(dir, e))?
+        .flatten()
+    {
+        let p = e.path();
+        if p.is_file() {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| SetupError::io(&p, e))?;
+        }
+    }
+    Ok(())
+}
+
 /// Write a file readable only by its owner, atomically (temp file + fsync + rename).
 pub fn write_private(path: &Path, data: &[u8]) -> Result<(), SetupError> {
     use std::io::Write;

@@ -236,7 +236,10 @@ async fn send_watch_line(
         Ok(r) => r.is_ok(),
         Err(_) => {
             st.metrics.watches_dropped.inc();
-            tracing::info!("watch ended: its reader took nothing for {}s", WATCH_SEND_DEADLINE.as_secs());
+            tracing::info!(
+                "watch ended: its reader took nothing for {}s",
+                WATCH_SEND_DEADLINE.as_secs()
+            );
             let msg = serde_json::json!({"type": "ERROR", "message": format!(
                 "the watch was ended because its reader fell behind (nothing taken for {}s); list again and watch from the revision the list returns",
                 WATCH_SEND_DEADLINE.as_secs())});
@@ -313,7 +316,8 @@ where
     F: FnOnce(tokio::sync::mpsc::Sender<Bytes>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    // Small: a reader that stops reading holds the hub to a few chunks.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
     tokio::spawn(f(tx));
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
@@ -421,7 +425,10 @@ async fn delete_one<S: NodeScoped>(
     Path(name): Path<String>,
 ) -> ApiResult<Json<Object<S>>> {
     admin_only(&p, &format!("deleting {} '{name}'", S::KIND.to_lowercase()))?;
-    let obj = st.objects.delete_with::<S>(&name, S::deleted_with(&name)).await?;
+    let obj = st
+        .objects
+        .delete_with::<S>(&name, S::deleted_with(&name))
+        .await?;
     S::after_delete(&st, &name);
     st.schedule_kick.notify_one();
     Ok(Json(obj))

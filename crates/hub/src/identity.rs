@@ -12,7 +12,7 @@
 
 use serde::{Deserialize, Serialize};
 use verge_api::{ApiError, ErrorCode, Kind, NodeSpec, object_key};
-use verge_store::{Compare, Op, Store, StoreError, Txn};
+use verge_store::{Op, Store};
 
 use crate::objects::store_err;
 
@@ -128,7 +128,11 @@ pub async fn verify(store: &dyn Store, peer: &PeerIdentity) -> Result<(), Refuse
 
 /// [`verify`], counted in `verge_hub_revoked_certificates` and logged when refused:
 /// the one check every front door (REST, channel, data streams) makes.
-pub async fn admit(st: &crate::state::HubState, peer: &PeerIdentity, door: &str) -> Result<(), Refused> {
+pub async fn admit(
+    st: &crate::state::HubState,
+    peer: &PeerIdentity,
+    door: &str,
+) -> Result<(), Refused> {
     let r = verify(st.objects.store().as_ref(), peer).await;
     if let Err(refused) = &r {
         st.metrics
@@ -138,35 +142,4 @@ pub async fn admit(st: &crate::state::HubState, peer: &PeerIdentity, door: &str)
         tracing::warn!(node = %peer.node, door, error = %refused.error.message, "node certificate refused");
     }
     r
-}
-
-/// Where the store's history identity is kept.
-pub const CLUSTER_ID_KEY: &str = "/verge/cluster-id";
-
-/// The identity of this store's history, made on first use. Edges keep it with their
-/// cached revision: a revision from another history (another store, or one rebuilt
-/// from scratch) is not resumed from, it gets a snapshot.
-pub async fn cluster_id(store: &dyn Store) -> Result<String, StoreError> {
-    for _ in 0..3 {
-        if let Some(kv) = store.get(CLUSTER_ID_KEY).await? {
-            return Ok(String::from_utf8_lossy(&kv.value).into_owned());
-        }
-        let id = new_enrolment_id();
-        let r = store
-            .txn(Txn {
-                compares: vec![Compare {
-                    key: CLUSTER_ID_KEY.into(),
-                    mod_revision: 0,
-                }],
-                ops: vec![Op::Put {
-                    key: CLUSTER_ID_KEY.into(),
-                    value: id.clone().into_bytes(),
-                }],
-            })
-            .await?;
-        if r.succeeded {
-            return Ok(id);
-        }
-    }
-    Err(StoreError::Closed)
 }

@@ -12,6 +12,7 @@ pub mod artifacts;
 pub mod channel;
 pub mod config;
 pub mod controllers;
+pub mod history;
 pub mod http;
 pub mod identity;
 pub mod inventory;
@@ -100,7 +101,7 @@ pub async fn run(
     let addr = listener.local_addr()?;
     config.listen = addr;
     let dir = config.data_dir.clone();
-    std::fs::create_dir_all(&dir).map_err(|e| SetupError::io(&dir, e))?;
+    config::prepare_private_dir(&dir)?;
     let store = SqliteStore::open(dir.join("store.db"))?;
     let store: Arc<dyn Store> = Arc::new(store);
     let ca = config::load_or_create_ca(&dir)?;
@@ -141,7 +142,9 @@ pub async fn run(
         config::write_private(&join_token_file, format!("{}\n", t.token).as_bytes())?;
     }
 
+    let epoch = history::begin(store.as_ref()).await?;
     let st = HubState::new(Objects::new(store), ca, config);
+    st.set_epoch(epoch);
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(controllers::node_lifecycle(st.clone()));
     tasks.spawn(controllers::scheduler(st.clone()));
@@ -195,13 +198,17 @@ pub async fn run(
         let app = app.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let tls = match tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "tls handshake failed");
-                    return;
-                }
-                Err(_) => return,
+            let handshake = tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(tcp));
+            let tls = tokio::select! {
+                r = handshake => match r {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "tls handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                },
+                _ = stranger.evicted() => return,
             };
             let (_, conn) = tls.get_ref();
             let alpn = conn.alpn_protocol().map(|p| p.to_vec());
@@ -220,7 +227,10 @@ pub async fn run(
                 }
                 // An enrolling peer has no credentials until it is done: it stays in
                 // the strangers' pool.
-                Some(p) if p == ALPN_ENROLL => channel::serve_enroll(st, tls).await,
+                Some(p) if p == ALPN_ENROLL => tokio::select! {
+                    _ = channel::serve_enroll(st, tls) => {}
+                    _ = stranger.evicted() => {}
+                },
                 _ => {
                     drop(stranger);
                     let _http = match st.limits.http.acquire(peer.ip()) {
@@ -264,7 +274,10 @@ fn refused(st: &HubState, why: &limits::Refusal) {
 
 /// Slots for a new TCP connection from `ip`: one of the descriptor budget and one of
 /// the strangers' pool; `None` (counted) when either is spent.
-fn admit_connection(st: &HubState, ip: std::net::IpAddr) -> Option<(limits::Permit, limits::Permit)> {
+fn admit_connection(
+    st: &HubState,
+    ip: std::net::IpAddr,
+) -> Option<(limits::Permit, limits::Permit)> {
     let slot = st
         .limits
         .connections
@@ -299,9 +312,12 @@ async fn serve_quic(st: Arc<HubState>, endpoint: quinn::Endpoint) {
         };
         let st = st.clone();
         tokio::spawn(async move {
-            let conn = match tokio::time::timeout(HANDSHAKE_DEADLINE, incoming).await {
-                Ok(Ok(c)) => c,
-                _ => return,
+            let conn = tokio::select! {
+                r = tokio::time::timeout(HANDSHAKE_DEADLINE, incoming) => match r {
+                    Ok(Ok(c)) => c,
+                    _ => return,
+                },
+                _ = stranger.evicted() => return,
             };
             let (alpn, certs) = verge_tunnel::quic::peer(&conn);
             let identity = certs
@@ -325,7 +341,10 @@ async fn serve_quic(st: Arc<HubState>, endpoint: quinn::Endpoint) {
                     channel::serve_channel(st, stream, identity, "quic").await;
                     data_streams.abort();
                 }
-                Some(p) if p == ALPN_ENROLL => channel::serve_enroll(st, stream).await,
+                Some(p) if p == ALPN_ENROLL => tokio::select! {
+                    _ = channel::serve_enroll(st, stream) => {}
+                    _ = stranger.evicted() => {}
+                },
                 _ => {}
             }
             conn.close(0u32.into(), b"done");

@@ -46,7 +46,17 @@ struct Inner<K> {
     name: &'static str,
     max_total: usize,
     max_per_addr: usize,
-    used: Mutex<(usize, HashMap<K, usize>)>,
+    /// When full, make room by ending the oldest holder instead of refusing.
+    evict_oldest: bool,
+    used: Mutex<Used<K>>,
+}
+
+struct Used<K> {
+    total: usize,
+    per: HashMap<K, usize>,
+    /// Holders, oldest first (only kept when evicting).
+    queue: std::collections::VecDeque<(u64, Arc<tokio::sync::Notify>)>,
+    next_id: u64,
 }
 
 /// Why a connection was turned away.
@@ -83,7 +93,10 @@ impl std::fmt::Display for Refusal {
         match self {
             Refusal::Full { pool, max } => write!(f, "{pool} connections at their limit ({max})"),
             Refusal::PerAddress { pool, max } => {
-                write!(f, "{pool} connections from this address at their limit ({max})")
+                write!(
+                    f,
+                    "{pool} connections from this address at their limit ({max})"
+                )
             }
         }
     }
@@ -93,17 +106,30 @@ impl std::fmt::Display for Refusal {
 pub struct Permit<K: Key = IpAddr> {
     inner: Arc<Inner<K>>,
     addr: K,
+    id: u64,
+    evicted: Arc<tokio::sync::Notify>,
+}
+
+impl<K: Key> Permit<K> {
+    /// Resolves when the pool ends this holder to make room for a newer one (only in
+    /// pools that evict).
+    pub async fn evicted(&self) {
+        self.evicted.notified().await
+    }
 }
 
 impl<K: Key> Drop for Permit<K> {
     fn drop(&mut self) {
         let mut used = self.inner.used.lock().unwrap_or_else(|e| e.into_inner());
-        used.0 = used.0.saturating_sub(1);
-        if let Some(n) = used.1.get_mut(&self.addr) {
+        used.total = used.total.saturating_sub(1);
+        if let Some(n) = used.per.get_mut(&self.addr) {
             *n -= 1;
             if *n == 0 {
-                used.1.remove(&self.addr);
+                used.per.remove(&self.addr);
             }
+        }
+        if let Some(i) = used.queue.iter().position(|(id, _)| *id == self.id) {
+            used.queue.remove(i);
         }
     }
 }
@@ -111,12 +137,30 @@ impl<K: Key> Drop for Permit<K> {
 impl<K: Key> Pool<K> {
     /// A pool of `max_total` slots, at most `max_per_addr` of them per key.
     pub fn new(name: &'static str, max_total: usize, max_per_addr: usize) -> Self {
+        Self::make(name, max_total, max_per_addr, false)
+    }
+
+    /// A pool that, when full, ends its oldest holder to make room (each address is
+    /// still capped). For connections that have not authenticated yet: a real peer
+    /// finishes its handshake in milliseconds, so a flood of silent ones cannot keep
+    /// it out by filling the pool first.
+    pub fn evicting(name: &'static str, max_total: usize, max_per_addr: usize) -> Self {
+        Self::make(name, max_total, max_per_addr, true)
+    }
+
+    fn make(name: &'static str, max_total: usize, max_per_addr: usize, evict_oldest: bool) -> Self {
         Self {
             inner: Arc::new(Inner {
                 name,
                 max_total: max_total.max(1),
                 max_per_addr: max_per_addr.max(1),
-                used: Mutex::new((0, HashMap::new())),
+                evict_oldest,
+                used: Mutex::new(Used {
+                    total: 0,
+                    per: HashMap::new(),
+                    queue: Default::default(),
+                    next_id: 0,
+                }),
             }),
         }
     }
@@ -125,30 +169,47 @@ impl<K: Key> Pool<K> {
     pub fn acquire(&self, addr: K) -> Result<Permit<K>, Refusal> {
         let i = &self.inner;
         let mut used = i.used.lock().unwrap_or_else(|e| e.into_inner());
-        if used.0 >= i.max_total {
-            return Err(Refusal::Full {
-                pool: i.name,
-                max: i.max_total,
-            });
-        }
-        let per = used.1.entry(addr.clone()).or_default();
-        if *per >= i.max_per_addr {
+        if used.per.get(&addr).copied().unwrap_or(0) >= i.max_per_addr {
             return Err(Refusal::PerAddress {
                 pool: i.name,
                 max: i.max_per_addr,
             });
         }
-        *per += 1;
-        used.0 += 1;
+        if used.total >= i.max_total {
+            match used.queue.pop_front().filter(|_| i.evict_oldest) {
+                // The oldest ends (and gives its slot back) as soon as it is told.
+                Some((_, oldest)) => oldest.notify_one(),
+                None => {
+                    return Err(Refusal::Full {
+                        pool: i.name,
+                        max: i.max_total,
+                    });
+                }
+            }
+        }
+        *used.per.entry(addr.clone()).or_default() += 1;
+        used.total += 1;
+        used.next_id += 1;
+        let id = used.next_id;
+        let evicted = Arc::new(tokio::sync::Notify::new());
+        if i.evict_oldest {
+            used.queue.push_back((id, evicted.clone()));
+        }
         Ok(Permit {
             inner: i.clone(),
             addr,
+            id,
+            evicted,
         })
     }
 
     /// Slots in use.
     pub fn in_use(&self) -> usize {
-        self.inner.used.lock().unwrap_or_else(|e| e.into_inner()).0
+        self.inner
+            .used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .total
     }
 
     /// The pool's total.
@@ -179,7 +240,7 @@ impl Limits {
     pub fn for_budget(budget: usize) -> Self {
         Self {
             connections: Pool::new("all", budget, budget),
-            unauthenticated: Pool::new("unauthenticated", (budget / 4).min(4096), 64),
+            unauthenticated: Pool::evicting("unauthenticated", (budget / 4).min(4096), 64),
             http: Pool::new("http", budget / 2, 256),
         }
     }
@@ -227,5 +288,22 @@ mod tests {
         drop(p1);
         assert_eq!(pool.in_use(), 2);
         pool.acquire(a).expect("slot given back");
+    }
+
+    #[tokio::test]
+    async fn an_evicting_pool_ends_its_oldest_holder_to_make_room() {
+        let pool = Pool::evicting("test", 2, 2);
+        let a: IpAddr = "10.0.0.1".parse().expect("ip");
+        let b: IpAddr = "10.0.0.2".parse().expect("ip");
+        let oldest = pool.acquire(a).expect("first");
+        let _second = pool.acquire(b).expect("second");
+        let _third = pool.acquire(b).expect("room is made");
+        tokio::time::timeout(std::time::Duration::from_secs(1), oldest.evicted())
+            .await
+            .expect("the oldest is told to go");
+        drop(oldest);
+        assert_eq!(pool.in_use(), 2);
+        // The per-address cap still refuses outright.
+        assert!(matches!(pool.acquire(b), Err(Refusal::PerAddress { .. })));
     }
 }

@@ -519,6 +519,8 @@ pub struct HubState {
     pub limits: crate::limits::Limits,
     /// Concurrent watches, in all and per principal.
     pub watches: crate::limits::Pool<String>,
+    /// The epoch of the store's history this hub began at start ([`crate::history`]).
+    epoch: std::sync::OnceLock<String>,
     /// Token bucket for admitting edge sessions: tokens left, last refill.
     admission: Mutex<(f64, std::time::Instant)>,
 }
@@ -542,13 +544,28 @@ impl HubState {
             schedule_kick: Notify::new(),
             recommendations: Mutex::new(None),
             limits: crate::limits::Limits::from_descriptor_limit(),
-            watches: crate::limits::Pool::new("watches", 4096, crate::limits::WATCHES_PER_PRINCIPAL),
+            watches: crate::limits::Pool::new(
+                "watches",
+                4096,
+                crate::limits::WATCHES_PER_PRINCIPAL,
+            ),
+            epoch: std::sync::OnceLock::new(),
             admission: Mutex::new((config_burst, std::time::Instant::now())),
         })
     }
 }
 
 impl HubState {
+    /// Record the epoch this hub began (once, at start).
+    pub fn set_epoch(&self, epoch: String) {
+        let _ = self.epoch.set(epoch);
+    }
+
+    /// The epoch this hub began, if it began one (hubs made for tests may not).
+    pub fn epoch(&self) -> Option<&str> {
+        self.epoch.get().map(String::as_str)
+    }
+
     /// Take one admission token for a new edge session, or say how long to wait.
     /// Bounds the rate at which a restarted hub takes reconnecting edges, so that
     /// thousands of edges coming back at once cannot swamp it.

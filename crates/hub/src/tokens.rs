@@ -80,6 +80,10 @@ pub struct TokenResponse {
     pub expires_at: Option<u64>,
 }
 
+/// The longest lifetime a join token may be given (10 years): larger values once
+/// wrapped around and minted tokens that had already expired.
+pub const MAX_TOKEN_TTL_SECONDS: u64 = 10 * 365 * 24 * 3600;
+
 /// Mint and store a join token.
 pub async fn create_join_token(
     store: &dyn Store,
@@ -94,6 +98,14 @@ pub async fn create_join_token(
     };
     let expires_at = match req.ttl_seconds {
         Some(0) => None,
+        Some(s) if s > MAX_TOKEN_TTL_SECONDS => {
+            return Err(ApiError::new(
+                ErrorCode::Invalid,
+                format!(
+                    "ttlSeconds: {s} is more than the {MAX_TOKEN_TTL_SECONDS} (10 years) a token may live; give a shorter lifetime, or 0 for one that never expires"
+                ),
+            ));
+        }
         Some(s) => Some(now_secs() + s),
         None => Some(now_secs() + 24 * 3600),
     };

@@ -48,6 +48,11 @@ impl Workload {
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("output.log")
     }
+    /// The workload's own working directory (the instance directory holds the
+    /// agent's records of it, which the workload must not touch).
+    pub fn work_dir(&self) -> PathBuf {
+        self.dir.join("work")
+    }
     /// An error about this workload's directory.
     pub fn dir_error(&self, source: std::io::Error) -> RuntimeError {
         RuntimeError::Dir {
@@ -59,11 +64,16 @@ impl Workload {
     /// Before a start: make the instance directory and move an overgrown log aside;
     /// returns the log opened for appending (what every driver writes output to).
     pub fn prepare(&self) -> Result<std::fs::File, RuntimeError> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         std::fs::create_dir_all(&self.dir).map_err(|e| self.dir_error(e))?;
+        // Others may pass through (to a workload's own work directory), not list.
+        std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o711))
+            .map_err(|e| self.dir_error(e))?;
         process::rotate_log(&self.log_path()).map_err(|e| self.dir_error(e))?;
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o640)
             .open(self.log_path())
             .map_err(|e| self.dir_error(e))
     }
@@ -276,8 +286,34 @@ impl Runtime for Drivers {
 pub struct ExecSpec {
     /// Program and arguments.
     pub argv: Vec<String>,
-    /// Environment added to the agent's.
+    /// The environment. For a workload that runs as a user of its own
+    /// ([`ExecSpec::user`]) it is the whole environment: nothing of the agent's.
     pub env: std::collections::BTreeMap<String, String>,
     /// Working directory.
     pub cwd: PathBuf,
+    /// `(uid, gid)` to run as; `None` runs as the agent (drivers whose workloads are
+    /// confined otherwise, such as containers under runc).
+    pub user: Option<(u32, u32)>,
+}
+
+impl ExecSpec {
+    /// The command line that runs `argv` as [`ExecSpec::user`]: through `setpriv`,
+    /// which drops to the user (and no supplementary groups) only after whatever must
+    /// run as root before it, such as entering the instance's cgroup.
+    pub fn argv_as_user(&self) -> Vec<String> {
+        match self.user {
+            Some((uid, gid)) if uid != 0 || gid != 0 => {
+                let mut v = vec![
+                    "setpriv".to_string(),
+                    format!("--reuid={uid}"),
+                    format!("--regid={gid}"),
+                    "--clear-groups".into(),
+                    "--".into(),
+                ];
+                v.extend(self.argv.iter().cloned());
+                v
+            }
+            _ => self.argv.clone(),
+        }
+    }
 }

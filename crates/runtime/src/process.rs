@@ -81,20 +81,128 @@ pub fn watch_by_polling(record: RunRecord) -> watch::Receiver<Option<Exit>> {
     rx
 }
 
-/// Where and with what environment a command of this workload runs: the instance's
-/// process and `verge exec` share it.
-fn environment(w: &Workload, spec: &verge_api::ProcessSpec, argv: &[String]) -> ExecSpec {
-    let mut env = spec.env.clone();
+/// The `PATH` a workload starts with (it inherits nothing of the agent's environment).
+pub const WORKLOAD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// `(uid, gid)` for `spec.process.user`: `root`, a user of the node, or `UID[:GID]`;
+/// none means [`verge_api::DEFAULT_PROCESS_USER`].
+pub fn resolve_user(user: Option<&str>) -> Result<(u32, u32), RuntimeError> {
+    if !nix::unistd::geteuid().is_root() {
+        // An agent that is not root cannot switch users: its workloads run as it.
+        let me = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
+        return match user {
+            None => Ok(me),
+            Some(u) => match resolve_named(u)? {
+                ids if ids.0 == me.0 => Ok(me),
+                _ => Err(RuntimeError::Start {
+                    what: format!("as user '{u}'"),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::PermissionDenied,
+                        "the agent does not run as root, so its workloads run as the agent's user",
+                    ),
+                }),
+            },
+        };
+    }
+    resolve_named(user.unwrap_or(verge_api::DEFAULT_PROCESS_USER))
+}
+
+fn resolve_named(name: &str) -> Result<(u32, u32), RuntimeError> {
+    let unknown = |why: &str| RuntimeError::Start {
+        what: format!("as user '{name}'"),
+        source: std::io::Error::new(std::io::ErrorKind::NotFound, why.to_string()),
+    };
+    if let Some((u, g)) = name.split_once(':') {
+        return match (u.parse(), g.parse()) {
+            (Ok(u), Ok(g)) => Ok((u, g)),
+            _ => Err(unknown("not UID:GID")),
+        };
+    }
+    if let Ok(uid) = name.parse::<u32>() {
+        let gid = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .map_or(uid, |u| u.gid.as_raw());
+        return Ok((uid, gid));
+    }
+    match nix::unistd::User::from_name(name) {
+        Ok(Some(u)) => Ok((u.uid.as_raw(), u.gid.as_raw())),
+        // The image may lack a passwd entry for nobody: the conventional ids.
+        _ if name == "nobody" => Ok((65534, 65534)),
+        _ => Err(unknown(
+            "no such user on this node; name one that exists, root, or UID:GID",
+        )),
+    }
+}
+
+/// Where, as whom and with what environment a command of this workload runs: the
+/// instance's process and `verge exec` share it. The environment is only the spec's
+/// (plus `PATH`, `HOME` and `VERGE_INSTANCE`): a workload never sees the agent's
+/// (its join token among it).
+fn environment(
+    w: &Workload,
+    spec: &verge_api::ProcessSpec,
+    argv: &[String],
+) -> Result<ExecSpec, RuntimeError> {
+    let cwd = spec
+        .working_dir
+        .as_deref()
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| w.work_dir());
+    let mut env = std::collections::BTreeMap::from([
+        ("PATH".to_string(), WORKLOAD_PATH.to_string()),
+        ("HOME".to_string(), cwd.display().to_string()),
+    ]);
+    env.extend(spec.env.clone());
     env.insert("VERGE_INSTANCE".into(), w.name().to_string());
-    ExecSpec {
+    Ok(ExecSpec {
         argv: argv.to_vec(),
         env,
-        cwd: spec
-            .working_dir
-            .as_deref()
-            .map(Path::new)
-            .unwrap_or(&w.dir)
-            .to_path_buf(),
+        cwd,
+        user: Some(resolve_user(spec.user.as_deref())?),
+    })
+}
+
+/// The first directory on the way to `dir` that user `uid` may not pass through
+/// (judged by its mode bits for others, or for its owner), with its mode.
+pub fn unreachable_ancestor(dir: &Path, uid: u32) -> Option<(std::path::PathBuf, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    dir.ancestors().skip(1).find_map(|d| {
+        let m = std::fs::metadata(d).ok()?;
+        let mode = m.mode() & 0o7777;
+        let ok = if m.uid() == uid {
+            mode & 0o100 != 0
+        } else {
+            mode & 0o001 != 0
+        };
+        (!ok).then(|| (d.to_path_buf(), mode))
+    })
+}
+
+/// Find `program` the way exec would (on `PATH` unless it has a '/'), so that a
+/// missing program is a start error naming it, not an exit code of a helper.
+fn find_program(program: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let found = if program.contains('/') {
+        executable(Path::new(program))
+    } else {
+        WORKLOAD_PATH
+            .split(':')
+            .any(|d| executable(&Path::new(d).join(program)))
+    };
+    if found {
+        Ok(())
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("no such program (looked on {WORKLOAD_PATH})"),
+        ))
     }
 }
 
@@ -105,7 +213,7 @@ impl Runtime for ProcessRuntime {
     }
     fn exec_spec(&self, w: &Workload, command: &[String]) -> Result<ExecSpec, RuntimeError> {
         match &w.spec().process {
-            Some(spec) => Ok(environment(w, spec, command)),
+            Some(spec) => environment(w, spec, command),
             None => Err(RuntimeError::Unsupported(w.spec().form.to_string())),
         }
     }
@@ -117,10 +225,44 @@ impl Runtime for ProcessRuntime {
         let log = w.prepare()?;
         let log2 = log.try_clone().map_err(|e| w.dir_error(e))?;
         let program = &spec.command[0];
-        let run = environment(w, spec, &spec.command);
-        let argv = w.confined(&spec.command);
+        let run = environment(w, spec, &spec.command)?;
+        find_program(program).map_err(|source| RuntimeError::Start {
+            what: program.clone(),
+            source,
+        })?;
+        if let Some((uid, _)) = run.user
+            && uid != 0
+        {
+            unreachable_ancestor(&w.dir, uid).map_or(Ok(()), |(d, mode)| {
+                Err(RuntimeError::Start {
+                    what: program.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::PermissionDenied,
+                        format!(
+                            "its user (uid {uid}) cannot reach its work directory: {} is mode {mode:o}; let others pass through it (chmod o+x) or run the agent with a data directory under one they can, or set spec.process.user: root",
+                            d.display()
+                        ),
+                    ),
+                })
+            })?;
+        }
+        if spec.working_dir.is_none() {
+            // The workload's own directory, writable by its user and nobody else.
+            use std::os::unix::fs::PermissionsExt;
+            let work = w.work_dir();
+            std::fs::create_dir_all(&work).map_err(|e| w.dir_error(e))?;
+            if let Some((uid, gid)) = run.user {
+                std::os::unix::fs::chown(&work, Some(uid), Some(gid))
+                    .map_err(|e| w.dir_error(e))?;
+            }
+            std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| w.dir_error(e))?;
+        }
+        // Enter the cgroup as root, then become the workload's user.
+        let argv = w.confined(&run.argv_as_user());
         let mut cmd = tokio::process::Command::new(&argv[0]);
         cmd.args(&argv[1..])
+            .env_clear()
             .envs(&run.env)
             .current_dir(&run.cwd)
             .stdin(std::process::Stdio::null())
@@ -194,6 +336,9 @@ mod tests {
     use verge_api::{Instance, InstanceSpec, ProcessSpec};
 
     fn workload(dir: &Path, cmd: &[&str]) -> Workload {
+        // Workloads run as nobody: let them pass through the test's directory.
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711));
         let spec = InstanceSpec {
             process: Some(ProcessSpec {
                 command: cmd.iter().map(|s| s.to_string()).collect(),

@@ -24,12 +24,14 @@ use crate::{
 /// How many queued transactions one group commit takes at most.
 const MAX_GROUP: usize = 512;
 /// Batches a watch queues for a reader that has not taken them yet.
-const WATCH_QUEUE: usize = 64;
+const WATCH_QUEUE: usize = 8;
 /// Rows read per history query when a watch replays from the log.
 // Kept small: a watcher replaying history holds one page, and a slow or hostile
 // watcher must not make the hub hold megabytes per watch (50 watches from revision 1
 // once took the hub from 338 MiB to 2.2 GiB with 2,048-revision pages).
 const REPLAY_PAGE: i64 = 256;
+/// And at most about this many bytes of values.
+const REPLAY_PAGE_BYTES: usize = 1 << 20;
 
 fn backend(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
     StoreError::Backend(Box::new(e))
@@ -392,12 +394,14 @@ fn compact(conn: &mut Connection, rev: u64, shared: &Shared) -> Result<(), Store
 }
 
 /// Read history batches with `from <= revision <= to` under `prefix`.
+/// History of `prefix` from `from` to `to`, cut short (at a revision boundary) once it
+/// holds [`REPLAY_PAGE_BYTES`]; then also the last revision it holds.
 fn read_history(
     conn: &Connection,
     prefix: &str,
     from: u64,
     to: u64,
-) -> Result<Vec<WatchBatch>, StoreError> {
+) -> Result<(Vec<WatchBatch>, Option<u64>), StoreError> {
     let end = prefix_end(prefix);
     let mut stmt = conn
         .prepare_cached(
@@ -456,17 +460,31 @@ fn read_history(
         })
         .map_err(backend)?;
     let mut batches: Vec<WatchBatch> = Vec::new();
+    let mut bytes = 0usize;
     for ev in rows {
         let ev = ev.map_err(backend)?;
         match batches.last_mut() {
             Some(b) if b.revision == ev.revision() => b.events.push(ev),
-            _ => batches.push(WatchBatch {
-                revision: ev.revision(),
-                events: vec![ev],
-            }),
+            last => {
+                // Stop at a revision boundary once the page holds enough bytes: the
+                // next page starts after the last whole revision read.
+                if let Some(b) = last
+                    && bytes > REPLAY_PAGE_BYTES
+                {
+                    let reached = b.revision;
+                    return Ok((batches, Some(reached)));
+                }
+                batches.push(WatchBatch {
+                    revision: ev.revision(),
+                    events: vec![ev],
+                })
+            }
+        }
+        if let Some(e) = batches.last().and_then(|b| b.events.last()) {
+            bytes += e.kv.value.len() + e.prev_kv.as_ref().map_or(0, |p| p.value.len());
         }
     }
-    Ok(batches)
+    Ok((batches, None))
 }
 
 /// The highest revision that a history page starting at `from` covers.
@@ -581,11 +599,11 @@ impl Store for SqliteStore {
                             c.execute_batch("BEGIN").map_err(backend)?;
                             let res = (|| {
                                 let end = history_page_end(c, from)?;
-                                let batches = match end {
+                                let (batches, cut) = match end {
                                     Some(to) => read_history(c, &p, from, to)?,
-                                    None => Vec::new(),
+                                    None => (Vec::new(), None),
                                 };
-                                Ok((batches, end))
+                                Ok((batches, cut.or(end)))
                             })();
                             c.execute_batch("COMMIT").map_err(backend)?;
                             res

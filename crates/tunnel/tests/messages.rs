@@ -79,14 +79,14 @@ fn edge_msg() -> impl Strategy<Value = EdgeToHub> {
             any::<u64>(),
             proptest::option::of(text())
         )
-            .prop_map(
-                |(protocol_version, agent_version, since_revision, cluster_id)| EdgeToHub::Hello {
+            .prop_map(|(protocol_version, agent_version, since_revision, epoch)| {
+                EdgeToHub::Hello {
                     protocol_version,
                     agent_version,
                     since_revision,
-                    cluster_id,
+                    epoch,
                 }
-            ),
+            }),
         proptest::option::of((text(), any::<u64>())).prop_map(|s| EdgeToHub::Heartbeat {
             status: s.map(|(hostname, cpu)| {
                 Box::new(NodeStatus {
@@ -128,14 +128,14 @@ fn hub_msg() -> impl Strategy<Value = HubToEdge> {
             any::<u64>(),
             proptest::option::of(text())
         )
-            .prop_map(
-                |(protocol_version, node, heartbeat_interval_ms, cluster_id)| HubToEdge::Welcome {
+            .prop_map(|(protocol_version, node, heartbeat_interval_ms, epoch)| {
+                HubToEdge::Welcome {
                     protocol_version,
                     node,
                     heartbeat_interval_ms,
-                    cluster_id,
+                    epoch,
                 }
-            ),
+            }),
         (any::<u64>(), proptest::collection::vec(instance(), 0..4)).prop_map(
             |(revision, instances)| HubToEdge::Snapshot {
                 revision,

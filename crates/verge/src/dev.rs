@@ -87,7 +87,9 @@ const EDGES: &[(&str, &[(&str, &str)])] = &[
 /// Arguments of `verge dev`.
 #[derive(Debug, clap::Args)]
 pub struct DevArgs {
-    /// Where the hub and edges keep their state (default ~/.verge/dev).
+    /// Where the hub and edges keep their state (default /var/lib/verge/dev as root,
+    /// where workloads running as `nobody` can reach their work directories; else
+    /// ~/.verge/dev).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Hub address.
@@ -186,10 +188,13 @@ fn install_cli_config(conf: &Path) -> Result<Option<PathBuf>> {
 
 /// Run the all-in-one.
 pub async fn run(args: DevArgs) -> Result<()> {
-    let dir = args
-        .data_dir
-        .clone()
-        .unwrap_or_else(|| home().join(".verge").join("dev"));
+    let dir = args.data_dir.clone().unwrap_or_else(|| {
+        if nix::unistd::geteuid().is_root() {
+            PathBuf::from("/var/lib/verge/dev")
+        } else {
+            home().join(".verge").join("dev")
+        }
+    });
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
     let hub_dir = dir.join("hub");

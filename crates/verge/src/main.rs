@@ -67,9 +67,14 @@ enum Command {
         /// Hub endpoint URL; repeat for failover across data centres (tried in order).
         #[arg(long = "hub", required = true)]
         hubs: Vec<String>,
-        /// Join token (first start only; printed by `verge token create`).
-        #[arg(long, env = "VERGE_JOIN_TOKEN")]
+        /// Join token (first start only; printed by `verge token create`). Prefer
+        /// --join-token-file or $VERGE_JOIN_TOKEN: a flag is visible to every local
+        /// user in `ps`.
+        #[arg(long, env = "VERGE_JOIN_TOKEN", hide_env_values = true)]
         join_token: Option<String>,
+        /// Read the join token from this file (e.g. one only root may read).
+        #[arg(long, conflicts_with = "join_token")]
+        join_token_file: Option<PathBuf>,
         /// Node name.
         #[arg(long)]
         name: String,
@@ -298,18 +303,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("'{s}' is not a duration; use e.g. 500ms, 40s, 5m, 24h"))?;
-    Ok(match unit {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        "d" => Duration::from_secs(n * 86_400),
+    let scale = match unit {
+        "ms" => return Ok(Duration::from_millis(n)),
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
         _ => {
             return Err(format!(
                 "'{s}': unknown unit '{unit}'; use ms, s, m, h or d"
             ));
         }
-    })
+    };
+    n.checked_mul(scale)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("'{s}' is too long a duration"))
 }
 
 fn parse_count(s: &str) -> Result<(String, u32), String> {
@@ -440,8 +448,18 @@ fn real_main() -> Result<()> {
             addresses,
             plain_http_registries,
             function_listen,
+            join_token_file,
         } => {
             init_tracing("info");
+            let join_token = match join_token_file {
+                Some(p) => Some(
+                    std::fs::read_to_string(&p)
+                        .with_context(|| format!("--join-token-file {}", p.display()))?
+                        .trim()
+                        .to_string(),
+                ),
+                None => join_token,
+            };
             if !verge_api::validate::is_dns_label(&name) {
                 bail!(
                     "--name '{name}': node names are 1-63 lowercase letters, digits or '-' (e.g. edge-paris-1)"

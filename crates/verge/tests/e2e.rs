@@ -457,7 +457,7 @@ async fn channel_forgery(hub: &Hub, edge_dir: &std::path::Path, victim: &serde_j
             protocol_version: PROTOCOL_VERSION,
             agent_version: "test".into(),
             since_revision: 0,
-            cluster_id: None,
+            epoch: None,
         },
     )
     .await

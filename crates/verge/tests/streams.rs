@@ -418,7 +418,7 @@ fn an_edge_speaking_protocol_1_keeps_working_against_this_hub() {
             protocol_version: 1,
             agent_version: "0.0.9".into(),
             since_revision: 0,
-            cluster_id: None,
+            epoch: None,
         };
         write_msg(&mut w, &hello).await.expect("hello");
         let mut beat = tokio::time::interval(Duration::from_millis(400));

@@ -68,7 +68,23 @@ impl Drop for Proc {
 }
 
 fn spawn(args: &[&str], log: &Path, ready_prefix: &str) -> (Proc, String) {
-    let mut child = Command::new(BIN)
+    spawn_under(&[], args, log, ready_prefix)
+}
+
+/// Spawn `verge ARGS` under `prefix` (e.g. `prlimit --nofile=1024:1024`), and wait for
+/// the line starting with `ready_prefix`.
+pub fn spawn_under(
+    prefix: &[&str],
+    args: &[&str],
+    log: &Path,
+    ready_prefix: &str,
+) -> (Proc, String) {
+    let (program, before) = match prefix.split_first() {
+        Some((p, rest)) => (*p, rest.iter().copied().chain([BIN]).collect::<Vec<_>>()),
+        None => (BIN, Vec::new()),
+    };
+    let mut child = Command::new(program)
+        .args(before)
         .args(args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
@@ -122,6 +138,11 @@ impl Hub {
 
     /// Start with extra `verge hub` arguments.
     pub fn start_with(dir: &Path, port: u16, extra: &[&str]) -> Hub {
+        Self::start_under(&[], dir, port, extra)
+    }
+
+    /// Start under a wrapper command (e.g. `prlimit ...`), with extra arguments.
+    pub fn start_under(prefix: &[&str], dir: &Path, port: u16, extra: &[&str]) -> Hub {
         std::fs::create_dir_all(dir).expect("dir");
         let listen = format!("127.0.0.1:{port}");
         let data = dir.join("hub");
@@ -138,7 +159,7 @@ impl Hub {
             "500ms",
         ];
         args.extend_from_slice(extra);
-        let (proc, _) = spawn(&args, &log, "hub ready");
+        let (proc, _) = spawn_under(prefix, &args, &log, "hub ready");
         Hub {
             proc,
             dir: dir.to_path_buf(),
@@ -443,7 +464,12 @@ impl Drop for TestDir {
 
 /// A fresh [`TestDir`].
 pub fn test_dir() -> TestDir {
-    TestDir(tempfile::tempdir().expect("tempdir"))
+    // Workloads run as nobody: they must be able to pass through to their work
+    // directories, as under /var/lib in production.
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    TestDir(dir)
 }
 
 /// An HTTP client for the hub's API, trusting its CA; with `identity` (an edge's data
