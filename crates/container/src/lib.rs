@@ -474,6 +474,7 @@ impl Runtime for ContainerRuntime {
             pid,
             start_ticks: proc_stat(pid).map(|(_, t)| t).unwrap_or(0),
             started_at: now_rfc3339(),
+            run_id: String::new(),
         };
         tracing::info!(instance = w.name(), pid, image = %image.digest, "container started");
         self.publish(w, pid);

@@ -38,6 +38,8 @@ struct Supervisor {
 
 /// How often a running instance's usage is sampled from its cgroup.
 const USAGE_EVERY: Duration = Duration::from_secs(10);
+/// How often a running workload's log size is checked against its limit.
+const LOG_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// Turns cgroup counters into the usage an instance reports: CPU averaged over the
 /// interval. Reports only when the rounded value changes (to 1 MiB, 10m CPU), so an
@@ -96,6 +98,13 @@ pub struct Agent {
     statuses: Mutex<HashMap<String, (String, InstanceStatus)>>,
     dirty: Mutex<BTreeSet<String>>,
     removed: Mutex<Vec<(String, String)>>,
+    /// When workloads' logs are rotated.
+    log_limits: verge_runtime::process::LogLimits,
+    /// Rotations so far, by instance: a follower that sees it change reads the log
+    /// from the start again.
+    log_rotations: Mutex<HashMap<String, u64>>,
+    /// Instances whose supervisors are stopping them (the reaper leaves them be).
+    removing: Mutex<std::collections::HashSet<String>>,
     /// Signalled when a status is waiting to be sent.
     pub outbox: Notify,
     reconcile_kick: Notify,
@@ -118,6 +127,7 @@ impl Agent {
         runtime: Arc<dyn Runtime>,
         resources: crate::resources::ResourceManager,
         plain_http_registries: Vec<String>,
+        log_limits: verge_runtime::process::LogLimits,
     ) -> Result<Arc<Self>, EdgeError> {
         let desired = Desired::load(&dir)?;
         let links = crate::links::Links::default();
@@ -131,6 +141,9 @@ impl Agent {
             statuses: Mutex::new(HashMap::new()),
             dirty: Mutex::new(BTreeSet::new()),
             removed: Mutex::new(Vec::new()),
+            removing: Mutex::new(Default::default()),
+            log_limits,
+            log_rotations: Mutex::new(HashMap::new()),
             outbox: Notify::new(),
             reconcile_kick: Notify::new(),
             links,
@@ -279,6 +292,24 @@ impl Agent {
             .then(|| files::instance_dir(&self.dir, name).join("output.log"))
     }
 
+    /// How many times an instance's log was rotated while this agent ran.
+    pub fn log_rotations(&self, name: &str) -> u64 {
+        lock(&self.log_rotations).get(name).copied().unwrap_or(0)
+    }
+
+    /// Rotate an instance's log if it outgrew its limit.
+    fn rotate_log(&self, name: &str, path: &std::path::Path) {
+        match verge_runtime::process::rotate_log(path, self.log_limits) {
+            Ok(true) => {
+                *lock(&self.log_rotations)
+                    .entry(name.to_string())
+                    .or_default() += 1
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(instance = %name, error = %e, "could not rotate the log"),
+        }
+    }
+
     /// An instance bound to this node.
     pub fn instance(&self, name: &str) -> Option<Instance> {
         lock(&self.desired).instances.get(name).cloned()
@@ -293,6 +324,7 @@ impl Agent {
             instance,
             dir: files::instance_dir(&self.dir, name),
             cgroup: None,
+            run_id: None,
         };
         self.runtime
             .exec_spec(&workload, command)
@@ -327,14 +359,33 @@ impl Agent {
             if let Some(sup) = sups.remove(&name) {
                 let _ = sup.stop.send(true);
                 let agent = self.clone();
+                lock(&self.removing).insert(name.clone());
                 tokio::spawn(async move {
                     let _ = sup.task.await;
                     let _ = std::fs::remove_dir_all(files::instance_dir(&agent.dir, &name));
+                    lock(&agent.removing).remove(&name);
                     lock(&agent.statuses).remove(&name);
                     lock(&agent.removed).push((name.clone(), sup.uid));
                     agent.outbox.notify_one();
                     tracing::info!(instance = %name, "instance removed");
                 });
+            }
+        }
+        // Workloads this agent started (it has their run records) that nobody wants:
+        // deleted at the hub while the desired-state cache was lost, or started by an
+        // agent that died before it could record them. Only once the desired state
+        // is the hub's (synced at least once): before that, an empty cache must not
+        // stop what the node still runs.
+        if lock(&self.desired).revision > 0 {
+            for (name, record) in files::run_records(&self.dir) {
+                if desired.contains_key(&name)
+                    || sups.contains_key(&name)
+                    || !lock(&self.removing).insert(name.clone())
+                {
+                    continue;
+                }
+                let agent = self.clone();
+                tokio::spawn(async move { agent.reap(&name, record).await });
             }
         }
         // Start what is new or changed.
@@ -363,6 +414,24 @@ impl Agent {
                 },
             );
         }
+    }
+
+    /// Stop a workload nobody wants any more, from its run record alone, and remove
+    /// its directory.
+    async fn reap(&self, name: &str, record: Option<verge_runtime::RunRecord>) {
+        if let Some(record) = record {
+            tracing::warn!(instance = %name, pid = record.pid, "stopping a workload that is no longer wanted (not in the desired state)");
+            if let Err(e) = self.runtime.stop(&record, Duration::from_secs(5)).await {
+                tracing::warn!(instance = %name, error = %e, "could not stop an unwanted workload");
+                lock(&self.removing).remove(name);
+                return;
+            }
+        }
+        // Not if a supervisor took the name meanwhile (it was wanted again).
+        if !self.supervisors.lock().await.contains_key(name) {
+            let _ = std::fs::remove_dir_all(files::instance_dir(&self.dir, name));
+        }
+        lock(&self.removing).remove(name);
     }
 
     /// Stop every workload (used by `verge dev`, where Ctrl-C should leave nothing behind).
@@ -394,6 +463,7 @@ impl Agent {
             instance: inst,
             dir: dir.clone(),
             cgroup: None,
+            run_id: None,
         };
         // Released (and the cgroup removed) however this supervisor ends.
         let admission = Admission {
@@ -409,8 +479,14 @@ impl Agent {
         let mut running: Option<Running> = match files::load_record(&dir) {
             Some(rec) => {
                 let adopted = self.runtime.adopt(&workload, &rec).await;
-                if adopted.is_some() {
-                    tracing::info!(instance = %name, pid = rec.pid, "re-adopted running workload");
+                if let Some(a) = &adopted {
+                    tracing::info!(instance = %name, pid = a.record.pid, "re-adopted running workload");
+                    // A start whose pid was never written is now found: record it.
+                    if a.record != rec
+                        && let Err(e) = files::save_record(&dir, &a.record)
+                    {
+                        tracing::warn!(instance = %name, error = %e, "could not save run record");
+                    }
                     // It runs already: account for it as it is.
                     workload.cgroup = self
                         .resources
@@ -453,13 +529,28 @@ impl Agent {
                         s.phase = InstancePhase::Starting;
                         s.observed_generation = generation;
                     });
+                    self.rotate_log(&name, &workload.log_path());
                     let started = match self.artifacts.localize(&workload.instance.spec).await {
                         Ok(spec) => {
                             workload.instance.spec = spec;
-                            self.runtime
-                                .start(&workload)
-                                .await
-                                .map_err(|e| e.to_string())
+                            // Record the start before making it: an agent killed in
+                            // between finds the workload by this run id, instead of
+                            // neither adopting nor finding it (and starting it twice).
+                            let run_id = new_run_id();
+                            let intent = verge_runtime::RunRecord::intent(
+                                self.runtime.driver_for(&workload.instance.spec),
+                                &name,
+                                &run_id,
+                            );
+                            workload.run_id = Some(run_id);
+                            match files::save_record(&dir, &intent) {
+                                Ok(()) => self
+                                    .runtime
+                                    .start(&workload)
+                                    .await
+                                    .map_err(|e| e.to_string()),
+                                Err(e) => Err(format!("recording the start: {e}")),
+                            }
                         }
                         Err(why) => Err(why),
                     };
@@ -471,6 +562,7 @@ impl Agent {
                             r
                         }
                         Err(msg) => {
+                            files::clear_record(&dir);
                             tracing::warn!(instance = %name, error = %msg, "start failed");
                             let retry = policy != RestartPolicy::Never;
                             self.set_status(&name, &uid, |s| {
@@ -510,10 +602,12 @@ impl Agent {
             let oom_before = workload.cgroup.as_ref().map_or(0, |c| c.usage().oom_kills);
             let mut sampler = UsageSampler::default();
             let mut sample_tick = tokio::time::interval(USAGE_EVERY);
+            let mut log_tick = tokio::time::interval(LOG_CHECK_EVERY);
             let exit = loop {
                 tokio::select! {
                     exit = run.wait() => break Some(exit),
                     _ = stop.wait_for(|s| *s) => break None,
+                    _ = log_tick.tick() => self.rotate_log(&name, &workload.log_path()),
                     _ = sample_tick.tick() => {
                         if let Some(usage) = workload.cgroup.as_ref().and_then(|c| sampler.sample(c)) {
                             self.set_status(&name, &uid, |s| s.usage = Some(usage.clone()));
@@ -590,4 +684,9 @@ async fn wait_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
         _ = stop.wait_for(|s| *s) => true,
     };
     stopped || *stop.borrow()
+}
+
+fn new_run_id() -> String {
+    let b: [u8; 12] = rand::random();
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }

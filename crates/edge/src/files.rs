@@ -186,6 +186,21 @@ pub fn instance_dir(dir: &Path, name: &str) -> PathBuf {
     dir.join("instances").join(name)
 }
 
+/// Every instance directory on the node, with its run record if it has one: what the
+/// agent has started, whatever the desired-state cache says.
+pub fn run_records(dir: &Path) -> Vec<(String, Option<RunRecord>)> {
+    std::fs::read_dir(dir.join("instances"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_string();
+            Some((name, load_record(&e.path())))
+        })
+        .collect()
+}
+
 /// Load an instance's run record.
 pub fn load_record(inst_dir: &Path) -> Option<RunRecord> {
     let bytes = std::fs::read(inst_dir.join("run.json")).ok()?;

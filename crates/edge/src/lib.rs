@@ -116,6 +116,8 @@ pub struct EdgeConfig {
     pub capacity: CapacityConfig,
     /// OCI registries (`HOST:PORT`) spoken to over plain HTTP.
     pub plain_http_registries: Vec<String>,
+    /// When workloads' logs are rotated, and how many old ones are kept.
+    pub log_limits: verge_runtime::process::LogLimits,
 }
 
 /// The agent's metrics.
@@ -291,6 +293,7 @@ pub async fn run(
         runtime,
         resources,
         config.plain_http_registries.clone(),
+        config.log_limits,
     )?;
     // Autonomy first: run what the cache says before talking to anyone.
     tokio::spawn(agent.clone().reconciler());

@@ -130,10 +130,13 @@ async fn logs(agent: &Agent, mut io: Box<dyn Duplex>, instance: &str, tail: u64,
     let mut pos = len_of(&path).saturating_sub(tail);
     let mut buf = vec![0u8; DATA_CHUNK];
     let mut idle = Duration::ZERO;
+    let mut rotations = agent.log_rotations(instance);
     loop {
         let len = len_of(&path);
-        if len < pos {
-            // Rotated or truncated: start from the beginning of the new file.
+        let now = agent.log_rotations(instance);
+        if len < pos || now != rotations {
+            // Rotated (emptied in place) or truncated: read the log from its start.
+            rotations = now;
             pos = 0;
         }
         if pos < len {
@@ -259,6 +262,9 @@ struct Started {
 
 fn start(spec: &verge_runtime::ExecSpec, tty: bool, size: (u16, u16)) -> std::io::Result<Started> {
     use std::process::Stdio;
+    if spec.user.is_some() {
+        verge_runtime::process::find_program(&spec.argv[0])?;
+    }
     let argv = spec.argv_as_user();
     let mut cmd = if tty {
         // `setsid --ctty` makes the terminal the command's controlling terminal (job

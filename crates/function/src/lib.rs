@@ -379,6 +379,7 @@ impl Runtime for FunctionRuntime {
                 pid: 0,
                 start_ticks: 0,
                 started_at: now_rfc3339(),
+                run_id: String::new(),
             },
             exited,
         })

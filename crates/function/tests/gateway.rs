@@ -38,6 +38,7 @@ fn workload(dir: &std::path::Path, name: &str, memory: u64, timeout_ms: u64) -> 
         instance: Instance::new(name, spec),
         dir: dir.join(name),
         cgroup: None,
+        run_id: None,
     }
 }
 

@@ -347,6 +347,9 @@ async fn serve_quic(st: Arc<HubState>, endpoint: quinn::Endpoint) {
                 },
                 _ => {}
             }
+            // Closing at once would throw away what is still unsent (a refusal's
+            // reason among it): give the peer a moment to read it and hang up.
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
             conn.close(0u32.into(), b"done");
         });
     }

@@ -68,6 +68,7 @@ impl Runtime for FakeRuntime {
                 pid,
                 start_ticks: 0,
                 started_at: now_rfc3339(),
+                run_id: String::new(),
             },
             exited: rx,
         })

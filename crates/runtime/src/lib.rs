@@ -33,6 +33,9 @@ pub struct Workload {
     pub dir: PathBuf,
     /// The cgroup the workload must start in (set by the node's Resource Manager).
     pub cgroup: Option<cgroup::InstanceCgroup>,
+    /// The start being made ([`RunRecord::run_id`]); drivers that can mark their
+    /// workload with it do.
+    pub run_id: Option<String>,
 }
 
 impl Workload {
@@ -61,15 +64,14 @@ impl Workload {
         }
     }
 
-    /// Before a start: make the instance directory and move an overgrown log aside;
-    /// returns the log opened for appending (what every driver writes output to).
+    /// Before a start: make the instance directory; returns the log opened for
+    /// appending (what every driver writes output to; the agent rotates it).
     pub fn prepare(&self) -> Result<std::fs::File, RuntimeError> {
         use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         std::fs::create_dir_all(&self.dir).map_err(|e| self.dir_error(e))?;
         // Others may pass through (to a workload's own work directory), not list.
         std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o711))
             .map_err(|e| self.dir_error(e))?;
-        process::rotate_log(&self.log_path()).map_err(|e| self.dir_error(e))?;
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -104,6 +106,25 @@ pub struct RunRecord {
     pub start_ticks: u64,
     /// RFC 3339 time it started.
     pub started_at: String,
+    /// The start this record is for. Written (with pid 0) before the workload is
+    /// started, and passed to it, so that an agent killed between starting it and
+    /// recording its pid finds it again instead of starting it twice.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub run_id: String,
+}
+
+impl RunRecord {
+    /// The record of a start about to happen (no pid yet).
+    pub fn intent(driver: &str, instance: &str, run_id: &str) -> Self {
+        Self {
+            driver: driver.to_string(),
+            instance: instance.to_string(),
+            pid: 0,
+            start_ticks: 0,
+            started_at: verge_api::clock::now_rfc3339(),
+            run_id: run_id.to_string(),
+        }
+    }
 }
 
 /// How a workload ended.
@@ -224,6 +245,11 @@ pub trait Runtime: Send + Sync + 'static {
         let _ = spec;
         0
     }
+    /// The name of the driver that runs `spec` (as its run records say).
+    fn driver_for(&self, spec: &InstanceSpec) -> &'static str {
+        let _ = spec;
+        self.name()
+    }
     /// How to run `command` inside the workload's environment (`verge exec`). The
     /// agent runs it; the driver says where and how.
     fn exec_spec(&self, workload: &Workload, command: &[String]) -> Result<ExecSpec, RuntimeError> {
@@ -278,6 +304,9 @@ impl Runtime for Drivers {
     fn memory_overhead(&self, spec: &InstanceSpec) -> u64 {
         self.for_form(spec.form)
             .map_or(0, |d| d.memory_overhead(spec))
+    }
+    fn driver_for(&self, spec: &InstanceSpec) -> &'static str {
+        self.for_form(spec.form).map_or("", |d| d.name())
     }
 }
 

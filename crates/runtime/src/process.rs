@@ -18,8 +18,24 @@ use verge_api::clock::now_rfc3339;
 
 use crate::{ExecSpec, Exit, RunRecord, Running, Runtime, RuntimeError, Workload};
 
-/// A log file larger than this is rotated to `output.log.1` when the workload (re)starts.
-pub const LOG_ROTATE_BYTES: u64 = 10 << 20;
+/// How large a workload's log may grow before it is rotated, and how many rotated
+/// files are kept (`output.log.1` is the newest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogLimits {
+    /// Rotate once the log is larger than this.
+    pub max_bytes: u64,
+    /// Rotated files kept; older ones are deleted.
+    pub keep: usize,
+}
+
+impl Default for LogLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 10 << 20,
+            keep: 3,
+        }
+    }
+}
 const DRIVER: &str = "process";
 
 /// Runs `form: process` instances.
@@ -37,20 +53,85 @@ pub fn proc_stat(pid: u32) -> Option<(char, u64)> {
     Some((state, start))
 }
 
+/// The variable that marks a process with the start ([`RunRecord::run_id`]) it
+/// belongs to.
+pub const RUN_ID_ENV: &str = "VERGE_RUN_ID";
+
+/// `record` with its pid filled in, when it is the record of a start whose pid was
+/// never written (the agent died in between): the process group leader whose
+/// environment carries the start's marker.
+pub fn locate(record: &RunRecord) -> RunRecord {
+    if record.pid != 0 || record.run_id.is_empty() {
+        return record.clone();
+    }
+    let want = format!("{RUN_ID_ENV}={}", record.run_id);
+    let found = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .find_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+            if !env.split(|b| *b == 0).any(|v| v == want.as_bytes()) {
+                return None;
+            }
+            // The leader of its own group: the workload itself, not one of its children.
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let pgrp: u32 = stat[stat.rfind(')')? + 2..]
+                .split_whitespace()
+                .nth(2)?
+                .parse()
+                .ok()?;
+            (pgrp == pid).then_some(pid)
+        });
+    let mut r = record.clone();
+    if let Some(pid) = found {
+        r.pid = pid;
+        r.start_ticks = proc_stat(pid).map_or(0, |(_, t)| t);
+    }
+    r
+}
+
 /// Whether the process in `record` is still the one we started and has not exited.
 pub fn is_alive(record: &RunRecord) -> bool {
     record.pid != 0
         && matches!(proc_stat(record.pid), Some((state, start)) if start == record.start_ticks && state != 'Z' && state != 'X')
 }
 
-/// Move a log over [`LOG_ROTATE_BYTES`] aside to `output.log.1` (at a (re)start).
-pub fn rotate_log(path: &Path) -> std::io::Result<()> {
-    if let Ok(meta) = std::fs::metadata(path)
-        && meta.len() > LOG_ROTATE_BYTES
-    {
-        std::fs::rename(path, path.with_extension("log.1"))?;
+/// Rotate `path` if it is over `limits.max_bytes`, while its workload may be writing
+/// to it: the rotated files shift (`.1` to `.2`, ...; the oldest beyond `keep` goes),
+/// the log is copied to `.1` and then emptied in place. Workloads write with
+/// `O_APPEND` (the drivers open logs so), so their next write lands at the start of
+/// the emptied file; only what they write between the copy and the truncation is
+/// lost. Returns whether it rotated.
+pub fn rotate_log(path: &Path, limits: LogLimits) -> std::io::Result<bool> {
+    let len = match std::fs::metadata(path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if len <= limits.max_bytes {
+        return Ok(false);
     }
-    Ok(())
+    let rotated = |n: usize| {
+        let mut p = path.as_os_str().to_owned();
+        p.push(format!(".{n}"));
+        std::path::PathBuf::from(p)
+    };
+    let _ = std::fs::remove_file(rotated(limits.keep.max(1)));
+    for n in (1..limits.keep.max(1)).rev() {
+        let _ = std::fs::rename(rotated(n), rotated(n + 1));
+    }
+    if limits.keep == 0 {
+        let _ = std::fs::remove_file(rotated(1));
+    } else {
+        std::fs::copy(path, rotated(1))?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)?
+        .set_len(0)?;
+    Ok(true)
 }
 
 /// Wait up to `within` for the workload of `record` to be gone; whether it is.
@@ -158,6 +239,9 @@ fn environment(
     ]);
     env.extend(spec.env.clone());
     env.insert("VERGE_INSTANCE".into(), w.name().to_string());
+    if let Some(id) = &w.run_id {
+        env.insert(RUN_ID_ENV.into(), id.clone());
+    }
     Ok(ExecSpec {
         argv: argv.to_vec(),
         env,
@@ -182,9 +266,10 @@ pub fn unreachable_ancestor(dir: &Path, uid: u32) -> Option<(std::path::PathBuf,
     })
 }
 
-/// Find `program` the way exec would (on `PATH` unless it has a '/'), so that a
-/// missing program is a start error naming it, not an exit code of a helper.
-fn find_program(program: &str) -> std::io::Result<()> {
+/// Find `program` the way exec would (on [`WORKLOAD_PATH`] unless it has a '/'), so
+/// that a missing program is a start error naming it, not the exit code of the
+/// helper (`setpriv`) that runs it as its user.
+pub fn find_program(program: &str) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let executable = |p: &Path| {
         std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
@@ -282,6 +367,7 @@ impl Runtime for ProcessRuntime {
             pid,
             start_ticks,
             started_at: now_rfc3339(),
+            run_id: w.run_id.clone().unwrap_or_default(),
         };
         let (tx, rx) = watch::channel(None);
         tokio::spawn(async move {
@@ -300,6 +386,7 @@ impl Runtime for ProcessRuntime {
     }
 
     async fn adopt(&self, _w: &Workload, record: &RunRecord) -> Option<Running> {
+        let record = &locate(record);
         if record.driver != DRIVER || !is_alive(record) {
             return None;
         }
@@ -310,6 +397,7 @@ impl Runtime for ProcessRuntime {
     }
 
     async fn stop(&self, record: &RunRecord, grace: Duration) -> Result<(), RuntimeError> {
+        let record = &locate(record);
         if !is_alive(record) {
             return Ok(());
         }
@@ -350,6 +438,7 @@ mod tests {
             instance: Instance::new("t", spec),
             dir: dir.join("t"),
             cgroup: None,
+            run_id: None,
         }
     }
 
@@ -384,6 +473,70 @@ mod tests {
             .expect("stop");
         assert!(!is_alive(&r.record));
         assert!(ProcessRuntime.adopt(&w, &r.record).await.is_none());
+    }
+
+    /// The agent dies after starting a workload and before writing its pid: the
+    /// record written before the start still finds it (by its run id), so a restarted
+    /// agent adopts it instead of starting it twice, and can stop it.
+    #[tokio::test]
+    async fn a_start_whose_pid_was_never_recorded_is_found_by_its_run_id() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut w = workload(dir.path(), &["/bin/sh", "-c", "sleep 30 & wait"]);
+        let run_id = format!("test-{}", std::process::id());
+        w.run_id = Some(run_id.clone());
+        let r = ProcessRuntime.start(&w).await.expect("start");
+        let intent = RunRecord::intent(DRIVER, "t", &run_id);
+        let adopted = ProcessRuntime.adopt(&w, &intent).await.expect("found");
+        assert_eq!(
+            adopted.record.pid, r.record.pid,
+            "the leader, not its child"
+        );
+        ProcessRuntime
+            .stop(&intent, Duration::from_millis(500))
+            .await
+            .expect("stop");
+        assert!(!is_alive(&r.record));
+        assert!(ProcessRuntime.adopt(&w, &intent).await.is_none());
+    }
+
+    #[test]
+    fn a_log_is_rotated_in_place_and_only_so_many_old_ones_are_kept() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("tmp");
+        let log = dir.path().join("output.log");
+        let limits = LogLimits {
+            max_bytes: 100,
+            keep: 2,
+        };
+        // A writer holding the log open with O_APPEND, as a workload does.
+        let mut w = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("open");
+        for round in 0..4u8 {
+            w.write_all(&[b'a' + round; 150]).expect("write");
+            assert!(rotate_log(&log, limits).expect("rotate"));
+        }
+        w.write_all(b"after").expect("write");
+        assert_eq!(
+            std::fs::read(&log).expect("log"),
+            b"after",
+            "the writer goes on at the start"
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("output.log.1")).expect(".1"),
+            vec![b'd'; 150]
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("output.log.2")).expect(".2"),
+            vec![b'c'; 150]
+        );
+        assert!(!dir.path().join("output.log.3").exists());
+        assert!(
+            !rotate_log(&log, limits).expect("small"),
+            "a small log stays"
+        );
     }
 
     #[tokio::test]

@@ -609,6 +609,7 @@ fn spawn_edges(
                 ..Default::default()
             },
             plain_http_registries: Vec::new(),
+            log_limits: Default::default(),
         };
         let mut rx = stop.subscribe();
         tokio::spawn(async move {

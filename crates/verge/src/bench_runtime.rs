@@ -31,6 +31,7 @@ fn workload(dir: &Path, name: &str, spec: InstanceSpec) -> Workload {
         instance: Instance::new(name, spec),
         dir: dir.join(name),
         cgroup: None,
+        run_id: None,
     }
 }
 

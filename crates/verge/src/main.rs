@@ -96,6 +96,12 @@ enum Command {
         /// Report this much memory instead of the machine's (e.g. 4Gi).
         #[arg(long, value_parser = |s: &str| Bytes::parse(s))]
         memory: Option<Bytes>,
+        /// Rotate a workload's log while it runs once it is larger than this.
+        #[arg(long, default_value = "10Mi", value_parser = |s: &str| Bytes::parse(s))]
+        log_max_size: Bytes,
+        /// How many rotated logs to keep per workload.
+        #[arg(long, default_value_t = 3)]
+        log_keep: usize,
         /// GPUs on this node, MODEL=COUNT (repeatable), e.g. nvidia-t4=2.
         #[arg(long = "gpu", value_parser = parse_count)]
         gpus: Vec<(String, u32)>,
@@ -449,6 +455,8 @@ fn real_main() -> Result<()> {
             plain_http_registries,
             function_listen,
             join_token_file,
+            log_max_size,
+            log_keep,
         } => {
             init_tracing("info");
             let join_token = match join_token_file {
@@ -494,6 +502,10 @@ fn real_main() -> Result<()> {
                         addresses,
                     },
                     plain_http_registries,
+                    log_limits: verge_runtime::process::LogLimits {
+                        max_bytes: log_max_size.0,
+                        keep: log_keep,
+                    },
                 };
                 verge_edge::run(config, runtime, shutdown_signal(), |m| {
                     println!(

@@ -762,3 +762,158 @@ fn put_instance(hub: &Hub, name: &str, body: serde_json::Value) -> (u16, String)
         (r.status().as_u16(), r.text().await.unwrap_or_default())
     })
 }
+
+fn edge_run(hub: &Hub, name: &str, dir: &Path) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .args(["edge", "--hub", &hub.url, "--name", name, "--data-dir"])
+        .arg(dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("edge")
+}
+
+#[test]
+fn an_instance_deleted_while_the_cache_was_lost_is_reaped_from_its_run_record() {
+    let dir = test_dir();
+    let hub = Hub::start(dir.path());
+    let edge_dir = dir.path().join("edge-o");
+    let mut edge = Edge::start_in(&hub.url, "edge-o", Some(&hub.token(1)), &edge_dir);
+    hub.wait_phase("node", "edge-o", "Ready", Duration::from_secs(20));
+    let (mk, mg) = (unique("kept"), unique("gone"));
+    assert!(hub.apply(&sleeper("kept", &mk)).status.success());
+    assert!(hub.apply(&sleeper("gone", &mg)).status.success());
+    hub.wait_phase("instance", "kept", "Running", Duration::from_secs(20));
+    hub.wait_phase("instance", "gone", "Running", Duration::from_secs(20));
+    let kept_pid = pids_with(&mk);
+    edge.proc.kill();
+    hub.ok(&["delete", "instance", "gone"]);
+    // The cache is damaged: the agent refuses to guess, and says what to do.
+    let cache = edge_dir.join("state/desired.json");
+    std::fs::write(&cache, b"{ not json").expect("corrupt");
+    let out = edge_run(&hub, "edge-o", &edge_dir);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("move it aside"));
+    std::fs::rename(&cache, edge_dir.join("state/desired.json.bad")).expect("aside");
+    let _edge = Edge::start_in(&hub.url, "edge-o", None, &edge_dir);
+    wait_for(
+        "the deleted instance to be reaped",
+        Duration::from_secs(30),
+        || (pids_with(&mg).is_empty() && !edge_dir.join("instances/gone").exists()).then_some(()),
+    );
+    assert_eq!(
+        pids_with(&mk),
+        kept_pid,
+        "the wanted one was adopted, not restarted"
+    );
+    hub.cleanup(&["kept"], &[&mk]);
+}
+
+#[test]
+fn an_agent_killed_mid_deployment_runs_each_instance_once_and_leaves_nothing_after_delete() {
+    let dir = test_dir();
+    let hub = Hub::start(dir.path());
+    let edge_dir = dir.path().join("edge-k");
+    let mut edge = Edge::start_in(&hub.url, "edge-k", Some(&hub.token(1)), &edge_dir);
+    hub.wait_phase("node", "edge-k", "Ready", Duration::from_secs(20));
+    let mut all = Vec::new();
+    for (round, delay_ms) in [150u64, 400, 800].into_iter().enumerate() {
+        let batch: Vec<(String, String)> = (0..12)
+            .map(|i| {
+                (
+                    format!("mid-{round}-{i}"),
+                    unique(&format!("mid{round}x{i}")),
+                )
+            })
+            .collect();
+        let manifests: String = batch
+            .iter()
+            .map(|(n, m)| format!("---\n{}", sleeper(n, m).replace("cpu: 100m", "cpu: 10m")))
+            .collect();
+        assert!(hub.apply(&manifests).status.success());
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        edge.proc.kill();
+        edge = Edge::start_in(&hub.url, "edge-k", None, &edge_dir);
+        all.extend(batch);
+        for (n, _) in &all {
+            hub.wait_phase("instance", n, "Running", Duration::from_secs(60));
+        }
+        for (n, m) in &all {
+            let pids = pids_with(m);
+            assert_eq!(pids.len(), 1, "{n} runs {} times: {pids:?}", pids.len());
+        }
+    }
+    for (n, _) in &all {
+        hub.ok(&["delete", "instance", n]);
+    }
+    for (n, m) in &all {
+        wait_for(&format!("{n} to stop"), Duration::from_secs(30), || {
+            pids_with(m).is_empty().then_some(())
+        });
+    }
+}
+
+#[test]
+fn a_running_workloads_log_is_rotated_by_size_and_followers_keep_reading() {
+    let dir = test_dir();
+    let hub = Hub::start(dir.path());
+    let edge_dir = dir.path().join("edge-l");
+    let _edge = Edge::start_with(
+        &hub.url,
+        "edge-l",
+        Some(&hub.token(1)),
+        &edge_dir,
+        &["--log-max-size", "256Ki", "--log-keep", "2"],
+    );
+    hub.wait_phase("node", "edge-l", "Ready", Duration::from_secs(20));
+    let m = "kind: Instance\nmetadata: {name: chatty}\nspec:\n  form: process\n  process:\n    command: [/bin/sh, -c, 'pad=$(head -c 2000 /dev/zero | tr \"\\0\" x); i=0; while :; do i=$((i+1)); echo \"line $i $pad\"; sleep 0.01; done']\n  terminationGracePeriodSeconds: 1\n";
+    assert!(hub.apply(m).status.success());
+    hub.wait_phase("instance", "chatty", "Running", Duration::from_secs(20));
+    // Follow it across rotations.
+    let mut follow = std::process::Command::new(BIN)
+        .arg("--config")
+        .arg(hub.admin_conf())
+        .args(["logs", "-f", "chatty"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("follow");
+    let last_seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    {
+        let last_seen = last_seen.clone();
+        let out = follow.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(n) = line.split_whitespace().nth(1).and_then(|n| n.parse().ok()) {
+                    last_seen.store(n, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    std::thread::sleep(Duration::from_secs(10));
+    let log = edge_dir.join("instances/chatty/output.log");
+    let size = std::fs::metadata(&log).expect("log").len();
+    assert!(
+        size < 1 << 20,
+        "the log is rotated while it runs: {size} bytes"
+    );
+    assert!(log.with_extension("log.1").exists() && log.with_extension("log.2").exists());
+    assert!(
+        !log.with_extension("log.3").exists(),
+        "only 2 old logs are kept"
+    );
+    // The follower is still on the current file: close behind the last line written.
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let newest: u64 = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .max()
+        .unwrap_or(0);
+    let seen = last_seen.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        newest > 0 && seen + 300 >= newest,
+        "the follower fell behind a rotation: saw {seen}, the log is at {newest}"
+    );
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let _ = hub.cli(&["delete", "instance", "chatty"]);
+}

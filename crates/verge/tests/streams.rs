@@ -77,7 +77,7 @@ fn exec_runs_a_command_in_the_instance_and_returns_its_exit_code() {
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(
-        stdout.starts_with("hello from /") && stdout.trim_end().ends_with("/shell"),
+        stdout.starts_with("hello from /") && stdout.trim_end().ends_with("/shell/work"),
         "runs in the instance's environment and directory: {stdout}"
     );
     assert_eq!(text(&out.stderr).trim(), "oops", "stderr kept apart");

@@ -232,6 +232,7 @@ impl Runtime for VmRuntime {
             pid,
             start_ticks,
             started_at: now_rfc3339(),
+            run_id: String::new(),
         };
         tracing::info!(instance = w.name(), pid, kvm = self.kvm, "VM started");
         Ok(Running {

@@ -48,6 +48,7 @@ async fn boots_to_the_marker_survives_a_new_driver_and_stops() {
         instance: Instance::new("vm-1", spec),
         dir: dir.path().join("vm-1"),
         cgroup: None,
+        run_id: None,
     };
     let driver = VmRuntime::detect();
     let running = driver.start(&w).await.expect("start");
