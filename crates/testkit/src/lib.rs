@@ -13,6 +13,11 @@
 //! (bytes are held, nothing moves, no error: what a dead path looks like), and resets
 //! (every open connection is cut). Partitions on a schedule are faults set from a
 //! timer ([`FaultProxy::schedule`]). Byte counters measure what crossed the link.
+//!
+//! [`frontdoor`] is a load test for the hub's front door: silent and slow
+//! connections and oversized frames from strangers, on TLS and on QUIC.
+
+pub mod frontdoor;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -106,6 +106,27 @@ pub enum BenchCommand {
         #[arg(short, long, default_value = "text")]
         output: String,
     },
+    /// Load the hub's front door as strangers would: silent TCP connections, slow
+    /// TLS request heads, and enrolment frames announcing 16 MiB over TLS and QUIC.
+    /// Reports the hub's memory and descriptors per connection and whether the API
+    /// answered meanwhile.
+    Frontdoor {
+        /// Silent TCP connections.
+        #[arg(long, default_value_t = 2000)]
+        silent: usize,
+        /// Slow TLS request heads.
+        #[arg(long, default_value_t = 500)]
+        slow: usize,
+        /// Oversized enrolment frames, on TLS and on QUIC each.
+        #[arg(long, default_value_t = 200)]
+        oversized: usize,
+        /// Loopback source addresses to spread the connections over.
+        #[arg(long, default_value_t = 32)]
+        sources: u8,
+        /// `text` or `json`.
+        #[arg(short, long, default_value = "text")]
+        output: String,
+    },
     /// Idle memory (RSS) of a hub and an edge agent, against a `sleep` process.
     Idle {
         /// How long to let them idle before sampling.
@@ -151,6 +172,22 @@ pub fn run(cmd: BenchCommand, config: Option<std::path::PathBuf>) -> Result<()> 
             writers,
             output,
         } => rt.block_on(store(writes, writers, &output)),
+        BenchCommand::Frontdoor {
+            silent,
+            slow,
+            oversized,
+            sources,
+            output,
+        } => rt.block_on(frontdoor(
+            verge_testkit::frontdoor::Attack {
+                silent_tcp: silent,
+                slow_tls: slow,
+                oversized_tls: oversized,
+                oversized_quic: oversized,
+                sources,
+            },
+            &output,
+        )),
         BenchCommand::Idle {
             seconds,
             functions,
@@ -949,6 +986,35 @@ pub async fn channel(b: ChannelBench, output: &str) -> Result<()> {
         "fullRelistBytesPerEdge": relist_per_edge,
         "admitRatePerSecond": 500,
         "portForward": forward,
+    });
+    print_report(&report, output)
+}
+
+/// `verge bench frontdoor`: a hub under a stranger's load (the test kit's front-door
+/// attack), measured from `/proc`, with the operator's API probed meanwhile.
+async fn frontdoor(attack: verge_testkit::frontdoor::Attack, output: &str) -> Result<()> {
+    verge_tunnel::install_crypto_provider();
+    let dir = tempdir()?;
+    let port = free_port()?;
+    let (mut hub, client) = start_hub(&dir, port, &[]).await?;
+    let pid = hub.id().unwrap_or(0);
+    let ca = std::fs::read_to_string(dir.join("hub").join("ca.crt"))?;
+    let target = verge_testkit::frontdoor::Target {
+        addr: format!("127.0.0.1:{port}").parse()?,
+        ca_fingerprint: verge_tunnel::pki::pem_fingerprint(&ca)?,
+        pid,
+        probe: || async { client.get::<serde_json::Value>("/v1/nodes").await.is_ok() },
+    };
+    eprintln!("bench frontdoor: hub up on port {port}, pid {pid}; {attack:?}");
+    let phases = verge_testkit::frontdoor::run(&target, &attack).await;
+    stop_child(&mut hub).await;
+    let report = serde_json::json!({
+        "descriptorLimit": verge_hub::limits::descriptor_limit(),
+        "phases": phases.iter().map(|p| {
+            let mut v = serde_json::to_value(p).unwrap_or_default();
+            v["kibPerHeldConnection"] = serde_json::json!(p.kib_per_held());
+            v
+        }).collect::<Vec<_>>(),
     });
     print_report(&report, output)
 }

@@ -917,3 +917,65 @@ fn a_running_workloads_log_is_rotated_by_size_and_followers_keep_reading() {
     let _ = follow.wait();
     let _ = hub.cli(&["delete", "instance", "chatty"]);
 }
+
+/// The test kit's front-door load test at a size that fits CI: only invariants (the
+/// API answers throughout, memory stays bounded, every descriptor comes back, every
+/// slow or oversized connection is closed by the hub), never timings.
+#[test]
+fn the_front_door_holds_under_a_ci_sized_load() {
+    use verge_testkit::frontdoor::{Attack, Target, run};
+    let dir = test_dir();
+    let hub = Hub::start(dir.path());
+    let rt = runtime();
+    let ca = std::fs::read_to_string(dir.path().join("hub/ca.crt")).expect("ca");
+    let client = api_client(&hub, None);
+    let token = admin_token(&hub);
+    let url = format!("{}/v1/nodes", hub.url);
+    let phases = rt.block_on(async {
+        let target = Target {
+            addr: hub_addr(&hub),
+            ca_fingerprint: verge_tunnel::pki::pem_fingerprint(&ca).expect("fingerprint"),
+            pid: hub.proc.pid(),
+            probe: || async {
+                client
+                    .get(&url)
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            },
+        };
+        run(
+            &target,
+            &Attack {
+                silent_tcp: 300,
+                slow_tls: 40,
+                oversized_tls: 40,
+                oversized_quic: 40,
+                sources: 8,
+            },
+        )
+        .await
+    });
+    for p in &phases {
+        assert_eq!(
+            p.api_answered, p.api_probes,
+            "the API answered during {p:?}"
+        );
+        assert!(
+            p.fds[2] <= p.fds[0] + 4,
+            "descriptors came back after {p:?}"
+        );
+        assert!(
+            p.rss_kib[1] < p.rss_kib[0] + 64 * 1024,
+            "memory stayed bounded in {p:?}"
+        );
+        if p.name != "silentTcp" {
+            assert_eq!(
+                p.closed_by_hub, p.opened,
+                "the hub closed every one in {p:?}"
+            );
+        }
+        assert!(p.opened > 0, "{p:?}");
+    }
+}
