@@ -168,6 +168,127 @@ impl Cache {
     }
 }
 
+/// What a collection found and removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Collected {
+    /// Bytes the cache held before.
+    pub used_before: u64,
+    /// Bytes it holds now.
+    pub used: u64,
+    /// Blobs and unpacked images removed.
+    pub removed: Vec<String>,
+}
+
+/// Bytes under `p` (files and links, not following links).
+fn tree_size(p: &Path) -> u64 {
+    let Ok(m) = std::fs::symlink_metadata(p) else {
+        return 0;
+    };
+    if !m.is_dir() {
+        return m.len();
+    }
+    std::fs::read_dir(p)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| tree_size(&e.path()))
+        .sum()
+}
+
+fn modified(p: &Path) -> std::time::SystemTime {
+    std::fs::symlink_metadata(p)
+        .and_then(|m| m.modified())
+        .unwrap_or(std::time::UNIX_EPOCH)
+}
+
+impl Cache {
+    /// Bring the cache under `budget` bytes by removing what nothing needs: blobs not
+    /// in `keep_blobs` and unpacked images (`ROOT/images/HEX`, the container driver's)
+    /// not in `keep_images` (digests), oldest first. What is kept is never removed,
+    /// even over budget: it is what the node needs to restart its workloads offline.
+    /// References to what was removed are dropped. Blobs being written are not seen.
+    pub fn collect(
+        &self,
+        keep_blobs: &std::collections::HashSet<String>,
+        keep_images: &std::collections::HashSet<String>,
+        budget: u64,
+    ) -> Collected {
+        let images = self.root.join("images");
+        let mut entries: Vec<(std::time::SystemTime, String, PathBuf, u64, bool)> = Vec::new();
+        for (digest, size) in self.list() {
+            let path = self.blobs().join(digest_hex(&digest).unwrap_or_default());
+            entries.push((
+                modified(&path),
+                digest.clone(),
+                path,
+                size,
+                keep_blobs.contains(&digest),
+            ));
+        }
+        for e in std::fs::read_dir(&images).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let digest = format!("sha256:{name}");
+            if digest_hex(&digest).is_none() {
+                continue; // partial unpacks and the like belong to their writer
+            }
+            let path = e.path();
+            let keep = keep_images.contains(&digest);
+            entries.push((
+                modified(&path),
+                digest,
+                path.clone(),
+                tree_size(&path),
+                keep,
+            ));
+        }
+        let used_before: u64 = entries.iter().map(|e| e.3).sum();
+        let mut used = used_before;
+        let mut removed = Vec::new();
+        entries.sort_by_key(|e| e.0);
+        for (_, digest, path, size, keep) in entries {
+            if used <= budget {
+                break;
+            }
+            if keep {
+                continue;
+            }
+            let gone = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            if gone.is_ok() {
+                used = used.saturating_sub(size);
+                removed.push(digest);
+            }
+        }
+        if !removed.is_empty() {
+            self.drop_references_to(&removed);
+        }
+        Collected {
+            used_before,
+            used,
+            removed,
+        }
+    }
+
+    fn drop_references_to(&self, removed: &[String]) {
+        let refs = self.root.join("refs");
+        for kind in std::fs::read_dir(&refs).into_iter().flatten().flatten() {
+            for r in std::fs::read_dir(kind.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let target = std::fs::read_to_string(r.path()).unwrap_or_default();
+                if removed.iter().any(|d| d == target.trim()) {
+                    let _ = std::fs::remove_file(r.path());
+                }
+            }
+        }
+    }
+}
+
 static TMP_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// A blob being written: hashed as it goes, put in place by [`finish`](Self::finish)
@@ -241,6 +362,44 @@ impl Drop for BlobWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn collection_stays_under_budget_and_never_removes_what_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::new(dir.path());
+        let wanted = c.put("wanted", &[1u8; 4000], None).unwrap();
+        let old = c.put("old", &[2u8; 4000], None).unwrap();
+        let newer = c.put("newer", &[3u8; 4000], None).unwrap();
+        c.set_reference("files", "registry/old:1", &old).unwrap();
+        // An unpacked image nobody wants, and one that is wanted.
+        let img = |hex: &str| {
+            let d = dir.path().join("images").join(hex).join("rootfs");
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("bin"), [0u8; 3000]).unwrap();
+            format!("sha256:{hex}")
+        };
+        let stale_image = img(&"a".repeat(64));
+        let live_image = img(&"b".repeat(64));
+        let keep_blobs = [wanted.clone()].into_iter().collect();
+        let keep_images = [live_image.clone()].into_iter().collect();
+        // Under budget: nothing goes.
+        let r = c.collect(&keep_blobs, &keep_images, 1 << 20);
+        assert!(r.removed.is_empty());
+        assert_eq!(r.used, 18_000);
+        // Over budget: unwanted things go until it fits; wanted ones stay even at 0.
+        let r = c.collect(&keep_blobs, &keep_images, 0);
+        assert_eq!(r.used, 7000, "{r:?}");
+        for gone in [&old, &newer, &stale_image] {
+            assert!(r.removed.contains(gone), "{r:?}");
+        }
+        assert!(c.get(&wanted).is_some());
+        assert!(dir.path().join("images").join("b".repeat(64)).is_dir());
+        assert_eq!(
+            c.reference("files", "registry/old:1"),
+            None,
+            "its reference went with it"
+        );
+    }
 
     #[test]
     fn blobs_are_kept_by_digest_and_checked() {

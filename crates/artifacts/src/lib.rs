@@ -13,7 +13,7 @@
 pub mod cache;
 pub mod registry;
 
-pub use cache::{BlobWriter, Cache, sha256_hex};
+pub use cache::{BlobWriter, Cache, Collected, sha256_hex};
 pub use registry::{Registry, registry_config};
 pub use verge_api::artifact::{Source, digest_hex};
 

@@ -38,6 +38,8 @@ struct Supervisor {
 
 /// How often a running instance's usage is sampled from its cgroup.
 const USAGE_EVERY: Duration = Duration::from_secs(10);
+/// How often the artifact cache is collected when nothing kicks it.
+const GC_EVERY: Duration = Duration::from_secs(300);
 /// How often a running workload's log size is checked against its limit.
 const LOG_CHECK_EVERY: Duration = Duration::from_secs(2);
 
@@ -103,6 +105,8 @@ pub struct Agent {
     /// Rotations so far, by instance: a follower that sees it change reads the log
     /// from the start again.
     log_rotations: Mutex<HashMap<String, u64>>,
+    /// Wakes the cache collector (an instance went away).
+    gc_kick: Notify,
     /// Instances whose supervisors are stopping them (the reaper leaves them be).
     removing: Mutex<std::collections::HashSet<String>>,
     /// Signalled when a status is waiting to be sent.
@@ -142,6 +146,7 @@ impl Agent {
             dirty: Mutex::new(BTreeSet::new()),
             removed: Mutex::new(Vec::new()),
             removing: Mutex::new(Default::default()),
+            gc_kick: Notify::new(),
             log_limits,
             log_rotations: Mutex::new(HashMap::new()),
             outbox: Notify::new(),
@@ -364,6 +369,7 @@ impl Agent {
                     let _ = sup.task.await;
                     let _ = std::fs::remove_dir_all(files::instance_dir(&agent.dir, &name));
                     lock(&agent.removing).remove(&name);
+                    agent.gc_kick.notify_one();
                     lock(&agent.statuses).remove(&name);
                     lock(&agent.removed).push((name.clone(), sup.uid));
                     agent.outbox.notify_one();
@@ -413,6 +419,39 @@ impl Agent {
                     task,
                 },
             );
+        }
+    }
+
+    /// Keep the node's artifact cache under `budget` bytes: after instances go away and
+    /// every few minutes, remove what no instance in the desired state needs (so a
+    /// node cut off from the hub can still restart everything it runs), oldest first.
+    pub async fn collector(self: Arc<Self>, budget: u64) {
+        loop {
+            tokio::select! {
+                _ = self.gc_kick.notified() => {}
+                _ = tokio::time::sleep(GC_EVERY) => {}
+            }
+            // Let a burst of removals finish first.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let specs: Vec<verge_api::InstanceSpec> = lock(&self.desired)
+                .instances
+                .values()
+                .map(|i| i.spec.clone())
+                .collect();
+            let agent = self.clone();
+            let done =
+                tokio::task::spawn_blocking(move || agent.artifacts.collect(&specs, budget)).await;
+            if let Ok(c) = done
+                && !c.removed.is_empty()
+            {
+                tracing::info!(
+                    removed = c.removed.len(),
+                    before = c.used_before,
+                    now = c.used,
+                    budget,
+                    "artifact cache collected"
+                );
+            }
         }
     }
 

@@ -9,7 +9,7 @@
 //! What is in the cache is used without asking anyone, so a node cut off from the hub
 //! and the registry still restarts everything it ran before.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -119,6 +119,47 @@ impl Artifacts {
         }
     }
 
+    /// What the cache must keep for `specs` to start without anyone's help: the blobs
+    /// of their artifact fields (hub digests, and what their OCI references resolved
+    /// to), and the unpacked images of their containers.
+    pub fn wanted<'a>(
+        &self,
+        specs: impl IntoIterator<Item = &'a InstanceSpec>,
+    ) -> (HashSet<String>, HashSet<String>) {
+        let (mut blobs, mut images) = (HashSet::new(), HashSet::new());
+        for spec in specs {
+            let fields = spec.function.iter().map(|f| &f.component).chain(
+                spec.vm
+                    .iter()
+                    .flat_map(|vm| [&vm.kernel, &vm.initrd, &vm.disk].into_iter().flatten()),
+            );
+            for value in fields {
+                match Source::of(value) {
+                    Source::Hub(d) => {
+                        blobs.insert(d.to_string());
+                    }
+                    Source::Oci(r) => blobs.extend(self.cache.reference("files", r)),
+                    Source::NodePath(_) => {}
+                }
+            }
+            if let Some(c) = &spec.container {
+                images.extend(self.cache.reference("images", &c.image));
+            }
+        }
+        (blobs, images)
+    }
+
+    /// Bring the cache under `budget` bytes, keeping what `specs` need
+    /// ([`Artifacts::wanted`]).
+    pub fn collect<'a>(
+        &self,
+        specs: impl IntoIterator<Item = &'a InstanceSpec>,
+        budget: u64,
+    ) -> verge_artifacts::Collected {
+        let (blobs, images) = self.wanted(specs);
+        self.cache.collect(&blobs, &images, budget)
+    }
+
     async fn fetch_from_hub(&self, digest: &str) -> Result<PathBuf, String> {
         self.cache.path(digest).map_err(|e| e.to_string())?;
         let opener = self.hub.get().ok_or_else(|| {
@@ -152,5 +193,56 @@ impl Artifacts {
             .map_err(|e: ArtifactError| e.to_string())?;
         tracing::info!(digest = %got, size, "artifact fetched from the hub");
         self.cache.path(&got).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use verge_api::{ContainerSpec, FunctionSpec, VmSpec};
+
+    /// What the cache keeps is what the desired state needs to restart offline: hub
+    /// digests, what OCI references resolved to, unpacked images; node paths are not
+    /// the cache's.
+    #[test]
+    fn the_cache_keeps_what_the_desired_state_needs() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let a = Artifacts::new(dir.path(), Vec::new(), CurrentOpener::default());
+        let hub_digest = format!("sha256:{}", "1".repeat(64));
+        let pulled = a.cache.put("component", b"wasm", None).expect("put");
+        a.cache
+            .set_reference("files", "reg:5000/fn:1", &pulled)
+            .expect("ref");
+        let image = format!("sha256:{}", "2".repeat(64));
+        a.cache
+            .set_reference("images", "reg:5000/app:1", &image)
+            .expect("ref");
+        let specs = [
+            InstanceSpec {
+                vm: Some(VmSpec {
+                    kernel: Some(hub_digest.clone()),
+                    disk: Some("/srv/disk.img".into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            InstanceSpec {
+                function: Some(FunctionSpec {
+                    component: "reg:5000/fn:1".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            InstanceSpec {
+                container: Some(ContainerSpec {
+                    image: "reg:5000/app:1".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        ];
+        let (blobs, images) = a.wanted(&specs);
+        assert_eq!(blobs, [hub_digest, pulled].into_iter().collect());
+        assert_eq!(images, [image].into_iter().collect());
     }
 }

@@ -118,6 +118,9 @@ pub struct EdgeConfig {
     pub plain_http_registries: Vec<String>,
     /// When workloads' logs are rotated, and how many old ones are kept.
     pub log_limits: verge_runtime::process::LogLimits,
+    /// Bytes the artifact cache (blobs, unpacked images) may hold beyond what the
+    /// desired state needs.
+    pub cache_budget: u64,
 }
 
 /// The agent's metrics.
@@ -297,6 +300,7 @@ pub async fn run(
     )?;
     // Autonomy first: run what the cache says before talking to anyone.
     tokio::spawn(agent.clone().reconciler());
+    tokio::spawn(agent.clone().collector(config.cache_budget));
 
     let metrics = Arc::new(Metrics::new());
     let mut metrics_addr = None;
@@ -445,6 +449,9 @@ pub async fn run(
     if config.stop_workloads_on_exit {
         agent.stop_all().await;
     }
+    // Groups of instances that are no longer running (and the node's own, if empty)
+    // go with the agent.
+    agent.resources.remove_empty_groups();
     result
 }
 

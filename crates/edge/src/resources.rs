@@ -50,6 +50,13 @@ impl ResourceManager {
         }
     }
 
+    /// Remove the node's cgroups that hold no process (the agent exiting).
+    pub fn remove_empty_groups(&self) {
+        if let Some(c) = &self.cgroups {
+            c.remove_empty();
+        }
+    }
+
     fn lock(
         &self,
     ) -> std::sync::MutexGuard<'_, BTreeMap<String, (Admitted, Option<InstanceCgroup>)>> {

@@ -151,7 +151,14 @@ pub async fn run(
     tasks.spawn(controllers::compaction(st.clone()));
     let app = http::router(st.clone());
     // QUIC on the same port number, over UDP. Edges try it first and fall back to TCP.
-    match verge_tunnel::quic::server(addr, tls.clone()) {
+    let reset_secret = {
+        use sha2::Digest;
+        sha2::Sha256::new()
+            .chain_update(b"verge quic stateless reset\0")
+            .chain_update(st.ca.key_pem().as_bytes())
+            .finalize()
+    };
+    match verge_tunnel::quic::server(addr, tls.clone(), &reset_secret) {
         Ok(endpoint) => {
             tasks.spawn(serve_quic(st.clone(), endpoint));
         }

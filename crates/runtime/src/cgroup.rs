@@ -186,6 +186,15 @@ impl Cgroups {
         Ok(())
     }
 
+    /// Remove every group of this node that holds no process, and the node's own
+    /// group if it is then empty (the kernel refuses to remove one with processes).
+    pub fn remove_empty(&self) {
+        for b in self.bases() {
+            remove_children(b);
+            let _ = std::fs::remove_dir(b);
+        }
+    }
+
     /// Make (or reuse) the group of instance `name` with `limits`.
     pub fn create(&self, name: &str, limits: Limits) -> std::io::Result<InstanceCgroup> {
         let dirs: Vec<PathBuf> = self.bases().iter().map(|b| b.join(name)).collect();

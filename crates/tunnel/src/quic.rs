@@ -37,14 +37,49 @@ fn cfg_err(e: impl std::fmt::Display) -> TlsError {
 }
 
 /// A QUIC server endpoint on `addr` (UDP) using the hub's TLS configuration.
-pub fn server(addr: SocketAddr, tls: Arc<ServerConfig>) -> Result<quinn::Endpoint, TlsError> {
+///
+/// `reset_secret` must stay the same across restarts of the hub (it is derived from
+/// the CA key): the stateless-reset tokens it hands out are derived from it, so a hub
+/// that restarted can still tell its edges' old connections that they are gone, and
+/// they reconnect at once instead of waiting for silence to time out.
+pub fn server(
+    addr: SocketAddr,
+    tls: Arc<ServerConfig>,
+    reset_secret: &[u8],
+) -> Result<quinn::Endpoint, TlsError> {
     let crypto = QuicServerConfig::try_from(tls).map_err(cfg_err)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport());
-    quinn::Endpoint::server(config, addr).map_err(|source| TlsError::Connect {
+    let io = |source| TlsError::Connect {
         addr: addr.to_string(),
         source,
-    })
+    };
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_secret);
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(key));
+    // Connection ids are signed with a key too: the same one after a restart, or the
+    // restarted hub would drop the old connections' packets as invalid instead of
+    // answering them with a reset.
+    let cid_key = {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"verge quic connection ids\0");
+        ctx.update(reset_secret);
+        ctx.finish()
+            .as_ref()
+            .iter()
+            .take(8)
+            .fold(0u64, |k, b| (k << 8) | u64::from(*b))
+    };
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    let socket = std::net::UdpSocket::bind(addr).map_err(io)?;
+    quinn::Endpoint::new(
+        endpoint_config,
+        Some(config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(io)
 }
 
 /// A client endpoint (one per process is enough; it multiplexes connections).

@@ -647,6 +647,7 @@ fn spawn_edges(
             },
             plain_http_registries: Vec::new(),
             log_limits: Default::default(),
+            cache_budget: u64::MAX,
         };
         let mut rx = stop.subscribe();
         tokio::spawn(async move {

@@ -102,6 +102,10 @@ enum Command {
         /// How many rotated logs to keep per workload.
         #[arg(long, default_value_t = 3)]
         log_keep: usize,
+        /// Disk the artifact cache (components, VM images, container images) may use;
+        /// what the node's instances need is kept beyond it.
+        #[arg(long, default_value = "10Gi", value_parser = |s: &str| Bytes::parse(s))]
+        cache_budget: Bytes,
         /// GPUs on this node, MODEL=COUNT (repeatable), e.g. nvidia-t4=2.
         #[arg(long = "gpu", value_parser = parse_count)]
         gpus: Vec<(String, u32)>,
@@ -457,6 +461,7 @@ fn real_main() -> Result<()> {
             join_token_file,
             log_max_size,
             log_keep,
+            cache_budget,
         } => {
             init_tracing("info");
             let join_token = match join_token_file {
@@ -506,6 +511,7 @@ fn real_main() -> Result<()> {
                         max_bytes: log_max_size.0,
                         keep: log_keep,
                     },
+                    cache_budget: cache_budget.0,
                 };
                 verge_edge::run(config, runtime, shutdown_signal(), |m| {
                     println!(

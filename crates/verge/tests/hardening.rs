@@ -979,3 +979,72 @@ fn the_front_door_holds_under_a_ci_sized_load() {
         assert!(p.opened > 0, "{p:?}");
     }
 }
+
+#[test]
+fn an_agent_that_exits_leaves_no_empty_cgroups_behind() {
+    let dir = test_dir();
+    let hub = Hub::start(dir.path());
+    let name = unique("cg").replace('_', "-");
+    let mut edge = Edge::start(&hub, &name, Some(&hub.token(1)));
+    hub.wait_phase("node", &name, "Ready", Duration::from_secs(20));
+    let marker = unique("cgwork");
+    assert!(hub.apply(&sleeper("cgwork", &marker)).status.success());
+    hub.wait_phase("instance", "cgwork", "Running", Duration::from_secs(20));
+    hub.cleanup(&["cgwork"], &[&marker]);
+    // Where the agent made its groups (it says so at start).
+    let log = edge.proc.log_text();
+    let groups: Vec<String> = log
+        .split('"')
+        .filter(|s| s.starts_with("/sys/fs/cgroup") && s.ends_with(&format!("verge-{name}")))
+        .map(str::to_string)
+        .collect();
+    if groups.is_empty() {
+        eprintln!("no writable cgroup hierarchy here; nothing to check:\n{log}");
+        return;
+    }
+    assert!(groups.iter().all(|g| Path::new(g).is_dir()), "{groups:?}");
+    edge.proc.term();
+    for g in &groups {
+        assert!(!Path::new(g).exists(), "{g} stayed after the agent exited");
+    }
+}
+
+/// A hub restarted after a SIGKILL answers its edges' old QUIC connections with a
+/// stateless reset (its reset and connection-id keys survive restarts), so they
+/// reconnect on their next packet instead of waiting out the silence limit.
+#[test]
+fn edges_notice_a_restarted_hub_at_once_not_after_a_silence() {
+    let dir = test_dir();
+    let port = free_port();
+    let mut hub = Hub::start_with(
+        dir.path(),
+        port,
+        &["--heartbeat", "2s", "--node-grace", "20s"],
+    );
+    let edge = Edge::start(&hub, "quick", Some(&hub.token(1)));
+    hub.wait_phase("node", "quick", "Ready", Duration::from_secs(20));
+    wait_for("the edge on QUIC", Duration::from_secs(10), || {
+        edge.proc
+            .log_text()
+            .contains("transport=\"quic\"")
+            .then_some(())
+    });
+    hub.proc.kill();
+    hub = Hub::start_with(
+        dir.path(),
+        port,
+        &["--heartbeat", "2s", "--node-grace", "20s"],
+    );
+    let lost = wait_for("the edge to notice", Duration::from_secs(20), || {
+        edge.proc
+            .log_text()
+            .lines()
+            .find(|l| l.contains("hub connection lost"))
+            .map(str::to_string)
+    });
+    assert!(
+        !lost.contains("hub silent"),
+        "the edge waited for silence instead of being reset: {lost}"
+    );
+    hub.wait_phase("node", "quick", "Ready", Duration::from_secs(20));
+}

@@ -153,11 +153,13 @@ impl Hub {
             &listen,
             "--data-dir",
             data.to_str().expect("utf8"),
-            "--node-grace",
-            "3s",
-            "--heartbeat",
-            "500ms",
         ];
+        // Short defaults for tests, unless the test gives its own.
+        for (flag, value) in [("--node-grace", "3s"), ("--heartbeat", "500ms")] {
+            if !extra.contains(&flag) {
+                args.extend([flag, value]);
+            }
+        }
         args.extend_from_slice(extra);
         let (proc, _) = spawn_under(prefix, &args, &log, "hub ready");
         Hub {
