@@ -252,7 +252,7 @@ pub fn descriptor_limit() -> usize {
     let mut lim = getrlimit(Resource::Nofile);
     if lim.current != lim.maximum {
         lim.current = lim.maximum;
-        if setrlimit(Resource::Nofile, lim.clone()).is_err() {
+        if setrlimit(Resource::Nofile, lim).is_err() {
             lim = getrlimit(Resource::Nofile);
         }
     }

@@ -36,6 +36,8 @@ struct Args {
 }
 
 #[derive(Subcommand)]
+// Parsed once at start and matched at once: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Run the control plane.
     Hub {

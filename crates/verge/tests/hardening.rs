@@ -1,6 +1,9 @@
 //! Regression tests for the hardening issue: the hub and the agent tried as an attacker
 //! and a fault injector would try them. Each test is named after what broke.
 
+// Tests outside async code wait with std's sleep.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::net::{IpAddr, SocketAddr};
