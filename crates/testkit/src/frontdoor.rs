@@ -169,8 +169,31 @@ where
     F: std::future::Future<Output = bool>,
 {
     let during = measure(target.pid);
-    let (answered, slowest) = probe_api(&target.probe, 5).await;
+    let probes = probe_api(&target.probe, PROBES).await;
     held();
+    conclude(
+        target,
+        name,
+        [before, during],
+        probes,
+        opened,
+        closed_by_hub,
+    )
+    .await
+}
+
+/// API probes made while an attack is held.
+const PROBES: usize = 5;
+
+/// The phase's numbers, once what was held is gone and the descriptors came back.
+async fn conclude<P>(
+    target: &Target<P>,
+    name: &'static str,
+    [before, during]: [Measure; 2],
+    (answered, slowest): (usize, u64),
+    opened: usize,
+    closed_by_hub: usize,
+) -> Phase {
     let fds_after = settle(target.pid, before.fds, Duration::from_secs(15)).await;
     Phase {
         name,
@@ -178,20 +201,22 @@ where
         closed_by_hub,
         rss_kib: [before.rss, during.rss, rss_kib(target.pid)],
         fds: [before.fds, during.fds, fds_after],
-        api_probes: 5,
+        api_probes: PROBES,
         api_answered: answered,
         api_slowest_ms: slowest,
     }
 }
 
-async fn tcp_from(from: IpAddr, to: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+/// A TCP connection to `to` from source address `from` (any of 127.0.0.0/8 on
+/// loopback), so that one test can be many peers.
+pub async fn tcp_from(from: IpAddr, to: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
     let s = tokio::net::TcpSocket::new_v4()?;
     s.bind(SocketAddr::new(from, 0))?;
     s.connect(to).await
 }
 
 /// Whether the peer has closed `s` (a read returns 0 or fails within `within`).
-async fn closed(s: &mut (impl tokio::io::AsyncRead + Unpin), within: Duration) -> bool {
+pub async fn closed(s: &mut (impl tokio::io::AsyncRead + Unpin), within: Duration) -> bool {
     let mut b = [0u8; 256];
     matches!(
         tokio::time::timeout(within, s.read(&mut b)).await,
@@ -271,7 +296,7 @@ where
     // Measure while they drip.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let during = measure(target.pid);
-    let (answered, slowest) = probe_api(&target.probe, 5).await;
+    let probes = probe_api(&target.probe, PROBES).await;
     let (mut opened, mut closed_by_hub) = (0, 0);
     while let Some(r) = tasks.join_next().await {
         if let Ok(Some(c)) = r {
@@ -279,17 +304,15 @@ where
             closed_by_hub += usize::from(c);
         }
     }
-    let fds_after = settle(target.pid, before.fds, Duration::from_secs(15)).await;
-    Phase {
-        name: "slowTls",
+    conclude(
+        target,
+        "slowTls",
+        [before, during],
+        probes,
         opened,
         closed_by_hub,
-        rss_kib: [before.rss, during.rss, rss_kib(target.pid)],
-        fds: [before.fds, during.fds, fds_after],
-        api_probes: 5,
-        api_answered: answered,
-        api_slowest_ms: slowest,
-    }
+    )
+    .await
 }
 
 /// A length prefix just under 16 MiB and 32 KiB of the body: what a stranger sends to
@@ -300,48 +323,67 @@ fn oversized_frame() -> Vec<u8> {
     v
 }
 
+/// A stream to the hub that the attacker keeps (a QUIC stream with its connection).
+type Held = (
+    Option<quinn::Connection>,
+    Box<dyn verge_tunnel::quic::Duplex>,
+);
+
+/// Send each connection an oversized frame, then see which the hub answers and closes
+/// within 2 s; the rest are held until the phase ends.
+async fn oversized<P, F>(
+    target: &Target<P>,
+    name: &'static str,
+    before: Measure,
+    conns: Vec<Held>,
+) -> Phase
+where
+    P: Fn() -> F,
+    F: std::future::Future<Output = bool>,
+{
+    let opened = conns.len();
+    let mut closed_by_hub = 0;
+    let mut held = Vec::new();
+    for (conn, mut s) in conns {
+        let _ = s.write_all(&oversized_frame()).await;
+        // The hub answers with an error frame and closes.
+        let mut b = Vec::new();
+        if tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut b))
+            .await
+            .is_ok()
+        {
+            closed_by_hub += 1;
+        } else {
+            held.push((conn, s));
+        }
+    }
+    finish(target, name, before, opened, closed_by_hub, move || {
+        drop(held)
+    })
+    .await
+}
+
+fn enrol_config(target_fingerprint: &str) -> Option<std::sync::Arc<rustls::ClientConfig>> {
+    verge_tunnel::tls::pinned_client_config(target_fingerprint, &[verge_api::channel::ALPN_ENROLL])
+        .ok()
+}
+
 async fn oversized_tls<P, F>(target: &Target<P>, attack: &Attack) -> Phase
 where
     P: Fn() -> F,
     F: std::future::Future<Output = bool>,
 {
     let before = measure(target.pid);
-    let Ok(cfg) = verge_tunnel::tls::pinned_client_config(
-        &target.ca_fingerprint,
-        &[verge_api::channel::ALPN_ENROLL],
-    ) else {
-        return finish(target, "oversizedTls", before, 0, 0, || {}).await;
-    };
-    let addr = target.addr.to_string();
-    let mut conns = Vec::new();
-    for _ in 0..attack.oversized_tls {
-        if let Ok(mut s) = verge_tunnel::tls::dial(&addr, cfg.clone()).await {
-            let _ = s.write_all(&oversized_frame()).await;
-            conns.push(s);
+    let mut conns: Vec<Held> = Vec::new();
+    if let Some(cfg) = enrol_config(&target.ca_fingerprint) {
+        let addr = target.addr.to_string();
+        for _ in 0..attack.oversized_tls {
+            if let Ok(s) = verge_tunnel::tls::dial(&addr, cfg.clone()).await {
+                conns.push((None, Box::new(s)));
+            }
         }
     }
-    let opened = conns.len();
-    let mut closed_by_hub = 0;
-    let mut held = Vec::new();
-    for mut s in conns {
-        // The hub answers with an error frame and closes.
-        let mut b = Vec::new();
-        let r = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut b)).await;
-        if r.is_ok() {
-            closed_by_hub += 1;
-        } else {
-            held.push(s);
-        }
-    }
-    finish(
-        target,
-        "oversizedTls",
-        before,
-        opened,
-        closed_by_hub,
-        move || drop(held),
-    )
-    .await
+    oversized(target, "oversizedTls", before, conns).await
 }
 
 async fn oversized_quic<P, F>(target: &Target<P>, attack: &Attack) -> Phase
@@ -350,47 +392,22 @@ where
     F: std::future::Future<Output = bool>,
 {
     let before = measure(target.pid);
-    let (Ok(endpoint), Ok(cfg)) = (
+    let mut conns: Vec<Held> = Vec::new();
+    if let (Ok(endpoint), Some(cfg)) = (
         verge_tunnel::quic::client(),
-        verge_tunnel::tls::pinned_client_config(
-            &target.ca_fingerprint,
-            &[verge_api::channel::ALPN_ENROLL],
-        ),
-    ) else {
-        return finish(target, "oversizedQuic", before, 0, 0, || {}).await;
-    };
-    let addr = target.addr.to_string();
-    let mut conns = Vec::new();
-    for _ in 0..attack.oversized_quic {
-        if let Ok(Ok((conn, mut s))) = tokio::time::timeout(
-            Duration::from_secs(5),
-            verge_tunnel::quic::dial(&endpoint, &addr, cfg.clone()),
-        )
-        .await
-        {
-            let _ = s.write_all(&oversized_frame()).await;
-            conns.push((conn, s));
+        enrol_config(&target.ca_fingerprint),
+    ) {
+        let addr = target.addr.to_string();
+        for _ in 0..attack.oversized_quic {
+            if let Ok(Ok((conn, s))) = tokio::time::timeout(
+                Duration::from_secs(5),
+                verge_tunnel::quic::dial(&endpoint, &addr, cfg.clone()),
+            )
+            .await
+            {
+                conns.push((Some(conn), s));
+            }
         }
     }
-    let opened = conns.len();
-    let mut closed_by_hub = 0;
-    let mut held = Vec::new();
-    for (conn, mut s) in conns {
-        let mut b = Vec::new();
-        let r = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut b)).await;
-        if r.is_ok() {
-            closed_by_hub += 1;
-        } else {
-            held.push((conn, s));
-        }
-    }
-    finish(
-        target,
-        "oversizedQuic",
-        before,
-        opened,
-        closed_by_hub,
-        move || drop(held),
-    )
-    .await
+    oversized(target, "oversizedQuic", before, conns).await
 }

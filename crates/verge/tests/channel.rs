@@ -13,14 +13,6 @@ use verge_testkit::{FaultProxy, Faults};
 
 const T: Duration = Duration::from_secs(30);
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 fn proxy(rt: &tokio::runtime::Runtime, hub: &Hub) -> FaultProxy {
     let upstream = format!("127.0.0.1:{}", hub.port).parse().expect("addr");
     rt.block_on(FaultProxy::start(upstream)).expect("proxy")

@@ -14,15 +14,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use verge_api::channel::{ALPN_CHANNEL, ALPN_ENROLL, EdgeToHub, HubToEdge, PROTOCOL_VERSION};
+use verge_testkit::frontdoor::{closed, rss_kib, tcp_from};
 use verge_tunnel::frame::{read_msg, write_msg};
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
 
 fn hub_addr(hub: &Hub) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], hub.port))
@@ -47,37 +40,10 @@ fn tls(hub: &Hub, identity: Option<&Path>, alpn: &[u8]) -> Arc<rustls::ClientCon
     .expect("tls config")
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn admin_token(hub: &Hub) -> String {
     verge_hub::ClientConfig::load(&hub.admin_conf())
         .expect("admin.conf")
         .token
-}
-
-/// Open a TCP connection to `to` from source address `from`.
-async fn tcp_from(from: IpAddr, to: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
-    let s = tokio::net::TcpSocket::new_v4()?;
-    s.bind(SocketAddr::new(from, 0))?;
-    s.connect(to).await
-}
-
-/// Whether the peer closed `s` within `within` (a read returns 0 or fails).
-async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
-    let mut b = [0u8; 64];
-    matches!(
-        tokio::time::timeout(within, s.read(&mut b)).await,
-        Ok(Ok(0) | Err(_))
-    )
 }
 
 #[test]
@@ -152,7 +118,7 @@ fn silent_connections_under_a_1024_descriptor_limit_do_not_lock_out_the_api_or_e
         let mut refused = 0;
         let mut held = Vec::new();
         for mut s in conns {
-            if closed_within(&mut s, Duration::from_millis(20)).await {
+            if closed(&mut s, Duration::from_millis(20)).await {
                 refused += 1;
             } else {
                 held.push(s);
@@ -359,23 +325,33 @@ fn copy_identity(edge_dir: &Path, to: &Path) {
     }
 }
 
+/// A raw channel session with the identity in `dir` that has said hello.
+async fn raw_session(
+    hub: &Hub,
+    dir: &Path,
+    agent: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let cfg = tls(hub, Some(dir), ALPN_CHANNEL);
+    let mut s = verge_tunnel::tls::dial(&format!("127.0.0.1:{}", hub.port), cfg)
+        .await
+        .expect("dial");
+    let _ = write_msg(
+        &mut s,
+        &EdgeToHub::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: agent.into(),
+            since_revision: 0,
+            epoch: None,
+        },
+    )
+    .await;
+    s
+}
+
 /// What the hub says to a channel session opened with the identity in `dir`.
 fn channel_answer(rt: &tokio::runtime::Runtime, hub: &Hub, dir: &Path) -> String {
-    let cfg = tls(hub, Some(dir), ALPN_CHANNEL);
     rt.block_on(async {
-        let mut s = verge_tunnel::tls::dial(&format!("127.0.0.1:{}", hub.port), cfg)
-            .await
-            .expect("dial");
-        let _ = write_msg(
-            &mut s,
-            &EdgeToHub::Hello {
-                protocol_version: PROTOCOL_VERSION,
-                agent_version: "test".into(),
-                since_revision: 0,
-                epoch: None,
-            },
-        )
-        .await;
+        let mut s = raw_session(hub, dir, "test").await;
         let r =
             tokio::time::timeout(Duration::from_secs(5), read_msg::<HubToEdge, _>(&mut s)).await;
         format!("{r:?}")
@@ -471,22 +447,8 @@ fn a_second_session_with_a_nodes_identity_does_not_strand_its_streams() {
     // A 2-second session with the same certificate.
     let copy = dir.path().join("copy");
     copy_identity(&edge.dir, &copy);
-    let cfg = tls(&hub, Some(&copy), ALPN_CHANNEL);
     rt.block_on(async {
-        let mut s = verge_tunnel::tls::dial(&format!("127.0.0.1:{}", hub.port), cfg)
-            .await
-            .expect("dial");
-        write_msg(
-            &mut s,
-            &EdgeToHub::Hello {
-                protocol_version: PROTOCOL_VERSION,
-                agent_version: "impostor".into(),
-                since_revision: 0,
-                epoch: None,
-            },
-        )
-        .await
-        .expect("hello");
+        let _session = raw_session(&hub, &copy, "impostor").await;
         tokio::time::sleep(Duration::from_secs(2)).await;
     });
     // The real edge's streams work again (it was closed and reconnected).
