@@ -28,7 +28,8 @@ use verge_api::{
 };
 use verge_store::{Compare, EventKind, Op, StoreError, Txn};
 use verge_tunnel::frame::{
-    FrameError, MAX_UNAUTHENTICATED_FRAME, decode, read_frame, read_msg_limited, write_msg,
+    FrameError, MAX_FRAME, MAX_UNAUTHENTICATED_FRAME, decode, read_frame, read_msg_limited,
+    write_msg,
 };
 use verge_tunnel::pki::JoinToken;
 
@@ -484,27 +485,33 @@ async fn handle_edge_message(
             let persist_every = (st.config.node_grace / 3).min(Duration::from_secs(30));
             let due = conn.heartbeat_persisted_before(persist_every);
             let (mut changed, mut written) = (false, false);
+            // Alive, but a node that cannot be sent its desired state is not Ready.
+            let unsyncable = st.edges.sync_failure(node);
+            let phase = match unsyncable {
+                Some(_) => NodePhase::NotReady,
+                None => NodePhase::Ready,
+            };
             st.objects
                 .update_status::<NodeSpec>(node, |_, s| {
-                    if status.is_none() && !due && s.phase == NodePhase::Ready {
+                    if status.is_none() && !due && s.phase == phase {
                         return Ok(false);
                     }
                     written = true;
                     let was_ready = s.phase == NodePhase::Ready;
                     let facts = status.as_deref().cloned().unwrap_or_else(|| s.clone());
                     let next = NodeStatus {
-                        phase: NodePhase::Ready,
+                        phase,
                         last_heartbeat: Some(now_rfc3339()),
                         protocol_version,
                         transport: transport.into(),
-                        message: String::new(),
+                        message: unsyncable.clone().unwrap_or_default(),
                         ..facts
                     };
                     changed = !was_ready
                         || next.capacity != s.capacity
                         || next.allocatable != s.allocatable;
                     *s = next;
-                    if !was_ready {
+                    if !was_ready && phase == NodePhase::Ready {
                         tracing::info!(node, "node is Ready");
                     }
                     Ok(true)
@@ -633,6 +640,17 @@ async fn sync_loop(
                     (i.metadata.uid.clone(), i.metadata.generation),
                 );
             }
+            // An old edge takes the snapshot in one message, which must fit a frame.
+            let size: usize = instances.iter().map(encoded_len).sum();
+            if protocol_version < SNAPSHOT_PARTS_SINCE && size + 1024 > MAX_FRAME {
+                let why = format!(
+                    "cannot sync: the node's desired state is {size} bytes, more than one message of channel protocol {protocol_version} can carry ({MAX_FRAME}); upgrade its agent (protocol {SNAPSHOT_PARTS_SINCE} sends it in parts) or move instances off it"
+                );
+                tracing::error!(node = %node, "{why}");
+                st.edges.set_sync_failure(&node, Some(why));
+                return;
+            }
+            st.edges.set_sync_failure(&node, None);
             if send_snapshot(&tx, protocol_version, revision, instances)
                 .await
                 .is_err()

@@ -279,9 +279,30 @@ impl EdgeConn {
 pub struct EdgeRegistry {
     conns: Mutex<HashMap<String, Arc<EdgeConn>>>,
     next_id: AtomicU64,
+    /// Nodes whose desired state cannot be sent to them, and why: they must not look
+    /// healthy while they cannot sync.
+    unsyncable: Mutex<HashMap<String, String>>,
 }
 
 impl EdgeRegistry {
+    /// Record that `node` cannot be synced (`Some(why)`), or that it can again.
+    pub fn set_sync_failure(&self, node: &str, why: Option<String>) {
+        let mut m = self.unsyncable.lock().unwrap_or_else(|e| e.into_inner());
+        match why {
+            Some(w) => m.insert(node.to_string(), w),
+            None => m.remove(node),
+        };
+    }
+
+    /// Why `node` cannot be synced, if it cannot.
+    pub fn sync_failure(&self, node: &str) -> Option<String> {
+        self.unsyncable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node)
+            .cloned()
+    }
+
     /// Register a new connection for `node`. One session per node: the newer one
     /// wins, and the older is closed (logged, and counted in `sessions_replaced`), so
     /// that routing always points at a live session. A second session with the same

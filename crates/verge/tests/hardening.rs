@@ -325,11 +325,13 @@ fn copy_identity(edge_dir: &Path, to: &Path) {
     }
 }
 
-/// A raw channel session with the identity in `dir` that has said hello.
+/// A raw channel session with the identity in `dir` that has said hello (speaking
+/// `protocol`).
 async fn raw_session(
     hub: &Hub,
     dir: &Path,
     agent: &str,
+    protocol: u32,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let cfg = tls(hub, Some(dir), ALPN_CHANNEL);
     let mut s = verge_tunnel::tls::dial(&format!("127.0.0.1:{}", hub.port), cfg)
@@ -338,7 +340,7 @@ async fn raw_session(
     let _ = write_msg(
         &mut s,
         &EdgeToHub::Hello {
-            protocol_version: PROTOCOL_VERSION,
+            protocol_version: protocol,
             agent_version: agent.into(),
             since_revision: 0,
             epoch: None,
@@ -351,7 +353,7 @@ async fn raw_session(
 /// What the hub says to a channel session opened with the identity in `dir`.
 fn channel_answer(rt: &tokio::runtime::Runtime, hub: &Hub, dir: &Path) -> String {
     rt.block_on(async {
-        let mut s = raw_session(hub, dir, "test").await;
+        let mut s = raw_session(hub, dir, "test", PROTOCOL_VERSION).await;
         let r =
             tokio::time::timeout(Duration::from_secs(5), read_msg::<HubToEdge, _>(&mut s)).await;
         format!("{r:?}")
@@ -448,7 +450,7 @@ fn a_second_session_with_a_nodes_identity_does_not_strand_its_streams() {
     let copy = dir.path().join("copy");
     copy_identity(&edge.dir, &copy);
     rt.block_on(async {
-        let _session = raw_session(&hub, &copy, "impostor").await;
+        let _session = raw_session(&hub, &copy, "impostor", PROTOCOL_VERSION).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
     });
     // The real edge's streams work again (it was closed and reconnected).
@@ -581,6 +583,21 @@ fn a_desired_state_larger_than_one_frame_syncs_in_parts() {
         },
     );
     hub.wait_phase("node", "edge-big", "Ready", Duration::from_secs(10));
+    // An older agent (protocol 2) takes a snapshot in one message, which cannot carry
+    // this: it stays connected, and the node says why it is not Ready.
+    drop(_edge);
+    let rt = runtime();
+    rt.block_on(async {
+        let mut s = raw_session(&hub, &edge_dir, "0.0.9", 2).await;
+        for _ in 0..8 {
+            let _ = write_msg(&mut s, &EdgeToHub::Heartbeat { status: None }).await;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    });
+    let node = hub.get_json("node", "edge-big").expect("node");
+    assert_eq!(node["status"]["phase"], "NotReady", "{}", node["status"]);
+    let msg = node["status"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("upgrade its agent"), "{msg}");
     // An object that cannot fit is refused at the door, naming the limit.
     let huge_env: String = (0..10).map(|k| format!("      E{k}: {value}\n")).collect();
     let m = format!(
