@@ -40,7 +40,9 @@ pub struct Attack {
 pub struct Phase {
     /// The phase.
     pub name: &'static str,
-    /// Connections the attacker opened.
+    /// Connections the attacker tried to open.
+    pub attempted: usize,
+    /// Connections the attacker opened (the rest were refused: per-address caps).
     pub opened: usize,
     /// Of those, how many the hub closed (or refused) at once or before the attacker
     /// let go.
@@ -58,10 +60,10 @@ pub struct Phase {
 }
 
 impl Phase {
-    /// Memory per connection still held by the hub, KiB (0 when none were held).
-    pub fn kib_per_held(&self) -> f64 {
-        let held = self.opened.saturating_sub(self.closed_by_hub).max(1);
-        self.rss_kib[1].saturating_sub(self.rss_kib[0]) as f64 / held as f64
+    /// The hub's memory per connection open while held, KiB (an upper bound: the
+    /// allocator may reuse what an earlier phase freed).
+    pub fn kib_per_connection(&self) -> f64 {
+        self.rss_kib[1].saturating_sub(self.rss_kib[0]) as f64 / self.opened.max(1) as f64
     }
 }
 
@@ -158,8 +160,8 @@ fn measure(pid: u32) -> Measure {
 
 async fn finish<P, F>(
     target: &Target<P>,
-    name: &'static str,
-    before: Measure,
+    name: (&'static str, usize),
+    measures: [Measure; 2],
     opened: usize,
     closed_by_hub: usize,
     held: impl FnOnce(),
@@ -168,18 +170,9 @@ where
     P: Fn() -> F,
     F: std::future::Future<Output = bool>,
 {
-    let during = measure(target.pid);
     let probes = probe_api(&target.probe, PROBES).await;
     held();
-    conclude(
-        target,
-        name,
-        [before, during],
-        probes,
-        opened,
-        closed_by_hub,
-    )
-    .await
+    conclude(target, name, measures, probes, opened, closed_by_hub).await
 }
 
 /// API probes made while an attack is held.
@@ -188,7 +181,7 @@ const PROBES: usize = 5;
 /// The phase's numbers, once what was held is gone and the descriptors came back.
 async fn conclude<P>(
     target: &Target<P>,
-    name: &'static str,
+    (name, attempted): (&'static str, usize),
     [before, during]: [Measure; 2],
     (answered, slowest): (usize, u64),
     opened: usize,
@@ -197,6 +190,7 @@ async fn conclude<P>(
     let fds_after = settle(target.pid, before.fds, Duration::from_secs(15)).await;
     Phase {
         name,
+        attempted,
         opened,
         closed_by_hub,
         rss_kib: [before.rss, during.rss, rss_kib(target.pid)],
@@ -238,11 +232,13 @@ where
             conns.push(s);
         }
     }
+    // While they are all open (the hub drops silent ones after its handshake deadline).
+    let during = measure(target.pid);
     let opened = conns.len();
     let mut closed_by_hub = 0;
     let mut held = Vec::new();
     for mut s in conns {
-        if closed(&mut s, Duration::from_millis(5)).await {
+        if closed(&mut s, Duration::from_millis(1)).await {
             closed_by_hub += 1;
         } else {
             held.push(s);
@@ -250,8 +246,8 @@ where
     }
     finish(
         target,
-        "silentTcp",
-        before,
+        ("silentTcp", attack.silent_tcp),
+        [before, during],
         opened,
         closed_by_hub,
         move || drop(held),
@@ -267,7 +263,16 @@ where
     let before = measure(target.pid);
     let Ok(cfg) = verge_tunnel::tls::pinned_client_config(&target.ca_fingerprint, &[b"http/1.1"])
     else {
-        return finish(target, "slowTls", before, 0, 0, || {}).await;
+        let during = measure(target.pid);
+        return finish(
+            target,
+            ("slowTls", attack.slow_tls),
+            [before, during],
+            0,
+            0,
+            || {},
+        )
+        .await;
     };
     let addr = target.addr.to_string();
     let mut tasks = tokio::task::JoinSet::new();
@@ -306,7 +311,7 @@ where
     }
     conclude(
         target,
-        "slowTls",
+        ("slowTls", attack.slow_tls),
         [before, during],
         probes,
         opened,
@@ -333,7 +338,7 @@ type Held = (
 /// within 2 s; the rest are held until the phase ends.
 async fn oversized<P, F>(
     target: &Target<P>,
-    name: &'static str,
+    name: (&'static str, usize),
     before: Measure,
     conns: Vec<Held>,
 ) -> Phase
@@ -342,10 +347,14 @@ where
     F: std::future::Future<Output = bool>,
 {
     let opened = conns.len();
+    let mut conns = conns;
+    for (_, s) in &mut conns {
+        let _ = s.write_all(&oversized_frame()).await;
+    }
+    let during = measure(target.pid);
     let mut closed_by_hub = 0;
     let mut held = Vec::new();
     for (conn, mut s) in conns {
-        let _ = s.write_all(&oversized_frame()).await;
         // The hub answers with an error frame and closes.
         let mut b = Vec::new();
         if tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut b))
@@ -357,9 +366,14 @@ where
             held.push((conn, s));
         }
     }
-    finish(target, name, before, opened, closed_by_hub, move || {
-        drop(held)
-    })
+    finish(
+        target,
+        name,
+        [before, during],
+        opened,
+        closed_by_hub,
+        move || drop(held),
+    )
     .await
 }
 
@@ -383,7 +397,13 @@ where
             }
         }
     }
-    oversized(target, "oversizedTls", before, conns).await
+    oversized(
+        target,
+        ("oversizedTls", attack.oversized_tls),
+        before,
+        conns,
+    )
+    .await
 }
 
 async fn oversized_quic<P, F>(target: &Target<P>, attack: &Attack) -> Phase
@@ -409,5 +429,11 @@ where
             }
         }
     }
-    oversized(target, "oversizedQuic", before, conns).await
+    oversized(
+        target,
+        ("oversizedQuic", attack.oversized_quic),
+        before,
+        conns,
+    )
+    .await
 }

@@ -922,8 +922,20 @@ pub async fn channel(b: ChannelBench, output: &str) -> Result<()> {
 
     eprintln!("bench channel: connecting {edges} simulated edges");
     // 2. A fleet: connect, give each edge work, restart the hub, time the resync.
+    let hub_pid = hub.id().unwrap_or(0);
+    let (rss_before, fds_before) = (
+        verge_testkit::frontdoor::rss_kib(hub_pid),
+        verge_testkit::frontdoor::open_fds(hub_pid),
+    );
     let fleet = spawn_edges("sim", edges, &proxy.url(), &token, &dir.join("fleet"));
     let first_connect = wait_connected(&client, edges as u64, Duration::from_secs(600)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let per_connected_edge = (
+        verge_testkit::frontdoor::rss_kib(hub_pid).saturating_sub(rss_before) as f64
+            / edges.max(1) as f64,
+        verge_testkit::frontdoor::open_fds(hub_pid).saturating_sub(fds_before) as f64
+            / edges.max(1) as f64,
+    );
     let total = edges * per_edge;
     for k in 0..total {
         let m = format!(
@@ -981,6 +993,8 @@ pub async fn channel(b: ChannelBench, output: &str) -> Result<()> {
         "edges": edges,
         "instancesPerEdge": per_edge,
         "firstConnectSeconds": first_connect.as_secs_f64(),
+        "hubKiBPerConnectedEdge": per_connected_edge.0,
+        "hubFdsPerConnectedEdge": per_connected_edge.1,
         "hubRestartToAllConnectedSeconds": all_back.as_secs_f64(),
         "resyncAfterHubReadySeconds": resync.as_secs_f64(),
         "reconnectBytesPerEdge": per_edge_bytes,
@@ -1013,7 +1027,7 @@ async fn frontdoor(attack: verge_testkit::frontdoor::Attack, output: &str) -> Re
         "descriptorLimit": verge_hub::limits::descriptor_limit(),
         "phases": phases.iter().map(|p| {
             let mut v = serde_json::to_value(p).unwrap_or_default();
-            v["kibPerHeldConnection"] = serde_json::json!(p.kib_per_held());
+            v["kibPerConnection"] = serde_json::json!(p.kib_per_connection());
             v
         }).collect::<Vec<_>>(),
     });
