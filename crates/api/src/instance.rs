@@ -53,7 +53,7 @@ pub enum RestartPolicy {
 
 /// The desired state of an instance.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct InstanceSpec {
     /// The form of compute; the section of the same name must be set.
     #[serde(default)]
@@ -96,7 +96,7 @@ pub struct InstanceSpec {
 /// A virtual machine to boot. Its vCPUs and memory come from `resources` (vCPUs: the
 /// CPU request rounded up to whole CPUs); its serial console is its log.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct VmSpec {
     /// Kernel image to boot directly: an absolute path on the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -115,7 +115,7 @@ pub struct VmSpec {
 
 /// A container to run.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ContainerSpec {
     /// Image reference, e.g. `registry.example:5000/tools/busybox:1.36` or pinned by
     /// digest (`...@sha256:...`).
@@ -133,7 +133,7 @@ pub struct ContainerSpec {
 /// a fresh instance (no state survives a request), limited to the instance's memory,
 /// and interrupted after `timeoutMs`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct FunctionSpec {
     /// The component: an absolute path on the node.
     pub component: String,
@@ -144,7 +144,7 @@ pub struct FunctionSpec {
 
 /// A port an instance serves.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct PortSpec {
     /// A name for it, e.g. `http`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -155,7 +155,7 @@ pub struct PortSpec {
 
 /// A connection from this instance to a declared port of another instance.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Link {
     /// The instance to reach.
     pub instance: String,
@@ -174,7 +174,7 @@ fn is_default_grace(v: &u32) -> bool {
 
 /// A process to run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ProcessSpec {
     /// Program and arguments; the program is looked up on `PATH` if not absolute.
     pub command: Vec<String>,
@@ -214,7 +214,7 @@ pub fn is_user_spec(s: &str) -> bool {
 
 /// Reserved resources.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Resources {
     /// CPU, e.g. `500m` or `2`.
     #[serde(default = "default_cpu")]
@@ -266,7 +266,7 @@ impl Default for Resources {
 
 /// Placement constraints and preferences.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Placement {
     /// Node labels that must all match.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -328,7 +328,7 @@ fn is_true(b: &bool) -> bool {
 
 /// A point on Earth.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct GeoLocation {
     /// Latitude in degrees.
     pub latitude: f64,
@@ -338,7 +338,7 @@ pub struct GeoLocation {
 
 /// A tolerated taint.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Toleration {
     /// Taint key.
     pub key: String,
@@ -373,7 +373,7 @@ pub enum TopologyScope {
 
 /// Spread over a scope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct SpreadConstraint {
     /// Over what.
     pub scope: TopologyScope,
@@ -388,7 +388,7 @@ fn one() -> u32 {
 
 /// Gang membership.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Gang {
     /// Gang name (shared by its members).
     pub name: String,

@@ -73,17 +73,43 @@ fn one(document: usize, field: &str, value: &str, message: impl Into<String>) ->
     }
 }
 
-/// Deserialize a JSON value as `T`, reporting the failing field's path.
+/// Deserialize what a user wrote (a manifest, a REST body) as `T`, strictly: a field
+/// the type does not have is an error naming its path, as is the first field that
+/// fails to parse.
+///
+/// Strictness lives here, at the user's door, and not in the types: the same types
+/// travel on the channel and sit in the store, where a field added by a newer hub must
+/// be ignored by an older edge rather than break it (`serde_json` decoding of the
+/// types is lenient).
 pub fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, FieldErrors> {
-    serde_path_to_error::deserialize::<_, T>(value).map_err(|e| {
-        let field = e.path().to_string();
+    let mut unknown = Vec::new();
+    let mut track = serde_path_to_error::Track::new();
+    let parsed: Result<T, _> = serde_ignored::deserialize(
+        serde_path_to_error::Deserializer::new(value, &mut track),
+        |path| unknown.push(path.to_string()),
+    );
+    let parsed = parsed.map_err(|e| {
+        let field = track.path().to_string();
         let field = if field == "." { String::new() } else { field };
         FieldErrors(vec![FieldError {
             field,
             value: String::new(),
-            message: e.into_inner().to_string(),
+            message: e.to_string(),
         }])
-    })
+    })?;
+    if unknown.is_empty() {
+        return Ok(parsed);
+    }
+    Err(FieldErrors(
+        unknown
+            .into_iter()
+            .map(|field| FieldError {
+                field,
+                value: String::new(),
+                message: "unknown field: check its spelling and where it sits (docs/API.md lists every field)".into(),
+            })
+            .collect(),
+    ))
 }
 
 fn split_yaml_documents(text: &str) -> Vec<String> {
@@ -259,6 +285,18 @@ metadata: {name: edge-1, labels: {tier: near}}
         assert!(err.to_string().contains("resurces"), "{err}");
         let err = parse_manifests("kind: Pod\nmetadata: {name: x}\n").expect_err("bad");
         assert!(err.to_string().contains("kind: 'Pod'"), "{err}");
+    }
+
+    /// Strict at the user's door at every depth, naming the path; the same JSON decodes
+    /// leniently as the wire and the store decode it.
+    #[test]
+    fn unknown_fields_are_refused_at_any_depth_by_name_but_ignored_on_the_wire() {
+        let text = GOOD.replace("memory: 64Mi}", "memory: 64Mi, memry: 1Gi}");
+        let err = parse_manifests(&text).expect_err("bad");
+        assert!(err.to_string().contains("spec.resources.memry"), "{err}");
+        let docs = parse_documents(&text).expect("documents");
+        let lenient: Result<crate::Instance, _> = serde_json::from_value(docs[0].clone());
+        assert!(lenient.is_ok(), "{lenient:?}");
     }
 
     #[test]

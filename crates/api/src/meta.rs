@@ -12,7 +12,7 @@ pub const API_VERSION: &str = "verge.dev/v1";
 
 /// Metadata common to all objects.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ObjectMeta {
     /// Unique name within the kind (DNS label: lowercase letters, digits, `-`).
     pub name: String,
@@ -68,7 +68,7 @@ pub trait Kind:
 
 /// One object of kind `S`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 #[serde(bound(deserialize = "S: Kind"))]
 #[serde(bound(serialize = "S: Kind"))]
 pub struct Object<S: Kind> {

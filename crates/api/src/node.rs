@@ -24,7 +24,7 @@ pub type Node = Object<NodeSpec>;
 
 /// What the operator sets on a node.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct NodeSpec {
     /// When true, no new instances are placed here (existing ones keep running).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -40,7 +40,7 @@ pub struct NodeSpec {
 
 /// A node taint.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Taint {
     /// Key.
     pub key: String,
@@ -64,7 +64,7 @@ pub enum TaintEffect {
 
 /// Amounts of every resource a node sells.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ResourceList {
     /// CPU.
     #[serde(default)]

@@ -12,7 +12,7 @@ pub type Region = Object<RegionSpec>;
 
 /// Where the region is.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct RegionSpec {
     /// Latitude of the region's centre, degrees.
     pub latitude: f64,

@@ -295,3 +295,67 @@ proptest! {
         round_trip(&msgs, cut);
     }
 }
+
+/// Fields that are maps of data (labels, env...), not records: a key added there is
+/// data, not a new field.
+const MAP_FIELDS: &[&str] = &[
+    "annotations",
+    "asics",
+    "env",
+    "gpus",
+    "info",
+    "labels",
+    "nodeSelector",
+];
+
+/// `v` with an unknown field added to every record at every level: what a newer peer
+/// sends when it has grown optional fields.
+fn with_future_fields(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m.iter_mut() {
+                if !MAP_FIELDS.contains(&k.as_str()) {
+                    with_future_fields(x);
+                }
+            }
+            m.insert(
+                "fieldFromTheFuture".into(),
+                serde_json::json!({"nested": [1, 2, 3]}),
+            );
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(with_future_fields),
+        _ => {}
+    }
+}
+
+/// A message from a newer peer, with fields this build does not know at every level,
+/// decodes to what it would be without them (the wire is lenient; only what users
+/// write is strict).
+fn tolerates_the_next_version<
+    T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+>(
+    msg: &T,
+) {
+    let mut v = serde_json::to_value(msg).expect("to value");
+    with_future_fields(&mut v);
+    let wire = serde_json::to_vec(&v).expect("encode");
+    let got: T = decode(&wire).expect("a newer peer's message decodes");
+    assert_eq!(&got, msg);
+}
+
+proptest! {
+    #[test]
+    fn every_hub_message_decodes_with_unknown_fields_at_every_level(msg in hub_msg()) {
+        tolerates_the_next_version(&msg);
+    }
+
+    #[test]
+    fn every_edge_message_decodes_with_unknown_fields_at_every_level(msg in edge_msg()) {
+        tolerates_the_next_version(&msg);
+    }
+
+    #[test]
+    fn every_stream_hello_decodes_with_unknown_fields_at_every_level(msg in stream_hello()) {
+        tolerates_the_next_version(&msg);
+    }
+}
