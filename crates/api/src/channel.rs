@@ -220,7 +220,21 @@ pub enum HubToEdge {
         code: String,
         /// Human text.
         message: String,
+        /// When to try again, for codes that say to (`busy`): read this, not the text.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
+}
+
+impl HubToEdge {
+    /// An error with `code` and `message` and no retry hint.
+    pub fn error(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Error {
+            code: code.into(),
+            message: message.into(),
+            retry_after_ms: None,
+        }
+    }
 }
 
 /// One change to the instances bound to a node.

@@ -164,13 +164,23 @@ pub async fn run_session(ctx: &SessionCtx<'_>) -> Result<SessionEnd, EdgeError> 
             Duration::from_millis(heartbeat_interval_ms.clamp(100, 300_000)),
             epoch,
         ),
-        Ok(Ok(Some(HubToEdge::Error { code, message }))) if refusal(&code, &message).is_some() => {
+        Ok(Ok(Some(HubToEdge::Error { code, message, .. })))
+            if refusal(&code, &message).is_some() =>
+        {
             return Ok(refusal(&code, &message).unwrap_or(SessionEnd::Refused(message)));
         }
-        Ok(Ok(Some(HubToEdge::Error { code, message }))) if code == "busy" => {
-            let ms = message
-                .split_whitespace()
-                .find_map(|w| w.strip_suffix("ms").and_then(|n| n.parse::<u64>().ok()))
+        Ok(Ok(Some(HubToEdge::Error {
+            code,
+            message,
+            retry_after_ms,
+        }))) if code == "busy" => {
+            // Hubs before the hint said it only in the text.
+            let ms = retry_after_ms
+                .or_else(|| {
+                    message
+                        .split_whitespace()
+                        .find_map(|w| w.strip_suffix("ms").and_then(|n| n.parse::<u64>().ok()))
+                })
                 .unwrap_or(1000);
             return Ok(SessionEnd::Busy(Duration::from_millis(ms)));
         }
@@ -296,7 +306,7 @@ where
                             return lost(e);
                         }
                     }
-                    HubToEdge::Error { code, message } => {
+                    HubToEdge::Error { code, message, .. } => {
                         tracing::warn!(%code, %message, "hub reported an error");
                         if let Some(end) = refusal(&code, &message) {
                             return Ok(end);

@@ -94,25 +94,19 @@ pub async fn serve_enroll<S: AsyncRead + AsyncWrite + Unpin>(st: Arc<HubState>, 
                 Err(e) => {
                     tracing::warn!(node = %node_name, error = %e.message, "enrolment refused");
                     st.metrics.enrolments.get_or_create(&label("refused")).inc();
-                    HubToEdge::Error {
-                        code: code_name(e.code).into(),
-                        message: e.message,
-                    }
+                    HubToEdge::error(code_name(e.code), e.message)
                 }
             }
         }
-        Ok(Ok(_)) => HubToEdge::Error {
-            code: "protocol".into(),
-            message: "expected an enroll message first".into(),
-        },
+        Ok(Ok(_)) => HubToEdge::error("protocol", "expected an enroll message first"),
         Ok(Err(FrameError::TooLarge { len, max })) => {
             st.metrics.channel_rejected.inc();
-            HubToEdge::Error {
-                code: "protocol".into(),
-                message: format!(
+            HubToEdge::error(
+                "protocol",
+                format!(
                     "an enrolment request of {len} bytes exceeds the {max} bytes allowed before a peer is known"
                 ),
-            }
+            )
         }
         _ => return,
     };
@@ -281,10 +275,7 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     transport: &'static str,
 ) {
     let (mut reader, mut writer) = tokio::io::split(stream);
-    let refuse = |code: &str, message: String| HubToEdge::Error {
-        code: code.into(),
-        message,
-    };
+    let refuse = |code: &str, message: String| HubToEdge::error(code, message);
     let Some(identity) = identity else {
         let _ = write_msg(
             &mut writer,
@@ -332,7 +323,12 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             st.config.admit_rate,
             retry.as_millis()
         );
-        let _ = write_msg(&mut writer, &refuse("busy", msg)).await;
+        let busy = HubToEdge::Error {
+            code: "busy".into(),
+            message: msg,
+            retry_after_ms: Some(retry.as_millis() as u64),
+        };
+        let _ = write_msg(&mut writer, &busy).await;
         return;
     }
     // A revision from another history (a store restored from a backup, or another
@@ -683,7 +679,7 @@ async fn sync_loop(
                     Err(e) => {
                         // Fell behind compaction while connected: make the edge resync.
                         tracing::warn!(node = %node, error = %e, "watch ended; closing channel so the edge resyncs");
-                        let _ = tx.send(HubToEdge::Error { code: "gone".into(), message: e.to_string() }).await;
+                        let _ = tx.send(HubToEdge::error("gone", e.to_string())).await;
                         return;
                     }
                 };

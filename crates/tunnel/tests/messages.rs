@@ -176,7 +176,13 @@ fn hub_msg() -> impl Strategy<Value = HubToEdge> {
                 },
             }
         }),
-        (text(), text()).prop_map(|(code, message)| HubToEdge::Error { code, message }),
+        (text(), text(), proptest::option::of(any::<u64>())).prop_map(
+            |(code, message, retry_after_ms)| HubToEdge::Error {
+                code,
+                message,
+                retry_after_ms
+            }
+        ),
         any::<u64>().prop_map(|id| HubToEdge::Cancel { id }),
         text().prop_map(|cert_pem| HubToEdge::Renewed { cert_pem }),
         (any::<u64>(), purpose()).prop_map(|(id, purpose)| HubToEdge::OpenStream { id, purpose }),

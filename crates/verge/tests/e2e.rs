@@ -474,7 +474,7 @@ async fn channel_forgery(hub: &Hub, edge_dir: &std::path::Path, victim: &serde_j
     let refused = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match read_msg::<HubToEdge, _>(&mut s).await {
-                Ok(Some(HubToEdge::Error { code, message })) => break (code, message),
+                Ok(Some(HubToEdge::Error { code, message, .. })) => break (code, message),
                 Ok(Some(_)) => continue,
                 other => panic!("connection ended without a refusal: {other:?}"),
             }
