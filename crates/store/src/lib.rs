@@ -8,14 +8,17 @@
 //! history has been compacted away.
 //!
 //! [`Store`] is the interface callers use; [`SqliteStore`] is the default, embedded
-//! backend (SQLite in WAL mode, one writer thread with group commit). An etcd
-//! backend implements the same trait. Start reading at [`Store`].
+//! backend (SQLite in WAL mode, one writer thread with group commit); [`MemoryStore`]
+//! keeps everything in memory with the same semantics (tests, the fleet simulator).
+//! Both pass one conformance suite (`tests/store.rs`). Start reading at [`Store`].
 
+mod memory;
 mod sqlite;
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
+pub use memory::MemoryStore;
 pub use sqlite::SqliteStore;
 
 /// One key's current value and its revisions.
@@ -233,6 +236,74 @@ pub fn prefix_end(prefix: &str) -> String {
     }
     // Empty prefix (or all 0x7f): the whole keyspace; DEL sorts after every printable key.
     "\u{7f}".to_string()
+}
+
+/// `batch` restricted to `prefix`, if anything of it is under it.
+pub(crate) fn filter_batch(batch: &WatchBatch, prefix: &str) -> Option<WatchBatch> {
+    let events: Vec<Event> = batch
+        .events
+        .iter()
+        .filter(|e| e.kv.key.starts_with(prefix))
+        .cloned()
+        .collect();
+    (!events.is_empty()).then_some(WatchBatch {
+        revision: batch.revision,
+        events,
+    })
+}
+
+/// The first revision a watch from `from_revision` delivers (0: after `current`), or
+/// the error when that history was compacted (below `compact`).
+pub(crate) fn watch_start(
+    from_revision: u64,
+    current: u64,
+    compact: u64,
+) -> Result<u64, StoreError> {
+    match from_revision {
+        0 => Ok(current + 1),
+        r if r < compact => Err(StoreError::Compacted {
+            requested: r,
+            compact_revision: compact,
+        }),
+        r => Ok(r),
+    }
+}
+
+/// How following a backend's live feed ended.
+pub(crate) enum LiveEnd {
+    /// The watcher fell behind the feed: replay history from `next`, then follow again.
+    Lagged,
+    /// The watch is over (its reader left, or the store closed).
+    Done,
+}
+
+/// Forward live batches under `prefix` to a watch, skipping revisions below `next`
+/// (already sent from history) and advancing it. Every backend's watch is history
+/// replay, then this.
+pub(crate) async fn follow_live(
+    live: &mut tokio::sync::broadcast::Receiver<std::sync::Arc<WatchBatch>>,
+    next: &mut u64,
+    prefix: &str,
+    tx: &mpsc::Sender<Result<WatchBatch, StoreError>>,
+) -> LiveEnd {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match live.recv().await {
+            Ok(batch) => {
+                if batch.revision < *next {
+                    continue;
+                }
+                *next = batch.revision + 1;
+                if let Some(b) = filter_batch(&batch, prefix)
+                    && tx.send(Ok(b)).await.is_err()
+                {
+                    return LiveEnd::Done;
+                }
+            }
+            Err(RecvError::Lagged(_)) => return LiveEnd::Lagged,
+            Err(RecvError::Closed) => return LiveEnd::Done,
+        }
+    }
 }
 
 pub(crate) fn check_key(key: &str) -> Result<(), StoreError> {

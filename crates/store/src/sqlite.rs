@@ -500,19 +500,6 @@ fn history_page_end(conn: &Connection, from: u64) -> Result<Option<u64>, StoreEr
     .map_err(backend)
 }
 
-fn filter_batch(batch: &WatchBatch, prefix: &str) -> Option<WatchBatch> {
-    let events: Vec<Event> = batch
-        .events
-        .iter()
-        .filter(|e| e.kv.key.starts_with(prefix))
-        .cloned()
-        .collect();
-    (!events.is_empty()).then_some(WatchBatch {
-        revision: batch.revision,
-        events,
-    })
-}
-
 #[async_trait]
 impl Store for SqliteStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
@@ -558,19 +545,11 @@ impl Store for SqliteStore {
         // Subscribe before reading history so that nothing committed in between is missed;
         // revisions seen twice are skipped below.
         let mut live = self.shared.events.subscribe();
-        let compact = self.shared.compact_revision.load(Ordering::SeqCst);
-        let current = self.shared.revision.load(Ordering::SeqCst);
-        let mut next = if from_revision == 0 {
-            current + 1
-        } else {
-            from_revision
-        };
-        if from_revision != 0 && from_revision < compact {
-            return Err(StoreError::Compacted {
-                requested: from_revision,
-                compact_revision: compact,
-            });
-        }
+        let mut next = crate::watch_start(
+            from_revision,
+            self.shared.revision.load(Ordering::SeqCst),
+            self.shared.compact_revision.load(Ordering::SeqCst),
+        )?;
         let (tx, rx) = mpsc::channel(WATCH_QUEUE);
         let this = self.clone();
         let prefix = prefix.to_string();
@@ -627,24 +606,11 @@ impl Store for SqliteStore {
                         }
                     }
                 }
-                // Follow live commits.
-                loop {
-                    match live.recv().await {
-                        Ok(batch) => {
-                            if batch.revision < next {
-                                continue;
-                            }
-                            next = batch.revision + 1;
-                            if let Some(b) = filter_batch(&batch, &prefix)
-                                && tx.send(Ok(b)).await.is_err()
-                            {
-                                return;
-                            }
-                        }
-                        // Fell behind the live feed: go back to the log and replay.
-                        Err(broadcast::error::RecvError::Lagged(_)) => break,
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    }
+                // Follow live commits; behind the feed, go back to the log and replay.
+                if let crate::LiveEnd::Done =
+                    crate::follow_live(&mut live, &mut next, &prefix, &tx).await
+                {
+                    return;
                 }
             }
         });

@@ -1,7 +1,43 @@
-//! Behaviour of the SQLite store: revisions, CAS, range, watch, compaction, durability.
+//! The store contract, as one conformance suite that every backend passes: revisions,
+//! CAS, range, watch, compaction (the SQLite and in-memory backends here; each test
+//! runs once per backend), plus what only a durable backend promises (surviving a
+//! reopen).
 
 use proptest::prelude::*;
-use verge_store::{Compare, EventKind, Op, SqliteStore, Store, StoreError, StoreExt, Txn};
+use verge_store::{
+    Compare, EventKind, MemoryStore, Op, SqliteStore, Store, StoreError, StoreExt, Txn,
+};
+
+/// Each test of the contract, once per backend.
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite_backend {
+            $(
+                #[test]
+                fn $name() {
+                    super::rt().block_on(async {
+                        let dir = tempfile::tempdir().expect("tempdir");
+                        let s = verge_store::SqliteStore::open(dir.path().join("db")).expect("open");
+                        super::$name(&s).await
+                    })
+                }
+            )*
+        }
+        mod memory_backend {
+            $(
+                #[test]
+                fn $name() {
+                    super::rt().block_on(super::$name(&verge_store::MemoryStore::new()))
+                }
+            )*
+        }
+    };
+}
+
+on_every_backend!(
+    revisions_and_compare_and_swap,
+    compacted_history_is_a_clear_error
+);
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -11,11 +47,8 @@ fn rt() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-#[test]
-fn revisions_and_compare_and_swap() {
-    rt().block_on(async {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let s = SqliteStore::open(dir.path().join("db")).expect("open");
+async fn revisions_and_compare_and_swap(s: &dyn Store) {
+    {
         let r1 = s.put("/a", b"1".to_vec(), Some(0)).await.expect("put");
         assert!(r1.succeeded);
         assert_eq!(r1.revision, 1);
@@ -67,7 +100,7 @@ fn revisions_and_compare_and_swap() {
             s.put("", vec![], None).await,
             Err(StoreError::InvalidKey { .. })
         ));
-    });
+    }
 }
 
 #[test]
@@ -98,11 +131,8 @@ fn survives_reopen_with_every_revision() {
     });
 }
 
-#[test]
-fn compacted_history_is_a_clear_error() {
-    rt().block_on(async {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let s = SqliteStore::open(dir.path().join("db")).expect("open");
+async fn compacted_history_is_a_clear_error(s: &dyn Store) {
+    {
         for i in 0..10u8 {
             s.put("/x", vec![i], None).await.expect("put");
         }
@@ -124,7 +154,7 @@ fn compacted_history_is_a_clear_error() {
             b.events[0].prev_kv.as_ref().map(|p| p.mod_revision),
             Some(7)
         );
-    });
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -143,7 +173,7 @@ fn model_op() -> impl Strategy<Value = ModelOp> {
 type Expected = Vec<(u64, String, EventKind, Vec<u8>)>;
 
 async fn run_ops(
-    s: &SqliteStore,
+    s: &dyn Store,
     ops: &[ModelOp],
     expected: &mut Expected,
     live: &mut std::collections::BTreeMap<String, u8>,
@@ -167,14 +197,62 @@ async fn run_ops(
     }
 }
 
+/// A watch started at any revision sees every later change under its prefix exactly
+/// once and in order, whether the change was committed before the watch started
+/// (history replay) or after (live), and deletes carry the deleted value.
+async fn watch_sees_every_change_once(
+    s: &dyn Store,
+    ops: &[ModelOp],
+    split: usize,
+    start_pick: usize,
+    prefix_all: bool,
+) {
+    let prefix = if prefix_all { "/" } else { "/k/1" };
+    // Expected changes: (revision, key, kind, value)
+    let mut expected: Expected = Vec::new();
+    let mut live = std::collections::BTreeMap::new();
+    let split = split.min(ops.len());
+    run_ops(s, &ops[..split], &mut expected, &mut live).await;
+    let head = s.revision().await.expect("rev");
+    let start = 1 + (start_pick as u64 % (head + 1));
+    let mut w = s.watch(prefix, start).await.expect("watch");
+    run_ops(s, &ops[split..], &mut expected, &mut live).await;
+    let last = s.revision().await.expect("rev");
+    let want: Vec<_> = expected
+        .into_iter()
+        .filter(|(rev, key, _, _)| *rev >= start && key.starts_with(prefix))
+        .collect();
+    let mut got = Vec::new();
+    let mut last_rev = 0;
+    // Drain until every revision up to `last` has passed (or nothing more can come).
+    while got.len() < want.len() {
+        let b = tokio::time::timeout(std::time::Duration::from_secs(10), w.recv())
+            .await
+            .expect("watch stalled")
+            .expect("watch open")
+            .expect("watch ok");
+        assert!(b.revision > last_rev, "revisions must increase");
+        assert!(b.revision <= last);
+        last_rev = b.revision;
+        for e in b.events {
+            let value = match e.kind {
+                EventKind::Put => e.kv.value.clone(),
+                EventKind::Delete => e.prev_kv.expect("delete carries prev_kv").value,
+            };
+            got.push((e.kv.mod_revision, e.kv.key, e.kind, value));
+        }
+    }
+    // Nothing extra arrives afterwards.
+    let extra = tokio::time::timeout(std::time::Duration::from_millis(50), w.recv()).await;
+    assert!(extra.is_err(), "unexpected extra event: {extra:?}");
+    assert_eq!(got, want);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
 
-    /// A watch started at any revision sees every later change under its prefix exactly
-    /// once and in order, whether the change was committed before the watch started
-    /// (history replay) or after (live), and deletes carry the deleted value.
     #[test]
-    fn watch_from_any_revision_sees_every_change_once(
+    fn watch_from_any_revision_sees_every_change_once_sqlite(
         ops in proptest::collection::vec(model_op(), 1..60),
         split in 0usize..60,
         start_pick in 0usize..1000,
@@ -183,45 +261,19 @@ proptest! {
         rt().block_on(async {
             let dir = tempfile::tempdir().expect("tempdir");
             let s = SqliteStore::open(dir.path().join("db")).expect("open");
-            let prefix = if prefix_all { "/" } else { "/k/1" };
-            // Expected changes: (revision, key, kind, value)
-            let mut expected: Expected = Vec::new();
-            let mut live = std::collections::BTreeMap::new();
-            let split = split.min(ops.len());
-            run_ops(&s, &ops[..split], &mut expected, &mut live).await;
-            let head = s.revision().await.expect("rev");
-            let start = 1 + (start_pick as u64 % (head + 1));
-            let mut w = s.watch(prefix, start).await.expect("watch");
-            run_ops(&s, &ops[split..], &mut expected, &mut live).await;
-            let last = s.revision().await.expect("rev");
-            let want: Vec<_> = expected
-                .into_iter()
-                .filter(|(rev, key, _, _)| *rev >= start && key.starts_with(prefix))
-                .collect();
-            let mut got = Vec::new();
-            let mut last_rev = 0;
-            // Drain until every revision up to `last` has passed (or nothing more can come).
-            while got.len() < want.len() {
-                let b = tokio::time::timeout(std::time::Duration::from_secs(10), w.recv())
-                    .await
-                    .expect("watch stalled")
-                    .expect("watch open")
-                    .expect("watch ok");
-                assert!(b.revision > last_rev, "revisions must increase");
-                assert!(b.revision <= last);
-                last_rev = b.revision;
-                for e in b.events {
-                    let value = match e.kind {
-                        EventKind::Put => e.kv.value.clone(),
-                        EventKind::Delete => e.prev_kv.expect("delete carries prev_kv").value,
-                    };
-                    got.push((e.kv.mod_revision, e.kv.key, e.kind, value));
-                }
-            }
-            // Nothing extra arrives afterwards.
-            let extra = tokio::time::timeout(std::time::Duration::from_millis(50), w.recv()).await;
-            assert!(extra.is_err(), "unexpected extra event: {extra:?}");
-            assert_eq!(got, want);
+            watch_sees_every_change_once(&s, &ops, split, start_pick, prefix_all).await
         });
+    }
+
+    #[test]
+    fn watch_from_any_revision_sees_every_change_once_memory(
+        ops in proptest::collection::vec(model_op(), 1..60),
+        split in 0usize..60,
+        start_pick in 0usize..1000,
+        prefix_all in any::<bool>(),
+    ) {
+        rt().block_on(watch_sees_every_change_once(
+            &MemoryStore::new(), &ops, split, start_pick, prefix_all,
+        ));
     }
 }
