@@ -792,6 +792,22 @@ fn an_instance_deleted_while_the_cache_was_lost_is_reaped_from_its_run_record() 
     hub.cleanup(&["kept"], &[&mk]);
 }
 
+/// Workloads (leaders of their own process groups) whose command line carries
+/// `marker`: not the short-lived children a shell forks (which carry it too until they
+/// exec).
+fn workloads_with(marker: &str) -> Vec<u32> {
+    pids_with(marker)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(2)?.parse::<u32>().ok())
+                    == Some(*pid)
+            })
+        })
+        .collect()
+}
+
 #[test]
 fn an_agent_killed_mid_deployment_runs_each_instance_once_and_leaves_nothing_after_delete() {
     let dir = test_dir();
@@ -822,7 +838,7 @@ fn an_agent_killed_mid_deployment_runs_each_instance_once_and_leaves_nothing_aft
             hub.wait_phase("instance", n, "Running", Duration::from_secs(60));
         }
         for (n, m) in &all {
-            let pids = pids_with(m);
+            let pids = workloads_with(m);
             assert_eq!(pids.len(), 1, "{n} runs {} times: {pids:?}", pids.len());
         }
     }
