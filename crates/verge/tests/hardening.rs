@@ -1019,7 +1019,7 @@ fn edges_notice_a_restarted_hub_at_once_not_after_a_silence() {
     let mut hub = Hub::start_with(
         dir.path(),
         port,
-        &["--heartbeat", "2s", "--node-grace", "20s"],
+        &["--heartbeat", "4s", "--node-grace", "30s"],
     );
     let edge = Edge::start(&hub, "quick", Some(&hub.token(1)));
     hub.wait_phase("node", "quick", "Ready", Duration::from_secs(20));
@@ -1033,7 +1033,7 @@ fn edges_notice_a_restarted_hub_at_once_not_after_a_silence() {
     hub = Hub::start_with(
         dir.path(),
         port,
-        &["--heartbeat", "2s", "--node-grace", "20s"],
+        &["--heartbeat", "4s", "--node-grace", "30s"],
     );
     let lost = wait_for("the edge to notice", Duration::from_secs(20), || {
         edge.proc
