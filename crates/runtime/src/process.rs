@@ -318,6 +318,13 @@ impl Runtime for ProcessRuntime {
         if let Some((uid, _)) = run.user
             && uid != 0
         {
+            find_program("setpriv").map_err(|_| RuntimeError::Start {
+                what: program.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "running it as its own user needs setpriv (util-linux) on the node; install it, or set spec.process.user: root",
+                ),
+            })?;
             unreachable_ancestor(&w.dir, uid).map_or(Ok(()), |(d, mode)| {
                 Err(RuntimeError::Start {
                     what: program.clone(),
