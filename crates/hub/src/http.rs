@@ -198,7 +198,16 @@ pub struct ListQuery {
     /// With `watch`: deliver changes after this revision (default: from now).
     #[serde(default)]
     pub revision: Option<u64>,
+    /// List at most this many (1 to 10,000); the answer says where to continue.
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// Continue a paged list where the previous page ended (its `continue`).
+    #[serde(default, rename = "continue")]
+    pub continue_after: Option<String>,
 }
+
+/// Largest page a list may ask for.
+const MAX_PAGE: usize = 10_000;
 
 async fn list<S: NodeScoped>(
     State(st): State<Arc<HubState>>,
@@ -208,12 +217,43 @@ async fn list<S: NodeScoped>(
     if q.watch {
         return watch::<S>(st, p, q.revision.unwrap_or(0)).await;
     }
-    let (items, revision) = st.objects.list::<S>().await?;
+    let (items, revision, next) = match (q.limit, &q.continue_after) {
+        (None, None) => {
+            let (items, revision) = st.objects.list::<S>().await?;
+            (items, revision, None)
+        }
+        (limit, after) => {
+            let limit = limit.unwrap_or(500);
+            if !(1..=MAX_PAGE).contains(&limit) {
+                return Err(ApiError::new(
+                    ErrorCode::Invalid,
+                    format!("limit: {limit} is not between 1 and {MAX_PAGE}"),
+                )
+                .into());
+            }
+            if let Some(a) = after
+                && !verge_api::validate::is_dns_label(a)
+            {
+                return Err(ApiError::new(
+                    ErrorCode::Invalid,
+                    format!(
+                        "continue: '{a}' is not a token from a previous page; list again without it"
+                    ),
+                )
+                .into());
+            }
+            st.objects.list_page::<S>(after.as_deref(), limit).await?
+        }
+    };
     let items: Vec<_> = items
         .into_iter()
         .filter(|o| may_access(&p, o).is_ok())
         .collect();
-    Ok(Json(serde_json::json!({ "revision": revision, "items": items })).into_response())
+    let mut body = serde_json::json!({ "revision": revision, "items": items });
+    if let Some(next) = next {
+        body["continue"] = next.into();
+    }
+    Ok(Json(body).into_response())
 }
 
 impl Principal {

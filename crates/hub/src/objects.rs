@@ -98,6 +98,27 @@ impl Objects {
         Ok((objs, r.revision))
     }
 
+    /// At most `limit` objects of kind `S` whose names sort after `after`, the store
+    /// revision, and the name to continue after if more follow.
+    pub async fn list_page<S: Kind>(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Object<S>>, u64, Option<String>), ApiError> {
+        let after = after.map(|name| object_key(S::PLURAL, name));
+        let page = self
+            .store
+            .range_page(&kind_prefix(S::PLURAL), after.as_deref(), limit)
+            .await
+            .map_err(store_err)?;
+        let objs = page.kvs.iter().map(decode).collect::<Result<Vec<_>, _>>()?;
+        let next = page
+            .more
+            .then(|| objs.last().map(|o: &Object<S>| o.name().to_string()))
+            .flatten();
+        Ok((objs, page.revision, next))
+    }
+
     /// The store operations that would create `obj` (validated, bookkeeping filled in).
     pub fn prepare_create<S: Kind>(&self, mut obj: Object<S>) -> Result<Object<S>, ApiError> {
         obj.validate().map_err(ApiError::invalid)?;

@@ -19,6 +19,17 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 pub use memory::MemoryStore;
+
+/// Split `kvs` (read with one key more than `limit`) into a page.
+pub(crate) fn page_of(mut kvs: Vec<KeyValue>, revision: u64, limit: usize) -> RangePage {
+    let more = kvs.len() > limit;
+    kvs.truncate(limit);
+    RangePage {
+        kvs,
+        revision,
+        more,
+    }
+}
 pub use sqlite::SqliteStore;
 
 /// One key's current value and its revisions.
@@ -89,6 +100,17 @@ pub struct RangeResult {
     pub kvs: Vec<KeyValue>,
     /// The store revision the read observed.
     pub revision: u64,
+}
+
+/// One page of a range read ([`Store::range_page`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RangePage {
+    /// Matching keys in key order, at most the limit asked for.
+    pub kvs: Vec<KeyValue>,
+    /// The store revision this page observed.
+    pub revision: u64,
+    /// Whether more keys follow (ask again with the last key of this page).
+    pub more: bool,
 }
 
 /// Kind of a change.
@@ -165,6 +187,16 @@ pub trait Store: Send + Sync + 'static {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
     /// Every key starting with `prefix`, at one consistent revision.
     async fn range(&self, prefix: &str) -> Result<RangeResult, StoreError>;
+    /// At most `limit` keys starting with `prefix` that sort after `after` (the last key
+    /// of the previous page; `None` for the first), in key order, at one consistent
+    /// revision. Each page is consistent in itself; keys written between pages show up
+    /// if they sort after the page already read.
+    async fn range_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<RangePage, StoreError>;
     /// Apply a transaction atomically.
     async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError>;
     /// Watch `prefix` from `from_revision` (inclusive). 0 means "changes after now".

@@ -159,6 +159,27 @@ impl Store for MemoryStore {
         })
     }
 
+    async fn range_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<crate::RangePage, StoreError> {
+        use std::ops::Bound;
+        let s = self.lock();
+        let start = match after {
+            Some(a) if a >= prefix => Bound::Excluded(a.to_string()),
+            _ => Bound::Included(prefix.to_string()),
+        };
+        let kvs = s
+            .current
+            .range((start, Bound::Excluded(prefix_end(prefix))))
+            .take(limit.saturating_add(1))
+            .map(|(_, kv)| kv.clone())
+            .collect();
+        Ok(crate::page_of(kvs, s.revision, limit))
+    }
+
     async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
         let mut s = self.lock();
         let (result, batch) = apply(&mut s, &txn)?;

@@ -507,6 +507,40 @@ impl Store for SqliteStore {
         self.read(move |c| get_current(c, &key)).await
     }
 
+    async fn range_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<crate::RangePage, StoreError> {
+        let prefix = prefix.to_string();
+        let after = after.unwrap_or_default().to_string();
+        self.read(move |c| {
+            c.execute_batch("BEGIN").map_err(backend)?;
+            let res = (|| {
+                let revision = read_meta(c, "revision")?;
+                let mut stmt = c
+                    .prepare_cached(
+                        "SELECT key, value, create_rev, mod_rev, version FROM current
+                         WHERE key >= ?1 AND key < ?2 AND key > ?3 ORDER BY key LIMIT ?4",
+                    )
+                    .map_err(backend)?;
+                let kvs = stmt
+                    .query_map(
+                        params![prefix, prefix_end(&prefix), after, (limit + 1) as i64],
+                        row_kv,
+                    )
+                    .map_err(backend)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(backend)?;
+                Ok(crate::page_of(kvs, revision, limit))
+            })();
+            c.execute_batch("COMMIT").map_err(backend)?;
+            res
+        })
+        .await
+    }
+
     async fn range(&self, prefix: &str) -> Result<RangeResult, StoreError> {
         let prefix = prefix.to_string();
         self.read(move |c| {

@@ -36,8 +36,44 @@ macro_rules! on_every_backend {
 
 on_every_backend!(
     revisions_and_compare_and_swap,
-    compacted_history_is_a_clear_error
+    compacted_history_is_a_clear_error,
+    ranges_come_in_pages_with_a_continuation,
 );
+
+/// Paging through a prefix returns every key once, in order, and says when it is done;
+/// keys outside the prefix never appear.
+async fn ranges_come_in_pages_with_a_continuation(s: &dyn Store) {
+    for i in 0..25u8 {
+        s.put(&format!("/p/{i:02}"), vec![i], None)
+            .await
+            .expect("put");
+    }
+    s.put("/q/outside", vec![], None).await.expect("put");
+    s.put("/o/before", vec![], None).await.expect("put");
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let page = s
+            .range_page("/p/", after.as_deref(), 10)
+            .await
+            .expect("page");
+        pages += 1;
+        assert!(page.kvs.len() <= 10);
+        seen.extend(page.kvs.iter().map(|kv| kv.key.clone()));
+        if !page.more {
+            break;
+        }
+        after = page.kvs.last().map(|kv| kv.key.clone());
+    }
+    assert_eq!(pages, 3);
+    let want: Vec<String> = (0..25).map(|i| format!("/p/{i:02}")).collect();
+    assert_eq!(seen, want);
+    // An exact fit says there is no more.
+    let page = s.range_page("/p/", Some("/p/14"), 10).await.expect("page");
+    assert_eq!(page.kvs.len(), 10);
+    assert!(!page.more);
+}
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()

@@ -667,3 +667,74 @@ fn logs_follow_streams_new_output_through_the_channel() {
     hub.ok(&["delete", "instance", "ticker"]);
     wait_for("cleanup", T, || pids_with(&m).is_empty().then_some(()));
 }
+
+#[test]
+fn lists_come_in_pages_with_a_continuation() {
+    let dir = tmp();
+    let hub = Hub::start(dir.path());
+    let manifests: String = (0..12)
+        .map(|i| {
+            format!(
+                "---\nkind: Instance\nmetadata: {{name: page-{i:02}}}\nspec: {{form: process, process: {{command: [sleep, '1']}}, resources: {{memory: 100Ti}}}}\n"
+            )
+        })
+        .collect();
+    assert!(hub.apply(&manifests).status.success());
+    let token = verge_hub::ClientConfig::load(&hub.admin_conf())
+        .expect("admin.conf")
+        .token;
+    let client = api_client(&hub, None);
+    let get = |query: String| -> (u16, serde_json::Value) {
+        runtime().block_on(async {
+            let r = client
+                .get(format!("{}/v1/instances?{query}", hub.url))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .expect("send");
+            (r.status().as_u16(), r.json().await.unwrap_or_default())
+        })
+    };
+    let mut names = Vec::new();
+    let mut query = "limit=5".to_string();
+    let mut pages = 0;
+    loop {
+        let (status, page) = get(query.clone());
+        assert_eq!(status, 200, "{page}");
+        pages += 1;
+        let items = page["items"].as_array().expect("items");
+        assert!(items.len() <= 5);
+        names.extend(items.iter().map(|i| {
+            i["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        }));
+        match page["continue"].as_str() {
+            Some(next) => query = format!("limit=5&continue={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    let want: Vec<String> = (0..12).map(|i| format!("page-{i:02}")).collect();
+    assert_eq!(names, want);
+    // Bad pages are refused, naming the parameter.
+    let (status, err) = get("limit=0".into());
+    assert_eq!(status, 400);
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("limit:"),
+        "{err}"
+    );
+    let (status, err) = get("limit=5&continue=Not_A_Token".into());
+    assert_eq!(status, 400);
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("continue:"),
+        "{err}"
+    );
+}
