@@ -186,7 +186,13 @@ pub trait Store: Send + Sync + 'static {
     /// The current value of one key.
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
     /// Every key starting with `prefix`, at one consistent revision.
-    async fn range(&self, prefix: &str) -> Result<RangeResult, StoreError>;
+    async fn range(&self, prefix: &str) -> Result<RangeResult, StoreError> {
+        let page = self.range_page(prefix, None, usize::MAX).await?;
+        Ok(RangeResult {
+            kvs: page.kvs,
+            revision: page.revision,
+        })
+    }
     /// At most `limit` keys starting with `prefix` that sort after `after` (the last key
     /// of the previous page; `None` for the first), in key order, at one consistent
     /// revision. Each page is consistent in itself; keys written between pages show up

@@ -15,8 +15,8 @@ use async_trait::async_trait;
 use tokio::sync::{broadcast, mpsc};
 
 use crate::{
-    Event, EventKind, KeyValue, Op, RangeResult, Store, StoreError, Txn, TxnResult, WatchBatch,
-    WatchStream, check_key, prefix_end,
+    Event, EventKind, KeyValue, Op, Store, StoreError, Txn, TxnResult, WatchBatch, WatchStream,
+    check_key, prefix_end,
 };
 
 /// Batches a watch queues for a reader that has not taken them yet (as SQLite's).
@@ -145,18 +145,6 @@ fn apply(state: &mut State, txn: &Txn) -> Result<(TxnResult, Option<WatchBatch>)
 impl Store for MemoryStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         Ok(self.lock().current.get(key).cloned())
-    }
-
-    async fn range(&self, prefix: &str) -> Result<RangeResult, StoreError> {
-        let s = self.lock();
-        Ok(RangeResult {
-            kvs: s
-                .current
-                .range(prefix.to_string()..prefix_end(prefix))
-                .map(|(_, kv)| kv.clone())
-                .collect(),
-            revision: s.revision,
-        })
     }
 
     async fn range_page(

@@ -17,8 +17,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::{
-    Event, EventKind, KeyValue, Op, RangeResult, Store, StoreError, Txn, TxnResult, WatchBatch,
-    WatchStream, check_key, prefix_end,
+    Event, EventKind, KeyValue, Op, Store, StoreError, Txn, TxnResult, WatchBatch, WatchStream,
+    check_key, prefix_end,
 };
 
 /// How many queued transactions one group commit takes at most.
@@ -527,39 +527,19 @@ impl Store for SqliteStore {
                     .map_err(backend)?;
                 let kvs = stmt
                     .query_map(
-                        params![prefix, prefix_end(&prefix), after, (limit + 1) as i64],
+                        params![
+                            prefix,
+                            prefix_end(&prefix),
+                            after,
+                            // SQLite takes a negative limit as none.
+                            i64::try_from(limit.saturating_add(1)).unwrap_or(-1)
+                        ],
                         row_kv,
                     )
                     .map_err(backend)?
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(backend)?;
                 Ok(crate::page_of(kvs, revision, limit))
-            })();
-            c.execute_batch("COMMIT").map_err(backend)?;
-            res
-        })
-        .await
-    }
-
-    async fn range(&self, prefix: &str) -> Result<RangeResult, StoreError> {
-        let prefix = prefix.to_string();
-        self.read(move |c| {
-            // One read transaction: the revision and the rows come from the same snapshot.
-            c.execute_batch("BEGIN").map_err(backend)?;
-            let res = (|| {
-                let revision = read_meta(c, "revision")?;
-                let mut stmt = c
-                    .prepare_cached(
-                        "SELECT key, value, create_rev, mod_rev, version FROM current
-                         WHERE key >= ?1 AND key < ?2 ORDER BY key",
-                    )
-                    .map_err(backend)?;
-                let kvs = stmt
-                    .query_map(params![prefix, prefix_end(&prefix)], row_kv)
-                    .map_err(backend)?
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(backend)?;
-                Ok(RangeResult { kvs, revision })
             })();
             c.execute_batch("COMMIT").map_err(backend)?;
             res
