@@ -115,7 +115,7 @@ impl Identity {
 
     /// Check that certificate, key and CA can be used: a damaged identity file is an
     /// error that names it, not a connection that fails forever.
-    pub fn check(&self) -> Result<(), EdgeError> {
+    pub fn check(&self, dir: &Path) -> Result<(), EdgeError> {
         verge_tunnel::tls::client_config(
             &self.ca_pem,
             Some((self.cert_pem.as_str(), self.key_pem.as_str())),
@@ -124,9 +124,7 @@ impl Identity {
         if self.validity().is_none() {
             return Err(EdgeError::Refused(format!(
                 "{}: the node certificate cannot be read; restore it, or remove the identity directory and enrol again with --join-token",
-                identity_dir(Path::new("<data-dir>"))
-                    .join("node.crt")
-                    .display()
+                identity_dir(dir).join("node.crt").display()
             )));
         }
         Ok(())

@@ -313,7 +313,7 @@ pub async fn run(
     }
     // A damaged identity is an error now, before the agent says it is ready.
     if let Some(id) = Identity::load(&dir, &config.name)? {
-        id.check()?;
+        id.check(&dir)?;
     }
     ready(metrics_addr);
 

@@ -95,6 +95,18 @@ pub fn rss_kib(pid: u32) -> u64 {
     proc_value(pid, "VmRSS:")
 }
 
+/// The open-file limit `pid` runs with (its soft limit, from `/proc/PID/limits`).
+pub fn open_file_limit(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/limits"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("Max open files"))?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
+}
+
 /// Open descriptors of `pid`.
 pub fn open_fds(pid: u32) -> u64 {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
@@ -224,26 +236,11 @@ where
     F: std::future::Future<Output = bool>,
 {
     let before = measure(target.pid);
-    let mut conns = Vec::new();
-    let sources = attack.sources.max(1);
-    for i in 0..attack.silent_tcp {
-        let host = 2 + (i % sources as usize) as u8;
-        if let Ok(s) = tcp_from(IpAddr::from([127, 0, 0, host]), target.addr).await {
-            conns.push(s);
-        }
-    }
+    let conns = open_silent(target.addr, attack.silent_tcp, attack.sources).await;
     // While they are all open (the hub drops silent ones after its handshake deadline).
     let during = measure(target.pid);
     let opened = conns.len();
-    let mut closed_by_hub = 0;
-    let mut held = Vec::new();
-    for mut s in conns {
-        if closed(&mut s, Duration::from_millis(1)).await {
-            closed_by_hub += 1;
-        } else {
-            held.push(s);
-        }
-    }
+    let (closed_by_hub, held) = split_closed(conns, Duration::from_millis(1)).await;
     finish(
         target,
         ("silentTcp", attack.silent_tcp),
@@ -253,6 +250,38 @@ where
         move || drop(held),
     )
     .await
+}
+
+/// Open `n` TCP connections to `to` that say nothing, spread over `sources` loopback
+/// source addresses (127.0.0.2 and up). Those that fail to connect are left out.
+pub async fn open_silent(to: SocketAddr, n: usize, sources: u8) -> Vec<tokio::net::TcpStream> {
+    let sources = sources.max(1) as usize;
+    let mut conns = Vec::new();
+    for i in 0..n {
+        let host = 2 + (i % sources) as u8;
+        if let Ok(s) = tcp_from(IpAddr::from([127, 0, 0, host]), to).await {
+            conns.push(s);
+        }
+    }
+    conns
+}
+
+/// How many of `conns` the peer has closed (each given `within` to show it), and the
+/// ones still open.
+pub async fn split_closed(
+    conns: Vec<tokio::net::TcpStream>,
+    within: Duration,
+) -> (usize, Vec<tokio::net::TcpStream>) {
+    let mut closed_count = 0;
+    let mut open = Vec::new();
+    for mut s in conns {
+        if closed(&mut s, within).await {
+            closed_count += 1;
+        } else {
+            open.push(s);
+        }
+    }
+    (closed_count, open)
 }
 
 async fn slow_tls<P, F>(target: &Target<P>, attack: &Attack) -> Phase
@@ -322,7 +351,7 @@ where
 
 /// A length prefix just under 16 MiB and 32 KiB of the body: what a stranger sends to
 /// make the hub buffer a frame.
-fn oversized_frame() -> Vec<u8> {
+pub fn oversized_frame() -> Vec<u8> {
     let mut v = ((16u32 << 20) - 1).to_be_bytes().to_vec();
     v.extend(std::iter::repeat_n(b'{', 32 << 10));
     v

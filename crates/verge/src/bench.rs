@@ -1022,9 +1022,10 @@ async fn frontdoor(attack: verge_testkit::frontdoor::Attack, output: &str) -> Re
     };
     eprintln!("bench frontdoor: hub up on port {port}, pid {pid}; {attack:?}");
     let phases = verge_testkit::frontdoor::run(&target, &attack).await;
+    let descriptor_limit = verge_testkit::frontdoor::open_file_limit(pid);
     stop_child(&mut hub).await;
     let report = serde_json::json!({
-        "descriptorLimit": verge_hub::limits::descriptor_limit(),
+        "hubDescriptorLimit": descriptor_limit,
         "phases": phases.iter().map(|p| {
             let mut v = serde_json::to_value(p).unwrap_or_default();
             v["kibPerConnection"] = serde_json::json!(p.kib_per_connection());

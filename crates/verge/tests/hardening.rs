@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use verge_api::channel::{ALPN_CHANNEL, ALPN_ENROLL, EdgeToHub, HubToEdge, PROTOCOL_VERSION};
-use verge_testkit::frontdoor::{closed, rss_kib, tcp_from};
+use verge_testkit::frontdoor::{open_silent, oversized_frame, rss_kib, split_closed};
 use verge_tunnel::frame::{read_msg, write_msg};
 
 fn hub_addr(hub: &Hub) -> SocketAddr {
@@ -65,10 +65,7 @@ fn an_unauthenticated_peer_cannot_make_the_hub_buffer_a_16_mib_frame() {
                 .await
                 .expect("dial");
             // A length prefix just under 16 MiB, then some of the body.
-            s.write_all(&((16u32 << 20) - 1).to_be_bytes())
-                .await
-                .expect("prefix");
-            let _ = s.write_all(&vec![b'{'; 32 << 10]).await;
+            let _ = s.write_all(&oversized_frame()).await;
             conns.push(s);
         }
         let mut replies = Vec::new();
@@ -107,23 +104,8 @@ fn silent_connections_under_a_1024_descriptor_limit_do_not_lock_out_the_api_or_e
     );
     let rt = runtime();
     let (held, refused) = rt.block_on(async {
-        let mut conns = Vec::new();
-        for host in 2..=20u8 {
-            for _ in 0..60 {
-                if let Ok(s) = tcp_from(IpAddr::from([127, 0, 0, host]), hub_addr(&hub)).await {
-                    conns.push(s);
-                }
-            }
-        }
-        let mut refused = 0;
-        let mut held = Vec::new();
-        for mut s in conns {
-            if closed(&mut s, Duration::from_millis(20)).await {
-                refused += 1;
-            } else {
-                held.push(s);
-            }
-        }
+        let conns = open_silent(hub_addr(&hub), 1140, 19).await;
+        let (refused, held) = split_closed(conns, Duration::from_millis(20)).await;
         (held, refused)
     });
     // Before the limits the hub closed none of them (it ran out of descriptors and
