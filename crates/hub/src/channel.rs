@@ -182,6 +182,7 @@ async fn enroll(
             ops.push(Op::Put {
                 key: node_key.clone(),
                 value: Objects::encode(&node),
+                lease: None,
             });
             0
         }

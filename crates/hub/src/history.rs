@@ -28,6 +28,7 @@ pub async fn begin(store: &dyn Store) -> Result<String, StoreError> {
             ops: vec![Op::Put {
                 key: format!("{EPOCH_PREFIX}{id}"),
                 value: verge_api::clock::now_rfc3339().into_bytes(),
+                lease: None,
             }],
         })
         .await?;

@@ -51,14 +51,14 @@ pub fn new_enrolment_id() -> String {
 
 /// The store operation that makes `id` the node's current enrolment.
 pub fn record(node: &str, id: &str) -> Op {
-    Op::Put {
-        key: format!("{ENROLMENT_PREFIX}{node}"),
-        value: serde_json::to_vec(&EnrolmentRecord {
+    Op::put(
+        format!("{ENROLMENT_PREFIX}{node}"),
+        serde_json::to_vec(&EnrolmentRecord {
             id: id.to_string(),
             enrolled_at: verge_api::clock::now_rfc3339(),
         })
         .unwrap_or_default(),
-    }
+    )
 }
 
 /// The store operation that forgets the node's enrolment (with the node).

@@ -251,6 +251,7 @@ impl AuditEvent {
         Op::Put {
             key: format!("{AUDIT_PREFIX}{nanos:024}-{suffix:08x}"),
             value: serde_json::to_vec(self).unwrap_or_default(),
+            lease: None,
         }
     }
 }
@@ -439,6 +440,7 @@ pub async fn commit(
         ops.push(Op::Put {
             key: object_key(InstanceSpec::PLURAL, &name),
             value: Objects::encode(&inst),
+            lease: None,
         });
     }
     for (node, l) in &touched {
@@ -449,6 +451,7 @@ pub async fn commit(
         ops.push(Op::Put {
             key: ledger_key(node),
             value: serde_json::to_vec(&l.value).unwrap_or_default(),
+            lease: None,
         });
     }
     let r = objects
@@ -596,6 +599,7 @@ pub async fn reconcile(
         ops.push(Op::Put {
             key: ledger_key(name),
             value: serde_json::to_vec(&l).unwrap_or_default(),
+            lease: None,
         });
         let r = objects
             .store()

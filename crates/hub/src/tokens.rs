@@ -167,10 +167,7 @@ pub async fn check_join_token(
         Some(n) if n <= 1 => Some(Op::Delete { key }),
         Some(n) => {
             rec.uses_left = Some(n - 1);
-            Some(Op::Put {
-                key,
-                value: serde_json::to_vec(&rec).unwrap_or_default(),
-            })
+            Some(Op::put(key, serde_json::to_vec(&rec).unwrap_or_default()))
         }
     };
     Ok((compare, op, bound))

@@ -12,6 +12,9 @@
 //! keeps everything in memory with the same semantics (tests, the fleet simulator).
 //! Both pass one conformance suite (`tests/store.rs`). Start reading at [`Store`].
 
+#[cfg(feature = "conformance")]
+pub mod conformance;
+mod lease;
 mod memory;
 mod sqlite;
 
@@ -56,6 +59,9 @@ pub struct Compare {
     pub mod_revision: u64,
 }
 
+/// Identifies a lease ([`Store::lease_grant`]); never 0.
+pub type LeaseId = u64;
+
 /// A write inside a [`Txn`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
@@ -65,12 +71,38 @@ pub enum Op {
         key: String,
         /// The new value.
         value: Vec<u8>,
+        /// The lease the key is attached to: it is deleted when the lease ends.
+        /// `None` detaches it from any lease it had (as etcd does).
+        lease: Option<LeaseId>,
     },
     /// Remove a key (no-op if absent).
     Delete {
         /// The key.
         key: String,
     },
+}
+
+impl Op {
+    /// Put `key` = `value`, with no lease.
+    pub fn put(key: impl Into<String>, value: Vec<u8>) -> Self {
+        Op::Put {
+            key: key.into(),
+            value,
+            lease: None,
+        }
+    }
+
+    /// Delete `key`.
+    pub fn delete(key: impl Into<String>) -> Self {
+        Op::Delete { key: key.into() }
+    }
+
+    /// The key this op writes.
+    pub fn key(&self) -> &str {
+        match self {
+            Op::Put { key, .. } | Op::Delete { key } => key,
+        }
+    }
 }
 
 /// An atomic transaction: if every compare holds, apply `ops` under one new revision.
@@ -142,12 +174,43 @@ impl Event {
 }
 
 /// Events delivered by a watch: all changes under the prefix at one revision.
+///
+/// A batch with no events is a *progress notification* (only on watches that asked
+/// for them, [`WatchOptions::progress`]): every change under the prefix up to and
+/// including `revision` has been delivered, so a watcher may resume from
+/// `revision + 1` even though nothing under its prefix changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WatchBatch {
-    /// The revision of every event in the batch.
+    /// The revision of every event in the batch (of a progress notification: the
+    /// revision the watch has caught up with).
     pub revision: u64,
-    /// The changes (at least one).
+    /// The changes (empty only in a progress notification).
     pub events: Vec<Event>,
+}
+
+impl WatchBatch {
+    /// Whether this is a progress notification rather than changes.
+    pub fn is_progress(&self) -> bool {
+        self.events.is_empty()
+    }
+}
+
+/// How a watch is to be delivered ([`Store::watch_with`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WatchOptions {
+    /// When nothing under the prefix has been delivered for this long, send a progress
+    /// notification (a batch with no events). `None`: never.
+    pub progress: Option<std::time::Duration>,
+}
+
+/// A granted lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    /// Its id, to attach keys ([`Op::Put`]) and keep it alive.
+    pub id: LeaseId,
+    /// How long it lives without a keep-alive (backends may round it up: etcd keeps
+    /// whole seconds and a minimum).
+    pub ttl: std::time::Duration,
 }
 
 /// A live watch: receive batches in revision order. Dropping it cancels the watch.
@@ -171,6 +234,12 @@ pub enum StoreError {
     InvalidKey {
         /// The key.
         key: String,
+    },
+    /// The lease does not exist (it expired, was revoked, or never was).
+    #[error("lease {lease:x} not found: it expired or was revoked; grant a new one")]
+    LeaseNotFound {
+        /// The lease.
+        lease: LeaseId,
     },
     /// The backend failed (disk, database).
     #[error("store backend error")]
@@ -206,7 +275,24 @@ pub trait Store: Send + Sync + 'static {
     /// Apply a transaction atomically.
     async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError>;
     /// Watch `prefix` from `from_revision` (inclusive). 0 means "changes after now".
-    async fn watch(&self, prefix: &str, from_revision: u64) -> Result<WatchStream, StoreError>;
+    async fn watch(&self, prefix: &str, from_revision: u64) -> Result<WatchStream, StoreError> {
+        self.watch_with(prefix, from_revision, WatchOptions::default())
+            .await
+    }
+    /// [`Store::watch`], delivered as `options` say (progress notifications).
+    async fn watch_with(
+        &self,
+        prefix: &str,
+        from_revision: u64,
+        options: WatchOptions,
+    ) -> Result<WatchStream, StoreError>;
+    /// Grant a lease that lives `ttl` unless kept alive. Keys put with it are deleted
+    /// (one revision, seen by watchers as deletes) when it expires or is revoked.
+    async fn lease_grant(&self, ttl: std::time::Duration) -> Result<Lease, StoreError>;
+    /// Renew a lease for another full TTL; [`StoreError::LeaseNotFound`] once it ended.
+    async fn lease_keep_alive(&self, id: LeaseId) -> Result<(), StoreError>;
+    /// End a lease now, deleting its keys. Revoking an ended lease is not an error.
+    async fn lease_revoke(&self, id: LeaseId) -> Result<(), StoreError>;
     /// Drop history older than `revision`; watches from before it fail with `Compacted`.
     async fn compact(&self, revision: u64) -> Result<(), StoreError>;
     /// The current revision.
@@ -228,10 +314,7 @@ pub trait StoreExt: Store {
     ) -> Result<TxnResult, StoreError> {
         self.txn(Txn {
             compares: guard(key, expect),
-            ops: vec![Op::Put {
-                key: key.to_string(),
-                value,
-            }],
+            ops: vec![Op::put(key, value)],
         })
         .await
     }
@@ -240,9 +323,7 @@ pub trait StoreExt: Store {
     async fn delete(&self, key: &str, expect: Option<u64>) -> Result<TxnResult, StoreError> {
         self.txn(Txn {
             compares: guard(key, expect),
-            ops: vec![Op::Delete {
-                key: key.to_string(),
-            }],
+            ops: vec![Op::delete(key)],
         })
         .await
     }
@@ -317,25 +398,47 @@ pub(crate) enum LiveEnd {
 
 /// Forward live batches under `prefix` to a watch, skipping revisions below `next`
 /// (already sent from history) and advancing it. Every backend's watch is history
-/// replay, then this.
+/// replay, then this. With `progress`, a quiet spell that long sends a progress
+/// notification at `next - 1`: every revision below `next` has been seen.
 pub(crate) async fn follow_live(
     live: &mut tokio::sync::broadcast::Receiver<std::sync::Arc<WatchBatch>>,
     next: &mut u64,
     prefix: &str,
     tx: &mpsc::Sender<Result<WatchBatch, StoreError>>,
+    progress: Option<std::time::Duration>,
 ) -> LiveEnd {
     use tokio::sync::broadcast::error::RecvError;
+    let quiet = |from: tokio::time::Instant| progress.map(|p| from + p);
+    let mut deadline = quiet(tokio::time::Instant::now());
     loop {
-        match live.recv().await {
+        let received = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, live.recv()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    let note = WatchBatch {
+                        revision: next.saturating_sub(1),
+                        events: Vec::new(),
+                    };
+                    if tx.send(Ok(note)).await.is_err() {
+                        return LiveEnd::Done;
+                    }
+                    deadline = quiet(tokio::time::Instant::now());
+                    continue;
+                }
+            },
+            None => live.recv().await,
+        };
+        match received {
             Ok(batch) => {
                 if batch.revision < *next {
                     continue;
                 }
                 *next = batch.revision + 1;
-                if let Some(b) = filter_batch(&batch, prefix)
-                    && tx.send(Ok(b)).await.is_err()
-                {
-                    return LiveEnd::Done;
+                if let Some(b) = filter_batch(&batch, prefix) {
+                    if tx.send(Ok(b)).await.is_err() {
+                        return LiveEnd::Done;
+                    }
+                    deadline = quiet(tokio::time::Instant::now());
                 }
             }
             Err(RecvError::Lagged(_)) => return LiveEnd::Lagged,

@@ -9,14 +9,15 @@
 //! when it falls behind the feed, exactly as the SQLite backend does.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use async_trait::async_trait;
 use tokio::sync::{broadcast, mpsc};
 
+use crate::lease::LeaseBook;
 use crate::{
-    Event, EventKind, KeyValue, Op, Store, StoreError, Txn, TxnResult, WatchBatch, WatchStream,
-    check_key, prefix_end,
+    Event, EventKind, KeyValue, Lease, LeaseId, Op, Store, StoreError, Txn, TxnResult,
+    WatchBatch, WatchOptions, WatchStream, check_key, prefix_end,
 };
 
 /// Batches a watch queues for a reader that has not taken them yet (as SQLite's).
@@ -31,6 +32,7 @@ struct State {
     current: BTreeMap<String, KeyValue>,
     /// Every batch from `compact_revision` on, in revision order.
     history: VecDeque<WatchBatch>,
+    leases: LeaseBook,
 }
 
 /// The in-memory store. Cloning shares the same data.
@@ -49,21 +51,69 @@ impl Default for MemoryStore {
 impl MemoryStore {
     /// An empty store at revision 0.
     pub fn new() -> Self {
-        Self {
+        let store = Self {
             state: Arc::new(Mutex::new(State::default())),
             live: broadcast::channel(4096).0,
-        }
+        };
+        // Leases expire on a thread of their own, which ends with the store.
+        let state = Arc::downgrade(&store.state);
+        let live = store.live.clone();
+        let _ = std::thread::Builder::new()
+            .name("verge-store-leases".into())
+            .spawn(move || expire_leases(state, live));
+        store
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Apply `txn` and publish what it changed (under the lock, so the live feed is in
+    /// revision order).
+    fn commit(&self, state: &mut State, txn: &Txn) -> Result<TxnResult, StoreError> {
+        commit(state, txn, &self.live)
+    }
+}
+
+fn commit(
+    state: &mut State,
+    txn: &Txn,
+    live: &broadcast::Sender<Arc<WatchBatch>>,
+) -> Result<TxnResult, StoreError> {
+    let attachments = state.leases.check(txn)?;
+    let (result, batch) = apply(state, txn)?;
+    if result.succeeded {
+        state.leases.apply(attachments);
+    }
+    if let Some(b) = batch {
+        let _ = live.send(Arc::new(b));
+    }
+    Ok(result)
+}
+
+fn revoke(
+    state: &mut State,
+    id: LeaseId,
+    live: &broadcast::Sender<Arc<WatchBatch>>,
+) -> Result<(), StoreError> {
+    let deletes = state.leases.remove(id);
+    commit(state, &deletes, live).map(|_| ())
+}
+
+fn expire_leases(state: Weak<Mutex<State>>, live: broadcast::Sender<Arc<WatchBatch>>) {
+    loop {
+        std::thread::sleep(crate::lease::EXPIRY_CHECK);
+        let Some(state) = state.upgrade() else { return };
+        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+        for id in s.leases.expired() {
+            let _ = revoke(&mut s, id, &live);
+        }
+    }
 }
 
 fn apply(state: &mut State, txn: &Txn) -> Result<(TxnResult, Option<WatchBatch>), StoreError> {
     for op in &txn.ops {
-        let (Op::Put { key, .. } | Op::Delete { key }) = op;
-        check_key(key)?;
+        check_key(op.key())?;
     }
     let current_rev = state.revision;
     let unchanged = |prev: Option<Vec<Option<KeyValue>>>| TxnResult {
@@ -82,7 +132,7 @@ fn apply(state: &mut State, txn: &Txn) -> Result<(TxnResult, Option<WatchBatch>)
     let mut events = Vec::new();
     for op in &txn.ops {
         match op {
-            Op::Put { key, value } => {
+            Op::Put { key, value, .. } => {
                 let old = state.current.get(key).cloned();
                 let (create_revision, version) = old
                     .as_ref()
@@ -170,15 +220,29 @@ impl Store for MemoryStore {
 
     async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
         let mut s = self.lock();
-        let (result, batch) = apply(&mut s, &txn)?;
-        // Published under the lock, so the live feed is in revision order.
-        if let Some(b) = batch {
-            let _ = self.live.send(Arc::new(b));
-        }
-        Ok(result)
+        self.commit(&mut s, &txn)
     }
 
-    async fn watch(&self, prefix: &str, from_revision: u64) -> Result<WatchStream, StoreError> {
+    async fn lease_grant(&self, ttl: std::time::Duration) -> Result<Lease, StoreError> {
+        let id = self.lock().leases.grant(ttl);
+        Ok(Lease { id, ttl })
+    }
+
+    async fn lease_keep_alive(&self, id: LeaseId) -> Result<(), StoreError> {
+        self.lock().leases.keep_alive(id)
+    }
+
+    async fn lease_revoke(&self, id: LeaseId) -> Result<(), StoreError> {
+        let mut s = self.lock();
+        revoke(&mut s, id, &self.live)
+    }
+
+    async fn watch_with(
+        &self,
+        prefix: &str,
+        from_revision: u64,
+        options: WatchOptions,
+    ) -> Result<WatchStream, StoreError> {
         // Subscribe before reading history so that nothing committed in between is
         // missed; revisions seen twice are skipped.
         let mut live = self.live.subscribe();
@@ -231,7 +295,8 @@ impl Store for MemoryStore {
                 }
                 // Follow live commits; behind the feed, back to history.
                 if let crate::LiveEnd::Done =
-                    crate::follow_live(&mut live, &mut next, &prefix, &tx).await
+                    crate::follow_live(&mut live, &mut next, &prefix, &tx, options.progress)
+                        .await
                 {
                     return;
                 }

@@ -16,9 +16,10 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use crate::lease::{Attachments, LeaseBook};
 use crate::{
-    Event, EventKind, KeyValue, Op, Store, StoreError, Txn, TxnResult, WatchBatch, WatchStream,
-    check_key, prefix_end,
+    Event, EventKind, KeyValue, Lease, LeaseId, Op, Store, StoreError, Txn, TxnResult,
+    WatchBatch, WatchOptions, WatchStream, check_key, prefix_end,
 };
 
 /// How many queued transactions one group commit takes at most.
@@ -40,6 +41,8 @@ fn backend(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
 enum WriteReq {
     Txn(Txn, oneshot::Sender<Result<TxnResult, StoreError>>),
     Compact(u64, oneshot::Sender<Result<(), StoreError>>),
+    Grant(std::time::Duration, oneshot::Sender<Result<Lease, StoreError>>),
+    Revoke(LeaseId, oneshot::Sender<Result<(), StoreError>>),
 }
 
 struct Shared {
@@ -47,6 +50,15 @@ struct Shared {
     compact_revision: AtomicU64,
     events: broadcast::Sender<Arc<WatchBatch>>,
     reader: Mutex<Connection>,
+    /// Live leases; changed only by the writer thread (and keep-alives, which move
+    /// deadlines only).
+    leases: Mutex<LeaseBook>,
+}
+
+impl Shared {
+    fn leases(&self) -> std::sync::MutexGuard<'_, LeaseBook> {
+        self.leases.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// The SQLite-backed [`Store`]. Cheap to clone; all clones share one database.
@@ -83,11 +95,14 @@ impl SqliteStore {
                 prev_rev INTEGER, deleted INTEGER NOT NULL);
              CREATE INDEX IF NOT EXISTS log_rev ON log(rev);
              CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-             INSERT OR IGNORE INTO meta VALUES ('revision', 0), ('compact', 0);",
+             INSERT OR IGNORE INTO meta VALUES ('revision', 0), ('compact', 0);
+             CREATE TABLE IF NOT EXISTS leases(id INTEGER PRIMARY KEY, ttl_ms INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS lease_keys(key TEXT PRIMARY KEY, lease INTEGER NOT NULL);",
         )
         .map_err(backend)?;
         let revision = read_meta(&conn, "revision")?;
         let compact = read_meta(&conn, "compact")?;
+        let leases = read_leases(&conn)?;
         let reader = open_conn(path)?;
         let (events, _) = broadcast::channel(4096);
         let shared = Arc::new(Shared {
@@ -95,6 +110,7 @@ impl SqliteStore {
             compact_revision: AtomicU64::new(compact),
             events,
             reader: Mutex::new(reader),
+            leases: Mutex::new(leases),
         });
         let (tx, rx) = std_mpsc::channel();
         let writer_shared = shared.clone();
@@ -117,6 +133,46 @@ impl SqliteStore {
         .await
         .map_err(backend)?
     }
+}
+
+/// The leases on disk, each with a full TTL from now, and the keys they hold.
+fn read_leases(conn: &Connection) -> Result<LeaseBook, StoreError> {
+    let mut book = LeaseBook::default();
+    let mut stmt = conn
+        .prepare("SELECT id, ttl_ms FROM leases")
+        .map_err(backend)?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+        .map_err(backend)?;
+    for row in rows {
+        let (id, ttl) = row.map_err(backend)?;
+        book.insert(id as u64, std::time::Duration::from_millis(ttl as u64));
+    }
+    let mut stmt = conn
+        .prepare("SELECT key, lease FROM lease_keys")
+        .map_err(backend)?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+        .map_err(backend)?;
+    let mut keys = Vec::new();
+    for row in rows {
+        let (key, lease) = row.map_err(backend)?;
+        keys.push(Op::Put {
+            key,
+            value: Vec::new(),
+            lease: Some(lease as u64),
+        });
+    }
+    let attach = book.check(&Txn {
+        compares: Vec::new(),
+        ops: keys,
+    });
+    // A key whose lease row is missing (a crash between revoking and forgetting) is
+    // left unattached; everything else goes back where it was.
+    if let Ok(a) = attach {
+        book.apply(a);
+    }
+    Ok(book)
 }
 
 fn read_meta(conn: &Connection, name: &str) -> Result<u64, StoreError> {
@@ -148,7 +204,19 @@ fn get_current(conn: &Connection, key: &str) -> Result<Option<KeyValue>, StoreEr
 }
 
 fn writer_loop(mut conn: Connection, rx: std_mpsc::Receiver<WriteReq>, shared: Arc<Shared>) {
-    while let Ok(first) = rx.recv() {
+    loop {
+        // Between requests (and at least every check interval), end expired leases.
+        let expired = shared.leases().expired();
+        for id in expired {
+            if let Err(e) = revoke(&mut conn, id, &shared) {
+                tracing::error!(lease = id, error = %e, "could not end an expired lease");
+            }
+        }
+        let first = match rx.recv_timeout(crate::lease::EXPIRY_CHECK) {
+            Ok(r) => r,
+            Err(std_mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+        };
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
             match rx.try_recv() {
@@ -163,12 +231,52 @@ fn writer_loop(mut conn: Connection, rx: std_mpsc::Receiver<WriteReq>, shared: A
                 WriteReq::Compact(rev, reply) => {
                     let _ = reply.send(compact(&mut conn, rev, &shared));
                 }
+                WriteReq::Grant(ttl, reply) => {
+                    let _ = reply.send(grant(&conn, ttl, &shared));
+                }
+                WriteReq::Revoke(id, reply) => {
+                    let _ = reply.send(revoke(&mut conn, id, &shared));
+                }
             }
         }
         if !txns.is_empty() {
             commit_group(&mut conn, txns, &shared);
         }
     }
+}
+
+fn grant(
+    conn: &Connection,
+    ttl: std::time::Duration,
+    shared: &Shared,
+) -> Result<Lease, StoreError> {
+    let mut book = shared.leases();
+    let id = book.grant(ttl);
+    let saved = conn.execute(
+        "INSERT INTO leases(id, ttl_ms) VALUES (?1, ?2)",
+        params![id as i64, ttl.as_millis().min(i64::MAX as u128) as i64],
+    );
+    if let Err(e) = saved {
+        book.remove(id);
+        return Err(backend(e));
+    }
+    Ok(Lease { id, ttl })
+}
+
+/// End lease `id`: delete its keys under one revision, then forget it.
+fn revoke(conn: &mut Connection, id: LeaseId, shared: &Shared) -> Result<(), StoreError> {
+    let deletes = shared.leases().remove(id);
+    let (reply, done) = oneshot::channel();
+    commit_group(conn, vec![(deletes, reply)], shared);
+    let mut done = done;
+    match done.try_recv() {
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(_)) => {}
+        Err(_) => return Err(StoreError::Closed),
+    }
+    conn.execute("DELETE FROM leases WHERE id = ?1", [id as i64])
+        .map_err(backend)?;
+    Ok(())
 }
 
 type Outcome = (Result<TxnResult, StoreError>, Option<WatchBatch>);
@@ -184,11 +292,23 @@ fn commit_group(
         let mut rev = start_rev;
         let mut outcomes = Vec::with_capacity(txns.len());
         for (t, _) in &txns {
+            let attachments = match shared.leases().check(t) {
+                Ok(a) => a,
+                Err(e) => {
+                    outcomes.push((Err(e), None));
+                    continue;
+                }
+            };
             tx.execute_batch("SAVEPOINT one").map_err(backend)?;
-            match apply_txn(&tx, t, rev) {
+            match apply_txn(&tx, t, rev, &attachments) {
                 Ok((res, batch)) => {
                     tx.execute_batch("RELEASE one").map_err(backend)?;
                     rev = res.revision;
+                    // Into the book at once, so that later transactions of the
+                    // group see them (undone below if the group fails).
+                    if res.succeeded {
+                        shared.leases().apply(attachments);
+                    }
                     outcomes.push((Ok(res), batch));
                 }
                 Err(e) => {
@@ -222,6 +342,12 @@ fn commit_group(
         Err(e) => {
             let msg = e.to_string();
             tracing::error!(error = %msg, "store group commit failed");
+            // The book took the group's attachments as they applied: read back what
+            // is on disk instead.
+            match read_leases(conn) {
+                Ok(book) => *shared.leases() = book,
+                Err(e) => tracing::error!(error = %e, "could not read the leases back"),
+            }
             for (_, reply) in txns {
                 let _ = reply.send(Err(StoreError::Backend(msg.clone().into())));
             }
@@ -233,6 +359,7 @@ fn apply_txn(
     tx: &rusqlite::Transaction<'_>,
     t: &Txn,
     current_rev: u64,
+    attachments: &Attachments,
 ) -> Result<(TxnResult, Option<WatchBatch>), StoreError> {
     for c in &t.compares {
         let actual = get_current(tx, &c.key)?.map_or(0, |kv| kv.mod_revision);
@@ -252,7 +379,7 @@ fn apply_txn(
     let mut events = Vec::new();
     for op in &t.ops {
         match op {
-            Op::Put { key, value } => {
+            Op::Put { key, value, .. } => {
                 check_key(key)?;
                 let old = get_current(tx, key)?;
                 let (create_rev, version) = match &old {
@@ -329,6 +456,19 @@ fn apply_txn(
                 prev.push(old);
             }
         }
+    }
+    for (key, lease) in attachments.iter() {
+        match lease {
+            Some(l) => tx
+                .prepare_cached("INSERT OR REPLACE INTO lease_keys(key, lease) VALUES (?1, ?2)")
+                .map_err(backend)?
+                .execute(params![key, *l as i64]),
+            None => tx
+                .prepare_cached("DELETE FROM lease_keys WHERE key = ?1")
+                .map_err(backend)?
+                .execute([key]),
+        }
+        .map_err(backend)?;
     }
     if events.is_empty() {
         // Nothing changed (e.g. deleting absent keys): no new revision.
@@ -555,7 +695,32 @@ impl Store for SqliteStore {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    async fn watch(&self, prefix: &str, from_revision: u64) -> Result<WatchStream, StoreError> {
+    async fn lease_grant(&self, ttl: std::time::Duration) -> Result<Lease, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send(WriteReq::Grant(ttl, tx))
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn lease_keep_alive(&self, id: LeaseId) -> Result<(), StoreError> {
+        self.shared.leases().keep_alive(id)
+    }
+
+    async fn lease_revoke(&self, id: LeaseId) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send(WriteReq::Revoke(id, tx))
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn watch_with(
+        &self,
+        prefix: &str,
+        from_revision: u64,
+        options: WatchOptions,
+    ) -> Result<WatchStream, StoreError> {
         // Subscribe before reading history so that nothing committed in between is missed;
         // revisions seen twice are skipped below.
         let mut live = self.shared.events.subscribe();
@@ -622,7 +787,8 @@ impl Store for SqliteStore {
                 }
                 // Follow live commits; behind the feed, go back to the log and replay.
                 if let crate::LiveEnd::Done =
-                    crate::follow_live(&mut live, &mut next, &prefix, &tx).await
+                    crate::follow_live(&mut live, &mut next, &prefix, &tx, options.progress)
+                        .await
                 {
                     return;
                 }
