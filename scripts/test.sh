@@ -7,8 +7,11 @@ cd "$(dirname "$0")/.."
 # System packages the tests use: a C compiler (SQLite is built from source), QEMU and a
 # static busybox for the VM driver's tests (they boot a busybox initrd; qemu-img makes
 # the overlays of disk images from the artifact cache), runc and
-# Debian's OCI registry for the container driver's (busybox again, as an image).
-APT_PACKAGES=(gcc qemu-system-x86 qemu-utils busybox-static runc docker-registry)
+# Debian's OCI registry for the container driver's (busybox again, as an image); etcd
+# for the store's etcd backend and the hub replicas (started by the tests on loopback),
+# and protoc, which the etcd client's build needs (crates/store-etcd).
+APT_PACKAGES=(gcc qemu-system-x86 qemu-utils busybox-static runc docker-registry
+  etcd-server etcd-client protobuf-compiler)
 # Each tool the tests run, and the package that provides it. The machine image may ship
 # a newer build of a package than Debian's (qemu-utils, for one), and installing another
 # package can remove it; so after installing, every tool is run, and what does not run
@@ -20,6 +23,9 @@ TOOLS=(
   "busybox true:busybox-static"
   "runc --version:runc"
   "docker-registry --version:docker-registry"
+  "etcd --version:etcd-server"
+  "etcdctl version:etcd-client"
+  "protoc --version:protobuf-compiler"
 )
 apt_install() {
   if [ "$(id -u)" -ne 0 ]; then

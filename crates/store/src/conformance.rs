@@ -181,14 +181,14 @@ pub async fn compacted_history_is_a_clear_error(s: &dyn Store) {
         );
         assert_eq!(s.compact_revision().await.expect("compact"), base + 8);
         assert!(err.to_string().contains("list again"));
-        // From the compaction point itself, history is complete, with prev_kv.
+        // From the compaction point itself, history is complete; the previous value
+        // of its first change may be gone with the compacted history (etcd drops it;
+        // the embedded backends keep it), but if it is there it is the right one.
         let mut w = s.watch("/", base + 8).await.expect("watch");
         let b = w.recv().await.expect("open").expect("ok");
         assert_eq!(b.revision, base + 8);
-        assert_eq!(
-            b.events[0].prev_kv.as_ref().map(|p| p.mod_revision),
-            Some(base + 7)
-        );
+        let prev = b.events[0].prev_kv.as_ref().map(|p| p.mod_revision);
+        assert!(prev.is_none() || prev == Some(base + 7), "{prev:?}");
     }
 }
 
@@ -288,7 +288,6 @@ pub async fn watch_sees_every_change_once(
     assert_eq!(got, want);
 }
 
-
 /// Keys put with a lease live while it is kept alive and vanish, as deletes a watcher
 /// sees, when it expires or is revoked; a key put again without the lease is no
 /// longer its; an ended lease is refused.
@@ -307,13 +306,18 @@ pub async fn leases_take_their_keys_with_them(s: &dyn Store) {
     assert!(a.ttl >= ttl);
     s.txn(leased("/l/a", a.id)).await.expect("put a");
     s.txn(leased("/l/moved", a.id)).await.expect("put moved");
-    s.put("/l/moved", b"mine".to_vec(), None).await.expect("detach");
+    s.put("/l/moved", b"mine".to_vec(), None)
+        .await
+        .expect("detach");
     s.put("/l/plain", b"p".to_vec(), None).await.expect("plain");
     let mut w = s.watch("/l/", 0).await.expect("watch");
     // Kept alive across more than two TTLs, the key stays.
     for _ in 0..10 {
         tokio::time::sleep(ttl / 4).await;
-        s.lease_keep_alive(a.id).await.expect("keep alive");
+        tokio::time::timeout(Duration::from_secs(5), s.lease_keep_alive(a.id))
+            .await
+            .expect("keep-alive answers")
+            .expect("keep alive");
     }
     assert!(s.get("/l/a").await.expect("get").is_some(), "kept alive");
     // Left alone, it goes: one delete of /l/a, and nothing else.
@@ -322,7 +326,11 @@ pub async fn leases_take_their_keys_with_them(s: &dyn Store) {
         .expect("the lease expires")
         .expect("open")
         .expect("ok");
-    let deleted: Vec<_> = b.events.iter().map(|e| (e.kind, e.kv.key.as_str())).collect();
+    let deleted: Vec<_> = b
+        .events
+        .iter()
+        .map(|e| (e.kind, e.kv.key.as_str()))
+        .collect();
     assert_eq!(deleted, vec![(EventKind::Delete, "/l/a")]);
     assert!(s.get("/l/moved").await.expect("get").is_some());
     assert!(matches!(
@@ -377,7 +385,11 @@ pub async fn a_quiet_watch_hears_progress(s: &dyn Store) {
     assert_eq!(progressed, last, "progress never runs ahead of the store");
     s.compact(last).await.expect("compact");
     let mut resumed = s.watch("/quiet/", progressed + 1).await.expect("resume");
-    let r = s.put("/quiet/now", vec![1], None).await.expect("put").revision;
+    let r = s
+        .put("/quiet/now", vec![1], None)
+        .await
+        .expect("put")
+        .revision;
     let b = resumed.recv().await.expect("open").expect("ok");
     assert_eq!((b.revision, b.events.len()), (r, 1));
 }

@@ -102,7 +102,7 @@ impl LeaseBook {
                     lease: Some(l),
                     ..
                 } => {
-                    if !self.leases.get(l).is_some_and(|e| e.deadline > now) {
+                    if self.leases.get(l).is_none_or(|e| e.deadline <= now) {
                         return Err(StoreError::LeaseNotFound { lease: *l });
                     }
                     changes.push((key.clone(), Some(*l)));

@@ -16,8 +16,8 @@ use tokio::sync::{broadcast, mpsc};
 
 use crate::lease::LeaseBook;
 use crate::{
-    Event, EventKind, KeyValue, Lease, LeaseId, Op, Store, StoreError, Txn, TxnResult,
-    WatchBatch, WatchOptions, WatchStream, check_key, prefix_end,
+    Event, EventKind, KeyValue, Lease, LeaseId, Op, Store, StoreError, Txn, TxnResult, WatchBatch,
+    WatchOptions, WatchStream, check_key, prefix_end,
 };
 
 /// Batches a watch queues for a reader that has not taken them yet (as SQLite's).
@@ -102,6 +102,8 @@ fn revoke(
 
 fn expire_leases(state: Weak<Mutex<State>>, live: broadcast::Sender<Arc<WatchBatch>>) {
     loop {
+        // Its own thread, never a tokio worker.
+        #[allow(clippy::disallowed_methods)]
         std::thread::sleep(crate::lease::EXPIRY_CHECK);
         let Some(state) = state.upgrade() else { return };
         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
@@ -295,8 +297,7 @@ impl Store for MemoryStore {
                 }
                 // Follow live commits; behind the feed, back to history.
                 if let crate::LiveEnd::Done =
-                    crate::follow_live(&mut live, &mut next, &prefix, &tx, options.progress)
-                        .await
+                    crate::follow_live(&mut live, &mut next, &prefix, &tx, options.progress).await
                 {
                     return;
                 }

@@ -18,8 +18,8 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::lease::{Attachments, LeaseBook};
 use crate::{
-    Event, EventKind, KeyValue, Lease, LeaseId, Op, Store, StoreError, Txn, TxnResult,
-    WatchBatch, WatchOptions, WatchStream, check_key, prefix_end,
+    Event, EventKind, KeyValue, Lease, LeaseId, Op, Store, StoreError, Txn, TxnResult, WatchBatch,
+    WatchOptions, WatchStream, check_key, prefix_end,
 };
 
 /// How many queued transactions one group commit takes at most.
@@ -41,7 +41,10 @@ fn backend(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
 enum WriteReq {
     Txn(Txn, oneshot::Sender<Result<TxnResult, StoreError>>),
     Compact(u64, oneshot::Sender<Result<(), StoreError>>),
-    Grant(std::time::Duration, oneshot::Sender<Result<Lease, StoreError>>),
+    Grant(
+        std::time::Duration,
+        oneshot::Sender<Result<Lease, StoreError>>,
+    ),
     Revoke(LeaseId, oneshot::Sender<Result<(), StoreError>>),
 }
 
@@ -787,8 +790,7 @@ impl Store for SqliteStore {
                 }
                 // Follow live commits; behind the feed, go back to the log and replay.
                 if let crate::LiveEnd::Done =
-                    crate::follow_live(&mut live, &mut next, &prefix, &tx, options.progress)
-                        .await
+                    crate::follow_live(&mut live, &mut next, &prefix, &tx, options.progress).await
                 {
                     return;
                 }

@@ -15,8 +15,10 @@
 //! timer ([`FaultProxy::schedule`]). Byte counters measure what crossed the link.
 //!
 //! [`frontdoor`] is a load test for the hub's front door: silent and slow
-//! connections and oversized frames from strangers, on TLS and on QUIC.
+//! connections and oversized frames from strangers, on TLS and on QUIC. [`etcd`]
+//! starts real etcd servers (one member or a cluster) for the HA tests.
 
+pub mod etcd;
 pub mod frontdoor;
 
 use std::net::SocketAddr;

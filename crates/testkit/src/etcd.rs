@@ -1,0 +1,233 @@
+//! Real etcd servers for tests: Debian's `etcd` (package `etcd-server`), one member or
+//! a cluster of several, on loopback ports picked at start, each with its data in a
+//! temporary directory. Members can be killed and started again.
+//!
+//! Nothing here fakes etcd: a test that needs it and finds no `etcd` binary fails
+//! with a message saying which package to install (`scripts/test.sh` installs it).
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The binary, overridable with `VERGE_TEST_ETCD`.
+fn etcd_binary() -> String {
+    std::env::var("VERGE_TEST_ETCD").unwrap_or_else(|_| "etcd".into())
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// One member of a test cluster.
+pub struct Member {
+    /// Its name in the cluster.
+    pub name: String,
+    /// Where clients connect.
+    pub client: SocketAddr,
+    peer: SocketAddr,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+/// A running etcd cluster of one or more members.
+pub struct EtcdCluster {
+    /// The members, in order.
+    pub members: Vec<Member>,
+    initial_cluster: String,
+    _dir: tempfile::TempDir,
+}
+
+impl EtcdCluster {
+    /// Start `n` members and wait until the cluster answers.
+    pub fn start(n: usize) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut members: Vec<Member> = (0..n)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client: SocketAddr::from(([127, 0, 0, 1], free_port())),
+                peer: SocketAddr::from(([127, 0, 0, 1], free_port())),
+                dir: dir.path().join(format!("m{i}")),
+                child: None,
+            })
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}=http://{}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = Self {
+            members: Vec::new(),
+            initial_cluster,
+            _dir: dir,
+        };
+        for m in &mut members {
+            cluster.spawn(m);
+        }
+        cluster.members = members;
+        cluster.wait_healthy(Duration::from_secs(30));
+        cluster
+    }
+
+    fn spawn(&self, m: &mut Member) {
+        let log = std::fs::File::create(m.dir.with_extension("log")).expect("log file");
+        let mut command = Command::new("setpriv");
+        command
+            .args(["--pdeathsig", "KILL", "--", &etcd_binary()])
+            .args([
+                "--name",
+                &m.name,
+                "--data-dir",
+                &m.dir.display().to_string(),
+                "--listen-client-urls",
+                &format!("http://{}", m.client),
+                "--advertise-client-urls",
+                &format!("http://{}", m.client),
+                "--listen-peer-urls",
+                &format!("http://{}", m.peer),
+                "--initial-advertise-peer-urls",
+                &format!("http://{}", m.peer),
+                "--initial-cluster",
+                &self.initial_cluster,
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                "verge-test",
+                // Quicker elections than the defaults (100 ms / 1 s): loopback.
+                "--heartbeat-interval",
+                "50",
+                "--election-timeout",
+                "500",
+                "--log-level",
+                "warn",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = spawn_tied(command).unwrap_or_else(|e| {
+            panic!(
+                "cannot start {}: {e}; install Debian's etcd-server (scripts/test.sh does)",
+                etcd_binary()
+            )
+        });
+        m.child = Some(child);
+    }
+
+    /// `etcd://` address of every member, for `verge hub --store`.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self.members.iter().map(|m| m.client.to_string()).collect();
+        format!("etcd://{}", hosts.join(","))
+    }
+
+    /// Client endpoints (`http://...`) of the members that run.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("http://{}", m.client))
+            .collect()
+    }
+
+    /// SIGKILL member `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start member `i` again (after [`EtcdCluster::kill`]), on its old data.
+    pub fn restart(&mut self, i: usize) {
+        let mut m = std::mem::replace(
+            &mut self.members[i],
+            Member {
+                name: String::new(),
+                client: SocketAddr::from(([0, 0, 0, 0], 0)),
+                peer: SocketAddr::from(([0, 0, 0, 0], 0)),
+                dir: PathBuf::new(),
+                child: None,
+            },
+        );
+        self.spawn(&mut m);
+        self.members[i] = m;
+    }
+
+    /// Wait until every running member accepts TCP connections on its client port
+    /// and the cluster has elected a leader (a member reports one through `/health`).
+    pub fn wait_healthy(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        for m in self.members.iter().filter(|m| m.child.is_some()) {
+            loop {
+                if health(m.client) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "etcd member {} did not become healthy; see {}",
+                    m.name,
+                    m.dir.with_extension("log").display()
+                );
+                // Start-up is synchronous (tests call it before their runtime runs).
+                #[allow(clippy::disallowed_methods)]
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// Start `command` from a thread that lives as long as this process, so that the
+/// child's parent-death signal (`setpriv --pdeathsig KILL`) fires when the process
+/// ends however it ends: a test that panics, or whose cluster is a static that is
+/// never dropped, leaves no etcd behind.
+fn spawn_tied(command: Command) -> std::io::Result<Child> {
+    use std::sync::mpsc;
+    type Req = (Command, mpsc::Sender<std::io::Result<Child>>);
+    static SPAWNER: std::sync::OnceLock<std::sync::Mutex<mpsc::Sender<Req>>> =
+        std::sync::OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Req>();
+        std::thread::spawn(move || {
+            for (mut c, reply) in rx {
+                let _ = reply.send(c.spawn());
+            }
+            // The senders live in a static: this loop, and the thread, last as long
+            // as the process.
+        });
+        std::sync::Mutex::new(tx)
+    });
+    let (reply, answer) = mpsc::channel();
+    spawner
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send((command, reply))
+        .map_err(|_| std::io::Error::other("spawner thread gone"))?;
+    answer
+        .recv()
+        .map_err(|_| std::io::Error::other("spawner thread gone"))?
+}
+
+/// Whether the member at `addr` says it is healthy (GET /health: `"health":"true"`).
+fn health(addr: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /health HTTP/1.0\r\nHost: etcd\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.contains("\"health\":\"true\"")
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}
