@@ -79,7 +79,7 @@ echo "== fmt"
 cargo fmt --all -- --check
 echo "== clippy"
 # Every driver is built and tested, including those outside the default build.
-FEATURES=verge/container,verge/function
+FEATURES=verge/container,verge/function,verge/etcd
 cargo clippy --workspace --all-targets --locked --features "$FEATURES" -- -D warnings
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then

@@ -264,6 +264,15 @@ async fn serve_metrics(
     }
 }
 
+/// Which of `n` hub endpoints the node `name` tries first: spread by a stable hash of
+/// its name (FNV-1a), the same on every start.
+fn first_endpoint(name: &str, n: usize) -> usize {
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (h % n.max(1) as u64) as usize
+}
+
 /// Run the agent with `runtime` until `shutdown` resolves. `ready` gets the metrics
 /// address once serving.
 pub async fn run(
@@ -369,7 +378,9 @@ pub async fn run(
         // once; only after every endpoint has failed in a row does the agent back off
         // (exponentially, with jitter, so a fleet does not stampede a restarted hub).
         let mut backoff = Duration::from_millis(250);
-        let mut current = 0usize;
+        // Edges of one fleet given the same endpoint list start at different hubs
+        // (by their name), so that replicas share the load; on failure each moves on.
+        let mut current = first_endpoint(&config.name, addrs.len());
         let mut failures_in_a_row = 0usize;
         // QUIC first; after it fails on an endpoint, TLS over TCP there for a while.
         let quic = match verge_tunnel::quic::client() {
@@ -462,4 +473,21 @@ const QUIC_RETRY: Duration = Duration::from_secs(300);
 /// `d` scaled by a random factor in [0.5, 1.5), so that many edges do not retry in step.
 fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.5 + rand::random::<f64>())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn edges_spread_over_the_hub_endpoints() {
+        let mut per_hub = [0usize; 3];
+        for i in 0..300 {
+            per_hub[super::first_endpoint(&format!("edge-{i}"), 3)] += 1;
+        }
+        assert!(per_hub.iter().all(|&n| n > 60), "{per_hub:?}");
+        assert_eq!(super::first_endpoint("edge-1", 1), 0);
+        assert_eq!(
+            super::first_endpoint("edge-7", 3),
+            super::first_endpoint("edge-7", 3)
+        );
+    }
 }

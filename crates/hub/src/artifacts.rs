@@ -7,8 +7,12 @@
 //! fetch it over their channel (a data stream with hello `artifact`), verify it and keep
 //! it in their own cache, so a node cut off from the hub can still restart it.
 //!
-//! The store is this hub's directory: hubs sharing one etcd do not share artifacts
-//! (push to each, or use an OCI registry).
+//! Each hub keeps the files in its own directory; the store keeps the catalogue
+//! (`/verge/artifacts/DIGEST`). Hub replicas sharing a store copy from each other
+//! ([`replicate`]): every replica pulls each catalogued artifact it lacks from a
+//! replica that has it (verifying the digest), at once in the background and on
+//! demand when asked for one it has not copied yet; a delete through any replica
+//! removes it everywhere.
 
 use std::sync::Arc;
 
@@ -22,9 +26,13 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use verge_api::{ApiError, ErrorCode};
 use verge_artifacts::ArtifactError;
+use verge_store::StoreExt;
 use verge_tunnel::chunk::{Chunk, DATA_CHUNK, write_chunk};
 
 use crate::state::HubState;
+
+/// Where the catalogue of artifacts lives in the store.
+pub const CATALOGUE_PREFIX: &str = "/verge/artifacts/";
 
 /// Largest artifact the hub takes.
 pub const MAX_ARTIFACT: u64 = 32 << 30;
@@ -84,6 +92,16 @@ pub async fn upload(
     }
     let size = w.size();
     let digest = w.finish(q.digest.as_deref()).map_err(api_error)?;
+    let entry = serde_json::to_vec(&ArtifactInfo {
+        digest: digest.clone(),
+        size,
+    })
+    .unwrap_or_default();
+    st.objects
+        .store()
+        .put(&format!("{CATALOGUE_PREFIX}{digest}"), entry, None)
+        .await
+        .map_err(crate::objects::store_err)?;
     tracing::info!(%digest, size, "artifact stored");
     Ok((StatusCode::CREATED, Json(ArtifactInfo { digest, size })))
 }
@@ -99,9 +117,13 @@ pub fn list(st: &HubState) -> serde_json::Value {
     serde_json::json!({ "items": items })
 }
 
-/// `GET /v1/artifacts/{digest}`: the content, streamed.
-pub async fn download(st: &HubState, digest: &str) -> Result<Response, ApiError> {
+/// `GET /v1/artifacts/{digest}`: the content, streamed. Unless `local_only` (what
+/// replicas ask each other), one catalogued but not yet copied here is copied first.
+pub async fn download(st: &HubState, digest: &str, local_only: bool) -> Result<Response, ApiError> {
     st.artifacts.path(digest).map_err(api_error)?;
+    if !local_only {
+        copy_from_peers(st, digest).await;
+    }
     let path = st.artifacts.get(digest).ok_or_else(|| missing(digest))?;
     let file = tokio::fs::File::open(&path)
         .await
@@ -124,13 +146,126 @@ pub async fn download(st: &HubState, digest: &str) -> Result<Response, ApiError>
         .into_response())
 }
 
-/// `DELETE /v1/artifacts/{digest}`.
-pub fn delete(st: &HubState, digest: &str) -> Result<StatusCode, ApiError> {
-    if st.artifacts.remove(digest).map_err(api_error)? {
+/// `DELETE /v1/artifacts/{digest}`: here, from the catalogue, and so from every
+/// replica.
+pub async fn delete(st: &HubState, digest: &str) -> Result<StatusCode, ApiError> {
+    st.artifacts.path(digest).map_err(api_error)?;
+    let catalogued = st
+        .objects
+        .store()
+        .delete(&format!("{CATALOGUE_PREFIX}{digest}"), None)
+        .await
+        .map_err(crate::objects::store_err)?
+        .prev
+        .first()
+        .is_some_and(Option::is_some);
+    if st.artifacts.remove(digest).map_err(api_error)? || catalogued {
         tracing::info!(%digest, "artifact deleted");
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(missing(digest))
+    }
+}
+
+/// Copy `digest` from a replica that has it, if it is catalogued and missing here.
+/// Whether it is here afterwards.
+pub async fn copy_from_peers(st: &HubState, digest: &str) -> bool {
+    if st.artifacts.get(digest).is_some() {
+        return true;
+    }
+    let catalogued = st
+        .objects
+        .store()
+        .get(&format!("{CATALOGUE_PREFIX}{digest}"))
+        .await
+        .ok()
+        .flatten()
+        .is_some();
+    if !catalogued {
+        return false;
+    }
+    for peer in crate::replicas::live_replicas(st).await {
+        if peer.id == st.replica.id {
+            continue;
+        }
+        match copy_from(st, &peer.url, digest).await {
+            Ok(size) => {
+                tracing::info!(digest, size, from = %peer.id, "artifact copied from a replica");
+                return true;
+            }
+            Err(e) => {
+                tracing::debug!(digest, from = %peer.id, error = %e.message, "replica could not give the artifact")
+            }
+        }
+    }
+    false
+}
+
+async fn copy_from(st: &HubState, url: &str, digest: &str) -> Result<u64, ApiError> {
+    let req = axum::http::Request::get(format!("/v1/artifacts/{digest}?local=true"))
+        .header(
+            axum::http::header::AUTHORIZATION,
+            format!("Bearer {}", crate::replicas::peer_token(st)),
+        )
+        .header(axum::http::header::HOST, "verge-hub")
+        .body(Body::empty())
+        .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+    let resp = crate::replicas::forward(st, url, req).await?;
+    if !resp.status().is_success() {
+        return Err(ApiError::new(
+            ErrorCode::Unavailable,
+            format!("{url} answered {}", resp.status()),
+        ));
+    }
+    let mut w = st
+        .artifacts
+        .writer("an artifact from a replica", MAX_ARTIFACT)
+        .map_err(api_error)?;
+    let mut stream = resp.into_body().into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::new(ErrorCode::Unavailable, e.to_string()))?;
+        w.write(&chunk).map_err(api_error)?;
+    }
+    let size = w.size();
+    w.finish(Some(digest)).map_err(api_error)?;
+    Ok(size)
+}
+
+/// Keep this hub's copies in step with the catalogue: copy what it lacks, remove what
+/// was deleted. Runs on every replica.
+pub async fn replicate(st: Arc<HubState>) {
+    loop {
+        let store = st.objects.store().clone();
+        let Ok(listed) = store.range(CATALOGUE_PREFIX).await else {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            continue;
+        };
+        for kv in &listed.kvs {
+            copy_from_peers(&st, kv.key.trim_start_matches(CATALOGUE_PREFIX)).await;
+        }
+        let Ok(mut w) = store.watch(CATALOGUE_PREFIX, listed.revision + 1).await else {
+            continue;
+        };
+        while let Some(Ok(batch)) = w.recv().await {
+            for ev in batch.events {
+                let digest = ev.kv.key.trim_start_matches(CATALOGUE_PREFIX).to_string();
+                match ev.kind {
+                    verge_store::EventKind::Put => {
+                        // The uploader may still be answering: try again shortly if no
+                        // replica has it yet.
+                        if !copy_from_peers(&st, &digest).await {
+                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                            copy_from_peers(&st, &digest).await;
+                        }
+                    }
+                    verge_store::EventKind::Delete => {
+                        if st.artifacts.remove(&digest).unwrap_or(false) {
+                            tracing::info!(%digest, "artifact deleted through another replica");
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -158,13 +293,22 @@ pub mod handlers {
         Json(list(&st))
     }
 
+    /// Query of a download.
+    #[derive(Debug, Default, Deserialize)]
+    pub struct DownloadQuery {
+        /// Only what this hub has (replicas asking each other).
+        #[serde(default)]
+        pub local: bool,
+    }
+
     /// `GET /v1/artifacts/{digest}`.
     pub async fn get_one(
         State(st): State<Arc<HubState>>,
         _p: Principal,
         Path(digest): Path<String>,
+        Query(q): Query<DownloadQuery>,
     ) -> Result<Response, HttpError> {
-        Ok(download(&st, &digest).await?)
+        Ok(download(&st, &digest, q.local).await?)
     }
 
     /// `DELETE /v1/artifacts/{digest}`.
@@ -174,7 +318,7 @@ pub mod handlers {
         Path(digest): Path<String>,
     ) -> Result<StatusCode, HttpError> {
         admin_only(&p, "deleting artifacts")?;
-        Ok(delete(&st, &digest)?)
+        Ok(delete(&st, &digest).await?)
     }
 }
 
@@ -186,6 +330,7 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     digest: &str,
 ) -> bool {
+    copy_from_peers(st, digest).await;
     let path = match st.artifacts.path(digest) {
         Err(e) => Err(e.to_string()),
         Ok(_) => st

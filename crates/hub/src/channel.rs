@@ -371,6 +371,7 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         transport,
         &st.metrics,
     );
+    crate::replicas::claim_session(&st, &node, conn.id).await;
     tracing::info!(node = %node, since, agent_version = %agent_version, "edge connected");
     let writer_task = tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {
@@ -455,6 +456,7 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         "the channel to node '{node}' was lost ({reason}); the edge reconnects on its own, run the command again then"
     ));
     st.edges.unregister(&node, conn.id);
+    crate::replicas::release_session(&st, &node, conn.id).await;
     sync_task.abort();
     drop(tx);
     drop(conn);

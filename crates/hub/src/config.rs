@@ -32,6 +32,19 @@ pub struct HubConfig {
     pub admit_rate: f64,
     /// Lifetime of node certificates; edges renew at two thirds of it.
     pub node_cert_ttl: Duration,
+    /// This replica's id among the hubs sharing a store (see [`crate::replicas`]).
+    pub replica_id: String,
+    /// The URL other replicas reach this one at (default: from the listen address).
+    pub advertise: Option<String>,
+    /// How long this replica's lease (its membership, its sessions, its leadership)
+    /// lives unrenewed: a dead leader is replaced about this long after it died.
+    pub lease_ttl: Duration,
+    /// The store is shared with other replicas (etcd): join its current history
+    /// epoch instead of beginning one ([`crate::history`]).
+    pub shared_store: bool,
+    /// Begin a new history epoch even on a shared store (after restoring it from a
+    /// backup: edges then take a snapshot instead of resuming).
+    pub new_epoch: bool,
 }
 
 impl HubConfig {
@@ -47,6 +60,11 @@ impl HubConfig {
             scheduler_shard: None,
             admit_rate: 200.0,
             node_cert_ttl: Duration::from_secs(365 * 86_400),
+            replica_id: String::new(),
+            advertise: None,
+            lease_ttl: Duration::from_secs(2),
+            shared_store: false,
+            new_epoch: false,
         }
     }
 }
@@ -106,6 +124,17 @@ pub enum SetupError {
     /// Certificate trouble.
     #[error(transparent)]
     Pki(#[from] PkiError),
+    /// This data directory's CA is not the one the shared store holds.
+    #[error(
+        "{dir}: this hub's CA (ca.crt, ca.key) is not the CA of the store it joins (another hub created that one); move ca.crt and ca.key away to join with the store's CA, or point --store at this hub's own store"
+    )]
+    ForeignCa {
+        /// The data directory.
+        dir: PathBuf,
+    },
+    /// The store failed while reading or recording the CA.
+    #[error("store: {0}")]
+    Store(#[from] verge_store::StoreError),
 }
 
 impl SetupError {
@@ -171,6 +200,65 @@ pub fn load_or_create_ca(dir: &Path) -> Result<CertAuthority, SetupError> {
     write_private(&key, ca.key_pem().as_bytes())?;
     write_private(&cert, ca.cert_pem().as_bytes())?;
     Ok(ca)
+}
+
+/// Store key of the cluster CA, which every hub replica on the store shares.
+pub const CA_KEY: &str = "/verge/system/ca";
+
+#[derive(Serialize, Deserialize)]
+struct StoredCa {
+    cert: String,
+    key: String,
+}
+
+/// The cluster CA: the one the store holds (replicas of one store share it, so that
+/// an edge trusts every replica and every replica accepts every node), written to
+/// this data directory too; or this directory's own (made if need be), recorded in
+/// the store if the store had none. The key is as secret as the store is: give etcd
+/// client-certificate authentication (docs/SECURITY.md).
+pub async fn shared_ca(
+    store: &dyn verge_store::Store,
+    dir: &Path,
+) -> Result<CertAuthority, SetupError> {
+    use verge_store::StoreExt;
+    let from_store = |kv: verge_store::KeyValue| -> Result<StoredCa, SetupError> {
+        serde_json::from_slice(&kv.value).map_err(|e| SetupError::Config {
+            path: PathBuf::from(CA_KEY),
+            detail: format!("the CA record in the store is damaged: {e}"),
+        })
+    };
+    let stored = match store.get(CA_KEY).await? {
+        Some(kv) => from_store(kv)?,
+        None => {
+            let ca = load_or_create_ca(dir)?;
+            let mine = StoredCa {
+                cert: ca.cert_pem().to_string(),
+                key: ca.key_pem().to_string(),
+            };
+            let value = serde_json::to_vec(&mine).unwrap_or_default();
+            if store.put(CA_KEY, value, Some(0)).await?.succeeded {
+                return Ok(ca);
+            }
+            // Another replica recorded one first: theirs it is.
+            match store.get(CA_KEY).await? {
+                Some(kv) => from_store(kv)?,
+                None => return Ok(ca),
+            }
+        }
+    };
+    let (cert, key) = (dir.join("ca.crt"), dir.join("ca.key"));
+    if cert.exists() {
+        let local = std::fs::read_to_string(&cert).map_err(|e| SetupError::io(&cert, e))?;
+        if local.trim() != stored.cert.trim() {
+            return Err(SetupError::ForeignCa {
+                dir: dir.to_path_buf(),
+            });
+        }
+    } else {
+        write_private(&key, stored.key.as_bytes())?;
+        write_private(&cert, stored.cert.as_bytes())?;
+    }
+    Ok(CertAuthority::from_pem(&stored.cert, &stored.key)?)
 }
 
 /// Issue this start's server certificate (cheap; avoids stale SANs).

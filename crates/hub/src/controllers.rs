@@ -88,6 +88,70 @@ pub async fn scheduler(st: Arc<HubState>) {
     }
 }
 
+/// Wake the scheduler when a write on any replica may have made work for it: an
+/// instance created, changed or deleted, a node added, removed, or changing phase or
+/// capacity. Writes reach the leader through this watch, not a timer. Status-only
+/// updates of bound instances (statuses from edges) and heartbeats do not wake it.
+pub async fn kick_on_changes(st: Arc<HubState>) {
+    use verge_api::Kind;
+    use verge_store::EventKind;
+    let instances = verge_api::kind_prefix(InstanceSpec::PLURAL);
+    let nodes = verge_api::kind_prefix(NodeSpec::PLURAL);
+    loop {
+        let mut w = match st.objects.store().watch("/", 0).await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch for scheduling work; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        while let Some(Ok(batch)) = w.recv().await {
+            let work = batch.events.iter().any(|e| {
+                let key = e.kv.key.as_str();
+                if e.kind == EventKind::Delete {
+                    return key.starts_with(&instances) || key.starts_with(&nodes);
+                }
+                let prev = e.prev_kv.as_ref().map(|p| p.value.as_slice());
+                if key.starts_with(&instances) {
+                    needs_placement(&e.kv.value, prev)
+                } else if key.starts_with(&nodes) {
+                    node_changed(&e.kv.value, prev)
+                } else {
+                    false
+                }
+            });
+            if work {
+                st.schedule_kick.notify_one();
+            }
+        }
+    }
+}
+
+/// Whether an instance write may need the scheduler: it is unbound, or its spec
+/// changed.
+fn needs_placement(new: &[u8], prev: Option<&[u8]>) -> bool {
+    let Ok(new) = serde_json::from_slice::<Instance>(new) else {
+        return false;
+    };
+    let prev = prev.and_then(|p| serde_json::from_slice::<Instance>(p).ok());
+    new.status.node.is_none()
+        || prev.is_none_or(|p| p.metadata.generation != new.metadata.generation)
+}
+
+/// Whether a node write changes what can be placed on it.
+fn node_changed(new: &[u8], prev: Option<&[u8]>) -> bool {
+    let Ok(new) = serde_json::from_slice::<verge_api::Node>(new) else {
+        return false;
+    };
+    let Some(prev) = prev.and_then(|p| serde_json::from_slice::<verge_api::Node>(p).ok()) else {
+        return true;
+    };
+    prev.status.phase != new.status.phase
+        || prev.status.allocatable != new.status.allocatable
+        || prev.metadata.generation != new.metadata.generation
+}
+
 /// How long offline recommendations are reused before being recomputed.
 const RECOMMENDATIONS_TTL: Duration = Duration::from_secs(30);
 

@@ -35,6 +35,18 @@ pub async fn begin(store: &dyn Store) -> Result<String, StoreError> {
     Ok(id)
 }
 
+/// Join the store's current epoch (the newest), or begin one if it has none: what a
+/// replica does on a store other replicas share, where every start beginning an epoch
+/// would send every edge a snapshot after each replica restart. After restoring a
+/// shared store from a backup, start one hub with `--new-epoch`.
+pub async fn join(store: &dyn Store) -> Result<String, StoreError> {
+    let epochs = store.range(EPOCH_PREFIX).await?;
+    match epochs.kvs.iter().max_by_key(|kv| kv.create_revision) {
+        Some(kv) => Ok(kv.key.trim_start_matches(EPOCH_PREFIX).to_string()),
+        None => begin(store).await,
+    }
+}
+
 /// Whether an edge at `since` (confirmed in `epoch`) may resume from there.
 pub async fn can_resume(
     store: &dyn Store,

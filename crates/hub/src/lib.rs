@@ -20,6 +20,7 @@ pub mod limits;
 pub mod objects;
 pub mod offline;
 pub mod placement;
+pub mod replicas;
 pub mod state;
 pub mod streams;
 pub mod tokens;
@@ -74,7 +75,7 @@ pub struct HubInfo {
     pub join_token_file: PathBuf,
 }
 
-fn url_for(addr: SocketAddr) -> String {
+pub(crate) fn url_for(addr: SocketAddr) -> String {
     let host = match addr.ip() {
         ip if ip.is_unspecified() && ip.is_ipv4() => "127.0.0.1".to_string(),
         ip if ip.is_unspecified() => "[::1]".to_string(),
@@ -89,10 +90,25 @@ fn new_admin_token() -> String {
     format!("adm_{}", verge_tunnel::pki::hex(&b))
 }
 
-/// Run a hub on `listener` until `shutdown` resolves. `ready` is called once the hub
-/// is serving, with where it wrote its admin config.
+/// Run a hub on `listener` until `shutdown` resolves, on the embedded SQLite store in
+/// its data directory. `ready` is called once the hub is serving, with where it wrote
+/// its admin config.
 pub async fn run(
+    config: HubConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    ready: impl FnOnce(&HubInfo),
+) -> Result<(), HubError> {
+    config::prepare_private_dir(&config.data_dir)?;
+    let store = SqliteStore::open(config.data_dir.join("store.db"))?;
+    run_with_store(config, Arc::new(store), listener, shutdown, ready).await
+}
+
+/// [`run`] on a store opened by the caller: etcd for hub replicas (with
+/// [`HubConfig::shared_store`] set), or any other backend of the store contract.
+pub async fn run_with_store(
     mut config: HubConfig,
+    store: Arc<dyn Store>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
     ready: impl FnOnce(&HubInfo),
@@ -102,9 +118,10 @@ pub async fn run(
     config.listen = addr;
     let dir = config.data_dir.clone();
     config::prepare_private_dir(&dir)?;
-    let store = SqliteStore::open(dir.join("store.db"))?;
-    let store: Arc<dyn Store> = Arc::new(store);
-    let ca = config::load_or_create_ca(&dir)?;
+    if config.replica_id.is_empty() {
+        config.replica_id = replicas::replica_id(&dir)?;
+    }
+    let ca = config::shared_ca(store.as_ref(), &dir).await?;
     let server = config::server_cert(&ca, &config)?;
     let tls = verge_tunnel::tls::server_config(
         ca.cert_pem(),
@@ -113,6 +130,7 @@ pub async fn run(
     )?;
 
     // Admin credentials: reuse the token from an existing admin.conf, else mint one.
+    // Every replica registers its own; each is good at all of them.
     let admin_conf = dir.join("admin.conf");
     let token = match ClientConfig::load(&admin_conf) {
         Ok(c) => c.token,
@@ -142,13 +160,27 @@ pub async fn run(
         config::write_private(&join_token_file, format!("{}\n", t.token).as_bytes())?;
     }
 
-    let epoch = history::begin(store.as_ref()).await?;
+    let epoch = if config.shared_store && !config.new_epoch {
+        history::join(store.as_ref()).await?
+    } else {
+        history::begin(store.as_ref()).await?
+    };
     let st = HubState::new(Objects::new(store), ca, config);
     st.set_epoch(epoch);
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(controllers::node_lifecycle(st.clone()));
-    tasks.spawn(controllers::scheduler(st.clone()));
-    tasks.spawn(controllers::compaction(st.clone()));
+    tasks.spawn(replicas::keep_lease(st.clone()));
+    tasks.spawn(replicas::campaign(st.clone()));
+    tasks.spawn(replicas::follow_sessions(st.clone()));
+    tasks.spawn(artifacts::replicate(st.clone()));
+    tasks.spawn(replicas::lead_controllers(st.clone(), |st| async move {
+        let mut c = tokio::task::JoinSet::new();
+        c.spawn(controllers::node_lifecycle(st.clone()));
+        c.spawn(controllers::scheduler(st.clone()));
+        c.spawn(controllers::kick_on_changes(st.clone()));
+        c.spawn(controllers::compaction(st));
+        // Aborting this task drops the set, which aborts every controller in it.
+        while c.join_next().await.is_some() {}
+    }));
     let app = http::router(st.clone());
     // QUIC on the same port number, over UDP. Edges try it first and fall back to TCP.
     let reset_secret = {

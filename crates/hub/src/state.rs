@@ -55,6 +55,8 @@ pub struct Metrics {
     pub revoked_certificates: Family<Labels, Counter>,
     /// Watches ended because their reader fell too far behind.
     pub watches_dropped: Counter,
+    /// 1 while this replica leads (runs the controllers), else 0.
+    pub leader: Gauge,
 }
 
 impl Metrics {
@@ -74,6 +76,7 @@ impl Metrics {
             sessions_replaced: Counter::default(),
             revoked_certificates: Family::default(),
             watches_dropped: Counter::default(),
+            leader: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -90,6 +93,11 @@ impl Metrics {
             "revoked_certificates",
             "Requests, sessions and streams refused because their node certificate was revoked",
             m.revoked_certificates.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this hub replica leads and runs the controllers",
+            m.leader.clone(),
         );
         registry.register(
             "watches_dropped",
@@ -373,6 +381,16 @@ impl EdgeRegistry {
         }
     }
 
+    /// Every connected node and its connection id.
+    pub fn sessions(&self) -> Vec<(String, u64)> {
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(n, c)| (n.clone(), c.id))
+            .collect()
+    }
+
     /// Number of connected edges.
     pub fn len(&self) -> usize {
         self.conns.lock().unwrap_or_else(|e| e.into_inner()).len()
@@ -540,6 +558,8 @@ pub struct HubState {
     pub limits: crate::limits::Limits,
     /// Concurrent watches, in all and per principal.
     pub watches: crate::limits::Pool<String>,
+    /// This hub as one replica of possibly several on one store ([`crate::replicas`]).
+    pub replica: crate::replicas::Replica,
     /// The epoch of the store's history this hub began at start ([`crate::history`]).
     epoch: std::sync::OnceLock<String>,
     /// Token bucket for admitting edge sessions: tokens left, last refill.
@@ -550,12 +570,21 @@ impl HubState {
     /// Assemble the state.
     pub fn new(objects: Objects, ca: CertAuthority, config: HubConfig) -> Arc<Self> {
         let config_burst = config.admit_rate.max(1.0);
+        let replica = crate::replicas::Replica::new(
+            config.replica_id.clone(),
+            config
+                .advertise
+                .clone()
+                .unwrap_or_else(|| crate::url_for(config.listen)),
+            config.lease_ttl,
+        );
         Arc::new(Self {
+            replica,
             objects,
             ca,
             artifacts: {
                 let store = verge_artifacts::Cache::new(config.data_dir.join("artifacts"));
-                // This hub is the store's only writer, and it is only starting.
+                // This hub is its directory's only writer, and it is only starting.
                 store.clear_partial();
                 store
             },

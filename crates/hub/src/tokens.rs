@@ -173,20 +173,28 @@ pub async fn check_join_token(
     Ok((compare, op, bound))
 }
 
-/// Set the admin token hash (first start).
+/// Register an admin token (its hash): each hub replica registers the one in its
+/// admin.conf, and every registered token is good at every replica.
 pub async fn set_admin_token(store: &dyn Store, token: &str) -> Result<(), ApiError> {
+    let h = hash(token);
     store
-        .put(ADMIN_TOKEN_KEY, hash(token).into_bytes(), None)
+        .put(
+            &format!("{ADMIN_TOKEN_KEY}/{}", &h[..16]),
+            h.into_bytes(),
+            None,
+        )
         .await
         .map_err(store_err)?;
     Ok(())
 }
 
-/// Fetch the admin token hash.
-pub async fn admin_token_hash(store: &dyn Store) -> Result<Option<String>, ApiError> {
-    Ok(store
-        .get(ADMIN_TOKEN_KEY)
-        .await
-        .map_err(store_err)?
-        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
+/// Whether `token` is a registered admin token (the key of a single hub from before
+/// replicas counts too).
+pub async fn is_admin_token(store: &dyn Store, token: &str) -> Result<bool, ApiError> {
+    let h = hash(token);
+    let registered = store.range(ADMIN_TOKEN_KEY).await.map_err(store_err)?;
+    Ok(registered.kvs.iter().any(|kv| {
+        (kv.key == ADMIN_TOKEN_KEY || kv.key.starts_with(&format!("{ADMIN_TOKEN_KEY}/")))
+            && ct_eq(&h, &String::from_utf8_lossy(&kv.value))
+    }))
 }

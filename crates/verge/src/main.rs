@@ -10,6 +10,7 @@ mod cli;
 mod client;
 mod dev;
 mod remote;
+mod store_arg;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -63,6 +64,19 @@ enum Command {
         /// Lifetime of node certificates (edges renew after two thirds of it).
         #[arg(long, default_value = "365d", value_parser = parse_duration)]
         node_cert_ttl: Duration,
+        #[command(flatten)]
+        store: store_arg::StoreArgs,
+        /// The URL other hub replicas reach this one at (default: from --listen).
+        #[arg(long)]
+        advertise: Option<String>,
+        /// How long a replica's lease lives unrenewed: a dead leader is replaced about
+        /// this long after it died.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        lease_ttl: Duration,
+        /// Begin a new history epoch on a shared store (after restoring etcd from a
+        /// backup, so that edges take a snapshot instead of resuming).
+        #[arg(long)]
+        new_epoch: bool,
     },
     /// Run the edge agent.
     Edge {
@@ -420,6 +434,10 @@ fn real_main() -> Result<()> {
             heartbeat,
             admit_rate,
             node_cert_ttl,
+            store,
+            advertise,
+            lease_ttl,
+            new_epoch,
         } => {
             init_tracing("info");
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -433,14 +451,23 @@ fn real_main() -> Result<()> {
                 config.heartbeat_interval = heartbeat;
                 config.admit_rate = admit_rate;
                 config.node_cert_ttl = node_cert_ttl;
+                config.advertise = advertise;
+                config.lease_ttl = lease_ttl;
+                config.new_epoch = new_epoch;
                 let listener = tokio::net::TcpListener::bind(listen)
                     .await
                     .with_context(|| format!("cannot listen on {listen}; is another hub running? pick another --listen"))?;
-                verge_hub::run(config, listener, shutdown_signal(), |info| {
-                    // One machine-readable line for scripts and tests.
+                // One machine-readable line for scripts and tests.
+                let ready = |info: &verge_hub::HubInfo| {
                     println!("hub ready url={} admin_conf={} join_token_file={}", info.url, info.admin_conf.display(), info.join_token_file.display());
-                })
-                .await?;
+                };
+                match store.open().await? {
+                    None => verge_hub::run(config, listener, shutdown_signal(), ready).await?,
+                    Some(shared) => {
+                        config.shared_store = true;
+                        verge_hub::run_with_store(config, shared, listener, shutdown_signal(), ready).await?
+                    }
+                }
                 Ok(())
             })
         }
