@@ -100,6 +100,10 @@ pub struct EdgeConfig {
     /// Hub endpoints (`https://HOST:PORT`), in order of preference: replicas or
     /// gateways in different data centres. The agent fails over between them.
     pub hubs: Vec<String>,
+    /// Start at an endpoint picked by the node's name instead of the first: for
+    /// endpoints that are replicas of one hub (on one etcd), so that a fleet given the
+    /// same list spreads over them.
+    pub spread_hubs: bool,
     /// Join token for first start.
     pub join_token: Option<String>,
     /// Node name.
@@ -380,7 +384,11 @@ pub async fn run(
         let mut backoff = Duration::from_millis(250);
         // Edges of one fleet given the same endpoint list start at different hubs
         // (by their name), so that replicas share the load; on failure each moves on.
-        let mut current = first_endpoint(&config.name, addrs.len());
+        let mut current = if config.spread_hubs {
+            first_endpoint(&config.name, addrs.len())
+        } else {
+            0
+        };
         let mut failures_in_a_row = 0usize;
         // QUIC first; after it fails on an endpoint, TLS over TCP there for a while.
         let quic = match verge_tunnel::quic::client() {

@@ -172,7 +172,7 @@ fn forbidden(node: &str, what: &str) -> HttpError {
     .into()
 }
 
-pub(crate) fn admin_only(p: &Principal, what: &str) -> ApiResult<()> {
+pub fn admin_only(p: &Principal, what: &str) -> ApiResult<()> {
     match p {
         Principal::Admin => Ok(()),
         Principal::Node(n) => Err(forbidden(n, what)),
@@ -901,6 +901,7 @@ pub fn router(state: Arc<HubState>) -> Router {
                 )),
         )
         .route("/v1/tokens", post(tokens))
+        .route("/v1/replicas", get(crate::replicas::list_handler))
         .route(
             "/v1/artifacts",
             get(crate::artifacts::handlers::get_list).put(crate::artifacts::handlers::put),

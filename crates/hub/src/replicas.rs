@@ -528,3 +528,40 @@ pub async fn live_replicas(st: &HubState) -> Vec<ReplicaRecord> {
         })
         .unwrap_or_default()
 }
+
+/// `GET /v1/replicas`: the live replicas, which one leads, and which holds each
+/// node's session (admins only).
+pub async fn list_handler(
+    State(st): State<Arc<HubState>>,
+    p: crate::http::Principal,
+) -> Result<axum::Json<serde_json::Value>, crate::http::HttpError> {
+    crate::http::admin_only(&p, "hub replicas")?;
+    let store = st.objects.store();
+    let err = |e: StoreError| crate::http::HttpError(crate::objects::store_err(e));
+    let leader = store
+        .get(LEADER_KEY)
+        .await
+        .map_err(err)?
+        .and_then(|kv| serde_json::from_slice::<ReplicaRecord>(&kv.value).ok())
+        .map(|r| r.id);
+    let sessions: serde_json::Map<String, serde_json::Value> = store
+        .range(SESSIONS_PREFIX)
+        .await
+        .map_err(err)?
+        .kvs
+        .iter()
+        .filter_map(|kv| {
+            let s: SessionRecord = serde_json::from_slice(&kv.value).ok()?;
+            Some((
+                kv.key.trim_start_matches(SESSIONS_PREFIX).to_string(),
+                s.hub.into(),
+            ))
+        })
+        .collect();
+    Ok(axum::Json(serde_json::json!({
+        "self": st.replica.id,
+        "leader": leader,
+        "replicas": live_replicas(&st).await,
+        "sessions": sessions,
+    })))
+}

@@ -16,6 +16,8 @@
 //! - **Compaction point**: etcd does not report it outside a failed watch, so
 //!   [`EtcdStore::compact`] records it in a key of its own beside the namespace.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -106,10 +108,24 @@ impl EtcdConfig {
 }
 
 /// The etcd-backed store. Cheap to clone.
+///
+/// It talks to one member at a time, as etcd's own client does, and moves to the
+/// next when that one cannot be reached: a balancer that keeps a dead member in its
+/// set (etcd-client's, over tonic) fails a share of requests for as long as the
+/// member is down.
 #[derive(Clone)]
 pub struct EtcdStore {
-    client: Client,
+    members: Arc<Members>,
     namespace: String,
+}
+
+struct Members {
+    endpoints: Vec<String>,
+    options: ConnectOptions,
+    /// A client per endpoint, connected the first time it is used.
+    clients: tokio::sync::Mutex<Vec<Option<Client>>>,
+    /// The endpoint in use.
+    current: AtomicUsize,
 }
 
 fn backend(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
@@ -141,13 +157,81 @@ impl EtcdStore {
             }
             options = options.with_tls(tls);
         }
-        let client = Client::connect(&config.endpoints, Some(options))
+        if config.endpoints.is_empty() {
+            return Err(backend_msg("no etcd endpoint given".into()));
+        }
+        let store = Self {
+            members: Arc::new(Members {
+                clients: tokio::sync::Mutex::new(vec![None; config.endpoints.len()]),
+                endpoints: config.endpoints.clone(),
+                options,
+                current: AtomicUsize::new(0),
+            }),
+            namespace: config.namespace.clone(),
+        };
+        // Reach one member now, so that a wrong address is an error at start.
+        store
+            .call(
+                true,
+                |c| async move { c.cluster_client().member_list().await },
+            )
             .await
             .map_err(backend)?;
-        Ok(Self {
-            client,
-            namespace: config.namespace.clone(),
-        })
+        Ok(store)
+    }
+
+    /// The client of endpoint `i`, connecting it if need be.
+    async fn client_at(&self, i: usize) -> Result<Client, etcd_client::Error> {
+        let mut clients = self.members.clients.lock().await;
+        if let Some(c) = &clients[i] {
+            return Ok(c.clone());
+        }
+        let c = Client::connect(
+            [self.members.endpoints[i].as_str()],
+            Some(self.members.options.clone()),
+        )
+        .await?;
+        clients[i] = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Run `f` on the member in use; when it cannot be reached (or, with
+    /// `idempotent`, on any failure), move to the next member and run it again, twice
+    /// around the cluster at most. A write whose answer was lost is never repeated:
+    /// it may have been applied.
+    async fn call<T, F, Fut>(&self, idempotent: bool, f: F) -> Result<T, etcd_client::Error>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let n = self.members.endpoints.len();
+        let attempts = 2 * n;
+        let mut attempt = 1;
+        loop {
+            let i = self.members.current.load(Ordering::Relaxed) % n;
+            let result = match self.client_at(i).await {
+                Ok(c) => f(c).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(v) => return Ok(v),
+                Err(e) if attempt < attempts && (idempotent || unsent(&e)) => {
+                    tracing::debug!(error = %e, member = %self.members.endpoints[i], attempt, "etcd member failed; trying the next");
+                    let _ = self.members.current.compare_exchange(
+                        i,
+                        (i + 1) % n,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                    // Round the cluster quickly, then slower (an election takes time).
+                    if attempt >= n {
+                        tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
+                    }
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     fn full(&self, key: &str) -> Vec<u8> {
@@ -199,19 +283,159 @@ impl EtcdStore {
         })
     }
 
-    async fn recorded_compaction(&self) -> Result<u64, StoreError> {
-        let resp = self
-            .client
-            .kv_client()
-            .get(self.compact_key(), None)
+    /// A read: safe to run again on another member whatever went wrong.
+    async fn read<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: Fn(etcd_client::KvClient) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        self.call(true, |c| f(c.kv_client())).await.map_err(backend)
+    }
+
+    /// Start an etcd watch of `prefix` from `start`, once etcd says it exists.
+    async fn open_watch(
+        &self,
+        prefix: &str,
+        start: u64,
+    ) -> Result<etcd_client::WatchStream, StoreError> {
+        // etcd creates a watch on compacted history and cancels it a moment later;
+        // the recorded compaction point answers at once (a compaction by someone
+        // else still ends the watch with the same error, from the stream).
+        let compacted = self.recorded_compaction().await?;
+        if start < compacted {
+            return Err(StoreError::Compacted {
+                requested: start,
+                compact_revision: compacted,
+            });
+        }
+        let watch_options = etcd_client::WatchOptions::new()
+            .with_range(self.full(&verge_store::prefix_end(prefix)))
+            .with_start_revision(start as i64)
+            .with_prev_key();
+        let key = self.full(prefix);
+        let mut stream = self
+            .call(true, |c| {
+                let (key, options) = (key.clone(), watch_options.clone());
+                async move { c.watch_client().watch(key, Some(options)).await }
+            })
             .await
             .map_err(backend)?;
+        // The first answer says whether the watch exists (or its history is gone).
+        match stream.message().await.map_err(backend)? {
+            Some(r) if r.canceled() && r.compact_revision() > 0 => Err(StoreError::Compacted {
+                requested: start,
+                compact_revision: r.compact_revision() as u64,
+            }),
+            Some(r) if r.canceled() => Err(backend_msg(format!(
+                "etcd refused the watch: {}",
+                r.cancel_reason()
+            ))),
+            Some(_) => Ok(stream),
+            None => Err(StoreError::Closed),
+        }
+    }
+
+    /// Deliver what `stream` brings as batches, advancing `next`, until the reader
+    /// leaves (or history is lost: reported, and done) or the stream fails.
+    async fn follow(
+        &self,
+        stream: &mut etcd_client::WatchStream,
+        next: &mut u64,
+        tx: &mpsc::Sender<Result<WatchBatch, StoreError>>,
+        options: WatchOptions,
+    ) -> Followed {
+        let quiet = |from: tokio::time::Instant| options.progress.map(|p| from + p);
+        let mut deadline = quiet(tokio::time::Instant::now());
+        loop {
+            let message = match deadline {
+                Some(d) => tokio::select! {
+                    m = stream.message() => m,
+                    _ = tokio::time::sleep_until(d) => {
+                        if let Err(e) = stream.request_progress().await {
+                            return Followed::Failed(e.to_string());
+                        }
+                        deadline = quiet(tokio::time::Instant::now());
+                        continue;
+                    }
+                    _ = tx.closed() => return Followed::Done,
+                },
+                None => tokio::select! {
+                    m = stream.message() => m,
+                    _ = tx.closed() => return Followed::Done,
+                },
+            };
+            let resp = match message {
+                Ok(Some(r)) => r,
+                Ok(None) => return Followed::Failed("the watch stream ended".into()),
+                Err(e) => return Followed::Failed(e.to_string()),
+            };
+            if resp.canceled() {
+                if resp.compact_revision() > 0 {
+                    let _ = tx
+                        .send(Err(StoreError::Compacted {
+                            requested: *next,
+                            compact_revision: resp.compact_revision() as u64,
+                        }))
+                        .await;
+                    return Followed::Done;
+                }
+                return Followed::Failed(format!("etcd ended the watch: {}", resp.cancel_reason()));
+            }
+            let mut batches: Vec<WatchBatch> = Vec::new();
+            for e in resp.events().iter().filter_map(|e| self.event(e)) {
+                match batches.last_mut() {
+                    Some(b) if b.revision == e.revision() => b.events.push(e),
+                    _ => batches.push(WatchBatch {
+                        revision: e.revision(),
+                        events: vec![e],
+                    }),
+                }
+            }
+            let header = resp.header().map_or(0, |h| h.revision() as u64);
+            if resp.events().is_empty() && options.progress.is_some() && header >= *next {
+                // A progress notification: everything up to the header's revision
+                // has been sent.
+                batches.push(WatchBatch {
+                    revision: header,
+                    events: Vec::new(),
+                });
+            }
+            for b in batches {
+                // A watch opened again from `next` never repeats what was sent.
+                if b.revision < *next && !b.events.is_empty() {
+                    continue;
+                }
+                *next = b.revision + 1;
+                if tx.send(Ok(b)).await.is_err() {
+                    return Followed::Done;
+                }
+                deadline = quiet(tokio::time::Instant::now());
+            }
+        }
+    }
+
+    async fn recorded_compaction(&self) -> Result<u64, StoreError> {
+        let key = self.compact_key();
+        let resp = self
+            .read(|mut kv| {
+                let key = key.clone();
+                async move { kv.get(key, None).await }
+            })
+            .await?;
         Ok(resp
             .kvs()
             .first()
             .and_then(|kv| std::str::from_utf8(kv.value()).ok()?.parse().ok())
             .unwrap_or(0))
     }
+}
+
+/// How following an etcd watch stream ended.
+enum Followed {
+    /// The reader left, or the watch was reported ended.
+    Done,
+    /// The stream failed (a member died, the connection broke): watch again.
+    Failed(String),
 }
 
 fn check_key(key: &str) -> Result<(), StoreError> {
@@ -223,6 +447,18 @@ fn check_key(key: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Whether a request failed before it reached any member (so repeating it cannot
+/// apply it twice): the connection could not be made.
+fn unsent(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() == tonic::Code::Unavailable && s.message().contains("connect")
+        }
+        _ => false,
+    }
+}
+
 /// etcd's message for a put with an ended lease.
 fn is_lease_not_found(e: &etcd_client::Error) -> bool {
     e.to_string().contains("requested lease not found")
@@ -231,12 +467,13 @@ fn is_lease_not_found(e: &etcd_client::Error) -> bool {
 #[async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        let key = self.full(key);
         let resp = self
-            .client
-            .kv_client()
-            .get(self.full(key), None)
-            .await
-            .map_err(backend)?;
+            .read(|mut kv| {
+                let key = key.clone();
+                async move { kv.get(key, None).await }
+            })
+            .await?;
         Ok(resp.kvs().first().and_then(|kv| self.local(kv)))
     }
 
@@ -261,11 +498,11 @@ impl Store for EtcdStore {
             options = options.with_limit(i64::try_from(limit.saturating_add(1)).unwrap_or(0));
         }
         let resp = self
-            .client
-            .kv_client()
-            .get(start, Some(options))
-            .await
-            .map_err(backend)?;
+            .read(|mut kv| {
+                let (start, options) = (start.clone(), options.clone());
+                async move { kv.get(start, Some(options)).await }
+            })
+            .await?;
         let revision = resp.header().map_or(0, |h| h.revision() as u64);
         let mut kvs: Vec<KeyValue> = resp.kvs().iter().filter_map(|kv| self.local(kv)).collect();
         let more = kvs.len() > limit || (resp.more() && kvs.len() >= limit);
@@ -304,10 +541,12 @@ impl Store for EtcdStore {
                 }
             })
             .collect();
+        let request = etcd_client::Txn::new().when(compares).and_then(ops);
         let resp = self
-            .client
-            .kv_client()
-            .txn(etcd_client::Txn::new().when(compares).and_then(ops))
+            .call(false, |c| {
+                let request = request.clone();
+                async move { c.kv_client().txn(request).await }
+            })
             .await
             .map_err(|e| {
                 let lease = txn.ops.iter().find_map(|op| match op {
@@ -353,114 +592,40 @@ impl Store for EtcdStore {
             0 => self.revision().await? + 1,
             r => r,
         };
-        // etcd creates a watch on compacted history and cancels it a moment later;
-        // the recorded compaction point answers at once (a compaction by someone
-        // else still ends the watch with the same error, from the stream).
-        let compacted = self.recorded_compaction().await?;
-        if start < compacted {
-            return Err(StoreError::Compacted {
-                requested: start,
-                compact_revision: compacted,
-            });
-        }
-        let watch_options = etcd_client::WatchOptions::new()
-            .with_range(self.full(&verge_store::prefix_end(prefix)))
-            .with_start_revision(start as i64)
-            .with_prev_key();
-        let mut stream = self
-            .client
-            .watch_client()
-            .watch(self.full(prefix), Some(watch_options))
-            .await
-            .map_err(backend)?;
-        // The first answer says whether the watch exists (or its history is gone).
-        match stream.message().await.map_err(backend)? {
-            Some(r) if r.canceled() && r.compact_revision() > 0 => {
-                return Err(StoreError::Compacted {
-                    requested: start,
-                    compact_revision: r.compact_revision() as u64,
-                });
-            }
-            Some(r) if r.canceled() => {
-                return Err(backend_msg(format!(
-                    "etcd refused the watch: {}",
-                    r.cancel_reason()
-                )));
-            }
-            Some(_) => {}
-            None => return Err(StoreError::Closed),
-        }
+        let mut stream = self.open_watch(prefix, start).await?;
         let (tx, rx) = mpsc::channel(WATCH_QUEUE);
         let this = self.clone();
+        let prefix = prefix.to_string();
         tokio::spawn(async move {
-            let quiet = |from: tokio::time::Instant| options.progress.map(|p| from + p);
-            let mut deadline = quiet(tokio::time::Instant::now());
+            // Every revision below `next` has been delivered.
+            let mut next = start;
             loop {
-                let message = match deadline {
-                    Some(d) => tokio::select! {
-                        m = stream.message() => m,
-                        _ = tokio::time::sleep_until(d) => {
-                            if stream.request_progress().await.is_err() {
-                                let _ = tx.send(Err(StoreError::Closed)).await;
+                match this.follow(&mut stream, &mut next, &tx, options).await {
+                    Followed::Done => return,
+                    Followed::Failed(why) => {
+                        // A member died or the connection broke: watch again from
+                        // where this one got to, on whichever member answers (as
+                        // etcd's own client does). Only lost history ends the watch.
+                        tracing::debug!(error = %why, next, "etcd watch broke; watching again");
+                        let mut delay = Duration::from_millis(100);
+                        stream = loop {
+                            if tx.is_closed() {
                                 return;
                             }
-                            deadline = quiet(tokio::time::Instant::now());
-                            continue;
-                        }
-                        _ = tx.closed() => return,
-                    },
-                    None => tokio::select! {
-                        m = stream.message() => m,
-                        _ = tx.closed() => return,
-                    },
-                };
-                let resp = match message {
-                    Ok(Some(r)) => r,
-                    Ok(None) => {
-                        let _ = tx.send(Err(StoreError::Closed)).await;
-                        return;
+                            tokio::time::sleep(delay).await;
+                            match this.open_watch(&prefix, next).await {
+                                Ok(s) => break s,
+                                Err(e @ StoreError::Compacted { .. }) => {
+                                    let _ = tx.send(Err(e)).await;
+                                    return;
+                                }
+                                Err(e) => {
+                                    tracing::debug!(error = %e, "etcd watch not re-established yet");
+                                    delay = (delay * 2).min(Duration::from_secs(2));
+                                }
+                            }
+                        };
                     }
-                    Err(e) => {
-                        let _ = tx.send(Err(backend(e))).await;
-                        return;
-                    }
-                };
-                if resp.canceled() {
-                    let err = if resp.compact_revision() > 0 {
-                        StoreError::Compacted {
-                            requested: start,
-                            compact_revision: resp.compact_revision() as u64,
-                        }
-                    } else {
-                        backend_msg(format!("etcd ended the watch: {}", resp.cancel_reason()))
-                    };
-                    let _ = tx.send(Err(err)).await;
-                    return;
-                }
-                let mut batches: Vec<WatchBatch> = Vec::new();
-                for e in resp.events().iter().filter_map(|e| this.event(e)) {
-                    match batches.last_mut() {
-                        Some(b) if b.revision == e.revision() => b.events.push(e),
-                        _ => batches.push(WatchBatch {
-                            revision: e.revision(),
-                            events: vec![e],
-                        }),
-                    }
-                }
-                if resp.events().is_empty() && options.progress.is_some() {
-                    // A progress notification: everything up to the header's revision
-                    // has been sent.
-                    let revision = resp.header().map_or(0, |h| h.revision() as u64);
-                    batches.push(WatchBatch {
-                        revision,
-                        events: Vec::new(),
-                    });
-                }
-                for b in batches {
-                    if tx.send(Ok(b)).await.is_err() {
-                        return;
-                    }
-                    deadline = quiet(tokio::time::Instant::now());
                 }
             }
         });
@@ -469,10 +634,12 @@ impl Store for EtcdStore {
 
     async fn lease_grant(&self, ttl: Duration) -> Result<Lease, StoreError> {
         let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+        // Not repeated when its answer is lost: a lease granted twice is one that
+        // expires unused.
         let resp = self
-            .client
-            .lease_client()
-            .grant(secs.max(1) as i64, None)
+            .call(false, |c| async move {
+                c.lease_client().grant(secs.max(1) as i64, None).await
+            })
             .await
             .map_err(backend)?;
         Ok(Lease {
@@ -484,8 +651,13 @@ impl Store for EtcdStore {
     async fn lease_keep_alive(&self, id: LeaseId) -> Result<(), StoreError> {
         // Opening the keep-alive stream sends one renewal and reads its answer (an
         // error when the lease is gone).
-        match self.client.lease_client().keep_alive(id as i64).await {
-            Ok(_) => Ok(()),
+        let renewed = self
+            .call(false, |c| async move {
+                c.lease_client().keep_alive(id as i64).await.map(drop)
+            })
+            .await;
+        match renewed {
+            Ok(()) => Ok(()),
             Err(etcd_client::Error::LeaseKeepAliveError(_)) => {
                 Err(StoreError::LeaseNotFound { lease: id })
             }
@@ -494,7 +666,13 @@ impl Store for EtcdStore {
     }
 
     async fn lease_revoke(&self, id: LeaseId) -> Result<(), StoreError> {
-        match self.client.lease_client().revoke(id as i64).await {
+        let revoked = self
+            .call(
+                true,
+                |c| async move { c.lease_client().revoke(id as i64).await },
+            )
+            .await;
+        match revoked {
             Ok(_) => Ok(()),
             Err(e) if is_lease_not_found(&e) => Ok(()),
             Err(e) => Err(backend(e)),
@@ -508,32 +686,37 @@ impl Store for EtcdStore {
         if revision <= self.recorded_compaction().await? {
             return Ok(());
         }
-        match self.client.kv_client().compact(revision as i64, None).await {
+        let compacted = self
+            .call(true, |c| async move {
+                c.kv_client().compact(revision as i64, None).await
+            })
+            .await;
+        match compacted {
             Ok(_) => {}
             // Someone compacted further already: fine.
             Err(e) if e.to_string().contains("has been compacted") => {}
             Err(e) => return Err(backend(e)),
         }
-        self.client
-            .kv_client()
-            .put(self.compact_key(), revision.to_string(), None)
-            .await
-            .map_err(backend)?;
+        let key = self.compact_key();
+        self.call(true, |c| {
+            let key = key.clone();
+            async move { c.kv_client().put(key, revision.to_string(), None).await }
+        })
+        .await
+        .map_err(backend)?;
         Ok(())
     }
 
     async fn revision(&self) -> Result<u64, StoreError> {
         // A one-key read of the namespace's own compaction key: cheap, and its header
         // carries the cluster's revision.
+        let key = self.compact_key();
         let resp = self
-            .client
-            .kv_client()
-            .get(
-                self.compact_key(),
-                Some(GetOptions::new().with_count_only()),
-            )
-            .await
-            .map_err(backend)?;
+            .read(|mut kv| {
+                let key = key.clone();
+                async move { kv.get(key, Some(GetOptions::new().with_count_only())).await }
+            })
+            .await?;
         Ok(resp.header().map_or(0, |h| h.revision() as u64))
     }
 

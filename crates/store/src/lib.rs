@@ -241,8 +241,8 @@ pub enum StoreError {
         /// The lease.
         lease: LeaseId,
     },
-    /// The backend failed (disk, database).
-    #[error("store backend error")]
+    /// The backend failed (disk, database, the etcd cluster).
+    #[error("store backend error: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The store has been shut down.
     #[error("store is closed")]

@@ -632,6 +632,7 @@ fn spawn_edges(
     for i in 0..n {
         let config = verge_edge::EdgeConfig {
             hubs: vec![url.to_string()],
+            spread_hubs: false,
             join_token: Some(token.to_string()),
             name: format!("{prefix}-{i:05}"),
             data_dir: dir.join(format!("{prefix}-{i:05}")),

@@ -83,6 +83,11 @@ enum Command {
         /// Hub endpoint URL; repeat for failover across data centres (tried in order).
         #[arg(long = "hub", required = true)]
         hubs: Vec<String>,
+        /// The --hub endpoints are replicas of one hub (on one etcd): start at one
+        /// picked by this node's name, so that a fleet given the same list spreads
+        /// over them (without it, the first is preferred and the others are standbys).
+        #[arg(long)]
+        spread_hubs: bool,
         /// Join token (first start only; printed by `verge token create`). Prefer
         /// --join-token-file or $VERGE_JOIN_TOKEN: a flag is visible to every local
         /// user in `ps`.
@@ -473,6 +478,7 @@ fn real_main() -> Result<()> {
         }
         Command::Edge {
             hubs,
+            spread_hubs,
             join_token,
             name,
             data_dir,
@@ -521,6 +527,7 @@ fn real_main() -> Result<()> {
             rt.block_on(async {
                 let config = verge_edge::EdgeConfig {
                     hubs,
+                    spread_hubs,
                     join_token,
                     name,
                     data_dir,

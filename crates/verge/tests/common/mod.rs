@@ -456,6 +456,11 @@ impl TestDir {
 impl Drop for TestDir {
     fn drop(&mut self) {
         let root = self.0.path().to_string_lossy().into_owned();
+        // VERGE_TEST_KEEP=1 keeps a failed test's directory (logs of every process).
+        if std::thread::panicking() && std::env::var_os("VERGE_TEST_KEEP").is_some() {
+            eprintln!("kept the test directory {root}");
+            self.0.disable_cleanup(true);
+        }
         for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
             let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
                 continue;
