@@ -128,15 +128,18 @@ pub async fn kick_on_changes(st: Arc<HubState>) {
     }
 }
 
-/// Whether an instance write may need the scheduler: it is unbound, or its spec
-/// changed.
+/// Whether an instance write may need the scheduler: it is new, its spec changed, or
+/// it lost its node. (The scheduler's own notes on a pending instance do not count,
+/// or every pass would wake the next.)
 fn needs_placement(new: &[u8], prev: Option<&[u8]>) -> bool {
     let Ok(new) = serde_json::from_slice::<Instance>(new) else {
         return false;
     };
-    let prev = prev.and_then(|p| serde_json::from_slice::<Instance>(p).ok());
-    new.status.node.is_none()
-        || prev.is_none_or(|p| p.metadata.generation != new.metadata.generation)
+    let Some(prev) = prev.and_then(|p| serde_json::from_slice::<Instance>(p).ok()) else {
+        return true;
+    };
+    prev.metadata.generation != new.metadata.generation
+        || (new.status.node.is_none() && prev.status.node.is_some())
 }
 
 /// Whether a node write changes what can be placed on it.
@@ -364,5 +367,43 @@ pub async fn compaction(st: Arc<HubState>) {
         if let Err(e) = inventory::prune_audit(store.as_ref(), inventory::AUDIT_KEEP).await {
             tracing::warn!(error = %e.message, "pruning the audit trail failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(generation: u64, node: Option<&str>, message: &str) -> Vec<u8> {
+        let mut v = serde_json::json!({
+            "kind": "Instance",
+            "metadata": {"name": "a", "generation": generation},
+            "spec": {"form": "process", "process": {"command": ["/bin/true"]}},
+            "status": {"message": message},
+        });
+        if let Some(n) = node {
+            v["status"]["node"] = n.into();
+        }
+        serde_json::to_vec(&v).expect("json")
+    }
+
+    #[test]
+    fn only_writes_that_make_work_wake_the_scheduler() {
+        let pending = instance(1, None, "");
+        assert!(needs_placement(&pending, None), "a new instance");
+        assert!(
+            !needs_placement(&instance(1, None, "0/3 nodes fit"), Some(&pending)),
+            "the scheduler's own note"
+        );
+        assert!(
+            needs_placement(&instance(2, None, ""), Some(&pending)),
+            "a new spec"
+        );
+        let bound = instance(1, Some("n1"), "");
+        assert!(!needs_placement(
+            &instance(1, Some("n1"), "running"),
+            Some(&bound)
+        ));
+        assert!(needs_placement(&pending, Some(&bound)), "lost its node");
     }
 }

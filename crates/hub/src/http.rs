@@ -172,6 +172,7 @@ fn forbidden(node: &str, what: &str) -> HttpError {
     .into()
 }
 
+/// Refuse `what` to anyone but an operator.
 pub fn admin_only(p: &Principal, what: &str) -> ApiResult<()> {
     match p {
         Principal::Admin => Ok(()),

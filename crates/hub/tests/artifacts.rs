@@ -69,7 +69,7 @@ async fn uploads_are_verified_and_served_back_over_http_and_data_streams() {
         (want.as_str(), 200_000)
     );
 
-    let resp = download(&st, &want).await.expect("download");
+    let resp = download(&st, &want, false).await.expect("download");
     let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
         .await
         .expect("body");
@@ -95,7 +95,7 @@ async fn uploads_are_verified_and_served_back_over_http_and_data_streams() {
 
     // A digest the hub lacks: an error that says what to do.
     let missing = digest_of(b"never uploaded");
-    let err = download(&st, &missing).await.expect_err("missing");
+    let err = download(&st, &missing, false).await.expect_err("missing");
     assert_eq!(err.code, ErrorCode::NotFound);
     assert!(
         err.message.contains("verge artifact push"),
@@ -109,7 +109,7 @@ async fn uploads_are_verified_and_served_back_over_http_and_data_streams() {
         other => panic!("unexpected {other:?}"),
     }
     // Not a digest at all.
-    let err = download(&st, "sha256:../../etc/passwd")
+    let err = download(&st, "sha256:../../etc/passwd", false)
         .await
         .expect_err("bad");
     assert_eq!(err.code, ErrorCode::Invalid);

@@ -7,14 +7,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use verge_store::{SqliteStore, Store, StoreExt};
+use verge_store::{SqliteStore, StoreExt};
 
 use crate::dev::{spawn_self, stop_child, wait_for_hub};
 
 /// Benchmarks.
 #[derive(Debug, clap::Subcommand)]
 pub enum BenchCommand {
-    /// Store write throughput (one writer and many), against raw SQLite inserts.
+    /// Store write throughput (one writer and many), against raw SQLite inserts; with
+    /// --etcd-members, also on a local etcd cluster it starts, against SQLite in the
+    /// same run.
     Store {
         /// Writes per measurement.
         #[arg(long, default_value_t = 2000)]
@@ -22,6 +24,20 @@ pub enum BenchCommand {
         /// Concurrent writers for the group-commit measurement.
         #[arg(long, default_value_t = 64)]
         writers: usize,
+        /// Also measure etcd: start a cluster of this many members on loopback
+        /// (Debian's etcd-server; a build with --features etcd).
+        #[arg(long)]
+        etcd_members: Option<usize>,
+        /// `json` for machines.
+        #[arg(short, long, default_value = "text")]
+        output: String,
+    },
+    /// Hub replicas: three hubs on a local three-member etcd, the leader SIGKILLed:
+    /// time to a new leader, to its first placement, and API latency meanwhile.
+    Failover {
+        /// Simulated edges spread over the replicas.
+        #[arg(long, default_value_t = 50)]
+        edges: usize,
         /// `json` for machines.
         #[arg(short, long, default_value = "text")]
         output: String,
@@ -170,8 +186,12 @@ pub fn run(cmd: BenchCommand, config: Option<std::path::PathBuf>) -> Result<()> 
         BenchCommand::Store {
             writes,
             writers,
+            etcd_members,
             output,
-        } => rt.block_on(store(writes, writers, &output)),
+        } => rt.block_on(store(writes, writers, etcd_members, &output)),
+        BenchCommand::Failover { edges, output } => {
+            rt.block_on(crate::bench_ha::failover(edges, &output))
+        }
         BenchCommand::Frontdoor {
             silent,
             slow,
@@ -266,20 +286,20 @@ fn raw_sqlite_baseline(path: &Path, n: usize) -> Result<Duration> {
     Ok(t.elapsed())
 }
 
-async fn store(writes: usize, writers: usize, output: &str) -> Result<()> {
-    let dir = tempdir()?;
-    let baseline = raw_sqlite_baseline(&dir.join("raw.db"), writes)?;
-    let s = SqliteStore::open(dir.join("store.db"))?;
+/// Sequential CAS writes (each waits for its commit, as one API client would), then
+/// `writers` concurrent writers: the two durations.
+async fn time_writes(
+    s: Arc<dyn verge_store::Store>,
+    writes: usize,
+    writers: usize,
+) -> Result<(Duration, Duration)> {
     let value = vec![7u8; 256];
-    // One writer, each write waits for its commit (as a single API client would).
     let t = Instant::now();
     for i in 0..writes {
         s.put(&format!("/bench/seq/{i}"), value.clone(), Some(0))
             .await?;
     }
     let sequential = t.elapsed();
-    // Many writers: the writer thread commits them in groups.
-    let s = Arc::new(s);
     let t = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..writers {
@@ -297,11 +317,22 @@ async fn store(writes: usize, writers: usize, output: &str) -> Result<()> {
     while let Some(r) = tasks.join_next().await {
         r??;
     }
-    let concurrent = t.elapsed();
+    Ok((sequential, t.elapsed()))
+}
+
+async fn store(
+    writes: usize,
+    writers: usize,
+    etcd_members: Option<usize>,
+    output: &str,
+) -> Result<()> {
+    let dir = tempdir()?;
+    let baseline = raw_sqlite_baseline(&dir.join("raw.db"), writes)?;
+    let s: Arc<dyn verge_store::Store> = Arc::new(SqliteStore::open(dir.join("store.db"))?);
+    let (sequential, concurrent) = time_writes(s.clone(), writes, writers).await?;
     let conc_writes = (writes / writers) * writers;
     let rev = s.revision().await?;
-    let _ = std::fs::remove_dir_all(&dir);
-    let report = serde_json::json!({
+    let mut report = serde_json::json!({
         "bench": "store",
         "writes": writes,
         "writers": writers,
@@ -314,7 +345,31 @@ async fn store(writes: usize, writers: usize, output: &str) -> Result<()> {
         "concurrentVsBaseline": per_sec(conc_writes, concurrent) / per_sec(writes, baseline),
         "finalRevision": rev,
     });
+    if let Some(members) = etcd_members {
+        let cluster = verge_testkit::etcd::EtcdCluster::start(members);
+        let etcd = open_etcd(&cluster.url()).await?;
+        let (e_seq, e_conc) = time_writes(etcd, writes, writers).await?;
+        report["etcdMembers"] = members.into();
+        report["etcdSequentialCasWritesPerSec"] = per_sec(writes, e_seq).into();
+        report["etcdConcurrentCasWritesPerSec"] = per_sec(conc_writes, e_conc).into();
+        report["etcdSequentialVsSqlite"] = (sequential.as_secs_f64() / e_seq.as_secs_f64()).into();
+        report["etcdConcurrentVsSqlite"] = (concurrent.as_secs_f64() / e_conc.as_secs_f64()).into();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
     print_report(&report, output)
+}
+
+#[cfg(feature = "etcd")]
+async fn open_etcd(url: &str) -> Result<Arc<dyn verge_store::Store>> {
+    let config = verge_store_etcd::EtcdConfig::from_url(url)?;
+    Ok(Arc::new(
+        verge_store_etcd::EtcdStore::connect(&config).await?,
+    ))
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn open_etcd(_url: &str) -> Result<Arc<dyn verge_store::Store>> {
+    anyhow::bail!("this verge was built without etcd support; build it with --features etcd")
 }
 
 pub(crate) fn print_report(report: &serde_json::Value, output: &str) -> Result<()> {
@@ -593,7 +648,7 @@ fn sched(
 }
 
 /// Start a hub child process on `port` in `dir`; returns it and a client.
-async fn start_hub(
+pub(crate) async fn start_hub(
     dir: &Path,
     port: u16,
     extra: &[&str],
@@ -621,18 +676,19 @@ pub(crate) fn free_port() -> Result<u16> {
 
 /// Run `n` edge agents in this process (fake runtime: they stand in for edges at
 /// scale), all dialing `url`. Returns a sender that stops them.
-fn spawn_edges(
+pub(crate) fn spawn_edges(
     prefix: &str,
     n: usize,
-    url: &str,
+    hubs: &[String],
     token: &str,
     dir: &Path,
 ) -> tokio::sync::watch::Sender<bool> {
     let (stop, _) = tokio::sync::watch::channel(false);
     for i in 0..n {
         let config = verge_edge::EdgeConfig {
-            hubs: vec![url.to_string()],
-            spread_hubs: false,
+            hubs: hubs.to_vec(),
+            // Several endpoints are replicas of one hub: spread over them.
+            spread_hubs: hubs.len() > 1,
             join_token: Some(token.to_string()),
             name: format!("{prefix}-{i:05}"),
             data_dir: dir.join(format!("{prefix}-{i:05}")),
@@ -873,7 +929,7 @@ pub async fn channel(b: ChannelBench, output: &str) -> Result<()> {
 
     eprintln!("bench channel: hub up on port {port}; measuring one idle edge for {idle_seconds}s");
     // 1. One idle edge: bytes per minute in each direction.
-    let one = spawn_edges("idle", 1, &proxy.url(), &token, &dir.join("idle"));
+    let one = spawn_edges("idle", 1, &[proxy.url()], &token, &dir.join("idle"));
     wait_connected(&client, 1, Duration::from_secs(30)).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (u0, d0) = proxy.bytes();
@@ -928,7 +984,7 @@ pub async fn channel(b: ChannelBench, output: &str) -> Result<()> {
         verge_testkit::frontdoor::rss_kib(hub_pid),
         verge_testkit::frontdoor::open_fds(hub_pid),
     );
-    let fleet = spawn_edges("sim", edges, &proxy.url(), &token, &dir.join("fleet"));
+    let fleet = spawn_edges("sim", edges, &[proxy.url()], &token, &dir.join("fleet"));
     let first_connect = wait_connected(&client, edges as u64, Duration::from_secs(600)).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let per_connected_edge = (

@@ -31,6 +31,7 @@ async fn error_of(resp: reqwest::Response) -> anyhow::Error {
 }
 
 /// A connection to one hub.
+#[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
     base: String,

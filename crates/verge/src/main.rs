@@ -5,6 +5,7 @@
 
 mod artifact;
 mod bench;
+mod bench_ha;
 mod bench_runtime;
 mod cli;
 mod client;
