@@ -23,8 +23,8 @@ use verge_api::channel::{
 };
 use verge_api::clock::now_rfc3339;
 use verge_api::{
-    ApiError, ErrorCode, Instance, InstanceSpec, InstanceStatus, Kind, NodePhase, NodeSpec,
-    NodeStatus, Object, kind_prefix, object_key,
+    ApiError, ErrorCode, Instance, InstanceSpec, Kind, NodePhase, NodeSpec, NodeStatus, Object,
+    kind_prefix, object_key,
 };
 use verge_store::{Compare, EventKind, Op, StoreError, Txn};
 use verge_tunnel::frame::{
@@ -537,33 +537,18 @@ async fn handle_edge_message(
             Ok(())
         }
         EdgeToHub::InstanceStatus { name, uid, status } => {
-            st.objects
-                .update_status::<InstanceSpec>(&name, |obj, s| {
-                    if obj.metadata.uid != uid || obj.status.node.as_deref() != Some(node) {
-                        return Err(ApiError::new(
-                            ErrorCode::Forbidden,
-                            format!("instance '{name}' (uid {uid}) is not bound to node '{node}'"),
-                        ));
-                    }
-                    // `node` and `placement` belong to the hub; the edge reports the rest.
-                    *s = InstanceStatus {
-                        node: Some(node.to_string()),
-                        placement: obj.status.placement.clone(),
-                        ..status.clone()
-                    };
-                    Ok(true)
-                })
+            let p = crate::app::Principal::Node(node.to_string());
+            crate::app::update_status::<InstanceSpec>(st, &p, &name, Some(&uid), status)
                 .await
                 .map(|_| ())
                 .or_else(|e| {
+                    // Deleted meanwhile: the edge learns it from its sync.
                     if e.code == ErrorCode::NotFound {
                         Ok(())
                     } else {
                         Err(e)
                     }
-                })?;
-            st.schedule_kick.notify_one();
-            Ok(())
+                })
         }
         EdgeToHub::Renew { csr_pem } => {
             // The subject comes from the connection's identity, never from the request.
@@ -596,6 +581,15 @@ fn bound_to(obj: &Option<Instance>, node: &str) -> bool {
         .is_some_and(|i| i.status.node.as_deref() == Some(node))
 }
 
+/// Watch options of a session's sync: progress notifications as often as bookmarks
+/// go out, so that an edge whose instances do not change still moves its revision on
+/// (and can resume after the history of busier prefixes is compacted).
+fn bookmarks() -> verge_store::WatchOptions {
+    verge_store::WatchOptions {
+        progress: Some(BOOKMARK_EVERY),
+    }
+}
+
 /// Send the node its desired state: from `since` as changes, or as a snapshot.
 async fn sync_loop(
     st: Arc<HubState>,
@@ -615,7 +609,7 @@ async fn sync_loop(
             compact_revision: 0,
         })
     } else {
-        store.watch(&prefix, since + 1).await
+        store.watch_with(&prefix, since + 1, bookmarks()).await
     };
     let mut last_sent = since;
     let mut watch = match watch {
@@ -657,7 +651,7 @@ async fn sync_loop(
                 return;
             }
             last_sent = revision;
-            match store.watch(&prefix, revision + 1).await {
+            match store.watch_with(&prefix, revision + 1, bookmarks()).await {
                 Ok(w) => w,
                 Err(e) => {
                     tracing::error!(error = %e, "watch failed after snapshot");
@@ -686,6 +680,11 @@ async fn sync_loop(
                         return;
                     }
                 };
+                if batch.is_progress() {
+                    // Nothing under the prefix up to here: the next bookmark says so.
+                    seen = seen.max(batch.revision);
+                    continue;
+                }
                 let mut changes = Vec::new();
                 for ev in &batch.events {
                     let new: Option<Instance> = match ev.kind {

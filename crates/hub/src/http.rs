@@ -18,9 +18,7 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use verge_api::channel::{PROTOCOL_VERSION, RequestBody, ResponseBody, StreamPurpose};
-use verge_api::{
-    ApiError, ErrorCode, InstanceSpec, Kind, NodeSpec, Object, RegionSpec, kind_prefix,
-};
+use verge_api::{ApiError, ErrorCode, InstanceSpec, NodeSpec, Object, RegionSpec, kind_prefix};
 use verge_store::EventKind;
 
 use crate::objects::{decode_value, parse_body, store_err};
@@ -35,15 +33,6 @@ pub struct PeerNode(pub Option<crate::identity::PeerIdentity>);
 /// or stalled reader must not make the hub hold an ever-growing backlog for it. It
 /// gets an `ERROR` line saying to list and watch again (when the line fits).
 const WATCH_SEND_DEADLINE: Duration = Duration::from_secs(10);
-
-/// Who is calling.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Principal {
-    /// An operator holding the admin token.
-    Admin,
-    /// An edge node, by name.
-    Node(String),
-}
 
 /// An API error as an HTTP response.
 pub struct HttpError(pub ApiError);
@@ -118,78 +107,8 @@ impl FromRequestParts<Arc<HubState>> for Principal {
     }
 }
 
-/// Kinds whose objects belong to a node (for node-scoped access).
-pub trait NodeScoped: Kind {
-    /// The node an object belongs to, if any.
-    fn owner(obj: &Object<Self>) -> Option<&str>;
-
-    /// What is deleted with an object, in the same transaction.
-    fn deleted_with(_name: &str) -> Vec<verge_store::Op> {
-        Vec::new()
-    }
-
-    /// What happens once an object is deleted.
-    fn after_delete(_st: &HubState, _name: &str) {}
-}
-
-impl NodeScoped for NodeSpec {
-    fn owner(obj: &Object<Self>) -> Option<&str> {
-        Some(obj.name())
-    }
-
-    /// A node's enrolment goes with it: every certificate it had is revoked.
-    fn deleted_with(name: &str) -> Vec<verge_store::Op> {
-        vec![crate::identity::forget(name)]
-    }
-
-    /// Its live session ends now, and its edge stops its workloads.
-    fn after_delete(st: &HubState, name: &str) {
-        st.edges.evict(
-            name,
-            crate::identity::NODE_DELETED,
-            &format!("node '{name}' was deleted from the hub; its edge stops its workloads"),
-        );
-    }
-}
-
-impl NodeScoped for RegionSpec {
-    fn owner(_: &Object<Self>) -> Option<&str> {
-        None
-    }
-}
-
-impl NodeScoped for InstanceSpec {
-    fn owner(obj: &Object<Self>) -> Option<&str> {
-        obj.status.node.as_deref()
-    }
-}
-
-fn forbidden(node: &str, what: &str) -> HttpError {
-    ApiError::new(
-        ErrorCode::Forbidden,
-        format!("node '{node}' may only read and write its own objects, not {what}"),
-    )
-    .into()
-}
-
-/// Refuse `what` to anyone but an operator.
-pub fn admin_only(p: &Principal, what: &str) -> ApiResult<()> {
-    match p {
-        Principal::Admin => Ok(()),
-        Principal::Node(n) => Err(forbidden(n, what)),
-    }
-}
-
-fn may_access<S: NodeScoped>(p: &Principal, obj: &Object<S>) -> ApiResult<()> {
-    match p {
-        Principal::Admin => Ok(()),
-        Principal::Node(n) if S::owner(obj) == Some(n.as_str()) => Ok(()),
-        Principal::Node(n) => Err(forbidden(
-            n,
-            &format!("{} '{}'", S::KIND.to_lowercase(), obj.name()),
-        )),
-    }
-}
+use crate::app::may_access;
+pub use crate::app::{NodeScoped, Principal, admin_only};
 
 /// Query parameters of list/watch.
 #[derive(Debug, Deserialize, Default)]
@@ -256,16 +175,6 @@ async fn list<S: NodeScoped>(
         body["continue"] = next.into();
     }
     Ok(Json(body).into_response())
-}
-
-impl Principal {
-    /// The key its per-principal limits are kept under.
-    fn key(&self) -> String {
-        match self {
-            Principal::Admin => "admin".into(),
-            Principal::Node(n) => format!("node/{n}"),
-        }
-    }
 }
 
 /// Send one line of a watch, or give up on a reader that does not take it in time.
@@ -372,9 +281,7 @@ async fn get_one<S: NodeScoped>(
     p: Principal,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Object<S>>> {
-    let obj = st.objects.get::<S>(&name).await?;
-    may_access(&p, &obj)?;
-    Ok(Json(obj))
+    Ok(Json(crate::app::get::<S>(&st, &p, &name).await?))
 }
 
 async fn create<S: NodeScoped>(
@@ -382,10 +289,8 @@ async fn create<S: NodeScoped>(
     p: Principal,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<Object<S>>)> {
-    admin_only(&p, &format!("creating {}", S::PLURAL))?;
     let obj = parse_body::<S>(&body)?;
-    let obj = st.objects.create(obj).await?;
-    st.schedule_kick.notify_one();
+    let obj = crate::app::create(&st, &p, obj).await?;
     Ok((StatusCode::CREATED, Json(obj)))
 }
 
@@ -395,20 +300,8 @@ async fn apply<S: NodeScoped>(
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<Object<S>>)> {
-    admin_only(&p, &format!("changing {} '{name}'", S::KIND.to_lowercase()))?;
     let obj = parse_body::<S>(&body)?;
-    if obj.name() != name {
-        return Err(ApiError::new(
-            ErrorCode::Invalid,
-            format!(
-                "metadata.name: '{}' does not match the name in the URL ('{name}')",
-                obj.name()
-            ),
-        )
-        .into());
-    }
-    let (obj, created) = st.objects.apply(obj).await?;
-    st.schedule_kick.notify_one();
+    let (obj, created) = crate::app::apply(&st, &p, &name, obj).await?;
     Ok((
         if created {
             StatusCode::CREATED
@@ -437,28 +330,9 @@ async fn put_status<S: NodeScoped>(
         e.message = format!("invalid status: {}", e.message);
         e
     })?;
-    let obj = st
-        .objects
-        .update_status::<S>(&name, |obj, status| {
-            may_access(&p, obj).map_err(|e| e.0)?;
-            let owner_before = S::owner(obj).map(str::to_string);
-            *status = new_status.clone();
-            // Nodes may not move objects between nodes through their status.
-            if let Principal::Node(_) = &p {
-                let mut probe = obj.clone();
-                probe.status = status.clone();
-                if S::owner(&probe).map(str::to_string) != owner_before {
-                    return Err(ApiError::new(
-                        ErrorCode::Forbidden,
-                        "a node may not change which node an object is bound to",
-                    ));
-                }
-            }
-            Ok(true)
-        })
-        .await?;
-    st.schedule_kick.notify_one();
-    Ok(Json(obj))
+    Ok(Json(
+        crate::app::update_status::<S>(&st, &p, &name, None, new_status).await?,
+    ))
 }
 
 async fn delete_one<S: NodeScoped>(
@@ -466,14 +340,7 @@ async fn delete_one<S: NodeScoped>(
     p: Principal,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Object<S>>> {
-    admin_only(&p, &format!("deleting {} '{name}'", S::KIND.to_lowercase()))?;
-    let obj = st
-        .objects
-        .delete_with::<S>(&name, S::deleted_with(&name))
-        .await?;
-    S::after_delete(&st, &name);
-    st.schedule_kick.notify_one();
-    Ok(Json(obj))
+    Ok(Json(crate::app::delete::<S>(&st, &p, &name).await?))
 }
 
 /// Query of the logs endpoint.

@@ -8,6 +8,7 @@
 //! Start reading at [`run`]; a request's path is `http` handler → [`objects`] → store,
 //! and from there a watch carries the change to the edge in [`channel`].
 
+pub mod app;
 pub mod artifacts;
 pub mod channel;
 pub mod config;

@@ -112,7 +112,7 @@ pub fn relay_policy(
     to: &Instance,
     port: u16,
 ) -> Result<String, String> {
-    if from.status.node.as_deref() != Some(node) {
+    if crate::app::may_access(&crate::app::Principal::Node(node.to_string()), from).is_err() {
         return Err(format!(
             "instance '{}' is not on node '{node}'",
             from.name()

@@ -5,6 +5,7 @@
 //! artifacts are used across replicas.
 
 #![cfg(feature = "etcd")]
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 
