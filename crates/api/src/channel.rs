@@ -235,6 +235,15 @@ impl HubToEdge {
             retry_after_ms: None,
         }
     }
+
+    /// An error message carrying an API error's code name, message and retry hint.
+    pub fn from_api(code: &str, e: crate::ApiError) -> Self {
+        Self::Error {
+            code: code.into(),
+            message: e.message,
+            retry_after_ms: e.retry_after_ms,
+        }
+    }
 }
 
 /// One change to the instances bound to a node.

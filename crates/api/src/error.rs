@@ -26,7 +26,7 @@ pub enum ErrorCode {
     Internal,
 }
 
-/// An API error body: `{"code": ..., "message": ..., "fields": [...]}`.
+/// An API error body: `{"code": ..., "message": ..., "fields": [...], "retryAfterMs": N}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
 #[error("{message}")]
 pub struct ApiError {
@@ -37,6 +37,15 @@ pub struct ApiError {
     /// Bad fields, for `invalid`.
     #[serde(default, skip_serializing_if = "is_empty")]
     pub fields: FieldErrors,
+    /// For a refusal that will pass later (a limit, admission under load): how long
+    /// to wait before trying again, in milliseconds. Machines read this, never the
+    /// message; over HTTP it is also the `Retry-After` header (in whole seconds).
+    #[serde(
+        default,
+        rename = "retryAfterMs",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub retry_after_ms: Option<u64>,
 }
 
 fn is_empty(f: &FieldErrors) -> bool {
@@ -50,7 +59,14 @@ impl ApiError {
             code,
             message: message.into(),
             fields: FieldErrors::default(),
+            retry_after_ms: None,
         }
+    }
+
+    /// This error, with a hint to retry after `after`.
+    pub fn retry_after(mut self, after: std::time::Duration) -> Self {
+        self.retry_after_ms = Some(after.as_millis().min(u128::from(u64::MAX)) as u64);
+        self
     }
 
     /// A validation failure listing bad fields.
@@ -59,6 +75,7 @@ impl ApiError {
             code: ErrorCode::Invalid,
             message: fields.to_string(),
             fields,
+            retry_after_ms: None,
         }
     }
 }

@@ -2,14 +2,16 @@
 //!
 //! Two kinds of connection arrive on the hub's TLS port, told apart by ALPN:
 //! - `verge-enroll/1`: an edge without an identity presents a join token and a CSR,
-//!   and gets back a certificate. One transaction creates the Node and spends the token.
+//!   and gets back a certificate ([`crate::app::enrolment`] does the enrolment: one
+//!   transaction creates the Node and spends the token).
 //! - `verge-channel/1`: an enrolled edge (mutual TLS; the node name comes from its
 //!   certificate) says `Hello` with the last revision it applied; the hub sends the
 //!   instances bound to that node as incremental changes from there (or a snapshot if
 //!   that history was compacted), and receives heartbeats and instance statuses.
 //!
-//! Everything an edge sends is checked against its identity: a node can only report on
-//! itself and on instances bound to it.
+//! Everything an edge sends is checked against its identity, by the rules of the
+//! application layer ([`crate::app`]): a node can only report on itself and on
+//! instances bound to it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,23 +25,17 @@ use verge_api::channel::{
 };
 use verge_api::clock::now_rfc3339;
 use verge_api::{
-    ApiError, ErrorCode, Instance, InstanceSpec, Kind, NodePhase, NodeSpec, NodeStatus, Object,
-    kind_prefix, object_key,
+    ApiError, ErrorCode, Instance, InstanceSpec, Kind, NodePhase, NodeSpec, NodeStatus, kind_prefix,
 };
-use verge_store::{Compare, EventKind, Op, StoreError, Txn};
+use verge_store::{EventKind, StoreError};
 use verge_tunnel::frame::{
     FrameError, MAX_FRAME, MAX_UNAUTHENTICATED_FRAME, decode, read_frame, read_msg_limited,
     write_msg,
 };
-use verge_tunnel::pki::JoinToken;
 
 use crate::identity::PeerIdentity;
-use crate::objects::{Objects, decode_value, store_err};
+use crate::objects::{decode_value, store_err};
 use crate::state::HubState;
-use crate::tokens::check_join_token;
-
-/// How a lost race on a join token's revision starts its message.
-const CONCURRENT_USE: &str = "join token was used concurrently";
 
 /// How long a peer has to send its first message.
 const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -65,36 +61,26 @@ pub async fn serve_enroll<S: AsyncRead + AsyncWrite + Unpin>(st: Arc<HubState>, 
             csr_pem,
             labels,
         }))) => {
-            // Two edges enrolling at once with one multi-use token race on the
-            // token's revision; the loser tries again (a spent token then says so).
-            let mut attempt = 0;
-            let result = loop {
-                let r = enroll(
-                    &st,
-                    protocol_version,
-                    &token,
-                    &node_name,
-                    &csr_pem,
-                    labels.clone(),
-                )
-                .await;
-                match r {
-                    Err(e) if e.message.starts_with(CONCURRENT_USE) && attempt < 8 => {
-                        attempt += 1;
-                    }
-                    r => break r,
-                }
+            let request = crate::app::enrolment::Request {
+                protocol_version,
+                token,
+                node_name: node_name.clone(),
+                csr_pem,
+                labels,
             };
-            match result {
-                Ok(reply) => {
+            match crate::app::enrolment::enrol(&st, &request).await {
+                Ok(e) => {
                     tracing::info!(node = %node_name, "edge enrolled");
                     st.metrics.enrolments.get_or_create(&label("ok")).inc();
-                    reply
+                    HubToEdge::Enrolled {
+                        cert_pem: e.cert_pem,
+                        ca_pem: e.ca_pem,
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(node = %node_name, error = %e.message, "enrolment refused");
                     st.metrics.enrolments.get_or_create(&label("refused")).inc();
-                    HubToEdge::error(code_name(e.code), e.message)
+                    HubToEdge::from_api(code_name(e.code), e)
                 }
             }
         }
@@ -128,130 +114,7 @@ pub fn code_name(code: ErrorCode) -> &'static str {
     }
 }
 
-async fn enroll(
-    st: &HubState,
-    protocol_version: u32,
-    token: &str,
-    node_name: &str,
-    csr_pem: &str,
-    labels: std::collections::BTreeMap<String, String>,
-) -> Result<HubToEdge, ApiError> {
-    check_version(protocol_version)?;
-    let token = JoinToken::parse(token)
-        .map_err(|e| ApiError::new(ErrorCode::Unauthorized, e.to_string()))?;
-    if token.ca_fingerprint != st.ca.fingerprint() {
-        return Err(ApiError::new(
-            ErrorCode::Unauthorized,
-            "join token was made for a different hub (CA fingerprint differs)",
-        ));
-    }
-    let mut node = Object::<NodeSpec>::new(node_name, NodeSpec::default());
-    node.metadata.labels = labels;
-    let node = st.objects.prepare_create(node).map_err(|mut e| {
-        e.message = format!("cannot enrol: {}", e.message);
-        e
-    })?;
-    let (token_compare, token_op, bound) =
-        check_join_token(st.objects.store().as_ref(), &token).await?;
-    if let Some(b) = &bound
-        && b != node_name
-    {
-        return Err(ApiError::new(
-            ErrorCode::Unauthorized,
-            format!("join token refused: it is bound to node '{b}', not '{node_name}'"),
-        ));
-    }
-    // Sign first: a bad CSR must not spend the token. The certificate belongs to this
-    // enrolment only: recording it revokes every certificate the node had before.
-    let enrolment = crate::identity::new_enrolment_id();
-    let cert_pem = sign(st, csr_pem, node_name, Some(&enrolment))?;
-    let node_key = object_key(NodeSpec::PLURAL, node_name);
-    let mut ops: Vec<Op> = token_op.into_iter().collect();
-    ops.push(crate::identity::record(node_name, &enrolment));
-    // A token bound to this node re-enrols it: new identity, same Node object.
-    let existing = st.objects.store().get(&node_key).await.map_err(store_err)?;
-    let node_compare = match (&bound, &existing) {
-        (Some(_), Some(kv)) => {
-            tracing::info!(
-                node = node_name,
-                "re-enrolling an existing node with a node-bound token"
-            );
-            kv.mod_revision
-        }
-        _ => {
-            ops.push(Op::Put {
-                key: node_key.clone(),
-                value: Objects::encode(&node),
-                lease: None,
-            });
-            0
-        }
-    };
-    let r = st
-        .objects
-        .store()
-        .txn(Txn {
-            compares: vec![
-                token_compare,
-                Compare {
-                    key: node_key.clone(),
-                    mod_revision: node_compare,
-                },
-            ],
-            ops,
-        })
-        .await
-        .map_err(store_err)?;
-    if !r.succeeded {
-        if st
-            .objects
-            .store()
-            .get(&node_key)
-            .await
-            .map_err(store_err)?
-            .is_some()
-        {
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
-                format!(
-                    "node name '{node_name}' is already enrolled; choose another --name, delete the old node first (`verge delete node {node_name}`), or re-enrol it with a token bound to it (`verge token create --node {node_name}`)"
-                ),
-            ));
-        }
-        return Err(ApiError::new(
-            ErrorCode::Unauthorized,
-            format!("{CONCURRENT_USE} and is spent; ask for a new one"),
-        ));
-    }
-    // Sessions of the node's earlier identity end now, not when they next reconnect.
-    st.edges.evict(
-        node_name,
-        crate::identity::REVOKED,
-        &format!(
-            "node '{node_name}' was enrolled again; this connection's certificate was revoked"
-        ),
-    );
-    Ok(HubToEdge::Enrolled {
-        cert_pem,
-        ca_pem: st.ca.cert_pem().to_string(),
-    })
-}
-
-/// Sign a node CSR for `node` (and its `enrolment`) with the configured lifetime.
-fn sign(
-    st: &HubState,
-    csr_pem: &str,
-    node: &str,
-    enrolment: Option<&str>,
-) -> Result<String, ApiError> {
-    let ttl =
-        time::Duration::seconds(st.config.node_cert_ttl.as_secs().min(i64::MAX as u64) as i64);
-    st.ca
-        .sign_node_csr(csr_pem, node, enrolment, ttl)
-        .map_err(|e| ApiError::new(ErrorCode::Invalid, format!("csrPem: {e}")))
-}
-
-fn check_version(v: u32) -> Result<(), ApiError> {
+pub(crate) fn check_version(v: u32) -> Result<(), ApiError> {
     if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&v) {
         return Err(ApiError::new(
             ErrorCode::Invalid,
@@ -324,11 +187,10 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             st.config.admit_rate,
             retry.as_millis()
         );
-        let busy = HubToEdge::Error {
-            code: "busy".into(),
-            message: msg,
-            retry_after_ms: Some(retry.as_millis() as u64),
-        };
+        let busy = HubToEdge::from_api(
+            "busy",
+            ApiError::new(ErrorCode::Unavailable, msg).retry_after(retry),
+        );
         let _ = write_msg(&mut writer, &busy).await;
         return;
     }
@@ -448,7 +310,7 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             } else {
                 tracing::warn!(node = %node, error = %e.message, "edge message failed");
             }
-            let _ = tx.send(refuse(code_name(e.code), e.message)).await;
+            let _ = tx.send(HubToEdge::from_api(code_name(e.code), e)).await;
         }
     };
     tracing::info!(node = %node, %reason, "edge disconnected");
@@ -552,7 +414,8 @@ async fn handle_edge_message(
         }
         EdgeToHub::Renew { csr_pem } => {
             // The subject comes from the connection's identity, never from the request.
-            let cert_pem = sign(st, &csr_pem, node, conn.enrolment.as_deref())?;
+            let cert_pem =
+                crate::app::enrolment::sign(st, &csr_pem, node, conn.enrolment.as_deref())?;
             tracing::info!(node, "renewed node certificate");
             let _ = conn.tx.send(HubToEdge::Renewed { cert_pem }).await;
             Ok(())

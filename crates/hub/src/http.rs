@@ -59,7 +59,14 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
-        (status_of(self.0.code), Json(self.0)).into_response()
+        let retry = self.0.retry_after_ms;
+        let mut r = (status_of(self.0.code), Json(self.0)).into_response();
+        if let Some(ms) = retry
+            && let Ok(v) = header::HeaderValue::from_str(&ms.div_ceil(1000).max(1).to_string())
+        {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        r
     }
 }
 
@@ -206,6 +213,7 @@ async fn watch<S: NodeScoped>(st: Arc<HubState>, p: Principal, after: u64) -> Ap
             ErrorCode::Unavailable,
             format!("{r}: close a watch you hold before opening another"),
         )
+        .retry_after(Duration::from_secs(1))
     })?;
     let from = if after == 0 { 0 } else { after + 1 };
     let mut rx = st

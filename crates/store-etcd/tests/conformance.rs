@@ -31,3 +31,46 @@ mod three_members {
         std::sync::LazyLock::new(|| EtcdCluster::start(3));
     verge_store::conformance_tests!(async { ((), open(&CLUSTER).await) });
 }
+
+/// With etcd's authentication on, the store connects as a user with a password, and a
+/// wrong password is an error at connect that says so.
+#[test]
+fn connects_with_a_user_and_password() {
+    let cluster = EtcdCluster::start(1);
+    let endpoint = cluster.endpoints().join(",");
+    for args in [vec!["user", "add", "root:s3cret"], vec!["auth", "enable"]] {
+        let out = std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg("--endpoints")
+            .arg(&endpoint)
+            .args(&args)
+            .output()
+            .expect("etcdctl (Debian's etcd-client)");
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    verge_store::conformance::rt().block_on(async {
+        let config = |password: &str| EtcdConfig {
+            endpoints: cluster.endpoints(),
+            namespace: "/auth".into(),
+            user: Some(("root".into(), password.into())),
+            ..EtcdConfig::default()
+        };
+        let s = EtcdStore::connect(&config("s3cret"))
+            .await
+            .expect("connect as root");
+        verge_store::conformance::revisions_and_compare_and_swap(&s).await;
+        let wrong = EtcdStore::connect(&config("wrong")).await;
+        let e = wrong
+            .err()
+            .expect("a wrong password is refused")
+            .to_string();
+        assert!(
+            e.contains("authentication failed") || e.contains("invalid"),
+            "{e}"
+        );
+    });
+}

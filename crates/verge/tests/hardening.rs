@@ -260,6 +260,20 @@ fn watches_that_never_read_are_capped_per_principal_and_ended() {
             statuses.push(String::from_utf8_lossy(&b).to_string());
             held.push(s);
         }
+        // The refusal says when to try again, for machines: Retry-After and the
+        // body's retryAfterMs.
+        let mut rest = vec![0u8; 2048];
+        let refused = held.last_mut().expect("33 watches");
+        let mut n = 0;
+        while !String::from_utf8_lossy(&rest[..n]).contains('}') {
+            n += tokio::time::timeout(Duration::from_secs(5), refused.read(&mut rest[n..]))
+                .await
+                .expect("the refusal")
+                .expect("read");
+        }
+        let head = String::from_utf8_lossy(&rest[..n]).to_lowercase();
+        assert!(head.contains("retry-after: 1"), "{head}");
+        assert!(head.contains("\"retryafterms\":1000"), "{head}");
         // Never read another byte; the hub must give up on them.
         tokio::time::sleep(Duration::from_secs(25)).await;
         drop(held);

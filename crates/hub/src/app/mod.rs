@@ -17,6 +17,8 @@
 //! Errors are [`ApiError`]s: a machine-readable code, a message that names the field
 //! or object and says what to do, and for refusals under load a retry hint.
 
+pub mod enrolment;
+
 use verge_api::{ApiError, ErrorCode, InstanceSpec, Kind, NodeSpec, Object, RegionSpec};
 
 use crate::state::HubState;
