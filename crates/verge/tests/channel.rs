@@ -35,12 +35,6 @@ fn behind_proxy(edge: &str) -> (tokio::runtime::Runtime, TestDir, Hub, FaultProx
     (rt, d, hub, p, e)
 }
 
-fn pid_of(hub: &Hub, name: &str) -> u64 {
-    hub.wait_phase("instances", name, "Running", T)["status"]["pid"]
-        .as_u64()
-        .expect("pid")
-}
-
 #[test]
 fn sync_converges_over_200ms_rtt_with_5_percent_loss() {
     let rt = runtime();
@@ -115,7 +109,7 @@ fn black_holing_one_endpoint_moves_the_edge_to_the_other_and_nothing_runs_twice(
     hub.wait_phase("nodes", "dual-1", "Ready", T);
     let (ma, mb) = (unique("fo-a"), unique("fo-b"));
     assert!(hub.apply(&sleeper("a", &ma)).status.success());
-    let pid_a = pid_of(&hub, "a");
+    let pid_a = hub.running_pid("a");
     assert_eq!(p2.connections(), 0, "the second endpoint is a standby");
 
     // Data centre 1 goes dark: no error, just silence.
@@ -125,7 +119,7 @@ fn black_holing_one_endpoint_moves_the_edge_to_the_other_and_nothing_runs_twice(
     });
     // Work issued after the switch arrives; work from before is not applied twice.
     assert!(hub.apply(&sleeper("b", &mb)).status.success());
-    pid_of(&hub, "b");
+    hub.running_pid("b");
     assert_eq!(pids_with(&mb).len(), 1);
     assert_eq!(pids_with(&ma), vec![pid_a as u32], "a kept running, once");
     hub.wait_phase("nodes", "dual-1", "Ready", T);
@@ -139,9 +133,9 @@ fn a_60s_partition_heals_with_every_operation_applied_exactly_once() {
     assert!(hub.apply(&sleeper("keep", &keep)).status.success());
     assert!(hub.apply(&sleeper("change", &change)).status.success());
     assert!(hub.apply(&sleeper("gone", &gone)).status.success());
-    let pid_keep = pid_of(&hub, "keep");
-    let pid_change = pid_of(&hub, "change");
-    pid_of(&hub, "gone");
+    let pid_keep = hub.running_pid("keep");
+    let pid_change = hub.running_pid("change");
+    hub.running_pid("gone");
 
     // The schedule runs on the test's runtime.
     let _in_runtime = rt.enter();
@@ -213,7 +207,7 @@ fn cut_connections_are_re_established() {
     wait_for("reconnect", T, || (p.connections() > before).then_some(()));
     let m = unique("after-reset");
     assert!(hub.apply(&sleeper("after", &m)).status.success());
-    pid_of(&hub, "after");
+    hub.running_pid("after");
     hub.ok(&["delete", "instance", "after"]);
     wait_for("cleanup", T, || pids_with(&m).is_empty().then_some(()));
 }
@@ -259,7 +253,7 @@ fn a_node_whose_certificate_expired_offline_rejoins_with_a_node_bound_token() {
     let uid = hub.get_json("nodes", "late-1").expect("node")["metadata"]["uid"].clone();
     let m = unique("late");
     assert!(hub.apply(&sleeper("late-work", &m)).status.success());
-    let pid = pid_of(&hub, "late-work");
+    let pid = hub.running_pid("late-work");
     // Offline past expiry.
     edge.proc.kill();
     std::thread::sleep(Duration::from_secs(4));
@@ -304,7 +298,7 @@ fn with_udp_blocked_the_edge_comes_up_over_tcp_on_its_own() {
     assert_eq!(node["status"]["transport"], "tls", "{node}");
     let m = unique("tcp");
     assert!(hub.apply(&sleeper("over-tcp", &m)).status.success());
-    pid_of(&hub, "over-tcp");
+    hub.running_pid("over-tcp");
     hub.cleanup(&["over-tcp"], &[&m]);
 }
 
@@ -348,7 +342,7 @@ fn exec_and_port_forward_across_a_switch_from_quic_to_tcp() {
     assert_eq!(node["status"]["transport"], "quic", "{node}");
     let m = unique("switch");
     assert!(hub.apply(&sleeper("switchy", &m)).status.success());
-    pid_of(&hub, "switchy");
+    hub.running_pid("switchy");
 
     // An interactive exec and a forwarded connection, both open over QUIC.
     let mut exec = Command::new(BIN)

@@ -237,6 +237,13 @@ impl Hub {
         }
     }
 
+    /// Wait until instance `name` runs (within a minute), and return its pid.
+    pub fn running_pid(&self, name: &str) -> u64 {
+        self.wait_phase("instances", name, "Running", Duration::from_secs(60))["status"]["pid"]
+            .as_u64()
+            .expect("pid")
+    }
+
     pub fn wait_phase(
         &self,
         kind: &str,
