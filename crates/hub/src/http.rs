@@ -764,7 +764,13 @@ pub fn router(state: Arc<HubState>) -> Router {
         .merge(kind_routes::<RegionSpec>())
         .route("/v1/inventory", get(inventory_report))
         .route("/v1/inventory/audit", get(audit))
-        .route("/v1/sched/plan", post(sched_plan))
+        .route(
+            "/v1/sched/plan",
+            post(sched_plan).route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                crate::replicas::to_leader,
+            )),
+        )
         .merge(
             // Routes that need the edge's session go to the replica that holds it.
             Router::new()

@@ -455,6 +455,28 @@ pub async fn to_session_holder(
     next.run(req).await
 }
 
+/// Middleware for operations that belong to the controllers (carrying out a
+/// defragmentation plan): a replica that does not lead forwards them to the one that
+/// does, so that the leader alone moves instances.
+pub async fn to_leader(State(st): State<Arc<HubState>>, req: Request, next: Next) -> Response {
+    if st.replica.is_leader() || !req.headers().contains_key(header::AUTHORIZATION) {
+        return next.run(req).await;
+    }
+    let leader = match st.objects.store().get(LEADER_KEY).await {
+        Ok(Some(kv)) => serde_json::from_slice::<ReplicaRecord>(&kv.value).ok(),
+        _ => None,
+    };
+    // Nobody leads (a hub just started, or an election is under way): carry it out
+    // here; its writes are compare-and-swap like every controller's.
+    let Some(leader) = leader.filter(|l| l.id != st.replica.id) else {
+        return next.run(req).await;
+    };
+    match forward(&st, &leader.url, req).await {
+        Ok(r) => r,
+        Err(e) => crate::http::HttpError(e).into_response(),
+    }
+}
+
 /// Send `req` to the replica at `url` and relay its answer (a body streamed back, or
 /// an upgraded connection spliced both ways).
 pub async fn forward(st: &HubState, url: &str, mut req: Request) -> Result<Response, ApiError> {
