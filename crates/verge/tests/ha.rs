@@ -240,6 +240,11 @@ fn a_replica_dies_and_its_edges_move_while_streams_and_artifacts_work_across_rep
     let out = f.hub(other).ok(&["exec", "s", "--", "echo", "from-afar"]);
     assert!(out.contains("from-afar"), "{out}");
 
+    // Plans of the scheduling centre are answered through any replica (made by the
+    // leader).
+    let report = f.hub(other).ok(&["sched", "report"]);
+    assert!(!report.trim().is_empty());
+
     // An artifact pushed through one replica is served by the others.
     let file = d.path().join("blob.bin");
     std::fs::write(&file, b"verge artifact across replicas").expect("write");
