@@ -475,10 +475,20 @@ async fn sync_loop(
         store.watch_with(&prefix, since + 1, bookmarks()).await
     };
     let mut last_sent = since;
+    let sync_kind = |kind: &str| {
+        st.metrics
+            .syncs
+            .get_or_create(&vec![("kind".to_string(), kind.to_string())])
+            .inc();
+    };
     let mut watch = match watch {
-        Ok(w) => w,
+        Ok(w) => {
+            sync_kind("resume");
+            w
+        }
         Err(StoreError::Compacted { .. }) => {
             // First sync, or the edge was away longer than the history we keep.
+            sync_kind("snapshot");
             let (items, revision) = match st.objects.list::<InstanceSpec>().await {
                 Ok(x) => x,
                 Err(e) => {

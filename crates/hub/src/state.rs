@@ -57,6 +57,9 @@ pub struct Metrics {
     pub watches_dropped: Counter,
     /// 1 while this replica leads (runs the controllers), else 0.
     pub leader: Gauge,
+    /// Edge sessions by how their desired state was sent: `resume` (changes from the
+    /// edge's revision) or `snapshot` (everything).
+    pub syncs: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -77,6 +80,7 @@ impl Metrics {
             revoked_certificates: Family::default(),
             watches_dropped: Counter::default(),
             leader: Gauge::default(),
+            syncs: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -93,6 +97,11 @@ impl Metrics {
             "revoked_certificates",
             "Requests, sessions and streams refused because their node certificate was revoked",
             m.revoked_certificates.clone(),
+        );
+        registry.register(
+            "syncs",
+            "Edge sessions by how their desired state was sent (resume from the edge's revision, or snapshot)",
+            m.syncs.clone(),
         );
         registry.register(
             "leader",

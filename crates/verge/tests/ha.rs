@@ -92,6 +92,24 @@ fn replicas(hub: &Hub) -> serde_json::Value {
     })
 }
 
+/// `verge_hub_syncs_total{kind=KIND}` of `hub`.
+fn syncs(hub: &Hub, kind: &str) -> u64 {
+    runtime().block_on(async {
+        let text = api_client(hub, None)
+            .get(format!("{}/metrics", hub.url))
+            .send()
+            .await
+            .expect("send")
+            .text()
+            .await
+            .expect("text");
+        let line = format!("verge_hub_syncs_total{{kind=\"{kind}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&line)?.trim().parse().ok())
+            .unwrap_or(0)
+    })
+}
+
 fn leader(hub: &Hub) -> Option<String> {
     replicas(hub)["leader"].as_str().map(str::to_string)
 }
@@ -260,7 +278,11 @@ fn a_replica_dies_and_its_edges_move_while_streams_and_artifacts_work_across_rep
             .then_some(())
     });
 
-    // The replica holding the edge dies; its edges move, nothing restarts.
+    // The replica holding the edge dies; its edges move, resuming from their
+    // revision (no snapshot), and nothing restarts.
+    let live: Vec<usize> = (0..3).filter(|&i| i != holder).collect();
+    let snapshots: u64 = live.iter().map(|&i| syncs(f.hub(i), "snapshot")).sum();
+    let resumes: u64 = live.iter().map(|&i| syncs(f.hub(i), "resume")).sum();
     f.hubs[holder].as_mut().expect("holder").proc.kill();
     f.hubs[holder] = None;
     let dead_id = sessions[&node].as_str().expect("id").to_string();
@@ -271,6 +293,13 @@ fn a_replica_dies_and_its_edges_move_while_streams_and_artifacts_work_across_rep
         s.filter(|h| *h != dead_id)
     });
     f.any().wait_phase("nodes", &node, "Ready", T);
+    let snapshots_after: u64 = live.iter().map(|&i| syncs(f.hub(i), "snapshot")).sum();
+    let resumes_after: u64 = live.iter().map(|&i| syncs(f.hub(i), "resume")).sum();
+    assert_eq!(
+        snapshots_after, snapshots,
+        "moved edges resume, they are not re-sent everything"
+    );
+    assert!(resumes_after > resumes, "{resumes} -> {resumes_after}");
     let until = Instant::now() + Duration::from_secs(4);
     while Instant::now() < until {
         assert_eq!(pids_with(&marker), vec![pid as u32], "s kept running, once");
