@@ -74,3 +74,25 @@ fn connects_with_a_user_and_password() {
         );
     });
 }
+
+/// Over TLS with client-certificate authentication (what a production etcd should
+/// ask for): the store connects with the CA and a client certificate, and without
+/// the certificate it is refused.
+#[test]
+fn connects_over_tls_with_a_client_certificate() {
+    let cluster = EtcdCluster::start_tls(1);
+    let tls = cluster.tls.clone().expect("TLS files");
+    verge_store::conformance::rt().block_on(async {
+        let mut config = EtcdConfig::from_url(&format!("{}/tls", cluster.url())).expect("url");
+        config.ca_pem = Some(tls.ca_pem.clone());
+        config.client_cert_pem = Some((tls.cert_pem.clone(), tls.key_pem.clone()));
+        let s = EtcdStore::connect(&config).await.expect("connect over TLS");
+        verge_store::conformance::revisions_and_compare_and_swap(&s).await;
+        config.client_cert_pem = None;
+        let refused = EtcdStore::connect(&config).await;
+        assert!(
+            refused.is_err(),
+            "a client without a certificate is refused"
+        );
+    });
+}

@@ -38,13 +38,38 @@ pub struct EtcdCluster {
     /// The members, in order.
     pub members: Vec<Member>,
     initial_cluster: String,
-    _dir: tempfile::TempDir,
+    /// With TLS on the client port: the PEM files (and what a client needs).
+    pub tls: Option<ClientTls>,
+    dir: tempfile::TempDir,
+}
+
+/// What a client of a TLS cluster needs: the CA, and a client certificate the members
+/// require (`--client-cert-auth`).
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    /// PEM CA of the members' certificates and of the client's.
+    pub ca_pem: String,
+    /// PEM client certificate.
+    pub cert_pem: String,
+    /// PEM key of the client certificate.
+    pub key_pem: String,
 }
 
 impl EtcdCluster {
     /// Start `n` members and wait until the cluster answers.
     pub fn start(n: usize) -> Self {
+        Self::start_with(n, false)
+    }
+
+    /// Start `n` members that serve clients over TLS only and require a client
+    /// certificate from a CA made here ([`EtcdCluster::tls`]).
+    pub fn start_tls(n: usize) -> Self {
+        Self::start_with(n, true)
+    }
+
+    fn start_with(n: usize, tls: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
+        let tls = tls.then(|| make_tls(dir.path()));
         let mut members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
@@ -62,7 +87,8 @@ impl EtcdCluster {
         let mut cluster = Self {
             members: Vec::new(),
             initial_cluster,
-            _dir: dir,
+            tls,
+            dir,
         };
         for m in &mut members {
             cluster.spawn(m);
@@ -74,6 +100,7 @@ impl EtcdCluster {
 
     fn spawn(&self, m: &mut Member) {
         let log = std::fs::File::create(m.dir.with_extension("log")).expect("log file");
+        let scheme = self.scheme();
         let mut command = Command::new("setpriv");
         command
             .args(["--pdeathsig", "KILL", "--", &etcd_binary()])
@@ -83,9 +110,9 @@ impl EtcdCluster {
                 "--data-dir",
                 &m.dir.display().to_string(),
                 "--listen-client-urls",
-                &format!("http://{}", m.client),
+                &format!("{scheme}://{}", m.client),
                 "--advertise-client-urls",
-                &format!("http://{}", m.client),
+                &format!("{scheme}://{}", m.client),
                 "--listen-peer-urls",
                 &format!("http://{}", m.peer),
                 "--initial-advertise-peer-urls",
@@ -106,6 +133,18 @@ impl EtcdCluster {
             ])
             .stdout(Stdio::null())
             .stderr(log);
+        if self.tls.is_some() {
+            let f = |name: &str| self.dir.path().join(name).display().to_string();
+            command.args([
+                "--cert-file",
+                &f("server.crt"),
+                "--key-file",
+                &f("server.key"),
+                "--trusted-ca-file",
+                &f("ca.crt"),
+                "--client-cert-auth",
+            ]);
+        }
         let child = spawn_tied(command).unwrap_or_else(|e| {
             panic!(
                 "cannot start {}: {e}; install Debian's etcd-server (scripts/test.sh does)",
@@ -115,17 +154,23 @@ impl EtcdCluster {
         m.child = Some(child);
     }
 
-    /// `etcd://` address of every member, for `verge hub --store`.
-    pub fn url(&self) -> String {
-        let hosts: Vec<String> = self.members.iter().map(|m| m.client.to_string()).collect();
-        format!("etcd://{}", hosts.join(","))
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
     }
 
-    /// Client endpoints (`http://...`) of the members that run.
+    /// `etcd://` (or with TLS `etcds://`) address of every member, for
+    /// `verge hub --store`.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self.members.iter().map(|m| m.client.to_string()).collect();
+        let scheme = if self.tls.is_some() { "etcds" } else { "etcd" };
+        format!("{scheme}://{}", hosts.join(","))
+    }
+
+    /// Client endpoints (`http://...`, or `https://` with TLS) of the members.
     pub fn endpoints(&self) -> Vec<String> {
         self.members
             .iter()
-            .map(|m| format!("http://{}", m.client))
+            .map(|m| format!("{}://{}", self.scheme(), m.client))
             .collect()
     }
 
@@ -159,15 +204,27 @@ impl EtcdCluster {
         let deadline = Instant::now() + within;
         for m in self.members.iter().filter(|m| m.child.is_some()) {
             loop {
-                if health(m.client) {
+                // A TLS member is not asked over plain HTTP: accepting connections
+                // will do (a lone member elects itself as it starts).
+                let up = if self.tls.is_some() {
+                    std::net::TcpStream::connect_timeout(&m.client, Duration::from_millis(500))
+                        .is_ok()
+                } else {
+                    health(m.client)
+                };
+                if up {
                     break;
                 }
-                assert!(
-                    Instant::now() < deadline,
-                    "etcd member {} did not become healthy; see {}",
-                    m.name,
-                    m.dir.with_extension("log").display()
-                );
+                if Instant::now() >= deadline {
+                    let log =
+                        std::fs::read_to_string(m.dir.with_extension("log")).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                    panic!(
+                        "etcd member {} did not become healthy; its log ends:\n{}",
+                        m.name,
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
+                }
                 // Start-up is synchronous (tests call it before their runtime runs).
                 #[allow(clippy::disallowed_methods)]
                 std::thread::sleep(Duration::from_millis(100));
@@ -205,6 +262,32 @@ fn spawn_tied(command: Command) -> std::io::Result<Child> {
     answer
         .recv()
         .map_err(|_| std::io::Error::other("spawner thread gone"))?
+}
+
+/// A CA, a server certificate for loopback and a client certificate, written where
+/// the members read them.
+fn make_tls(dir: &std::path::Path) -> ClientTls {
+    use verge_tunnel::pki::{CertAuthority, new_node_key_and_csr};
+    let ca = CertAuthority::generate("etcd-test-ca").expect("CA");
+    let server = ca
+        .issue_server(&["127.0.0.1".to_string(), "localhost".to_string()])
+        .expect("server certificate");
+    let (key_pem, csr) = new_node_key_and_csr("verge-hub").expect("client key");
+    let cert_pem = ca
+        .sign_node_csr(&csr, "verge-hub", None, time::Duration::days(1))
+        .expect("client certificate");
+    for (name, pem) in [
+        ("ca.crt", ca.cert_pem()),
+        ("server.crt", server.cert_pem.as_str()),
+        ("server.key", server.key_pem.as_str()),
+    ] {
+        std::fs::write(dir.join(name), pem).expect("write a TLS file");
+    }
+    ClientTls {
+        ca_pem: ca.cert_pem().to_string(),
+        cert_pem,
+        key_pem,
+    }
 }
 
 /// Whether the member at `addr` says it is healthy (GET /health: `"health":"true"`).
