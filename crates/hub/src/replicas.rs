@@ -477,9 +477,12 @@ pub async fn to_leader(State(st): State<Arc<HubState>>, req: Request, next: Next
     }
 }
 
-/// Send `req` to the replica at `url` and relay its answer (a body streamed back, or
-/// an upgraded connection spliced both ways).
-pub async fn forward(st: &HubState, url: &str, mut req: Request) -> Result<Response, ApiError> {
+/// An HTTP/1.1 connection (upgrades allowed) to the replica at `url`, verified
+/// against the cluster CA.
+async fn connect(
+    st: &HubState,
+    url: &str,
+) -> Result<hyper::client::conn::http1::SendRequest<Body>, ApiError> {
     let unavailable = |why: String| ApiError::new(ErrorCode::Unavailable, why);
     let addr = verge_tunnel::tls::hub_addr(url).map_err(|e| unavailable(e.to_string()))?;
     let tls = verge_tunnel::tls::client_config(st.ca.cert_pem(), None, &[b"http/1.1"])
@@ -488,12 +491,20 @@ pub async fn forward(st: &HubState, url: &str, mut req: Request) -> Result<Respo
         .await
         .map_err(|_| unavailable(format!("hub replica {url} did not answer within 10s")))?
         .map_err(|e| unavailable(format!("hub replica {url}: {e}")))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| unavailable(format!("hub replica {url}: {e}")))?;
     tokio::spawn(async move {
         let _ = conn.with_upgrades().await;
     });
+    Ok(sender)
+}
+
+/// Send `req` to the replica at `url` and relay its answer (a body streamed back, or
+/// an upgraded connection spliced both ways).
+pub async fn forward(st: &HubState, url: &str, mut req: Request) -> Result<Response, ApiError> {
+    let unavailable = |why: String| ApiError::new(ErrorCode::Unavailable, why);
+    let mut sender = connect(st, url).await?;
     let client_upgrade = req
         .headers()
         .contains_key(header::UPGRADE)
@@ -534,6 +545,41 @@ pub async fn forward(st: &HubState, url: &str, mut req: Request) -> Result<Respo
     }
     let (parts, body) = resp.into_parts();
     Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// Open a port-forward to `instance`'s `port` through the replica at `url` (which
+/// holds the instance's edge): the upgraded connection, carrying chunks as a data
+/// stream does. Relays between edges on different replicas go through it.
+pub async fn port_forward_at(
+    st: &HubState,
+    url: &str,
+    instance: &str,
+    port: u16,
+) -> Result<Box<dyn verge_tunnel::quic::Duplex>, ApiError> {
+    let stream = String::from_utf8_lossy(verge_api::channel::ALPN_STREAM).into_owned();
+    let req = Request::get(format!("/v1/instances/{instance}/portforward?port={port}"))
+        .header(header::AUTHORIZATION, format!("Bearer {}", peer_token(st)))
+        .header(header::HOST, "verge-hub")
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, stream)
+        .body(Body::empty())
+        .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+    let unavailable = |why: String| ApiError::new(ErrorCode::Unavailable, why);
+    let mut sender = connect(st, url).await?;
+    let mut resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| unavailable(format!("hub replica {url}: {e}")))?;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return Err(unavailable(format!(
+            "hub replica {url} refused the port-forward to {instance}:{port} ({})",
+            resp.status()
+        )));
+    }
+    let up = hyper::upgrade::on(&mut resp)
+        .await
+        .map_err(|e| unavailable(format!("hub replica {url}: {e}")))?;
+    Ok(Box::new(TokioIo::new(up)))
 }
 
 /// Live replicas (their records), this one included.

@@ -186,26 +186,37 @@ async fn relay(
         Ok(c) => c.closed_watch(),
         Err(_) => return,
     };
-    match st
-        .edges
-        .open_stream(
-            &target,
-            StreamPurpose::PortForward {
-                instance: to.clone(),
-                port,
-            },
-        )
-        .await
+    // The target's edge is here, or held by another hub replica: then that replica
+    // opens the port-forward and the relay goes through both.
+    let far = if st.edges.conn(&target).is_err()
+        && let Some(holder) = crate::replicas::session_elsewhere(&st, &target).await
     {
-        Ok(far) => {
+        crate::replicas::port_forward_at(&st, &holder.url, &to, port)
+            .await
+            .map(|io| (io, Vec::new()))
+    } else {
+        st.edges
+            .open_stream(
+                &target,
+                StreamPurpose::PortForward {
+                    instance: to.clone(),
+                    port,
+                },
+            )
+            .await
+            .map(|far| (far.io, vec![far.closed]))
+    };
+    match far {
+        Ok((io, mut closed)) => {
             count(&st, "relay", "ok");
             tracing::info!(node, from, to, port, target, "relaying");
+            closed.push(source_closed);
             splice(
                 stream,
-                far.io,
+                io,
                 &format!("node '{node}'"),
                 &format!("node '{target}'"),
-                vec![source_closed, far.closed],
+                closed,
             )
             .await;
         }

@@ -45,7 +45,15 @@ fn fleet(d: &std::path::Path, etcd: &EtcdCluster) -> Fleet {
                 &name,
                 Some(&token),
                 &d.join(&name),
-                &["--hub", &urls[1], "--hub", &urls[2], "--spread-hubs"],
+                &[
+                    "--hub",
+                    &urls[1],
+                    "--hub",
+                    &urls[2],
+                    "--spread-hubs",
+                    "--label",
+                    &format!("site={name}"),
+                ],
             )
         })
         .collect();
@@ -257,6 +265,51 @@ fn a_replica_dies_and_its_edges_move_while_streams_and_artifacts_work_across_rep
     assert!(logs.contains(&format!("started {marker}")), "{logs}");
     let out = f.hub(other).ok(&["exec", "s", "--", "echo", "from-afar"]);
     assert!(out.contains("from-afar"), "{out}");
+
+    // An instance reaches another one's port on an edge held by another replica:
+    // the relay goes through both replicas.
+    let sessions_now = replicas(f.hub(0))["sessions"].clone();
+    let by_hub = |n: usize| {
+        sessions_now[format!("ha-{n}").as_str()]
+            .as_str()
+            .map(str::to_string)
+    };
+    // (Edges spread by a hash of their names: ha-0 and ha-1 land on different ones.)
+    let (a, b) = (0..3)
+        .flat_map(|a| (0..3).map(move |b| (a, b)))
+        .find(|&(a, b)| by_hub(a).is_some() && by_hub(b).is_some() && by_hub(a) != by_hub(b))
+        .expect("edges on two replicas");
+    let relayed = unique("ha-r");
+    {
+        let port = echo_server();
+        let local = free_port();
+        let pinned = |name: &str, site: usize, extra: String| {
+            format!(
+                "kind: Instance\nmetadata:\n  name: {name}\n  labels: {{app: shop}}\nspec:\n  form: process\n  process:\n    command: [\"/bin/sh\", \"-c\", \"echo started {relayed}; while :; do sleep 1; done\"]\n  resources: {{cpu: 100m, memory: 16Mi}}\n  terminationGracePeriodSeconds: 2\n  placement: {{nodeSelector: {{site: ha-{site}}}}}\n{extra}"
+            )
+        };
+        let svc = pinned(
+            "svc",
+            b,
+            format!("  ports: [{{name: echo, port: {port}}}]\n"),
+        );
+        let client = pinned(
+            "client",
+            a,
+            format!("  links: [{{instance: svc, port: {port}, localPort: {local}}}]\n"),
+        );
+        for m in [&svc, &client] {
+            assert!(f.hub(0).apply(m).status.success());
+        }
+        f.hub(0).running_pid("svc");
+        f.hub(0).running_pid("client");
+        let addr = format!("127.0.0.1:{local}");
+        wait_for("the relay across replicas", T, || {
+            std::net::TcpStream::connect(&addr).ok()?;
+            (round_trip(&addr, b"across replicas") == b"across replicas").then_some(())
+        });
+        f.hub(0).cleanup(&["svc", "client"], &[&relayed]);
+    }
 
     // Plans of the scheduling centre are answered through any replica (made by the
     // leader).

@@ -16,32 +16,6 @@ use common::*;
 
 const T: Duration = Duration::from_secs(30);
 
-/// A TCP echo server on loopback (the port an instance serves; process instances
-/// share the node's network, so the test can serve it).
-fn echo_server() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = l.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 16 << 10];
-                loop {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            if s.write_all(&buf[..n]).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-            });
-        }
-    });
-    port
-}
-
 fn instance(name: &str, marker: &str, extra: &str) -> String {
     format!(
         "kind: Instance\nmetadata:\n  name: {name}\n  labels: {{app: shop}}\nspec:\n  form: process\n  process:\n    command: [\"/bin/sh\", \"-c\", \"echo started {marker}; while :; do sleep 1; done\"]\n    env: {{GREETING: hello}}\n  resources: {{cpu: 100m, memory: 16Mi}}\n  terminationGracePeriodSeconds: 2\n{extra}"
@@ -222,27 +196,6 @@ fn port_forward(hub: &Hub, instance: &str, port: u16) -> (Proc, String) {
         .unwrap_or_else(|| panic!("unexpected: {line}"))
         .to_string();
     (proc, addr)
-}
-
-fn round_trip(addr: &str, payload: &[u8]) -> Vec<u8> {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(T)).expect("timeout");
-    let mut w = s.try_clone().expect("dup");
-    let payload = payload.to_vec();
-    let writer = std::thread::spawn(move || {
-        // Fails when a refused forward has closed the connection already.
-        let _ = w.write_all(&payload);
-        let _ = w.shutdown(std::net::Shutdown::Write);
-    });
-    let mut got = Vec::new();
-    match s.read_to_end(&mut got) {
-        Ok(_) => {}
-        // A refused forward closes the connection with our bytes unread: a reset.
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-        Err(e) => panic!("read to end: {e}"),
-    }
-    let _ = writer.join();
-    got
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 #![allow(dead_code, clippy::disallowed_methods)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -586,4 +586,53 @@ impl Registry {
         });
         r
     }
+}
+
+/// A TCP echo server on loopback (the port an instance serves; process instances
+/// share the node's network, so the test can serve it).
+pub fn echo_server() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 16 << 10];
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Send `payload` to `addr`, close the sending side, and read everything back.
+pub fn round_trip(addr: &str, payload: &[u8]) -> Vec<u8> {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut w = s.try_clone().expect("dup");
+    let payload = payload.to_vec();
+    let writer = std::thread::spawn(move || {
+        // Fails when a refused forward has closed the connection already.
+        let _ = w.write_all(&payload);
+        let _ = w.shutdown(std::net::Shutdown::Write);
+    });
+    let mut got = Vec::new();
+    match s.read_to_end(&mut got) {
+        Ok(_) => {}
+        // A refused forward closes the connection with our bytes unread: a reset.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("read to end: {e}"),
+    }
+    let _ = writer.join();
+    got
 }
