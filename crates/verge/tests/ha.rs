@@ -143,6 +143,21 @@ fn the_leader_dies_during_a_burst_of_writes_and_nothing_is_lost_doubled_or_resta
         .collect();
     let leader_id = leader(f.hub(0)).expect("a leader");
     let li = f.index_of(&leader_id);
+    // A write through a replica that does not lead reaches the leader's scheduler
+    // through the store watch at once, not at its 5 s fallback timer.
+    let follower = f.hub((li + 1) % 3);
+    let quick = unique("ha-quick");
+    let applied = Instant::now();
+    assert!(follower.apply(&sleeper("quick", &quick)).status.success());
+    wait_for("quick placed", Duration::from_secs(3), || {
+        follower.get_json("instances", "quick")?["status"]["node"]
+            .as_str()
+            .map(drop)
+    });
+    eprintln!(
+        "placed {:?} after a write through a follower",
+        applied.elapsed()
+    );
 
     // A burst of creates through every replica; the leader is killed in the middle.
     // A create that got an answer is acknowledged; one cut off is not.
@@ -222,11 +237,11 @@ fn the_leader_dies_during_a_burst_of_writes_and_nothing_is_lost_doubled_or_resta
     for i in 0..3 {
         f.any().wait_phase("nodes", &format!("ha-{i}"), "Ready", T);
     }
-    let names: Vec<&str> = ["w0", "w1", "w2", "after", "later"].to_vec();
+    let names: Vec<&str> = ["w0", "w1", "w2", "after", "later", "quick"].to_vec();
     let all: Vec<&str> = markers
         .iter()
         .map(String::as_str)
-        .chain([fresh.as_str(), later.as_str()])
+        .chain([fresh.as_str(), later.as_str(), quick.as_str()])
         .collect();
     for n in &names {
         let _ = f.any().cli(&["delete", "instance", n]);
