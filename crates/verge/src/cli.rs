@@ -25,7 +25,9 @@ pub enum Output {
 
 fn kind_or_bail(word: &str) -> Result<&'static str> {
     resolve_kind(word).with_context(|| {
-        format!("unknown kind '{word}'; use nodes, instances, regions, inventory or audit")
+        format!(
+            "unknown kind '{word}'; use nodes, instances, regions, inventory, audit or replicas"
+        )
     })
 }
 
@@ -325,6 +327,44 @@ async fn get_audit(client: &Client, output: Output) -> Result<()> {
     Ok(())
 }
 
+/// `verge get replicas`: the hub replicas on the store, which one leads, and how many
+/// edges each holds.
+async fn get_replicas(client: &Client, output: Output) -> Result<()> {
+    let v: serde_json::Value = client.get("/v1/replicas").await?;
+    if matches!(output, Output::Json | Output::Yaml) {
+        return print_values(&[v], output);
+    }
+    let sessions = v["sessions"].as_object().cloned().unwrap_or_default();
+    let rows: Vec<Vec<String>> = v["replicas"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|r| {
+            let id = r["id"].as_str().unwrap_or("");
+            let edges = sessions.values().filter(|h| h.as_str() == Some(id)).count();
+            let role = if v["leader"].as_str() == Some(id) {
+                "leader"
+            } else {
+                "follower"
+            };
+            let this = if v["self"].as_str() == Some(id) {
+                " (this one)"
+            } else {
+                ""
+            };
+            vec![
+                format!("{id}{this}"),
+                role.to_string(),
+                edges.to_string(),
+                dash(r["url"].as_str().unwrap_or("")),
+            ]
+        })
+        .collect();
+    print!("{}", table(&["REPLICA", "ROLE", "EDGES", "URL"], &rows));
+    Ok(())
+}
+
 /// `verge sched report` / `verge sched defrag`.
 pub async fn sched_plan(
     client: &Client,
@@ -433,6 +473,7 @@ pub async fn get(client: &Client, kind: &str, name: Option<&str>, output: Output
     match kind {
         "inventory" | "inv" => return get_inventory(client, output).await,
         "audit" => return get_audit(client, output).await,
+        "replicas" | "hubs" => return get_replicas(client, output).await,
         _ => {}
     }
     let plural = kind_or_bail(kind)?;

@@ -143,6 +143,10 @@ fn the_leader_dies_during_a_burst_of_writes_and_nothing_is_lost_doubled_or_resta
         .collect();
     let leader_id = leader(f.hub(0)).expect("a leader");
     let li = f.index_of(&leader_id);
+    // Operators see the replicas, the leader, and the edges each holds.
+    let table = f.hub(0).ok(&["get", "replicas"]);
+    assert_eq!(table.matches("leader").count(), 1, "{table}");
+    assert_eq!(table.matches("follower").count(), 2, "{table}");
     // A write through a replica that does not lead reaches the leader's scheduler
     // through the store watch at once, not at its 5 s fallback timer.
     let follower = f.hub((li + 1) % 3);
