@@ -213,6 +213,11 @@ impl EtcdCluster {
                     health(m.client)
                 };
                 if up {
+                    if self.tls.is_some() {
+                        // Give it an election timeout or two to elect itself.
+                        #[allow(clippy::disallowed_methods)]
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
                     break;
                 }
                 if Instant::now() >= deadline {
