@@ -92,6 +92,22 @@ pub fn locate(record: &RunRecord) -> RunRecord {
     r
 }
 
+/// [`locate`], looked for again a few times when not found at first: a process in
+/// the middle of `execve` (setpriv becoming the workload, right after a start) cannot
+/// have its environment read for that moment, and missing it here would make the
+/// agent start the instance a second time, or leave it running after a stop.
+pub async fn locate_settled(record: &RunRecord) -> RunRecord {
+    let mut found = locate(record);
+    for _ in 0..5 {
+        if found.pid != 0 || record.run_id.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        found = locate(record);
+    }
+    found
+}
+
 /// Whether the process in `record` is still the one we started and has not exited.
 pub fn is_alive(record: &RunRecord) -> bool {
     record.pid != 0
@@ -393,7 +409,7 @@ impl Runtime for ProcessRuntime {
     }
 
     async fn adopt(&self, _w: &Workload, record: &RunRecord) -> Option<Running> {
-        let record = &locate(record);
+        let record = &locate_settled(record).await;
         if record.driver != DRIVER || !is_alive(record) {
             return None;
         }
@@ -404,7 +420,7 @@ impl Runtime for ProcessRuntime {
     }
 
     async fn stop(&self, record: &RunRecord, grace: Duration) -> Result<(), RuntimeError> {
-        let record = &locate(record);
+        let record = &locate_settled(record).await;
         if !is_alive(record) {
             return Ok(());
         }
