@@ -495,23 +495,9 @@ fn hub_and_edge_serve_prometheus_metrics() {
     let hub = Hub::start(d.path());
     let edge = Edge::start(&hub, "edge-1", Some(&hub.token(1)));
     hub.wait_phase("nodes", "edge-1", "Ready", T);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("rt");
-    rt.block_on(async {
-        let c = api_client(&hub, None);
-        let text = c
-            .get(format!("{}/metrics", hub.url))
-            .send()
-            .await
-            .expect("send")
-            .text()
-            .await
-            .expect("text");
-        assert!(text.contains("verge_hub_edges_connected 1"), "{text}");
-        assert!(text.contains("verge_hub_store_revision"), "{text}");
-    });
+    let text = hub.metrics_text();
+    assert!(text.contains("verge_hub_edges_connected 1"), "{text}");
+    assert!(text.contains("verge_hub_store_revision"), "{text}");
     let text = wait_for("edge metrics", T, || {
         let mut s = std::net::TcpStream::connect(&edge.metrics).ok()?;
         use std::io::{Read, Write};

@@ -102,20 +102,7 @@ fn replicas(hub: &Hub) -> serde_json::Value {
 
 /// `verge_hub_syncs_total{kind=KIND}` of `hub`.
 fn syncs(hub: &Hub, kind: &str) -> u64 {
-    runtime().block_on(async {
-        let text = api_client(hub, None)
-            .get(format!("{}/metrics", hub.url))
-            .send()
-            .await
-            .expect("send")
-            .text()
-            .await
-            .expect("text");
-        let line = format!("verge_hub_syncs_total{{kind=\"{kind}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&line)?.trim().parse().ok())
-            .unwrap_or(0)
-    })
+    hub.metric(&format!("verge_hub_syncs_total{{kind=\"{kind}\"}}"))
 }
 
 fn leader(hub: &Hub) -> Option<String> {

@@ -237,6 +237,35 @@ impl Hub {
         }
     }
 
+    /// The hub's `/metrics` text.
+    pub fn metrics_text(&self) -> String {
+        runtime().block_on(async {
+            api_client(self, None)
+                .get(format!("{}/metrics", self.url))
+                .send()
+                .await
+                .expect("metrics")
+                .text()
+                .await
+                .expect("text")
+        })
+    }
+
+    /// The value of the hub's metric series `series` (name and labels, as the text
+    /// format writes them), 0 when it is absent.
+    pub fn metric(&self, series: &str) -> u64 {
+        self.metrics_text()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(series)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    }
+
     /// Wait until instance `name` runs (within a minute), and return its pid.
     pub fn running_pid(&self, name: &str) -> u64 {
         self.wait_phase("instances", name, "Running", Duration::from_secs(60))["status"]["pid"]
