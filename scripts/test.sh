@@ -75,6 +75,11 @@ rustup target add wasm32-wasip2 >/dev/null
 cargo build --quiet --locked --release --target wasm32-wasip2 \
   --manifest-path guests/hello-fn/Cargo.toml --target-dir guests/hello-fn/target
 
+# A one-shot run gains nothing from incremental compilation, and its caches more than
+# double the size of target/ (a CI machine once ran out of disk in the build).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+echo "== disk: $(df -h --output=avail . | tail -1 | tr -d ' ') free"
+
 echo "== fmt"
 cargo fmt --all -- --check
 echo "== clippy"
@@ -87,4 +92,4 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --locked --no-fail-fast --features "$FEATURES"
 fi
-echo "== all tests passed"
+echo "== all tests passed (disk: $(df -h --output=avail . | tail -1 | tr -d ' ') free, target/ $(du -sh target 2>/dev/null | cut -f1))"

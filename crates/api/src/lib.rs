@@ -9,6 +9,7 @@ pub mod artifact;
 pub mod channel;
 pub mod clock;
 pub mod error;
+pub mod hash;
 pub mod instance;
 pub mod manifest;
 pub mod meta;

@@ -23,6 +23,7 @@ use verge_runtime::{ExecSpec, Running, Runtime, Workload};
 
 use crate::EdgeError;
 use crate::files::{self, Desired};
+use crate::state::StateStore;
 
 /// Longest wait between restarts of a crashing workload.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -93,8 +94,10 @@ impl Drop for Admission<'_> {
 
 /// The agent's shared state.
 pub struct Agent {
+    /// Where the instances' working directories (and logs) are.
     dir: PathBuf,
     runtime: Arc<dyn Runtime>,
+    state: Arc<dyn StateStore>,
     desired: Mutex<Desired>,
     supervisors: tokio::sync::Mutex<HashMap<String, Supervisor>>,
     statuses: Mutex<HashMap<String, (String, InstanceStatus)>>,
@@ -125,21 +128,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Agent {
-    /// Load the cache from `dir` and prepare (nothing runs until [`Agent::reconciler`]).
+    /// Load the cache from `state` and prepare (nothing runs until
+    /// [`Agent::reconciler`]). Instances work in directories under `dir`.
     pub fn new(
         dir: PathBuf,
+        state: Arc<dyn StateStore>,
         runtime: Arc<dyn Runtime>,
         resources: crate::resources::ResourceManager,
         plain_http_registries: Vec<String>,
         log_limits: verge_runtime::process::LogLimits,
     ) -> Result<Arc<Self>, EdgeError> {
-        let desired = Desired::load(&dir)?;
+        let desired = state.load_desired()?;
         let links = crate::links::Links::default();
         let artifacts =
             crate::artifacts::Artifacts::new(&dir, plain_http_registries, links.opener().clone());
         Ok(Arc::new(Self {
             dir,
             runtime,
+            state,
             desired: Mutex::new(desired),
             supervisors: tokio::sync::Mutex::new(HashMap::new()),
             statuses: Mutex::new(HashMap::new()),
@@ -177,7 +183,7 @@ impl Agent {
     }
 
     fn persist_and_kick(&self, d: &Desired) -> Result<(), EdgeError> {
-        d.save(&self.dir)?;
+        self.state.save_desired(&d)?;
         self.reconcile_kick.notify_one();
         Ok(())
     }
@@ -192,7 +198,7 @@ impl Agent {
         let mut d = lock(&self.desired);
         if epoch.is_some() && d.epoch.as_deref() != epoch {
             d.epoch = epoch.map(str::to_string);
-            d.save(&self.dir)?;
+            self.state.save_desired(&d)?;
         }
         Ok(())
     }
@@ -244,7 +250,7 @@ impl Agent {
         let mut d = lock(&self.desired);
         if revision > d.revision {
             d.revision = revision;
-            d.save(&self.dir)?;
+            self.state.save_desired(&d)?;
         }
         Ok(())
     }
@@ -367,7 +373,7 @@ impl Agent {
                 lock(&self.removing).insert(name.clone());
                 tokio::spawn(async move {
                     let _ = sup.task.await;
-                    let _ = std::fs::remove_dir_all(files::instance_dir(&agent.dir, &name));
+                    agent.forget(&name);
                     lock(&agent.removing).remove(&name);
                     agent.gc_kick.notify_one();
                     lock(&agent.statuses).remove(&name);
@@ -383,7 +389,7 @@ impl Agent {
         // is the hub's (synced at least once): before that, an empty cache must not
         // stop what the node still runs.
         if lock(&self.desired).revision > 0 {
-            for (name, record) in files::run_records(&self.dir) {
+            for (name, record) in self.state.run_records() {
                 if desired.contains_key(&name)
                     || sups.contains_key(&name)
                     || !lock(&self.removing).insert(name.clone())
@@ -468,9 +474,23 @@ impl Agent {
         }
         // Not if a supervisor took the name meanwhile (it was wanted again).
         if !self.supervisors.lock().await.contains_key(name) {
-            let _ = std::fs::remove_dir_all(files::instance_dir(&self.dir, name));
+            self.forget(name);
         }
         lock(&self.removing).remove(name);
+    }
+
+    /// Forget an instance that is gone from the node: its records and its directory.
+    fn forget(&self, name: &str) {
+        self.state.forget_instance(name);
+        let _ = std::fs::remove_dir_all(files::instance_dir(&self.dir, name));
+    }
+
+    /// Let go of every workload without stopping it, as an agent process that exits
+    /// does: the supervisors end, the workloads run on for the next agent to adopt.
+    pub async fn abandon(&self) {
+        for (_, s) in self.supervisors.lock().await.drain() {
+            s.task.abort();
+        }
     }
 
     /// Stop every workload (used by `verge dev`, where Ctrl-C should leave nothing behind).
@@ -515,14 +535,14 @@ impl Agent {
             .map_or(0, |(_, s)| s.restarts);
         let mut backoff = Duration::from_secs(1);
         // A workload started before the agent restarted is adopted, not started twice.
-        let mut running: Option<Running> = match files::load_record(&dir) {
+        let mut running: Option<Running> = match self.state.load_record(&name) {
             Some(rec) => {
                 let adopted = self.runtime.adopt(&workload, &rec).await;
                 if let Some(a) = &adopted {
                     tracing::info!(instance = %name, pid = a.record.pid, "re-adopted running workload");
                     // A start whose pid was never written is now found: record it.
                     if a.record != rec
-                        && let Err(e) = files::save_record(&dir, &a.record)
+                        && let Err(e) = self.state.save_record(&name, &a.record)
                     {
                         tracing::warn!(instance = %name, error = %e, "could not save run record");
                     }
@@ -535,7 +555,7 @@ impl Agent {
                             None
                         });
                 } else {
-                    files::clear_record(&dir);
+                    self.state.clear_record(&name);
                 }
                 adopted
             }
@@ -568,7 +588,9 @@ impl Agent {
                         s.phase = InstancePhase::Starting;
                         s.observed_generation = generation;
                     });
-                    self.rotate_log(&name, &workload.log_path());
+                    if self.runtime.writes_log(&workload.instance.spec) {
+                        self.rotate_log(&name, &workload.log_path());
+                    }
                     let started = match self.artifacts.localize(&workload.instance.spec).await {
                         Ok(spec) => {
                             workload.instance.spec = spec;
@@ -582,7 +604,7 @@ impl Agent {
                                 &run_id,
                             );
                             workload.run_id = Some(run_id);
-                            match files::save_record(&dir, &intent) {
+                            match self.state.save_record(&name, &intent) {
                                 Ok(()) => self
                                     .runtime
                                     .start(&workload)
@@ -595,13 +617,13 @@ impl Agent {
                     };
                     match started {
                         Ok(r) => {
-                            if let Err(e) = files::save_record(&dir, &r.record) {
+                            if let Err(e) = self.state.save_record(&name, &r.record) {
                                 tracing::warn!(instance = %name, error = %e, "could not save run record");
                             }
                             r
                         }
                         Err(msg) => {
-                            files::clear_record(&dir);
+                            self.state.clear_record(&name);
                             tracing::warn!(instance = %name, error = %msg, "start failed");
                             let retry = policy != RestartPolicy::Never;
                             self.set_status(&name, &uid, |s| {
@@ -642,12 +664,15 @@ impl Agent {
             let mut sampler = UsageSampler::default();
             let mut sample_tick = tokio::time::interval(USAGE_EVERY);
             let mut log_tick = tokio::time::interval(LOG_CHECK_EVERY);
+            let writes_log = self.runtime.writes_log(&workload.instance.spec);
+            // Without a cgroup there is nothing to sample.
+            let samples = workload.cgroup.is_some();
             let exit = loop {
                 tokio::select! {
                     exit = run.wait() => break Some(exit),
                     _ = stop.wait_for(|s| *s) => break None,
-                    _ = log_tick.tick() => self.rotate_log(&name, &workload.log_path()),
-                    _ = sample_tick.tick() => {
+                    _ = log_tick.tick(), if writes_log => self.rotate_log(&name, &workload.log_path()),
+                    _ = sample_tick.tick(), if samples => {
                         if let Some(usage) = workload.cgroup.as_ref().and_then(|c| sampler.sample(c)) {
                             self.set_status(&name, &uid, |s| s.usage = Some(usage.clone()));
                         }
@@ -658,11 +683,11 @@ impl Agent {
                 if let Err(e) = self.runtime.stop(&run.record, grace).await {
                     tracing::warn!(instance = %name, error = %e, "stop failed");
                 }
-                files::clear_record(&dir);
+                self.state.clear_record(&name);
                 tracing::info!(instance = %name, "workload stopped");
                 return;
             };
-            files::clear_record(&dir);
+            self.state.clear_record(&name);
             let oom = exit == verge_runtime::Exit::OutOfMemory
                 || workload
                     .cgroup

@@ -113,9 +113,9 @@ impl Identity {
             .is_some_and(|(_, na, _)| verge_api::clock::now_secs() as i64 >= na)
     }
 
-    /// Check that certificate, key and CA can be used: a damaged identity file is an
-    /// error that names it, not a connection that fails forever.
-    pub fn check(&self, dir: &Path) -> Result<(), EdgeError> {
+    /// Check that certificate, key and CA can be used: a damaged identity is an error
+    /// that names `location`, not a connection that fails forever.
+    pub fn check(&self, location: &str) -> Result<(), EdgeError> {
         verge_tunnel::tls::client_config(
             &self.ca_pem,
             Some((self.cert_pem.as_str(), self.key_pem.as_str())),
@@ -123,8 +123,7 @@ impl Identity {
         )?;
         if self.validity().is_none() {
             return Err(EdgeError::Refused(format!(
-                "{}: the node certificate cannot be read; restore it, or remove the identity directory and enrol again with --join-token",
-                identity_dir(dir).join("node.crt").display()
+                "{location}: the node certificate cannot be read; restore it, or remove the identity and enrol again with --join-token"
             )));
         }
         Ok(())
@@ -179,6 +178,60 @@ impl Desired {
     }
 }
 
+/// A node's state in its data directory (the layout at the top of this module).
+pub struct DiskState {
+    dir: PathBuf,
+}
+
+impl DiskState {
+    /// The state under `dir`, which is made (with its permissions) if it is new.
+    pub fn open(dir: &Path) -> Result<Self, EdgeError> {
+        prepare_data_dir(dir)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+}
+
+impl crate::state::StateStore for DiskState {
+    fn load_identity(&self, node: &str) -> Result<Option<Identity>, EdgeError> {
+        Identity::load(&self.dir, node)
+    }
+    fn save_identity(&self, identity: &Identity) -> Result<(), EdgeError> {
+        identity.save(&self.dir)
+    }
+    fn check_identity(&self, identity: &Identity) -> Result<(), EdgeError> {
+        identity.check(
+            &identity_dir(&self.dir)
+                .join("node.crt")
+                .display()
+                .to_string(),
+        )
+    }
+    fn load_desired(&self) -> Result<Desired, EdgeError> {
+        Desired::load(&self.dir)
+    }
+    fn save_desired(&self, desired: &Desired) -> Result<(), EdgeError> {
+        desired.save(&self.dir)
+    }
+    fn run_records(&self) -> Vec<(String, Option<RunRecord>)> {
+        run_records(&self.dir)
+    }
+    fn load_record(&self, instance: &str) -> Option<RunRecord> {
+        load_record(&instance_dir(&self.dir, instance))
+    }
+    fn save_record(&self, instance: &str, record: &RunRecord) -> Result<(), EdgeError> {
+        save_record(&instance_dir(&self.dir, instance), record)
+    }
+    fn clear_record(&self, instance: &str) {
+        clear_record(&instance_dir(&self.dir, instance))
+    }
+    fn forget_instance(&self, instance: &str) {
+        // The record lives in the instance's directory, which the agent removes.
+        clear_record(&instance_dir(&self.dir, instance))
+    }
+}
+
 /// The directory of one instance.
 pub fn instance_dir(dir: &Path, name: &str) -> PathBuf {
     dir.join("instances").join(name)
@@ -186,7 +239,7 @@ pub fn instance_dir(dir: &Path, name: &str) -> PathBuf {
 
 /// Every instance directory on the node, with its run record if it has one: what the
 /// agent has started, whatever the desired-state cache says.
-pub fn run_records(dir: &Path) -> Vec<(String, Option<RunRecord>)> {
+fn run_records(dir: &Path) -> Vec<(String, Option<RunRecord>)> {
     std::fs::read_dir(dir.join("instances"))
         .into_iter()
         .flatten()
@@ -200,13 +253,13 @@ pub fn run_records(dir: &Path) -> Vec<(String, Option<RunRecord>)> {
 }
 
 /// Load an instance's run record.
-pub fn load_record(inst_dir: &Path) -> Option<RunRecord> {
+fn load_record(inst_dir: &Path) -> Option<RunRecord> {
     let bytes = std::fs::read(inst_dir.join("run.json")).ok()?;
     serde_json::from_slice(&bytes).ok()
 }
 
 /// Save an instance's run record.
-pub fn save_record(inst_dir: &Path, rec: &RunRecord) -> Result<(), EdgeError> {
+fn save_record(inst_dir: &Path, rec: &RunRecord) -> Result<(), EdgeError> {
     write_atomic(
         &inst_dir.join("run.json"),
         &serde_json::to_vec(rec).unwrap_or_default(),
@@ -215,7 +268,7 @@ pub fn save_record(inst_dir: &Path, rec: &RunRecord) -> Result<(), EdgeError> {
 }
 
 /// Forget an instance's run record.
-pub fn clear_record(inst_dir: &Path) {
+fn clear_record(inst_dir: &Path) {
     let _ = std::fs::remove_file(inst_dir.join("run.json"));
 }
 

@@ -7,6 +7,9 @@
 //! unreachable, the agent keeps running its workloads from the cache; when it returns,
 //! the agent resumes from the last revision it applied.
 //!
+//! The agent's logic runs through [`seams`] (runtime, state store, facts, transport),
+//! so that the fleet simulator runs thousands of the same agents in one process.
+//!
 //! Start reading at [`run`].
 
 pub mod agent;
@@ -14,7 +17,9 @@ pub mod artifacts;
 pub mod files;
 pub mod links;
 pub mod resources;
+pub mod seams;
 pub mod session;
+pub mod state;
 pub mod streams;
 pub mod sysinfo;
 
@@ -37,6 +42,7 @@ use verge_tunnel::pki::{JoinToken, new_node_key_and_csr};
 
 use crate::agent::Agent;
 use crate::files::Identity;
+pub use crate::seams::Seams;
 use crate::session::{SessionCtx, SessionEnd, run_session};
 pub use crate::sysinfo::CapacityConfig;
 
@@ -271,17 +277,27 @@ async fn serve_metrics(
 /// Which of `n` hub endpoints the node `name` tries first: spread by a stable hash of
 /// its name (FNV-1a), the same on every start.
 fn first_endpoint(name: &str, n: usize) -> usize {
-    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
+    let h = verge_api::hash::fnv1a(name.as_bytes());
     (h % n.max(1) as u64) as usize
 }
 
-/// Run the agent with `runtime` until `shutdown` resolves. `ready` gets the metrics
-/// address once serving.
+/// Run the agent with `runtime` on this host until `shutdown` resolves. `ready` gets
+/// the metrics address once serving.
 pub async fn run(
     config: EdgeConfig,
     runtime: Arc<dyn Runtime>,
+    shutdown: impl Future<Output = ()>,
+    ready: impl FnOnce(Option<SocketAddr>),
+) -> Result<(), EdgeError> {
+    let seams = Seams::host(&config, runtime)?;
+    run_with(config, seams, shutdown, ready).await
+}
+
+/// Run the agent through `seams` until `shutdown` resolves: what [`run`] does on a
+/// host, and what the fleet simulator does for each simulated edge.
+pub async fn run_with(
+    config: EdgeConfig,
+    seams: Seams,
     shutdown: impl Future<Output = ()>,
     ready: impl FnOnce(Option<SocketAddr>),
 ) -> Result<(), EdgeError> {
@@ -296,24 +312,31 @@ pub async fn run(
             "no hub endpoint given; pass --hub https://HOST:PORT".into(),
         ));
     }
+    let Seams {
+        runtime,
+        state,
+        facts,
+        quic,
+        cgroups,
+    } = seams;
     let dir = config.data_dir.clone();
-    files::prepare_data_dir(&dir)?;
-    let facts = sysinfo::node_status(&dir, &config.capacity, AGENT_VERSION);
+    let initial = facts();
     let resources = resources::ResourceManager::new(
-        facts.allocatable.cpu,
-        facts.allocatable.memory,
-        verge_runtime::cgroup::Cgroups::detect(&format!("verge-{}", config.name)),
+        initial.allocatable.cpu,
+        initial.allocatable.memory,
+        cgroups,
     );
     let agent = Agent::new(
         dir.clone(),
+        state.clone(),
         runtime,
         resources,
         config.plain_http_registries.clone(),
         config.log_limits,
     )?;
     // Autonomy first: run what the cache says before talking to anyone.
-    tokio::spawn(agent.clone().reconciler());
-    tokio::spawn(agent.clone().collector(config.cache_budget));
+    let reconciler = tokio::spawn(agent.clone().reconciler());
+    let collector = tokio::spawn(agent.clone().collector(config.cache_budget));
 
     let metrics = Arc::new(Metrics::new());
     let mut metrics_addr = None;
@@ -325,14 +348,14 @@ pub async fn run(
         tokio::spawn(serve_metrics(l, metrics.clone(), agent.clone()));
     }
     // A damaged identity is an error now, before the agent says it is ready.
-    if let Some(id) = Identity::load(&dir, &config.name)? {
-        id.check(&dir)?;
+    if let Some(id) = state.load_identity(&config.name)? {
+        state.check_identity(&id)?;
     }
     ready(metrics_addr);
 
     tokio::pin!(shutdown);
     let main = async {
-        let mut identity = match Identity::load(&dir, &config.name)? {
+        let mut identity = match state.load_identity(&config.name)? {
             Some(id) if !id.expired() => id,
             Some(_) if config.join_token.is_none() => {
                 // Offline past expiry: keep running what the cache says (the reconciler is
@@ -373,7 +396,7 @@ pub async fn run(
                         Err(e) => return Err(e),
                     }
                 };
-                id.save(&dir)?;
+                state.save_identity(&id)?;
                 tracing::info!(node = %config.name, "enrolled");
                 id
             }
@@ -391,28 +414,21 @@ pub async fn run(
         };
         let mut failures_in_a_row = 0usize;
         // QUIC first; after it fails on an endpoint, TLS over TCP there for a while.
-        let quic = match verge_tunnel::quic::client() {
-            Ok(e) => Some(e),
-            Err(e) => {
-                tracing::warn!(error = %e, "no UDP socket for QUIC; using TLS over TCP");
-                None
-            }
-        };
         let mut quic_blocked_until: std::collections::HashMap<usize, tokio::time::Instant> =
             Default::default();
         let quic_failed = std::sync::atomic::AtomicBool::new(false);
         loop {
             let addr = &addrs[current];
             // Pick up a renewed certificate saved by the previous session.
-            if let Some(fresh) = Identity::load(&dir, &config.name)? {
+            if let Some(fresh) = state.load_identity(&config.name)? {
                 identity = fresh;
             }
             let ctx = SessionCtx {
                 agent: &agent,
                 identity: &identity,
                 addr,
-                data_dir: &dir,
-                capacity: &config.capacity,
+                state: state.as_ref(),
+                facts: facts.as_ref(),
                 metrics: &metrics,
                 quic: quic.as_ref(),
                 try_quic: quic_blocked_until
@@ -465,8 +481,14 @@ pub async fn run(
         r = main => r,
         _ = &mut shutdown => Ok(()),
     };
+    reconciler.abort();
+    collector.abort();
     if config.stop_workloads_on_exit {
         agent.stop_all().await;
+    } else {
+        // What a process exit does; in one process with other agents (the fleet
+        // simulator), it must be done by hand.
+        agent.abandon().await;
     }
     // Groups of instances that are no longer running (and the node's own, if empty)
     // go with the agent.

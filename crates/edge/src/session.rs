@@ -13,7 +13,6 @@ use verge_tunnel::frame::{read_msg, write_msg};
 use crate::agent::Agent;
 use crate::files::Identity;
 use crate::streams::Opener;
-use crate::sysinfo::{CapacityConfig, node_status};
 use crate::{AGENT_VERSION, EdgeError, Metrics};
 
 /// How a session ended.
@@ -41,10 +40,10 @@ pub struct SessionCtx<'a> {
     pub identity: &'a Identity,
     /// Hub address `host:port`.
     pub addr: &'a str,
-    /// Data dir (for disk facts).
-    pub data_dir: &'a std::path::Path,
-    /// Capacity overrides.
-    pub capacity: &'a CapacityConfig,
+    /// Where the identity is kept (a renewed certificate goes there).
+    pub state: &'a dyn crate::state::StateStore,
+    /// The node's facts, as heartbeats report them.
+    pub facts: &'a crate::seams::Facts,
     /// Metrics.
     pub metrics: &'a Metrics,
     /// The QUIC client endpoint, and whether to try QUIC on this endpoint now.
@@ -290,7 +289,7 @@ where
                     HubToEdge::Renewed { cert_pem } => {
                         if let Some(key_pem) = renewal_key.take() {
                             let renewed = Identity { cert_pem, key_pem, ..ctx.identity.clone() };
-                            renewed.save(ctx.data_dir)?;
+                            ctx.state.save_identity(&renewed)?;
                             renew_at = renewed.validity().map(|(_, _, r)| r);
                             tracing::info!(valid_until = ?renewed.validity().map(|v| v.1), "node certificate renewed; the next connection uses it");
                         }
@@ -335,7 +334,7 @@ where
                     }
                     renewal_key = Some(key_pem);
                 }
-                let now = node_status(ctx.data_dir, ctx.capacity, AGENT_VERSION);
+                let now = (ctx.facts)();
                 let send_facts = match &facts_sent {
                     Some((prev, at)) => *prev != now || at.elapsed() >= FACTS_EVERY,
                     None => true,

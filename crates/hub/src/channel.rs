@@ -13,7 +13,6 @@
 //! application layer ([`crate::app`]): a node can only report on itself and on
 //! instances bound to it.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,17 +23,14 @@ use verge_api::channel::{
     SNAPSHOT_PARTS_SINCE,
 };
 use verge_api::clock::now_rfc3339;
-use verge_api::{
-    ApiError, ErrorCode, Instance, InstanceSpec, Kind, NodePhase, NodeSpec, NodeStatus, kind_prefix,
-};
-use verge_store::{EventKind, StoreError};
+use verge_api::{ApiError, ErrorCode, Instance, InstanceSpec, NodePhase, NodeSpec, NodeStatus};
 use verge_tunnel::frame::{
     FrameError, MAX_FRAME, MAX_UNAUTHENTICATED_FRAME, decode, read_frame, read_msg_limited,
     write_msg,
 };
 
 use crate::identity::PeerIdentity;
-use crate::objects::{decode_value, store_err};
+use crate::objects::store_err;
 use crate::state::HubState;
 
 /// How long a peer has to send its first message.
@@ -326,6 +322,15 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     let _ = tokio::time::timeout(WRITE_DEADLINE, writer_task).await;
 }
 
+/// How often a connected node's status is written to the store when nothing in it
+/// changed (its `lastHeartbeat` is at most this old while it is connected).
+pub const STATUS_REFRESH: Duration = Duration::from_secs(300);
+
+/// A stable hash of a node's facts, to tell whether they changed.
+fn facts_hash(s: &NodeStatus) -> u64 {
+    serde_json::to_vec(s).map_or(0, |b| verge_api::hash::fnv1a(&b))
+}
+
 /// How long a frame to an edge may take to be written.
 const WRITE_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -339,25 +344,31 @@ async fn handle_edge_message(
 ) -> Result<(), ApiError> {
     match msg {
         EdgeToHub::Heartbeat { status } => {
-            // Liveness is answered at once; the store is written only when the facts
-            // change, the node was not Ready, or the persisted heartbeat is getting old
-            // (well inside the node grace period), so an idle fleet costs few writes.
+            // Liveness is answered at once and kept in memory (the node lifecycle reads
+            // it from the registry). The store is written only when the phase or the
+            // facts change, or what it holds is getting old: an idle fleet of a
+            // hundred thousand edges costs a few hundred writes a second, not ten
+            // thousand (Kubernetes moved heartbeats off node objects for this).
+            let interval = st.config.heartbeat_interval;
+            if let Some(gap) = conn.heartbeat() {
+                st.metrics
+                    .heartbeat_lag
+                    .observe(gap.saturating_sub(interval).as_secs_f64());
+            }
             let _ = conn.tx.send(HubToEdge::HeartbeatAck).await;
-            let persist_every = (st.config.node_grace / 3).min(Duration::from_secs(30));
-            let due = conn.heartbeat_persisted_before(persist_every);
-            let (mut changed, mut written) = (false, false);
             // Alive, but a node that cannot be sent its desired state is not Ready.
             let unsyncable = st.edges.sync_failure(node);
             let phase = match unsyncable {
                 Some(_) => NodePhase::NotReady,
                 None => NodePhase::Ready,
             };
+            let facts = status.as_deref().map(facts_hash);
+            if !conn.status_due(phase, facts, STATUS_REFRESH) {
+                return Ok(());
+            }
+            let mut changed = false;
             st.objects
                 .update_status::<NodeSpec>(node, |_, s| {
-                    if status.is_none() && !due && s.phase == phase {
-                        return Ok(false);
-                    }
-                    written = true;
                     let was_ready = s.phase == NodePhase::Ready;
                     let facts = status.as_deref().cloned().unwrap_or_else(|| s.clone());
                     let next = NodeStatus {
@@ -387,12 +398,7 @@ async fn handle_edge_message(
                         );
                     }
                 })?;
-            // Only a heartbeat that reached the store restarts the clock: marking the
-            // skipped ones too left the stored heartbeat to the once-a-minute facts,
-            // older than the grace period, and every node went NotReady each minute.
-            if written {
-                conn.mark_heartbeat_persisted();
-            }
+            conn.status_written(phase, facts);
             if changed {
                 st.schedule_kick.notify_one();
             }
@@ -439,21 +445,41 @@ async fn handle_edge_message(
     }
 }
 
-fn bound_to(obj: &Option<Instance>, node: &str) -> bool {
-    obj.as_ref()
-        .is_some_and(|i| i.status.node.as_deref() == Some(node))
-}
-
-/// Watch options of a session's sync: progress notifications as often as bookmarks
-/// go out, so that an edge whose instances do not change still moves its revision on
-/// (and can resume after the history of busier prefixes is compacted).
-fn bookmarks() -> verge_store::WatchOptions {
-    verge_store::WatchOptions {
-        progress: Some(BOOKMARK_EVERY),
+/// Send `changes` to the edge in parts that each fit a frame; all but the last keep
+/// the edge at `before`, so a session cut between parts resumes right.
+async fn send_changes(
+    tx: &mpsc::Sender<HubToEdge>,
+    before: u64,
+    revision: u64,
+    changes: Vec<InstanceChange>,
+) -> Result<(), mpsc::error::SendError<HubToEdge>> {
+    let parts = in_parts(changes, |c| match c {
+        InstanceChange::Upsert { instance } => encoded_len(instance),
+        InstanceChange::Remove { name } => name.len() + 32,
+    });
+    let n = parts.len();
+    for (i, changes) in parts.into_iter().enumerate() {
+        let revision = if i + 1 == n { revision } else { before };
+        tx.send(HubToEdge::Changes { revision, changes }).await?;
     }
+    Ok(())
 }
 
-/// Send the node its desired state: from `since` as changes, or as a snapshot.
+/// Send an update the edge does not have yet, and move `last_sent` on.
+async fn forward(
+    tx: &mpsc::Sender<HubToEdge>,
+    last_sent: &mut u64,
+    update: crate::fanout::Update,
+) -> Result<(), mpsc::error::SendError<HubToEdge>> {
+    if update.revision > *last_sent {
+        send_changes(tx, *last_sent, update.revision, update.changes).await?;
+        *last_sent = update.revision;
+    }
+    Ok(())
+}
+
+/// Send the node its desired state: from `since` as changes, or as a snapshot, then
+/// its changes as they come, from the hub's one instance watch ([`crate::fanout`]).
 async fn sync_loop(
     st: Arc<HubState>,
     node: String,
@@ -461,51 +487,43 @@ async fn sync_loop(
     protocol_version: u32,
     tx: mpsc::Sender<HubToEdge>,
 ) {
-    let prefix = kind_prefix(InstanceSpec::PLURAL);
-    // What the edge has been sent: name -> (uid, generation). Status-only changes of an
-    // instance the edge already has are not sent back to it.
-    let mut sent: HashMap<String, (String, u64)> = HashMap::new();
-    let store = st.objects.store().clone();
-    let watch = if since == 0 {
-        Err(StoreError::Compacted {
-            requested: 0,
-            compact_revision: 0,
-        })
-    } else {
-        store.watch_with(&prefix, since + 1, bookmarks()).await
-    };
-    let mut last_sent = since;
     let sync_kind = |kind: &str| {
         st.metrics
             .syncs
             .get_or_create(&vec![("kind".to_string(), kind.to_string())])
             .inc();
     };
-    let mut watch = match watch {
-        Ok(w) => {
+    let mut sub = st.fanout.subscribe(&node, since).await;
+    let start = std::mem::replace(
+        &mut sub.start,
+        crate::fanout::Start::Resume {
+            revision: 0,
+            changes: Vec::new(),
+        },
+    );
+    let mut last_sent = match start {
+        crate::fanout::Start::Resume { revision, changes } => {
             sync_kind("resume");
-            w
-        }
-        Err(StoreError::Compacted { .. }) => {
-            // First sync, or the edge was away longer than the history we keep.
-            sync_kind("snapshot");
-            let (items, revision) = match st.objects.list::<InstanceSpec>().await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::error!(error = %e.message, "snapshot failed");
-                    return;
+            let sent = if changes.is_empty() {
+                if revision > since {
+                    tx.send(HubToEdge::Bookmark { revision }).await
+                } else {
+                    Ok(())
                 }
+            } else {
+                send_changes(&tx, since, revision, changes).await
             };
-            let instances: Vec<Instance> = items
-                .into_iter()
-                .filter(|i| i.status.node.as_deref() == Some(node.as_str()))
-                .collect();
-            for i in &instances {
-                sent.insert(
-                    i.name().to_string(),
-                    (i.metadata.uid.clone(), i.metadata.generation),
-                );
+            if sent.is_err() {
+                return;
             }
+            revision
+        }
+        crate::fanout::Start::Snapshot {
+            revision,
+            instances,
+        } => {
+            // First sync, or the edge was away longer than the history kept.
+            sync_kind("snapshot");
             // An old edge takes the snapshot in one message, which must fit a frame.
             let size: usize = instances.iter().map(encoded_len).sum();
             if protocol_version < SNAPSHOT_PARTS_SINCE && size + 1024 > MAX_FRAME {
@@ -523,81 +541,33 @@ async fn sync_loop(
             {
                 return;
             }
-            last_sent = revision;
-            match store.watch_with(&prefix, revision + 1, bookmarks()).await {
-                Ok(w) => w,
-                Err(e) => {
-                    tracing::error!(error = %e, "watch failed after snapshot");
-                    return;
-                }
-            }
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "watch failed");
-            return;
+            revision
         }
     };
-    let mut seen = last_sent;
     let mut tick = tokio::time::interval(BOOKMARK_EVERY);
     tick.tick().await;
     loop {
         tokio::select! {
-            batch = watch.recv() => {
-                let Some(batch) = batch else { return };
-                let batch = match batch {
-                    Ok(b) => b,
-                    Err(e) => {
-                        // Fell behind compaction while connected: make the edge resync.
-                        tracing::warn!(node = %node, error = %e, "watch ended; closing channel so the edge resyncs");
-                        let _ = tx.send(HubToEdge::error("gone", e.to_string())).await;
-                        return;
-                    }
+            update = sub.updates.recv() => {
+                let Some(update) = update else {
+                    // Cut off: this session fell behind, or the hub's watch restarted.
+                    let _ = tx.send(HubToEdge::error("gone", "the hub's sync of this node restarted; reconnect and resume")).await;
+                    return;
                 };
-                if batch.is_progress() {
-                    // Nothing under the prefix up to here: the next bookmark says so.
-                    seen = seen.max(batch.revision);
-                    continue;
-                }
-                let mut changes = Vec::new();
-                for ev in &batch.events {
-                    let new: Option<Instance> = match ev.kind {
-                        EventKind::Put => decode_value(&ev.kv.value, ev.kv.mod_revision),
-                        EventKind::Delete => None,
-                    };
-                    let prev: Option<Instance> = ev.prev_kv.as_ref().and_then(|p| decode_value(&p.value, p.mod_revision));
-                    let name = ev.kv.key.trim_start_matches(&prefix).to_string();
-                    if bound_to(&new, &node) {
-                        let Some(inst) = new else { continue };
-                        let ident = (inst.metadata.uid.clone(), inst.metadata.generation);
-                        if sent.get(&name) == Some(&ident) {
-                            continue;
-                        }
-                        sent.insert(name, ident);
-                        changes.push(InstanceChange::Upsert { instance: Box::new(inst) });
-                    } else if bound_to(&prev, &node) || sent.contains_key(&name) {
-                        sent.remove(&name);
-                        changes.push(InstanceChange::Remove { name });
-                    }
-                }
-                seen = batch.revision;
-                if !changes.is_empty() {
-                    // In parts that each fit a frame; all but the last keep the edge at
-                    // the revision it had, so a session cut between parts resumes right.
-                    let parts = in_parts(changes, |c| match c {
-                        InstanceChange::Upsert { instance } => encoded_len(instance),
-                        InstanceChange::Remove { name } => name.len() + 32,
-                    });
-                    let n = parts.len();
-                    for (i, changes) in parts.into_iter().enumerate() {
-                        let revision = if i + 1 == n { batch.revision } else { last_sent };
-                        if tx.send(HubToEdge::Changes { revision, changes }).await.is_err() {
-                            return;
-                        }
-                    }
-                    last_sent = batch.revision;
+                if forward(&tx, &mut last_sent, update).await.is_err() {
+                    return;
                 }
             }
             _ = tick.tick() => {
+                // Only other nodes' changes happened: say how far the edge is. Every
+                // update up to `seen` is queued by the time `seen` can be read, so the
+                // queue is drained first: a bookmark never skips a change.
+                let seen = st.fanout.revision();
+                while let Ok(update) = sub.updates.try_recv() {
+                    if forward(&tx, &mut last_sent, update).await.is_err() {
+                        return;
+                    }
+                }
                 if seen > last_sent {
                     if tx.send(HubToEdge::Bookmark { revision: seen }).await.is_err() {
                         return;

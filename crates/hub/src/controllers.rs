@@ -17,6 +17,13 @@ use crate::placement::{self, View};
 use crate::state::HubState;
 
 /// Mark nodes NotReady when their heartbeats stop.
+///
+/// Liveness is in memory, not in the store: a node is alive while this hub heard from
+/// it within the grace period (its session here, or the one that just ended), or while
+/// another replica holds its session (a session record lives with that replica's
+/// lease, and the replica ends a silent session). The heartbeat written to the store
+/// (at most every [`crate::channel::STATUS_REFRESH`]) only counts for nodes that no
+/// replica has heard from since this leader began.
 pub async fn node_lifecycle(st: Arc<HubState>) {
     let grace = st.config.node_grace;
     let started = now_secs();
@@ -27,21 +34,30 @@ pub async fn node_lifecycle(st: Arc<HubState>) {
         let Ok((nodes, _)) = st.objects.list::<NodeSpec>().await else {
             continue;
         };
+        let Some(elsewhere) = crate::replicas::sessions_elsewhere(&st).await else {
+            continue;
+        };
         let mut counts: BTreeMap<String, i64> = BTreeMap::new();
         for n in &nodes {
             *counts.entry(n.status.phase.to_string()).or_default() += 1;
-            if n.status.phase != NodePhase::Ready {
+            if n.status.phase != NodePhase::Ready || elsewhere.contains(n.name()) {
                 continue;
             }
-            // After a hub restart, give every edge a full grace period to reconnect.
-            let last = n
-                .status
-                .last_heartbeat
-                .as_deref()
-                .and_then(parse_rfc3339)
-                .unwrap_or(0)
-                .max(started);
-            let silent = now_secs().saturating_sub(last);
+            let silent = match st.edges.last_heard(n.name()) {
+                Some(heard) => heard.elapsed().as_secs(),
+                None => {
+                    // After a hub restart, give every edge a full grace period to
+                    // reconnect.
+                    let last = n
+                        .status
+                        .last_heartbeat
+                        .as_deref()
+                        .and_then(parse_rfc3339)
+                        .unwrap_or(0)
+                        .max(started);
+                    now_secs().saturating_sub(last)
+                }
+            };
             if silent <= grace.as_secs() {
                 continue;
             }
@@ -60,6 +76,12 @@ pub async fn node_lifecycle(st: Arc<HubState>) {
                 })
                 .await;
             if r.is_ok() {
+                st.edges.forget_departed(n.name());
+                // A session still open here writes the node's status again with its
+                // next heartbeat.
+                if let Ok(c) = st.edges.conn(n.name()) {
+                    c.status_unknown();
+                }
                 tracing::warn!(node = %n.name(), silent, "node is NotReady");
             }
         }
@@ -208,7 +230,7 @@ pub async fn schedule_pass(st: &HubState) -> Result<(), verge_api::ApiError> {
                 .gang
                 .as_ref()
                 .map_or(i.name(), |g| g.name.as_str());
-            fnv1a(key) % count.max(1) as u64 == index as u64
+            verge_api::hash::fnv1a(key.as_bytes()) % count.max(1) as u64 == index as u64
         }
         None => true,
     };
@@ -288,14 +310,14 @@ pub async fn schedule_pass(st: &HubState) -> Result<(), verge_api::ApiError> {
                         from: None,
                     })
                     .collect();
-                match inventory::commit(&st.objects, &ledgers, &bindings, "scheduler").await {
+                // On success the ledgers move on to the versions committed, which later
+                // commits of this pass compare against (no re-read per placement).
+                match inventory::commit(&st.objects, &mut ledgers, &bindings, "scheduler").await {
                     Ok(_) => {
                         for b in &bindings {
                             st.metrics.placements.inc();
                             tracing::info!(instance = %b.instance.name(), node = %b.node, note = %b.note, "scheduled");
                         }
-                        // Later commits in this pass compare against the new ledger versions.
-                        ledgers = inventory::ledgers(store.as_ref()).await?;
                     }
                     Err(e) => {
                         tracing::debug!(?e, "placement lost a race; replanning");
@@ -319,13 +341,6 @@ pub async fn schedule_pass(st: &HubState) -> Result<(), verge_api::ApiError> {
         }
     }
     Ok(())
-}
-
-/// FNV-1a: a stable hash for sharding (the same on every hub and every build).
-fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    })
 }
 
 /// The offline scheduler's recommendations for the current view, recomputed at most

@@ -352,10 +352,11 @@ impl From<ApiError> for CommitError {
 
 /// Commit bindings atomically: every instance bound and every ledger updated in one
 /// transaction guarded by the revisions read, or nothing (gangs use this for all their
-/// members at once). `ledgers` are the versions the plan was made from.
+/// members at once). `ledgers` are the versions the plan was made from; when the
+/// commit succeeds, they become the versions it wrote.
 pub async fn commit(
     objects: &Objects,
-    ledgers: &BTreeMap<String, Versioned<Ledger>>,
+    ledgers: &mut BTreeMap<String, Versioned<Ledger>>,
     bindings: &[Binding],
     who: &str,
 ) -> Result<u64, CommitError> {
@@ -459,11 +460,14 @@ pub async fn commit(
         .txn(Txn { compares, ops })
         .await
         .map_err(store_err)?;
-    if r.succeeded {
-        Ok(r.revision)
-    } else {
-        Err(CommitError::Conflict)
+    if !r.succeeded {
+        return Err(CommitError::Conflict);
     }
+    for (node, mut l) in touched {
+        l.revision = r.revision;
+        ledgers.insert(node, l);
+    }
+    Ok(r.revision)
 }
 
 /// The group an instance's constraints apply to.

@@ -13,6 +13,7 @@ pub mod artifacts;
 pub mod channel;
 pub mod config;
 pub mod controllers;
+pub mod fanout;
 pub mod history;
 pub mod http;
 pub mod identity;
@@ -169,6 +170,7 @@ pub async fn run_with_store(
     let st = HubState::new(Objects::new(store), ca, config);
     st.set_epoch(epoch);
     let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(st.fanout.clone().run(st.objects.store().clone()));
     tasks.spawn(replicas::keep_lease(st.clone()));
     tasks.spawn(replicas::campaign(st.clone()));
     tasks.spawn(replicas::follow_sessions(st.clone()));

@@ -198,14 +198,13 @@ pub async fn plan(st: &HubState, req: &PlanRequest) -> Result<SchedReport, ApiEr
                 note: format!("moved by defragmentation from {}", m.from),
                 from: Some(m.from.clone()),
             };
-            match inventory::commit(&st.objects, &ledgers, &[b], "defrag").await {
+            match inventory::commit(&st.objects, &mut ledgers, &[b], "defrag").await {
                 Ok(_) => applied += 1,
                 Err(e) => {
                     tracing::warn!(?e, instance = %m.instance, "migration not applied; stopping the plan");
                     break;
                 }
             }
-            ledgers = inventory::ledgers(store.as_ref()).await?;
         }
         st.schedule_kick.notify_one();
     }

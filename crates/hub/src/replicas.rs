@@ -241,6 +241,25 @@ pub async fn claim_session(st: &HubState, node: &str, conn: u64) {
     }
 }
 
+/// Nodes whose sessions other replicas hold (none when this hub has the store to
+/// itself): they are alive as long as those replicas are. `None` if the store cannot
+/// say.
+pub async fn sessions_elsewhere(st: &HubState) -> Option<std::collections::HashSet<String>> {
+    if !st.config.shared_store {
+        return Some(Default::default());
+    }
+    let r = st.objects.store().range(SESSIONS_PREFIX).await.ok()?;
+    let held = r
+        .kvs
+        .iter()
+        .filter(|kv| {
+            serde_json::from_slice::<SessionRecord>(&kv.value).is_ok_and(|s| s.hub != st.replica.id)
+        })
+        .map(|kv| kv.key.trim_start_matches(SESSIONS_PREFIX).to_string())
+        .collect();
+    Some(held)
+}
+
 /// Forget `node`'s session record if it is still this replica's connection `conn`.
 pub async fn release_session(st: &HubState, node: &str, conn: u64) {
     let store = st.objects.store();

@@ -8,6 +8,7 @@ use std::time::Duration;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use verge_api::channel::{HubToEdge, RequestBody, ResponseBody, STREAMS_SINCE, StreamPurpose};
@@ -60,6 +61,9 @@ pub struct Metrics {
     /// Edge sessions by how their desired state was sent: `resume` (changes from the
     /// edge's revision) or `snapshot` (everything).
     pub syncs: Family<Labels, Counter>,
+    /// How late heartbeats arrive: the gap between two on one session, less the
+    /// interval the edges were given.
+    pub heartbeat_lag: Histogram,
 }
 
 impl Metrics {
@@ -81,12 +85,18 @@ impl Metrics {
             watches_dropped: Counter::default(),
             leader: Gauge::default(),
             syncs: Family::default(),
+            heartbeat_lag: Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0]),
             registry: Registry::default(),
         };
         registry.register(
             "connections_refused",
             "Connections turned away at a limit (all, unauthenticated, http; in all or per address)",
             m.connections_refused.clone(),
+        );
+        registry.register(
+            "heartbeat_lag_seconds",
+            "How late edge heartbeats arrive (gap between two on a session, less the interval)",
+            m.heartbeat_lag.clone(),
         );
         registry.register(
             "sessions_replaced",
@@ -171,10 +181,24 @@ pub struct EdgeConn {
     /// Data streams asked of the edge and not yet opened by it.
     streams: Mutex<HashMap<u64, oneshot::Sender<Box<dyn Duplex>>>>,
     next_request: AtomicU64,
-    heartbeat_persisted: Mutex<Option<std::time::Instant>>,
+    /// When the session began.
+    connected: std::time::Instant,
+    /// When the edge's last heartbeat arrived: the node's liveness, kept in memory.
+    heard: Mutex<std::time::Instant>,
+    /// What of the node's status this connection last wrote to the store: when, its
+    /// phase, and a hash of the facts.
+    persisted: Mutex<Option<Persisted>>,
     /// Set (with the reason) when this connection ends; data streams opened through it
     /// end with that reason.
     closed: watch::Sender<Option<String>>,
+}
+
+/// What a connection last wrote of its node's status.
+#[derive(Debug, Clone, Copy)]
+struct Persisted {
+    at: std::time::Instant,
+    phase: verge_api::NodePhase,
+    facts: u64,
 }
 
 /// A data stream the edge opened at the hub's request.
@@ -206,13 +230,52 @@ enum Waiter {
 }
 
 impl EdgeConn {
-    /// Whether the node's heartbeat was last written to the store more than `age` ago
-    /// (or never on this connection).
-    pub fn heartbeat_persisted_before(&self, age: Duration) -> bool {
-        self.heartbeat_persisted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_none_or(|t| t.elapsed() >= age)
+    /// A heartbeat arrived: remember when, and return how long after the previous
+    /// one (on this connection).
+    pub fn heartbeat(&self) -> Option<Duration> {
+        let now = std::time::Instant::now();
+        let mut heard = self.heard.lock().unwrap_or_else(|e| e.into_inner());
+        let gap = (*heard != self.connected).then(|| now.duration_since(*heard));
+        *heard = now;
+        gap
+    }
+
+    /// When the edge was last heard from (its hello, or its last heartbeat).
+    pub fn last_heard(&self) -> std::time::Instant {
+        *self.heard.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the node's status must be written: never written on this connection,
+    /// its phase or facts (`facts`, a hash; `None`: unchanged) differ from what was
+    /// written, or what was written is `age` old.
+    pub fn status_due(
+        &self,
+        phase: verge_api::NodePhase,
+        facts: Option<u64>,
+        age: Duration,
+    ) -> bool {
+        let p = self.persisted.lock().unwrap_or_else(|e| e.into_inner());
+        p.is_none_or(|p| {
+            p.phase != phase || facts.is_some_and(|f| f != p.facts) || p.at.elapsed() >= age
+        })
+    }
+
+    /// Forget what was written of the node's status (someone else changed it): the
+    /// next heartbeat writes it.
+    pub fn status_unknown(&self) {
+        *self.persisted.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Record that the node's status was just written with `phase` and `facts`
+    /// (`None`: the facts written before).
+    pub fn status_written(&self, phase: verge_api::NodePhase, facts: Option<u64>) {
+        let mut p = self.persisted.lock().unwrap_or_else(|e| e.into_inner());
+        let facts = facts.or(p.map(|p| p.facts)).unwrap_or(0);
+        *p = Some(Persisted {
+            at: std::time::Instant::now(),
+            phase,
+            facts,
+        });
     }
 
     /// Watch for this connection ending.
@@ -257,14 +320,6 @@ impl EdgeConn {
         waiter.is_some_and(|w| w.send(io).is_ok())
     }
 
-    /// Record that the heartbeat was just written.
-    pub fn mark_heartbeat_persisted(&self) {
-        *self
-            .heartbeat_persisted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
-    }
-
     /// Deliver an answer to a pending request. A stream whose reader has gone is
     /// dropped and the edge told to stop.
     pub fn complete(&self, id: u64, body: ResponseBody) {
@@ -299,6 +354,9 @@ pub struct EdgeRegistry {
     /// Nodes whose desired state cannot be sent to them, and why: they must not look
     /// healthy while they cannot sync.
     unsyncable: Mutex<HashMap<String, String>>,
+    /// Nodes whose session on this hub ended, and when they were last heard from:
+    /// their grace period runs from then, not from the heartbeat last written.
+    departed: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl EdgeRegistry {
@@ -334,6 +392,11 @@ impl EdgeRegistry {
         transport: &str,
         metrics: &Metrics,
     ) -> Arc<EdgeConn> {
+        let now = std::time::Instant::now();
+        self.departed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(node);
         let conn = Arc::new(EdgeConn {
             id: self.next_id.fetch_add(1, Ordering::Relaxed) + 1,
             tx,
@@ -343,7 +406,9 @@ impl EdgeRegistry {
             pending: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
-            heartbeat_persisted: Mutex::new(None),
+            connected: now,
+            heard: Mutex::new(now),
+            persisted: Mutex::new(None),
             closed: watch::channel(None).0,
         });
         let old = self
@@ -385,9 +450,40 @@ impl EdgeRegistry {
     /// Remove `node`'s connection if it is still connection `id`.
     pub fn unregister(&self, node: &str, id: u64) {
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        if conns.get(node).is_some_and(|c| c.id == id) {
-            conns.remove(node);
+        if conns.get(node).is_some_and(|c| c.id == id)
+            && let Some(c) = conns.remove(node)
+        {
+            self.departed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(node.to_string(), c.last_heard());
         }
+    }
+
+    /// When `node` was last heard from by this hub: by its live session, or by the
+    /// one that ended (until the node is declared down: [`EdgeRegistry::forget_departed`]).
+    pub fn last_heard(&self, node: &str) -> Option<std::time::Instant> {
+        if let Some(c) = self
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node)
+        {
+            return Some(c.last_heard());
+        }
+        self.departed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node)
+            .copied()
+    }
+
+    /// Forget when a departed node was last heard from (it was declared down).
+    pub fn forget_departed(&self, node: &str) {
+        self.departed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(node);
     }
 
     /// Every connected node and its connection id.
@@ -554,6 +650,8 @@ pub struct HubState {
     pub config: HubConfig,
     /// Connected edges.
     pub edges: EdgeRegistry,
+    /// The one watch of the instances that every edge session is fed from.
+    pub fanout: Arc<crate::fanout::Fanout>,
     /// Metrics.
     pub metrics: Metrics,
     /// Wakes the scheduler.
@@ -599,6 +697,7 @@ impl HubState {
             },
             config,
             edges: EdgeRegistry::default(),
+            fanout: Arc::default(),
             metrics: Metrics::new(),
             schedule_kick: Notify::new(),
             recommendations: Mutex::new(None),

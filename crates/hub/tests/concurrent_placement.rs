@@ -124,7 +124,9 @@ proptest! {
                             let amount = inventory::Amount::of_instance(&inst);
                             let Some(node) = snapshot.values().find(|l| l.value.fits(&amount)).map(|l| l.value.node.clone()) else { continue };
                             let b = inventory::Binding { instance: inst, node, note: String::new(), from: None };
-                            let _ = inventory::commit(&st.objects, &snapshot, &[b], "worker").await;
+                            // A copy, so that the worker stays on the stale versions.
+                            let mut stale = (*snapshot).clone();
+                            let _ = inventory::commit(&st.objects, &mut stale, &[b], "worker").await;
                         }
                     }));
                 }

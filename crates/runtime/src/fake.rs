@@ -50,6 +50,9 @@ impl Runtime for FakeRuntime {
     fn name(&self) -> &'static str {
         "fake"
     }
+    fn writes_log(&self, _spec: &verge_api::InstanceSpec) -> bool {
+        false
+    }
     async fn start(&self, w: &Workload) -> Result<Running, RuntimeError> {
         let pid = {
             let mut next = self.next_pid.lock().unwrap_or_else(|e| e.into_inner());

@@ -250,6 +250,12 @@ pub trait Runtime: Send + Sync + 'static {
         let _ = spec;
         self.name()
     }
+    /// Whether the workload's output goes to its log file (which the agent then
+    /// rotates by size). A driver that writes none spares the agent the checks.
+    fn writes_log(&self, spec: &InstanceSpec) -> bool {
+        let _ = spec;
+        true
+    }
     /// How to run `command` inside the workload's environment (`verge exec`). The
     /// agent runs it; the driver says where and how.
     fn exec_spec(&self, workload: &Workload, command: &[String]) -> Result<ExecSpec, RuntimeError> {
@@ -307,6 +313,9 @@ impl Runtime for Drivers {
     }
     fn driver_for(&self, spec: &InstanceSpec) -> &'static str {
         self.for_form(spec.form).map_or("", |d| d.name())
+    }
+    fn writes_log(&self, spec: &InstanceSpec) -> bool {
+        self.for_form(spec.form).is_ok_and(|d| d.writes_log(spec))
     }
 }
 

@@ -84,6 +84,17 @@ impl FrameDecoder {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// Bytes still missing from the frame being received (0 between frames).
+    fn wanted(&self) -> usize {
+        match self.buf.get(..4) {
+            Some(h) => {
+                let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
+                (4 + len.min(self.max)).saturating_sub(self.buf.len())
+            }
+            None => 0,
+        }
+    }
+
     /// The next complete frame body, if one is buffered.
     pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
         if self.buf.len() < 4 {
@@ -98,6 +109,10 @@ impl FrameDecoder {
         }
         let body = self.buf[4..4 + len].to_vec();
         self.buf.drain(..4 + len);
+        if self.buf.is_empty() {
+            // An idle session holds no buffer (a hub holds one per edge).
+            self.buf = Vec::new();
+        }
         Ok(Some(body))
     }
 }
@@ -141,8 +156,11 @@ pub async fn read_frame_limited<R: AsyncRead + Unpin>(
 pub struct FrameReader<R> {
     inner: R,
     decoder: FrameDecoder,
-    buf: Vec<u8>,
 }
+
+/// The most a [`FrameReader`] asks of its stream at a time. Between frames it asks
+/// for 1 KiB: that is what an idle session holds while it waits.
+const READ_CHUNK: usize = 16 << 10;
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Read from `inner`.
@@ -150,7 +168,6 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         Self {
             inner,
             decoder: FrameDecoder::default(),
-            buf: vec![0u8; 64 << 10],
         }
     }
 
@@ -161,16 +178,20 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if let Some(body) = self.decoder.next_frame()? {
                 return decode(&body).map(Some);
             }
-            // `read` either returns bytes or, when dropped, has taken none.
-            let n = self.inner.read(&mut self.buf).await?;
+            // Straight into the decoder's buffer. `read_buf` either returns bytes or,
+            // when dropped, has taken none.
+            let buffered = self.decoder.buf.len();
+            self.decoder
+                .buf
+                .reserve(self.decoder.wanted().clamp(1024, READ_CHUNK));
+            let n = self.inner.read_buf(&mut self.decoder.buf).await?;
             if n == 0 {
-                return if self.decoder.buf.is_empty() {
+                return if buffered == 0 {
                     Ok(None)
                 } else {
                     Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into())
                 };
             }
-            self.decoder.push(&self.buf[..n]);
         }
     }
 }

@@ -11,6 +11,7 @@ mod cli;
 mod client;
 mod dev;
 mod remote;
+mod sim;
 mod store_arg;
 
 use std::collections::BTreeMap;
@@ -248,6 +249,9 @@ enum Command {
         #[command(subcommand)]
         command: bench::BenchCommand,
     },
+    /// Run a fleet of simulated edges (the real agent on a fake runtime, in this
+    /// process) against a hub it starts, and report what the hub holds.
+    Sim(sim::SimArgs),
 }
 
 #[derive(Subcommand)]
@@ -568,6 +572,10 @@ fn real_main() -> Result<()> {
             init_tracing("warn");
             bench::run(command, args.config)
         }
+        Command::Sim(a) => {
+            init_tracing("error");
+            tokio::runtime::Runtime::new()?.block_on(sim::run(a))
+        }
         Command::Artifact {
             command:
                 ArtifactCommand::Push {
@@ -769,7 +777,11 @@ async fn run_cli(config: Option<PathBuf>, command: Command) -> Result<()> {
             )
             .await
         }
-        Command::Hub { .. } | Command::Edge { .. } | Command::Dev(_) | Command::Bench { .. } => {
+        Command::Hub { .. }
+        | Command::Edge { .. }
+        | Command::Dev(_)
+        | Command::Bench { .. }
+        | Command::Sim(_) => {
             unreachable!("dispatched in main")
         }
     }

@@ -1,0 +1,81 @@
+//! What the agent's logic runs against, passed in: the workload runtime, the state
+//! store, the node's facts, the transport and the cgroups that enforce resources.
+//!
+//! `verge edge` runs on the host's ([`Seams::host`]): its data directory, facts read
+//! from the kernel, a QUIC socket of its own and the node's cgroups. The fleet
+//! simulator runs many agents in one process on [`Seams::simulated`]: the fake
+//! runtime, in-memory state, fixed facts, and one QUIC socket shared by every
+//! simulated edge. Both run the same session protocol, reconciler, restart policy,
+//! status outbox, certificate renewal and failover; only these seams differ.
+//!
+//! The clock is tokio's: every timer of the agent (heartbeats, silence checks,
+//! backoffs, restart delays) is a `tokio::time` timer, which a test can pause and
+//! advance; certificate lifetimes are wall-clock (`verge_api::clock`).
+
+use std::sync::Arc;
+
+use verge_api::NodeStatus;
+use verge_runtime::Runtime;
+use verge_runtime::cgroup::Cgroups;
+
+use crate::state::{MemoryState, StateStore};
+use crate::{AGENT_VERSION, EdgeConfig, EdgeError};
+
+/// The node's facts as heartbeats report them (capacity, OS, versions).
+pub type Facts = dyn Fn() -> NodeStatus + Send + Sync;
+
+/// Everything the agent's logic touches outside itself.
+pub struct Seams {
+    /// Runs the workloads.
+    pub runtime: Arc<dyn Runtime>,
+    /// Keeps identity, desired state and run records.
+    pub state: Arc<dyn StateStore>,
+    /// The node's facts.
+    pub facts: Arc<Facts>,
+    /// The QUIC endpoint the agent dials from (one UDP socket can carry the
+    /// connections of many agents); `None`: TLS over TCP only.
+    pub quic: Option<quinn::Endpoint>,
+    /// The node's cgroups (`None`: resources are accounted, not enforced).
+    pub cgroups: Option<Cgroups>,
+}
+
+impl Seams {
+    /// The host's seams for `config`: its data directory (made if new), facts from the
+    /// kernel, its own QUIC socket and its cgroups.
+    pub fn host(config: &EdgeConfig, runtime: Arc<dyn Runtime>) -> Result<Self, EdgeError> {
+        let state = crate::files::DiskState::open(&config.data_dir)?;
+        let (dir, capacity) = (config.data_dir.clone(), config.capacity.clone());
+        let quic = match verge_tunnel::quic::client() {
+            Ok(e) => Some(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "no UDP socket for QUIC; using TLS over TCP");
+                None
+            }
+        };
+        Ok(Self {
+            runtime,
+            state: Arc::new(state),
+            facts: Arc::new(move || crate::sysinfo::node_status(&dir, &capacity, AGENT_VERSION)),
+            quic,
+            cgroups: Cgroups::detect(&format!("verge-{}", config.name)),
+        })
+    }
+
+    /// Seams of a simulated edge: `runtime` (the fake one, for a fleet), `state` (in
+    /// memory: [`MemoryState`]; the same one again for an agent that restarts),
+    /// `facts` as given, and the shared `quic` endpoint.
+    pub fn simulated(
+        runtime: Arc<dyn Runtime>,
+        state: Arc<MemoryState>,
+        facts: NodeStatus,
+        quic: Option<quinn::Endpoint>,
+    ) -> Self {
+        Self {
+            runtime,
+            state,
+            facts: Arc::new(move || facts.clone()),
+            quic,
+            cgroups: None,
+        }
+    }
+}

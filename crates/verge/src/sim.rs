@@ -1,0 +1,928 @@
+//! `verge sim`: a fleet of simulated edges against a real hub, to measure what one
+//! hub holds and to check that nothing is lost at fleet size.
+//!
+//! The hub is a separate `verge hub` process that the simulator starts (SQLite, its
+//! own data directory). Each simulated edge is the real agent ([`verge_edge::run_with`]:
+//! enrolment, session protocol, reconciler, restart policy, status outbox, renewal,
+//! failover) on [`verge_edge::Seams::simulated`]: the fake runtime (named as such: it
+//! stands in for workloads at scale), state in memory, fixed facts, and QUIC sockets
+//! shared by many edges. The connections are real QUIC connections with mutual TLS,
+//! through the test kit's fault proxy, which counts the bytes and can slow, drop or
+//! cut the link.
+//!
+//! Scenarios: `steady` (the fleet and its instances held for the duration), `burst`
+//! (every instance applied at once), `hub-restart` (the hub SIGKILLed and started
+//! again), `partition` (a tenth of the fleet cut off past the node grace period, then
+//! back), `churn` (agents restarting all the time). Every run ends with the
+//! invariants: every node Ready, every instance Running on a node, none lost.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use verge_edge::state::MemoryState;
+use verge_testkit::{FaultProxy, Faults};
+
+use crate::bench::{free_port, print_report, start_hub, tempdir};
+use crate::client::Client;
+
+/// What happens during the measured part of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// The fleet and its instances, held.
+    Steady,
+    /// Every instance applied at once, on a connected fleet.
+    Burst,
+    /// The hub killed (SIGKILL) and started again.
+    HubRestart,
+    /// A tenth of the fleet cut off for longer than the node grace period.
+    Partition,
+    /// Agents restarting all the time (each resumes from its state).
+    Churn,
+}
+
+/// `verge sim` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimArgs {
+    /// Simulated edges.
+    #[arg(long, default_value_t = 1000)]
+    pub nodes: usize,
+    /// Instances across the fleet (run by the fake runtime).
+    #[arg(long, default_value_t = 1000)]
+    pub instances: usize,
+    /// Heartbeat interval the hub gives the edges.
+    #[arg(long, default_value = "10s", value_parser = crate::parse_duration)]
+    pub heartbeat: Duration,
+    /// What to do during the measured part.
+    #[arg(long, value_enum, default_value = "steady")]
+    pub scenario: Scenario,
+    /// How long the measured part lasts.
+    #[arg(long, default_value = "60s", value_parser = crate::parse_duration)]
+    pub duration: Duration,
+    /// Added one-way latency on the link between the fleet and the hub.
+    #[arg(long, default_value = "0s", value_parser = crate::parse_duration)]
+    pub latency: Duration,
+    /// Share of datagrams lost on that link (0 to 1).
+    #[arg(long, default_value_t = 0.0)]
+    pub loss: f64,
+    /// Simulated edges sharing one QUIC socket.
+    #[arg(long, default_value_t = 2000)]
+    pub edges_per_socket: usize,
+    /// Edges started per second (each enrols first).
+    #[arg(long, default_value_t = 500)]
+    pub join_rate: usize,
+    /// Edge sessions the hub admits per second (`verge hub --admit-rate`).
+    #[arg(long, default_value_t = 2000.0)]
+    pub admit_rate: f64,
+    /// Fail (exit non-zero) when an invariant does not hold at the end.
+    #[arg(long)]
+    pub check: bool,
+    /// Output: text or json.
+    #[arg(short, long, default_value = "text")]
+    pub output: String,
+}
+
+/// Node grace period of the simulator's hub.
+const NODE_GRACE: Duration = Duration::from_secs(40);
+
+/// One simulated edge: its state (kept across agent restarts) and its stop switch.
+struct SimEdge {
+    name: String,
+    state: Arc<MemoryState>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+/// The fleet: edges, the sockets they share, the proxies they dial through.
+struct Fleet {
+    edges: Vec<SimEdge>,
+    sockets: Vec<quinn::Endpoint>,
+    runtime: Arc<verge_runtime::fake::FakeRuntime>,
+    /// The main link, and the one the partitioned tenth uses.
+    links: [FaultProxy; 2],
+    token: String,
+    dir: PathBuf,
+    edges_per_socket: usize,
+}
+
+impl Fleet {
+    fn link_of(i: usize) -> usize {
+        usize::from(i % 10 == 0)
+    }
+
+    /// Start (or restart) edge `i`'s agent.
+    fn start(&self, i: usize) {
+        let e = &self.edges[i];
+        let facts = verge_api::NodeStatus {
+            architecture: std::env::consts::ARCH.into(),
+            os: std::env::consts::OS.into(),
+            hostname: e.name.clone(),
+            capacity: sim_capacity(),
+            allocatable: sim_capacity(),
+            agent_version: verge_edge::AGENT_VERSION.into(),
+            ..Default::default()
+        };
+        let seams = verge_edge::Seams::simulated(
+            self.runtime.clone(),
+            e.state.clone(),
+            facts,
+            Some(self.sockets[i / self.edges_per_socket].clone()),
+        );
+        let config = verge_edge::EdgeConfig {
+            hubs: vec![self.links[Self::link_of(i)].url()],
+            spread_hubs: false,
+            join_token: Some(self.token.clone()),
+            name: e.name.clone(),
+            // Never made: the fake runtime writes nothing, the state is in memory.
+            data_dir: self.dir.join("edges").join(&e.name),
+            labels: [("region".to_string(), format!("region-{}", i % 10))]
+                .into_iter()
+                .collect(),
+            metrics_listen: None,
+            stop_workloads_on_exit: false,
+            capacity: Default::default(),
+            plain_http_registries: Vec::new(),
+            log_limits: Default::default(),
+            cache_budget: u64::MAX,
+        };
+        let _ = e.stop.send(false);
+        let mut stop = e.stop.subscribe();
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = verge_edge::run_with(config, seams, shutdown, |_| {}).await {
+                tracing::warn!(error = %e, "simulated edge stopped");
+            }
+        });
+    }
+
+    fn stop(&self, i: usize) {
+        let _ = self.edges[i].stop.send(true);
+    }
+}
+
+fn sim_capacity() -> verge_api::ResourceList {
+    verge_api::ResourceList {
+        cpu: verge_api::Cpu(4000),
+        memory: verge_api::Bytes(8 << 30),
+        disk: verge_api::Bytes(100 << 30),
+        ..Default::default()
+    }
+}
+
+/// Resident memory of this process, KiB.
+fn own_rss_kib() -> u64 {
+    verge_testkit::frontdoor::rss_kib(std::process::id())
+}
+
+/// CPU time (user + system) a process used so far, seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
+        .sum();
+    ticks as f64 / 100.0
+}
+
+/// A value of the hub's metrics (summed over label sets that match `prefix`).
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The cumulative buckets of a histogram: `(le, count)`, in order.
+fn buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The `q` quantile of the observations between two readings of a histogram: the
+/// upper bound of the bucket it falls in.
+fn histogram_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> {
+    let deltas: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, n)| {
+            let was = before
+                .iter()
+                .find(|(l, _)| l == le)
+                .map_or(0.0, |(_, c)| *c);
+            (*le, n - was)
+        })
+        .collect();
+    let total = deltas.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    deltas
+        .iter()
+        .find(|(_, n)| *n >= q * total)
+        .map(|(le, _)| *le)
+}
+
+fn percentile_ms(samples: &mut [Duration], p: f64) -> f64 {
+    if samples.is_empty() {
+        return 0.0;
+    }
+    samples.sort();
+    let i = ((samples.len() as f64 * p).ceil() as usize).clamp(1, samples.len()) - 1;
+    samples[i].as_secs_f64() * 1000.0
+}
+
+/// What the watch of the hub's objects saw.
+#[derive(Default)]
+struct Seen {
+    /// When each instance was first seen Running (this run's clock).
+    running_at: HashMap<String, Instant>,
+    /// Nodes seen going NotReady, by name.
+    not_ready: HashMap<String, u32>,
+}
+
+/// Follow `/v1/PLURAL` from now, feeding `seen`. Reconnects if the watch ends.
+async fn observe(client: Client, plural: &'static str, seen: Arc<Mutex<Seen>>) {
+    use futures_util::StreamExt;
+    loop {
+        let Ok(list) = client
+            .get::<serde_json::Value>(&format!("/v1/{plural}?limit=1"))
+            .await
+        else {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        };
+        let revision = list["revision"].as_u64().unwrap_or(0);
+        let Ok(resp) = client
+            .stream(&format!("/v1/{plural}?watch=true&revision={revision}"))
+            .await
+        else {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        };
+        let mut body = resp.bytes_stream();
+        let mut buf = Vec::new();
+        while let Some(Ok(chunk)) = body.next().await {
+            buf.extend_from_slice(&chunk);
+            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=pos).collect();
+                let Ok(ev) = serde_json::from_slice::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                let o = &ev["object"];
+                let name = o["metadata"]["name"].as_str().unwrap_or_default();
+                let phase = o["status"]["phase"].as_str().unwrap_or_default();
+                let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
+                match (plural, phase) {
+                    ("instances", "Running") => {
+                        s.running_at
+                            .entry(name.to_string())
+                            .or_insert_with(Instant::now);
+                    }
+                    ("nodes", "NotReady") => *s.not_ready.entry(name.to_string()).or_default() += 1,
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// Latencies of the operator's API while the fleet runs: get, list, apply.
+#[derive(Default)]
+struct Probes {
+    get: Vec<Duration>,
+    list: Vec<Duration>,
+    apply: Vec<Duration>,
+    errors: u64,
+}
+
+async fn probe(
+    client: Client,
+    probes: Arc<Mutex<Probes>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut k = 0u64;
+    while !*stop.borrow() {
+        k += 1;
+        let t = Instant::now();
+        let get = client
+            .get::<serde_json::Value>("/v1/nodes/sim-000000")
+            .await;
+        let get_t = t.elapsed();
+        let t = Instant::now();
+        let list = client
+            .get::<serde_json::Value>("/v1/instances?limit=100")
+            .await;
+        let list_t = t.elapsed();
+        let t = Instant::now();
+        let body = serde_json::json!({
+            "kind": "Instance",
+            "metadata": {"name": "sim-probe", "labels": {"probe": k.to_string()}},
+            "spec": {"form": "process", "process": {"command": ["sleep", "1"]},
+                     "resources": {"cpu": "10m", "memory": "1Mi"}},
+        });
+        let apply = client.put("/v1/instances/sim-probe", &body).await;
+        let apply_t = t.elapsed();
+        {
+            let mut p = probes.lock().unwrap_or_else(|e| e.into_inner());
+            let p = &mut *p;
+            for (ok, d, v) in [
+                (get.is_ok(), get_t, &mut p.get),
+                (list.is_ok(), list_t, &mut p.list),
+                (apply.is_ok(), apply_t, &mut p.apply),
+            ] {
+                if ok {
+                    v.push(d);
+                } else {
+                    p.errors += 1;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn instance_body(name: &str) -> serde_json::Value {
+    serde_json::json!({
+        "kind": "Instance",
+        "metadata": {"name": name},
+        "spec": {"form": "process", "process": {"command": ["sleep", "1"]},
+                 "resources": {"cpu": "100m", "memory": "16Mi"}},
+    })
+}
+
+/// Apply `names` with `concurrency` requests in flight; returns when each was applied.
+async fn apply_all(
+    client: &Client,
+    names: &[String],
+    concurrency: usize,
+) -> Result<HashMap<String, Instant>> {
+    use futures_util::StreamExt;
+    let results: Vec<Result<(String, Instant)>> = futures_util::stream::iter(names.iter().cloned())
+        .map(|name| {
+            let client = client.clone();
+            async move {
+                client
+                    .put(&format!("/v1/instances/{name}"), &instance_body(&name))
+                    .await
+                    .with_context(|| format!("applying {name}"))?;
+                Ok((name, Instant::now()))
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+async fn hub_metrics(client: &Client) -> String {
+    client.get_text("/metrics").await.unwrap_or_default()
+}
+
+/// Wait until the hub counts `n` connected edges, printing progress.
+async fn wait_connected(
+    client: &Client,
+    n: usize,
+    what: &str,
+    limit: Duration,
+) -> Result<Duration> {
+    let t = Instant::now();
+    let mut last_print = Instant::now();
+    loop {
+        let c = metric(&hub_metrics(client).await, "verge_hub_edges_connected ") as usize;
+        if c >= n {
+            return Ok(t.elapsed());
+        }
+        if t.elapsed() > limit {
+            bail!(
+                "{what}: only {c} of {n} edges connected after {}s",
+                limit.as_secs()
+            );
+        }
+        if last_print.elapsed() >= Duration::from_secs(5) {
+            eprintln!(
+                "sim: {what}: {c}/{n} edges connected ({:.0}s)",
+                t.elapsed().as_secs_f64()
+            );
+            last_print = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Every object of `plural`, page by page.
+async fn list_all(client: &Client, plural: &str) -> Result<Vec<serde_json::Value>> {
+    let mut items = Vec::new();
+    let mut next: Option<String> = None;
+    loop {
+        let path = match &next {
+            Some(c) => format!("/v1/{plural}?limit=10000&continue={c}"),
+            None => format!("/v1/{plural}?limit=10000"),
+        };
+        let page: serde_json::Value = client.get(&path).await?;
+        if let Some(a) = page["items"].as_array() {
+            items.extend(a.iter().cloned());
+        }
+        match page["continue"].as_str() {
+            Some(c) if !c.is_empty() => next = Some(c.to_string()),
+            _ => return Ok(items),
+        }
+    }
+}
+
+/// The end-of-run invariants.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Invariants {
+    nodes: usize,
+    nodes_ready: usize,
+    instances: usize,
+    instances_running: usize,
+    instances_lost: usize,
+    instances_on_unknown_nodes: usize,
+    /// Instances the fleet's (fake) runtime runs more than once, or not at all.
+    workloads_doubled: usize,
+    workloads_missing: usize,
+}
+
+impl Invariants {
+    fn hold(&self, nodes: usize, instances: usize) -> bool {
+        self.nodes == nodes
+            && self.nodes_ready == nodes
+            && self.instances == instances
+            && self.instances_running == instances
+            && self.instances_lost == 0
+            && self.instances_on_unknown_nodes == 0
+            && self.workloads_doubled == 0
+            && self.workloads_missing == 0
+    }
+}
+
+async fn invariants(
+    client: &Client,
+    names: &[String],
+    runtime: &verge_runtime::fake::FakeRuntime,
+) -> Result<Invariants> {
+    let mut runs: HashMap<String, usize> = HashMap::new();
+    for w in runtime.running() {
+        *runs.entry(w).or_default() += 1;
+    }
+    let nodes = list_all(client, "nodes").await?;
+    let ready: std::collections::HashSet<&str> = nodes
+        .iter()
+        .filter(|n| n["status"]["phase"] == "Ready")
+        .filter_map(|n| n["metadata"]["name"].as_str())
+        .collect();
+    let known: std::collections::HashSet<&str> = nodes
+        .iter()
+        .filter_map(|n| n["metadata"]["name"].as_str())
+        .collect();
+    let instances = list_all(client, "instances").await?;
+    let by_name: HashMap<&str, &serde_json::Value> = instances
+        .iter()
+        .filter_map(|i| Some((i["metadata"]["name"].as_str()?, i)))
+        .collect();
+    let ours: Vec<&serde_json::Value> = names
+        .iter()
+        .filter_map(|n| by_name.get(n.as_str()).copied())
+        .collect();
+    Ok(Invariants {
+        nodes: nodes.len(),
+        nodes_ready: ready.len(),
+        instances: ours.len(),
+        instances_running: ours
+            .iter()
+            .filter(|i| i["status"]["phase"] == "Running")
+            .count(),
+        instances_lost: names.len() - ours.len(),
+        instances_on_unknown_nodes: ours
+            .iter()
+            .filter(|i| {
+                i["status"]["node"]
+                    .as_str()
+                    .is_some_and(|n| !known.contains(n))
+            })
+            .count(),
+        workloads_doubled: names
+            .iter()
+            .filter(|n| runs.get(*n).is_some_and(|c| *c > 1))
+            .count(),
+        workloads_missing: names.iter().filter(|n| !runs.contains_key(*n)).count(),
+    })
+}
+
+/// Wait until every one of `names` has been seen Running.
+async fn wait_running(
+    seen: &Arc<Mutex<Seen>>,
+    names: &[String],
+    limit: Duration,
+) -> Result<Duration> {
+    let t = Instant::now();
+    let mut last_print = Instant::now();
+    loop {
+        let running = {
+            let s = seen.lock().unwrap_or_else(|e| e.into_inner());
+            names
+                .iter()
+                .filter(|n| s.running_at.contains_key(*n))
+                .count()
+        };
+        if running >= names.len() {
+            return Ok(t.elapsed());
+        }
+        if t.elapsed() > limit {
+            bail!(
+                "only {running} of {} instances Running after {}s",
+                names.len(),
+                limit.as_secs()
+            );
+        }
+        if last_print.elapsed() >= Duration::from_secs(5) {
+            eprintln!(
+                "sim: {running}/{} instances Running ({:.0}s)",
+                names.len(),
+                t.elapsed().as_secs_f64()
+            );
+            last_print = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Run `verge sim`.
+pub async fn run(a: SimArgs) -> Result<()> {
+    verge_tunnel::install_crypto_provider();
+    if a.nodes == 0 {
+        bail!("--nodes: give at least 1 simulated edge");
+    }
+    if !(0.0..=1.0).contains(&a.loss) {
+        bail!("--loss: {} is not between 0 and 1", a.loss);
+    }
+    let dir = tempdir()?;
+    let port = free_port()?;
+    let hub_args: Vec<String> = vec![
+        "--heartbeat".into(),
+        format!("{}ms", a.heartbeat.as_millis()),
+        "--node-grace".into(),
+        format!("{}s", NODE_GRACE.as_secs()),
+        "--admit-rate".into(),
+        a.admit_rate.to_string(),
+    ];
+    let hub_args: Vec<&str> = hub_args.iter().map(String::as_str).collect();
+    let (mut hub, client) = start_hub(&dir, port, &hub_args).await?;
+    let hub_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let links = [
+        FaultProxy::start_with_udp(hub_addr).await?,
+        FaultProxy::start_with_udp(hub_addr).await?,
+    ];
+    let faults = Faults {
+        latency: a.latency,
+        loss: a.loss,
+        ..Default::default()
+    };
+    for l in &links {
+        l.set(faults.clone());
+    }
+    let token: serde_json::Value = client
+        .post("/v1/tokens", &serde_json::json!({"uses": 0}))
+        .await?;
+    let token = token["token"].as_str().unwrap_or_default().to_string();
+    let mut hub_pid = hub.id().unwrap_or(0);
+    let hub_idle_kib = verge_testkit::frontdoor::rss_kib(hub_pid);
+    let sim_before_kib = own_rss_kib();
+
+    let per_socket = a.edges_per_socket.max(1);
+    let sockets = (0..a.nodes.div_ceil(per_socket))
+        .map(|_| verge_tunnel::quic::client().context("opening a QUIC socket for the fleet"))
+        .collect::<Result<Vec<_>>>()?;
+    let fleet = Fleet {
+        edges: (0..a.nodes)
+            .map(|i| SimEdge {
+                name: format!("sim-{i:06}"),
+                state: Arc::default(),
+                stop: tokio::sync::watch::channel(false).0,
+            })
+            .collect(),
+        sockets,
+        runtime: Arc::default(),
+        links,
+        token,
+        dir: dir.clone(),
+        edges_per_socket: per_socket,
+    };
+    eprintln!(
+        "sim: hub on port {port}; starting {} edges at {}/s over {} QUIC sockets",
+        a.nodes,
+        a.join_rate,
+        fleet.sockets.len()
+    );
+    let join = Instant::now();
+    let batch = (a.join_rate / 10).max(1);
+    for i in 0..a.nodes {
+        fleet.start(i);
+        if (i + 1) % batch == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let join_limit = Duration::from_secs(120 + (a.nodes / a.join_rate.max(1)) as u64 * 3);
+    wait_connected(&client, a.nodes, "join", join_limit).await?;
+    let join_secs = join.elapsed().as_secs_f64();
+    // Let sessions settle (first statuses, first writes of node status).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let hub_fleet_kib = verge_testkit::frontdoor::rss_kib(hub_pid);
+    let sim_fleet_kib = own_rss_kib();
+    eprintln!("sim: {} edges connected in {join_secs:.1}s", a.nodes);
+
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let observers = [
+        tokio::spawn(observe(client.clone(), "instances", seen.clone())),
+        tokio::spawn(observe(client.clone(), "nodes", seen.clone())),
+    ];
+    let names: Vec<String> = (0..a.instances).map(|k| format!("sim-w-{k:06}")).collect();
+    let mut report = serde_json::json!({
+        "bench": "sim",
+        "scenario": format!("{:?}", a.scenario).to_lowercase(),
+        "nodes": a.nodes,
+        "instances": a.instances,
+        "heartbeatSeconds": a.heartbeat.as_secs_f64(),
+        "durationSeconds": a.duration.as_secs_f64(),
+        "quicSockets": fleet.sockets.len(),
+        "latencyMs": a.latency.as_secs_f64() * 1000.0,
+        "loss": a.loss,
+        "joinSeconds": join_secs,
+        "hubIdleMiB": hub_idle_kib as f64 / 1024.0,
+        "hubWithFleetMiB": hub_fleet_kib as f64 / 1024.0,
+        "hubKiBPerEdge": hub_fleet_kib.saturating_sub(hub_idle_kib) as f64 / a.nodes as f64,
+        "simKiBPerEdge": sim_fleet_kib.saturating_sub(sim_before_kib) as f64 / a.nodes as f64,
+    });
+
+    // Instances: all at once (burst, measured) or before the measured part.
+    let placements_before = metric(&hub_metrics(&client).await, "verge_hub_placements_total");
+    let applied_from = Instant::now();
+    // A burst has many applies in flight; otherwise a few, as operators' tools do.
+    let in_flight = if a.scenario == Scenario::Burst { 64 } else { 8 };
+    let applied = apply_all(&client, &names, in_flight).await?;
+    let apply_secs = applied_from.elapsed().as_secs_f64();
+    let running_after = wait_running(&seen, &names, Duration::from_secs(600)).await?;
+    let placements =
+        metric(&hub_metrics(&client).await, "verge_hub_placements_total") - placements_before;
+    {
+        let s = seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut to_running: Vec<Duration> = names
+            .iter()
+            .filter_map(|n| {
+                Some(
+                    s.running_at
+                        .get(n)?
+                        .saturating_duration_since(*applied.get(n)?),
+                )
+            })
+            .collect();
+        let all = applied_from
+            .elapsed()
+            .as_secs_f64()
+            .min(running_after.as_secs_f64() + apply_secs);
+        report["instancesAppliedSeconds"] = apply_secs.into();
+        report["instancesAllRunningSeconds"] = (running_after.as_secs_f64()).into();
+        report["placementsPerSecond"] = (placements / all.max(0.001)).into();
+        report["applyToRunningP50Ms"] = percentile_ms(&mut to_running, 0.5).into();
+        report["applyToRunningP99Ms"] = percentile_ms(&mut to_running, 0.99).into();
+    }
+    if a.instances > 0 {
+        eprintln!("sim: {} instances Running", a.instances);
+    }
+    let hub_with_instances_kib = verge_testkit::frontdoor::rss_kib(hub_pid);
+    report["hubWithInstancesMiB"] = (hub_with_instances_kib as f64 / 1024.0).into();
+
+    // The measured part.
+    let probes: Arc<Mutex<Probes>> = Arc::default();
+    let (stop_probes, probe_rx) = tokio::sync::watch::channel(false);
+    let prober = tokio::spawn(probe(client.clone(), probes.clone(), probe_rx));
+    let metrics_before = hub_metrics(&client).await;
+    let (up0, down0) = bytes(&fleet.links);
+    let cpu0 = cpu_seconds(hub_pid);
+    let not_ready_before: u32 = seen
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .not_ready
+        .values()
+        .sum();
+    let t0 = Instant::now();
+    eprintln!("sim: {:?} for {}s", a.scenario, a.duration.as_secs());
+    let mut client = client;
+    match a.scenario {
+        Scenario::Steady | Scenario::Burst => tick_for(a.duration, &client, hub_pid).await,
+        Scenario::Churn => {
+            // A hundredth of the fleet restarts its agent every few seconds.
+            let mut k = 0usize;
+            let per_round = (a.nodes / 100).max(1);
+            while t0.elapsed() < a.duration {
+                for _ in 0..per_round {
+                    let i = k % a.nodes;
+                    fleet.stop(i);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    fleet.start(i);
+                    k += 1;
+                }
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+            report["agentRestarts"] = k.into();
+        }
+        Scenario::Partition => {
+            // The tenth of the fleet on the second link is cut off past the grace
+            // period, then the link comes back.
+            let cut = a.duration.max(NODE_GRACE + Duration::from_secs(10));
+            fleet.links[1].blackhole(true);
+            tokio::time::sleep(cut).await;
+            fleet.links[1].blackhole(false);
+            let back = Instant::now();
+            wait_connected(
+                &client,
+                a.nodes,
+                "after the partition",
+                Duration::from_secs(300),
+            )
+            .await?;
+            report["partitionedEdges"] = (0..a.nodes)
+                .filter(|i| Fleet::link_of(*i) == 1)
+                .count()
+                .into();
+            report["partitionSeconds"] = cut.as_secs_f64().into();
+            report["reconnectAfterPartitionSeconds"] = back.elapsed().as_secs_f64().into();
+        }
+        Scenario::HubRestart => {
+            tokio::time::sleep(a.duration / 4).await;
+            let syncs_before = hub_metrics(&client).await;
+            hub.kill().await?;
+            let _ = hub.wait().await;
+            let (u, d) = bytes(&fleet.links);
+            let restart = Instant::now();
+            let (h, c) = start_hub(&dir, port, &hub_args).await?;
+            hub = h;
+            client = c;
+            hub_pid = hub.id().unwrap_or(0);
+            let started = restart.elapsed();
+            let back = wait_connected(
+                &client,
+                a.nodes,
+                "after the hub restart",
+                Duration::from_secs(600),
+            )
+            .await?;
+            let all_back = restart.elapsed();
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let (u2, d2) = bytes(&fleet.links);
+            let after = hub_metrics(&client).await;
+            report["hubStartSeconds"] = started.as_secs_f64().into();
+            report["hubRestartToAllConnectedSeconds"] = all_back.as_secs_f64().into();
+            report["resyncAfterHubReadySeconds"] = back.as_secs_f64().into();
+            report["reconnectBytesPerEdge"] =
+                (((u2 - u) + (d2 - d)) as f64 / a.nodes as f64).into();
+            // A fresh process counts from zero: these are the restart's syncs.
+            let _ = syncs_before;
+            report["syncsResume"] = metric(&after, "verge_hub_syncs_total{kind=\"resume\"}").into();
+            report["syncsSnapshot"] =
+                metric(&after, "verge_hub_syncs_total{kind=\"snapshot\"}").into();
+            tick_for(a.duration.saturating_sub(t0.elapsed()), &client, hub_pid).await;
+        }
+    }
+    let window = t0.elapsed();
+    let _ = stop_probes.send(true);
+    let _ = prober.await;
+    let metrics_after = hub_metrics(&client).await;
+    let (up1, down1) = bytes(&fleet.links);
+    let cpu1 = cpu_seconds(hub_pid);
+    let lag = "verge_hub_heartbeat_lag_seconds";
+    let (lag0, lag1) = if a.scenario == Scenario::HubRestart {
+        (Vec::new(), buckets(&metrics_after, lag))
+    } else {
+        (buckets(&metrics_before, lag), buckets(&metrics_after, lag))
+    };
+    {
+        let mut p = probes.lock().unwrap_or_else(|e| e.into_inner());
+        report["apiGetP50Ms"] = percentile_ms(&mut p.get, 0.5).into();
+        report["apiGetP99Ms"] = percentile_ms(&mut p.get, 0.99).into();
+        report["apiListP50Ms"] = percentile_ms(&mut p.list, 0.5).into();
+        report["apiListP99Ms"] = percentile_ms(&mut p.list, 0.99).into();
+        report["apiApplyP50Ms"] = percentile_ms(&mut p.apply, 0.5).into();
+        report["apiApplyP99Ms"] = percentile_ms(&mut p.apply, 0.99).into();
+        report["apiRequests"] = (p.get.len() + p.list.len() + p.apply.len()).into();
+        report["apiErrors"] = p.errors.into();
+    }
+    report["heartbeatLagP50Seconds"] = histogram_quantile(&lag0, &lag1, 0.5).into();
+    report["heartbeatLagP99Seconds"] = histogram_quantile(&lag0, &lag1, 0.99).into();
+    let not_ready_after: u32 = seen
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .not_ready
+        .values()
+        .sum();
+    report["nodesWentNotReady"] = (not_ready_after - not_ready_before).into();
+    report["hubCpuPercent"] = if a.scenario == Scenario::HubRestart {
+        serde_json::Value::Null
+    } else {
+        ((cpu1 - cpu0) * 100.0 / window.as_secs_f64()).into()
+    };
+    report["hubMiBAtEnd"] = (verge_testkit::frontdoor::rss_kib(hub_pid) as f64 / 1024.0).into();
+    report["simMiBAtEnd"] = (own_rss_kib() as f64 / 1024.0).into();
+    report["bytesPerEdgePerMinute"] =
+        (((up1 - up0) + (down1 - down0)) as f64 * 60.0 / window.as_secs_f64() / a.nodes as f64)
+            .into();
+
+    // After a partition the cut-off nodes come back Ready; give them a heartbeat.
+    tokio::time::sleep(a.heartbeat + Duration::from_secs(1)).await;
+    let inv = invariants(&client, &names, &fleet.runtime).await?;
+    let held = inv.hold(a.nodes, a.instances);
+    report["invariants"] = serde_json::to_value(&inv)?;
+    report["invariantsHold"] = held.into();
+    for o in observers {
+        o.abort();
+    }
+    for i in 0..a.nodes {
+        fleet.stop(i);
+    }
+    hub.kill().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    print_report(&report, &a.output)?;
+    if a.check && !held {
+        bail!("the invariants do not hold at the end of the run: {inv:?}");
+    }
+    Ok(())
+}
+
+fn bytes(links: &[FaultProxy; 2]) -> (u64, u64) {
+    let (a, b) = (links[0].bytes(), links[1].bytes());
+    (a.0 + b.0, a.1 + b.1)
+}
+
+/// Wait `d`, printing the hub's memory and CPU every ten seconds.
+async fn tick_for(d: Duration, client: &Client, hub_pid: u32) {
+    let t = Instant::now();
+    let mut cpu = cpu_seconds(hub_pid);
+    while t.elapsed() < d {
+        let step = Duration::from_secs(10).min(d.saturating_sub(t.elapsed()));
+        tokio::time::sleep(step).await;
+        let now = cpu_seconds(hub_pid);
+        let connected = metric(&hub_metrics(client).await, "verge_hub_edges_connected ");
+        eprintln!(
+            "sim: {:.0}s: hub {:.0} MiB, {:.0}% CPU, {connected} edges connected",
+            t.elapsed().as_secs_f64(),
+            verge_testkit::frontdoor::rss_kib(hub_pid) as f64 / 1024.0,
+            (now - cpu) * 100.0 / step.as_secs_f64().max(0.001),
+        );
+        cpu = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_come_from_the_difference_of_two_readings() {
+        let before = vec![(0.1, 10.0), (1.0, 10.0), (f64::INFINITY, 10.0)];
+        let after = vec![(0.1, 60.0), (1.0, 109.0), (f64::INFINITY, 110.0)];
+        // 100 new observations: 50 under 0.1, 49 more under 1, one beyond.
+        assert_eq!(histogram_quantile(&before, &after, 0.5), Some(0.1));
+        assert_eq!(histogram_quantile(&before, &after, 0.99), Some(1.0));
+        assert_eq!(
+            histogram_quantile(&before, &after, 1.0),
+            Some(f64::INFINITY)
+        );
+        assert_eq!(histogram_quantile(&after, &after, 0.5), None);
+    }
+
+    #[test]
+    fn histogram_buckets_are_read_from_the_text_format() {
+        let text = "# HELP x\nverge_hub_heartbeat_lag_seconds_bucket{le=\"0.5\"} 3\nverge_hub_heartbeat_lag_seconds_bucket{le=\"+Inf\"} 4\nverge_hub_heartbeat_lag_seconds_count 4\n";
+        assert_eq!(
+            buckets(text, "verge_hub_heartbeat_lag_seconds"),
+            vec![(0.5, 3.0), (f64::INFINITY, 4.0)]
+        );
+    }
+
+    #[test]
+    fn a_tenth_of_the_fleet_is_on_the_link_that_partitions() {
+        let cut = (0..1000).filter(|i| Fleet::link_of(*i) == 1).count();
+        assert_eq!(cut, 100);
+    }
+}

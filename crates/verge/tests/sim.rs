@@ -1,0 +1,119 @@
+//! The fleet simulator at CI size: 2,000 simulated edges (the real agent on the fake
+//! runtime, in the simulator's process) against a hub process, for six heartbeat
+//! periods, under each scenario that changes what the fleet goes through. Checks the
+//! invariants, never timings: every node Ready, every instance Running on a node that
+//! exists, none lost, no node falsely NotReady, the operator's API answering.
+
+mod common;
+
+use std::process::Command;
+
+fn sim(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(common::BIN)
+        .arg("sim")
+        .args(args)
+        .args(["--check", "-o", "json"])
+        .output()
+        .expect("running verge sim");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "verge sim {args:?} failed: {stderr}\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("verge sim printed no report ({e}): {stderr}"))
+}
+
+fn assert_fleet_held(r: &serde_json::Value, nodes: u64, instances: u64) {
+    let inv = &r["invariants"];
+    assert_eq!(r["invariantsHold"], true, "{r:#}");
+    assert_eq!(inv["nodesReady"], nodes, "{r:#}");
+    assert_eq!(inv["instancesRunning"], instances, "{r:#}");
+    assert_eq!(inv["instancesLost"], 0, "{r:#}");
+    assert_eq!(r["apiErrors"], 0, "{r:#}");
+    assert!(r["apiRequests"].as_u64().unwrap_or(0) > 0, "{r:#}");
+}
+
+#[test]
+fn two_thousand_edges_hold_steady_for_six_heartbeats() {
+    let r = sim(&[
+        "--nodes",
+        "2000",
+        "--instances",
+        "2000",
+        "--heartbeat",
+        "10s",
+        "--duration",
+        "60s",
+        "--scenario",
+        "steady",
+    ]);
+    assert_fleet_held(&r, 2000, 2000);
+    // Nothing went NotReady while every edge was up and heartbeating.
+    assert_eq!(r["nodesWentNotReady"], 0, "{r:#}");
+    // The heartbeats arrived: the hub measured their lag.
+    assert!(r["heartbeatLagP99Seconds"].is_number(), "{r:#}");
+}
+
+#[test]
+fn a_fleet_resyncs_after_a_hub_kill_with_deltas_only() {
+    let r = sim(&[
+        "--nodes",
+        "1000",
+        "--instances",
+        "1000",
+        "--heartbeat",
+        "5s",
+        "--duration",
+        "30s",
+        "--scenario",
+        "hub-restart",
+    ]);
+    assert_fleet_held(&r, 1000, 1000);
+    // Every edge resumed from its revision: no snapshot, and so no full re-list.
+    assert_eq!(r["syncsSnapshot"], 0, "{r:#}");
+    assert!(r["syncsResume"].as_f64().unwrap_or(0.0) >= 1000.0, "{r:#}");
+}
+
+#[test]
+fn a_cut_off_tenth_of_the_fleet_comes_back_and_nothing_is_lost_or_doubled() {
+    let r = sim(&[
+        "--nodes",
+        "1000",
+        "--instances",
+        "1000",
+        "--heartbeat",
+        "5s",
+        "--duration",
+        "20s",
+        "--scenario",
+        "partition",
+    ]);
+    // Cut off past the grace period, the tenth went NotReady (and only it), and
+    // came back; its instances run once each, wherever they are now.
+    assert_fleet_held(&r, 1000, 1000);
+    let cut = r["partitionedEdges"].as_u64().expect("partitioned edges");
+    assert_eq!(cut, 100, "{r:#}");
+    let went = r["nodesWentNotReady"].as_u64().expect("count");
+    assert!(went >= 1 && went <= cut, "{r:#}");
+}
+
+#[test]
+fn agents_restarting_all_the_time_lose_nothing() {
+    let r = sim(&[
+        "--nodes",
+        "1000",
+        "--instances",
+        "1000",
+        "--heartbeat",
+        "5s",
+        "--duration",
+        "30s",
+        "--scenario",
+        "churn",
+    ]);
+    assert_fleet_held(&r, 1000, 1000);
+    assert!(r["agentRestarts"].as_u64().unwrap_or(0) >= 100, "{r:#}");
+    assert_eq!(r["nodesWentNotReady"], 0, "{r:#}");
+}
