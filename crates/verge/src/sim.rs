@@ -87,11 +87,17 @@ pub struct SimArgs {
 /// Node grace period of the simulator's hub.
 const NODE_GRACE: Duration = Duration::from_secs(40);
 
-/// One simulated edge: its state (kept across agent restarts) and its stop switch.
+/// One simulated edge: its state (kept across agent restarts), and the running
+/// agent's stop switch and task.
 struct SimEdge {
     name: String,
     state: Arc<MemoryState>,
-    stop: tokio::sync::watch::Sender<bool>,
+    agent: Mutex<
+        Option<(
+            tokio::sync::oneshot::Sender<()>,
+            tokio::task::JoinHandle<()>,
+        )>,
+    >,
 }
 
 /// The fleet: edges, the sockets they share, the proxies they dial through.
@@ -146,20 +152,29 @@ impl Fleet {
             log_limits: Default::default(),
             cache_budget: u64::MAX,
         };
-        let _ = e.stop.send(false);
-        let mut stop = e.stop.subscribe();
-        tokio::spawn(async move {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
             let shutdown = async move {
-                let _ = stop.wait_for(|s| *s).await;
+                let _ = stopped.await;
             };
             if let Err(e) = verge_edge::run_with(config, seams, shutdown, |_| {}).await {
                 tracing::warn!(error = %e, "simulated edge stopped");
             }
         });
+        *e.agent.lock().unwrap_or_else(|e| e.into_inner()) = Some((stop, task));
     }
 
-    fn stop(&self, i: usize) {
-        let _ = self.edges[i].stop.send(true);
+    /// Stop edge `i`'s agent (its workloads run on) and wait until it has exited.
+    async fn stop(&self, i: usize) {
+        let agent = self.edges[i]
+            .agent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some((stop, task)) = agent {
+            let _ = stop.send(());
+            let _ = task.await;
+        }
     }
 }
 
@@ -199,7 +214,7 @@ fn metric(text: &str, prefix: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .fold(0.0, |a, b| a + b)
 }
 
 /// The cumulative buckets of a histogram: `(le, count)`, in order.
@@ -619,7 +634,7 @@ pub async fn run(a: SimArgs) -> Result<()> {
             .map(|i| SimEdge {
                 name: format!("sim-{i:06}"),
                 state: Arc::default(),
-                stop: tokio::sync::watch::channel(false).0,
+                agent: Mutex::new(None),
             })
             .collect(),
         sockets,
@@ -738,8 +753,7 @@ pub async fn run(a: SimArgs) -> Result<()> {
             while t0.elapsed() < a.duration {
                 for _ in 0..per_round {
                     let i = k % a.nodes;
-                    fleet.stop(i);
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    fleet.stop(i).await;
                     fleet.start(i);
                     k += 1;
                 }
@@ -771,7 +785,6 @@ pub async fn run(a: SimArgs) -> Result<()> {
         }
         Scenario::HubRestart => {
             tokio::time::sleep(a.duration / 4).await;
-            let syncs_before = hub_metrics(&client).await;
             hub.kill().await?;
             let _ = hub.wait().await;
             let (u, d) = bytes(&fleet.links);
@@ -798,10 +811,10 @@ pub async fn run(a: SimArgs) -> Result<()> {
             report["reconnectBytesPerEdge"] =
                 (((u2 - u) + (d2 - d)) as f64 / a.nodes as f64).into();
             // A fresh process counts from zero: these are the restart's syncs.
-            let _ = syncs_before;
-            report["syncsResume"] = metric(&after, "verge_hub_syncs_total{kind=\"resume\"}").into();
-            report["syncsSnapshot"] =
-                metric(&after, "verge_hub_syncs_total{kind=\"snapshot\"}").into();
+            for (field, kind) in [("syncsResume", "resume"), ("syncsSnapshot", "snapshot")] {
+                let series = format!("verge_hub_syncs_total{{kind=\"{kind}\"}}");
+                report[field] = (metric(&after, &series) as u64).into();
+            }
             tick_for(a.duration.saturating_sub(t0.elapsed()), &client, hub_pid).await;
         }
     }
@@ -858,7 +871,7 @@ pub async fn run(a: SimArgs) -> Result<()> {
         o.abort();
     }
     for i in 0..a.nodes {
-        fleet.stop(i);
+        fleet.stop(i).await;
     }
     hub.kill().await?;
     let _ = std::fs::remove_dir_all(&dir);
