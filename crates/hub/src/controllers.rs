@@ -16,6 +16,10 @@ use crate::offline;
 use crate::placement::{self, View};
 use crate::state::HubState;
 
+/// How often (at most) the node lifecycle reads every node from the store (new nodes,
+/// nodes deleted, phases written elsewhere); between reads it checks liveness in memory.
+const RELIST_NODES_EVERY: Duration = Duration::from_secs(15);
+
 /// Mark nodes NotReady when their heartbeats stop.
 ///
 /// Liveness is in memory, not in the store: a node is alive while this hub heard from
@@ -29,16 +33,28 @@ pub async fn node_lifecycle(st: Arc<HubState>) {
     let started = now_secs();
     let period = (grace / 4).clamp(Duration::from_millis(250), Duration::from_secs(5));
     let mut tick = tokio::time::interval(period);
+    // The nodes as last listed, and when: liveness is checked against memory every
+    // tick, the store is read only every RELIST_NODES_EVERY (and after a change here).
+    let mut listed: Option<(std::time::Instant, Vec<verge_api::Node>)> = None;
+    // A node that turned Ready after a read is watched from the next one: within half
+    // a grace period.
+    let relist = RELIST_NODES_EVERY.min(grace / 2);
     loop {
         tick.tick().await;
-        let Ok((nodes, _)) = st.objects.list::<NodeSpec>().await else {
+        if listed.as_ref().is_none_or(|(at, _)| at.elapsed() >= relist) {
+            let Ok((nodes, _)) = st.objects.list::<NodeSpec>().await else {
+                continue;
+            };
+            listed = Some((std::time::Instant::now(), nodes));
+        }
+        let Some((_, nodes)) = listed.as_mut() else {
             continue;
         };
         let Some(elsewhere) = crate::replicas::sessions_elsewhere(&st).await else {
             continue;
         };
         let mut counts: BTreeMap<String, i64> = BTreeMap::new();
-        for n in &nodes {
+        for n in nodes.iter_mut() {
             *counts.entry(n.status.phase.to_string()).or_default() += 1;
             if n.status.phase != NodePhase::Ready || elsewhere.contains(n.name()) {
                 continue;
@@ -75,7 +91,10 @@ pub async fn node_lifecycle(st: Arc<HubState>) {
                     Ok(true)
                 })
                 .await;
-            if r.is_ok() {
+            let Ok(now) = r else { continue };
+            // What the store holds now (another writer may have been first).
+            n.status = now.status;
+            if n.status.phase == NodePhase::NotReady {
                 st.edges.forget_departed(n.name());
                 // A session still open here writes the node's status again with its
                 // next heartbeat.
@@ -94,18 +113,33 @@ pub async fn node_lifecycle(st: Arc<HubState>) {
     }
 }
 
-/// Place pending instances. Runs when kicked (any change) and every few seconds.
+/// How often the scheduler makes a pass when nothing woke it and nothing waits: the
+/// inventory's bookkeeping (allocations running, released) catches up then.
+const IDLE_PASS_EVERY: Duration = Duration::from_secs(60);
+
+/// Place pending instances. Runs when kicked (a write that may make work), every few
+/// seconds while instances wait for a node, and once a minute otherwise: a pass reads
+/// every node and instance, which a fleet of a hundred thousand must not pay for
+/// every few seconds to learn that nothing waits.
 pub async fn scheduler(st: Arc<HubState>) {
+    let mut waiting = true;
+    let mut last_pass = std::time::Instant::now();
     loop {
-        tokio::select! {
+        let kicked = tokio::select! {
             _ = st.schedule_kick.notified() => {
                 // Let a burst of changes settle into one pass.
                 tokio::time::sleep(Duration::from_millis(20)).await;
+                true
             }
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = tokio::time::sleep(Duration::from_secs(5)) => false,
+        };
+        if !kicked && !waiting && last_pass.elapsed() < IDLE_PASS_EVERY {
+            continue;
         }
-        if let Err(e) = schedule_pass(&st).await {
-            tracing::warn!(error = %e, "scheduling pass failed");
+        last_pass = std::time::Instant::now();
+        match schedule_pass(&st).await {
+            Ok(left) => waiting = left > 0,
+            Err(e) => tracing::warn!(error = %e, "scheduling pass failed"),
         }
     }
 }
@@ -150,8 +184,8 @@ pub async fn kick_on_changes(st: Arc<HubState>) {
     }
 }
 
-/// Whether an instance write may need the scheduler: it is new, its spec changed, or
-/// it lost its node. (The scheduler's own notes on a pending instance do not count,
+/// Whether an instance write may need the scheduler: it is new, its spec changed while
+/// it waits for a node, or it lost its node. (The scheduler's own notes on a pending instance do not count,
 /// or every pass would wake the next.)
 fn needs_placement(new: &[u8], prev: Option<&[u8]>) -> bool {
     let Ok(new) = serde_json::from_slice::<Instance>(new) else {
@@ -160,8 +194,10 @@ fn needs_placement(new: &[u8], prev: Option<&[u8]>) -> bool {
     let Some(prev) = prev.and_then(|p| serde_json::from_slice::<Instance>(p).ok()) else {
         return true;
     };
-    prev.metadata.generation != new.metadata.generation
-        || (new.status.node.is_none() && prev.status.node.is_some())
+    // Only what is unbound needs placing: a new spec of an instance that stays on its
+    // node is the edge's to apply.
+    new.status.node.is_none()
+        && (prev.metadata.generation != new.metadata.generation || prev.status.node.is_some())
 }
 
 /// Whether a node write changes what can be placed on it.
@@ -201,8 +237,9 @@ async fn set_message(st: &HubState, inst: &Instance, message: &str) {
 /// One pass: reconcile the inventory, then bind every pending instance (and every
 /// complete gang) that fits, and explain the ones that do not. Placements are planned
 /// on an in-memory view and committed with CAS against the ledgers; on any conflict
-/// the pass stops and the next one replans from fresh data.
-pub async fn schedule_pass(st: &HubState) -> Result<(), verge_api::ApiError> {
+/// the pass stops and the next one replans from fresh data. Returns how many instances
+/// still wait for a node.
+pub async fn schedule_pass(st: &HubState) -> Result<usize, verge_api::ApiError> {
     let store = st.objects.store().clone();
     let (nodes, _) = st.objects.list::<NodeSpec>().await?;
     let (instances, _) = st.objects.list::<InstanceSpec>().await?;
@@ -246,8 +283,9 @@ pub async fn schedule_pass(st: &HubState) -> Result<(), verge_api::ApiError> {
         })
         .collect();
     if pending.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
+    let mut left = 0usize;
     // Oldest first, so that a stream of new instances cannot starve an old one.
     pending.sort_by(|a, b| {
         a.metadata
@@ -280,6 +318,7 @@ pub async fn schedule_pass(st: &HubState) -> Result<(), verge_api::ApiError> {
             for m in &members {
                 set_message(st, m, &msg).await;
             }
+            left += members.len();
             continue;
         }
         members.sort_by(|a, b| a.name().cmp(b.name()));
@@ -322,7 +361,7 @@ pub async fn schedule_pass(st: &HubState) -> Result<(), verge_api::ApiError> {
                     Err(e) => {
                         tracing::debug!(?e, "placement lost a race; replanning");
                         st.schedule_kick.notify_one();
-                        return Ok(());
+                        return Ok(left.max(1));
                     }
                 }
             }
@@ -334,13 +373,14 @@ pub async fn schedule_pass(st: &HubState) -> Result<(), verge_api::ApiError> {
                     ),
                     None => why.to_string(),
                 };
+                left += members.len();
                 for m in &members {
                     set_message(st, m, &msg).await;
                 }
             }
         }
     }
-    Ok(())
+    Ok(left)
 }
 
 /// The offline scheduler's recommendations for the current view, recomputed at most
@@ -419,6 +459,10 @@ mod tests {
             &instance(1, Some("n1"), "running"),
             Some(&bound)
         ));
+        assert!(
+            !needs_placement(&instance(2, Some("n1"), ""), Some(&bound)),
+            "a new spec on its node"
+        );
         assert!(needs_placement(&pending, Some(&bound)), "lost its node");
     }
 }

@@ -491,6 +491,13 @@ pub async fn reconcile(
     ledgers: &BTreeMap<String, Versioned<Ledger>>,
 ) -> Result<usize, ApiError> {
     let by_name: BTreeMap<&str, &Instance> = instances.iter().map(|i| (i.name(), i)).collect();
+    // Instances by the node they are bound to: one pass, not one per node.
+    let mut by_node: std::collections::HashMap<&str, Vec<&Instance>> = Default::default();
+    for i in instances {
+        if let Some(n) = i.status.node.as_deref() {
+            by_node.entry(n).or_default().push(i);
+        }
+    }
     let mut writes = 0;
     for node in nodes {
         let name = node.name();
@@ -542,10 +549,7 @@ pub async fn reconcile(
             }
             why.is_none()
         });
-        for i in instances
-            .iter()
-            .filter(|i| i.status.node.as_deref() == Some(name))
-        {
+        for i in by_node.get(name).into_iter().flatten() {
             if matches!(
                 i.status.phase,
                 InstancePhase::Succeeded | InstancePhase::Failed
@@ -620,8 +624,9 @@ pub async fn reconcile(
             writes += 1;
         }
     }
+    let node_names: std::collections::HashSet<&str> = nodes.iter().map(|n| n.name()).collect();
     for (name, l) in ledgers {
-        if nodes.iter().any(|n| n.name() == name.as_str()) {
+        if node_names.contains(name.as_str()) {
             continue;
         }
         let mut ops: Vec<Op> = l

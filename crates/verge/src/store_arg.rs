@@ -5,7 +5,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
+#[cfg(feature = "etcd")]
+use anyhow::Context;
+use anyhow::bail;
 use verge_store::Store;
 
 /// Store options of `verge hub`.
