@@ -23,12 +23,23 @@ const KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// A QUIC connection with no traffic for this long is dead.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn transport() -> Arc<quinn::TransportConfig> {
+/// Bidirectional streams an edge may have open to the hub at once: the channel and
+/// its data streams (logs, exec, port-forward connections, relays).
+const EDGE_STREAMS: u32 = 64;
+
+/// The transport of one side: `peer_streams` bidirectional streams the peer may open
+/// (the hub never opens any; the edge opens the channel and its data streams), and no
+/// unidirectional ones. quinn keeps state for every stream the peer may open from
+/// the start, so these limits are memory per connection: at a hundred thousand edges,
+/// quinn's defaults (100 of each) cost the hub about 6 KiB per edge.
+fn transport(peer_streams: u32) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(KEEP_ALIVE));
     if let Ok(idle) = IDLE_TIMEOUT.try_into() {
         t.max_idle_timeout(Some(idle));
     }
+    t.max_concurrent_bidi_streams(peer_streams.into());
+    t.max_concurrent_uni_streams(0u32.into());
     Arc::new(t)
 }
 
@@ -49,7 +60,7 @@ pub fn server(
 ) -> Result<quinn::Endpoint, TlsError> {
     let crypto = QuicServerConfig::try_from(tls).map_err(cfg_err)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(transport());
+    config.transport_config(transport(EDGE_STREAMS));
     let io = |source| TlsError::Connect {
         addr: addr.to_string(),
         source,
@@ -116,7 +127,7 @@ pub async fn dial(
         .ok_or_else(|| TlsError::BadAddress(addr.to_string()))?;
     let crypto = QuicClientConfig::try_from(tls).map_err(cfg_err)?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport());
+    config.transport_config(transport(0));
     let conn = endpoint
         .connect_with(config, sock, HUB_SERVER_NAME)
         .map_err(|e| connect_err(&e))?

@@ -143,7 +143,6 @@ pub async fn create<S: NodeScoped>(
 ) -> Result<Object<S>, ApiError> {
     admin_only(p, &format!("creating {}", S::PLURAL))?;
     let obj = st.objects.create(obj).await?;
-    st.schedule_kick.notify_one();
     Ok(obj)
 }
 
@@ -165,7 +164,6 @@ pub async fn apply<S: NodeScoped>(
         ));
     }
     let applied = st.objects.apply(obj).await?;
-    st.schedule_kick.notify_one();
     Ok(applied)
 }
 
@@ -200,7 +198,6 @@ pub async fn update_status<S: NodeScoped>(
             Ok(true)
         })
         .await?;
-    st.schedule_kick.notify_one();
     Ok(obj)
 }
 
@@ -216,6 +213,5 @@ pub async fn delete<S: NodeScoped>(
         .delete_with::<S>(name, S::deleted_with(name))
         .await?;
     S::after_delete(st, name);
-    st.schedule_kick.notify_one();
     Ok(obj)
 }
