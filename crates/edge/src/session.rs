@@ -76,6 +76,7 @@ async fn connect(
         ctx.identity.cert_pem.as_str(),
         ctx.identity.key_pem.as_str(),
     ));
+    let mut quic_failed = false;
     if let (Some(endpoint), true) = (ctx.quic, ctx.try_quic) {
         let cfg =
             verge_tunnel::tls::client_config(&ctx.identity.ca_pem, identity, &[ALPN_CHANNEL])?;
@@ -94,8 +95,7 @@ async fn connect(
                 "no QUIC answer (UDP blocked?); using TLS over TCP"
             ),
         }
-        ctx.quic_failed
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        quic_failed = true;
     }
     let cfg = verge_tunnel::tls::client_config(&ctx.identity.ca_pem, identity, &[ALPN_CHANNEL])?;
     Ok(
@@ -105,11 +105,20 @@ async fn connect(
         )
         .await
         {
-            Ok(Ok(s)) => Ok((
-                Box::new(s) as Box<dyn verge_tunnel::quic::Duplex>,
-                None,
-                "tls",
-            )),
+            Ok(Ok(s)) => {
+                // QUIC failed where TCP works: UDP is filtered on this path, so stay
+                // on TCP here for a while. (When both fail, the hub is down, not UDP:
+                // a fleet must not fall back to TCP because its hub restarted.)
+                if quic_failed {
+                    ctx.quic_failed
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok((
+                    Box::new(s) as Box<dyn verge_tunnel::quic::Duplex>,
+                    None,
+                    "tls",
+                ))
+            }
             Ok(Err(e)) => Err(format!("{e}: {}", source_text(&e))),
             Err(_) => Err("connect timed out".into()),
         },

@@ -405,8 +405,15 @@ fn recommendations(
 
 /// Keep the store bounded: compact all but the last `history_revisions` of history, and
 /// keep only the newest audit events.
+///
+/// History is kept by time as well as by count: compaction goes no further than the
+/// revision of the previous pass, so at least one period (5 minutes) of history stays,
+/// however fast a large fleet writes. Edges get a bookmark every 30 s, so any edge
+/// connected within that period resumes with a delta after a hub restart, and a hub
+/// that just started compacts nothing.
 pub async fn compaction(st: Arc<HubState>) {
     let mut tick = tokio::time::interval(Duration::from_secs(300));
+    let mut previous: Option<u64> = None;
     loop {
         tick.tick().await;
         let store = st.objects.store();
@@ -414,11 +421,13 @@ pub async fn compaction(st: Arc<HubState>) {
             continue;
         };
         let keep = st.config.history_revisions;
-        if rev > keep
-            && let Err(e) = store.compact(rev - keep).await
+        if let Some(upto) = previous.map(|p| p.min(rev.saturating_sub(keep)))
+            && upto > 0
+            && let Err(e) = store.compact(upto).await
         {
             tracing::warn!(error = %e, "compaction failed");
         }
+        previous = Some(rev);
         if let Err(e) = inventory::prune_audit(store.as_ref(), inventory::AUDIT_KEEP).await {
             tracing::warn!(error = %e.message, "pruning the audit trail failed");
         }
