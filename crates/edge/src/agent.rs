@@ -183,7 +183,7 @@ impl Agent {
     }
 
     fn persist_and_kick(&self, d: &Desired) -> Result<(), EdgeError> {
-        self.state.save_desired(&d)?;
+        self.state.save_desired(d)?;
         self.reconcile_kick.notify_one();
         Ok(())
     }

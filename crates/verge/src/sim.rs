@@ -121,7 +121,7 @@ struct Fleet {
 
 impl Fleet {
     fn link_of(i: usize) -> usize {
-        usize::from(i % 10 == 0)
+        usize::from(i.is_multiple_of(10))
     }
 
     /// Start (or restart) edge `i`'s agent.
