@@ -8,7 +8,22 @@ mod common;
 
 use std::process::Command;
 
-fn sim(args: &[&str]) -> serde_json::Value {
+/// `verge sim` with `nodes` edges and as many instances, heartbeats every `heartbeat`,
+/// `scenario` for `duration`; its JSON report.
+fn sim(scenario: &str, nodes: u32, heartbeat: &str, duration: &str) -> serde_json::Value {
+    let nodes = nodes.to_string();
+    let args = [
+        "--nodes",
+        &nodes,
+        "--instances",
+        &nodes,
+        "--heartbeat",
+        heartbeat,
+        "--duration",
+        duration,
+        "--scenario",
+        scenario,
+    ];
     let out = Command::new(common::BIN)
         .arg("sim")
         .args(args)
@@ -37,18 +52,7 @@ fn assert_fleet_held(r: &serde_json::Value, nodes: u64, instances: u64) {
 
 #[test]
 fn two_thousand_edges_hold_steady_for_six_heartbeats() {
-    let r = sim(&[
-        "--nodes",
-        "2000",
-        "--instances",
-        "2000",
-        "--heartbeat",
-        "10s",
-        "--duration",
-        "60s",
-        "--scenario",
-        "steady",
-    ]);
+    let r = sim("steady", 2000, "10s", "60s");
     assert_fleet_held(&r, 2000, 2000);
     // Nothing went NotReady while every edge was up and heartbeating.
     assert_eq!(r["nodesWentNotReady"], 0, "{r:#}");
@@ -58,18 +62,7 @@ fn two_thousand_edges_hold_steady_for_six_heartbeats() {
 
 #[test]
 fn a_fleet_resyncs_after_a_hub_kill_with_deltas_only() {
-    let r = sim(&[
-        "--nodes",
-        "1000",
-        "--instances",
-        "1000",
-        "--heartbeat",
-        "5s",
-        "--duration",
-        "30s",
-        "--scenario",
-        "hub-restart",
-    ]);
+    let r = sim("hub-restart", 1000, "5s", "30s");
     assert_fleet_held(&r, 1000, 1000);
     // Every edge resumed from its revision: no snapshot, and so no full re-list.
     assert_eq!(r["syncsSnapshot"], 0, "{r:#}");
@@ -78,18 +71,7 @@ fn a_fleet_resyncs_after_a_hub_kill_with_deltas_only() {
 
 #[test]
 fn a_cut_off_tenth_of_the_fleet_comes_back_and_nothing_is_lost_or_doubled() {
-    let r = sim(&[
-        "--nodes",
-        "1000",
-        "--instances",
-        "1000",
-        "--heartbeat",
-        "5s",
-        "--duration",
-        "20s",
-        "--scenario",
-        "partition",
-    ]);
+    let r = sim("partition", 1000, "5s", "20s");
     // Cut off past the grace period, the tenth went NotReady (and only it), and
     // came back; its instances run once each, wherever they are now.
     assert_fleet_held(&r, 1000, 1000);
@@ -101,18 +83,7 @@ fn a_cut_off_tenth_of_the_fleet_comes_back_and_nothing_is_lost_or_doubled() {
 
 #[test]
 fn agents_restarting_all_the_time_lose_nothing() {
-    let r = sim(&[
-        "--nodes",
-        "1000",
-        "--instances",
-        "1000",
-        "--heartbeat",
-        "5s",
-        "--duration",
-        "30s",
-        "--scenario",
-        "churn",
-    ]);
+    let r = sim("churn", 1000, "5s", "30s");
     assert_fleet_held(&r, 1000, 1000);
     assert!(r["agentRestarts"].as_u64().unwrap_or(0) >= 100, "{r:#}");
     assert_eq!(r["nodesWentNotReady"], 0, "{r:#}");
