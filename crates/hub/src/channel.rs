@@ -379,6 +379,26 @@ async fn handle_edge_message(
                         message: unsyncable.clone().unwrap_or_default(),
                         ..facts
                     };
+                    // The store holds this already, and recently enough: nothing to
+                    // write (a fleet reconnecting to a restarted hub rewrites nothing).
+                    let fresh = s
+                        .last_heartbeat
+                        .as_deref()
+                        .and_then(verge_api::clock::parse_rfc3339)
+                        .is_some_and(|t| {
+                            verge_api::clock::now_secs().saturating_sub(t)
+                                < STATUS_REFRESH.as_secs()
+                        });
+                    let same = NodeStatus {
+                        last_heartbeat: None,
+                        ..next.clone()
+                    } == NodeStatus {
+                        last_heartbeat: None,
+                        ..s.clone()
+                    };
+                    if same && fresh {
+                        return Ok(false);
+                    }
                     changed = !was_ready
                         || next.capacity != s.capacity
                         || next.allocatable != s.allocatable;

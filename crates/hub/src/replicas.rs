@@ -193,7 +193,12 @@ async fn announce(st: &HubState, lease: LeaseId) -> Result<(), StoreError> {
         r.record(),
         lease,
     )];
-    for (node, conn) in st.edges.sessions() {
+    for (node, conn) in st
+        .edges
+        .sessions()
+        .into_iter()
+        .filter(|_| st.config.shared_store)
+    {
         ops.push(leased_put(
             &format!("{SESSIONS_PREFIX}{node}"),
             session_value(st, conn),
@@ -221,7 +226,14 @@ fn session_value(st: &HubState, conn: u64) -> Vec<u8> {
 
 /// Record that this replica holds `node`'s session `conn` (other replicas holding an
 /// older one close it when they see this).
+///
+/// Only on a store that replicas share: a hub with the store to itself knows its
+/// sessions from its registry, and a write per connect (and per disconnect) would
+/// cost a fleet reconnecting to it as many writes again.
 pub async fn claim_session(st: &HubState, node: &str, conn: u64) {
+    if !st.config.shared_store {
+        return;
+    }
     let Some(lease) = st.replica.lease() else {
         // Announced with everything else once the lease is back.
         return;
@@ -262,6 +274,9 @@ pub async fn sessions_elsewhere(st: &HubState) -> Option<std::collections::HashS
 
 /// Forget `node`'s session record if it is still this replica's connection `conn`.
 pub async fn release_session(st: &HubState, node: &str, conn: u64) {
+    if !st.config.shared_store {
+        return;
+    }
     let store = st.objects.store();
     let key = format!("{SESSIONS_PREFIX}{node}");
     let Ok(Some(kv)) = store.get(&key).await else {
@@ -276,6 +291,9 @@ pub async fn release_session(st: &HubState, node: &str, conn: u64) {
 
 /// The replica holding `node`'s session, if another one does.
 pub async fn session_elsewhere(st: &HubState, node: &str) -> Option<SessionRecord> {
+    if !st.config.shared_store {
+        return None;
+    }
     let kv = st
         .objects
         .store()
@@ -631,20 +649,29 @@ pub async fn list_handler(
         .map_err(err)?
         .and_then(|kv| serde_json::from_slice::<ReplicaRecord>(&kv.value).ok())
         .map(|r| r.id);
-    let sessions: serde_json::Map<String, serde_json::Value> = store
-        .range(SESSIONS_PREFIX)
-        .await
-        .map_err(err)?
-        .kvs
-        .iter()
-        .filter_map(|kv| {
-            let s: SessionRecord = serde_json::from_slice(&kv.value).ok()?;
-            Some((
-                kv.key.trim_start_matches(SESSIONS_PREFIX).to_string(),
-                s.hub.into(),
-            ))
-        })
-        .collect();
+    // A hub with the store to itself records no sessions there: its registry has them.
+    let sessions: serde_json::Map<String, serde_json::Value> = if st.config.shared_store {
+        store
+            .range(SESSIONS_PREFIX)
+            .await
+            .map_err(err)?
+            .kvs
+            .iter()
+            .filter_map(|kv| {
+                let s: SessionRecord = serde_json::from_slice(&kv.value).ok()?;
+                Some((
+                    kv.key.trim_start_matches(SESSIONS_PREFIX).to_string(),
+                    s.hub.into(),
+                ))
+            })
+            .collect()
+    } else {
+        st.edges
+            .sessions()
+            .into_iter()
+            .map(|(node, _)| (node, st.replica.id.clone().into()))
+            .collect()
+    };
     Ok(axum::Json(serde_json::json!({
         "self": st.replica.id,
         "leader": leader,
