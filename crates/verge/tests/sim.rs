@@ -11,6 +11,10 @@ use std::process::Command;
 /// `verge sim` with `nodes` edges and as many instances, heartbeats every `heartbeat`,
 /// `scenario` for `duration`; its JSON report.
 fn sim(scenario: &str, nodes: u32, heartbeat: &str, duration: &str) -> serde_json::Value {
+    // One fleet at a time, also under `cargo test` (which runs a binary's tests in
+    // parallel threads; nextest runs each alone, `.config/nextest.toml`).
+    static FLEET: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = FLEET.lock().unwrap_or_else(|e| e.into_inner());
     let nodes = nodes.to_string();
     let args = [
         "--nodes",
