@@ -514,14 +514,7 @@ async fn sync_loop(
             .inc();
     };
     let mut sub = st.fanout.subscribe(&node, since).await;
-    let start = std::mem::replace(
-        &mut sub.start,
-        crate::fanout::Start::Resume {
-            revision: 0,
-            changes: Vec::new(),
-        },
-    );
-    let mut last_sent = match start {
+    let mut last_sent = match sub.take_start() {
         crate::fanout::Start::Resume { revision, changes } => {
             sync_kind("resume");
             let sent = if changes.is_empty() {

@@ -76,6 +76,19 @@ pub struct Subscription {
     id: u64,
 }
 
+impl Subscription {
+    /// Take where the session starts (once; the subscription keeps its updates).
+    pub fn take_start(&mut self) -> Start {
+        std::mem::replace(
+            &mut self.start,
+            Start::Resume {
+                revision: 0,
+                changes: Vec::new(),
+            },
+        )
+    }
+}
+
 impl Drop for Subscription {
     fn drop(&mut self) {
         let mut inner = self.fanout.lock();
@@ -147,17 +160,6 @@ impl Fanout {
     /// The revision the cache has caught up with.
     pub fn revision(&self) -> u64 {
         self.lock().revision
-    }
-
-    /// Instances in the cache and sessions subscribed (for metrics and tests).
-    pub fn counts(&self) -> (usize, usize) {
-        let inner = self.lock();
-        let subscribed = inner
-            .nodes
-            .values()
-            .filter(|s| s.subscriber.is_some())
-            .count();
-        (inner.bound.len(), subscribed)
     }
 
     /// Subscribe `node`'s session, which has applied everything up to `since` (0: it
@@ -422,5 +424,154 @@ fn remember_removal(inner: &mut Inner, node: &str, name: &str, revision: u64) {
             s.removed.pop_front();
         }
         inner.horizon = inner.horizon.max(r);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use verge_store::MemoryStore;
+    use verge_store::{Op, Txn};
+
+    fn instance(name: &str, uid: &str, generation: u64, node: Option<&str>) -> Vec<u8> {
+        let mut v = serde_json::json!({
+            "kind": "Instance",
+            "metadata": {"name": name, "uid": uid, "generation": generation},
+            "spec": {"form": "process", "process": {"command": ["/bin/true"]}},
+            "status": {"message": "x"},
+        });
+        if let Some(n) = node {
+            v["status"]["node"] = n.into();
+        }
+        serde_json::to_vec(&v).expect("json")
+    }
+
+    async fn put(store: &dyn Store, ops: Vec<Op>) -> u64 {
+        store
+            .txn(Txn {
+                compares: Vec::new(),
+                ops,
+            })
+            .await
+            .expect("txn")
+            .revision
+    }
+
+    fn key(name: &str) -> String {
+        verge_api::object_key(InstanceSpec::PLURAL, name)
+    }
+
+    fn names(changes: &[InstanceChange]) -> Vec<String> {
+        changes
+            .iter()
+            .map(|c| match c {
+                InstanceChange::Upsert { instance } => format!("+{}", instance.name()),
+                InstanceChange::Remove { name } => format!("-{name}"),
+            })
+            .collect()
+    }
+
+    async fn started(store: Arc<dyn Store>) -> Arc<Fanout> {
+        let f = Arc::new(Fanout::default());
+        tokio::spawn(f.clone().run(store));
+        f
+    }
+
+    #[tokio::test]
+    async fn a_resume_gets_only_what_changed_for_its_node_also_from_a_restarted_hub() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        put(
+            store.as_ref(),
+            vec![
+                Op::put(key("a"), instance("a", "ua", 1, Some("n1"))),
+                Op::put(key("b"), instance("b", "ub", 1, Some("n1"))),
+                Op::put(key("c"), instance("c", "uc", 1, Some("n2"))),
+            ],
+        )
+        .await;
+        let hub = started(store.clone()).await;
+        let Start::Snapshot {
+            revision,
+            instances,
+        } = hub.subscribe("n1", 0).await.take_start()
+        else {
+            panic!("first contact gets a snapshot");
+        };
+        assert_eq!(instances.len(), 2);
+        let since = revision;
+        // After the edge's revision: a status update of a (not a change the edge
+        // needs), b moved away, a new d, and another node's change.
+        put(
+            store.as_ref(),
+            vec![Op::put(key("a"), instance("a", "ua", 1, Some("n1")))],
+        )
+        .await;
+        put(
+            store.as_ref(),
+            vec![Op::put(key("b"), instance("b", "ub", 1, Some("n2")))],
+        )
+        .await;
+        put(
+            store.as_ref(),
+            vec![Op::put(key("d"), instance("d", "ud", 1, Some("n1")))],
+        )
+        .await;
+        let last = put(
+            store.as_ref(),
+            vec![Op::put(key("c"), instance("c", "uc", 2, Some("n2")))],
+        )
+        .await;
+        // The live cache, and a hub started afterwards on the same store (it replays
+        // the history): the same delta.
+        let restarted = started(store.clone()).await;
+        for f in [&hub, &restarted] {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while f.revision() < last {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the cache caught up"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            match f.subscribe("n1", since).await.take_start() {
+                Start::Resume { revision, changes } => {
+                    assert_eq!(names(&changes), ["-b", "+d"]);
+                    assert!(revision >= last);
+                }
+                Start::Snapshot { .. } => panic!("a resume within the history kept"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_session_hears_its_nodes_changes_and_not_status_echoes() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let f = started(store.clone()).await;
+        let mut sub = f.subscribe("n1", 0).await;
+        put(
+            store.as_ref(),
+            vec![Op::put(key("a"), instance("a", "ua", 1, Some("n1")))],
+        )
+        .await;
+        put(
+            store.as_ref(),
+            vec![Op::put(key("a"), instance("a", "ua", 1, Some("n1")))],
+        )
+        .await;
+        put(
+            store.as_ref(),
+            vec![Op::put(key("z"), instance("z", "uz", 1, Some("n9")))],
+        )
+        .await;
+        put(store.as_ref(), vec![Op::delete(key("a"))]).await;
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            let u = tokio::time::timeout(Duration::from_secs(5), sub.updates.recv())
+                .await
+                .expect("an update")
+                .expect("open");
+            seen.extend(names(&u.changes));
+        }
+        assert_eq!(seen, ["+a", "-a"]);
     }
 }
