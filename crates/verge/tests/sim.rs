@@ -50,7 +50,10 @@ fn assert_fleet_held(r: &serde_json::Value, nodes: u64, instances: u64) {
     assert_eq!(inv["nodesReady"], nodes, "{r:#}");
     assert_eq!(inv["instancesRunning"], instances, "{r:#}");
     assert_eq!(inv["instancesLost"], 0, "{r:#}");
-    assert_eq!(r["apiErrors"], 0, "{r:#}");
+    // While the hub is killed its API cannot answer: only there may a probe fail.
+    if r["scenario"] != "hubrestart" {
+        assert_eq!(r["apiErrors"], 0, "{r:#}");
+    }
     assert!(r["apiRequests"].as_u64().unwrap_or(0) > 0, "{r:#}");
 }
 
