@@ -1030,3 +1030,75 @@ fn edges_notice_a_restarted_hub_at_once_not_after_a_silence() {
     );
     hub.wait_phase("node", "quick", "Ready", Duration::from_secs(20));
 }
+
+#[test]
+fn an_agent_speaking_an_older_protocol_still_syncs_reports_and_stays_ready() {
+    let dir = test_dir();
+    let hub = Hub::start(dir.path());
+    let edge_dir = dir.path().join("edge-old");
+    let mut edge = Edge::start_in(&hub.url, "edge-old", Some(&hub.token(1)), &edge_dir);
+    hub.wait_phase("node", "edge-old", "Ready", Duration::from_secs(20));
+    let m = "kind: Instance\nmetadata: {name: old-agent-work}\nspec:\n  form: process\n  process:\n    command: [sleep, '3600']\n  resources: {cpu: 10m, memory: 4Mi}\n  terminationGracePeriodSeconds: 1\n";
+    assert!(hub.apply(m).status.success());
+    hub.wait_phase(
+        "instance",
+        "old-agent-work",
+        "Running",
+        Duration::from_secs(20),
+    );
+    edge.proc.kill();
+    // The same node, now speaking protocol 2 (one-message snapshots, no epochs).
+    let rt = runtime();
+    rt.block_on(async {
+        let mut s = raw_session(&hub, &edge_dir, "0.0.9", 2).await;
+        let instances = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match read_msg::<HubToEdge, _>(&mut s).await {
+                    Ok(Some(HubToEdge::Snapshot { instances, .. })) => break instances,
+                    Ok(Some(HubToEdge::SnapshotPart { .. })) => {
+                        panic!("a protocol-2 agent was sent snapshot parts")
+                    }
+                    Ok(Some(_)) => continue,
+                    other => panic!("session ended before a snapshot: {other:?}"),
+                }
+            }
+        })
+        .await
+        .expect("a snapshot");
+        let mine = instances
+            .iter()
+            .find(|i| i.metadata.name == "old-agent-work")
+            .expect("the node's instance in its snapshot");
+        let uid = mine.metadata.uid.clone();
+        let status = verge_api::InstanceStatus {
+            phase: verge_api::InstancePhase::Failed,
+            exit_code: Some(9),
+            ..Default::default()
+        };
+        write_msg(
+            &mut s,
+            &EdgeToHub::InstanceStatus {
+                name: "old-agent-work".into(),
+                uid,
+                status,
+            },
+        )
+        .await
+        .expect("status");
+        // Heartbeats at the hub's interval (500 ms) for 10 s, over three of its
+        // 3 s grace periods: the node stays Ready the whole time.
+        for _ in 0..20 {
+            write_msg(&mut s, &EdgeToHub::Heartbeat { status: None })
+                .await
+                .expect("heartbeat");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let node = hub.get_json("node", "edge-old").expect("node");
+            assert_eq!(node["status"]["phase"], "Ready", "{}", node["status"]);
+        }
+    });
+    let i = hub
+        .get_json("instance", "old-agent-work")
+        .expect("instance");
+    assert_eq!(i["status"]["phase"], "Failed", "{}", i["status"]);
+    assert_eq!(i["status"]["exitCode"], 9, "{}", i["status"]);
+}
