@@ -194,10 +194,11 @@ pub async fn enroll(
     token: &str,
     name: &str,
     labels: &BTreeMap<String, String>,
+    source: Option<std::net::IpAddr>,
 ) -> Result<Identity, EdgeError> {
     let parsed = JoinToken::parse(token)?;
     let cfg = verge_tunnel::tls::pinned_client_config(&parsed.ca_fingerprint, &[ALPN_ENROLL])?;
-    let mut stream = verge_tunnel::tls::dial(addr, cfg)
+    let mut stream = verge_tunnel::tls::dial_from(addr, cfg, source)
         .await
         .map_err(|e| match &e {
             // tokio-rustls reports a refused certificate as InvalidData: the hub is not the
@@ -318,6 +319,7 @@ pub async fn run_with(
         facts,
         quic,
         cgroups,
+        tcp_source,
     } = seams;
     let dir = config.data_dir.clone();
     let initial = facts();
@@ -383,7 +385,7 @@ pub async fn run_with(
                 let id = loop {
                     let addr = &addrs[attempt % addrs.len()];
                     attempt += 1;
-                    match enroll(addr, token, &config.name, &config.labels).await {
+                    match enroll(addr, token, &config.name, &config.labels, tcp_source).await {
                         Ok(id) => break id,
                         Err(e @ EdgeError::Unreachable(_)) => {
                             tracing::warn!(error = %e, "hub endpoint unreachable for enrolment; trying the next");
@@ -414,9 +416,8 @@ pub async fn run_with(
         };
         let mut failures_in_a_row = 0usize;
         // QUIC first; after it fails on an endpoint, TLS over TCP there for a while.
-        let mut quic_blocked_until: std::collections::HashMap<usize, tokio::time::Instant> =
-            Default::default();
-        let quic_failed = std::sync::atomic::AtomicBool::new(false);
+        let quic_paths: Vec<std::sync::Mutex<session::QuicPath>> =
+            addrs.iter().map(|_| Default::default()).collect();
         loop {
             let addr = &addrs[current];
             // Pick up a renewed certificate saved by the previous session.
@@ -431,16 +432,11 @@ pub async fn run_with(
                 facts: facts.as_ref(),
                 metrics: &metrics,
                 quic: quic.as_ref(),
-                try_quic: quic_blocked_until
-                    .get(&current)
-                    .is_none_or(|t| tokio::time::Instant::now() >= *t),
-                quic_failed: &quic_failed,
+                quic_path: &quic_paths[current],
+                tcp_source,
             };
             let began = tokio::time::Instant::now();
             let end = run_session(&ctx).await?;
-            if quic_failed.swap(false, std::sync::atomic::Ordering::Relaxed) {
-                quic_blocked_until.insert(current, tokio::time::Instant::now() + QUIC_RETRY);
-            }
             if began.elapsed() > Duration::from_secs(10) {
                 backoff = Duration::from_millis(250);
                 failures_in_a_row = 0;
@@ -495,10 +491,6 @@ pub async fn run_with(
     agent.resources.remove_empty_groups();
     result
 }
-
-/// After QUIC fails on an endpoint, how long to use TLS over TCP there before trying
-/// QUIC again.
-const QUIC_RETRY: Duration = Duration::from_secs(300);
 
 /// `d` scaled by a random factor in [0.5, 1.5), so that many edges do not retry in step.
 fn jitter(d: Duration) -> Duration {

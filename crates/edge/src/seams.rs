@@ -37,6 +37,9 @@ pub struct Seams {
     pub quic: Option<quinn::Endpoint>,
     /// The node's cgroups (`None`: resources are accounted, not enforced).
     pub cgroups: Option<Cgroups>,
+    /// The local address TLS-over-TCP connections leave from (`None`: the system
+    /// picks; a simulated site uses its QUIC socket's address for both).
+    pub tcp_source: Option<std::net::IpAddr>,
 }
 
 impl Seams {
@@ -58,24 +61,32 @@ impl Seams {
             facts: Arc::new(move || crate::sysinfo::node_status(&dir, &capacity, AGENT_VERSION)),
             quic,
             cgroups: Cgroups::detect(&format!("verge-{}", config.name)),
+            tcp_source: None,
         })
     }
 
     /// Seams of a simulated edge: `runtime` (the fake one, for a fleet), `state` (in
     /// memory: [`MemoryState`]; the same one again for an agent that restarts),
-    /// `facts` as given, and the shared `quic` endpoint.
+    /// `facts` as given, and the shared `quic` endpoint (whose address TCP
+    /// connections leave from too).
     pub fn simulated(
         runtime: Arc<dyn Runtime>,
         state: Arc<MemoryState>,
         facts: NodeStatus,
         quic: Option<quinn::Endpoint>,
     ) -> Self {
+        let tcp_source = quic
+            .as_ref()
+            .and_then(|q| q.local_addr().ok())
+            .map(|a| a.ip())
+            .filter(|ip| !ip.is_unspecified());
         Self {
             runtime,
             state,
             facts: Arc::new(move || facts.clone()),
             quic,
             cgroups: None,
+            tcp_source,
         }
     }
 }

@@ -34,6 +34,8 @@ pub enum Opener {
     Tls {
         /// Hub endpoint `host:port`.
         addr: String,
+        /// The local address to connect from (`None`: the system picks).
+        source: Option<std::net::IpAddr>,
         /// Client configuration (node certificate, ALPN `verge-stream/1`).
         config: Arc<rustls::ClientConfig>,
     },
@@ -50,10 +52,14 @@ impl Opener {
                     .map_err(|e| format!("opening a QUIC stream: {e}"))?;
                 Box::new(tokio::io::join(recv, send))
             }
-            Self::Tls { addr, config } => Box::new(
+            Self::Tls {
+                addr,
+                source,
+                config,
+            } => Box::new(
                 tokio::time::timeout(
                     Duration::from_secs(10),
-                    verge_tunnel::tls::dial(addr, config.clone()),
+                    verge_tunnel::tls::dial_from(addr, config.clone(), *source),
                 )
                 .await
                 .map_err(|_| format!("connecting to {addr} timed out"))?

@@ -178,6 +178,10 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         return;
     }
     if let Err(retry) = st.admit() {
+        st.metrics
+            .connections_refused
+            .get_or_create(&vec![("reason".into(), "admit_rate".into())])
+            .inc();
         let msg = format!(
             "hub is admitting {} edges per second; retry in {}ms",
             st.config.admit_rate,

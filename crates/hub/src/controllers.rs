@@ -325,6 +325,7 @@ pub async fn schedule_pass(st: &HubState) -> Result<usize, verge_api::ApiError> 
         members.truncate(size as usize);
         units.push((Some(name), members));
     }
+    let mut batch: Vec<Binding> = Vec::new();
     for (gang, members) in units {
         let reqs: Vec<_> = members
             .iter()
@@ -349,20 +350,13 @@ pub async fn schedule_pass(st: &HubState) -> Result<usize, verge_api::ApiError> 
                         from: None,
                     })
                     .collect();
-                // On success the ledgers move on to the versions committed, which later
-                // commits of this pass compare against (no re-read per placement).
-                match inventory::commit(&st.objects, &mut ledgers, &bindings, "scheduler").await {
-                    Ok(_) => {
-                        for b in &bindings {
-                            st.metrics.placements.inc();
-                            tracing::info!(instance = %b.instance.name(), node = %b.node, note = %b.note, "scheduled");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::debug!(?e, "placement lost a race; replanning");
-                        st.schedule_kick.notify_one();
-                        return Ok(left.max(1));
-                    }
+                // Independent placements are committed together (one transaction, one
+                // fsync for the batch); a gang always within one batch.
+                batch.extend(bindings);
+                if batch.len() >= PLACEMENT_BATCH
+                    && !commit_batch(st, &mut ledgers, &mut batch).await
+                {
+                    return Ok(left.max(1));
                 }
             }
             Err((k, why)) => {
@@ -380,7 +374,44 @@ pub async fn schedule_pass(st: &HubState) -> Result<usize, verge_api::ApiError> 
             }
         }
     }
+    if !commit_batch(st, &mut ledgers, &mut batch).await {
+        return Ok(left.max(1));
+    }
     Ok(left)
+}
+
+/// Placements committed in one transaction: enough to pay one fsync for many, few
+/// enough to stay inside etcd's default of 128 operations per transaction (each
+/// placement is an instance, a ledger and an audit event).
+const PLACEMENT_BATCH: usize = 32;
+
+/// Commit the planned `batch` (emptying it). On success the ledgers move on to the
+/// versions committed, which later commits of this pass compare against (no re-read
+/// per placement); `false` when a race was lost, and the scheduler is kicked to
+/// replan from what the store now holds.
+async fn commit_batch(
+    st: &HubState,
+    ledgers: &mut BTreeMap<String, inventory::Versioned<inventory::Ledger>>,
+    batch: &mut Vec<Binding>,
+) -> bool {
+    if batch.is_empty() {
+        return true;
+    }
+    let bindings = std::mem::take(batch);
+    match inventory::commit(&st.objects, ledgers, &bindings, "scheduler").await {
+        Ok(_) => {
+            for b in &bindings {
+                st.metrics.placements.inc();
+                tracing::info!(instance = %b.instance.name(), node = %b.node, note = %b.note, "scheduled");
+            }
+            true
+        }
+        Err(e) => {
+            tracing::debug!(?e, "placement lost a race; replanning");
+            st.schedule_kick.notify_one();
+            false
+        }
+    }
 }
 
 /// The offline scheduler's recommendations for the current view, recomputed at most

@@ -383,10 +383,15 @@ async fn serve_quic(st: Arc<HubState>, endpoint: quinn::Endpoint) {
                     channel::serve_channel(st, stream, identity, "quic").await;
                     data_streams.abort();
                 }
-                Some(p) if p == ALPN_ENROLL => tokio::select! {
-                    _ = channel::serve_enroll(st, stream) => {}
-                    _ = stranger.evicted() => {}
-                },
+                Some(p) if p == ALPN_ENROLL => {
+                    tokio::select! {
+                        _ = channel::serve_enroll(st, stream) => {}
+                        _ = stranger.evicted() => {}
+                    }
+                    // Answered: what is left is the linger below, which holds no
+                    // stranger's slot (a joining site would run out of them).
+                    drop(stranger);
+                }
                 _ => {}
             }
             // Closing at once would throw away what is still unsent (a refusal's

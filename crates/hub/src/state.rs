@@ -90,7 +90,7 @@ impl Metrics {
         };
         registry.register(
             "connections_refused",
-            "Connections turned away at a limit (all, unauthenticated, http; in all or per address)",
+            "Connections turned away at a limit (all, unauthenticated, http; in all or per address) and edge sessions sent away as busy (admit_rate)",
             m.connections_refused.clone(),
         );
         registry.register(

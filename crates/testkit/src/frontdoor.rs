@@ -450,7 +450,7 @@ where
         for _ in 0..attack.oversized_quic {
             if let Ok(Ok((conn, s))) = tokio::time::timeout(
                 Duration::from_secs(5),
-                verge_tunnel::quic::dial(&endpoint, &addr, cfg.clone()),
+                verge_tunnel::quic::dial(&endpoint, &addr, cfg.clone(), Duration::from_secs(5)),
             )
             .await
             {

@@ -113,12 +113,14 @@ impl FaultProxy {
             connections: AtomicU64::new(0),
         });
         if let Some(udp) = udp {
+            // It carries every client's datagrams: as big as a hub's socket.
+            verge_tunnel::quic::enlarge_buffers(&udp, verge_tunnel::quic::SERVER_SOCKET_BUFFER);
             tokio::spawn(udp_relay(Arc::new(udp), upstream, shared.clone()));
         }
         let s = shared.clone();
         let accept = tokio::spawn(async move {
             loop {
-                let Ok((client, _)) = listener.accept().await else {
+                let Ok((client, peer)) = listener.accept().await else {
                     return;
                 };
                 if s.faults.borrow().refuse {
@@ -128,7 +130,7 @@ impl FaultProxy {
                 s.connections.fetch_add(1, Ordering::Relaxed);
                 let s = s.clone();
                 tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect(upstream).await else {
+                    let Ok(server) = connect_from(peer.ip(), upstream).await else {
                         return;
                     };
                     let _ = client.set_nodelay(true);
@@ -253,6 +255,19 @@ fn send_datagram(
 
 /// Forward datagrams between clients and `upstream`, one upstream socket per client
 /// address (as a NAT does), each datagram subject to the faults.
+/// A TCP connection to `upstream` from `ip` where this host has that address (the
+/// upstream then sees the client's own address), from any address otherwise.
+async fn connect_from(ip: std::net::IpAddr, upstream: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = match ip {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    if socket.bind(SocketAddr::new(ip, 0)).is_ok() {
+        return socket.connect(upstream).await;
+    }
+    TcpStream::connect(upstream).await
+}
+
 async fn udp_relay(sock: Arc<UdpSocket>, upstream: SocketAddr, s: Arc<Shared>) {
     let mut flows: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
     let mut buf = vec![0u8; 64 << 10];
@@ -263,9 +278,16 @@ async fn udp_relay(sock: Arc<UdpSocket>, upstream: SocketAddr, s: Arc<Shared>) {
         let flow = match flows.get(&client) {
             Some(f) => f.clone(),
             None => {
-                let Ok(f) = UdpSocket::bind("127.0.0.1:0").await else {
-                    continue;
+                // From the client's own address where it can, so the upstream tells
+                // clients apart as it would without the proxy.
+                let f = match UdpSocket::bind((client.ip(), 0)).await {
+                    Ok(f) => f,
+                    Err(_) => match UdpSocket::bind("127.0.0.1:0").await {
+                        Ok(f) => f,
+                        Err(_) => continue,
+                    },
                 };
+                verge_tunnel::quic::enlarge_buffers(&f, 1 << 20);
                 if f.connect(upstream).await.is_err() {
                     continue;
                 }

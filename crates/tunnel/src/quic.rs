@@ -83,7 +83,14 @@ pub fn server(
     endpoint_config.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
+    // A restarted hub resets every old connection it hears from, and a fleet's are all
+    // heard within one heartbeat: quinn's default of one reset per 20 ms would take
+    // 200 s for 10,000 edges, which then wait out their silence limit instead. Only
+    // connection ids this hub signed are answered (the generator validates them), so
+    // garbage floods still get nothing.
+    endpoint_config.min_reset_interval(std::time::Duration::from_micros(100));
     let socket = std::net::UdpSocket::bind(addr).map_err(io)?;
+    enlarge_buffers(&socket, SERVER_SOCKET_BUFFER);
     quinn::Endpoint::new(
         endpoint_config,
         Some(config),
@@ -93,13 +100,47 @@ pub fn server(
     .map_err(io)
 }
 
+/// The socket buffers a hub's UDP socket asks for. A fleet's datagrams come in bursts
+/// (a restarted hub meets every edge at once) and one that finds the receive buffer
+/// full is dropped without a word, which an edge cannot tell from UDP being filtered.
+pub const SERVER_SOCKET_BUFFER: usize = 8 << 20;
+
+/// Ask for `bytes` of receive and send buffer on `socket`: beyond the system's cap
+/// where the process may (`SO_RCVBUFFORCE`, as root), up to the cap otherwise, with a
+/// warning that says how to raise it.
+pub fn enlarge_buffers(socket: &impl std::os::fd::AsFd, bytes: usize) {
+    use rustix::net::sockopt;
+    let forced = sockopt::set_socket_recv_buffer_size_force(socket, bytes).is_ok()
+        && sockopt::set_socket_send_buffer_size_force(socket, bytes).is_ok();
+    if !forced {
+        let _ = sockopt::set_socket_recv_buffer_size(socket, bytes);
+        let _ = sockopt::set_socket_send_buffer_size(socket, bytes);
+    }
+    // Linux reports twice what it grants (the kernel's bookkeeping is included).
+    let got = sockopt::socket_recv_buffer_size(socket).unwrap_or(0) / 2;
+    if got < bytes {
+        tracing::warn!(
+            wanted = bytes,
+            granted = got,
+            "UDP receive buffer smaller than asked; datagrams of a large fleet may be dropped (raise net.core.rmem_max, or run as root)"
+        );
+    }
+}
+
 /// A client endpoint (one per process is enough; it multiplexes connections).
 ///
 /// Datagrams are capped at an Ethernet-sized payload: the channel never needs jumbo
 /// datagrams, and the endpoint's receive buffer scales with this cap, which keeps the
 /// edge agent small.
 pub fn client() -> Result<quinn::Endpoint, TlsError> {
-    let any: SocketAddr = ([0, 0, 0, 0], 0).into();
+    client_on(std::net::Ipv4Addr::UNSPECIFIED.into(), None)
+}
+
+/// A client endpoint whose datagrams leave from `ip` (the fleet simulator gives each
+/// simulated site a loopback address of its own), with socket buffers of `buffer`
+/// bytes if given (an endpoint that many connections share needs more).
+pub fn client_on(ip: std::net::IpAddr, buffer: Option<usize>) -> Result<quinn::Endpoint, TlsError> {
+    let any = SocketAddr::new(ip, 0);
     let io = |source| TlsError::Connect {
         addr: any.to_string(),
         source,
@@ -107,32 +148,62 @@ pub fn client() -> Result<quinn::Endpoint, TlsError> {
     let mut config = quinn::EndpointConfig::default();
     config.max_udp_payload_size(1472).map_err(cfg_err)?;
     let socket = std::net::UdpSocket::bind(any).map_err(io)?;
+    if let Some(bytes) = buffer {
+        enlarge_buffers(&socket, bytes);
+    }
     quinn::Endpoint::new(config, None, socket, Arc::new(quinn::TokioRuntime)).map_err(io)
 }
 
 /// Connect to the hub at `addr` over QUIC and open the channel stream.
+///
+/// A hub that has not answered at all within `answer_within` fails with
+/// [`std::io::ErrorKind::TimedOut`] (UDP may be filtered on the path: the caller can try
+/// TCP); one that answered gets as long as the caller waits to finish the handshake (a
+/// busy hub is slow, not unreachable). A hub that turned the connection away fails
+/// with [`std::io::ErrorKind::ConnectionRefused`].
 pub async fn dial(
     endpoint: &quinn::Endpoint,
     addr: &str,
     tls: Arc<ClientConfig>,
+    answer_within: std::time::Duration,
 ) -> Result<(quinn::Connection, Box<dyn Duplex>), TlsError> {
-    let connect_err = |e: &dyn std::fmt::Display| TlsError::Connect {
+    let fail = |kind: std::io::ErrorKind, e: &dyn std::fmt::Display| TlsError::Connect {
         addr: addr.to_string(),
-        source: std::io::Error::other(e.to_string()),
+        source: std::io::Error::new(kind, e.to_string()),
+    };
+    let connect_err = |e: &quinn::ConnectionError| {
+        let refused = matches!(e, quinn::ConnectionError::ConnectionClosed(c)
+            if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED);
+        let kind = if refused {
+            std::io::ErrorKind::ConnectionRefused
+        } else {
+            std::io::ErrorKind::Other
+        };
+        fail(kind, e)
     };
     let sock: SocketAddr = tokio::net::lookup_host(addr)
         .await
-        .map_err(|e| connect_err(&e))?
+        .map_err(|e| fail(std::io::ErrorKind::Other, &e))?
         .next()
         .ok_or_else(|| TlsError::BadAddress(addr.to_string()))?;
     let crypto = QuicClientConfig::try_from(tls).map_err(cfg_err)?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(transport(0));
-    let conn = endpoint
+    let mut connecting = endpoint
         .connect_with(config, sock, HUB_SERVER_NAME)
-        .map_err(|e| connect_err(&e))?
-        .await
-        .map_err(|e| connect_err(&e))?;
+        .map_err(|e| fail(std::io::ErrorKind::Other, &e))?;
+    // The hub's first flight (its handshake data) shows that UDP gets through.
+    match tokio::time::timeout(answer_within, connecting.handshake_data()).await {
+        Err(_) => {
+            return Err(fail(
+                std::io::ErrorKind::TimedOut,
+                &format_args!("no answer over UDP within {answer_within:?}"),
+            ));
+        }
+        Ok(Err(e)) => return Err(connect_err(&e)),
+        Ok(Ok(_)) => {}
+    }
+    let conn = connecting.await.map_err(|e| connect_err(&e))?;
     let (send, recv) = conn.open_bi().await.map_err(|e| connect_err(&e))?;
     Ok((conn, Box::new(tokio::io::join(recv, send))))
 }

@@ -238,11 +238,39 @@ pub fn hub_addr(url: &str) -> Result<String, TlsError> {
 
 /// Dial the hub at `addr` and complete a TLS handshake, verifying it as [`HUB_SERVER_NAME`].
 pub async fn dial(addr: &str, config: Arc<ClientConfig>) -> Result<TlsStream<TcpStream>, TlsError> {
+    dial_from(addr, config, None).await
+}
+
+/// [`dial`] from the local address `source` (`None`: the system picks one).
+pub async fn dial_from(
+    addr: &str,
+    config: Arc<ClientConfig>,
+    source: Option<std::net::IpAddr>,
+) -> Result<TlsStream<TcpStream>, TlsError> {
     let connect_err = |source| TlsError::Connect {
         addr: addr.to_string(),
         source,
     };
-    let tcp = TcpStream::connect(addr).await.map_err(connect_err)?;
+    let tcp = match source {
+        None => TcpStream::connect(addr).await.map_err(connect_err)?,
+        Some(ip) => {
+            let to = tokio::net::lookup_host(addr)
+                .await
+                .map_err(connect_err)?
+                .next()
+                .ok_or_else(|| TlsError::BadAddress(addr.to_string()))?;
+            let socket = if to.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()
+            } else {
+                tokio::net::TcpSocket::new_v6()
+            }
+            .map_err(connect_err)?;
+            socket
+                .bind(std::net::SocketAddr::new(ip, 0))
+                .map_err(connect_err)?;
+            socket.connect(to).await.map_err(connect_err)?
+        }
+    };
     tcp.set_nodelay(true).map_err(connect_err)?;
     // Keep NAT mappings of quiet connections (an idle port-forward, a shell waiting
     // for input) alive: probes after 20 s of silence, well under common NAT timeouts.

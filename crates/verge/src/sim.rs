@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use tracing::Instrument;
 use verge_edge::state::MemoryState;
 use verge_testkit::{FaultProxy, Faults};
 
@@ -67,9 +68,11 @@ pub struct SimArgs {
     /// Share of datagrams lost on that link (0 to 1).
     #[arg(long, default_value_t = 0.0)]
     pub loss: f64,
-    /// Simulated edges sharing one QUIC socket.
-    #[arg(long, default_value_t = 2000)]
-    pub edges_per_socket: usize,
+    /// Simulated edges behind one address, as behind a site's NAT: each group shares
+    /// a QUIC socket bound to a loopback address of its own (127.2.0.1, 127.2.0.2,
+    /// ...), so the hub's per-address limits meet the fleet as they would meet sites.
+    #[arg(long, default_value_t = 50)]
+    pub edges_per_address: usize,
     /// Edges started per second (each enrols first).
     #[arg(long, default_value_t = 500)]
     pub join_rate: usize,
@@ -116,7 +119,7 @@ struct Fleet {
     direct: Option<String>,
     token: String,
     dir: PathBuf,
-    edges_per_socket: usize,
+    edges_per_address: usize,
 }
 
 impl Fleet {
@@ -140,7 +143,7 @@ impl Fleet {
             self.runtime.clone(),
             e.state.clone(),
             facts,
-            Some(self.sockets[i / self.edges_per_socket].clone()),
+            Some(self.sockets[i / self.edges_per_address].clone()),
         );
         let config = verge_edge::EdgeConfig {
             hubs: vec![
@@ -164,14 +167,19 @@ impl Fleet {
             cache_budget: u64::MAX,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = stopped.await;
-            };
-            if let Err(e) = verge_edge::run_with(config, seams, shutdown, |_| {}).await {
-                tracing::warn!(error = %e, "simulated edge stopped");
+        // Each edge's log lines carry its name.
+        let span = tracing::info_span!("edge", name = %e.name);
+        let task = tokio::spawn(
+            async move {
+                let shutdown = async move {
+                    let _ = stopped.await;
+                };
+                if let Err(e) = verge_edge::run_with(config, seams, shutdown, |_| {}).await {
+                    tracing::warn!(error = %e, "simulated edge stopped");
+                }
             }
-        });
+            .instrument(span),
+        );
         *e.agent.lock().unwrap_or_else(|e| e.into_inner()) = Some((stop, task));
     }
 
@@ -187,6 +195,23 @@ impl Fleet {
             let _ = task.await;
         }
     }
+}
+
+/// The loopback address of simulated site `k`: 127.2.0.1 upwards, skipping the
+/// addresses that end in 0 or 255 (Linux answers all of 127.0.0.0/8 locally).
+fn site_address(k: usize) -> Result<std::net::Ipv4Addr> {
+    let per_b = 254 * 256;
+    let b = 2 + k / per_b;
+    if b > 254 {
+        bail!("--edges-per-address: too few for this fleet ({k} sites); give more");
+    }
+    let rest = k % per_b;
+    Ok(std::net::Ipv4Addr::new(
+        127,
+        b as u8,
+        (rest / 254) as u8,
+        (rest % 254 + 1) as u8,
+    ))
 }
 
 fn sim_capacity() -> verge_api::ResourceList {
@@ -221,6 +246,22 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 /// A value of the hub's metrics (summed over label sets that match `prefix`).
+/// The hub's counts of connections turned away at a limit, by reason.
+fn refusals(metrics: &str) -> serde_json::Value {
+    let prefix = "verge_hub_connections_refused_total{reason=\"";
+    metrics
+        .lines()
+        .filter_map(|l| {
+            let (reason, n) = l.strip_prefix(prefix)?.split_once("\"} ")?;
+            Some((
+                reason.to_string(),
+                (n.trim().parse::<f64>().ok()? as u64).into(),
+            ))
+        })
+        .collect::<serde_json::Map<String, serde_json::Value>>()
+        .into()
+}
+
 fn metric(text: &str, prefix: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(prefix))
@@ -607,6 +648,28 @@ pub async fn run(a: SimArgs) -> Result<()> {
         bail!("--loss: {} is not between 0 and 1", a.loss);
     }
     let dir = tempdir()?;
+    match run_in(a, &dir).await {
+        Ok(()) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            Ok(())
+        }
+        // A failed run keeps the hub's log, and shows where it ends.
+        Err(e) => {
+            let log = dir.join("hub.log");
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(12).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            Err(anyhow::anyhow!(
+                "{e:#}\n(the hub's log is kept at {}; it ends with:)\n{}",
+                log.display(),
+                tail.join("\n")
+            ))
+        }
+    }
+}
+
+async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
+    let dir = dir.to_path_buf();
     let port = free_port()?;
     let hub_args: Vec<String> = vec![
         "--heartbeat".into(),
@@ -639,9 +702,13 @@ pub async fn run(a: SimArgs) -> Result<()> {
     let hub_idle_kib = verge_testkit::frontdoor::rss_kib(hub_pid);
     let sim_before_kib = own_rss_kib();
 
-    let per_socket = a.edges_per_socket.max(1);
-    let sockets = (0..a.nodes.div_ceil(per_socket))
-        .map(|_| verge_tunnel::quic::client().context("opening a QUIC socket for the fleet"))
+    let per_address = a.edges_per_address.max(1);
+    let sockets = (0..a.nodes.div_ceil(per_address))
+        .map(|k| {
+            let ip = site_address(k)?;
+            verge_tunnel::quic::client_on(ip.into(), Some(1 << 20))
+                .with_context(|| format!("opening a QUIC socket for the fleet on {ip}"))
+        })
         .collect::<Result<Vec<_>>>()?;
     let fleet = Fleet {
         edges: (0..a.nodes)
@@ -657,10 +724,10 @@ pub async fn run(a: SimArgs) -> Result<()> {
         direct: a.direct.then(|| format!("https://127.0.0.1:{port}")),
         token,
         dir: dir.clone(),
-        edges_per_socket: per_socket,
+        edges_per_address: per_address,
     };
     eprintln!(
-        "sim: hub on port {port}; starting {} edges at {}/s over {} QUIC sockets",
+        "sim: hub on port {port}; starting {} edges at {}/s from {} addresses (a QUIC socket each)",
         a.nodes,
         a.join_rate,
         fleet.sockets.len()
@@ -680,7 +747,11 @@ pub async fn run(a: SimArgs) -> Result<()> {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let hub_fleet_kib = verge_testkit::frontdoor::rss_kib(hub_pid);
     let sim_fleet_kib = own_rss_kib();
-    eprintln!("sim: {} edges connected in {join_secs:.1}s", a.nodes);
+    let refused_at_join = refusals(&hub_metrics(&client).await);
+    eprintln!(
+        "sim: {} edges connected in {join_secs:.1}s (connections refused on the way: {refused_at_join})",
+        a.nodes
+    );
 
     let seen: Arc<Mutex<Seen>> = Arc::default();
     let observers = [
@@ -696,9 +767,11 @@ pub async fn run(a: SimArgs) -> Result<()> {
         "heartbeatSeconds": a.heartbeat.as_secs_f64(),
         "durationSeconds": a.duration.as_secs_f64(),
         "quicSockets": fleet.sockets.len(),
+        "edgesPerAddress": per_address,
         "latencyMs": a.latency.as_secs_f64() * 1000.0,
         "loss": a.loss,
         "joinSeconds": join_secs,
+        "connectionsRefusedAtJoin": refused_at_join,
         "hubIdleMiB": hub_idle_kib as f64 / 1024.0,
         "hubWithFleetMiB": hub_fleet_kib as f64 / 1024.0,
         "hubKiBPerEdge": hub_fleet_kib.saturating_sub(hub_idle_kib) as f64 / a.nodes as f64,
@@ -708,8 +781,10 @@ pub async fn run(a: SimArgs) -> Result<()> {
     // Instances: all at once (burst, measured) or before the measured part.
     let placements_before = metric(&hub_metrics(&client).await, "verge_hub_placements_total");
     let applied_from = Instant::now();
-    // A burst has many applies in flight; otherwise a few, as operators' tools do.
-    let in_flight = if a.scenario == Scenario::Burst { 64 } else { 8 };
+    // A burst has many applies in flight (48: new connections from one address
+    // beyond the hub's 64 strangers per address would be turned away while their
+    // TLS handshakes run); otherwise a few, as operators' tools do.
+    let in_flight = if a.scenario == Scenario::Burst { 48 } else { 8 };
     let applied = apply_all(&client, &names, in_flight).await?;
     let apply_secs = applied_from.elapsed().as_secs_f64();
     let running_after = wait_running(&seen, &names, Duration::from_secs(600)).await?;
@@ -856,6 +931,8 @@ pub async fn run(a: SimArgs) -> Result<()> {
         report["apiRequests"] = (p.get.len() + p.list.len() + p.apply.len()).into();
         report["apiErrors"] = p.errors.into();
     }
+    // After a hub restart a fresh process counts from zero: the reconnection's.
+    report["connectionsRefused"] = refusals(&metrics_after);
     report["heartbeatLagP50Seconds"] = histogram_quantile(&lag0, &lag1, 0.5).into();
     report["heartbeatLagP99Seconds"] = histogram_quantile(&lag0, &lag1, 0.99).into();
     let not_ready_after: u32 = seen
@@ -892,7 +969,6 @@ pub async fn run(a: SimArgs) -> Result<()> {
         fleet.stop(i).await;
     }
     hub.kill().await?;
-    let _ = std::fs::remove_dir_all(&dir);
     print_report(&report, &a.output)?;
     if a.check && !held {
         bail!("the invariants do not hold at the end of the run: {inv:?}");
