@@ -259,18 +259,22 @@ pub async fn run_with_store(
                 .and_then(|c| c.first())
                 .and_then(|c| PeerIdentity::from_cert(c));
             match alpn.as_deref() {
+                // Each branch's future is boxed: a connection's task then holds only
+                // what its own kind of session needs, not the largest of them all
+                // (a fleet's worth of channel sessions would each carry room for an
+                // enrolment or a REST connection).
                 Some(p) if p == ALPN_CHANNEL => {
                     drop(stranger);
-                    channel::serve_channel(st, tls, identity, "tls").await
+                    Box::pin(channel::serve_channel(st, tls, identity, "tls")).await
                 }
                 Some(p) if p == ALPN_STREAM => {
                     drop(stranger);
-                    streams::serve_data_stream(st, tls, identity).await
+                    Box::pin(streams::serve_data_stream(st, tls, identity)).await
                 }
                 // An enrolling peer has no credentials until it is done: it stays in
                 // the strangers' pool.
                 Some(p) if p == ALPN_ENROLL => tokio::select! {
-                    _ = channel::serve_enroll(st, tls) => {}
+                    _ = Box::pin(channel::serve_enroll(st, tls)) => {}
                     _ = stranger.evicted() => {}
                 },
                 _ => {
@@ -284,12 +288,14 @@ pub async fn run_with_store(
                     // idle keep-alive connection is closed after it (hyper starts the
                     // same timer whenever the connection waits for a request).
                     // Upgrades carry exec and port-forward sessions.
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .header_read_timeout(REQUEST_HEAD_DEADLINE)
-                        .serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc))
-                        .with_upgrades()
-                        .await;
+                    let _ = Box::pin(
+                        hyper::server::conn::http1::Builder::new()
+                            .timer(hyper_util::rt::TokioTimer::new())
+                            .header_read_timeout(REQUEST_HEAD_DEADLINE)
+                            .serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc))
+                            .with_upgrades(),
+                    )
+                    .await;
                 }
             }
         });
@@ -380,12 +386,13 @@ async fn serve_quic(st: Arc<HubState>, endpoint: quinn::Endpoint) {
                         conn.clone(),
                         identity.clone(),
                     ));
-                    channel::serve_channel(st, stream, identity, "quic").await;
+                    // Boxed, as over TCP: the task holds only the session's state.
+                    Box::pin(channel::serve_channel(st, stream, identity, "quic")).await;
                     data_streams.abort();
                 }
                 Some(p) if p == ALPN_ENROLL => {
                     tokio::select! {
-                        _ = channel::serve_enroll(st, stream) => {}
+                        _ = Box::pin(channel::serve_enroll(st, stream)) => {}
                         _ = stranger.evicted() => {}
                     }
                     // Answered: what is left is the linger below, which holds no

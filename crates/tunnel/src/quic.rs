@@ -40,6 +40,11 @@ fn transport(peer_streams: u32) -> Arc<quinn::TransportConfig> {
     }
     t.max_concurrent_bidi_streams(peer_streams.into());
     t.max_concurrent_uni_streams(0u32.into());
+    // No segmentation offload: with it each connection keeps a send buffer as large
+    // as its biggest batch of datagrams (the handshake's certificate flight, about
+    // 6 KiB), for good; a hub holds a fleet of mostly idle connections, and a
+    // datagram per system call costs little for the bulk transfers it makes.
+    t.enable_segmentation_offload(false);
     Arc::new(t)
 }
 
