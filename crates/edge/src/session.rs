@@ -54,9 +54,12 @@ pub struct SessionCtx<'a> {
     pub tcp_source: Option<std::net::IpAddr>,
 }
 
-/// How long a hub may stay silent to a QUIC attempt before the edge tries TCP. UDP
-/// that is filtered is silent, so this is a timeout, not an error.
-const QUIC_ATTEMPT: Duration = Duration::from_millis(1500);
+/// How long a hub may stay silent to a first QUIC attempt before the edge tries TCP.
+/// UDP that is filtered is silent, so this is a timeout, not an error; a hub busy with
+/// a joining fleet can be silent for a second or two as well (1.5 s sent half of a
+/// 10,000-edge fleet joining at 500 a second to TCP), so a filtered site pays a few
+/// seconds at its first connect rather than a busy hub a descriptor per edge.
+const QUIC_ATTEMPT: Duration = Duration::from_secs(5);
 
 /// How long a QUIC handshake may take once the hub has answered.
 const QUIC_HANDSHAKE: Duration = Duration::from_secs(10);
@@ -67,7 +70,7 @@ const QUIC_HANDSHAKE: Duration = Duration::from_secs(10);
 const QUIC_PATIENT_ANSWER: Duration = Duration::from_secs(5);
 
 /// Silent QUIC attempts in a row after which even a hub that spoke QUIC before is
-/// tried over TCP (the path may have changed): about 11 s with the backoff between.
+/// tried over TCP (the path may have changed): about 16 s with the backoffs between.
 const QUIC_PATIENCE: u32 = 2;
 
 /// After QUIC fails on an endpoint where TCP works, how long to use TLS over TCP
