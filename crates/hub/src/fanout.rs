@@ -457,6 +457,24 @@ mod tests {
             .revision
     }
 
+    /// Put instance `name` bound to `node`, as one transaction; its revision.
+    async fn put_instance(
+        store: &dyn Store,
+        name: &str,
+        uid: &str,
+        generation: u64,
+        node: &str,
+    ) -> u64 {
+        put(
+            store,
+            vec![Op::put(
+                key(name),
+                instance(name, uid, generation, Some(node)),
+            )],
+        )
+        .await
+    }
+
     fn key(name: &str) -> String {
         verge_api::object_key(InstanceSpec::PLURAL, name)
     }
@@ -501,26 +519,10 @@ mod tests {
         let since = revision;
         // After the edge's revision: a status update of a (not a change the edge
         // needs), b moved away, a new d, and another node's change.
-        put(
-            store.as_ref(),
-            vec![Op::put(key("a"), instance("a", "ua", 1, Some("n1")))],
-        )
-        .await;
-        put(
-            store.as_ref(),
-            vec![Op::put(key("b"), instance("b", "ub", 1, Some("n2")))],
-        )
-        .await;
-        put(
-            store.as_ref(),
-            vec![Op::put(key("d"), instance("d", "ud", 1, Some("n1")))],
-        )
-        .await;
-        let last = put(
-            store.as_ref(),
-            vec![Op::put(key("c"), instance("c", "uc", 2, Some("n2")))],
-        )
-        .await;
+        put_instance(store.as_ref(), "a", "ua", 1, "n1").await;
+        put_instance(store.as_ref(), "b", "ub", 1, "n2").await;
+        put_instance(store.as_ref(), "d", "ud", 1, "n1").await;
+        let last = put_instance(store.as_ref(), "c", "uc", 2, "n2").await;
         // The live cache, and a hub started afterwards on the same store (it replays
         // the history): the same delta.
         let restarted = started(store.clone()).await;
@@ -548,21 +550,9 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let f = started(store.clone()).await;
         let mut sub = f.subscribe("n1", 0).await;
-        put(
-            store.as_ref(),
-            vec![Op::put(key("a"), instance("a", "ua", 1, Some("n1")))],
-        )
-        .await;
-        put(
-            store.as_ref(),
-            vec![Op::put(key("a"), instance("a", "ua", 1, Some("n1")))],
-        )
-        .await;
-        put(
-            store.as_ref(),
-            vec![Op::put(key("z"), instance("z", "uz", 1, Some("n9")))],
-        )
-        .await;
+        put_instance(store.as_ref(), "a", "ua", 1, "n1").await;
+        put_instance(store.as_ref(), "a", "ua", 1, "n1").await;
+        put_instance(store.as_ref(), "z", "uz", 1, "n9").await;
         put(store.as_ref(), vec![Op::delete(key("a"))]).await;
         let mut seen = Vec::new();
         while seen.len() < 2 {
