@@ -490,6 +490,10 @@ impl Agent {
     pub async fn abandon(&self) {
         for (_, s) in self.supervisors.lock().await.drain() {
             s.task.abort();
+            // Awaited, so that what the supervisor held (its admission, and with it
+            // its cgroup when the workload has ended) is given back before the agent
+            // tidies its cgroups.
+            let _ = s.task.await;
         }
     }
 

@@ -171,6 +171,7 @@ pub async fn run_with_store(
     st.set_epoch(epoch);
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(st.fanout.clone().run(st.objects.store().clone()));
+    tasks.spawn(st.limits.load.clone().run());
     tasks.spawn(replicas::keep_lease(st.clone()));
     tasks.spawn(replicas::campaign(st.clone()));
     tasks.spawn(replicas::follow_sessions(st.clone()));
@@ -345,6 +346,13 @@ fn admit_connection(
 /// bidirectional stream; further streams the edge opens are data streams.
 async fn serve_quic(st: Arc<HubState>, endpoint: quinn::Endpoint) {
     while let Some(incoming) = endpoint.accept().await {
+        // A hub far behind on its work refuses new edges before their handshake
+        // (they back off and come again) and keeps the sessions it has.
+        if let Some(r) = st.limits.load.shedding() {
+            refused(&st, &r);
+            incoming.refuse();
+            continue;
+        }
         // QUIC connections share one socket, so only the strangers' pool applies.
         let stranger = match st
             .limits

@@ -162,6 +162,45 @@ pub async fn wait_gone(record: &RunRecord, within: Duration) -> bool {
     !is_alive(record)
 }
 
+/// Whether a live (not zombie) process is in process group `pgid`. A group id is
+/// never handed out again while a process of the group lives, so this cannot mistake
+/// another group for the workload's.
+pub fn group_alive(pgid: u32) -> bool {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .any(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            let Some(rest) = stat.rfind(')').and_then(|i| stat.get(i + 2..)) else {
+                return false;
+            };
+            // After the command: state, ppid, pgrp.
+            let mut fields = rest.split_whitespace();
+            let state = fields.next().and_then(|s| s.chars().next());
+            let pgrp = fields.nth(1).and_then(|g| g.parse::<u32>().ok());
+            pgrp == Some(pgid) && !matches!(state, Some('Z' | 'X'))
+        })
+}
+
+/// Wait up to `within` for the process in `record` and every other process of its
+/// group to end; whether they did.
+pub async fn wait_group_gone(record: &RunRecord, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if !is_alive(record) && !group_alive(record.pid) {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Learn when a process that is not our child (adopted, or daemonized) ends, by
 /// polling `/proc`; its exit code is unknown.
 pub fn watch_by_polling(record: RunRecord) -> watch::Receiver<Option<Exit>> {
@@ -427,15 +466,17 @@ impl Runtime for ProcessRuntime {
         let pgid = Pid::from_raw(record.pid as i32);
         // ESRCH: it exited between the check and the signal, which is what we want.
         let _ = killpg(pgid, Signal::SIGTERM);
-        if wait_gone(record, grace).await {
+        // Stopped means the whole group is gone, not only its leader: a child still
+        // exiting would keep the instance's cgroup (and its resources) in use.
+        if wait_group_gone(record, grace).await {
             return Ok(());
         }
         let _ = killpg(pgid, Signal::SIGKILL);
-        if wait_gone(record, Duration::from_secs(2)).await {
+        if wait_group_gone(record, Duration::from_secs(2)).await {
             return Ok(());
         }
         Err(RuntimeError::Stop(format!(
-            "pid {} still alive after SIGKILL",
+            "process group {} still alive after SIGKILL",
             record.pid
         )))
     }
@@ -496,6 +537,30 @@ mod tests {
             .expect("stop");
         assert!(!is_alive(&r.record));
         assert!(ProcessRuntime.adopt(&w, &r.record).await.is_none());
+    }
+
+    /// A child that outlives its group's leader (here it ignores SIGTERM while the
+    /// leader exits at once) is still the workload: stop returns only when the whole
+    /// group is gone, so the instance's cgroup is empty when it is removed.
+    #[tokio::test]
+    async fn stop_ends_the_whole_process_group_not_only_its_leader() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let w = workload(
+            dir.path(),
+            &["/bin/sh", "-c", "(trap '' TERM; sleep 30) & exec sleep 30"],
+        );
+        let r = ProcessRuntime.start(&w).await.expect("start");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(group_alive(r.record.pid));
+        ProcessRuntime
+            .stop(&r.record, Duration::from_millis(300))
+            .await
+            .expect("stop");
+        assert!(!is_alive(&r.record));
+        assert!(
+            !group_alive(r.record.pid),
+            "a child of the workload outlived its stop"
+        );
     }
 
     /// The agent dies after starting a workload and before writing its pid: the

@@ -985,6 +985,18 @@ fn an_agent_that_exits_leaves_no_empty_cgroups_behind() {
         return;
     }
     assert!(groups.iter().all(|g| Path::new(g).is_dir()), "{groups:?}");
+    // The deleted instance's group goes once all of its processes have (the shell's
+    // `sleep` child among them), without waiting for the agent to exit.
+    wait_for(
+        "the deleted instance's cgroups to be removed",
+        Duration::from_secs(10),
+        || {
+            groups
+                .iter()
+                .all(|g| !Path::new(g).join("cgwork").exists())
+                .then_some(())
+        },
+    );
     edge.proc.term();
     for g in &groups {
         assert!(!Path::new(g).exists(), "{g} stayed after the agent exited");
