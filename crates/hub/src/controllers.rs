@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use verge_api::clock::{now_secs, parse_rfc3339};
-use verge_api::{Instance, InstancePhase, InstanceSpec, NodePhase, NodeSpec, RegionSpec};
+use verge_api::{Instance, InstancePhase, InstanceSpec, NodePhase, NodeSpec};
 
+use crate::cache::{ControllerCache, World, waits_for_node};
 use crate::inventory::{self, Binding};
 use crate::offline;
 use crate::placement::{self, View};
@@ -121,7 +122,7 @@ const IDLE_PASS_EVERY: Duration = Duration::from_secs(60);
 /// seconds while instances wait for a node, and once a minute otherwise: a pass reads
 /// every node and instance, which a fleet of a hundred thousand must not pay for
 /// every few seconds to learn that nothing waits.
-pub async fn scheduler(st: Arc<HubState>) {
+pub async fn scheduler(st: Arc<HubState>, cache: Arc<ControllerCache>) {
     let mut waiting = true;
     let mut last_pass = std::time::Instant::now();
     loop {
@@ -139,80 +140,11 @@ pub async fn scheduler(st: Arc<HubState>) {
         last_pass = std::time::Instant::now();
         // A kick with nothing waiting is answered from the instances alone; the
         // inventory is reconciled on the other passes.
-        match schedule_pass(&st, !kicked || waiting).await {
+        match schedule_pass(&st, Some(&cache), !kicked || waiting).await {
             Ok(left) => waiting = left > 0,
             Err(e) => tracing::warn!(error = %e, "scheduling pass failed"),
         }
     }
-}
-
-/// Wake the scheduler when a write on any replica may have made work for it: an
-/// instance created, changed or deleted, a node added, removed, or changing phase or
-/// capacity. Writes reach the leader through this watch, not a timer. Status-only
-/// updates of bound instances (statuses from edges) and heartbeats do not wake it.
-pub async fn kick_on_changes(st: Arc<HubState>) {
-    use verge_api::Kind;
-    use verge_store::EventKind;
-    let instances = verge_api::kind_prefix(InstanceSpec::PLURAL);
-    let nodes = verge_api::kind_prefix(NodeSpec::PLURAL);
-    loop {
-        let mut w = match st.objects.store().watch("/", 0).await {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch for scheduling work; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        while let Some(Ok(batch)) = w.recv().await {
-            let work = batch.events.iter().any(|e| {
-                let key = e.kv.key.as_str();
-                if e.kind == EventKind::Delete {
-                    return key.starts_with(&instances) || key.starts_with(&nodes);
-                }
-                let prev = e.prev_kv.as_ref().map(|p| p.value.as_slice());
-                if key.starts_with(&instances) {
-                    needs_placement(&e.kv.value, prev)
-                } else if key.starts_with(&nodes) {
-                    node_changed(&e.kv.value, prev)
-                } else {
-                    false
-                }
-            });
-            if work {
-                st.schedule_kick.notify_one();
-            }
-        }
-    }
-}
-
-/// Whether an instance write may need the scheduler: it is new, its spec changed while
-/// it waits for a node, or it lost its node. (The scheduler's own notes on a pending instance do not count,
-/// or every pass would wake the next.)
-fn needs_placement(new: &[u8], prev: Option<&[u8]>) -> bool {
-    let Ok(new) = serde_json::from_slice::<Instance>(new) else {
-        return false;
-    };
-    let Some(prev) = prev.and_then(|p| serde_json::from_slice::<Instance>(p).ok()) else {
-        return true;
-    };
-    // Only what is unbound needs placing: a new spec of an instance that stays on its
-    // node is the edge's to apply.
-    new.status.node.is_none()
-        && (prev.metadata.generation != new.metadata.generation || prev.status.node.is_some())
-}
-
-/// Whether a node write changes what can be placed on it.
-fn node_changed(new: &[u8], prev: Option<&[u8]>) -> bool {
-    let Ok(new) = serde_json::from_slice::<verge_api::Node>(new) else {
-        return false;
-    };
-    let Some(prev) = prev.and_then(|p| serde_json::from_slice::<verge_api::Node>(p).ok()) else {
-        return true;
-    };
-    prev.status.phase != new.status.phase
-        || prev.status.allocatable != new.status.allocatable
-        || prev.metadata.generation != new.metadata.generation
 }
 
 /// How long offline recommendations are reused before being recomputed.
@@ -246,23 +178,42 @@ async fn set_message(st: &HubState, inst: &Instance, message: &str) {
 /// finds nothing to place reads only the instances: a joining fleet kicks the
 /// scheduler with every new node, and reading every node and ledger each time cost a
 /// hub with 30,000 edges most of its CPU.
-pub async fn schedule_pass(st: &HubState, full: bool) -> Result<usize, verge_api::ApiError> {
+pub async fn schedule_pass(
+    st: &HubState,
+    cache: Option<&ControllerCache>,
+    full: bool,
+) -> Result<usize, verge_api::ApiError> {
     let store = st.objects.store().clone();
-    let (instances, _) = st.objects.list::<InstanceSpec>().await?;
-    record_phases(st, &instances);
-    let waits = |i: &Instance| {
-        i.status.node.is_none()
-            && !matches!(
-                i.status.phase,
-                InstancePhase::Succeeded | InstancePhase::Failed
-            )
+    // From the cache once it has seen every write up to now; from the store when
+    // there is no cache or it lags.
+    let cache = match cache {
+        Some(c) if c.catch_up(store.as_ref()).await => Some(c),
+        _ => None,
     };
-    if !full && !instances.iter().any(waits) {
-        return Ok(0);
-    }
-    let (nodes, _) = st.objects.list::<NodeSpec>().await?;
-    let (regions, _) = st.objects.list::<RegionSpec>().await?;
-    let mut ledgers = inventory::ledgers(store.as_ref()).await?;
+    let world = match cache {
+        Some(c) => {
+            if !full && !c.any_waiting() {
+                record_phases(st, &c.instances());
+                return Ok(0);
+            }
+            c.world()
+        }
+        None => {
+            let (instances, _) = st.objects.list::<InstanceSpec>().await?;
+            if !full && !instances.iter().any(waits_for_node) {
+                record_phases(st, &instances);
+                return Ok(0);
+            }
+            World::read(st, instances).await?
+        }
+    };
+    let World {
+        instances,
+        nodes,
+        regions,
+        mut ledgers,
+    } = world;
+    record_phases(st, &instances);
     if inventory::reconcile(&st.objects, &nodes, &instances, &ledgers).await? > 0 {
         ledgers = inventory::ledgers(store.as_ref()).await?;
     }
@@ -279,7 +230,11 @@ pub async fn schedule_pass(st: &HubState, full: bool) -> Result<usize, verge_api
         }
         None => true,
     };
-    let mut pending: Vec<&Instance> = instances.iter().filter(|i| waits(i) && mine(i)).collect();
+    let mut pending: Vec<&Instance> = instances
+        .iter()
+        .map(|i| &**i)
+        .filter(|i| waits_for_node(i) && mine(i))
+        .collect();
     if pending.is_empty() {
         return Ok(0);
     }
@@ -324,7 +279,15 @@ pub async fn schedule_pass(st: &HubState, full: bool) -> Result<usize, verge_api
         units.push((Some(name), members));
     }
     let mut batch: Vec<Binding> = Vec::new();
+    let mut since_yield = std::time::Instant::now();
     for (gang, members) in units {
+        // Planning is CPU work between awaits: hand the worker back now and then, or
+        // the sessions queued behind it (heartbeats among them) wait out a whole
+        // burst (30,000 placements took 17 s, and edges gave up on a silent hub).
+        if since_yield.elapsed() >= YIELD_EVERY {
+            tokio::task::yield_now().await;
+            since_yield = std::time::Instant::now();
+        }
         let reqs: Vec<_> = members
             .iter()
             .map(|i| placement::request(&mut cluster, i))
@@ -378,6 +341,9 @@ pub async fn schedule_pass(st: &HubState, full: bool) -> Result<usize, verge_api
     Ok(left)
 }
 
+/// How long a pass plans before it lets other tasks run.
+const YIELD_EVERY: Duration = Duration::from_millis(10);
+
 /// Placements committed in one transaction: enough to pay one fsync for many, few
 /// enough to stay inside etcd's default of 128 operations per transaction (each
 /// placement is an instance, a ledger and an audit event).
@@ -413,9 +379,22 @@ async fn commit_batch(
 }
 
 /// The instance count by phase, as a metric.
-fn record_phases(st: &HubState, instances: &[Instance]) {
-    let mut phases: BTreeMap<String, i64> = BTreeMap::new();
+fn record_phases(st: &HubState, instances: &[impl std::borrow::Borrow<Instance>]) {
+    // Every phase, so that one no instance is in any more reads 0.
+    let mut phases: BTreeMap<String, i64> = [
+        InstancePhase::Pending,
+        InstancePhase::Scheduled,
+        InstancePhase::Starting,
+        InstancePhase::Running,
+        InstancePhase::Succeeded,
+        InstancePhase::Failed,
+        InstancePhase::Terminating,
+    ]
+    .iter()
+    .map(|p| (p.to_string(), 0))
+    .collect();
     for inst in instances {
+        let inst = inst.borrow();
         *phases.entry(inst.status.phase.to_string()).or_default() += 1;
     }
     for (phase, n) in phases {
@@ -474,47 +453,5 @@ pub async fn compaction(st: Arc<HubState>) {
         if let Err(e) = inventory::prune_audit(store.as_ref(), inventory::AUDIT_KEEP).await {
             tracing::warn!(error = %e.message, "pruning the audit trail failed");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn instance(generation: u64, node: Option<&str>, message: &str) -> Vec<u8> {
-        let mut v = serde_json::json!({
-            "kind": "Instance",
-            "metadata": {"name": "a", "generation": generation},
-            "spec": {"form": "process", "process": {"command": ["/bin/true"]}},
-            "status": {"message": message},
-        });
-        if let Some(n) = node {
-            v["status"]["node"] = n.into();
-        }
-        serde_json::to_vec(&v).expect("json")
-    }
-
-    #[test]
-    fn only_writes_that_make_work_wake_the_scheduler() {
-        let pending = instance(1, None, "");
-        assert!(needs_placement(&pending, None), "a new instance");
-        assert!(
-            !needs_placement(&instance(1, None, "0/3 nodes fit"), Some(&pending)),
-            "the scheduler's own note"
-        );
-        assert!(
-            needs_placement(&instance(2, None, ""), Some(&pending)),
-            "a new spec"
-        );
-        let bound = instance(1, Some("n1"), "");
-        assert!(!needs_placement(
-            &instance(1, Some("n1"), "running"),
-            Some(&bound)
-        ));
-        assert!(
-            !needs_placement(&instance(2, Some("n1"), ""), Some(&bound)),
-            "a new spec on its node"
-        );
-        assert!(needs_placement(&pending, Some(&bound)), "lost its node");
     }
 }

@@ -270,7 +270,8 @@ pub struct Versioned<T> {
     pub revision: u64,
 }
 
-fn decode_ledger(kv: &KeyValue) -> Option<Versioned<Ledger>> {
+/// A ledger as the store holds it, with its revision.
+pub fn decode_ledger(kv: &KeyValue) -> Option<Versioned<Ledger>> {
     Some(Versioned {
         value: serde_json::from_slice(&kv.value).ok()?,
         revision: kv.mod_revision,
@@ -486,20 +487,23 @@ pub fn group_of(i: &Instance) -> Option<String> {
 /// the next pass.
 pub async fn reconcile(
     objects: &Objects,
-    nodes: &[Node],
-    instances: &[Instance],
+    nodes: &[impl std::borrow::Borrow<Node>],
+    instances: &[impl std::borrow::Borrow<Instance>],
     ledgers: &BTreeMap<String, Versioned<Ledger>>,
 ) -> Result<usize, ApiError> {
-    let by_name: BTreeMap<&str, &Instance> = instances.iter().map(|i| (i.name(), i)).collect();
+    let instances: Vec<&Instance> = instances.iter().map(|i| i.borrow()).collect();
+    let by_name: BTreeMap<&str, &Instance> = instances.iter().map(|i| (i.name(), *i)).collect();
     // Instances by the node they are bound to: one pass, not one per node.
     let mut by_node: std::collections::HashMap<&str, Vec<&Instance>> = Default::default();
-    for i in instances {
+    for i in &instances {
         if let Some(n) = i.status.node.as_deref() {
             by_node.entry(n).or_default().push(i);
         }
     }
     let mut writes = 0;
+    let now = now_rfc3339();
     for node in nodes {
+        let node = node.borrow();
         let name = node.name();
         let current = ledgers.get(name);
         let mut l = current.map(|v| v.value.clone()).unwrap_or_else(|| Ledger {
@@ -519,7 +523,6 @@ pub async fn reconcile(
             ));
             l.capacity = cap;
         }
-        let now = now_rfc3339();
         l.allocations.retain(|inst_name, a| {
             let why = match by_name.get(inst_name.as_str()) {
                 None => Some("instance deleted"),
@@ -624,7 +627,8 @@ pub async fn reconcile(
             writes += 1;
         }
     }
-    let node_names: std::collections::HashSet<&str> = nodes.iter().map(|n| n.name()).collect();
+    let node_names: std::collections::HashSet<&str> =
+        nodes.iter().map(|n| n.borrow().name()).collect();
     for (name, l) in ledgers {
         if node_names.contains(name.as_str()) {
             continue;

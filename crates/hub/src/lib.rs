@@ -10,6 +10,7 @@
 
 pub mod app;
 pub mod artifacts;
+pub mod cache;
 pub mod channel;
 pub mod config;
 pub mod controllers;
@@ -179,8 +180,12 @@ pub async fn run_with_store(
     tasks.spawn(replicas::lead_controllers(st.clone(), |st| async move {
         let mut c = tokio::task::JoinSet::new();
         c.spawn(controllers::node_lifecycle(st.clone()));
-        c.spawn(controllers::scheduler(st.clone()));
-        c.spawn(controllers::kick_on_changes(st.clone()));
+        // The scheduler plans from the controllers' cache, which also wakes it when
+        // a write on any replica makes work (writes reach the leader through the
+        // cache's watch, not a timer).
+        let cache = Arc::new(cache::ControllerCache::default());
+        c.spawn(cache.clone().run(st.clone()));
+        c.spawn(controllers::scheduler(st.clone(), cache));
         c.spawn(controllers::compaction(st));
         // Aborting this task drops the set, which aborts every controller in it.
         while c.join_next().await.is_some() {}

@@ -22,12 +22,13 @@ pub struct View {
 /// Build the view. Nodes without a ledger yet are not schedulable (the inventory
 /// reconciler creates ledgers first, so capacity is always accounted for).
 pub fn view(
-    nodes: &[Node],
-    regions: &[Region],
+    nodes: &[impl std::borrow::Borrow<Node>],
+    regions: &[impl std::borrow::Borrow<Region>],
     ledgers: &BTreeMap<String, Versioned<Ledger>>,
 ) -> View {
     let mut c = Cluster::default();
     for r in regions {
+        let r = r.borrow();
         let id = c.regions.intern(r.name());
         c.region_geo.insert(
             id,
@@ -37,7 +38,7 @@ pub fn view(
             },
         );
     }
-    let mut sorted: Vec<&Node> = nodes.iter().collect();
+    let mut sorted: Vec<&Node> = nodes.iter().map(|n| n.borrow()).collect();
     sorted.sort_by(|a, b| a.name().cmp(b.name()));
     let mut names = Vec::with_capacity(sorted.len());
     for n in sorted {

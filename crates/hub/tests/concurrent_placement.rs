@@ -162,14 +162,14 @@ proptest! {
             setup(&a.objects, &nodes, &instances).await;
             // Both schedulers run passes at the same time, repeatedly.
             for _ in 0..6 {
-                let (ra, rb) = tokio::join!(schedule_pass(&a, true), schedule_pass(&b, true));
+                let (ra, rb) = tokio::join!(schedule_pass(&a, None, true), schedule_pass(&b, None, true));
                 ra.expect("pass a");
                 rb.expect("pass b");
             }
             // Then let one settle whatever the race left for the next pass.
             for _ in 0..3 {
-                schedule_pass(&a, true).await.expect("settle");
-                schedule_pass(&b, true).await.expect("settle");
+                schedule_pass(&a, None, true).await.expect("settle");
+                schedule_pass(&b, None, true).await.expect("settle");
             }
             let (all, _) = a.objects.list::<InstanceSpec>().await.expect("list");
             check_invariants(&nodes, &all, &inventory::ledgers(store.as_ref()).await.expect("ledgers"));

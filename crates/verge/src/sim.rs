@@ -82,6 +82,12 @@ pub struct SimArgs {
     /// Edge sessions the hub admits per second (`verge hub --admit-rate`).
     #[arg(long, default_value_t = 2000.0)]
     pub admit_rate: f64,
+    /// Hub replicas: 1 is one hub on SQLite; more start a local three-member etcd
+    /// cluster (Debian's `etcd`) and that many `verge hub` processes on it, with the
+    /// edges spread over them (needs a build with the `etcd` feature, and `--direct`).
+    /// Figures for the hub are then summed over the replicas.
+    #[arg(long, default_value_t = 1)]
+    pub replicas: usize,
     /// Dial the hub directly instead of through the fault proxy (which counts the bytes
     /// and injects faults, at the price of relaying every datagram in user space): for
     /// the largest fleets. Byte counts and faults are then unavailable.
@@ -118,8 +124,8 @@ struct Fleet {
     runtime: Arc<verge_runtime::fake::FakeRuntime>,
     /// The main link, and the one the partitioned tenth uses.
     links: [FaultProxy; 2],
-    /// Where the edges dial when they bypass the links.
-    direct: Option<String>,
+    /// Where the edges dial when they bypass the links: every hub replica.
+    direct: Option<Vec<String>>,
     token: String,
     dir: PathBuf,
     edges_per_address: usize,
@@ -148,13 +154,14 @@ impl Fleet {
             facts,
             Some(self.sockets[i / self.edges_per_address].clone()),
         );
+        let hubs = self
+            .direct
+            .clone()
+            .unwrap_or_else(|| vec![self.links[Self::link_of(i)].url()]);
         let config = verge_edge::EdgeConfig {
-            hubs: vec![
-                self.direct
-                    .clone()
-                    .unwrap_or_else(|| self.links[Self::link_of(i)].url()),
-            ],
-            spread_hubs: false,
+            // Several endpoints are replicas of one hub: spread over them.
+            spread_hubs: hubs.len() > 1,
+            hubs,
             join_token: Some(self.token.clone()),
             name: e.name.clone(),
             // Never made: the fake runtime writes nothing, the state is in memory.
@@ -248,23 +255,24 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / 100.0
 }
 
-/// A value of the hub's metrics (summed over label sets that match `prefix`).
-/// The hub's counts of connections turned away at a limit, by reason.
+/// The hub's counts of connections turned away at a limit, by reason (summed over
+/// the replicas whose metrics `metrics` holds).
 fn refusals(metrics: &str) -> serde_json::Value {
     let prefix = "verge_hub_connections_refused_total{reason=\"";
-    metrics
-        .lines()
-        .filter_map(|l| {
-            let (reason, n) = l.strip_prefix(prefix)?.split_once("\"} ")?;
-            Some((
-                reason.to_string(),
-                (n.trim().parse::<f64>().ok()? as u64).into(),
-            ))
-        })
-        .collect::<serde_json::Map<String, serde_json::Value>>()
-        .into()
+    let mut by_reason = std::collections::BTreeMap::<String, u64>::new();
+    for l in metrics.lines() {
+        let Some((reason, n)) = l.strip_prefix(prefix).and_then(|r| r.split_once("\"} ")) else {
+            continue;
+        };
+        if let Ok(n) = n.trim().parse::<f64>() {
+            *by_reason.entry(reason.to_string()).or_default() += n as u64;
+        }
+    }
+    serde_json::to_value(by_reason).unwrap_or_default()
 }
 
+/// A value of the hub's metrics (summed over label sets, and replicas, that match
+/// `prefix`).
 fn metric(text: &str, prefix: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(prefix))
@@ -272,21 +280,27 @@ fn metric(text: &str, prefix: &str) -> f64 {
         .fold(0.0, |a, b| a + b)
 }
 
-/// The cumulative buckets of a histogram: `(le, count)`, in order.
+/// The cumulative buckets of a histogram: `(le, count)`, in order (summed over the
+/// replicas whose metrics `text` holds).
 fn buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
     let prefix = format!("{name}_bucket{{le=\"");
-    text.lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix(&prefix)?;
-            let (le, count) = rest.split_once("\"} ")?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            Some((le, count.trim().parse().ok()?))
-        })
-        .collect()
+    let mut out: Vec<(f64, f64)> = Vec::new();
+    for (le, count) in text.lines().filter_map(|l| {
+        let rest = l.strip_prefix(&prefix)?;
+        let (le, count) = rest.split_once("\"} ")?;
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().ok()?
+        };
+        Some((le, count.trim().parse::<f64>().ok()?))
+    }) {
+        match out.iter_mut().find(|(l, _)| *l == le) {
+            Some((_, n)) => *n += count,
+            None => out.push((le, count)),
+        }
+    }
+    out
 }
 
 /// The `q` quantile of the observations between two readings of a histogram: the
@@ -333,17 +347,45 @@ struct Seen {
 /// Follow `/v1/PLURAL` from now, feeding `seen`. Reconnects if the watch ends.
 async fn observe(client: Client, plural: &'static str, seen: Arc<Mutex<Seen>>) {
     use futures_util::StreamExt;
+    // `listed`: read from a list, where a node NotReady now may have been counted
+    // by the watch already.
+    let note = |o: &serde_json::Value, listed: bool| {
+        let name = o["metadata"]["name"].as_str().unwrap_or_default();
+        let phase = o["status"]["phase"].as_str().unwrap_or_default();
+        let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
+        match (plural, phase) {
+            ("instances", "Running") => {
+                s.running_at
+                    .entry(name.to_string())
+                    .or_insert_with(Instant::now);
+            }
+            ("nodes", "NotReady") => {
+                let n = s.not_ready.entry(name.to_string()).or_default();
+                if !listed || *n == 0 {
+                    *n += 1;
+                }
+            }
+            _ => {}
+        }
+    };
+    // The revision the observer has seen everything up to (0: start from now).
+    let mut seen_up_to = 0u64;
     loop {
-        let Ok(list) = client
-            .get::<serde_json::Value>(&format!("/v1/{plural}?limit=1"))
-            .await
-        else {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            continue;
-        };
-        let revision = list["revision"].as_u64().unwrap_or(0);
+        if seen_up_to == 0 {
+            let Ok(list) = client
+                .get::<serde_json::Value>(&format!("/v1/{plural}?limit=1"))
+                .await
+            else {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            };
+            seen_up_to = list["revision"].as_u64().unwrap_or(0);
+        }
+        // A watch that ends (the hub ends one whose reader falls behind, as a
+        // fleet's simulator can) resumes after the last revision seen; one the hub
+        // ended with an error starts again from a full list.
         let Ok(resp) = client
-            .stream(&format!("/v1/{plural}?watch=true&revision={revision}"))
+            .stream(&format!("/v1/{plural}?watch=true&revision={seen_up_to}"))
             .await
         else {
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -351,6 +393,7 @@ async fn observe(client: Client, plural: &'static str, seen: Arc<Mutex<Seen>>) {
         };
         let mut body = resp.bytes_stream();
         let mut buf = Vec::new();
+        let mut ended_with_error = false;
         while let Some(Ok(chunk)) = body.next().await {
             buf.extend_from_slice(&chunk);
             while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
@@ -358,19 +401,31 @@ async fn observe(client: Client, plural: &'static str, seen: Arc<Mutex<Seen>>) {
                 let Ok(ev) = serde_json::from_slice::<serde_json::Value>(&line) else {
                     continue;
                 };
-                let o = &ev["object"];
-                let name = o["metadata"]["name"].as_str().unwrap_or_default();
-                let phase = o["status"]["phase"].as_str().unwrap_or_default();
-                let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
-                match (plural, phase) {
-                    ("instances", "Running") => {
-                        s.running_at
-                            .entry(name.to_string())
-                            .or_insert_with(Instant::now);
-                    }
-                    ("nodes", "NotReady") => *s.not_ready.entry(name.to_string()).or_default() += 1,
-                    _ => {}
+                if ev["type"] == "ERROR" {
+                    ended_with_error = true;
+                    continue;
                 }
+                note(&ev["object"], false);
+                if let Some(r) = ev["revision"].as_u64() {
+                    seen_up_to = seen_up_to.max(r);
+                }
+            }
+        }
+        if ended_with_error {
+            // What happened meanwhile is in the list; the watch goes on from the
+            // revision read before it (what it repeats is noted once).
+            let Ok(list) = client
+                .get::<serde_json::Value>(&format!("/v1/{plural}?limit=1"))
+                .await
+            else {
+                seen_up_to = 0;
+                continue;
+            };
+            if let Ok(items) = list_all(&client, plural).await {
+                items.iter().for_each(|o| note(o, true));
+                seen_up_to = list["revision"].as_u64().unwrap_or(0);
+            } else {
+                seen_up_to = 0;
             }
         }
     }
@@ -464,21 +519,149 @@ async fn apply_all(
     results.into_iter().collect()
 }
 
-async fn hub_metrics(client: &Client) -> String {
-    client.get_text("/metrics").await.unwrap_or_default()
+/// The hubs of a run: one on SQLite, or replicas on a local etcd cluster. What is
+/// read from them (metrics, memory, CPU) is summed over the replicas: each counts
+/// the edges connected to it, only the leader places.
+struct Hubs {
+    /// Each replica's process, its API client, and its port.
+    procs: Vec<(tokio::process::Child, Client, u16)>,
+    /// The replicas' store, when there are several.
+    _etcd: Option<verge_testkit::etcd::EtcdCluster>,
+    args: Vec<String>,
+    dir: PathBuf,
+}
+
+impl Hubs {
+    async fn start(dir: &std::path::Path, replicas: usize, args: Vec<String>) -> Result<Self> {
+        let etcd = if replicas > 1 {
+            Some(
+                tokio::task::spawn_blocking(|| verge_testkit::etcd::EtcdCluster::start(3))
+                    .await
+                    .context("starting a three-member etcd cluster for the replicas")?,
+            )
+        } else {
+            None
+        };
+        let mut hubs = Self {
+            procs: Vec::new(),
+            _etcd: None,
+            args,
+            dir: dir.to_path_buf(),
+        };
+        for i in 0..replicas {
+            let port = free_port()?;
+            let mut args = hubs.args.clone();
+            if let Some(etcd) = &etcd {
+                args.extend([
+                    "--store".into(),
+                    etcd.url(),
+                    "--advertise".into(),
+                    format!("https://127.0.0.1:{port}"),
+                ]);
+            }
+            // One at a time: the first records the CA the others take.
+            let (child, client) = hubs.start_one(i, port, &args).await?;
+            hubs.procs.push((child, client, port));
+        }
+        hubs._etcd = etcd;
+        Ok(hubs)
+    }
+
+    fn dir_of(&self, i: usize) -> PathBuf {
+        if i == 0 {
+            self.dir.clone()
+        } else {
+            self.dir.join(format!("replica-{i}"))
+        }
+    }
+
+    async fn start_one(
+        &self,
+        i: usize,
+        port: u16,
+        args: &[String],
+    ) -> Result<(tokio::process::Child, Client)> {
+        let dir = self.dir_of(i);
+        std::fs::create_dir_all(&dir)?;
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        start_hub(&dir, port, &args).await
+    }
+
+    /// The first replica's API (any replica serves all of it).
+    fn client(&self) -> &Client {
+        &self.procs[0].1
+    }
+
+    /// Where edges dial each replica directly.
+    fn urls(&self) -> Vec<String> {
+        self.procs
+            .iter()
+            .map(|(_, _, port)| format!("https://127.0.0.1:{port}"))
+            .collect()
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.procs
+            .iter()
+            .map(|(c, _, _)| c.id().unwrap_or(0))
+            .collect()
+    }
+
+    fn rss_kib(&self) -> u64 {
+        self.pids()
+            .into_iter()
+            .map(verge_testkit::frontdoor::rss_kib)
+            .sum()
+    }
+
+    fn cpu_seconds(&self) -> f64 {
+        self.pids().into_iter().map(cpu_seconds).sum()
+    }
+
+    /// Every replica's metrics, one after another (the readers below sum them).
+    async fn metrics(&self) -> String {
+        let mut text = String::new();
+        for (_, client, _) in &self.procs {
+            text.push_str(&client.get_text("/metrics").await.unwrap_or_default());
+            text.push('\n');
+        }
+        text
+    }
+
+    /// The edges connected to each replica.
+    async fn connected_each(&self) -> Vec<u64> {
+        let mut each = Vec::new();
+        for (_, client, _) in &self.procs {
+            let text = client.get_text("/metrics").await.unwrap_or_default();
+            each.push(metric(&text, "verge_hub_edges_connected ") as u64);
+        }
+        each
+    }
+
+    /// SIGKILL the only hub and start it again on the same data directory.
+    async fn kill_and_restart(&mut self) -> Result<()> {
+        let (mut child, _, port) = self.procs.remove(0);
+        child.kill().await?;
+        let _ = child.wait().await;
+        let args = self.args.clone();
+        let (child, client) = self.start_one(0, port, &args).await?;
+        self.procs.insert(0, (child, client, port));
+        Ok(())
+    }
+
+    async fn kill_all(&mut self) {
+        for (child, _, _) in &mut self.procs {
+            let _ = child.kill().await;
+        }
+    }
 }
 
 /// Wait until the hub counts `n` connected edges, printing progress.
-async fn wait_connected(
-    client: &Client,
-    n: usize,
-    what: &str,
-    limit: Duration,
-) -> Result<Duration> {
+async fn wait_connected(hubs: &Hubs, n: usize, what: &str, limit: Duration) -> Result<Duration> {
     let t = Instant::now();
     let mut last_print = Instant::now();
     loop {
-        let c = metric(&hub_metrics(client).await, "verge_hub_edges_connected ") as usize;
+        let c = metric(&hubs.metrics().await, "verge_hub_edges_connected ") as usize;
         if c >= n {
             return Ok(t.elapsed());
         }
@@ -647,6 +830,21 @@ pub async fn run(a: SimArgs) -> Result<()> {
     if a.direct && a.scenario == Scenario::Partition {
         bail!("--direct: a partition needs the fault proxy; leave --direct out");
     }
+    if a.replicas == 0 {
+        bail!("--replicas: give at least 1 hub");
+    }
+    if a.replicas > 1 && !a.direct {
+        bail!(
+            "--replicas {}: replicas are dialled directly; add --direct",
+            a.replicas
+        );
+    }
+    if a.replicas > 1 && a.scenario == Scenario::HubRestart {
+        bail!(
+            "--replicas {}: the hub-restart scenario kills the only hub; for a replica's death use `verge bench failover`",
+            a.replicas
+        );
+    }
     if !(0.0..=1.0).contains(&a.loss) {
         bail!("--loss: {} is not between 0 and 1", a.loss);
     }
@@ -673,7 +871,6 @@ pub async fn run(a: SimArgs) -> Result<()> {
 
 async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
     let dir = dir.to_path_buf();
-    let port = free_port()?;
     let hub_args: Vec<String> = vec![
         "--heartbeat".into(),
         format!("{}ms", a.heartbeat.as_millis()),
@@ -682,8 +879,9 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
         "--admit-rate".into(),
         a.admit_rate.to_string(),
     ];
-    let hub_args: Vec<&str> = hub_args.iter().map(String::as_str).collect();
-    let (mut hub, client) = start_hub(&dir, port, &hub_args).await?;
+    let mut hubs = Hubs::start(&dir, a.replicas, hub_args).await?;
+    let client = hubs.client().clone();
+    let port = hubs.procs[0].2;
     let hub_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let links = [
         FaultProxy::start_with_udp(hub_addr).await?,
@@ -701,8 +899,7 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
         .post("/v1/tokens", &serde_json::json!({"uses": 0}))
         .await?;
     let token = token["token"].as_str().unwrap_or_default().to_string();
-    let mut hub_pid = hub.id().unwrap_or(0);
-    let hub_idle_kib = verge_testkit::frontdoor::rss_kib(hub_pid);
+    let hub_idle_kib = hubs.rss_kib();
     let sim_before_kib = own_rss_kib();
 
     let per_address = a.edges_per_address.max(1);
@@ -724,7 +921,7 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
         sockets,
         runtime: Arc::default(),
         links,
-        direct: a.direct.then(|| format!("https://127.0.0.1:{port}")),
+        direct: a.direct.then(|| hubs.urls()),
         token,
         dir: dir.clone(),
         edges_per_address: per_address,
@@ -744,13 +941,14 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
         }
     }
     let join_limit = Duration::from_secs(120 + (a.nodes / a.join_rate.max(1)) as u64 * 3);
-    wait_connected(&client, a.nodes, "join", join_limit).await?;
+    wait_connected(&hubs, a.nodes, "join", join_limit).await?;
     let join_secs = join.elapsed().as_secs_f64();
     // Let sessions settle (first statuses, first writes of node status).
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let hub_fleet_kib = verge_testkit::frontdoor::rss_kib(hub_pid);
+    let hub_fleet_kib = hubs.rss_kib();
     let sim_fleet_kib = own_rss_kib();
-    let refused_at_join = refusals(&hub_metrics(&client).await);
+    let refused_at_join = refusals(&hubs.metrics().await);
+    let edges_per_replica = hubs.connected_each().await;
     eprintln!(
         "sim: {} edges connected in {join_secs:.1}s (connections refused on the way: {refused_at_join})",
         a.nodes
@@ -769,6 +967,8 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
         "instances": a.instances,
         "heartbeatSeconds": a.heartbeat.as_secs_f64(),
         "durationSeconds": a.duration.as_secs_f64(),
+        "hubReplicas": a.replicas,
+        "edgesPerReplica": edges_per_replica,
         "quicSockets": fleet.sockets.len(),
         "edgesPerAddress": per_address,
         "latencyMs": a.latency.as_secs_f64() * 1000.0,
@@ -782,7 +982,7 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
     });
 
     // Instances: all at once (burst, measured) or before the measured part.
-    let placements_before = metric(&hub_metrics(&client).await, "verge_hub_placements_total");
+    let placements_before = metric(&hubs.metrics().await, "verge_hub_placements_total");
     let applied_from = Instant::now();
     // A burst has many applies in flight (48: new connections from one address
     // beyond the hub's 64 strangers per address would be turned away while their
@@ -792,7 +992,7 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
     let apply_secs = applied_from.elapsed().as_secs_f64();
     let running_after = wait_running(&seen, &names, Duration::from_secs(600)).await?;
     let placements =
-        metric(&hub_metrics(&client).await, "verge_hub_placements_total") - placements_before;
+        metric(&hubs.metrics().await, "verge_hub_placements_total") - placements_before;
     {
         let s = seen.lock().unwrap_or_else(|e| e.into_inner());
         let mut to_running: Vec<Duration> = names
@@ -815,16 +1015,16 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
     if a.instances > 0 {
         eprintln!("sim: {} instances Running", a.instances);
     }
-    let hub_with_instances_kib = verge_testkit::frontdoor::rss_kib(hub_pid);
+    let hub_with_instances_kib = hubs.rss_kib();
     report["hubWithInstancesMiB"] = (hub_with_instances_kib as f64 / 1024.0).into();
 
     // The measured part.
     let probes: Arc<Mutex<Probes>> = Arc::default();
     let (stop_probes, probe_rx) = tokio::sync::watch::channel(false);
     let prober = tokio::spawn(probe(client.clone(), probes.clone(), probe_rx));
-    let metrics_before = hub_metrics(&client).await;
+    let metrics_before = hubs.metrics().await;
     let (up0, down0) = bytes(&fleet.links);
-    let cpu0 = cpu_seconds(hub_pid);
+    let cpu0 = hubs.cpu_seconds();
     let not_ready_before: u32 = seen
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -835,7 +1035,7 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
     eprintln!("sim: {:?} for {}s", a.scenario, a.duration.as_secs());
     let mut client = client;
     match a.scenario {
-        Scenario::Steady | Scenario::Burst => tick_for(a.duration, &client, hub_pid).await,
+        Scenario::Steady | Scenario::Burst => tick_for(a.duration, &hubs).await,
         Scenario::Churn => {
             // A hundredth of the fleet restarts its agent every few seconds.
             let mut k = 0usize;
@@ -860,7 +1060,7 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
             fleet.links[1].blackhole(false);
             let back = Instant::now();
             wait_connected(
-                &client,
+                &hubs,
                 a.nodes,
                 "after the partition",
                 Duration::from_secs(300),
@@ -875,17 +1075,13 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
         }
         Scenario::HubRestart => {
             tokio::time::sleep(a.duration / 4).await;
-            hub.kill().await?;
-            let _ = hub.wait().await;
             let (u, d) = bytes(&fleet.links);
             let restart = Instant::now();
-            let (h, c) = start_hub(&dir, port, &hub_args).await?;
-            hub = h;
-            client = c;
-            hub_pid = hub.id().unwrap_or(0);
+            hubs.kill_and_restart().await?;
+            client = hubs.client().clone();
             let started = restart.elapsed();
             let back = wait_connected(
-                &client,
+                &hubs,
                 a.nodes,
                 "after the hub restart",
                 Duration::from_secs(600),
@@ -894,7 +1090,7 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
             let all_back = restart.elapsed();
             tokio::time::sleep(Duration::from_secs(3)).await;
             let (u2, d2) = bytes(&fleet.links);
-            let after = hub_metrics(&client).await;
+            let after = hubs.metrics().await;
             report["hubStartSeconds"] = started.as_secs_f64().into();
             report["hubRestartToAllConnectedSeconds"] = all_back.as_secs_f64().into();
             report["resyncAfterHubReadySeconds"] = back.as_secs_f64().into();
@@ -908,15 +1104,15 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
                 let series = format!("verge_hub_syncs_total{{kind=\"{kind}\"}}");
                 report[field] = (metric(&after, &series) as u64).into();
             }
-            tick_for(a.duration.saturating_sub(t0.elapsed()), &client, hub_pid).await;
+            tick_for(a.duration.saturating_sub(t0.elapsed()), &hubs).await;
         }
     }
     let window = t0.elapsed();
     let _ = stop_probes.send(true);
     let _ = prober.await;
-    let metrics_after = hub_metrics(&client).await;
+    let metrics_after = hubs.metrics().await;
     let (up1, down1) = bytes(&fleet.links);
-    let cpu1 = cpu_seconds(hub_pid);
+    let cpu1 = hubs.cpu_seconds();
     let lag = "verge_hub_heartbeat_lag_seconds";
     let (lag0, lag1) = if a.scenario == Scenario::HubRestart {
         (Vec::new(), buckets(&metrics_after, lag))
@@ -950,7 +1146,7 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
     } else {
         ((cpu1 - cpu0) * 100.0 / window.as_secs_f64()).into()
     };
-    report["hubMiBAtEnd"] = (verge_testkit::frontdoor::rss_kib(hub_pid) as f64 / 1024.0).into();
+    report["hubMiBAtEnd"] = (hubs.rss_kib() as f64 / 1024.0).into();
     report["simMiBAtEnd"] = (own_rss_kib() as f64 / 1024.0).into();
     report["bytesPerEdgePerMinute"] = if a.direct {
         serde_json::Value::Null
@@ -971,7 +1167,7 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
     for i in 0..a.nodes {
         fleet.stop(i).await;
     }
-    hub.kill().await?;
+    hubs.kill_all().await;
     print_report(&report, &a.output)?;
     if a.check && !held {
         bail!("the invariants do not hold at the end of the run: {inv:?}");
@@ -985,18 +1181,18 @@ fn bytes(links: &[FaultProxy; 2]) -> (u64, u64) {
 }
 
 /// Wait `d`, printing the hub's memory and CPU every ten seconds.
-async fn tick_for(d: Duration, client: &Client, hub_pid: u32) {
+async fn tick_for(d: Duration, hubs: &Hubs) {
     let t = Instant::now();
-    let mut cpu = cpu_seconds(hub_pid);
+    let mut cpu = hubs.cpu_seconds();
     while t.elapsed() < d {
         let step = Duration::from_secs(10).min(d.saturating_sub(t.elapsed()));
         tokio::time::sleep(step).await;
-        let now = cpu_seconds(hub_pid);
-        let connected = metric(&hub_metrics(client).await, "verge_hub_edges_connected ");
+        let now = hubs.cpu_seconds();
+        let connected = metric(&hubs.metrics().await, "verge_hub_edges_connected ");
         eprintln!(
             "sim: {:.0}s: hub {:.0} MiB, {:.0}% CPU, {connected} edges connected",
             t.elapsed().as_secs_f64(),
-            verge_testkit::frontdoor::rss_kib(hub_pid) as f64 / 1024.0,
+            hubs.rss_kib() as f64 / 1024.0,
             (now - cpu) * 100.0 / step.as_secs_f64().max(0.001),
         );
         cpu = now;
@@ -1027,6 +1223,17 @@ mod tests {
         assert_eq!(
             buckets(text, "verge_hub_heartbeat_lag_seconds"),
             vec![(0.5, 3.0), (f64::INFINITY, 4.0)]
+        );
+        // Two replicas' metrics, one after the other: their counts add up.
+        let two = format!("{text}{text}");
+        assert_eq!(
+            buckets(&two, "verge_hub_heartbeat_lag_seconds"),
+            vec![(0.5, 6.0), (f64::INFINITY, 8.0)]
+        );
+        let refused = "verge_hub_connections_refused_total{reason=\"overloaded\"} 2\n";
+        assert_eq!(
+            refusals(&format!("{refused}{refused}")),
+            serde_json::json!({"overloaded": 4})
         );
     }
 

@@ -11,6 +11,17 @@ use std::process::Command;
 /// `verge sim` with `nodes` edges and as many instances, heartbeats every `heartbeat`,
 /// `scenario` for `duration`; its JSON report.
 fn sim(scenario: &str, nodes: u32, heartbeat: &str, duration: &str) -> serde_json::Value {
+    sim_with(scenario, nodes, heartbeat, duration, &[])
+}
+
+/// [`sim`] with more arguments.
+fn sim_with(
+    scenario: &str,
+    nodes: u32,
+    heartbeat: &str,
+    duration: &str,
+    extra: &[&str],
+) -> serde_json::Value {
     // One fleet at a time, also under `cargo test` (which runs a binary's tests in
     // parallel threads; nextest runs each alone, `.config/nextest.toml`).
     static FLEET: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -31,6 +42,7 @@ fn sim(scenario: &str, nodes: u32, heartbeat: &str, duration: &str) -> serde_jso
     let out = Command::new(common::BIN)
         .arg("sim")
         .args(args)
+        .args(extra)
         .args(["--check", "-o", "json"])
         .output()
         .expect("running verge sim");
@@ -65,6 +77,23 @@ fn two_thousand_edges_hold_steady_for_six_heartbeats() {
     assert_eq!(r["nodesWentNotReady"], 0, "{r:#}");
     // The heartbeats arrived: the hub measured their lag.
     assert!(r["heartbeatLagP99Seconds"].is_number(), "{r:#}");
+}
+
+/// Three hub replicas on a three-member etcd (started by the simulator): the fleet
+/// spreads over them and holds, with the leader placing every instance.
+#[cfg(feature = "etcd")]
+#[test]
+fn a_fleet_spread_over_three_replicas_on_etcd_holds_steady() {
+    let r = sim_with("steady", 600, "5s", "30s", &["--replicas", "3", "--direct"]);
+    assert_fleet_held(&r, 600, 600);
+    assert_eq!(r["nodesWentNotReady"], 0, "{r:#}");
+    assert_eq!(r["hubReplicas"], 3, "{r:#}");
+    let each = r["edgesPerReplica"].as_array().expect("edges per replica");
+    assert_eq!(each.len(), 3, "{r:#}");
+    assert!(
+        each.iter().all(|n| n.as_u64().unwrap_or(0) > 60),
+        "the edges spread over every replica: {r:#}"
+    );
 }
 
 #[test]
