@@ -30,6 +30,9 @@ pub struct HubConfig {
     pub scheduler_shard: Option<(u32, u32)>,
     /// New edge sessions admitted per second (with a burst of as many).
     pub admit_rate: f64,
+    /// New QUIC handshakes begun per second (with a burst of as many); beyond it a
+    /// connection is refused before its handshake, which costs the hub nothing.
+    pub handshake_rate: f64,
     /// Lifetime of node certificates; edges renew at two thirds of it.
     pub node_cert_ttl: Duration,
     /// This replica's id among the hubs sharing a store (see [`crate::replicas`]).
@@ -59,6 +62,7 @@ impl HubConfig {
             history_revisions: 10_000,
             scheduler_shard: None,
             admit_rate: 200.0,
+            handshake_rate: 400.0,
             node_cert_ttl: Duration::from_secs(365 * 86_400),
             replica_id: String::new(),
             advertise: None,

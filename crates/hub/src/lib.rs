@@ -358,6 +358,20 @@ async fn serve_quic(st: Arc<HubState>, endpoint: quinn::Endpoint) {
             incoming.refuse();
             continue;
         }
+        // Handshakes are paced: each costs a key exchange and a signature, and quinn
+        // does the first flight's work while it holds the endpoint, so a storm of them
+        // (a fleet reconnecting) starves the socket: 100,000 simulated edges lost two
+        // million datagrams there, heartbeats among them, and reconnected again.
+        if st.handshakes.take().is_err() {
+            refused(
+                &st,
+                &limits::Refusal::HandshakeRate {
+                    per_second: st.handshakes.rate() as u64,
+                },
+            );
+            incoming.refuse();
+            continue;
+        }
         // QUIC connections share one socket, so only the strangers' pool applies.
         let stranger = match st
             .limits

@@ -76,6 +76,11 @@ pub enum Refusal {
         /// The share.
         max: usize,
     },
+    /// New QUIC handshakes are coming faster than `--handshake-rate`.
+    HandshakeRate {
+        /// The rate, a second.
+        per_second: u64,
+    },
     /// The hub is behind on the work it has ([`LoadGauge`]).
     Overloaded {
         /// How far behind, in milliseconds.
@@ -89,6 +94,7 @@ impl Refusal {
         match self {
             Refusal::Full { pool, .. } => format!("{pool}_full"),
             Refusal::PerAddress { pool, .. } => format!("{pool}_per_address"),
+            Refusal::HandshakeRate { .. } => "handshake_rate".into(),
             Refusal::Overloaded { .. } => "overloaded".into(),
         }
     }
@@ -103,6 +109,9 @@ impl std::fmt::Display for Refusal {
                     f,
                     "{pool} connections from this address at their limit ({max})"
                 )
+            }
+            Refusal::HandshakeRate { per_second } => {
+                write!(f, "new QUIC handshakes over {per_second} a second")
             }
             Refusal::Overloaded { lag_ms } => {
                 write!(f, "the hub is {lag_ms} ms behind on its work")
@@ -224,6 +233,44 @@ impl<K: Key> Pool<K> {
     /// The pool's total.
     pub fn max_total(&self) -> usize {
         self.inner.max_total
+    }
+}
+
+/// A rate: `rate` a second, with a burst of as many.
+pub struct TokenBucket {
+    rate: f64,
+    /// Tokens left, and when they were last topped up.
+    state: Mutex<(f64, std::time::Instant)>,
+}
+
+impl TokenBucket {
+    /// A full bucket of `rate` a second (at least one).
+    pub fn new(rate: f64) -> Self {
+        let rate = rate.max(1.0);
+        Self {
+            rate,
+            state: Mutex::new((rate, std::time::Instant::now())),
+        }
+    }
+
+    /// The rate, a second.
+    pub fn rate(&self) -> f64 {
+        self.rate
+    }
+
+    /// Take a token, or say how long until there is one (at least 50 ms).
+    pub fn take(&self) -> Result<(), std::time::Duration> {
+        let mut b = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * self.rate).min(self.rate);
+        b.1 = now;
+        if b.0 >= 1.0 {
+            b.0 -= 1.0;
+            Ok(())
+        } else {
+            Err(std::time::Duration::from_secs_f64((1.0 - b.0) / self.rate)
+                .max(std::time::Duration::from_millis(50)))
+        }
     }
 }
 
@@ -356,6 +403,21 @@ mod tests {
         drop(p1);
         assert_eq!(pool.in_use(), 2);
         pool.acquire(a).expect("slot given back");
+    }
+
+    #[test]
+    fn a_token_bucket_allows_its_rate_and_says_when_to_come_back() {
+        let b = TokenBucket::new(10.0);
+        for _ in 0..10 {
+            assert!(b.take().is_ok(), "a full bucket allows a burst of its rate");
+        }
+        let wait = b.take().expect_err("empty");
+        assert!(
+            wait >= std::time::Duration::from_millis(50)
+                && wait <= std::time::Duration::from_millis(110),
+            "{wait:?}"
+        );
+        assert_eq!(TokenBucket::new(0.0).rate(), 1.0, "at least one a second");
     }
 
     #[tokio::test]

@@ -669,14 +669,17 @@ pub struct HubState {
     pub replica: crate::replicas::Replica,
     /// The epoch of the store's history this hub began at start ([`crate::history`]).
     epoch: std::sync::OnceLock<String>,
-    /// Token bucket for admitting edge sessions: tokens left, last refill.
-    admission: Mutex<(f64, std::time::Instant)>,
+    /// Edge sessions admitted ([`HubConfig::admit_rate`]).
+    admission: crate::limits::TokenBucket,
+    /// QUIC handshakes begun ([`HubConfig::handshake_rate`]).
+    pub handshakes: crate::limits::TokenBucket,
 }
 
 impl HubState {
     /// Assemble the state.
     pub fn new(objects: Objects, ca: CertAuthority, config: HubConfig) -> Arc<Self> {
-        let config_burst = config.admit_rate.max(1.0);
+        let admission = crate::limits::TokenBucket::new(config.admit_rate);
+        let handshakes = crate::limits::TokenBucket::new(config.handshake_rate);
         let replica = crate::replicas::Replica::new(
             config.replica_id.clone(),
             config
@@ -708,7 +711,8 @@ impl HubState {
                 crate::limits::WATCHES_PER_PRINCIPAL,
             ),
             epoch: std::sync::OnceLock::new(),
-            admission: Mutex::new((config_burst, std::time::Instant::now())),
+            admission,
+            handshakes,
         })
     }
 }
@@ -728,16 +732,6 @@ impl HubState {
     /// Bounds the rate at which a restarted hub takes reconnecting edges, so that
     /// thousands of edges coming back at once cannot swamp it.
     pub fn admit(&self) -> Result<(), Duration> {
-        let rate = self.config.admit_rate.max(1.0);
-        let mut b = self.admission.lock().unwrap_or_else(|e| e.into_inner());
-        let now = std::time::Instant::now();
-        b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * rate).min(rate);
-        b.1 = now;
-        if b.0 >= 1.0 {
-            b.0 -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - b.0) / rate).max(Duration::from_millis(50)))
-        }
+        self.admission.take()
     }
 }

@@ -35,6 +35,7 @@ macro_rules! conformance_tests {
             ranges_come_in_pages_with_a_continuation,
             leases_take_their_keys_with_them,
             a_quiet_watch_hears_progress,
+            a_range_larger_than_any_one_answer_comes_back_whole,
         );
         $crate::conformance::proptest::proptest! {
             #![proptest_config($crate::conformance::proptest::prelude::ProptestConfig {
@@ -102,6 +103,37 @@ pub async fn ranges_come_in_pages_with_a_continuation(s: &dyn Store) {
     let page = s.range_page("/p/", Some("/p/14"), 10).await.expect("page");
     assert_eq!(page.kvs.len(), 10);
     assert!(!page.more);
+}
+
+/// A range of many keys and more bytes than one answer of a backend may carry (gRPC's
+/// 4 MiB for etcd) comes back whole, in key order, at one revision.
+pub async fn a_range_larger_than_any_one_answer_comes_back_whole(s: &dyn Store) {
+    let value = vec![b'x'; 2048];
+    let n = 2500;
+    for chunk in (0..n).collect::<Vec<usize>>().chunks(100) {
+        let ops = chunk
+            .iter()
+            .map(|i| Op::Put {
+                key: format!("/big/{i:05}"),
+                value: value.clone(),
+                lease: None,
+            })
+            .collect();
+        let r = s
+            .txn(Txn {
+                compares: Vec::new(),
+                ops,
+            })
+            .await
+            .expect("txn");
+        assert!(r.succeeded);
+    }
+    let before = s.revision().await.expect("revision");
+    let r = s.range("/big/").await.expect("a range of 5 MB");
+    assert_eq!(r.kvs.len(), n);
+    assert!(r.kvs.windows(2).all(|w| w[0].key < w[1].key), "key order");
+    assert!(r.revision >= before);
+    assert!(r.kvs.iter().all(|kv| kv.mod_revision <= r.revision));
 }
 
 /// Every write bumps one revision; compare-and-swap on modification revisions;

@@ -63,6 +63,10 @@ enum Command {
         /// Edge sessions admitted per second, so reconnect storms stay bounded.
         #[arg(long, default_value_t = 200.0)]
         admit_rate: f64,
+        /// New QUIC handshakes begun per second; beyond it edges are turned away
+        /// before the handshake (they back off and come again).
+        #[arg(long, default_value_t = 400.0)]
+        handshake_rate: f64,
         /// Lifetime of node certificates (edges renew after two thirds of it).
         #[arg(long, default_value = "365d", value_parser = parse_duration)]
         node_cert_ttl: Duration,
@@ -470,6 +474,7 @@ fn real_main() -> Result<()> {
             node_grace,
             heartbeat,
             admit_rate,
+            handshake_rate,
             node_cert_ttl,
             store,
             advertise,
@@ -487,6 +492,7 @@ fn real_main() -> Result<()> {
                 config.node_grace = node_grace;
                 config.heartbeat_interval = heartbeat;
                 config.admit_rate = admit_rate;
+                config.handshake_rate = handshake_rate;
                 config.node_cert_ttl = node_cert_ttl;
                 config.advertise = advertise;
                 config.lease_ttl = lease_ttl;

@@ -82,6 +82,9 @@ pub struct SimArgs {
     /// Edge sessions the hub admits per second (`verge hub --admit-rate`).
     #[arg(long, default_value_t = 2000.0)]
     pub admit_rate: f64,
+    /// New QUIC handshakes the hub begins per second (`verge hub --handshake-rate`).
+    #[arg(long, default_value_t = 400.0)]
+    pub handshake_rate: f64,
     /// Hub replicas: 1 is one hub on SQLite; more start a local three-member etcd
     /// cluster (Debian's `etcd`) and that many `verge hub` processes on it, with the
     /// edges spread over them (needs a build with the `etcd` feature, and `--direct`).
@@ -878,6 +881,8 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
         format!("{}s", NODE_GRACE.as_secs()),
         "--admit-rate".into(),
         a.admit_rate.to_string(),
+        "--handshake-rate".into(),
+        a.handshake_rate.to_string(),
     ];
     let mut hubs = Hubs::start(&dir, a.replicas, hub_args).await?;
     let client = hubs.client().clone();
