@@ -83,7 +83,11 @@ pub struct SimArgs {
     #[arg(long, default_value_t = 2000.0)]
     pub admit_rate: f64,
     /// New QUIC handshakes the hub begins per second (`verge hub --handshake-rate`).
-    #[arg(long, default_value_t = 400.0)]
+    /// Each joining edge needs two (enrolment, then its session): the default leaves
+    /// room for reconnections at the default join rate. (At 400 a second, a fleet
+    /// joining at 250 kept a backlog of refused edges retrying, which cost the
+    /// simulator more than the hub.)
+    #[arg(long, default_value_t = 1000.0)]
     pub handshake_rate: f64,
     /// Hub replicas: 1 is one hub on SQLite; more start a local three-member etcd
     /// cluster (Debian's `etcd`) and that many `verge hub` processes on it, with the
