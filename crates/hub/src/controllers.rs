@@ -174,10 +174,13 @@ async fn set_message(st: &HubState, inst: &Instance, message: &str) {
 /// the pass stops and the next one replans from fresh data. Returns how many instances
 /// still wait for a node.
 ///
+/// `cache`: the controllers' cache to plan from ([`crate::cache`]); without one (or
+/// when it lags the store) the pass reads the store.
+///
 /// `full`: also reconcile the inventory when no instance waits. A pass without it that
-/// finds nothing to place reads only the instances: a joining fleet kicks the
-/// scheduler with every new node, and reading every node and ledger each time cost a
-/// hub with 30,000 edges most of its CPU.
+/// finds nothing to place reads nothing more (with the cache, nothing at all): a
+/// joining fleet kicks the scheduler with every new node, and reading every node and
+/// ledger each time cost a hub with 30,000 edges most of its CPU.
 pub async fn schedule_pass(
     st: &HubState,
     cache: Option<&ControllerCache>,
