@@ -123,13 +123,6 @@ impl Default for ControllerCache {
     }
 }
 
-/// What a batch of changes means for the scheduler.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Applied {
-    /// Something may be placeable now.
-    pub work: bool,
-}
-
 impl ControllerCache {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
@@ -216,7 +209,7 @@ impl ControllerCache {
         st.schedule_kick.notify_one();
         while let Some(batch) = watch.recv().await {
             let batch = batch?;
-            if self.apply(&batch).work {
+            if self.apply(&batch) {
                 st.schedule_kick.notify_one();
             }
             self.revision
@@ -225,20 +218,19 @@ impl ControllerCache {
         Err(StoreError::Backend("the controllers' watch ended".into()))
     }
 
-    /// Apply a batch of changes; what it means for the scheduler.
-    pub fn apply(&self, batch: &WatchBatch) -> Applied {
+    /// Apply a batch of changes; whether it may make work for the scheduler.
+    pub fn apply(&self, batch: &WatchBatch) -> bool {
         let mut inner = self.lock();
-        let mut applied = Applied::default();
+        let mut work = false;
         for ev in &batch.events {
             let key = ev.kv.key.as_str();
             let revision = ev.revision();
-            let work = match ev.kind {
+            work |= match ev.kind {
                 EventKind::Put => put(&mut inner, key, &ev.kv.value, revision),
                 EventKind::Delete => delete(&mut inner, key, revision),
             };
-            applied.work |= work;
         }
-        applied
+        work
     }
 }
 
@@ -449,15 +441,15 @@ mod tests {
         let cache = ControllerCache::default();
         assert!(!cache.any_waiting());
         let new = cache.apply(&put_instance(&instance(1, None, ""), 10));
-        assert!(new.work, "a new instance is work");
+        assert!(new, "a new instance is work");
         assert!(cache.any_waiting());
         // Bound at 12: nothing waits, and the binding is no work.
         let bound = cache.apply(&put_instance(&instance(1, Some("n1"), ""), 12));
-        assert!(!bound.work);
+        assert!(!bound);
         assert!(!cache.any_waiting());
         // A change from before what the cache holds (a replay) changes nothing.
         let replay = cache.apply(&put_instance(&instance(1, None, ""), 11));
-        assert!(!replay.work);
+        assert!(!replay);
         assert!(!cache.any_waiting());
         assert_eq!(
             cache.instances()[0].status.node.as_deref(),
@@ -465,15 +457,11 @@ mod tests {
             "the newer write stays"
         );
         // Unbound again (its node went away): waits, and is work.
-        assert!(cache.apply(&put_instance(&instance(1, None, ""), 13)).work);
+        assert!(cache.apply(&put_instance(&instance(1, None, ""), 13)));
         assert!(cache.any_waiting());
         // Deleted: gone, and no longer waits.
         let key = format!("{}a", verge_api::kind_prefix(InstanceSpec::PLURAL));
-        assert!(
-            cache
-                .apply(&event(EventKind::Delete, &key, Vec::new(), 14))
-                .work
-        );
+        assert!(cache.apply(&event(EventKind::Delete, &key, Vec::new(), 14)));
         assert!(!cache.any_waiting());
         assert!(cache.instances().is_empty());
         // A ledger, then an older write of it: the newer one stays.

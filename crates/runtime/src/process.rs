@@ -44,13 +44,18 @@ pub struct ProcessRuntime;
 
 /// State and start time (clock ticks since boot) of a pid, from `/proc/PID/stat`.
 pub fn proc_stat(pid: u32) -> Option<(char, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces and parentheses: split after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let fields = stat_fields(pid)?;
     let state = fields.first()?.chars().next()?;
     let start = fields.get(19)?.parse().ok()?;
     Some((state, start))
+}
+
+/// The fields of `/proc/PID/stat` after the command name (state, ppid, pgrp, ...).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    Some(rest.split_whitespace().map(str::to_string).collect())
 }
 
 /// The variable that marks a process with the start ([`RunRecord::run_id`]) it
@@ -172,16 +177,11 @@ pub fn group_alive(pgid: u32) -> bool {
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .any(|pid| {
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            let Some(fields) = stat_fields(pid) else {
                 return false;
             };
-            let Some(rest) = stat.rfind(')').and_then(|i| stat.get(i + 2..)) else {
-                return false;
-            };
-            // After the command: state, ppid, pgrp.
-            let mut fields = rest.split_whitespace();
-            let state = fields.next().and_then(|s| s.chars().next());
-            let pgrp = fields.nth(1).and_then(|g| g.parse::<u32>().ok());
+            let state = fields.first().and_then(|s| s.chars().next());
+            let pgrp = fields.get(2).and_then(|g| g.parse::<u32>().ok());
             pgrp == Some(pgid) && !matches!(state, Some('Z' | 'X'))
         })
 }
