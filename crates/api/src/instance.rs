@@ -91,6 +91,83 @@ pub struct InstanceSpec {
     /// channel.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub links: Vec<Link>,
+    /// What happens when its node is cut off from the hub: how long until the instance
+    /// counts as lost, whether it is replaced elsewhere, and which copy stays when the
+    /// node comes back.
+    #[serde(default, skip_serializing_if = "DisconnectPolicy::is_default")]
+    pub disconnect: DisconnectPolicy,
+}
+
+/// When a node goes quiet, its workloads may still be running (the link is down, not
+/// the node). This says how long the hub waits before it counts the instance lost,
+/// whether it then starts a replacement elsewhere, and which copy is kept when the
+/// node returns, so that there are never two for good.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DisconnectPolicy {
+    /// Seconds after the node is marked NotReady before the instance is lost (default
+    /// 300). While the node's site peers still see it, it is cut off, not down, and
+    /// the instance is not lost at all.
+    #[serde(default = "default_lost_after")]
+    pub lost_after_seconds: u64,
+    /// Whether a lost instance is placed on another node (default true). If not, it
+    /// stays `Lost` on its node until the node returns.
+    #[serde(default = "default_true")]
+    pub replace: bool,
+    /// Which copy stays when the node of a replaced instance returns.
+    #[serde(default)]
+    pub reconcile: Reconcile,
+}
+
+impl Default for DisconnectPolicy {
+    fn default() -> Self {
+        Self {
+            lost_after_seconds: default_lost_after(),
+            replace: true,
+            reconcile: Reconcile::default(),
+        }
+    }
+}
+
+impl DisconnectPolicy {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+fn default_lost_after() -> u64 {
+    300
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Which copy of a replaced instance stays when its original node returns; the other
+/// is stopped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Reconcile {
+    /// The copy on the node that returned.
+    KeepOriginal,
+    /// The replacement.
+    KeepReplacement,
+    /// The copy on the node the scheduler scores higher for it now (the original on
+    /// a tie: it keeps running).
+    #[default]
+    BestScore,
+    /// The copy that has run longer without a restart.
+    LongestRunning,
+}
+
+impl std::fmt::Display for Reconcile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Reconcile::KeepOriginal => "keepOriginal",
+            Reconcile::KeepReplacement => "keepReplacement",
+            Reconcile::BestScore => "bestScore",
+            Reconcile::LongestRunning => "longestRunning",
+        })
+    }
 }
 
 /// A virtual machine to boot. Its vCPUs and memory come from `resources` (vCPUs: the
@@ -414,6 +491,13 @@ pub enum InstancePhase {
     Failed,
     /// Being stopped for deletion.
     Terminating,
+    /// Its node has been cut off longer than `disconnect.lostAfterSeconds`, and it is
+    /// not replaced (`disconnect.replace: false`): it comes back with its node.
+    Lost,
+    /// Its node is cut off from the hub: it may well be running, nobody here knows.
+    /// (Also what a phase this agent does not know reads as.)
+    #[serde(other)]
+    Unknown,
 }
 
 impl std::fmt::Display for InstancePhase {
@@ -456,6 +540,24 @@ pub struct InstanceStatus {
     /// What it uses on its node, as the node measures it (cgroups).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<ResourceUsage>,
+    /// The copy left behind on a node that was cut off when this instance was
+    /// replaced; set by the hub, cleared when that node returns and one copy is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original: Option<OriginalCopy>,
+}
+
+/// A copy of an instance on a node that was lost and may come back.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OriginalCopy {
+    /// The node it was on.
+    pub node: String,
+    /// RFC 3339 time it was counted lost.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub lost_at: String,
+    /// RFC 3339 time its run started, as last reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
 }
 
 /// Resources an instance uses, measured on its node.
@@ -780,6 +882,13 @@ impl Kind for InstanceSpec {
                     "is used by two links; give each its own local port",
                 );
             }
+        }
+        if self.disconnect.lost_after_seconds > 30 * 86_400 {
+            errs.push(
+                "spec.disconnect.lostAfterSeconds",
+                self.disconnect.lost_after_seconds,
+                "must be at most 2592000 (30 days); use `replace: false` for an instance that is never replaced",
+            );
         }
         if self.termination_grace_period_seconds > 3600 {
             errs.push(

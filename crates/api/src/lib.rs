@@ -20,12 +20,13 @@ pub mod validate;
 
 pub use error::{ApiError, ErrorCode};
 pub use instance::{
-    ContainerSpec, DEFAULT_PROCESS_USER, Form, FunctionSpec, Instance, InstancePhase, InstanceSpec,
-    InstanceStatus, Link, PortSpec, ProcessSpec, ResourceUsage, VmSpec,
+    ContainerSpec, DEFAULT_PROCESS_USER, DisconnectPolicy, Form, FunctionSpec, Instance,
+    InstancePhase, InstanceSpec, InstanceStatus, Link, OriginalCopy, PortSpec, ProcessSpec,
+    Reconcile, ResourceUsage, VmSpec,
 };
 pub use manifest::{Manifest, parse_manifests};
 pub use meta::{API_VERSION, Kind, Object, ObjectMeta};
-pub use node::{Node, NodePhase, NodeSpec, NodeStatus, ResourceList};
+pub use node::{Node, NodePhase, NodeSpec, NodeStatus, PeerVerdict, ResourceList};
 pub use quantity::{Bytes, Cpu};
 pub use region::{Region, RegionSpec};
 pub use validate::{FieldError, FieldErrors};

@@ -162,6 +162,24 @@ pub struct NodeStatus {
     /// Extra facts (addresses etc).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub info: BTreeMap<String, String>,
+    /// RFC 3339 time the phase last changed (set by the hub).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition: Option<String>,
+    /// What this node's agent sees of the other nodes of its site (by name), from
+    /// probing them directly: the hub weighs it before it counts a silent node's
+    /// instances lost.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub peers: BTreeMap<String, PeerVerdict>,
+}
+
+/// Whether a node answers its site peers' probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PeerVerdict {
+    /// It answered lately.
+    Reachable,
+    /// It stopped answering.
+    Unreachable,
 }
 
 fn is_zero(v: &u32) -> bool {

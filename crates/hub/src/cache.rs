@@ -138,6 +138,11 @@ impl ControllerCache {
         !self.lock().waiting.is_empty()
     }
 
+    /// Every node (shared with the cache).
+    pub fn nodes(&self) -> Vec<Arc<Node>> {
+        self.lock().nodes.values().cloned().collect()
+    }
+
     /// Every instance (shared with the cache).
     pub fn instances(&self) -> Vec<Arc<Instance>> {
         self.lock().instances.values().cloned().collect()

@@ -215,6 +215,10 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             return;
         }
     };
+    // Instances replaced while this node was away are settled before it hears
+    // anything, so that a copy it keeps is never sent a removal, nor a status it
+    // reports refused.
+    let settled = crate::disconnect::settle_return(&st, &node).await;
     let (tx, mut rx) = mpsc::channel::<HubToEdge>(1024);
     let welcome = HubToEdge::Welcome {
         protocol_version: PROTOCOL_VERSION,
@@ -261,6 +265,7 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         st.clone(),
         node.clone(),
         resume,
+        settled,
         protocol_version,
         tx.clone(),
     ));
@@ -378,6 +383,11 @@ async fn handle_edge_message(
                     let next = NodeStatus {
                         phase,
                         last_heartbeat: Some(now_rfc3339()),
+                        last_transition: if s.phase == phase {
+                            s.last_transition.clone()
+                        } else {
+                            Some(now_rfc3339())
+                        },
                         protocol_version,
                         transport: transport.into(),
                         message: unsyncable.clone().unwrap_or_default(),
@@ -508,6 +518,7 @@ async fn sync_loop(
     st: Arc<HubState>,
     node: String,
     since: u64,
+    settled: Option<u64>,
     protocol_version: u32,
     tx: mpsc::Sender<HubToEdge>,
 ) {
@@ -517,6 +528,13 @@ async fn sync_loop(
             .get_or_create(&vec![("kind".to_string(), kind.to_string())])
             .inc();
     };
+    // Resuming from a cache that has not seen the settlement could tell the node to
+    // stop a copy it keeps: the sync waits for it.
+    if let Some(revision) = settled {
+        while !st.fanout.caught_up(revision, Duration::from_secs(10)).await {
+            tracing::warn!(node = %node, revision, "the instance cache lags the store; the node's sync waits for it");
+        }
+    }
     let mut sub = st.fanout.subscribe(&node, since).await;
     let mut last_sent = match sub.take_start() {
         crate::fanout::Start::Resume { revision, changes } => {

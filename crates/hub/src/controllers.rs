@@ -85,6 +85,7 @@ pub async fn node_lifecycle(st: Arc<HubState>) {
                         return Ok(false);
                     }
                     s.phase = NodePhase::NotReady;
+                    s.last_transition = Some(verge_api::clock::now_rfc3339());
                     s.message = format!(
                         "no heartbeat for {silent}s (grace {}s): the edge is down or cut off from the hub",
                         grace.as_secs()
@@ -392,6 +393,8 @@ fn record_phases(st: &HubState, instances: &[impl std::borrow::Borrow<Instance>]
         InstancePhase::Succeeded,
         InstancePhase::Failed,
         InstancePhase::Terminating,
+        InstancePhase::Unknown,
+        InstancePhase::Lost,
     ]
     .iter()
     .map(|p| (p.to_string(), 0))

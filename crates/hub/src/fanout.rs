@@ -138,7 +138,40 @@ struct Inner {
     bound: HashMap<String, String>,
     /// `(revision, node)` of every removal remembered, oldest first.
     removals: VecDeque<(u64, String)>,
+    /// Instances replaced while a node was cut off, by the node their original copy
+    /// is on ([`verge_api::OriginalCopy`]): what a returning node's session settles.
+    originals: HashMap<String, std::collections::BTreeSet<String>>,
+    /// The same, by instance.
+    original_of: HashMap<String, String>,
     next_id: u64,
+}
+
+impl Inner {
+    /// Note where `name`'s original copy is, if it has one.
+    fn note_original(&mut self, name: &str, now: Option<&Instance>) {
+        let now = now.and_then(|i| i.status.original.as_ref().map(|o| o.node.clone()));
+        if self.original_of.get(name) == now.as_ref() {
+            return;
+        }
+        let was = match &now {
+            Some(n) => self.original_of.insert(name.to_string(), n.clone()),
+            None => self.original_of.remove(name),
+        };
+        if let Some(was) = was
+            && let Some(names) = self.originals.get_mut(&was)
+        {
+            names.remove(name);
+            if names.is_empty() {
+                self.originals.remove(&was);
+            }
+        }
+        if let Some(now) = now {
+            self.originals
+                .entry(now)
+                .or_default()
+                .insert(name.to_string());
+        }
+    }
 }
 
 /// The hub's one watch of the instances ([module docs](self)).
@@ -160,6 +193,28 @@ impl Fanout {
     /// The revision the cache has caught up with.
     pub fn revision(&self) -> u64 {
         self.lock().revision
+    }
+
+    /// The instances whose original copy is on `node` (replaced while it was cut off).
+    pub fn originals_on(&self, node: &str) -> Vec<String> {
+        self.lock()
+            .originals
+            .get(node)
+            .map(|n| n.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Wait (up to `within`) until the cache has caught up with `revision`; whether
+    /// it did.
+    pub async fn caught_up(&self, revision: u64, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.revision() < revision {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
     }
 
     /// Subscribe `node`'s session, which has applied everything up to `since` (0: it
@@ -258,6 +313,7 @@ impl Fanout {
                 let Some(i) = decode_value::<InstanceSpec>(&kv.value, kv.mod_revision) else {
                     continue;
                 };
+                inner.note_original(i.name(), Some(&i));
                 let Some(node) = node_of(&i).map(str::to_string) else {
                     continue;
                 };
@@ -344,6 +400,7 @@ impl Fanout {
                 EventKind::Put => decode_value::<InstanceSpec>(&ev.kv.value, ev.kv.mod_revision),
                 EventKind::Delete => None,
             };
+            inner.note_original(&name, new.as_ref());
             let was = inner.bound.get(&name).cloned();
             let now = new.as_ref().and_then(node_of).map(str::to_string);
             if let Some(was) = &was

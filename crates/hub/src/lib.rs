@@ -14,6 +14,7 @@ pub mod cache;
 pub mod channel;
 pub mod config;
 pub mod controllers;
+pub mod disconnect;
 pub mod fanout;
 pub mod history;
 pub mod http;
@@ -185,6 +186,7 @@ pub async fn run_with_store(
         // cache's watch, not a timer).
         let cache = Arc::new(cache::ControllerCache::default());
         c.spawn(cache.clone().run(st.clone()));
+        c.spawn(disconnect::run(st.clone(), cache.clone()));
         c.spawn(controllers::scheduler(st.clone(), cache));
         c.spawn(controllers::compaction(st));
         // Aborting this task drops the set, which aborts every controller in it.

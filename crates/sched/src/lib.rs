@@ -20,4 +20,4 @@ pub use offline::{
     Alloc, Budget, Frag, FragReport, Plan, Recommendations, Shape, defrag_plan, fragmentation,
     recommend, shapes,
 };
-pub use online::{Placement, Policy, Reason, Request, Unschedulable, place, place_gang};
+pub use online::{Placement, Policy, Reason, Request, Unschedulable, place, place_gang, score};

@@ -496,13 +496,8 @@ fn tolerates(tolerations: &[(String, Option<String>)], key: &str, value: &str) -
         .any(|(k, v)| k == key && v.as_deref().is_none_or(|v| v == value))
 }
 
-/// Place one instance on `c` (without reserving). `rec` are the offline scheduler's
-/// recommendations, if any.
-pub fn place(
-    c: &Cluster,
-    req: &Request,
-    rec: Option<&Recommendations>,
-) -> Result<Placement, Unschedulable> {
+/// What a scan needs, worked out once per request.
+fn context<'a>(c: &'a Cluster, req: &'a Request, rec: Option<&'a Recommendations>) -> Ctx<'a> {
     let region_bonus = match req.near {
         // Up to +0.3 for the nearest regions, falling off over 5,000 km.
         Some(p) => (0..c.regions.len() as u32)
@@ -515,7 +510,7 @@ pub fn place(
         None => Vec::new(),
     };
     let r = &req.res;
-    let mut ctx = Ctx {
+    Ctx {
         c,
         req,
         rec: rec.and_then(|r| r.preferred(&req.res)),
@@ -551,7 +546,31 @@ pub fn place(
             .map_or(u16::MAX, |t| t.min(u16::MAX as u32 - 1) as u16),
         counts: [0; REASONS],
         evaluated: 0,
-    };
+    }
+}
+
+/// How the scheduler rates `node` for `req` now (the score a placement there would
+/// get), or why the node is ruled out. Group rules count what the cluster holds, so
+/// a caller comparing two nodes for an instance placed on one of them releases it
+/// there first.
+pub fn score(c: &Cluster, req: &Request, node: u32) -> Result<f64, Reason> {
+    let ctx = context(c, req, None);
+    ctx.check(node)?;
+    Ok(if ctx.plain() {
+        ctx.score::<true>(node)
+    } else {
+        ctx.score::<false>(node)
+    } as f64)
+}
+
+/// Place one instance on `c` (without reserving). `rec` are the offline scheduler's
+/// recommendations, if any.
+pub fn place(
+    c: &Cluster,
+    req: &Request,
+    rec: Option<&Recommendations>,
+) -> Result<Placement, Unschedulable> {
+    let mut ctx = context(c, req, rec);
     let order = domain_order(c, req);
     let first_region = order.first().copied().flatten();
     let mut tried = 0usize;

@@ -90,10 +90,11 @@ impl NodeScoped for InstanceSpec {
         obj.status.node.as_deref()
     }
 
-    /// `node` and `placement` belong to the hub; the edge reports the rest.
+    /// `node`, `placement` and `original` belong to the hub; the edge reports the rest.
     fn keep_hub_fields(stored: &Object<Self>, reported: &mut Self::Status) {
         reported.node = stored.status.node.clone();
         reported.placement = stored.status.placement.clone();
+        reported.original = stored.status.original.clone();
     }
 }
 
