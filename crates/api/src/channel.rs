@@ -18,7 +18,10 @@ use crate::node::NodeStatus;
 /// port-forward and edge-to-edge relay.
 /// 3: snapshots arrive in parts ([`HubToEdge::SnapshotPart`]) that each fit in a
 /// frame, however large the node's desired state.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: the hub tells each edge its site's peers to probe ([`HubToEdge::Peers`]).
+pub const PROTOCOL_VERSION: u32 = 4;
+/// The first protocol version whose edges probe their site's peers.
+pub const PEERS_SINCE: u32 = 4;
 /// The first protocol version whose edges take snapshots in parts.
 pub const SNAPSHOT_PARTS_SINCE: u32 = 3;
 /// How large one part of a snapshot (or of a batch of changes) may be, encoded:
@@ -213,6 +216,16 @@ pub enum HubToEdge {
         /// What is asked.
         body: RequestBody,
     },
+    /// The other nodes of this node's site that probe and answer probes, and the
+    /// site's key that signs them (protocol 4). Sent again when the list changes; an
+    /// empty list stops probing.
+    #[serde(rename_all = "camelCase")]
+    Peers {
+        /// The site key, hex (HMAC-SHA256 key of [`verge_tunnel::probe`]'s datagrams).
+        key: String,
+        /// Where each peer answers.
+        peers: Vec<SitePeer>,
+    },
     /// The hub refused something; for fatal codes it closes the connection after this.
     #[serde(rename_all = "camelCase")]
     Error {
@@ -244,6 +257,16 @@ impl HubToEdge {
             retry_after_ms: e.retry_after_ms,
         }
     }
+}
+
+/// A node of the same site, and where it answers probes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SitePeer {
+    /// Its node name.
+    pub name: String,
+    /// `HOST:PORT` of its probe socket.
+    pub address: String,
 }
 
 /// One change to the instances bound to a node.

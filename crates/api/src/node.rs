@@ -172,6 +172,9 @@ pub struct NodeStatus {
     pub peers: BTreeMap<String, PeerVerdict>,
 }
 
+/// The fact (`status.info`) naming where a node answers its site peers' probes.
+pub const PEER_ADDRESS: &str = "peerAddress";
+
 /// Whether a node answers its site peers' probes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

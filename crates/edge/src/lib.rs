@@ -16,6 +16,7 @@ pub mod agent;
 pub mod artifacts;
 pub mod files;
 pub mod links;
+pub mod peers;
 pub mod resources;
 pub mod seams;
 pub mod session;
@@ -83,6 +84,9 @@ pub enum EdgeError {
     /// The hub refuses this node.
     #[error("the hub refused this node: {0}")]
     Refused(String),
+    /// A setting cannot work (what, and how to fix it).
+    #[error("{0}")]
+    Config(String),
     /// PKI failures.
     #[error(transparent)]
     Pki(#[from] verge_tunnel::pki::PkiError),
@@ -131,7 +135,14 @@ pub struct EdgeConfig {
     /// Bytes the artifact cache (blobs, unpacked images) may hold beyond what the
     /// desired state needs.
     pub cache_budget: u64,
+    /// Where to probe and answer the site's peers ([`peers`]; None: off).
+    pub peer_listen: Option<SocketAddr>,
+    /// The address peers are told to probe (default: `peer_listen`).
+    pub peer_advertise: Option<String>,
 }
+
+/// How often each site peer is probed.
+const PEER_PROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// The agent's metrics.
 pub struct Metrics {
@@ -353,6 +364,21 @@ pub async fn run_with(
     if let Some(id) = state.load_identity(&config.name)? {
         state.check_identity(&id)?;
     }
+    let peers = match config.peer_listen {
+        Some(listen) => {
+            let p = peers::PeerProbes::bind(
+                &config.name,
+                listen,
+                config.peer_advertise.clone(),
+                PEER_PROBE_EVERY,
+            )
+            .await
+            .map_err(|e| EdgeError::Config(format!("--peer-listen {listen}: {e}")))?;
+            tokio::spawn(p.clone().run());
+            Some(p)
+        }
+        None => None,
+    };
     ready(metrics_addr);
 
     tokio::pin!(shutdown);
@@ -434,6 +460,7 @@ pub async fn run_with(
                 quic: quic.as_ref(),
                 quic_path: &quic_paths[current],
                 tcp_source,
+                peers: peers.as_deref(),
             };
             let began = tokio::time::Instant::now();
             let end = run_session(&ctx).await?;

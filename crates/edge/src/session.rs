@@ -52,6 +52,8 @@ pub struct SessionCtx<'a> {
     pub quic_path: &'a std::sync::Mutex<QuicPath>,
     /// The local address TCP connections leave from ([`crate::Seams::tcp_source`]).
     pub tcp_source: Option<std::net::IpAddr>,
+    /// This node's site-peer prober, if it probes ([`crate::peers`]).
+    pub peers: Option<&'a crate::peers::PeerProbes>,
 }
 
 /// How long a hub may stay silent to a first QUIC attempt before the edge tries TCP.
@@ -368,6 +370,12 @@ where
                         agent.bookmark(revision)?;
                     }
                     HubToEdge::HeartbeatAck => {}
+                    HubToEdge::Peers { key, peers } => {
+                        if let Some(p) = ctx.peers {
+                            tracing::info!(count = peers.len(), "site peers to probe");
+                            p.set_peers(&key, &peers);
+                        }
+                    }
                     HubToEdge::Renewed { cert_pem } => {
                         if let Some(key_pem) = renewal_key.take() {
                             let renewed = Identity { cert_pem, key_pem, ..ctx.identity.clone() };
@@ -416,7 +424,11 @@ where
                     }
                     renewal_key = Some(key_pem);
                 }
-                let now = (ctx.facts)();
+                let mut now = (ctx.facts)();
+                if let Some(p) = ctx.peers {
+                    now.info.insert(verge_api::node::PEER_ADDRESS.into(), p.advertise().to_string());
+                    now.peers = p.verdicts();
+                }
                 let send_facts = match &facts_sent {
                     Some((prev, at)) => *prev != now || at.elapsed() >= FACTS_EVERY,
                     None => true,

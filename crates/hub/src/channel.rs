@@ -19,8 +19,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use verge_api::channel::{
-    EdgeToHub, HubToEdge, InstanceChange, MIN_PROTOCOL_VERSION, PART_BYTES, PROTOCOL_VERSION,
-    SNAPSHOT_PARTS_SINCE,
+    EdgeToHub, HubToEdge, InstanceChange, MIN_PROTOCOL_VERSION, PART_BYTES, PEERS_SINCE,
+    PROTOCOL_VERSION, SNAPSHOT_PARTS_SINCE,
 };
 use verge_api::clock::now_rfc3339;
 use verge_api::{ApiError, ErrorCode, Instance, InstanceSpec, NodePhase, NodeSpec, NodeStatus};
@@ -261,6 +261,8 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         let _ = writer.shutdown().await;
     });
     let mut closed = conn.closed_watch();
+    let peers_task = (protocol_version >= PEERS_SINCE)
+        .then(|| tokio::spawn(tell_peers(st.clone(), node.clone(), tx.clone())));
     let sync_task = tokio::spawn(sync_loop(
         st.clone(),
         node.clone(),
@@ -325,6 +327,9 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     st.edges.unregister(&node, conn.id);
     crate::replicas::release_session(&st, &node, conn.id).await;
     sync_task.abort();
+    if let Some(t) = peers_task {
+        t.abort();
+    }
     drop(tx);
     drop(conn);
     // The refusal, if any, is the last frame the edge gets.
@@ -476,6 +481,34 @@ async fn handle_edge_message(
             ErrorCode::Invalid,
             "enroll/hello are only valid as the first message",
         )),
+    }
+}
+
+/// How often a session checks whether its node's site peers changed.
+const PEERS_EVERY: Duration = Duration::from_secs(5);
+
+/// Tell the node its site's peers and key ([`crate::sites`]) now and whenever they
+/// change.
+async fn tell_peers(st: Arc<HubState>, node: String, tx: mpsc::Sender<HubToEdge>) {
+    let mut told: Option<(String, Vec<verge_api::channel::SitePeer>)> = None;
+    loop {
+        let now = st.sites.peers_of(&node).unwrap_or_default();
+        if told.as_ref() != Some(&now) {
+            let key = if now.0.is_empty() {
+                String::new()
+            } else {
+                crate::sites::site_key(st.ca.key_pem(), &now.0)
+            };
+            let msg = HubToEdge::Peers {
+                key,
+                peers: now.1.clone(),
+            };
+            if tx.send(msg).await.is_err() {
+                return;
+            }
+            told = Some(now);
+        }
+        tokio::time::sleep(PEERS_EVERY).await;
     }
 }
 

@@ -28,6 +28,7 @@ use verge_api::{
 };
 
 use crate::cache::ControllerCache;
+use crate::sites::site_of;
 use crate::state::HubState;
 
 /// How often the controller looks at the silent nodes' instances.
@@ -51,14 +52,26 @@ impl PeerVote {
 }
 
 /// What the Ready nodes report of their peers, by the peer's name. A node that is not
-/// Ready does not vote: what it says is as old as its last word.
-pub fn peer_votes<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> BTreeMap<String, PeerVote> {
+/// Ready does not vote (what it says is as old as its last word), nor does one of
+/// another site (it has no business probing the peer).
+pub fn peer_votes<'a>(
+    nodes: impl IntoIterator<Item = &'a Node> + Clone,
+) -> BTreeMap<String, PeerVote> {
+    let sites: BTreeMap<&str, &str> = nodes
+        .clone()
+        .into_iter()
+        .filter_map(|n| Some((n.name(), site_of(n)?)))
+        .collect();
     let mut votes: BTreeMap<String, PeerVote> = BTreeMap::new();
     for n in nodes {
+        let Some(site) = site_of(n) else { continue };
         if n.status.phase != NodePhase::Ready {
             continue;
         }
         for (peer, verdict) in &n.status.peers {
+            if sites.get(peer.as_str()) != Some(&site) {
+                continue;
+            }
             let v = votes.entry(peer.clone()).or_default();
             v.voters += 1;
             if *verdict == PeerVerdict::Reachable {
@@ -424,6 +437,9 @@ mod tests {
         n.status.phase = phase;
         n.status.last_transition = Some(verge_api::clock::rfc3339(now_secs() - silent));
         n.status.peers = peers.iter().map(|(p, v)| (p.to_string(), *v)).collect();
+        n.metadata
+            .labels
+            .insert(crate::sites::SITE_LABEL.into(), "paris".into());
         n
     }
 
@@ -504,6 +520,14 @@ mod tests {
         // No peers at all: only the clock decides.
         let alone = [node("a", NodePhase::NotReady, 600, &[])];
         assert_eq!(steps(&alone, &i), vec![("w".into(), Step::Replace)]);
+        // Nodes of another site have no vote.
+        let mut stranger = node("x", NodePhase::Ready, 0, &[("a", Reachable)]);
+        stranger
+            .metadata
+            .labels
+            .insert(crate::sites::SITE_LABEL.into(), "lyon".into());
+        let elsewhere = [node("a", NodePhase::NotReady, 600, &[]), stranger];
+        assert_eq!(steps(&elsewhere, &i), vec![("w".into(), Step::Replace)]);
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod objects;
 pub mod offline;
 pub mod placement;
 pub mod replicas;
+pub mod sites;
 pub mod state;
 pub mod streams;
 pub mod tokens;
@@ -173,6 +174,7 @@ pub async fn run_with_store(
     st.set_epoch(epoch);
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(st.fanout.clone().run(st.objects.store().clone()));
+    tasks.spawn(st.sites.clone().run(st.objects.store().clone()));
     tasks.spawn(st.limits.load.clone().run());
     tasks.spawn(replicas::keep_lease(st.clone()));
     tasks.spawn(replicas::campaign(st.clone()));

@@ -652,6 +652,8 @@ pub struct HubState {
     pub edges: EdgeRegistry,
     /// The one watch of the instances that every edge session is fed from.
     pub fanout: Arc<crate::fanout::Fanout>,
+    /// Which nodes share a site, for their peer probes ([`crate::sites`]).
+    pub sites: Arc<crate::sites::Sites>,
     /// Metrics.
     pub metrics: Metrics,
     /// Wakes the scheduler.
@@ -701,6 +703,7 @@ impl HubState {
             config,
             edges: EdgeRegistry::default(),
             fanout: Arc::default(),
+            sites: Arc::default(),
             metrics: Metrics::new(),
             schedule_kick: Notify::new(),
             recommendations: Mutex::new(None),

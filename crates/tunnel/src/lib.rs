@@ -15,6 +15,7 @@
 pub mod chunk;
 pub mod frame;
 pub mod pki;
+pub mod probe;
 pub mod quic;
 pub mod tls;
 

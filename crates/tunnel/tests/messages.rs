@@ -2,7 +2,8 @@
 
 use proptest::prelude::*;
 use verge_api::channel::{
-    EdgeToHub, HubToEdge, InstanceChange, RequestBody, ResponseBody, StreamHello, StreamPurpose,
+    EdgeToHub, HubToEdge, InstanceChange, RequestBody, ResponseBody, SitePeer, StreamHello,
+    StreamPurpose,
 };
 use verge_api::{
     Instance, InstancePhase, InstanceSpec, InstanceStatus, NodePhase, NodeStatus, ProcessSpec,
@@ -185,6 +186,14 @@ fn hub_msg() -> impl Strategy<Value = HubToEdge> {
         ),
         any::<u64>().prop_map(|id| HubToEdge::Cancel { id }),
         text().prop_map(|cert_pem| HubToEdge::Renewed { cert_pem }),
+        (
+            text(),
+            proptest::collection::vec(
+                (name(), text()).prop_map(|(name, address)| SitePeer { name, address }),
+                0..3
+            )
+        )
+            .prop_map(|(key, peers)| HubToEdge::Peers { key, peers }),
         (any::<u64>(), purpose()).prop_map(|(id, purpose)| HubToEdge::OpenStream { id, purpose }),
         (any::<u64>(), name(), any::<u64>()).prop_map(|(id, instance, tail_bytes)| {
             HubToEdge::Request {

@@ -705,6 +705,8 @@ pub(crate) fn spawn_edges(
             plain_http_registries: Vec::new(),
             log_limits: Default::default(),
             cache_budget: u64::MAX,
+            peer_listen: None,
+            peer_advertise: None,
         };
         let mut rx = stop.subscribe();
         tokio::spawn(async move {

@@ -133,6 +133,14 @@ enum Command {
         /// what the node's instances need is kept beyond it.
         #[arg(long, default_value = "10Gi", value_parser = |s: &str| Bytes::parse(s))]
         cache_budget: Bytes,
+        /// Probe this node's site peers (nodes with the same `site` label) and answer
+        /// their probes on this UDP address, so that the hub can tell this node down
+        /// from only cut off (e.g. 10.0.0.5:7947). Off by default.
+        #[arg(long)]
+        peer_listen: Option<SocketAddr>,
+        /// The address peers probe, when --peer-listen is every address (0.0.0.0:PORT).
+        #[arg(long, requires = "peer_listen")]
+        peer_advertise: Option<String>,
         /// GPUs on this node, MODEL=COUNT (repeatable), e.g. nvidia-t4=2.
         #[arg(long = "gpu", value_parser = parse_count)]
         gpus: Vec<(String, u32)>,
@@ -535,6 +543,8 @@ fn real_main() -> Result<()> {
             log_max_size,
             log_keep,
             cache_budget,
+            peer_listen,
+            peer_advertise,
         } => {
             init_tracing("info");
             let join_token = match join_token_file {
@@ -586,6 +596,8 @@ fn real_main() -> Result<()> {
                         keep: log_keep,
                     },
                     cache_budget: cache_budget.0,
+                    peer_listen,
+                    peer_advertise,
                 };
                 verge_edge::run(config, runtime, shutdown_signal(), |m| {
                     println!(

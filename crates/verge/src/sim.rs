@@ -182,6 +182,8 @@ impl Fleet {
             plain_http_registries: Vec::new(),
             log_limits: Default::default(),
             cache_budget: u64::MAX,
+            peer_listen: None,
+            peer_advertise: None,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         // Each edge's log lines carry its name.

@@ -272,3 +272,92 @@ fn a_node_cut_off_past_lost_after_is_replaced_and_one_copy_stays_when_it_returns
         &[&orig_m, &repl_m, &stay_m],
     );
 }
+
+#[test]
+fn a_node_its_site_peers_still_reach_is_not_replaced_and_one_really_down_is() {
+    let rt = runtime();
+    let d = test_dir();
+    let hub = Hub::start(d.path());
+    let upstream = format!("127.0.0.1:{}", hub.port).parse().expect("addr");
+    let p: FaultProxy = rt.block_on(FaultProxy::start(upstream)).expect("proxy");
+    let site = ["--label", "site=depot-7", "--peer-listen", "127.0.0.1:0"];
+    // `a` reaches the hub through the proxy; its peers `b` and `c` directly. The
+    // peers probe each other directly, whatever the hub link does.
+    let mut a = Edge::start_with(
+        &p.url(),
+        "a",
+        Some(&hub.token(1)),
+        &d.path().join("a"),
+        &site,
+    );
+    hub.wait_phase("nodes", "a", "Ready", T);
+    let m = unique("voted");
+    let policy = "{lostAfterSeconds: 1}";
+    assert!(hub.apply(&with_policy("w", &m, policy)).status.success());
+    let pid = hub.running_pid("w");
+    let _b = Edge::start_with(
+        &hub.url,
+        "b",
+        Some(&hub.token(1)),
+        &d.path().join("b"),
+        &site,
+    );
+    let _c = Edge::start_with(
+        &hub.url,
+        "c",
+        Some(&hub.token(1)),
+        &d.path().join("c"),
+        &site,
+    );
+    wait_for("b and c reach a", T, || {
+        ["b", "c"]
+            .iter()
+            .all(|n| {
+                hub.get_json("nodes", n).is_some_and(|v| {
+                    v["status"]["phase"] == "Ready" && v["status"]["peers"]["a"] == "reachable"
+                })
+            })
+            .then_some(())
+    });
+    let mut h = History::new(&[("w", m.as_str())]);
+
+    // Cut off: the hub no longer hears `a`, its peers still do. The instance is
+    // Unknown, never lost, across several grace periods (3 s) and lostAfter (1 s).
+    p.set(Faults {
+        blackhole: true,
+        ..Default::default()
+    });
+    hub.wait_phase("nodes", "a", "NotReady", T);
+    h.until(&hub, "w unknown on a", T, |s| on(s, "w", "a", "Unknown"));
+    let w = hub.get_json("instances", "w").expect("w");
+    assert!(
+        w["status"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("2 of its 2 site peers reach it")),
+        "{w}"
+    );
+    h.hold(
+        &hub,
+        "not replaced while the peers reach a",
+        Duration::from_secs(10),
+        |s| on(s, "w", "a", "Unknown") && s.pids["w"] == vec![pid as u32],
+    );
+    p.set(Faults::default());
+    h.until(&hub, "w running on a again", T, |s| {
+        on(s, "w", "a", "Running")
+    });
+    assert!(h.ran_throughout("w", pid as u32), "never restarted");
+
+    // Really down: the agent and its workload die, and no one answers probes. The
+    // peers say so, and the instance is replaced after lostAfter.
+    a.proc.kill();
+    kill_pid(pid as u32);
+    h.until(&hub, "w replaced on a peer", Duration::from_secs(60), |s| {
+        (on(s, "w", "b", "Running") || on(s, "w", "c", "Running")) && copies(s, "w") == 1
+    });
+    for n in ["b", "c"] {
+        let v = hub.get_json("nodes", n).expect("node");
+        assert_eq!(v["status"]["peers"]["a"], "unreachable", "{v}");
+    }
+    hub.cleanup(&["w"], &[&m]);
+}
