@@ -442,7 +442,7 @@ pub async fn run_with(
         };
         let mut failures_in_a_row = 0usize;
         // QUIC first; after it fails on an endpoint, TLS over TCP there for a while.
-        let quic_paths: Vec<std::sync::Mutex<session::QuicPath>> =
+        let quic_paths: Vec<std::sync::Mutex<verge_tunnel::dial::QuicPath>> =
             addrs.iter().map(|_| Default::default()).collect();
         loop {
             let addr = &addrs[current];

@@ -49,154 +49,31 @@ pub struct SessionCtx<'a> {
     /// The QUIC client endpoint.
     pub quic: Option<&'a quinn::Endpoint>,
     /// What this agent has learnt of QUIC to this hub endpoint.
-    pub quic_path: &'a std::sync::Mutex<QuicPath>,
+    pub quic_path: &'a std::sync::Mutex<verge_tunnel::dial::QuicPath>,
     /// The local address TCP connections leave from ([`crate::Seams::tcp_source`]).
     pub tcp_source: Option<std::net::IpAddr>,
     /// This node's site-peer prober, if it probes ([`crate::peers`]).
     pub peers: Option<&'a crate::peers::PeerProbes>,
 }
 
-/// How long a hub may stay silent to a first QUIC attempt before the edge tries TCP.
-/// UDP that is filtered is silent, so this is a timeout, not an error; a hub busy with
-/// a joining fleet can be silent for a second or two as well (1.5 s sent half of a
-/// 10,000-edge fleet joining at 500 a second to TCP), so a filtered site pays a few
-/// seconds at its first connect rather than a busy hub a descriptor per edge.
-const QUIC_ATTEMPT: Duration = Duration::from_secs(5);
-
-/// How long a QUIC handshake may take once the hub has answered.
-const QUIC_HANDSHAKE: Duration = Duration::from_secs(10);
-
-/// How long a hub that spoke QUIC to this agent before may stay silent: such a hub is
-/// more likely down or busy with a reconnecting fleet (its socket's queue deep) than
-/// behind a new filter, and TCP would cost it a descriptor per edge.
-const QUIC_PATIENT_ANSWER: Duration = Duration::from_secs(5);
-
-/// Silent QUIC attempts in a row after which even a hub that spoke QUIC before is
-/// tried over TCP (the path may have changed): about 16 s with the backoffs between.
-const QUIC_PATIENCE: u32 = 2;
-
-/// After QUIC fails on an endpoint where TCP works, how long to use TLS over TCP
-/// there before trying QUIC again.
-const QUIC_RETRY: Duration = Duration::from_secs(300);
-
-/// What an agent has learnt of QUIC to one hub endpoint.
-#[derive(Debug, Default)]
-pub struct QuicPath {
-    /// A QUIC handshake with this endpoint completed since the agent started.
-    worked: bool,
-    /// QUIC attempts in a row that met silence.
-    silent_in_a_row: u32,
-    /// TLS over TCP until then: QUIC failed where TCP worked (UDP filtered).
-    tcp_until: Option<tokio::time::Instant>,
-}
-
-fn lock_path(p: &std::sync::Mutex<QuicPath>) -> std::sync::MutexGuard<'_, QuicPath> {
-    p.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Connect: QUIC first (unless it was found filtered here), TLS over TCP when QUIC
-/// meets silence or a failure that TCP may not share.
+/// Connect over [`verge_tunnel::dial::channel`] with this session's identity.
 async fn connect(
     ctx: &SessionCtx<'_>,
-) -> Result<
-    Result<
-        (
-            Box<dyn verge_tunnel::quic::Duplex>,
-            Option<quinn::Connection>,
-            &'static str,
-        ),
-        String,
-    >,
-    EdgeError,
-> {
+) -> Result<Result<verge_tunnel::dial::Connected, String>, EdgeError> {
     let identity = Some((
         ctx.identity.cert_pem.as_str(),
         ctx.identity.key_pem.as_str(),
     ));
-    let (try_quic, patient) = {
-        let p = lock_path(ctx.quic_path);
-        (
-            p.tcp_until.is_none_or(|t| tokio::time::Instant::now() >= t),
-            p.worked && p.silent_in_a_row < QUIC_PATIENCE,
-        )
-    };
-    let mut quic_failed = false;
-    if let (Some(endpoint), true) = (ctx.quic, try_quic) {
-        let cfg =
-            verge_tunnel::tls::client_config(&ctx.identity.ca_pem, identity, &[ALPN_CHANNEL])?;
-        let answer_within = if patient {
-            QUIC_PATIENT_ANSWER
-        } else {
-            QUIC_ATTEMPT
-        };
-        match tokio::time::timeout(
-            answer_within + QUIC_HANDSHAKE,
-            verge_tunnel::quic::dial(endpoint, ctx.addr, cfg, answer_within),
-        )
-        .await
-        {
-            Ok(Ok((conn, stream))) => {
-                let mut p = lock_path(ctx.quic_path);
-                p.worked = true;
-                p.silent_in_a_row = 0;
-                return Ok(Ok((stream, Some(conn), "quic")));
-            }
-            // The hub answered over UDP but is too busy to finish: UDP works, so TCP
-            // would only add load; back off.
-            Err(_) => return Ok(Err("QUIC handshake with a busy hub timed out".into())),
-            Ok(Err(verge_tunnel::tls::TlsError::Connect { source, .. }))
-                if source.kind() == std::io::ErrorKind::ConnectionRefused =>
-            {
-                return Ok(Err(format!(
-                    "the hub turned the connection away ({source})"
-                )));
-            }
-            Ok(Err(verge_tunnel::tls::TlsError::Connect { source, .. }))
-                if source.kind() == std::io::ErrorKind::TimedOut =>
-            {
-                lock_path(ctx.quic_path).silent_in_a_row += 1;
-                if patient {
-                    return Ok(Err(format!(
-                        "no QUIC answer from a hub that spoke QUIC before ({source}): down or busy"
-                    )));
-                }
-                tracing::info!(
-                    addr = ctx.addr,
-                    "no QUIC answer (UDP blocked?); using TLS over TCP"
-                )
-            }
-            Ok(Err(e)) => {
-                tracing::info!(addr = ctx.addr, error = %source_text(&e), "QUIC failed; using TLS over TCP")
-            }
-        }
-        quic_failed = true;
-    }
-    let cfg = verge_tunnel::tls::client_config(&ctx.identity.ca_pem, identity, &[ALPN_CHANNEL])?;
-    Ok(
-        match tokio::time::timeout(
-            Duration::from_secs(10),
-            verge_tunnel::tls::dial_from(ctx.addr, cfg, ctx.tcp_source),
-        )
-        .await
-        {
-            Ok(Ok(s)) => {
-                // QUIC failed where TCP works: UDP is filtered on this path, so stay
-                // on TCP here for a while. (When both fail, the hub is down, not UDP:
-                // a fleet must not fall back to TCP because its hub restarted.)
-                if quic_failed {
-                    lock_path(ctx.quic_path).tcp_until =
-                        Some(tokio::time::Instant::now() + QUIC_RETRY);
-                }
-                Ok((
-                    Box::new(s) as Box<dyn verge_tunnel::quic::Duplex>,
-                    None,
-                    "tls",
-                ))
-            }
-            Ok(Err(e)) => Err(format!("{e}: {}", source_text(&e))),
-            Err(_) => Err("connect timed out".into()),
-        },
-    )
+    Ok(verge_tunnel::dial::channel(&verge_tunnel::dial::Target {
+        addr: ctx.addr,
+        ca_pem: &ctx.identity.ca_pem,
+        identity,
+        alpn: ALPN_CHANNEL,
+        quic: ctx.quic,
+        path: ctx.quic_path,
+        tcp_source: ctx.tcp_source,
+    })
+    .await?)
 }
 
 /// Run one session. Returns when the connection ends.
@@ -292,10 +169,6 @@ fn refusal(code: &str, message: &str) -> Option<SessionEnd> {
         "unauthorized" | "protocol" | "revoked" => Some(SessionEnd::Refused(message.to_string())),
         _ => None,
     }
-}
-
-fn source_text(e: &dyn std::error::Error) -> String {
-    e.source().map(|s| s.to_string()).unwrap_or_default()
 }
 
 async fn session_loop<R, W>(

@@ -13,6 +13,7 @@
 //! identities, it does not interpret messages.
 
 pub mod chunk;
+pub mod dial;
 pub mod frame;
 pub mod pki;
 pub mod probe;
