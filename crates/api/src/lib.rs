@@ -16,6 +16,7 @@ pub mod meta;
 pub mod node;
 pub mod quantity;
 pub mod region;
+pub mod uplink;
 pub mod validate;
 
 pub use error::{ApiError, ErrorCode};

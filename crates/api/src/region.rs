@@ -10,6 +10,14 @@ use crate::validate::FieldErrors;
 /// A Region object (its name is the value nodes carry in their `region` label).
 pub type Region = Object<RegionSpec>;
 
+/// The node label naming a node's region.
+pub const REGION_LABEL: &str = "region";
+
+/// Whether the region has its own hub.
+pub fn has_hub(r: &Region) -> bool {
+    r.status.hub.is_some()
+}
+
 /// Where the region is.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -23,9 +31,29 @@ pub struct RegionSpec {
     pub description: String,
 }
 
-/// Regions have no status yet.
+/// What the centre knows of the region.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct RegionStatus {}
+#[serde(rename_all = "camelCase")]
+pub struct RegionStatus {
+    /// The region's own hub, once one has enrolled: it then serves, schedules and
+    /// watches the region's nodes, and the centre leaves them to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub: Option<RegionHub>,
+}
+
+/// A region hub as its centre sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegionHub {
+    /// Its enrolment (in its client certificate; a new enrolment revokes the old).
+    pub enrolment: String,
+    /// Whether its uplink is connected.
+    #[serde(default)]
+    pub connected: bool,
+    /// RFC 3339 time the uplink last connected or disconnected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+}
 
 impl Kind for RegionSpec {
     type Status = RegionStatus;

@@ -143,6 +143,11 @@ impl ControllerCache {
         self.lock().nodes.values().cloned().collect()
     }
 
+    /// Every region (shared with the cache).
+    pub fn regions(&self) -> Vec<Arc<Region>> {
+        self.lock().regions.values().cloned().collect()
+    }
+
     /// Every instance (shared with the cache).
     pub fn instances(&self) -> Vec<Arc<Instance>> {
         self.lock().instances.values().cloned().collect()

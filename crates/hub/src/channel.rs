@@ -25,8 +25,8 @@ use verge_api::channel::{
 use verge_api::clock::now_rfc3339;
 use verge_api::{ApiError, ErrorCode, Instance, InstanceSpec, NodePhase, NodeSpec, NodeStatus};
 use verge_tunnel::frame::{
-    FrameError, MAX_FRAME, MAX_UNAUTHENTICATED_FRAME, decode, read_frame, read_msg_limited,
-    write_msg,
+    FrameError, MAX_FRAME, MAX_UNAUTHENTICATED_FRAME, decode, read_frame, read_frame_limited,
+    read_msg_limited, write_msg,
 };
 
 use crate::identity::PeerIdentity;
@@ -44,12 +44,45 @@ fn label(result: &str) -> Vec<(String, String)> {
 
 /// Serve an enrolment connection.
 pub async fn serve_enroll<S: AsyncRead + AsyncWrite + Unpin>(st: Arc<HubState>, mut stream: S) {
-    let reply = match tokio::time::timeout(
+    let first = tokio::time::timeout(
         FIRST_MESSAGE_TIMEOUT,
-        read_msg_limited::<EdgeToHub, _>(&mut stream, MAX_UNAUTHENTICATED_FRAME),
+        read_frame_limited(&mut stream, MAX_UNAUTHENTICATED_FRAME),
     )
-    .await
+    .await;
+    // A region hub enrols at the same door, with a message of its own.
+    if let Ok(Ok(Some(body))) = &first
+        && let Ok(verge_api::uplink::RegionToCentre::Enroll {
+            protocol_version,
+            token,
+            region,
+        }) = decode(body)
     {
+        let reply = if protocol_version != verge_api::uplink::UPLINK_VERSION {
+            verge_api::uplink::CentreToRegion::Error {
+                code: "protocol".into(),
+                message: format!(
+                    "region hub speaks uplink protocol {protocol_version}; this centre speaks {}",
+                    verge_api::uplink::UPLINK_VERSION
+                ),
+            }
+        } else {
+            match crate::region::centre::enrol(&st, &token, &region).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(region = %region, error = %e.message, "region enrolment refused");
+                    verge_api::uplink::CentreToRegion::Error {
+                        code: code_name(e.code).into(),
+                        message: e.message,
+                    }
+                }
+            }
+        };
+        let _ = write_msg(&mut stream, &reply).await;
+        let _ = stream.shutdown().await;
+        return;
+    }
+    let first = first.map(|r| r.and_then(|b| b.map(|b| decode::<EdgeToHub>(&b)).transpose()));
+    let reply = match first {
         Ok(Ok(Some(EdgeToHub::Enroll {
             protocol_version,
             token,
@@ -654,7 +687,7 @@ fn encoded_len(i: &Instance) -> usize {
 
 /// Split `items` into runs whose encoded size stays under [`PART_BYTES`] (a single
 /// item larger than that makes a run of its own; validation keeps objects far below).
-fn in_parts<T>(items: Vec<T>, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+pub(crate) fn in_parts<T>(items: Vec<T>, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
     let mut parts: Vec<Vec<T>> = Vec::new();
     let mut current = Vec::new();
     let mut bytes = 0;

@@ -48,6 +48,8 @@ pub struct HubConfig {
     /// Begin a new history epoch even on a shared store (after restoring it from a
     /// backup: edges then take a snapshot instead of resuming).
     pub new_epoch: bool,
+    /// This hub serves one region for a centre ([`crate::region`]).
+    pub region: Option<crate::region::RegionLink>,
 }
 
 impl HubConfig {
@@ -69,6 +71,7 @@ impl HubConfig {
             lease_ttl: Duration::from_secs(2),
             shared_store: false,
             new_epoch: false,
+            region: None,
         }
     }
 }

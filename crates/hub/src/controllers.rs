@@ -43,9 +43,16 @@ pub async fn node_lifecycle(st: Arc<HubState>) {
     loop {
         tick.tick().await;
         if listed.as_ref().is_none_or(|(at, _)| at.elapsed() >= relist) {
-            let Ok((nodes, _)) = st.objects.list::<NodeSpec>().await else {
+            let Ok((mut nodes, _)) = st.objects.list::<NodeSpec>().await else {
                 continue;
             };
+            // A region with a hub of its own watches its nodes (and says how they
+            // are): the centre does not hear their heartbeats.
+            let Ok((regions, _)) = st.objects.list::<verge_api::RegionSpec>().await else {
+                continue;
+            };
+            let managed = crate::region::managed_elsewhere(st.as_ref(), &regions);
+            nodes.retain(|n| !crate::region::node_managed(n, &managed));
             listed = Some((std::time::Instant::now(), nodes));
         }
         let Some((_, nodes)) = listed.as_mut() else {
@@ -234,10 +241,14 @@ pub async fn schedule_pass(
         }
         None => true,
     };
+    // Regions with hubs of their own place their instances on their nodes.
+    let managed = crate::region::managed_elsewhere(st, regions.iter().map(|r| &**r));
+    let ours =
+        |i: &Instance| !crate::region::instance_region(i).is_some_and(|r| managed.contains(r));
     let mut pending: Vec<&Instance> = instances
         .iter()
         .map(|i| &**i)
-        .filter(|i| waits_for_node(i) && mine(i))
+        .filter(|i| waits_for_node(i) && mine(i) && ours(i))
         .collect();
     if pending.is_empty() {
         return Ok(0);
@@ -250,7 +261,12 @@ pub async fn schedule_pass(
             .cmp(&b.metadata.creation_time)
             .then(a.name().cmp(b.name()))
     });
-    let View { mut cluster, names } = placement::view(&nodes, &regions, &ledgers);
+    let schedulable: Vec<&verge_api::Node> = nodes
+        .iter()
+        .map(|n| &**n)
+        .filter(|n| !crate::region::node_managed(n, &managed))
+        .collect();
+    let View { mut cluster, names } = placement::view(&schedulable, &regions, &ledgers);
     let recs = recommendations(st, &cluster, &ledgers);
     let mut gangs: BTreeMap<String, (u32, Vec<&Instance>)> = BTreeMap::new();
     let mut singles = Vec::new();

@@ -247,7 +247,10 @@ pub async fn run(st: Arc<HubState>, cache: Arc<ControllerCache>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let nodes = cache.nodes();
+        // The nodes of regions with hubs of their own are theirs to watch.
+        let managed = crate::region::managed_elsewhere(&st, cache.regions().iter().map(|r| &**r));
+        let mut nodes = cache.nodes();
+        nodes.retain(|n| !crate::region::node_managed(n, &managed));
         if nodes.iter().all(|n| n.status.phase == NodePhase::Ready) {
             continue;
         }

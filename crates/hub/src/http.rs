@@ -683,6 +683,13 @@ async fn audit(
     Ok(Json(serde_json::json!({"items": events})).into_response())
 }
 
+/// Writes made at region hubs that lost to the centre's ([`crate::region`]).
+async fn conflicts(State(st): State<Arc<HubState>>, p: Principal) -> ApiResult<Response> {
+    admin_only(&p, "the conflicts between tiers")?;
+    let items = crate::region::conflicts(st.objects.store().as_ref()).await?;
+    Ok(Json(serde_json::json!({"items": items})).into_response())
+}
+
 async fn sched_plan(
     State(st): State<Arc<HubState>>,
     p: Principal,
@@ -764,6 +771,7 @@ pub fn router(state: Arc<HubState>) -> Router {
         .merge(kind_routes::<RegionSpec>())
         .route("/v1/inventory", get(inventory_report))
         .route("/v1/inventory/audit", get(audit))
+        .route("/v1/conflicts", get(conflicts))
         .route(
             "/v1/sched/plan",
             post(sched_plan).route_layer(axum::middleware::from_fn_with_state(

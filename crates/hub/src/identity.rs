@@ -133,7 +133,26 @@ pub async fn admit(
     peer: &PeerIdentity,
     door: &str,
 ) -> Result<(), Refused> {
-    let r = verify(st.objects.store().as_ref(), peer).await;
+    let mut r = verify(st.objects.store().as_ref(), peer).await;
+    // A region hub learns its nodes and their enrolments from its centre: one it does
+    // not know (yet), or knows an older enrolment of, may be news it has not had. The
+    // edge is told to come again, not that it is gone: only its centre may say that.
+    if let (Some(link), Err(refused)) = (&st.config.region, &r)
+        && refused.code != "unavailable"
+    {
+        tracing::info!(node = %peer.node, door, error = %refused.error.message, "a node this region hub does not know (yet); the edge will retry");
+        r = Err(Refused {
+            code: "unavailable",
+            error: ApiError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "region hub '{}' does not know node '{}' as enrolled now ({}); it learns nodes from its centre, so retry shortly, or connect to the centre",
+                    link.region, peer.node, refused.error.message
+                ),
+            ),
+        });
+        return r;
+    }
     if let Err(refused) = &r {
         st.metrics
             .revoked_certificates

@@ -24,6 +24,7 @@ pub mod limits;
 pub mod objects;
 pub mod offline;
 pub mod placement;
+pub mod region;
 pub mod replicas;
 pub mod sites;
 pub mod state;
@@ -131,7 +132,13 @@ pub async fn run_with_store(
     let tls = verge_tunnel::tls::server_config(
         ca.cert_pem(),
         &server,
-        &[ALPN_CHANNEL, ALPN_STREAM, ALPN_ENROLL, b"http/1.1"],
+        &[
+            ALPN_CHANNEL,
+            ALPN_STREAM,
+            ALPN_ENROLL,
+            verge_api::uplink::ALPN_REGION,
+            b"http/1.1",
+        ],
     )?;
 
     // Admin credentials: reuse the token from an existing admin.conf, else mint one.
@@ -158,7 +165,7 @@ pub async fn run_with_store(
                 uses: Some(0),
                 ttl_seconds: Some(24 * 3600),
                 description: "created at first start".into(),
-                node: None,
+                ..Default::default()
             },
         )
         .await?;
@@ -180,6 +187,9 @@ pub async fn run_with_store(
     tasks.spawn(replicas::campaign(st.clone()));
     tasks.spawn(replicas::follow_sessions(st.clone()));
     tasks.spawn(artifacts::replicate(st.clone()));
+    if let Some(link) = st.config.region.clone() {
+        tasks.spawn(region::uplink::run(st.clone(), link));
+    }
     tasks.spawn(replicas::lead_controllers(st.clone(), |st| async move {
         let mut c = tokio::task::JoinSet::new();
         c.spawn(controllers::node_lifecycle(st.clone()));
@@ -264,10 +274,8 @@ pub async fn run_with_store(
             };
             let (_, conn) = tls.get_ref();
             let alpn = conn.alpn_protocol().map(|p| p.to_vec());
-            let identity = conn
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(|c| PeerIdentity::from_cert(c));
+            let cert = conn.peer_certificates().and_then(|c| c.first()).cloned();
+            let identity = cert.as_ref().and_then(|c| PeerIdentity::from_cert(c));
             match alpn.as_deref() {
                 // Each branch's future is boxed: a connection's task then holds only
                 // what its own kind of session needs, not the largest of them all
@@ -280,6 +288,13 @@ pub async fn run_with_store(
                 Some(p) if p == ALPN_STREAM => {
                     drop(stranger);
                     Box::pin(streams::serve_data_stream(st, tls, identity)).await
+                }
+                Some(p) if p == verge_api::uplink::ALPN_REGION => {
+                    drop(stranger);
+                    let region = cert
+                        .as_ref()
+                        .and_then(|c| verge_tunnel::pki::region_identity_from_cert(c));
+                    Box::pin(region::centre::serve(st, tls, region)).await
                 }
                 // An enrolling peer has no credentials until it is done: it stays in
                 // the strangers' pool.
@@ -399,10 +414,9 @@ async fn serve_quic(st: Arc<HubState>, endpoint: quinn::Endpoint) {
                 _ = stranger.evicted() => return,
             };
             let (alpn, certs) = verge_tunnel::quic::peer(&conn);
-            let identity = certs
-                .as_ref()
-                .and_then(|c| c.first())
-                .and_then(|c| PeerIdentity::from_cert(c));
+            let cert = certs.as_ref().and_then(|c| c.first());
+            let identity = cert.and_then(|c| PeerIdentity::from_cert(c));
+            let region = cert.and_then(|c| verge_tunnel::pki::region_identity_from_cert(c));
             let Ok(Ok((send, recv))) =
                 tokio::time::timeout(HANDSHAKE_DEADLINE, conn.accept_bi()).await
             else {
@@ -420,6 +434,10 @@ async fn serve_quic(st: Arc<HubState>, endpoint: quinn::Endpoint) {
                     // Boxed, as over TCP: the task holds only the session's state.
                     Box::pin(channel::serve_channel(st, stream, identity, "quic")).await;
                     data_streams.abort();
+                }
+                Some(p) if p == verge_api::uplink::ALPN_REGION => {
+                    drop(stranger);
+                    Box::pin(region::centre::serve(st, stream, region)).await;
                 }
                 Some(p) if p == ALPN_ENROLL => {
                     tokio::select! {

@@ -58,6 +58,8 @@ pub struct Metrics {
     pub watches_dropped: Counter,
     /// 1 while this replica leads (runs the controllers), else 0.
     pub leader: Gauge,
+    /// 1 while a region hub's uplink to its centre is up, else 0.
+    pub uplink_connected: Gauge,
     /// Edge sessions by how their desired state was sent: `resume` (changes from the
     /// edge's revision) or `snapshot` (everything).
     pub syncs: Family<Labels, Counter>,
@@ -84,6 +86,7 @@ impl Metrics {
             revoked_certificates: Family::default(),
             watches_dropped: Counter::default(),
             leader: Gauge::default(),
+            uplink_connected: Gauge::default(),
             syncs: Family::default(),
             heartbeat_lag: Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0]),
             registry: Registry::default(),
@@ -112,6 +115,11 @@ impl Metrics {
             "syncs",
             "Edge sessions by how their desired state was sent (resume from the edge's revision, or snapshot)",
             m.syncs.clone(),
+        );
+        registry.register(
+            "uplink_connected",
+            "1 while this region hub's uplink to its centre is up",
+            m.uplink_connected.clone(),
         );
         registry.register(
             "leader",

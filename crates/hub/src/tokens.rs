@@ -46,6 +46,9 @@ pub struct JoinTokenRecord {
     /// already exists (the path back for a node whose certificate expired offline).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// When set, the token enrols only a region hub for this region (and no node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
 }
 
 /// What `POST /v1/tokens` accepts.
@@ -64,6 +67,9 @@ pub struct TokenRequest {
     /// Bind the token to one node name (re-enrolment of an existing node).
     #[serde(default)]
     pub node: Option<String>,
+    /// Make it a token for a region hub of this region (`verge hub --region`).
+    #[serde(default)]
+    pub region: Option<String>,
 }
 
 /// What `POST /v1/tokens` returns.
@@ -90,6 +96,12 @@ pub async fn create_join_token(
     ca_fingerprint: &str,
     req: &TokenRequest,
 ) -> Result<TokenResponse, ApiError> {
+    if req.node.is_some() && req.region.is_some() {
+        return Err(ApiError::new(
+            ErrorCode::Invalid,
+            "node and region: a token enrols either one node or a region hub; give one of them",
+        ));
+    }
     let token = JoinToken::generate(ca_fingerprint);
     let uses = match req.uses {
         Some(0) => None,
@@ -115,6 +127,7 @@ pub async fn create_join_token(
         expires_at,
         description: req.description.clone(),
         node: req.node.clone(),
+        region: req.region.clone(),
     };
     let value = serde_json::to_vec(&rec).unwrap_or_default();
     store
@@ -142,7 +155,7 @@ fn refused(why: &str) -> ApiError {
 pub async fn check_join_token(
     store: &dyn Store,
     token: &JoinToken,
-) -> Result<(Compare, Option<Op>, Option<String>), ApiError> {
+) -> Result<(Compare, Option<Op>, JoinTokenRecord), ApiError> {
     let key = format!("{JOIN_TOKEN_PREFIX}{}", token.id);
     let kv: KeyValue = store
         .get(&key)
@@ -161,7 +174,7 @@ pub async fn check_join_token(
         key: key.clone(),
         mod_revision: kv.mod_revision,
     };
-    let bound = rec.node.clone();
+    let bound = rec.clone();
     let op = match rec.uses_left {
         None => None,
         Some(n) if n <= 1 => Some(Op::Delete { key }),

@@ -24,6 +24,8 @@ use time::{Duration, OffsetDateTime};
 pub const HUB_SERVER_NAME: &str = "hub.verge.internal";
 /// Organisation written into node certificates.
 pub const NODE_ORG: &str = "verge:nodes";
+/// Organisation written into region hubs' client certificates.
+pub const REGION_ORG: &str = "verge:regions";
 
 /// PKI failures.
 #[derive(Debug, thiserror::Error)]
@@ -168,11 +170,37 @@ impl CertAuthority {
         enrolment: Option<&str>,
         valid_for: Duration,
     ) -> Result<String, PkiError> {
+        self.sign_client_csr(csr_pem, NODE_ORG, node_name, enrolment, valid_for)
+    }
+
+    /// A key and a client certificate for a region hub (`O=verge:regions`, CN = the
+    /// region), which it presents to its centre. Made by the region itself: it holds
+    /// the CA it shares with the centre.
+    pub fn issue_region_client(
+        &self,
+        region: &str,
+        enrolment: &str,
+        valid_for: Duration,
+    ) -> Result<Issued, PkiError> {
+        let (key_pem, csr_pem) = new_node_key_and_csr(region)?;
+        let cert_pem =
+            self.sign_client_csr(&csr_pem, REGION_ORG, region, Some(enrolment), valid_for)?;
+        Ok(Issued { cert_pem, key_pem })
+    }
+
+    fn sign_client_csr(
+        &self,
+        csr_pem: &str,
+        org: &str,
+        name: &str,
+        enrolment: Option<&str>,
+        valid_for: Duration,
+    ) -> Result<String, PkiError> {
         let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
             .map_err(|e| parse_err("certificate signing request", e))?;
         let mut csr = CertificateSigningRequestParams::from_der(&der)
             .map_err(|e| parse_err("certificate signing request", e))?;
-        csr.params.distinguished_name = dn(node_name, NODE_ORG);
+        csr.params.distinguished_name = dn(name, org);
         if let Some(e) = enrolment {
             csr.params
                 .distinguished_name
@@ -247,10 +275,19 @@ pub fn node_name_from_cert(der: &[u8]) -> Option<String> {
 /// The node name and enrolment of a node certificate. Certificates issued before
 /// enrolments were recorded have none.
 pub fn node_identity_from_cert(der: &[u8]) -> Option<(String, Option<String>)> {
+    identity_from_cert(der, NODE_ORG)
+}
+
+/// The region and enrolment of a region hub's client certificate.
+pub fn region_identity_from_cert(der: &[u8]) -> Option<(String, Option<String>)> {
+    identity_from_cert(der, REGION_ORG)
+}
+
+fn identity_from_cert(der: &[u8], want_org: &str) -> Option<(String, Option<String>)> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let subject = cert.subject();
     let org = subject.iter_organization().next()?.as_str().ok()?;
-    if org != NODE_ORG {
+    if org != want_org {
         return None;
     }
     let name = subject

@@ -26,7 +26,7 @@ pub enum Output {
 fn kind_or_bail(word: &str) -> Result<&'static str> {
     resolve_kind(word).with_context(|| {
         format!(
-            "unknown kind '{word}'; use nodes, instances, regions, inventory, audit or replicas"
+            "unknown kind '{word}'; use nodes, instances, regions, inventory, audit, replicas or conflicts"
         )
     })
 }
@@ -327,6 +327,37 @@ async fn get_audit(client: &Client, output: Output) -> Result<()> {
     Ok(())
 }
 
+/// `verge get conflicts`: writes made at a region hub that lost to the centre's.
+async fn get_conflicts(client: &Client, output: Output) -> Result<()> {
+    let v: serde_json::Value = client.get("/v1/conflicts").await?;
+    let items = v["items"].as_array().cloned().unwrap_or_default();
+    if matches!(output, Output::Json | Output::Yaml) {
+        return print_values(&items, output);
+    }
+    if items.is_empty() {
+        eprintln!("No conflicts.");
+        return Ok(());
+    }
+    let s = |x: &serde_json::Value| dash(x.as_str().unwrap_or(""));
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|c| {
+            vec![
+                s(&c["at"]),
+                s(&c["region"]),
+                format!("{}/{}", s(&c["kind"]), s(&c["name"])),
+                s(&c["write"]),
+                s(&c["message"]),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(&["TIME", "REGION", "OBJECT", "WRITE", "WHY"], &rows)
+    );
+    Ok(())
+}
+
 /// `verge get replicas`: the hub replicas on the store, which one leads, and how many
 /// edges each holds.
 async fn get_replicas(client: &Client, output: Output) -> Result<()> {
@@ -473,6 +504,7 @@ pub async fn get(client: &Client, kind: &str, name: Option<&str>, output: Output
     match kind {
         "inventory" | "inv" => return get_inventory(client, output).await,
         "audit" => return get_audit(client, output).await,
+        "conflicts" | "conflict" => return get_conflicts(client, output).await,
         "replicas" | "hubs" => return get_replicas(client, output).await,
         _ => {}
     }
@@ -664,8 +696,9 @@ pub async fn token_create(
     ttl: Option<u64>,
     description: &str,
     node: Option<&str>,
+    region: Option<&str>,
 ) -> Result<()> {
-    let body = serde_json::json!({"uses": uses, "ttlSeconds": ttl, "description": description, "node": node});
+    let body = serde_json::json!({"uses": uses, "ttlSeconds": ttl, "description": description, "node": node, "region": region});
     let v: serde_json::Value = client.post("/v1/tokens", &body).await?;
     println!("{}", v["token"].as_str().unwrap_or_default());
     Ok(())

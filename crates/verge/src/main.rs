@@ -83,6 +83,23 @@ enum Command {
         /// backup, so that edges take a snapshot instead of resuming).
         #[arg(long)]
         new_epoch: bool,
+        /// Serve one region for a centre: this hub keeps the region's slice on its own
+        /// store, schedules and watches the region's nodes, and keeps working while
+        /// the centre is out of reach (needs --upstream).
+        #[arg(long, requires = "upstreams")]
+        region: Option<String>,
+        /// The centre's URL (repeatable: endpoints tried in turn).
+        #[arg(long = "upstream", requires = "region")]
+        upstreams: Vec<String>,
+        /// A region join token from the centre (`verge token create --region NAME`),
+        /// for the first start.
+        #[arg(
+            long,
+            env = "VERGE_JOIN_TOKEN",
+            hide_env_values = true,
+            requires = "region"
+        )]
+        join_token: Option<String>,
     },
     /// Run the edge agent.
     Edge {
@@ -337,8 +354,12 @@ enum TokenCommand {
         description: String,
         /// Bind the token to one node name; it may then re-enrol that node if it exists
         /// (the way back for a node whose certificate expired while it was offline).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "region")]
         node: Option<String>,
+        /// Make it a token for a region hub of this region (`verge hub --region NAME
+        /// --upstream URL --join-token ...`); the Region object must exist.
+        #[arg(long)]
+        region: Option<String>,
     },
 }
 
@@ -488,6 +509,9 @@ fn real_main() -> Result<()> {
             advertise,
             lease_ttl,
             new_epoch,
+            region,
+            upstreams,
+            join_token,
         } => {
             init_tracing("info");
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -495,7 +519,15 @@ fn real_main() -> Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(async {
+                let link = match &region {
+                    Some(r) => Some(
+                        verge_hub::region::prepare(&data_dir, r, &upstreams, join_token.as_deref())
+                            .await?,
+                    ),
+                    None => None,
+                };
                 let mut config = verge_hub::HubConfig::new(listen, data_dir);
+                config.region = link;
                 config.extra_sans = sans;
                 config.node_grace = node_grace;
                 config.heartbeat_interval = heartbeat;
@@ -786,6 +818,7 @@ async fn run_cli(config: Option<PathBuf>, command: Command) -> Result<()> {
                     ttl,
                     description,
                     node,
+                    region,
                 },
         } => {
             cli::token_create(
@@ -794,6 +827,7 @@ async fn run_cli(config: Option<PathBuf>, command: Command) -> Result<()> {
                 Some(ttl.as_secs()),
                 &description,
                 node.as_deref(),
+                region.as_deref(),
             )
             .await
         }

@@ -74,8 +74,17 @@ async fn enrol_once(st: &HubState, request: &Request) -> Result<Enrolled, ApiErr
         e.message = format!("cannot enrol: {}", e.message);
         e
     })?;
-    let (token_compare, token_op, bound) =
+    let (token_compare, token_op, record) =
         check_join_token(st.objects.store().as_ref(), &token).await?;
+    if let Some(r) = &record.region {
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            format!(
+                "join token refused: it enrols a hub for region '{r}', not a node; ask for a node token (`verge token create`)"
+            ),
+        ));
+    }
+    let bound = record.node;
     if let Some(b) = &bound
         && b != node_name
     {

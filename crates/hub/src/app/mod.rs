@@ -47,6 +47,12 @@ pub trait NodeScoped: Kind {
     /// The node an object belongs to, if any.
     fn owner(obj: &Object<Self>) -> Option<&str>;
 
+    /// Whether operators of a region hub for `region` may write it there (only what
+    /// is placed in the region; everything else is written at the centre).
+    fn in_region(_obj: &Object<Self>, _region: &str) -> bool {
+        false
+    }
+
     /// Put back into a status a node reported what only the hub decides.
     fn keep_hub_fields(_stored: &Object<Self>, _reported: &mut Self::Status) {}
 
@@ -90,6 +96,10 @@ impl NodeScoped for InstanceSpec {
         obj.status.node.as_deref()
     }
 
+    fn in_region(obj: &Object<Self>, region: &str) -> bool {
+        crate::region::instance_region(obj) == Some(region)
+    }
+
     /// `node`, `placement` and `original` belong to the hub; the edge reports the rest.
     fn keep_hub_fields(stored: &Object<Self>, reported: &mut Self::Status) {
         reported.node = stored.status.node.clone();
@@ -111,6 +121,26 @@ pub fn admin_only(p: &Principal, what: &str) -> Result<(), ApiError> {
         Principal::Admin => Ok(()),
         Principal::Node(n) => Err(forbidden(n, what)),
     }
+}
+
+/// On a region hub, refuse a write of what is not the region's to write.
+fn region_scope<S: NodeScoped>(st: &HubState, obj: &Object<S>) -> Result<(), ApiError> {
+    let Some(link) = &st.config.region else {
+        return Ok(());
+    };
+    if S::in_region(obj, &link.region) {
+        return Ok(());
+    }
+    let r = &link.region;
+    Err(ApiError::new(
+        ErrorCode::Forbidden,
+        format!(
+            "this hub serves region '{r}': it takes instances placed in it (spec.placement.region: {r}); write {} '{}' at the centre ({})",
+            S::KIND.to_lowercase(),
+            obj.name(),
+            link.upstreams.join(", ")
+        ),
+    ))
 }
 
 /// Whether `p` may see (and report on) `obj`.
@@ -143,6 +173,7 @@ pub async fn create<S: NodeScoped>(
     obj: Object<S>,
 ) -> Result<Object<S>, ApiError> {
     admin_only(p, &format!("creating {}", S::PLURAL))?;
+    region_scope(st, &obj)?;
     let obj = st.objects.create(obj).await?;
     Ok(obj)
 }
@@ -164,6 +195,7 @@ pub async fn apply<S: NodeScoped>(
             ),
         ));
     }
+    region_scope(st, &obj)?;
     let applied = st.objects.apply(obj).await?;
     Ok(applied)
 }
@@ -209,10 +241,19 @@ pub async fn delete<S: NodeScoped>(
     name: &str,
 ) -> Result<Object<S>, ApiError> {
     admin_only(p, &format!("deleting {} '{name}'", S::KIND.to_lowercase()))?;
-    let obj = st
-        .objects
-        .delete_with::<S>(name, S::deleted_with(name))
-        .await?;
+    let mut also = S::deleted_with(name);
+    if st.config.region.is_some() {
+        // A region's delete goes up to the centre, from a tombstone.
+        let current = st.objects.get::<S>(name).await?;
+        region_scope(st, &current)?;
+        also.push(crate::region::uplink::tombstone(
+            S::PLURAL,
+            name,
+            &current.metadata.uid,
+            current.metadata.generation,
+        ));
+    }
+    let obj = st.objects.delete_with::<S>(name, also).await?;
     S::after_delete(st, name);
     Ok(obj)
 }
