@@ -82,6 +82,15 @@ pub enum RegionToCentre {
         /// The statuses.
         items: Vec<StatusReport>,
     },
+    /// First message on a new uplink connection that answers
+    /// [`CentreToRegion::OpenStream`]: after it, the connection carries one HTTP/1.1
+    /// connection from the centre to the region hub's REST API (logs, exec and
+    /// port-forward for the region's edges, asked of the centre).
+    #[serde(rename_all = "camelCase")]
+    Stream {
+        /// The id the centre gave.
+        id: u64,
+    },
     /// A write of the region's operators.
     #[serde(rename_all = "camelCase")]
     Write {
@@ -175,6 +184,13 @@ pub enum CentreToRegion {
         /// Why not, when it was refused (the centre's copy changed: its write wins).
         #[serde(default, skip_serializing_if = "String::is_empty")]
         message: String,
+    },
+    /// Open a new uplink connection for one forwarded HTTP connection, and send
+    /// [`RegionToCentre::Stream`] with this id first.
+    #[serde(rename_all = "camelCase")]
+    OpenStream {
+        /// Correlation id.
+        id: u64,
     },
     /// A refusal; the centre closes the uplink after it.
     #[serde(rename_all = "camelCase")]

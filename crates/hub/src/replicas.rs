@@ -470,6 +470,25 @@ pub async fn to_session_holder(
         Ok(i) => i.status.node.clone(),
         Err(_) => None,
     };
+    // A node of a region that has a hub is served there, through its uplink, unless it
+    // talks to this hub now (an edge that failed over here; a session it left here
+    // when it moved to its region goes quiet).
+    let live_here = |node: &str| {
+        st.edges.conn(node).is_ok_and(|c| {
+            c.last_heard().elapsed() < st.config.heartbeat_interval * 2 + Duration::from_secs(1)
+        })
+    };
+    if let Some(node) = &node
+        && !live_here(node)
+        && let Ok(n) = st.objects.get::<verge_api::NodeSpec>(node).await
+        && let Some(region) = n.metadata.labels.get(verge_api::region::REGION_LABEL)
+        && st.uplinks.connected(region)
+    {
+        return match crate::region::centre::forward(&st, region, req).await {
+            Ok(r) => r,
+            Err(e) => crate::http::HttpError(e).into_response(),
+        };
+    }
     if let Some(node) = node
         && st.edges.conn(&node).is_err()
         && let Some(holder) = session_elsewhere(&st, &node).await
@@ -528,9 +547,17 @@ async fn connect(
         .await
         .map_err(|_| unavailable(format!("hub replica {url} did not answer within 10s")))?
         .map_err(|e| unavailable(format!("hub replica {url}: {e}")))?;
+    handshake(io, &format!("hub replica {url}")).await
+}
+
+/// An HTTP/1.1 client connection (upgrades allowed) over `io`.
+async fn handshake(
+    io: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    to: &str,
+) -> Result<hyper::client::conn::http1::SendRequest<Body>, ApiError> {
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
-        .map_err(|e| unavailable(format!("hub replica {url}: {e}")))?;
+        .map_err(|e| ApiError::new(ErrorCode::Unavailable, format!("{to}: {e}")))?;
     tokio::spawn(async move {
         let _ = conn.with_upgrades().await;
     });
@@ -539,9 +566,31 @@ async fn connect(
 
 /// Send `req` to the replica at `url` and relay its answer (a body streamed back, or
 /// an upgraded connection spliced both ways).
-pub async fn forward(st: &HubState, url: &str, mut req: Request) -> Result<Response, ApiError> {
+pub async fn forward(st: &HubState, url: &str, req: Request) -> Result<Response, ApiError> {
+    let sender = connect(st, url).await?;
+    forward_with(st, sender, &format!("hub replica {url}"), req).await
+}
+
+/// Send `req` over `io` (a connection to another hub: a region hub through its
+/// uplink) and relay its answer, upgrades spliced.
+pub async fn forward_over(
+    st: &HubState,
+    io: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    to: &str,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let sender = handshake(io, to).await?;
+    forward_with(st, sender, to, req).await
+}
+
+async fn forward_with(
+    st: &HubState,
+    mut sender: hyper::client::conn::http1::SendRequest<Body>,
+    to: &str,
+    mut req: Request,
+) -> Result<Response, ApiError> {
     let unavailable = |why: String| ApiError::new(ErrorCode::Unavailable, why);
-    let mut sender = connect(st, url).await?;
+    let url = to;
     let client_upgrade = req
         .headers()
         .contains_key(header::UPGRADE)
@@ -564,7 +613,7 @@ pub async fn forward(st: &HubState, url: &str, mut req: Request) -> Result<Respo
     let mut resp = sender
         .send_request(Request::from_parts(parts, body))
         .await
-        .map_err(|e| unavailable(format!("hub replica {url}: {e}")))?;
+        .map_err(|e| unavailable(format!("{url}: {e}")))?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client) = client_upgrade
     {

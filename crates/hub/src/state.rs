@@ -662,6 +662,8 @@ pub struct HubState {
     pub fanout: Arc<crate::fanout::Fanout>,
     /// Which nodes share a site, for their peer probes ([`crate::sites`]).
     pub sites: Arc<crate::sites::Sites>,
+    /// The region hubs' uplinks connected here ([`crate::region::centre`]).
+    pub uplinks: crate::region::centre::Uplinks,
     /// Metrics.
     pub metrics: Metrics,
     /// Wakes the scheduler.
@@ -712,6 +714,7 @@ impl HubState {
             edges: EdgeRegistry::default(),
             fanout: Arc::default(),
             sites: Arc::default(),
+            uplinks: Default::default(),
             metrics: Metrics::new(),
             schedule_kick: Notify::new(),
             recommendations: Mutex::new(None),

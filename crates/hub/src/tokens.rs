@@ -186,6 +186,19 @@ pub async fn check_join_token(
     Ok((compare, op, bound))
 }
 
+/// Parse a join token presented to this hub, refusing one made for another hub.
+pub fn parse_for(st: &crate::state::HubState, token: &str) -> Result<JoinToken, ApiError> {
+    let token = JoinToken::parse(token)
+        .map_err(|e| ApiError::new(ErrorCode::Unauthorized, e.to_string()))?;
+    if token.ca_fingerprint != st.ca.fingerprint() {
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "join token was made for a different hub (CA fingerprint differs)",
+        ));
+    }
+    Ok(token)
+}
+
 /// Register an admin token (its hash): each hub replica registers the one in its
 /// admin.conf, and every registered token is good at every replica.
 pub async fn set_admin_token(store: &dyn Store, token: &str) -> Result<(), ApiError> {

@@ -143,6 +143,16 @@ pub enum BenchCommand {
         #[arg(short, long, default_value = "text")]
         output: String,
     },
+    /// An edge node rebooted while no hub is reachable: the time until its N workloads
+    /// run again after the agent starts, against starting them directly.
+    Reboot {
+        /// Instances on the node.
+        #[arg(long, default_value_t = 100)]
+        instances: usize,
+        /// `json` for machines.
+        #[arg(short, long, default_value = "text")]
+        output: String,
+    },
     /// Idle memory (RSS) of a hub and an edge agent, against a `sleep` process.
     Idle {
         /// How long to let them idle before sampling.
@@ -208,6 +218,9 @@ pub fn run(cmd: BenchCommand, config: Option<std::path::PathBuf>) -> Result<()> 
             },
             &output,
         )),
+        BenchCommand::Reboot { instances, output } => {
+            rt.block_on(crate::bench_reboot::run(instances, &output))
+        }
         BenchCommand::Idle {
             seconds,
             functions,
@@ -411,23 +424,7 @@ async fn idle(seconds: u64, functions: usize, component: &Path, output: &str) ->
         component_exists(component)?;
     }
     let dir = tempdir()?;
-    let hub_log = dir.join("hub.log");
-    let mut hub = spawn_self(
-        &[
-            "hub".into(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--data-dir".into(),
-            dir.join("hub").display().to_string(),
-        ],
-        &hub_log,
-    )?;
-    let conf = dir.join("hub").join("admin.conf");
-    let client = wait_for_hub(&conf, &mut hub, &hub_log).await?;
-    let url = verge_hub::ClientConfig::load(&conf)?.server;
-    let token: serde_json::Value = client
-        .post("/v1/tokens", &serde_json::json!({"uses": 1}))
-        .await?;
+    let (mut hub, client, url, token) = hub_with_token(&dir).await?;
     let mut edge_args: Vec<String> = vec![
         "edge".into(),
         "--hub".into(),
@@ -437,7 +434,7 @@ async fn idle(seconds: u64, functions: usize, component: &Path, output: &str) ->
         "--data-dir".into(),
         dir.join("edge").display().to_string(),
         "--join-token".into(),
-        token["token"].as_str().unwrap_or_default().into(),
+        token,
     ];
     if functions > 0 {
         // Room in the node's account for every function's request.
@@ -666,6 +663,19 @@ pub(crate) async fn start_hub(
     // A stale admin.conf from a previous start must not be mistaken for readiness.
     let client = wait_for_hub(&dir.join("hub").join("admin.conf"), &mut hub, &log).await?;
     Ok((hub, client))
+}
+
+/// [`start_hub`] on any free port, with its URL and a one-use join token.
+pub(crate) async fn hub_with_token(
+    dir: &Path,
+) -> Result<(tokio::process::Child, crate::client::Client, String, String)> {
+    let (hub, client) = start_hub(dir, 0, &[]).await?;
+    let url = verge_hub::ClientConfig::load(&dir.join("hub").join("admin.conf"))?.server;
+    let token: serde_json::Value = client
+        .post("/v1/tokens", &serde_json::json!({"uses": 1}))
+        .await?;
+    let token = token["token"].as_str().unwrap_or_default().to_string();
+    Ok((hub, client, url, token))
 }
 
 pub(crate) fn free_port() -> Result<u16> {

@@ -6,6 +6,7 @@
 mod artifact;
 mod bench;
 mod bench_ha;
+mod bench_reboot;
 mod bench_runtime;
 mod cli;
 mod client;

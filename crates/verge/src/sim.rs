@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use verge_edge::state::StateStore as _;
 
 use anyhow::{Context, Result, bail};
 use tracing::Instrument;
@@ -100,6 +101,12 @@ pub struct SimArgs {
     /// the largest fleets. Byte counts and faults are then unavailable.
     #[arg(long, conflicts_with_all = ["latency", "loss"])]
     pub direct: bool,
+    /// With `--scenario partition`: change this many instances of the cut-off edges
+    /// (a new spec each) while they are cut off, and report how long the edges take
+    /// to apply them all after the heal and the bytes it took, against what a full
+    /// re-list would send (a minute of an operator's changes, or an hour's).
+    #[arg(long, default_value_t = 0)]
+    pub partition_changes: usize,
     /// Fail (exit non-zero) when an invariant does not hold at the end.
     #[arg(long)]
     pub check: bool,
@@ -1067,9 +1074,25 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
             // period, then the link comes back.
             let cut = a.duration.max(NODE_GRACE + Duration::from_secs(10));
             fleet.links[1].blackhole(true);
-            tokio::time::sleep(cut).await;
+            let cut_at = Instant::now();
+            // Changes made while the tenth is away: the revision each of its edges
+            // must reach, by node.
+            let owed = change_while_cut(&client, &fleet, a.partition_changes).await?;
+            tokio::time::sleep(cut.saturating_sub(cut_at.elapsed())).await;
+            let (up_before, down_before) = fleet.links[1].bytes();
             fleet.links[1].blackhole(false);
             let back = Instant::now();
+            if a.partition_changes > 0 {
+                let caught_up = converged(&fleet, &owed, Duration::from_secs(600)).await?;
+                let (up, down) = fleet.links[1].bytes();
+                let edges = owed.len().max(1) as u64;
+                report["partitionChanges"] = a.partition_changes.into();
+                report["convergeAfterPartitionSeconds"] = caught_up.as_secs_f64().into();
+                report["bytesPerChangedEdgeAfterPartition"] =
+                    ((up - up_before + down - down_before) / edges).into();
+                report["fullRelistBytesPerChangedEdge"] =
+                    (relist_bytes(&fleet, &owed) / edges).into();
+            }
             wait_connected(
                 &hubs,
                 a.nodes,
@@ -1184,6 +1207,99 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
         bail!("the invariants do not hold at the end of the run: {inv:?}");
     }
     Ok(())
+}
+
+/// Give `n` instances of the edges on the partitioned link a new spec, round robin;
+/// the revision each changed edge must reach, by node.
+async fn change_while_cut(
+    client: &Client,
+    fleet: &Fleet,
+    n: usize,
+) -> Result<HashMap<String, u64>> {
+    let mut owed: HashMap<String, u64> = HashMap::new();
+    if n == 0 {
+        return Ok(owed);
+    }
+    let cut: std::collections::HashSet<&str> = fleet
+        .edges
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| Fleet::link_of(*i) == 1)
+        .map(|(_, e)| e.name.as_str())
+        .collect();
+    let list: serde_json::Value = client.get("/v1/instances").await?;
+    let targets: Vec<(String, String)> = list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| {
+            let node = i["status"]["node"].as_str()?;
+            cut.contains(node).then(|| {
+                (
+                    i["metadata"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                    node.to_string(),
+                )
+            })
+        })
+        .collect();
+    if targets.is_empty() {
+        bail!("--partition-changes: no instance runs on the partitioned edges (give --instances)");
+    }
+    for k in 0..n {
+        let (name, node) = &targets[k % targets.len()];
+        let mut body = instance_body(name);
+        body["spec"]["process"]["command"] = serde_json::json!(["sleep", format!("{}", k + 2)]);
+        let (code, v) = client.put(&format!("/v1/instances/{name}"), &body).await?;
+        if code >= 300 {
+            bail!("changing {name}: {v}");
+        }
+        let rev = v["metadata"]["revision"].as_u64().unwrap_or(0);
+        let e = owed.entry(node.clone()).or_default();
+        *e = (*e).max(rev);
+    }
+    Ok(owed)
+}
+
+/// Wait until every edge in `owed` has applied its revision; how long it took.
+async fn converged(
+    fleet: &Fleet,
+    owed: &HashMap<String, u64>,
+    limit: Duration,
+) -> Result<Duration> {
+    let t = Instant::now();
+    loop {
+        let behind = fleet
+            .edges
+            .iter()
+            .filter(|e| {
+                owed.get(&e.name)
+                    .is_some_and(|want| e.state.load_desired().map_or(true, |d| d.revision < *want))
+            })
+            .count();
+        if behind == 0 {
+            return Ok(t.elapsed());
+        }
+        if t.elapsed() > limit {
+            bail!("{behind} edges had not applied the partition's changes after {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What a full re-list of the changed edges' desired states would send (their
+/// instances, encoded).
+fn relist_bytes(fleet: &Fleet, owed: &HashMap<String, u64>) -> u64 {
+    fleet
+        .edges
+        .iter()
+        .filter(|e| owed.contains_key(&e.name))
+        .filter_map(|e| e.state.load_desired().ok())
+        .flat_map(|d| d.instances.into_values())
+        .map(|i| serde_json::to_vec(&i).map_or(0, |b| b.len() as u64))
+        .sum()
 }
 
 fn bytes(links: &[FaultProxy; 2]) -> (u64, u64) {

@@ -521,6 +521,8 @@ fn every_example_applies_and_runs() {
     assert!(out.contains("instance/hello created"), "{out}");
     hub.wait_phase("instances", "hello", "Running", T);
     hub.wait_phase("instances", "ticker-eu", "Running", T);
+    let till = hub.wait_phase("instances", "till", "Running", T);
+    assert_eq!(till["spec"]["disconnect"]["reconcile"], "longestRunning");
     let done = hub.wait_phase("instances", "report-once", "Succeeded", T);
     assert_eq!(done["status"]["exitCode"], 0);
     // The linked pair talks through the hub's relay.
@@ -566,7 +568,7 @@ fn every_example_applies_and_runs() {
     assert_eq!(reason("inference"), "0/1 nodes fit: 1 missing device");
     let described = hub.ok(&["describe", "node", "edge-1"]);
     assert!(
-        described.contains("instances on this node: 6"),
+        described.contains("instances on this node: 7"),
         "{described}"
     );
     let regions = hub.ok(&["get", "regions"]);
@@ -583,6 +585,7 @@ fn every_example_applies_and_runs() {
         "pair-a",
         "pair-b",
         "inference",
+        "till",
     ] {
         hub.ok(&["delete", "instance", name]);
     }

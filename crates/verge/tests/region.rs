@@ -98,6 +98,17 @@ fn a_region_keeps_working_while_cut_off_from_its_centre_and_converges_after() {
         .to_string();
     assert!(on == "r1" || on == "r2", "{on}");
     assert_eq!(pids_with(&web).len(), 1);
+    // Logs and exec of an instance on a region's edge, asked of the centre, travel
+    // through the region hub's uplink.
+    // (The sessions the edges left at the centre when they moved go quiet first.)
+    let logs = wait_for("logs through the region", T, || {
+        let out = centre.cli(&["logs", "web"]);
+        let l = String::from_utf8_lossy(&out.stdout).to_string();
+        (out.status.success() && l.contains(&format!("started {web}"))).then_some(l)
+    });
+    assert!(logs.contains(&web), "{logs}");
+    let out = centre.ok(&["exec", "web", "--", "echo", "through the region"]);
+    assert!(out.contains("through the region"), "{out}");
     // A region refuses what is not placed in it.
     let elsewhere = region.apply(&sleeper("stray", &unique("stray")));
     assert!(!elsewhere.status.success());

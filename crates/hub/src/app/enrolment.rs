@@ -5,7 +5,6 @@
 
 use verge_api::{ApiError, ErrorCode, Kind, NodeSpec, Object, object_key};
 use verge_store::{Compare, Op, Txn};
-use verge_tunnel::pki::JoinToken;
 
 use crate::objects::{Objects, store_err};
 use crate::state::HubState;
@@ -60,14 +59,7 @@ async fn enrol_once(st: &HubState, request: &Request) -> Result<Enrolled, ApiErr
     } = request;
     let (node_name, csr_pem) = (node_name.as_str(), csr_pem.as_str());
     crate::channel::check_version(*protocol_version)?;
-    let token = JoinToken::parse(token)
-        .map_err(|e| ApiError::new(ErrorCode::Unauthorized, e.to_string()))?;
-    if token.ca_fingerprint != st.ca.fingerprint() {
-        return Err(ApiError::new(
-            ErrorCode::Unauthorized,
-            "join token was made for a different hub (CA fingerprint differs)",
-        ));
-    }
+    let token = crate::tokens::parse_for(st, token)?;
     let mut node = Object::<NodeSpec>::new(node_name, NodeSpec::default());
     node.metadata.labels = labels.clone();
     let node = st.objects.prepare_create(node).map_err(|mut e| {

@@ -19,11 +19,130 @@ use verge_api::{
 };
 use verge_store::{Compare, EventKind, Op, StoreError, Txn, WatchOptions};
 use verge_tunnel::frame::{decode, read_frame, write_msg};
-use verge_tunnel::pki::JoinToken;
 
 use super::{Conflict, Slice, enrolment_key, instance_region, node_in};
 use crate::objects::{Objects, decode_value, store_err};
 use crate::state::HubState;
+
+/// The region uplinks connected to this hub, and the streams asked of them.
+#[derive(Default)]
+pub struct Uplinks {
+    inner: std::sync::Mutex<UplinksInner>,
+}
+
+#[derive(Default)]
+struct UplinksInner {
+    /// Region → (session id, its outgoing queue).
+    sessions: BTreeMap<String, (u64, mpsc::Sender<CentreToRegion>)>,
+    /// Stream id → (region, who waits for the connection).
+    pending: BTreeMap<
+        u64,
+        (
+            String,
+            tokio::sync::oneshot::Sender<Box<dyn verge_tunnel::quic::Duplex>>,
+        ),
+    >,
+    next_id: u64,
+}
+
+/// How long a region has to answer [`CentreToRegion::OpenStream`].
+const STREAM_WITHIN: Duration = Duration::from_secs(10);
+
+impl Uplinks {
+    fn lock(&self) -> std::sync::MutexGuard<'_, UplinksInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn register(&self, region: &str, tx: mpsc::Sender<CentreToRegion>) -> u64 {
+        let mut i = self.lock();
+        i.next_id += 1;
+        let id = i.next_id;
+        i.sessions.insert(region.to_string(), (id, tx));
+        id
+    }
+
+    fn unregister(&self, region: &str, id: u64) {
+        let mut i = self.lock();
+        if i.sessions.get(region).is_some_and(|(s, _)| *s == id) {
+            i.sessions.remove(region);
+        }
+    }
+
+    /// Whether `region`'s uplink is connected here.
+    pub fn connected(&self, region: &str) -> bool {
+        self.lock().sessions.contains_key(region)
+    }
+
+    /// A new connection from `region`'s hub, for one forwarded HTTP connection.
+    pub async fn open(
+        &self,
+        region: &str,
+    ) -> Result<Box<dyn verge_tunnel::quic::Duplex>, ApiError> {
+        let unavailable = |why: String| ApiError::new(ErrorCode::Unavailable, why);
+        let (rx, id, tx) = {
+            let mut i = self.lock();
+            let Some((_, tx)) = i.sessions.get(region).cloned() else {
+                return Err(unavailable(format!(
+                    "region '{region}''s hub is not connected to this hub now; ask the region hub itself"
+                )));
+            };
+            i.next_id += 1;
+            let id = i.next_id;
+            let (otx, orx) = tokio::sync::oneshot::channel();
+            i.pending.insert(id, (region.to_string(), otx));
+            (orx, id, tx)
+        };
+        let _ = tx.send(CentreToRegion::OpenStream { id }).await;
+        let r = tokio::time::timeout(STREAM_WITHIN, rx).await;
+        self.lock().pending.remove(&id);
+        match r {
+            Ok(Ok(s)) => Ok(s),
+            _ => Err(unavailable(format!(
+                "region '{region}''s hub did not open a stream within {}s",
+                STREAM_WITHIN.as_secs()
+            ))),
+        }
+    }
+
+    /// Hand a stream the region opened to whoever asked for it.
+    fn deliver(&self, region: &str, id: u64, stream: Box<dyn verge_tunnel::quic::Duplex>) {
+        let waiter = {
+            let mut i = self.lock();
+            match i.pending.get(&id) {
+                Some((r, _)) if r == region => i.pending.remove(&id).map(|(_, w)| w),
+                _ => None,
+            }
+        };
+        match waiter {
+            Some(w) => {
+                let _ = w.send(stream);
+            }
+            None => tracing::warn!(
+                region,
+                id,
+                "a stream nobody asked for (late, or another region's)"
+            ),
+        }
+    }
+}
+
+/// Send `req` (logs, exec, port-forward for an instance on `region`'s edges) to the
+/// region's hub through its uplink, authenticated as a hub of this cluster.
+pub async fn forward(
+    st: &HubState,
+    region: &str,
+    mut req: axum::extract::Request,
+) -> Result<axum::response::Response, ApiError> {
+    let io = st.uplinks.open(region).await?;
+    let token = crate::replicas::peer_token(st);
+    req.headers_mut().insert(
+        axum::http::header::AUTHORIZATION,
+        format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ApiError::new(ErrorCode::Internal, "peer token is not a header value"))?,
+    );
+    crate::replicas::forward_over(st, io, &format!("region '{region}''s hub"), req).await
+}
 
 /// How long a region has to say hello.
 const HELLO_WITHIN: Duration = Duration::from_secs(10);
@@ -38,14 +157,7 @@ struct EnrolmentRecord {
 /// Enrol a region hub: spend its token, record its enrolment, mark the Region as
 /// having a hub, and hand it the CA.
 pub async fn enrol(st: &HubState, token: &str, region: &str) -> Result<CentreToRegion, ApiError> {
-    let token = JoinToken::parse(token)
-        .map_err(|e| ApiError::new(ErrorCode::Unauthorized, e.to_string()))?;
-    if token.ca_fingerprint != st.ca.fingerprint() {
-        return Err(ApiError::new(
-            ErrorCode::Unauthorized,
-            "join token was made for a different hub (CA fingerprint differs)",
-        ));
-    }
+    let token = crate::tokens::parse_for(st, token)?;
     st.objects.get::<RegionSpec>(region).await.map_err(|_| {
         ApiError::new(
             ErrorCode::NotFound,
@@ -168,6 +280,12 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             since_revision,
             epoch,
         })) if protocol_version == UPLINK_VERSION => (since_revision, epoch),
+        // A connection the region opened for a forwarded request.
+        Some(Ok(RegionToCentre::Stream { id })) => {
+            st.uplinks
+                .deliver(&region, id, Box::new(reader.unsplit(writer)));
+            return;
+        }
         _ => {
             let _ = write_msg(
                 &mut writer,
@@ -205,6 +323,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     .await;
     tracing::info!(region = %region, since, "region hub connected");
     let (tx, mut rx) = mpsc::channel::<CentreToRegion>(256);
+    let session = st.uplinks.register(&region, tx.clone());
     let writer_task = tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {
             if write_msg(&mut writer, &msg).await.is_err() {
@@ -255,6 +374,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         }
     };
     tracing::info!(region = %region, %reason, "region hub disconnected");
+    st.uplinks.unregister(&region, session);
     down.abort();
     drop(tx);
     let _ = writer_task.await;

@@ -130,32 +130,30 @@ pub async fn run(st: Arc<HubState>, link: RegionLink) {
             return;
         }
     };
-    let quic = verge_tunnel::quic::client().ok();
-    let paths: Vec<Mutex<verge_tunnel::dial::QuicPath>> =
-        link.upstreams.iter().map(|_| Default::default()).collect();
+    let dialer = Arc::new(Dialer {
+        quic: verge_tunnel::quic::client().ok(),
+        paths: link.upstreams.iter().map(|_| Default::default()).collect(),
+        upstreams: link.upstreams.clone(),
+        client,
+        ca_pem: st.ca.cert_pem().to_string(),
+    });
     let shared = Arc::new(Shared {
         echoes: Mutex::default(),
     });
     let mut backoff = Duration::from_millis(250);
     let mut current = 0usize;
     loop {
-        let url = &link.upstreams[current];
-        let addr = url.trim_start_matches("https://").trim_end_matches('/');
-        let target = verge_tunnel::dial::Target {
-            addr,
-            ca_pem: st.ca.cert_pem(),
-            identity: Some((&client.cert_pem, &client.key_pem)),
-            alpn: ALPN_REGION,
-            quic: quic.as_ref(),
-            path: &paths[current],
-            tcp_source: None,
-        };
+        let addr = dialer.addr(current).to_string();
         let began = tokio::time::Instant::now();
-        let why = match verge_tunnel::dial::channel(&target).await {
+        let why = match dialer.dial(current).await {
             Ok(Ok((stream, _, transport))) => {
                 st.metrics.uplink_connected.set(1);
                 tracing::info!(centre = %addr, transport, "uplink to the centre is up");
-                let r = session(&st, &link, &shared, stream).await;
+                let at = Upstream {
+                    dialer: dialer.clone(),
+                    index: current,
+                };
+                let r = session(&st, &link, &shared, &at, stream).await;
                 st.metrics.uplink_connected.set(0);
                 match r {
                     Ok(why) | Err(why) => why,
@@ -177,10 +175,77 @@ pub async fn run(st: Arc<HubState>, link: RegionLink) {
 }
 
 /// One uplink session; returns why it ended.
+/// How this region hub dials its centre.
+struct Dialer {
+    quic: Option<quinn::Endpoint>,
+    paths: Vec<Mutex<verge_tunnel::dial::QuicPath>>,
+    upstreams: Vec<String>,
+    client: verge_tunnel::pki::Issued,
+    ca_pem: String,
+}
+
+impl Dialer {
+    fn addr(&self, i: usize) -> &str {
+        self.upstreams[i]
+            .trim_start_matches("https://")
+            .trim_end_matches('/')
+    }
+
+    async fn dial(
+        &self,
+        i: usize,
+    ) -> Result<Result<verge_tunnel::dial::Connected, String>, verge_tunnel::tls::TlsError> {
+        verge_tunnel::dial::channel(&verge_tunnel::dial::Target {
+            addr: self.addr(i),
+            ca_pem: &self.ca_pem,
+            identity: Some((&self.client.cert_pem, &self.client.key_pem)),
+            alpn: ALPN_REGION,
+            quic: self.quic.as_ref(),
+            path: &self.paths[i],
+            tcp_source: None,
+        })
+        .await
+    }
+}
+
+/// The centre endpoint a session is on.
+#[derive(Clone)]
+struct Upstream {
+    dialer: Arc<Dialer>,
+    index: usize,
+}
+
+/// Open a connection to the centre for its stream `id` and serve this hub's REST API
+/// on it (logs, exec and port-forward the centre was asked for, for this region's
+/// edges). The centre authenticates as a hub of the cluster (the peer token).
+async fn serve_stream(st: Arc<HubState>, at: Upstream, id: u64) {
+    let stream = match at.dialer.dial(at.index).await {
+        Ok(Ok((s, _, _))) => s,
+        Ok(Err(why)) => return tracing::warn!(id, %why, "could not open a stream to the centre"),
+        Err(e) => return tracing::warn!(id, error = %e, "could not open a stream to the centre"),
+    };
+    let mut stream = stream;
+    if write_msg(&mut stream, &RegionToCentre::Stream { id })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let app = crate::http::router(st).layer(axum::Extension(crate::http::PeerNode(None)));
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(
+            hyper_util::rt::TokioIo::new(stream),
+            hyper_util::service::TowerToHyperService::new(app),
+        )
+        .with_upgrades()
+        .await;
+}
+
 async fn session(
     st: &Arc<HubState>,
     link: &RegionLink,
     shared: &Arc<Shared>,
+    upstream: &Upstream,
     stream: Box<dyn verge_tunnel::quic::Duplex>,
 ) -> Result<String, String> {
     let store = st.objects.store().clone();
@@ -296,6 +361,10 @@ async fn session(
                 if !applied {
                     tracing::warn!(region = %link.region, "{message}");
                 }
+                Ok(())
+            }
+            CentreToRegion::OpenStream { id } => {
+                tokio::spawn(serve_stream(st.clone(), upstream.clone(), id));
                 Ok(())
             }
             CentreToRegion::Error { code, message } => {
