@@ -248,6 +248,11 @@ pub async fn enroll(
             key_pem,
             ca_pem,
         }),
+        // A hub that cannot enrol anyone now (a region hub cut off from its centre, a
+        // busy one) is retried like one out of reach.
+        Some(HubToEdge::Error { code, message, .. }) if code == "unavailable" || code == "busy" => {
+            Err(EdgeError::Unreachable(message))
+        }
         Some(HubToEdge::Error { message, .. }) => Err(EdgeError::Enroll(message)),
         other => Err(EdgeError::Enroll(format!("unexpected reply {other:?}"))),
     }

@@ -83,6 +83,10 @@ pub async fn serve_enroll<S: AsyncRead + AsyncWrite + Unpin>(st: Arc<HubState>, 
     }
     let first = first.map(|r| r.and_then(|b| b.map(|b| decode::<EdgeToHub>(&b)).transpose()));
     let reply = match first {
+        // A region hub's nodes enrol at its centre: the request goes there.
+        Ok(Ok(Some(request @ EdgeToHub::Enroll { .. }))) if st.config.region.is_some() => {
+            crate::region::relay_enrolment(&st, &request).await
+        }
         Ok(Ok(Some(EdgeToHub::Enroll {
             protocol_version,
             token,

@@ -33,6 +33,9 @@ pub struct HubConfig {
     /// New QUIC handshakes begun per second (with a burst of as many); beyond it a
     /// connection is refused before its handshake, which costs the hub nothing.
     pub handshake_rate: f64,
+    /// Refuse new QUIC connections while the hub's scheduler lags more than this
+    /// ([`crate::limits::LoadGauge`]; zero: never).
+    pub shed_lag: Duration,
     /// Lifetime of node certificates; edges renew at two thirds of it.
     pub node_cert_ttl: Duration,
     /// This replica's id among the hubs sharing a store (see [`crate::replicas`]).
@@ -65,6 +68,7 @@ impl HubConfig {
             scheduler_shard: None,
             admit_rate: 200.0,
             handshake_rate: 400.0,
+            shed_lag: crate::limits::SHED_LAG,
             node_cert_ttl: Duration::from_secs(365 * 86_400),
             replica_id: String::new(),
             advertise: None,

@@ -281,9 +281,17 @@ impl TokenBucket {
 /// has. Without this a fleet joining or reconnecting faster than the hub can finish
 /// handshakes starves the sessions already up: they time out, their edges reconnect,
 /// and the reconnections cost more (30,000 simulated edges fell back to 8,500 so).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct LoadGauge {
     lag_us: Arc<std::sync::atomic::AtomicU64>,
+    /// Shed above this lag (microseconds; 0: never).
+    over_us: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Default for LoadGauge {
+    fn default() -> Self {
+        Self::shedding_over(SHED_LAG)
+    }
 }
 
 /// How often the gauge measures.
@@ -295,6 +303,20 @@ const LOAD_PROBE: std::time::Duration = std::time::Duration::from_millis(50);
 pub const SHED_LAG: std::time::Duration = std::time::Duration::from_millis(200);
 
 impl LoadGauge {
+    /// A gauge that sheds while the lag is over `lag` (zero: never sheds).
+    pub fn shedding_over(lag: std::time::Duration) -> Self {
+        Self {
+            lag_us: Arc::default(),
+            over_us: Arc::new((lag.as_micros() as u64).into()),
+        }
+    }
+
+    /// Shed above `lag` from now on (zero: never).
+    pub fn set_threshold(&self, lag: std::time::Duration) {
+        self.over_us
+            .store(lag.as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Measure until the task is dropped: each probe's lateness is the lag.
     pub async fn run(self) {
         use std::sync::atomic::Ordering;
@@ -318,7 +340,8 @@ impl LoadGauge {
     /// Whether new connections should be refused now (counted as `overloaded`).
     pub fn shedding(&self) -> Option<Refusal> {
         let lag = self.lag();
-        (lag > SHED_LAG).then_some(Refusal::Overloaded {
+        let over = self.over_us.load(std::sync::atomic::Ordering::Relaxed);
+        (over > 0 && lag.as_micros() as u64 > over).then_some(Refusal::Overloaded {
             lag_ms: lag.as_millis() as u64,
         })
     }

@@ -700,6 +700,8 @@ impl HubState {
                 .unwrap_or_else(|| crate::url_for(config.listen)),
             config.lease_ttl,
         );
+        let limits = crate::limits::Limits::from_descriptor_limit();
+        limits.load.set_threshold(config.shed_lag);
         Arc::new(Self {
             replica,
             objects,
@@ -718,7 +720,7 @@ impl HubState {
             metrics: Metrics::new(),
             schedule_kick: Notify::new(),
             recommendations: Mutex::new(None),
-            limits: crate::limits::Limits::from_descriptor_limit(),
+            limits,
             watches: crate::limits::Pool::new(
                 "watches",
                 4096,

@@ -68,6 +68,11 @@ enum Command {
         /// before the handshake (they back off and come again).
         #[arg(long, default_value_t = 400.0)]
         handshake_rate: f64,
+        /// While the hub lags more than this behind its own work (a moving average of
+        /// its scheduler's lateness), new QUIC connections are refused before their
+        /// handshake and keep the sessions it has up (0s: never refuse).
+        #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+        shed_lag: Duration,
         /// Lifetime of node certificates (edges renew after two thirds of it).
         #[arg(long, default_value = "365d", value_parser = parse_duration)]
         node_cert_ttl: Duration,
@@ -505,6 +510,7 @@ fn real_main() -> Result<()> {
             heartbeat,
             admit_rate,
             handshake_rate,
+            shed_lag,
             node_cert_ttl,
             store,
             advertise,
@@ -534,6 +540,7 @@ fn real_main() -> Result<()> {
                 config.heartbeat_interval = heartbeat;
                 config.admit_rate = admit_rate;
                 config.handshake_rate = handshake_rate;
+                config.shed_lag = shed_lag;
                 config.node_cert_ttl = node_cert_ttl;
                 config.advertise = advertise;
                 config.lease_ttl = lease_ttl;

@@ -107,6 +107,12 @@ pub struct SimArgs {
     /// re-list would send (a minute of an operator's changes, or an hour's).
     #[arg(long, default_value_t = 0)]
     pub partition_changes: usize,
+    /// The fleet's hub is a region hub (`verge hub --region`) under a centre the
+    /// simulator starts too; the fleet enrols through the region, its instances are
+    /// placed in the region, and the centre is killed when the measured part begins:
+    /// a region serving its fleet while its centre is down (steady scenario only).
+    #[arg(long, conflicts_with = "replicas")]
+    pub region_hub: bool,
     /// Fail (exit non-zero) when an invariant does not hold at the end.
     #[arg(long)]
     pub check: bool,
@@ -180,9 +186,15 @@ impl Fleet {
             name: e.name.clone(),
             // Never made: the fake runtime writes nothing, the state is in memory.
             data_dir: self.dir.join("edges").join(&e.name),
-            labels: [("region".to_string(), format!("region-{}", i % 10))]
-                .into_iter()
-                .collect(),
+            labels: [(
+                "region".to_string(),
+                REGION
+                    .get()
+                    .cloned()
+                    .unwrap_or_else(|| format!("region-{}", i % 10)),
+            )]
+            .into_iter()
+            .collect(),
             metrics_listen: None,
             stop_workloads_on_exit: false,
             capacity: Default::default(),
@@ -475,12 +487,12 @@ async fn probe(
             .await;
         let list_t = t.elapsed();
         let t = Instant::now();
-        let body = serde_json::json!({
+        let body = in_region(serde_json::json!({
             "kind": "Instance",
             "metadata": {"name": "sim-probe", "labels": {"probe": k.to_string()}},
             "spec": {"form": "process", "process": {"command": ["sleep", "1"]},
                      "resources": {"cpu": "10m", "memory": "1Mi"}},
-        });
+        }));
         let apply = client.put("/v1/instances/sim-probe", &body).await;
         let apply_t = t.elapsed();
         {
@@ -502,13 +514,28 @@ async fn probe(
     }
 }
 
+/// The region the fleet's instances are placed in, when its hub is a region hub.
+static REGION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The region a run with `--region-hub` uses.
+const SIM_REGION: &str = "sim-region";
+
+/// `body` placed in the region of a `--region-hub` run (a region hub takes only
+/// instances placed in its region).
+fn in_region(mut body: serde_json::Value) -> serde_json::Value {
+    if let Some(r) = REGION.get() {
+        body["spec"]["placement"] = serde_json::json!({"region": r});
+    }
+    body
+}
+
 fn instance_body(name: &str) -> serde_json::Value {
-    serde_json::json!({
+    in_region(serde_json::json!({
         "kind": "Instance",
         "metadata": {"name": name},
         "spec": {"form": "process", "process": {"command": ["sleep", "1"]},
                  "resources": {"cpu": "100m", "memory": "16Mi"}},
-    })
+    }))
 }
 
 /// Apply `names` with `concurrency` requests in flight; returns when each was applied.
@@ -861,6 +888,9 @@ pub async fn run(a: SimArgs) -> Result<()> {
             a.replicas
         );
     }
+    if a.region_hub && a.scenario != Scenario::Steady {
+        bail!("--region-hub: only the steady scenario (the centre is killed when it begins)");
+    }
     if !(0.0..=1.0).contains(&a.loss) {
         bail!("--loss: {} is not between 0 and 1", a.loss);
     }
@@ -897,6 +927,38 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
         "--handshake-rate".into(),
         a.handshake_rate.to_string(),
     ];
+    // With --region-hub: a centre first, then the fleet's hub as its region's.
+    let mut centre = None;
+    let mut hub_args = hub_args;
+    if a.region_hub {
+        let cdir = dir.join("centre");
+        std::fs::create_dir_all(&cdir)?;
+        let args: Vec<&str> = hub_args.iter().map(String::as_str).collect();
+        let (child, c) = start_hub(&cdir, crate::bench::free_port()?, &args).await?;
+        c.put(
+            &format!("/v1/regions/{SIM_REGION}"),
+            &serde_json::json!({"kind": "Region", "metadata": {"name": SIM_REGION},
+                                "spec": {"latitude": 48.8, "longitude": 2.3}}),
+        )
+        .await?;
+        let t: serde_json::Value = c
+            .post(
+                "/v1/tokens",
+                &serde_json::json!({"uses": 1, "region": SIM_REGION}),
+            )
+            .await?;
+        let url = verge_hub::ClientConfig::load(&cdir.join("hub").join("admin.conf"))?.server;
+        hub_args.extend([
+            "--region".into(),
+            SIM_REGION.into(),
+            "--upstream".into(),
+            url,
+            "--join-token".into(),
+            t["token"].as_str().unwrap_or_default().into(),
+        ]);
+        let _ = REGION.set(SIM_REGION.into());
+        centre = Some((child, c));
+    }
     let mut hubs = Hubs::start(&dir, a.replicas, hub_args).await?;
     let client = hubs.client().clone();
     let port = hubs.procs[0].2;
@@ -913,7 +975,10 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
     for l in &links {
         l.set(faults.clone());
     }
-    let token: serde_json::Value = client
+    // Tokens are kept at the centre, where a region hub carries enrolments.
+    let token: serde_json::Value = centre
+        .as_ref()
+        .map_or(&client, |(_, c)| c)
         .post("/v1/tokens", &serde_json::json!({"uses": 0}))
         .await?;
     let token = token["token"].as_str().unwrap_or_default().to_string();
@@ -1049,6 +1114,11 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
         .not_ready
         .values()
         .sum();
+    if let Some((mut child, _)) = centre.take() {
+        let _ = child.kill().await;
+        eprintln!("sim: the centre is down; the region hub serves the fleet alone");
+        report["centreDown"] = true.into();
+    }
     let t0 = Instant::now();
     eprintln!("sim: {:?} for {}s", a.scenario, a.duration.as_secs());
     let mut client = client;
@@ -1083,15 +1153,38 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
             fleet.links[1].blackhole(false);
             let back = Instant::now();
             if a.partition_changes > 0 {
+                let behind_at_heal = fleet
+                    .edges
+                    .iter()
+                    .filter(|e| {
+                        owed.get(&e.name).is_some_and(|want| {
+                            e.state.load_desired().map_or(true, |d| d.revision < *want)
+                        })
+                    })
+                    .count();
+                eprintln!(
+                    "sim: at the heal, {behind_at_heal} of the {} changed edges lack their changes",
+                    owed.len()
+                );
                 let caught_up = converged(&fleet, &owed, Duration::from_secs(600)).await?;
                 let (up, down) = fleet.links[1].bytes();
-                let edges = owed.len().max(1) as u64;
+                // The link carries every cut-off edge, changed or not.
+                let cut_off: Vec<&SimEdge> = fleet
+                    .edges
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| Fleet::link_of(*i) == 1)
+                    .map(|(_, e)| e)
+                    .collect();
+                let edges = cut_off.len().max(1) as u64;
                 report["partitionChanges"] = a.partition_changes.into();
+                report["partitionChangedEdges"] = owed.len().into();
                 report["convergeAfterPartitionSeconds"] = caught_up.as_secs_f64().into();
-                report["bytesPerChangedEdgeAfterPartition"] =
-                    ((up - up_before + down - down_before) / edges).into();
-                report["fullRelistBytesPerChangedEdge"] =
-                    (relist_bytes(&fleet, &owed) / edges).into();
+                // Down: what the hub sent them (the resumed changes, TLS included); up:
+                // what they sent (their statuses, resent whole on every reconnect).
+                report["downBytesPerEdgeAfterPartition"] = ((down - down_before) / edges).into();
+                report["upBytesPerEdgeAfterPartition"] = ((up - up_before) / edges).into();
+                report["fullRelistBytesPerEdge"] = (relist_bytes(&cut_off) / edges).into();
             }
             wait_connected(
                 &hubs,
@@ -1289,13 +1382,11 @@ async fn converged(
     }
 }
 
-/// What a full re-list of the changed edges' desired states would send (their
-/// instances, encoded).
-fn relist_bytes(fleet: &Fleet, owed: &HashMap<String, u64>) -> u64 {
-    fleet
-        .edges
+/// What a full re-list of `edges`' desired states would send (their instances,
+/// encoded).
+fn relist_bytes(edges: &[&SimEdge]) -> u64 {
+    edges
         .iter()
-        .filter(|e| owed.contains_key(&e.name))
         .filter_map(|e| e.state.load_desired().ok())
         .flat_map(|d| d.instances.into_values())
         .map(|i| serde_json::to_vec(&i).map_or(0, |b| b.len() as u64))

@@ -67,18 +67,16 @@ fn a_region_keeps_working_while_cut_off_from_its_centre_and_converges_after() {
         .to_string();
     let refused = centre.cli(&["token", "create", "--region", "eu-west", "--node", "x"]);
     assert!(!refused.status.success());
-    let region = Hub::start_with(
-        &d.path().join("region"),
-        free_port(),
-        &[
-            "--region",
-            "eu-west",
-            "--upstream",
-            &p.url(),
-            "--join-token",
-            &region_token,
-        ],
-    );
+    let region_port = free_port();
+    let region_args = [
+        "--region",
+        "eu-west",
+        "--upstream",
+        &p.url(),
+        "--join-token",
+        &region_token,
+    ];
+    let region = Hub::start_with(&d.path().join("region"), region_port, &region_args);
     // The same edges move to the region without enrolling again.
     let _r1 = Edge::start_in(&region.url, "r1", None, &d.path().join("r1"));
     let _r2 = Edge::start_in(&region.url, "r2", None, &d.path().join("r2"));
@@ -86,6 +84,17 @@ fn a_region_keeps_working_while_cut_off_from_its_centre_and_converges_after() {
     region.wait_phase("nodes", "r2", "Ready", T);
     let eu = centre.get_json("regions", "eu-west").expect("region");
     assert_eq!(eu["status"]["hub"]["connected"], true, "{eu}");
+    // A new edge enrols through the region hub, which carries the request to the
+    // centre, where tokens and enrolments are kept.
+    let _r3 = Edge::start_with(
+        &region.url,
+        "r3",
+        Some(&centre.token(1)),
+        &d.path().join("r3"),
+        &[],
+    );
+    region.wait_phase("nodes", "r3", "Ready", T);
+    centre.wait_phase("nodes", "r3", "Ready", T);
 
     // Written at the centre, placed by the region, running on a region node, and the
     // status is back at the centre.
@@ -109,6 +118,10 @@ fn a_region_keeps_working_while_cut_off_from_its_centre_and_converges_after() {
     assert!(logs.contains(&web), "{logs}");
     let out = centre.ok(&["exec", "web", "--", "echo", "through the region"]);
     assert!(out.contains("through the region"), "{out}");
+    // One more, to be deleted at the region while it is cut off.
+    let old = unique("old");
+    assert!(centre.apply(&placed("old-1", &old, "")).status.success());
+    centre.wait_phase("instances", "old-1", "Running", T);
     // A region refuses what is not placed in it.
     let elsewhere = region.apply(&sleeper("stray", &unique("stray")));
     assert!(!elsewhere.status.success());
@@ -142,6 +155,10 @@ fn a_region_keeps_working_while_cut_off_from_its_centre_and_converges_after() {
             .success()
     );
     region.running_pid("local-1");
+    region.ok(&["delete", "instance", "old-1"]);
+    wait_for("old-1 stopped", T, || {
+        pids_with(&old).is_empty().then_some(())
+    });
     // Both tiers change `web` meanwhile: the centre's write will win.
     let (by_region, by_centre) = (unique("webr"), unique("webc"));
     assert!(
@@ -179,6 +196,14 @@ fn a_region_keeps_working_while_cut_off_from_its_centre_and_converges_after() {
     });
     assert!(command_of(&region, "web").contains(&by_centre));
     assert!(command_of(&centre, "web").contains(&by_centre));
+    // The delete made at the region reached the centre, and nothing brought it back.
+    wait_for("old-1 deleted at the centre", T, || {
+        centre
+            .get_json("instances", "old-1")
+            .is_none()
+            .then_some(())
+    });
+    assert!(pids_with(&old).is_empty());
     for hub in [&centre, &region] {
         let c = hub.ok(&["get", "conflicts"]);
         assert!(c.contains("instances/web") && c.contains("centre"), "{c}");
@@ -196,6 +221,35 @@ fn a_region_keeps_working_while_cut_off_from_its_centre_and_converges_after() {
         log.matches("the whole slice from the centre").count(),
         1,
         "{log}"
+    );
+
+    // A region outage: the region hub dies. Its edges run on by themselves; when it
+    // is back they resume with it, and nothing restarts. The uplink resumes too.
+    let (pid_local, pid_web) = (pids_with(&local), pids_with(&by_centre));
+    let mut region = region;
+    region.proc.kill();
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(pids_with(&local), pid_local);
+    assert_eq!(pids_with(&by_centre), pid_web);
+    let region = Hub::start_with(&d.path().join("region"), region_port, &region_args);
+    for n in ["r1", "r2", "r3"] {
+        region.wait_phase("nodes", n, "Ready", T);
+    }
+    wait_for("the uplink back", T, || {
+        (region.metric("verge_hub_uplink_connected") == 1).then_some(())
+    });
+    region.wait_phase("instances", "local-1", "Running", T);
+    for _ in 0..10 {
+        assert_eq!(pids_with(&local), pid_local, "not restarted");
+        assert_eq!(pids_with(&by_centre), pid_web, "not restarted");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        !region
+            .proc
+            .log_text()
+            .contains("the whole slice from the centre"),
+        "the restarted region hub resumed from its revision"
     );
     region.cleanup(&["local-1"], &[&local]);
     centre.cleanup(&["web"], &[&by_centre, &web, &by_region]);

@@ -144,6 +144,44 @@ pub async fn forward(
     crate::replicas::forward_over(st, io, &format!("region '{region}''s hub"), req).await
 }
 
+/// A stream that says when it is dropped.
+struct Tracked<S> {
+    inner: S,
+    _done: tokio::sync::oneshot::Sender<()>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// How long a region has to say hello.
 const HELLO_WITHIN: Duration = Duration::from_secs(10);
 /// How often the store reports progress on the slice's watch (the region's bookmark).
@@ -280,10 +318,16 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             since_revision,
             epoch,
         })) if protocol_version == UPLINK_VERSION => (since_revision, epoch),
-        // A connection the region opened for a forwarded request.
+        // A connection the region opened for a forwarded request: it lives as long as
+        // the request does (the caller closes a QUIC connection once this returns).
         Some(Ok(RegionToCentre::Stream { id })) => {
-            st.uplinks
-                .deliver(&region, id, Box::new(reader.unsplit(writer)));
+            let (done, finished) = tokio::sync::oneshot::channel::<()>();
+            let stream = Tracked {
+                inner: reader.unsplit(writer),
+                _done: done,
+            };
+            st.uplinks.deliver(&region, id, Box::new(stream));
+            let _ = finished.await;
             return;
         }
         _ => {

@@ -188,6 +188,52 @@ async fn enrol_at(
     }
 }
 
+/// Carry an edge's enrolment request to the centre (nodes are enrolled there, where
+/// tokens are kept) and bring back its answer. A centre out of reach is an answer the
+/// edge retries.
+pub async fn relay_enrolment(
+    st: &crate::state::HubState,
+    request: &verge_api::channel::EdgeToHub,
+) -> verge_api::channel::HubToEdge {
+    use tokio::io::AsyncWriteExt;
+    use verge_api::channel::{ALPN_ENROLL, HubToEdge};
+    let Some(link) = &st.config.region else {
+        return HubToEdge::error("internal", "not a region hub");
+    };
+    let mut last = String::new();
+    for url in &link.upstreams {
+        let addr = url.trim_start_matches("https://").trim_end_matches('/');
+        let attempt = async {
+            let cfg = verge_tunnel::tls::client_config(st.ca.cert_pem(), None, &[ALPN_ENROLL])
+                .map_err(|e| e.to_string())?;
+            let mut s = verge_tunnel::tls::dial(addr, cfg)
+                .await
+                .map_err(|e| e.to_string())?;
+            verge_tunnel::frame::write_msg(&mut s, request)
+                .await
+                .map_err(|e| e.to_string())?;
+            let reply = verge_tunnel::frame::read_msg::<HubToEdge, _>(&mut s)
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = s.shutdown().await;
+            reply.ok_or_else(|| "the centre closed the connection".to_string())
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(15), attempt).await {
+            Ok(Ok(reply)) => return reply,
+            Ok(Err(e)) => last = format!("{addr}: {e}"),
+            Err(_) => last = format!("{addr}: no answer within 15s"),
+        }
+    }
+    tracing::warn!(error = %last, "could not carry an enrolment to the centre");
+    HubToEdge::error(
+        "unavailable",
+        format!(
+            "region hub '{}' enrols nodes at its centre, which is out of reach now ({last}); the edge retries",
+            link.region
+        ),
+    )
+}
+
 /// Whether the node belongs to `region`.
 pub fn node_in(n: &Node, region: &str) -> bool {
     n.metadata.labels.get(REGION_LABEL).map(String::as_str) == Some(region)

@@ -219,11 +219,28 @@ struct Upstream {
 /// on it (logs, exec and port-forward the centre was asked for, for this region's
 /// edges). The centre authenticates as a hub of the cluster (the peer token).
 async fn serve_stream(st: Arc<HubState>, at: Upstream, id: u64) {
-    let stream = match at.dialer.dial(at.index).await {
-        Ok(Ok((s, _, _))) => s,
-        Ok(Err(why)) => return tracing::warn!(id, %why, "could not open a stream to the centre"),
-        Err(e) => return tracing::warn!(id, error = %e, "could not open a stream to the centre"),
+    // A busy centre may turn a connection away (it sheds new ones while it lags):
+    // try again within the time the centre waits for the stream.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+    let mut pause = Duration::from_millis(100);
+    let (stream, conn) = loop {
+        let why = match at.dialer.dial(at.index).await {
+            Ok(Ok((s, conn, _))) => break (s, conn),
+            Ok(Err(why)) => why,
+            Err(e) => e.to_string(),
+        };
+        if tokio::time::Instant::now() + pause >= deadline {
+            return tracing::warn!(id, %why, "could not open a stream to the centre");
+        }
+        tracing::info!(id, %why, "opening a stream to the centre; trying again");
+        tokio::time::sleep(pause).await;
+        pause *= 2;
     };
+    // A QUIC connection lives until the centre closes it (when the request is done),
+    // whatever this task hands its stream to.
+    if let Some(conn) = conn {
+        tokio::spawn(async move { conn.closed().await });
+    }
     let mut stream = stream;
     if write_msg(&mut stream, &RegionToCentre::Stream { id })
         .await

@@ -176,8 +176,14 @@ impl Hub {
             "--data-dir",
             data.to_str().expect("utf8"),
         ];
-        // Short defaults for tests, unless the test gives its own.
-        for (flag, value) in [("--node-grace", "3s"), ("--heartbeat", "500ms")] {
+        // Short defaults for tests, unless the test gives its own. A debug build on a
+        // machine running other tests lags far more than a release hub does: shed
+        // new connections only when that is well past what such a machine shows.
+        for (flag, value) in [
+            ("--node-grace", "3s"),
+            ("--heartbeat", "500ms"),
+            ("--shed-lag", "2s"),
+        ] {
             if !extra.contains(&flag) {
                 args.extend([flag, value]);
             }
@@ -447,7 +453,8 @@ impl Edge {
 
 /// Pids of processes whose command line contains `marker`.
 pub fn pids_with(marker: &str) -> Vec<u32> {
-    let mut pids = Vec::new();
+    // (pid, parent) of every live process carrying the marker.
+    let mut found: Vec<(u32, u32)> = Vec::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
             continue;
@@ -458,15 +465,22 @@ pub fn pids_with(marker: &str) -> Vec<u32> {
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
         // Skip zombies: they have exited.
         let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let zombie = state
-            .rsplit(')')
-            .next()
-            .is_some_and(|r| r.trim_start().starts_with('Z'));
+        let after = state.rsplit(')').next().unwrap_or_default();
+        let mut fields = after.split_whitespace();
+        let zombie = fields.next() == Some("Z");
+        let parent = fields.next().and_then(|p| p.parse().ok()).unwrap_or(0);
         if cmd.contains(marker) && !zombie {
-            pids.push(pid);
+            found.push((pid, parent));
         }
     }
-    pids
+    // A shell forking its next `sleep` shows the marker in the child for a moment,
+    // until the child execs: that is the same workload, not a second copy.
+    let all: Vec<u32> = found.iter().map(|(p, _)| *p).collect();
+    found
+        .into_iter()
+        .filter(|(_, parent)| !all.contains(parent))
+        .map(|(p, _)| p)
+        .collect()
 }
 
 /// A manifest for a process instance whose command line carries `marker`.
