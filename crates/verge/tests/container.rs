@@ -16,45 +16,6 @@ use common::*;
 
 const T: Duration = Duration::from_secs(60);
 
-/// Build a busybox image and push it to `reference`.
-fn push_busybox(reference: &str, registry: &str) {
-    let busybox =
-        std::fs::read("/bin/busybox").expect("/bin/busybox (apt-get install busybox-static)");
-    let layer = verge_container::image::layer_tar_gz(
-        &[("bin/busybox", 0o755, &busybox)],
-        &[
-            ("bin/sh", "busybox"),
-            ("bin/sleep", "busybox"),
-            ("bin/head", "busybox"),
-            ("bin/tr", "busybox"),
-            ("bin/hostname", "busybox"),
-            ("bin/httpd", "busybox"),
-            ("bin/mkdir", "busybox"),
-        ],
-    );
-    verge_tunnel::install_crypto_provider();
-    let store = verge_container::image::ImageStore::new(
-        tempfile::tempdir().expect("tmp").keep(),
-        vec![registry.to_string()],
-    );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("rt");
-    rt.block_on(store.push(
-        reference,
-        layer,
-        serde_json::json!({"Cmd": ["/bin/sh", "-c", "echo from image cmd"], "Env": ["PATH=/bin"]}),
-    ))
-    .expect("push");
-}
-
-fn container(name: &str, image: &str, memory: &str, script: &str, extra: &str) -> String {
-    format!(
-        "kind: Instance\nmetadata: {{name: {name}}}\nspec:\n  form: container\n  container:\n    image: {image}\n    command: [/bin/sh, -c, '{script}']\n  resources: {{cpu: 200m, memory: {memory}}}\n  terminationGracePeriodSeconds: 2\n{extra}"
-    )
-}
-
 #[test]
 fn a_container_from_a_registry_runs_survives_the_agent_and_restarts_offline() {
     let d = test_dir();

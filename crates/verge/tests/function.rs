@@ -8,30 +8,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use common::*;
 
 const T: Duration = Duration::from_secs(30);
-
-fn get(addr: &str, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(T)).expect("timeout");
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: fn\r\n\r\n").as_bytes())
-        .expect("write");
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).expect("read");
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (
-        status,
-        raw.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
-    )
-}
 
 #[test]
 fn an_http_function_is_deployed_served_and_removed() {
@@ -97,7 +78,7 @@ fn an_http_function_is_deployed_served_and_removed() {
     );
     hub.wait_phase("instances", "hello-fn", "Running", T);
     assert_eq!(
-        get(&addr, "/hello-fn/edge"),
+        http_get(&addr, "/hello-fn/edge"),
         (200, "hello from /edge".into())
     );
     // What the function prints is its log, through the channel like any instance's.
@@ -106,7 +87,7 @@ fn an_http_function_is_deployed_served_and_removed() {
             .contains("request for /edge")
             .then_some(())
     });
-    let (status, body) = get(&addr, "/hello-fn/spin");
+    let (status, body) = http_get(&addr, "/hello-fn/spin");
     assert_eq!(status, 504, "{body}");
 
     // Cut off from the registry, a restarted agent serves the function from its cache.
@@ -115,11 +96,11 @@ fn an_http_function_is_deployed_served_and_removed() {
     edge = Edge::start_with(&hub.url, "fn-node", None, &edge_dir, &edge_args);
     let addr = gateway(&edge);
     wait_for("the function back from the cache", T, || {
-        (get(&addr, "/hello-fn/edge") == (200, "hello from /edge".into())).then_some(())
+        (http_get(&addr, "/hello-fn/edge") == (200, "hello from /edge".into())).then_some(())
     });
 
     hub.ok(&["delete", "instance", "hello-fn"]);
     wait_for("the function to be gone", T, || {
-        (get(&addr, "/hello-fn/edge").0 == 404).then_some(())
+        (http_get(&addr, "/hello-fn/edge").0 == 404).then_some(())
     });
 }

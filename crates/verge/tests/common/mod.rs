@@ -692,3 +692,64 @@ pub fn round_trip(addr: &str, payload: &[u8]) -> Vec<u8> {
     let _ = writer.join();
     got
 }
+
+/// Build a busybox image and push it to `reference`.
+#[cfg(feature = "container")]
+pub fn push_busybox(reference: &str, registry: &str) {
+    let busybox =
+        std::fs::read("/bin/busybox").expect("/bin/busybox (apt-get install busybox-static)");
+    let layer = verge_container::image::layer_tar_gz(
+        &[("bin/busybox", 0o755, &busybox)],
+        &[
+            ("bin/sh", "busybox"),
+            ("bin/sleep", "busybox"),
+            ("bin/head", "busybox"),
+            ("bin/tr", "busybox"),
+            ("bin/hostname", "busybox"),
+            ("bin/httpd", "busybox"),
+            ("bin/mkdir", "busybox"),
+        ],
+    );
+    verge_tunnel::install_crypto_provider();
+    let store = verge_container::image::ImageStore::new(
+        tempfile::tempdir().expect("tmp").keep(),
+        vec![registry.to_string()],
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(store.push(
+        reference,
+        layer,
+        serde_json::json!({"Cmd": ["/bin/sh", "-c", "echo from image cmd"], "Env": ["PATH=/bin"]}),
+    ))
+    .expect("push");
+}
+
+/// A container instance running `script` in `image`.
+pub fn container(name: &str, image: &str, memory: &str, script: &str, extra: &str) -> String {
+    format!(
+        "kind: Instance\nmetadata: {{name: {name}}}\nspec:\n  form: container\n  container:\n    image: {image}\n    command: [/bin/sh, -c, '{script}']\n  resources: {{cpu: 200m, memory: {memory}}}\n  terminationGracePeriodSeconds: 2\n{extra}"
+    )
+}
+
+/// A plain HTTP/1.0 GET to `addr` (a node's function gateway): status and body.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: fn\r\n\r\n").as_bytes())
+        .expect("write");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read");
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        raw.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
+    )
+}
