@@ -4,8 +4,8 @@
 //!
 //! The hub sends the site's peers and key over the channel ([`HubToEdge::Peers`]);
 //! every [`PeerProbes::every`] this node sends each peer a signed probe
-//! ([`verge_tunnel::probe`]) and answers theirs. A peer that answered within three
-//! rounds is `reachable`; one that has not for three rounds is `unreachable`; the
+//! ([`verge_tunnel::probe`]) and answers theirs. A peer that answered within five
+//! rounds is `reachable`; one that has not for five rounds is `unreachable`; the
 //! verdicts ride on the node's facts to the hub. Probing goes on while the hub is
 //! unreachable (the verdicts are sent when it returns), and answers are given
 //! whatever this node's own link does, which is the point.
@@ -24,7 +24,9 @@ use verge_api::channel::SitePeer;
 use verge_tunnel::probe::{MAX_PROBE, Probe, ProbeKind};
 
 /// Rounds without an answer before a peer is unreachable (and with one, reachable).
-const ROUNDS: u32 = 3;
+/// (Five, not fewer: a loaded node that misses a round or two must not make its peers
+/// count it down; the hub waits far longer than this before anything is replaced.)
+const ROUNDS: u32 = 5;
 
 struct Peer {
     addr: SocketAddr,
@@ -133,7 +135,7 @@ impl PeerProbes {
         s.peers = next;
     }
 
-    /// What this node sees of its peers now. A peer probed for less than three rounds
+    /// What this node sees of its peers now. A peer probed for less than five rounds
     /// that has not answered yet has no verdict.
     pub fn verdicts(&self) -> BTreeMap<String, PeerVerdict> {
         let window = self.every * ROUNDS;
