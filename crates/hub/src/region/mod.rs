@@ -279,20 +279,6 @@ pub fn node_managed(n: &Node, managed: &BTreeSet<String>) -> bool {
         .is_some_and(|r| managed.contains(r))
 }
 
-/// Whether a region hub, not this hub, schedules and watches `i`.
-pub fn instance_managed(
-    i: &Instance,
-    managed: &BTreeSet<String>,
-    node_region: impl Fn(&str) -> Option<String>,
-) -> bool {
-    instance_region(i).is_some_and(|r| managed.contains(r))
-        || i.status
-            .node
-            .as_deref()
-            .and_then(node_region)
-            .is_some_and(|r| managed.contains(&r))
-}
-
 /// A region's slice of the centre's store: which keys belong to it.
 #[derive(Debug, Clone, Default)]
 pub struct Slice {
