@@ -19,7 +19,10 @@ use crate::node::NodeStatus;
 /// 3: snapshots arrive in parts ([`HubToEdge::SnapshotPart`]) that each fit in a
 /// frame, however large the node's desired state.
 /// 4: the hub tells each edge its site's peers to probe ([`HubToEdge::Peers`]).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: edges ship metrics on a stream of their own ([`StreamHello::Metrics`]).
+pub const PROTOCOL_VERSION: u32 = 5;
+/// The first protocol version whose hubs take metrics streams.
+pub const METRICS_SINCE: u32 = 5;
 /// The first protocol version whose edges probe their site's peers.
 pub const PEERS_SINCE: u32 = 4;
 /// The first protocol version whose edges take snapshots in parts.
@@ -395,4 +398,9 @@ pub enum StreamHello {
         /// `sha256:...`.
         digest: String,
     },
+    /// Ship metrics (protocol 5): the edge sends each sampling round as a data chunk
+    /// holding a [`crate::metrics::Batch`], in order; the hub answers each with a data
+    /// chunk of the 8-byte big-endian sequence number it has taken, and the edge
+    /// forgets a round only once it is taken.
+    Metrics,
 }

@@ -13,6 +13,7 @@ pub mod hash;
 pub mod instance;
 pub mod manifest;
 pub mod meta;
+pub mod metrics;
 pub mod node;
 pub mod quantity;
 pub mod region;

@@ -173,6 +173,34 @@ impl Agent {
         lock(&self.desired).instances.keys().cloned().collect()
     }
 
+    /// This round's metrics of every instance the node knows: whether it runs and
+    /// its restarts, and from its cgroup (processes, containers, VMs) its CPU time,
+    /// memory and OOM kills.
+    pub fn instance_metrics(&self) -> Vec<verge_api::metrics::Group> {
+        use verge_api::metrics as m;
+        let mut groups: std::collections::BTreeMap<String, Vec<(u16, f64)>> = lock(&self.statuses)
+            .iter()
+            .map(|(name, (_, s))| {
+                let up = f64::from(u8::from(s.phase == InstancePhase::Running));
+                let values = vec![
+                    (m::INSTANCE_UP, up),
+                    (m::INSTANCE_RESTARTS, f64::from(s.restarts)),
+                ];
+                (name.clone(), values)
+            })
+            .collect();
+        for (name, u) in self.resources.usages() {
+            let values = groups.entry(name).or_default();
+            values.push((m::INSTANCE_CPU_SECONDS, u.cpu_usec as f64 / 1e6));
+            values.push((m::INSTANCE_MEMORY, u.memory_bytes as f64));
+            values.push((m::INSTANCE_OOM_KILLS, u.oom_kills as f64));
+        }
+        groups
+            .into_iter()
+            .map(|(instance, values)| m::Group { instance, values })
+            .collect()
+    }
+
     /// Counts of instances by phase, for metrics.
     pub fn phase_counts(&self) -> HashMap<String, i64> {
         let mut m = HashMap::new();

@@ -23,6 +23,7 @@ pub mod session;
 pub mod state;
 pub mod streams;
 pub mod sysinfo;
+pub mod telemetry;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -139,6 +140,8 @@ pub struct EdgeConfig {
     pub peer_listen: Option<SocketAddr>,
     /// The address peers are told to probe (default: `peer_listen`).
     pub peer_advertise: Option<String>,
+    /// How metrics are sampled, buffered and shipped ([`telemetry`]).
+    pub telemetry: telemetry::TelemetryConfig,
 }
 
 /// How often each site peer is probed.
@@ -336,6 +339,8 @@ pub async fn run_with(
         quic,
         cgroups,
         tcp_source,
+        node_metrics,
+        metrics_dir,
     } = seams;
     let dir = config.data_dir.clone();
     let initial = facts();
@@ -352,8 +357,15 @@ pub async fn run_with(
         config.plain_http_registries.clone(),
         config.log_limits,
     )?;
+    let buffer = match &metrics_dir {
+        Some(d) => telemetry::buffer::Buffer::open(d, config.telemetry.buffer_bytes)
+            .map_err(EdgeError::Config)?,
+        None => telemetry::buffer::Buffer::memory(config.telemetry.buffer_bytes),
+    };
+    let telemetry = telemetry::Telemetry::new(config.telemetry, buffer, node_metrics);
     // Autonomy first: run what the cache says before talking to anyone.
     let reconciler = tokio::spawn(agent.clone().reconciler());
+    let _sampler = telemetry::AbortOnDrop(tokio::spawn(telemetry.clone().sampler(agent.clone())));
     let collector = tokio::spawn(agent.clone().collector(config.cache_budget));
 
     let metrics = Arc::new(Metrics::new());
@@ -466,6 +478,7 @@ pub async fn run_with(
                 quic_path: &quic_paths[current],
                 tcp_source,
                 peers: peers.as_deref(),
+                telemetry: &telemetry,
             };
             let began = tokio::time::Instant::now();
             let end = run_session(&ctx).await?;

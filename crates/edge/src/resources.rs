@@ -156,6 +156,17 @@ impl ResourceManager {
         }
     }
 
+    /// What each instance with a cgroup uses now, read from the kernel.
+    pub fn usages(&self) -> Vec<(String, verge_runtime::cgroup::Usage)> {
+        let groups: Vec<(String, InstanceCgroup)> = self
+            .lock()
+            .iter()
+            .filter_map(|(n, (_, cg))| Some((n.clone(), cg.clone()?)))
+            .collect();
+        // Read outside the lock: the files are the kernel's, and admissions wait.
+        groups.into_iter().map(|(n, cg)| (n, cg.usage())).collect()
+    }
+
     /// Everything admitted now, summed.
     pub fn admitted_total(&self) -> Admitted {
         self.lock()

@@ -40,6 +40,10 @@ pub struct Seams {
     /// The local address TLS-over-TCP connections leave from (`None`: the system
     /// picks; a simulated site uses its QUIC socket's address for both).
     pub tcp_source: Option<std::net::IpAddr>,
+    /// The node's own metrics for each sampling round.
+    pub node_metrics: Arc<crate::telemetry::NodeSampler>,
+    /// Where the metrics buffer keeps its segments (`None`: in memory).
+    pub metrics_dir: Option<std::path::PathBuf>,
 }
 
 impl Seams {
@@ -48,6 +52,8 @@ impl Seams {
     pub fn host(config: &EdgeConfig, runtime: Arc<dyn Runtime>) -> Result<Self, EdgeError> {
         let state = crate::files::DiskState::open(&config.data_dir)?;
         let (dir, capacity) = (config.data_dir.clone(), config.capacity.clone());
+        let metrics_dir = dir.join("metrics");
+        let sampled = dir.clone();
         let quic = match verge_tunnel::quic::client() {
             Ok(e) => Some(e),
             Err(e) => {
@@ -62,13 +68,16 @@ impl Seams {
             quic,
             cgroups: Cgroups::detect(&format!("verge-{}", config.name)),
             tcp_source: None,
+            node_metrics: Arc::new(move || crate::sysinfo::node_metrics(&sampled)),
+            metrics_dir: Some(metrics_dir),
         })
     }
 
     /// Seams of a simulated edge: `runtime` (the fake one, for a fleet), `state` (in
     /// memory: [`MemoryState`]; the same one again for an agent that restarts),
-    /// `facts` as given, and the shared `quic` endpoint (whose address TCP
-    /// connections leave from too).
+    /// `facts` as given, the shared `quic` endpoint (whose address TCP connections
+    /// leave from too), node metrics made up from the facts (memory a quarter used,
+    /// CPU time going up at a tenth of capacity), and a metrics buffer in memory.
     pub fn simulated(
         runtime: Arc<dyn Runtime>,
         state: Arc<MemoryState>,
@@ -80,9 +89,29 @@ impl Seams {
             .and_then(|q| q.local_addr().ok())
             .map(|a| a.ip())
             .filter(|ip| !ip.is_unspecified());
+        let (cpus, memory) = (
+            facts.capacity.cpu.0 as f64 / 1000.0,
+            facts.capacity.memory.0 as f64,
+        );
+        let began = std::time::Instant::now();
+        let node_metrics: Arc<crate::telemetry::NodeSampler> = Arc::new(move || {
+            use verge_api::metrics as m;
+            let up = began.elapsed().as_secs_f64();
+            vec![
+                (
+                    m::NODE_CPU_SECONDS,
+                    (up * cpus / 10.0 * 100.0).round() / 100.0,
+                ),
+                (m::NODE_MEMORY_TOTAL, memory),
+                (m::NODE_MEMORY_USED, (memory / 4.0).round()),
+                (m::NODE_LOAD1, 0.25),
+            ]
+        });
         Self {
             runtime,
             state,
+            node_metrics,
+            metrics_dir: None,
             facts: Arc::new(move || facts.clone()),
             quic,
             cgroups: None,

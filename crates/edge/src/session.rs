@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use verge_api::channel::{
-    ALPN_CHANNEL, ALPN_STREAM, EdgeToHub, HubToEdge, PROTOCOL_VERSION, RequestBody, ResponseBody,
+    ALPN_CHANNEL, ALPN_STREAM, EdgeToHub, HubToEdge, METRICS_SINCE, PROTOCOL_VERSION, RequestBody,
+    ResponseBody,
 };
 use verge_tunnel::frame::{read_msg, write_msg};
 
@@ -54,6 +55,8 @@ pub struct SessionCtx<'a> {
     pub tcp_source: Option<std::net::IpAddr>,
     /// This node's site-peer prober, if it probes ([`crate::peers`]).
     pub peers: Option<&'a crate::peers::PeerProbes>,
+    /// The node's metrics, shipped on their own stream while connected.
+    pub telemetry: &'a Arc<crate::telemetry::Telemetry>,
 }
 
 /// Connect over [`verge_tunnel::dial::channel`] with this session's identity.
@@ -110,7 +113,7 @@ pub async fn run_session(ctx: &SessionCtx<'_>) -> Result<SessionEnd, EdgeError> 
     if let Err(e) = write_msg(&mut writer, &hello).await {
         return Ok(SessionEnd::Lost(e.to_string()));
     }
-    let (interval, epoch) = match tokio::time::timeout(
+    let (interval, epoch, hub_protocol) = match tokio::time::timeout(
         Duration::from_secs(10),
         read_msg::<HubToEdge, _>(&mut reader),
     )
@@ -119,10 +122,12 @@ pub async fn run_session(ctx: &SessionCtx<'_>) -> Result<SessionEnd, EdgeError> 
         Ok(Ok(Some(HubToEdge::Welcome {
             heartbeat_interval_ms,
             epoch,
+            protocol_version,
             ..
         }))) => (
             Duration::from_millis(heartbeat_interval_ms.clamp(100, 300_000)),
             epoch,
+            protocol_version,
         ),
         Ok(Ok(Some(HubToEdge::Error { code, message, .. })))
             if refusal(&code, &message).is_some() =>
@@ -155,7 +160,14 @@ pub async fn run_session(ctx: &SessionCtx<'_>) -> Result<SessionEnd, EdgeError> 
     tracing::info!(addr = ctx.addr, since, transport, "connected to hub");
     ctx.metrics.connected.set(1);
     ctx.agent.links.opener().set(Some(opener.clone()));
+    // Metrics go on their own stream for as long as the session lasts (hubs before
+    // protocol 5 take none: the buffer keeps them for a newer hub).
+    let shipper = (hub_protocol >= METRICS_SINCE)
+        .then(|| tokio::spawn(ctx.telemetry.clone().ship(opener.clone())));
     let end = session_loop(ctx, &mut reader, &mut writer, interval, &opener, epoch).await;
+    if let Some(s) = shipper {
+        s.abort();
+    }
     ctx.agent.links.opener().set(None);
     ctx.metrics.connected.set(0);
     let _ = writer.shutdown().await;

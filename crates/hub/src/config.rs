@@ -36,6 +36,10 @@ pub struct HubConfig {
     /// Refuse new QUIC connections while the hub's scheduler lags more than this
     /// ([`crate::limits::LoadGauge`]; zero: never).
     pub shed_lag: Duration,
+    /// How long edges' metrics are kept ([`crate::telemetry`]).
+    pub metrics_retention: Duration,
+    /// Most time series kept (nodes' and instances' together).
+    pub metrics_max_series: usize,
     /// Lifetime of node certificates; edges renew at two thirds of it.
     pub node_cert_ttl: Duration,
     /// This replica's id among the hubs sharing a store (see [`crate::replicas`]).
@@ -69,6 +73,8 @@ impl HubConfig {
             admit_rate: 200.0,
             handshake_rate: 400.0,
             shed_lag: crate::limits::SHED_LAG,
+            metrics_retention: Duration::from_secs(2 * 3600),
+            metrics_max_series: 2_000_000,
             node_cert_ttl: Duration::from_secs(365 * 86_400),
             replica_id: String::new(),
             advertise: None,

@@ -706,6 +706,51 @@ async fn sched_plan(
     Ok(Json(report).into_response())
 }
 
+#[derive(Debug, Deserialize)]
+struct TopQuery {
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(flatten)]
+    sel: crate::telemetry::Selector,
+}
+
+async fn metrics_query(
+    State(st): State<Arc<HubState>>,
+    p: Principal,
+    Query(sel): Query<crate::telemetry::Selector>,
+) -> ApiResult<Response> {
+    admin_only(&p, "metrics")?;
+    Ok(Json(crate::telemetry::query(&st, &sel).await?).into_response())
+}
+
+async fn metrics_top(
+    State(st): State<Arc<HubState>>,
+    p: Principal,
+    Query(q): Query<TopQuery>,
+) -> ApiResult<Response> {
+    admin_only(&p, "metrics")?;
+    let kind = q.kind.as_deref().unwrap_or("nodes");
+    Ok(Json(crate::telemetry::top(&st, kind, &q.sel).await?).into_response())
+}
+
+async fn metrics_federate(State(st): State<Arc<HubState>>, p: Principal) -> ApiResult<Response> {
+    admin_only(&p, "metrics")?;
+    let text = crate::telemetry::federate(&st).await?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+async fn metrics_stats(State(st): State<Arc<HubState>>, p: Principal) -> ApiResult<Response> {
+    admin_only(&p, "metrics")?;
+    Ok(Json(st.tsdb.stats()).into_response())
+}
+
 async fn version() -> Json<serde_json::Value> {
     Json(serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -747,7 +792,7 @@ async fn count_requests(State(st): State<Arc<HubState>>, req: Request, next: Nex
 async fn not_found() -> HttpError {
     ApiError::new(
         ErrorCode::NotFound,
-        "no such endpoint; the API lives under /v1/{nodes,instances,regions,tokens,inventory,sched,artifacts}",
+        "no such endpoint; the API lives under /v1/{nodes,instances,regions,tokens,inventory,sched,artifacts,metrics}",
     )
     .into()
 }
@@ -800,6 +845,10 @@ pub fn router(state: Arc<HubState>) -> Router {
             "/v1/artifacts/{digest}",
             get(crate::artifacts::handlers::get_one).delete(crate::artifacts::handlers::delete_one),
         )
+        .route("/v1/metrics", get(metrics_query))
+        .route("/v1/metrics/top", get(metrics_top))
+        .route("/v1/metrics/federate", get(metrics_federate))
+        .route("/v1/metrics/stats", get(metrics_stats))
         .route("/v1/version", get(version))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))

@@ -29,6 +29,7 @@ pub mod replicas;
 pub mod sites;
 pub mod state;
 pub mod streams;
+pub mod telemetry;
 pub mod tokens;
 
 use std::future::Future;
@@ -187,6 +188,7 @@ pub async fn run_with_store(
     tasks.spawn(replicas::campaign(st.clone()));
     tasks.spawn(replicas::follow_sessions(st.clone()));
     tasks.spawn(artifacts::replicate(st.clone()));
+    tasks.spawn(telemetry::sweeper(st.clone()));
     if let Some(link) = st.config.region.clone() {
         tasks.spawn(region::uplink::run(st.clone(), link));
     }

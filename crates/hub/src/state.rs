@@ -56,6 +56,10 @@ pub struct Metrics {
     pub revoked_certificates: Family<Labels, Counter>,
     /// Watches ended because their reader fell too far behind.
     pub watches_dropped: Counter,
+    /// Metrics samples taken from edges.
+    pub samples_ingested: Counter,
+    /// Metrics samples refused: the series bound was reached.
+    pub samples_refused: Counter,
     /// 1 while this replica leads (runs the controllers), else 0.
     pub leader: Gauge,
     /// 1 while a region hub's uplink to its centre is up, else 0.
@@ -85,6 +89,8 @@ impl Metrics {
             sessions_replaced: Counter::default(),
             revoked_certificates: Family::default(),
             watches_dropped: Counter::default(),
+            samples_ingested: Counter::default(),
+            samples_refused: Counter::default(),
             leader: Gauge::default(),
             uplink_connected: Gauge::default(),
             syncs: Family::default(),
@@ -125,6 +131,16 @@ impl Metrics {
             "leader",
             "1 while this hub replica leads and runs the controllers",
             m.leader.clone(),
+        );
+        registry.register(
+            "metrics_samples_ingested",
+            "Metrics samples taken from edges",
+            m.samples_ingested.clone(),
+        );
+        registry.register(
+            "metrics_samples_refused",
+            "Metrics samples refused because the hub holds as many series as it may",
+            m.samples_refused.clone(),
         );
         registry.register(
             "watches_dropped",
@@ -681,6 +697,10 @@ pub struct HubState {
     pub replica: crate::replicas::Replica,
     /// The epoch of the store's history this hub began at start ([`crate::history`]).
     epoch: std::sync::OnceLock<String>,
+    /// Edges' recent metrics ([`crate::telemetry`]).
+    pub tsdb: crate::telemetry::tsdb::Tsdb,
+    /// The labels metrics queries read from the objects.
+    pub telemetry_labels: crate::telemetry::LabelCache,
     /// Edge sessions admitted ([`HubConfig::admit_rate`]).
     admission: crate::limits::TokenBucket,
     /// QUIC handshakes begun ([`HubConfig::handshake_rate`]).
@@ -702,6 +722,8 @@ impl HubState {
         );
         let limits = crate::limits::Limits::from_descriptor_limit();
         limits.load.set_threshold(config.shed_lag);
+        let tsdb =
+            crate::telemetry::tsdb::Tsdb::new(config.metrics_retention, config.metrics_max_series);
         Arc::new(Self {
             replica,
             objects,
@@ -727,6 +749,8 @@ impl HubState {
                 crate::limits::WATCHES_PER_PRINCIPAL,
             ),
             epoch: std::sync::OnceLock::new(),
+            tsdb,
+            telemetry_labels: Default::default(),
             admission,
             handshakes,
         })

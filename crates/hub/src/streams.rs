@@ -98,6 +98,10 @@ pub async fn serve_data_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'stati
             let sent = crate::artifacts::serve_stream(&st, &node, stream, &digest).await;
             count(&st, "artifact", if sent { "ok" } else { "failed" });
         }
+        StreamHello::Metrics => {
+            count(&st, "metrics", "ok");
+            crate::telemetry::serve_stream(&st, &node, stream).await;
+        }
     }
 }
 

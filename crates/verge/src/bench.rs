@@ -717,6 +717,7 @@ pub(crate) fn spawn_edges(
             cache_budget: u64::MAX,
             peer_listen: None,
             peer_advertise: None,
+            telemetry: Default::default(),
         };
         let mut rx = stop.subscribe();
         tokio::spawn(async move {

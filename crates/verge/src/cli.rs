@@ -204,7 +204,7 @@ pub async fn watch(client: &Client, kind: &str, output: Output) -> Result<()> {
     Ok(())
 }
 
-fn print_values(values: &[serde_json::Value], output: Output) -> Result<()> {
+pub fn print_values(values: &[serde_json::Value], output: Output) -> Result<()> {
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(values)?),
         Output::Yaml => print!("{}", serde_saphyr::to_string(&values)?),

@@ -11,6 +11,7 @@ mod bench_runtime;
 mod cli;
 mod client;
 mod dev;
+mod observe;
 mod remote;
 mod sim;
 mod store_arg;
@@ -164,6 +165,17 @@ enum Command {
         /// The address peers probe, when --peer-listen is every address (0.0.0.0:PORT).
         #[arg(long, requires = "peer_listen")]
         peer_advertise: Option<String>,
+        /// Sample the node's and its instances' metrics this often and ship them to
+        /// the hub (0s: off).
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        metrics_interval: Duration,
+        /// Disk the metrics buffer may use while the hub is out of reach; past it the
+        /// oldest samples go (and are counted).
+        #[arg(long, default_value = "64Mi", value_parser = |s: &str| Bytes::parse(s))]
+        metrics_buffer: Bytes,
+        /// Most bytes a second of buffered metrics sent when the hub is back.
+        #[arg(long, default_value = "64Ki", value_parser = |s: &str| Bytes::parse(s))]
+        metrics_rate: Bytes,
         /// GPUs on this node, MODEL=COUNT (repeatable), e.g. nvidia-t4=2.
         #[arg(long = "gpu", value_parser = parse_count)]
         gpus: Vec<(String, u32)>,
@@ -200,6 +212,32 @@ enum Command {
         /// After listing, print changes as they happen.
         #[arg(short, long)]
         watch: bool,
+    },
+    /// The latest metrics of nodes or instances: CPU, memory, disk, load.
+    Top {
+        /// nodes | instances
+        kind: String,
+        #[command(flatten)]
+        narrow: observe::Narrow,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: cli::Output,
+    },
+    /// The recent series of one metric (e.g. verge_node_memory_used_bytes).
+    Metrics {
+        /// The metric's name.
+        metric: String,
+        /// Only this instance's series.
+        #[arg(long)]
+        instance: Option<String>,
+        /// How far back (90s, 15m, 2h).
+        #[arg(long, default_value = "1h")]
+        since: String,
+        #[command(flatten)]
+        narrow: observe::Narrow,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: cli::Output,
     },
     /// Show one object in full.
     Describe {
@@ -585,6 +623,9 @@ fn real_main() -> Result<()> {
             cache_budget,
             peer_listen,
             peer_advertise,
+            metrics_interval,
+            metrics_buffer,
+            metrics_rate,
         } => {
             init_tracing("info");
             let join_token = match join_token_file {
@@ -638,6 +679,11 @@ fn real_main() -> Result<()> {
                     cache_budget: cache_budget.0,
                     peer_listen,
                     peer_advertise,
+                    telemetry: verge_edge::telemetry::TelemetryConfig {
+                        interval: metrics_interval,
+                        buffer_bytes: metrics_buffer.0,
+                        rate: metrics_rate.0,
+                    },
                 };
                 verge_edge::run(config, runtime, shutdown_signal(), |m| {
                     println!(
@@ -767,6 +813,28 @@ async fn run_cli(config: Option<PathBuf>, command: Command) -> Result<()> {
                 cli::watch(&client, &kind, output).await?;
             }
             Ok(())
+        }
+        Command::Top {
+            kind,
+            narrow,
+            output,
+        } => observe::top(&client, &kind, &narrow, output).await,
+        Command::Metrics {
+            metric,
+            instance,
+            since,
+            narrow,
+            output,
+        } => {
+            observe::metrics(
+                &client,
+                &metric,
+                instance.as_deref(),
+                &since,
+                &narrow,
+                output,
+            )
+            .await
         }
         Command::Describe { kind, name } => cli::describe(&client, &kind, &name).await,
         Command::Apply { file } => cli::apply(&client, &file).await,

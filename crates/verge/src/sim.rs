@@ -203,6 +203,7 @@ impl Fleet {
             cache_budget: u64::MAX,
             peer_listen: None,
             peer_advertise: None,
+            telemetry: Default::default(),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         // Each edge's log lines carry its name.
