@@ -9,6 +9,7 @@ pub mod artifact;
 pub mod channel;
 pub mod clock;
 pub mod error;
+pub mod event;
 pub mod hash;
 pub mod instance;
 pub mod manifest;

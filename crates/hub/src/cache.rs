@@ -211,7 +211,14 @@ impl ControllerCache {
             let mut inner = self.lock();
             *inner = Inner::default();
             for kv in lists.iter().flat_map(|l| &l.kvs) {
-                put(&mut inner, &kv.key, &kv.value, kv.mod_revision);
+                // Loading records nothing: what it finds happened before.
+                put(
+                    &mut inner,
+                    &kv.key,
+                    &kv.value,
+                    kv.mod_revision,
+                    &mut Vec::new(),
+                );
             }
         }
         self.revision.send_replace(from.max(1));
@@ -219,9 +226,12 @@ impl ControllerCache {
         st.schedule_kick.notify_one();
         while let Some(batch) = watch.recv().await {
             let batch = batch?;
-            if self.apply(&batch) {
+            let (work, events) = self.apply_observed(&batch);
+            if work {
                 st.schedule_kick.notify_one();
             }
+            // Only the leader runs this cache: each change is recorded once.
+            st.events.record_all(events);
             self.revision
                 .send_replace(batch.revision.max(self.revision()));
         }
@@ -230,17 +240,24 @@ impl ControllerCache {
 
     /// Apply a batch of changes; whether it may make work for the scheduler.
     pub fn apply(&self, batch: &WatchBatch) -> bool {
+        self.apply_observed(batch).0
+    }
+
+    /// Apply a batch of changes: whether it may make work for the scheduler, and the
+    /// events its changes to nodes and instances make ([`crate::events`]).
+    pub fn apply_observed(&self, batch: &WatchBatch) -> (bool, Vec<verge_api::event::Event>) {
         let mut inner = self.lock();
         let mut work = false;
+        let mut events = Vec::new();
         for ev in &batch.events {
             let key = ev.kv.key.as_str();
             let revision = ev.revision();
             work |= match ev.kind {
-                EventKind::Put => put(&mut inner, key, &ev.kv.value, revision),
+                EventKind::Put => put(&mut inner, key, &ev.kv.value, revision, &mut events),
                 EventKind::Delete => delete(&mut inner, key, revision),
             };
         }
-        work
+        (work, events)
     }
 }
 
@@ -264,7 +281,13 @@ fn newer(held: Option<u64>, revision: u64) -> bool {
 
 /// Put `key` at `revision` (a change the cache holds already, or an older one, is
 /// ignored); whether it may make work for the scheduler.
-fn put(inner: &mut Inner, key: &str, value: &[u8], revision: u64) -> bool {
+fn put(
+    inner: &mut Inner,
+    key: &str,
+    value: &[u8],
+    revision: u64,
+    events: &mut Vec<verge_api::event::Event>,
+) -> bool {
     let [instances, nodes, regions, _] = prefixes();
     if let Some(name) = key.strip_prefix(instances.as_str()) {
         let held = inner.instances.get(name);
@@ -275,6 +298,7 @@ fn put(inner: &mut Inner, key: &str, value: &[u8], revision: u64) -> bool {
             return false;
         };
         let work = needs_placement(&new, held.map(|i| &**i));
+        events.extend(crate::events::instance_events(held.map(|i| &**i), &new));
         if waits_for_node(&new) {
             inner.waiting.insert(name.to_string());
         } else {
@@ -291,6 +315,7 @@ fn put(inner: &mut Inner, key: &str, value: &[u8], revision: u64) -> bool {
             return false;
         };
         let work = node_changed(&new, held.map(|n| &**n));
+        events.extend(crate::events::node_events(held.map(|n| &**n), &new));
         inner.nodes.insert(name.to_string(), Arc::new(new));
         work
     } else if let Some(name) = key.strip_prefix(regions.as_str()) {

@@ -40,6 +40,8 @@ pub struct HubConfig {
     pub metrics_retention: Duration,
     /// Most time series kept (nodes' and instances' together).
     pub metrics_max_series: usize,
+    /// How long events are kept ([`crate::events`]).
+    pub event_retention: Duration,
     /// Lifetime of node certificates; edges renew at two thirds of it.
     pub node_cert_ttl: Duration,
     /// This replica's id among the hubs sharing a store (see [`crate::replicas`]).
@@ -75,6 +77,7 @@ impl HubConfig {
             shed_lag: crate::limits::SHED_LAG,
             metrics_retention: Duration::from_secs(2 * 3600),
             metrics_max_series: 2_000_000,
+            event_retention: Duration::from_secs(3600),
             node_cert_ttl: Duration::from_secs(365 * 86_400),
             replica_id: String::new(),
             advertise: None,

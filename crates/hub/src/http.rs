@@ -208,6 +208,35 @@ async fn send_watch_line(
 }
 
 async fn watch<S: NodeScoped>(st: Arc<HubState>, p: Principal, after: u64) -> ApiResult<Response> {
+    watch_lines(st, p.clone(), &kind_prefix(S::PLURAL), after, move |ev| {
+        let (kind, raw, rev) = match ev.kind {
+            EventKind::Put => ("PUT", ev.kv.value.clone(), ev.kv.mod_revision),
+            EventKind::Delete => (
+                "DELETE",
+                ev.prev_kv
+                    .as_ref()
+                    .map(|p| p.value.clone())
+                    .unwrap_or_default(),
+                ev.prev_kv.as_ref().map_or(0, |p| p.mod_revision),
+            ),
+        };
+        let obj = decode_value::<S>(&raw, rev)?;
+        may_access(&p, &obj).ok()?;
+        Some((kind, serde_json::to_value(obj).ok()?))
+    })
+    .await
+}
+
+/// A watch of `prefix` after revision `after` as lines of JSON: each change that
+/// `line` turns into `(type, object)`, with the batch's revision. Holds one of the
+/// caller's watch permits for as long as it runs.
+async fn watch_lines(
+    st: Arc<HubState>,
+    p: Principal,
+    prefix: &str,
+    after: u64,
+    line: impl Fn(&verge_store::Event) -> Option<(&'static str, serde_json::Value)> + Send + 'static,
+) -> ApiResult<Response> {
     let permit = st.watches.acquire(p.key()).map_err(|r| {
         ApiError::new(
             ErrorCode::Unavailable,
@@ -219,7 +248,7 @@ async fn watch<S: NodeScoped>(st: Arc<HubState>, p: Principal, after: u64) -> Ap
     let mut rx = st
         .objects
         .store()
-        .watch(&kind_prefix(S::PLURAL), from)
+        .watch(prefix, from)
         .await
         .map_err(store_err)?;
     let stream = async_stream(move |tx: tokio::sync::mpsc::Sender<Bytes>| async move {
@@ -237,24 +266,10 @@ async fn watch<S: NodeScoped>(st: Arc<HubState>, p: Principal, after: u64) -> Ap
                     return;
                 }
             };
-            for ev in batch.events {
-                let (kind, raw, rev) = match ev.kind {
-                    EventKind::Put => ("PUT", ev.kv.value.clone(), ev.kv.mod_revision),
-                    EventKind::Delete => (
-                        "DELETE",
-                        ev.prev_kv
-                            .as_ref()
-                            .map(|p| p.value.clone())
-                            .unwrap_or_default(),
-                        ev.prev_kv.as_ref().map_or(0, |p| p.mod_revision),
-                    ),
-                };
-                let Some(obj) = decode_value::<S>(&raw, rev) else {
+            for ev in &batch.events {
+                let Some((kind, obj)) = line(ev) else {
                     continue;
                 };
-                if may_access(&p, &obj).is_err() {
-                    continue;
-                }
                 let line =
                     serde_json::json!({"type": kind, "revision": batch.revision, "object": obj});
                 if !send_watch_line(&st, &tx, Bytes::from(format!("{line}\n"))).await {
@@ -267,6 +282,81 @@ async fn watch<S: NodeScoped>(st: Arc<HubState>, p: Principal, after: u64) -> Ap
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .body(stream)
         .unwrap_or_default())
+}
+
+/// Query parameters of `/v1/events`.
+#[derive(Debug, Deserialize, Default)]
+struct EventsQuery {
+    /// Only events about `KIND/NAME`.
+    #[serde(default, rename = "for")]
+    for_: Option<String>,
+    /// The last this many (default 500).
+    #[serde(default)]
+    limit: Option<usize>,
+    /// Stream events as they come instead of listing.
+    #[serde(default)]
+    watch: bool,
+    /// With `watch`: events after this revision (default: from now).
+    #[serde(default)]
+    revision: Option<u64>,
+}
+
+async fn events(
+    State(st): State<Arc<HubState>>,
+    p: Principal,
+    Query(q): Query<EventsQuery>,
+) -> ApiResult<Response> {
+    admin_only(&p, "events")?;
+    if let Some(f) = &q.for_ {
+        let known = f
+            .split_once('/')
+            .is_some_and(|(k, n)| verge_api::manifest::resolve_kind(k).is_some() && !n.is_empty());
+        if !known {
+            return Err(ApiError::new(
+                ErrorCode::Invalid,
+                format!(
+                    "for: '{f}' is not KIND/NAME (for example instances/web-1 or nodes/edge-1)"
+                ),
+            )
+            .into());
+        }
+    }
+    if q.watch {
+        let for_ = q.for_.clone();
+        return watch_lines(
+            st,
+            p,
+            crate::events::EVENT_PREFIX,
+            q.revision.unwrap_or(0),
+            move |ev| {
+                if ev.kind != EventKind::Put {
+                    return None; // expiry
+                }
+                let e: verge_api::event::Event = serde_json::from_slice(&ev.kv.value).ok()?;
+                if for_
+                    .as_deref()
+                    .is_some_and(|f| !crate::events::about(&e, f))
+                {
+                    return None;
+                }
+                Some(("ADDED", serde_json::to_value(e).ok()?))
+            },
+        )
+        .await;
+    }
+    let limit = q.limit.unwrap_or(500);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::new(
+            ErrorCode::Invalid,
+            format!("limit: {limit} is not between 1 and {MAX_PAGE}"),
+        )
+        .into());
+    }
+    let (items, revision) =
+        crate::events::list(st.objects.store().as_ref(), q.for_.as_deref(), limit)
+            .await
+            .map_err(store_err)?;
+    Ok(Json(serde_json::json!({ "revision": revision, "items": items })).into_response())
 }
 
 /// A streaming body fed by a task writing into a channel.
@@ -792,7 +882,7 @@ async fn count_requests(State(st): State<Arc<HubState>>, req: Request, next: Nex
 async fn not_found() -> HttpError {
     ApiError::new(
         ErrorCode::NotFound,
-        "no such endpoint; the API lives under /v1/{nodes,instances,regions,tokens,inventory,sched,artifacts,metrics}",
+        "no such endpoint; the API lives under /v1/{nodes,instances,regions,tokens,inventory,sched,artifacts,metrics,events}",
     )
     .into()
 }
@@ -845,6 +935,7 @@ pub fn router(state: Arc<HubState>) -> Router {
             "/v1/artifacts/{digest}",
             get(crate::artifacts::handlers::get_one).delete(crate::artifacts::handlers::delete_one),
         )
+        .route("/v1/events", get(events))
         .route("/v1/metrics", get(metrics_query))
         .route("/v1/metrics/top", get(metrics_top))
         .route("/v1/metrics/federate", get(metrics_federate))

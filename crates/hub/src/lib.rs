@@ -15,6 +15,7 @@ pub mod channel;
 pub mod config;
 pub mod controllers;
 pub mod disconnect;
+pub mod events;
 pub mod fanout;
 pub mod history;
 pub mod http;
@@ -189,6 +190,11 @@ pub async fn run_with_store(
     tasks.spawn(replicas::follow_sessions(st.clone()));
     tasks.spawn(artifacts::replicate(st.clone()));
     tasks.spawn(telemetry::sweeper(st.clone()));
+    tasks.spawn(
+        st.events
+            .clone()
+            .run(st.objects.store().clone(), st.config.event_retention),
+    );
     if let Some(link) = st.config.region.clone() {
         tasks.spawn(region::uplink::run(st.clone(), link));
     }

@@ -56,6 +56,8 @@ pub struct Metrics {
     pub revoked_certificates: Family<Labels, Counter>,
     /// Watches ended because their reader fell too far behind.
     pub watches_dropped: Counter,
+    /// Events dropped: the queue was full or the store refused them.
+    pub events_dropped: Counter,
     /// Metrics samples taken from edges.
     pub samples_ingested: Counter,
     /// Metrics samples refused: the series bound was reached.
@@ -90,6 +92,7 @@ impl Metrics {
             revoked_certificates: Family::default(),
             watches_dropped: Counter::default(),
             samples_ingested: Counter::default(),
+            events_dropped: Counter::default(),
             samples_refused: Counter::default(),
             leader: Gauge::default(),
             uplink_connected: Gauge::default(),
@@ -131,6 +134,11 @@ impl Metrics {
             "leader",
             "1 while this hub replica leads and runs the controllers",
             m.leader.clone(),
+        );
+        registry.register(
+            "events_dropped",
+            "Events dropped because the queue was full, the rate too high, or the store refused them",
+            m.events_dropped.clone(),
         );
         registry.register(
             "metrics_samples_ingested",
@@ -701,6 +709,8 @@ pub struct HubState {
     pub tsdb: crate::telemetry::tsdb::Tsdb,
     /// The labels metrics queries read from the objects.
     pub telemetry_labels: crate::telemetry::LabelCache,
+    /// Events ([`crate::events`]).
+    pub events: Arc<crate::events::EventLog>,
     /// Edge sessions admitted ([`HubConfig::admit_rate`]).
     admission: crate::limits::TokenBucket,
     /// QUIC handshakes begun ([`HubConfig::handshake_rate`]).
@@ -724,6 +734,8 @@ impl HubState {
         limits.load.set_threshold(config.shed_lag);
         let tsdb =
             crate::telemetry::tsdb::Tsdb::new(config.metrics_retention, config.metrics_max_series);
+        let metrics = Metrics::new();
+        let events = Arc::new(crate::events::EventLog::new(metrics.events_dropped.clone()));
         Arc::new(Self {
             replica,
             objects,
@@ -739,7 +751,7 @@ impl HubState {
             fanout: Arc::default(),
             sites: Arc::default(),
             uplinks: Default::default(),
-            metrics: Metrics::new(),
+            metrics,
             schedule_kick: Notify::new(),
             recommendations: Mutex::new(None),
             limits,
@@ -751,6 +763,7 @@ impl HubState {
             epoch: std::sync::OnceLock::new(),
             tsdb,
             telemetry_labels: Default::default(),
+            events,
             admission,
             handshakes,
         })

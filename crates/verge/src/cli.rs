@@ -168,37 +168,48 @@ struct List<T> {
 
 /// `verge get KIND --watch`: print changes as they happen, one line each.
 pub async fn watch(client: &Client, kind: &str, output: Output) -> Result<()> {
-    use futures_util::StreamExt;
     let plural = kind_or_bail(kind)?;
     let list: List<serde_json::Value> = client.get(&format!("/v1/{plural}")).await?;
-    let mut resp = client
-        .stream(&format!(
-            "/v1/{plural}?watch=true&revision={}",
-            list.revision
-        ))
-        .await?
-        .bytes_stream();
+    let path = format!("/v1/{plural}?watch=true&revision={}", list.revision);
+    each_line(client, &path, |ev| {
+        if output == Output::Json {
+            println!("{}", serde_json::to_string(&ev)?);
+            return Ok(());
+        }
+        let o = &ev["object"];
+        let phase = o["status"]["phase"].as_str().unwrap_or("-");
+        let node = o["status"]["node"].as_str().unwrap_or("-");
+        println!(
+            "{:<7} {:<8} {}/{} {phase} {}",
+            ev["type"].as_str().unwrap_or("?"),
+            ev["revision"],
+            &plural[..plural.len() - 1],
+            o["metadata"]["name"].as_str().unwrap_or("?"),
+            if plural == "instances" { node } else { "" },
+        );
+        Ok(())
+    })
+    .await
+}
+
+/// Follow a watch at `path`: `f` gets each line, as JSON, until the stream ends.
+pub async fn each_line(
+    client: &Client,
+    path: &str,
+    mut f: impl FnMut(serde_json::Value) -> Result<()>,
+) -> Result<()> {
+    use futures_util::StreamExt;
+    let mut resp = client.stream(path).await?.bytes_stream();
     let mut buf = Vec::new();
     while let Some(chunk) = resp.next().await {
         buf.extend_from_slice(&chunk.context("watch stream broke")?);
         while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = buf.drain(..=pos).collect();
             let ev: serde_json::Value = serde_json::from_slice(&line)?;
-            if output == Output::Json {
-                println!("{}", serde_json::to_string(&ev)?);
-                continue;
+            if ev["type"] == "ERROR" {
+                bail!("{}", ev["message"].as_str().unwrap_or("the watch failed"));
             }
-            let o = &ev["object"];
-            let phase = o["status"]["phase"].as_str().unwrap_or("-");
-            let node = o["status"]["node"].as_str().unwrap_or("-");
-            println!(
-                "{:<7} {:<8} {}/{} {phase} {}",
-                ev["type"].as_str().unwrap_or("?"),
-                ev["revision"],
-                &plural[..plural.len() - 1],
-                o["metadata"]["name"].as_str().unwrap_or("?"),
-                if plural == "instances" { node } else { "" },
-            );
+            f(ev)?;
         }
     }
     Ok(())

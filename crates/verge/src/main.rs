@@ -202,10 +202,13 @@ enum Command {
     Dev(dev::DevArgs),
     /// List objects.
     Get {
-        /// nodes | instances | regions | inventory | audit
+        /// nodes | instances | regions | events | inventory | audit | replicas | conflicts
         kind: String,
         /// One object.
         name: Option<String>,
+        /// With `events`: only those about KIND/NAME (e.g. instances/web-1).
+        #[arg(long = "for")]
+        for_: Option<String>,
         /// Output format.
         #[arg(short, long, value_enum, default_value = "table")]
         output: cli::Output,
@@ -807,7 +810,14 @@ async fn run_cli(config: Option<PathBuf>, command: Command) -> Result<()> {
             name,
             output,
             watch,
+            for_,
         } => {
+            if matches!(kind.as_str(), "events" | "event" | "ev") {
+                return observe::events(&client, for_.as_deref(), watch, output).await;
+            }
+            if for_.is_some() {
+                bail!("--for goes with `verge get events` only");
+            }
             cli::get(&client, &kind, name.as_deref(), output).await?;
             if watch {
                 cli::watch(&client, &kind, output).await?;

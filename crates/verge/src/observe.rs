@@ -1,5 +1,6 @@
 //! Observing the fleet from the command line: `verge top` (the latest metrics of
-//! nodes or instances) and `verge metrics` (a metric's recent series).
+//! nodes or instances), `verge metrics` (a metric's recent series) and
+//! `verge get events`.
 
 use anyhow::{Result, bail};
 
@@ -197,4 +198,69 @@ pub async fn metrics(
             Ok(())
         }
     }
+}
+
+fn event_row(e: &serde_json::Value) -> Vec<String> {
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+    vec![
+        crate::cli::age(e["time"].as_str()),
+        s(&e["type"]),
+        s(&e["reason"]),
+        format!(
+            "{}/{}",
+            s(&e["regarding"]["kind"]),
+            s(&e["regarding"]["name"])
+        ),
+        s(&e["node"]),
+        s(&e["message"]),
+    ]
+}
+
+const EVENT_HEADER: [&str; 6] = ["AGE", "TYPE", "REASON", "OBJECT", "NODE", "MESSAGE"];
+
+/// `verge get events [--for KIND/NAME] [-w]`.
+pub async fn events(
+    client: &Client,
+    for_: Option<&str>,
+    watch: bool,
+    output: Output,
+) -> Result<()> {
+    let q = query(&[("for", for_)]);
+    let v: serde_json::Value = client.get(&format!("/v1/events{q}")).await?;
+    let items = v["items"].as_array().cloned().unwrap_or_default();
+    match output {
+        Output::Json | Output::Yaml if !watch => return crate::cli::print_values(&items, output),
+        Output::Json | Output::Yaml => {
+            for e in &items {
+                println!("{}", serde_json::to_string(e)?);
+            }
+        }
+        Output::Table | Output::Wide => {
+            if items.is_empty() && !watch {
+                eprintln!("No events.");
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = items.iter().map(event_row).collect();
+            print!("{}", table(&EVENT_HEADER, &rows));
+        }
+    }
+    if !watch {
+        return Ok(());
+    }
+    let revision = v["revision"].as_u64().unwrap_or(0);
+    let q = query(&[
+        ("for", for_),
+        ("watch", Some("true")),
+        ("revision", Some(&revision.to_string())),
+    ]);
+    crate::cli::each_line(client, &format!("/v1/events{q}"), |line| {
+        let e = &line["object"];
+        if matches!(output, Output::Json | Output::Yaml) {
+            println!("{}", serde_json::to_string(e)?);
+        } else {
+            println!("{}", event_row(e).join("  "));
+        }
+        Ok(())
+    })
+    .await
 }

@@ -241,3 +241,152 @@ fn prometheus_scrapes_what_the_nodes_reported() {
         "{cpu} not among {held:?}"
     );
 }
+
+/// `verge get events -w -o json` in the background: the events it prints, as they come.
+struct EventWatch {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<serde_json::Value>,
+    seen: Vec<serde_json::Value>,
+}
+
+impl EventWatch {
+    fn start(hub: &Hub, extra: &[&str]) -> EventWatch {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(BIN)
+            .args(["--config", hub.admin_conf().to_str().expect("utf8")])
+            .args(["get", "events", "-w", "-o", "json"])
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("verge get events -w");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str(&l)
+                    && tx.send(v).is_err()
+                {
+                    return;
+                }
+            }
+        });
+        EventWatch {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Wait for an event with `reason` about `object` (`kind/name`).
+    fn expect(&mut self, reason: &str, object: &str) -> serde_json::Value {
+        let matches = |e: &serde_json::Value| {
+            e["reason"] == reason
+                && format!(
+                    "{}/{}",
+                    e["regarding"]["kind"].as_str().unwrap_or(""),
+                    e["regarding"]["name"].as_str().unwrap_or("")
+                ) == object
+        };
+        let deadline = std::time::Instant::now() + T;
+        loop {
+            if let Some(e) = self.seen.iter().find(|e| matches(e)) {
+                return e.clone();
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(e) => self.seen.push(e),
+                Err(_) => panic!(
+                    "no {reason} event for {object}; the watch saw: {:#?}",
+                    self.seen
+                ),
+            }
+        }
+    }
+}
+
+impl Drop for EventWatch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn events_say_what_happened_and_a_watch_sees_them_live() {
+    let d = test_dir();
+    let hub = Hub::start(d.path());
+    let mut all = EventWatch::start(&hub, &[]);
+    let mut edge = Edge::start(&hub, "ev-1", Some(&hub.token(1)));
+    all.expect("NodeReady", "nodes/ev-1");
+
+    // An instance that crashes and is restarted; one that runs out of memory; one
+    // that fits nowhere.
+    let crash = "kind: Instance\nmetadata: {name: ev-crash}\nspec:\n  form: process\n  process:\n    command: [/bin/sh, -c, 'sleep 0.3; exit 3']\n  resources: {cpu: 100m, memory: 16Mi}\n";
+    let hog = "kind: Instance\nmetadata: {name: ev-hog}\nspec:\n  form: process\n  process:\n    command: [perl, -e, '$x = \"a\" x (256 * 1024 * 1024); sleep 60']\n  resources: {cpu: 100m, memory: 32Mi}\n  restartPolicy: Never\n";
+    let huge = "kind: Instance\nmetadata: {name: ev-huge}\nspec:\n  form: process\n  process:\n    command: [sleep, '60']\n  resources: {cpu: '64', memory: 16Mi}\n";
+    let mut mine = EventWatch::start(&hub, &["--for", "instances/ev-crash"]);
+    for m in [crash, hog, huge] {
+        assert!(hub.apply(m).status.success());
+    }
+    let created = all.expect("Created", "instances/ev-crash");
+    assert_eq!(created["actor"], "admin");
+    all.expect("Scheduled", "instances/ev-crash");
+    all.expect("Started", "instances/ev-crash");
+    let restarted = all.expect("Restarted", "instances/ev-crash");
+    assert_eq!(restarted["type"], "Warning");
+    assert!(
+        restarted["message"].as_str().unwrap_or("").contains("exit"),
+        "{restarted}"
+    );
+    assert_eq!(restarted["node"], "ev-1");
+    let oom = all.expect("OOMKilled", "instances/ev-hog");
+    assert!(
+        oom["message"].as_str().unwrap_or("").contains("32Mi"),
+        "{oom}"
+    );
+    let unplaced = all.expect("FailedScheduling", "instances/ev-huge");
+    assert!(
+        unplaced["message"].as_str().unwrap_or("").contains("cpu"),
+        "{unplaced}"
+    );
+    // The filtered watch saw its instance's events and no other's.
+    mine.expect("Restarted", "instances/ev-crash");
+    assert!(
+        mine.seen
+            .iter()
+            .all(|e| e["regarding"]["name"] == "ev-crash"),
+        "{:#?}",
+        mine.seen
+    );
+
+    // The edge goes away: the node is NotReady, live.
+    edge.proc.kill();
+    let down = all.expect("NodeNotReady", "nodes/ev-1");
+    assert_eq!(down["type"], "Warning");
+
+    // Listing gives the same history, oldest first, and --for narrows it.
+    let listed = json(
+        &hub,
+        &["get", "events", "--for", "instances/ev-crash", "-o", "json"],
+    );
+    let reasons: Vec<&str> = listed
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|e| e["reason"].as_str())
+        .collect();
+    let pos = |r: &str| reasons.iter().position(|x| *x == r);
+    assert!(
+        pos("Created") < pos("Scheduled")
+            && pos("Scheduled") < pos("Started")
+            && pos("Started") < pos("Restarted"),
+        "{reasons:?}"
+    );
+    // A bad filter says what is wrong.
+    let out = hub.cli(&["get", "events", "--for", "web"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("KIND/NAME"));
+    hub.ok(&["delete", "instance", "ev-hog"]);
+    all.expect("Deleted", "instances/ev-hog");
+}

@@ -155,6 +155,25 @@ pub fn may_access<S: NodeScoped>(p: &Principal, obj: &Object<S>) -> Result<(), A
     }
 }
 
+/// Record an operator's write of `S` `name` as an event.
+fn operator_event<S: NodeScoped>(
+    st: &HubState,
+    p: &Principal,
+    reason: &str,
+    name: &str,
+    what: &str,
+) {
+    let mut ev = verge_api::event::Event::new(
+        verge_api::event::EventType::Normal,
+        reason,
+        S::PLURAL,
+        name,
+        format!("{} {name} {what} by {}", S::KIND.to_lowercase(), p.key()),
+    );
+    ev.actor = Some(p.key());
+    st.events.record(ev);
+}
+
 /// One object.
 pub async fn get<S: NodeScoped>(
     st: &HubState,
@@ -175,6 +194,7 @@ pub async fn create<S: NodeScoped>(
     admin_only(p, &format!("creating {}", S::PLURAL))?;
     region_scope(st, &obj)?;
     let obj = st.objects.create(obj).await?;
+    operator_event::<S>(st, p, "Created", obj.name(), "created");
     Ok(obj)
 }
 
@@ -197,6 +217,15 @@ pub async fn apply<S: NodeScoped>(
     }
     region_scope(st, &obj)?;
     let applied = st.objects.apply(obj).await?;
+    let (reason, what) = if applied.1 {
+        ("Created", "created".to_string())
+    } else {
+        (
+            "Applied",
+            format!("applied (generation {})", applied.0.metadata.generation),
+        )
+    };
+    operator_event::<S>(st, p, reason, name, &what);
     Ok(applied)
 }
 
@@ -255,5 +284,6 @@ pub async fn delete<S: NodeScoped>(
     }
     let obj = st.objects.delete_with::<S>(name, also).await?;
     S::after_delete(st, name);
+    operator_event::<S>(st, p, "Deleted", name, "deleted");
     Ok(obj)
 }
