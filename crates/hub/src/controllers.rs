@@ -152,6 +152,9 @@ pub async fn scheduler(st: Arc<HubState>, cache: Arc<ControllerCache>) {
             Ok(left) => waiting = left > 0,
             Err(e) => tracing::warn!(error = %e, "scheduling pass failed"),
         }
+        st.metrics
+            .schedule_pass
+            .observe(last_pass.elapsed().as_secs_f64());
     }
 }
 

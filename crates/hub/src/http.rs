@@ -853,6 +853,11 @@ async fn metrics(State(st): State<Arc<HubState>>) -> Response {
         st.metrics.store_revision.set(rev as i64);
     }
     st.metrics.edges_connected.set(st.edges.len() as i64);
+    if let Ok(rev) = st.objects.store().revision().await {
+        st.metrics
+            .sync_lag
+            .set(rev.saturating_sub(st.fanout.revision()) as i64);
+    }
     let mut out = String::new();
     if prometheus_client::encoding::text::encode(&mut out, &st.metrics.registry).is_err() {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
@@ -868,7 +873,23 @@ async fn metrics(State(st): State<Arc<HubState>>) -> Response {
 }
 
 async fn count_requests(State(st): State<Arc<HubState>>, req: Request, next: Next) -> Response {
+    // By route template (`/v1/instances/{name}`), never by the path itself: one
+    // series per route, however many objects there are.
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |m| m.as_str())
+        .to_string();
+    let method = req.method().as_str().to_string();
+    let began = std::time::Instant::now();
     let resp = next.run(req).await;
+    st.metrics
+        .api_latency
+        .get_or_create(&vec![
+            ("route".to_string(), route),
+            ("method".to_string(), method),
+        ])
+        .observe(began.elapsed().as_secs_f64());
     st.metrics
         .api_requests
         .get_or_create(&vec![(

@@ -31,6 +31,7 @@ pub mod sites;
 pub mod state;
 pub mod streams;
 pub mod telemetry;
+pub mod timed_store;
 pub mod tokens;
 
 use std::future::Future;

@@ -56,6 +56,14 @@ pub struct Metrics {
     pub revoked_certificates: Family<Labels, Counter>,
     /// Watches ended because their reader fell too far behind.
     pub watches_dropped: Counter,
+    /// Store call latency by operation ([`crate::timed_store`]).
+    pub store_latency: crate::timed_store::StoreLatency,
+    /// API request latency by route and method.
+    pub api_latency: crate::timed_store::StoreLatency,
+    /// How long scheduling passes take.
+    pub schedule_pass: Histogram,
+    /// Revisions the edges' shared watch is behind the store (sampled at scrape).
+    pub sync_lag: Gauge,
     /// Events dropped: the queue was full or the store refused them.
     pub events_dropped: Counter,
     /// Metrics samples taken from edges.
@@ -92,6 +100,12 @@ impl Metrics {
             revoked_certificates: Family::default(),
             watches_dropped: Counter::default(),
             samples_ingested: Counter::default(),
+            store_latency: crate::timed_store::store_latency(),
+            api_latency: crate::timed_store::store_latency(),
+            schedule_pass: Histogram::new([
+                0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+            ]),
+            sync_lag: Gauge::default(),
             events_dropped: Counter::default(),
             samples_refused: Counter::default(),
             leader: Gauge::default(),
@@ -134,6 +148,26 @@ impl Metrics {
             "leader",
             "1 while this hub replica leads and runs the controllers",
             m.leader.clone(),
+        );
+        registry.register(
+            "store_seconds",
+            "Latency of the hub's store calls by operation",
+            m.store_latency.clone(),
+        );
+        registry.register(
+            "api_request_seconds",
+            "Latency of API requests by route and method (streams: until the response starts)",
+            m.api_latency.clone(),
+        );
+        registry.register(
+            "schedule_pass_seconds",
+            "How long scheduling passes take",
+            m.schedule_pass.clone(),
+        );
+        registry.register(
+            "sync_lag_revisions",
+            "Store revisions the edges' shared watch is behind",
+            m.sync_lag.clone(),
         );
         registry.register(
             "events_dropped",
@@ -735,6 +769,10 @@ impl HubState {
         let tsdb =
             crate::telemetry::tsdb::Tsdb::new(config.metrics_retention, config.metrics_max_series);
         let metrics = Metrics::new();
+        let objects = Objects::new(Arc::new(crate::timed_store::TimedStore::new(
+            objects.store().clone(),
+            metrics.store_latency.clone(),
+        )));
         let events = Arc::new(crate::events::EventLog::new(metrics.events_dropped.clone()));
         Arc::new(Self {
             replica,

@@ -240,6 +240,19 @@ fn prometheus_scrapes_what_the_nodes_reported() {
         held.iter().any(|(_, v)| *v == cpu),
         "{cpu} not among {held:?}"
     );
+    // The hub's own metrics: latency by route (the template, not the path), store
+    // latency by operation, scheduling passes, metrics taken in.
+    let own = hub.metrics_text();
+    for want in [
+        "verge_hub_api_request_seconds_count{route=\"/v1/metrics/top\",method=\"GET\"}",
+        "verge_hub_api_request_seconds_count{route=\"/v1/nodes/{name}\",method=\"GET\"}",
+        "verge_hub_store_seconds_count{op=\"txn\"}",
+        "verge_hub_schedule_pass_seconds_count",
+        "verge_hub_sync_lag_revisions",
+        "verge_hub_metrics_samples_ingested_total",
+    ] {
+        assert!(own.contains(want), "{want} not in:\n{own}");
+    }
 }
 
 /// `verge get events -w -o json` in the background: the events it prints, as they come.
