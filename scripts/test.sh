@@ -10,9 +10,10 @@ cd "$(dirname "$0")/.."
 # Debian's OCI registry for the container driver's (busybox again, as an image); etcd
 # for the store's etcd backend and the hub replicas (started by the tests on loopback),
 # and protoc, which the etcd client's build needs (crates/store-etcd); Prometheus,
-# which scrapes the hub's federation endpoint in the observability tests.
+# which scrapes the hub's federation endpoint in the observability tests; Chromium
+# and its WebDriver, which drive the web console in its tests.
 APT_PACKAGES=(gcc qemu-system-x86 qemu-utils busybox-static runc docker-registry
-  etcd-server etcd-client protobuf-compiler prometheus)
+  etcd-server etcd-client protobuf-compiler prometheus chromium chromium-driver)
 # Each tool the tests run, and the package that provides it. The machine image may ship
 # a newer build of a package than Debian's (qemu-utils, for one), and installing another
 # package can remove it; so after installing, every tool is run, and what does not run
@@ -28,6 +29,8 @@ TOOLS=(
   "etcdctl version:etcd-client"
   "protoc --version:protobuf-compiler"
   "prometheus --version:prometheus"
+  "chromium --version:chromium"
+  "chromedriver --version:chromium-driver"
 )
 apt_install() {
   if [ "$(id -u)" -ne 0 ]; then

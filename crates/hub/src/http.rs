@@ -70,7 +70,8 @@ impl IntoResponse for HttpError {
     }
 }
 
-type ApiResult<T> = Result<T, HttpError>;
+/// A handler's result.
+pub type ApiResult<T> = Result<T, HttpError>;
 
 impl FromRequestParts<Arc<HubState>> for Principal {
     type Rejection = HttpError;
@@ -957,6 +958,11 @@ pub fn router(state: Arc<HubState>) -> Router {
             get(crate::artifacts::handlers::get_one).delete(crate::artifacts::handlers::delete_one),
         )
         .route("/v1/events", get(events))
+        .route("/console", get(crate::console::page))
+        .route("/v1/console/summary", get(crate::console::summary))
+        .route("/v1/console/nodes", get(crate::console::nodes))
+        .route("/v1/console/instances", get(crate::console::instances))
+        .route("/v1/console/watch", get(crate::console::watch))
         .route("/v1/metrics", get(metrics_query))
         .route("/v1/metrics/top", get(metrics_top))
         .route("/v1/metrics/federate", get(metrics_federate))

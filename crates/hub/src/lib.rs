@@ -13,6 +13,7 @@ pub mod artifacts;
 pub mod cache;
 pub mod channel;
 pub mod config;
+pub mod console;
 pub mod controllers;
 pub mod disconnect;
 pub mod events;

@@ -745,6 +745,8 @@ pub struct HubState {
     pub telemetry_labels: crate::telemetry::LabelCache,
     /// Events ([`crate::events`]).
     pub events: Arc<crate::events::EventLog>,
+    /// The web console's index of nodes and instances ([`crate::console`]).
+    pub console: crate::console::index::ConsoleIndex,
     /// Edge sessions admitted ([`HubConfig::admit_rate`]).
     admission: crate::limits::TokenBucket,
     /// QUIC handshakes begun ([`HubConfig::handshake_rate`]).
@@ -802,6 +804,7 @@ impl HubState {
             tsdb,
             telemetry_labels: Default::default(),
             events,
+            console: Default::default(),
             admission,
             handshakes,
         })

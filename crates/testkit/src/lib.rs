@@ -17,9 +17,11 @@
 //! [`frontdoor`] is a load test for the hub's front door: silent and slow
 //! connections and oversized frames from strangers, on TLS and on QUIC. [`etcd`]
 //! starts real etcd servers (one member or a cluster) for the HA tests.
+//! [`webdriver`] drives a headless Chromium for the web console's tests and benchmark.
 
 pub mod etcd;
 pub mod frontdoor;
+pub mod webdriver;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
