@@ -68,6 +68,8 @@ pub struct Metrics {
     pub events_dropped: Counter,
     /// Metrics samples taken from edges.
     pub samples_ingested: Counter,
+    /// Bytes of metrics rounds taken from edges (their encoded size on the stream).
+    pub metrics_bytes: Counter,
     /// Metrics samples refused: the series bound was reached.
     pub samples_refused: Counter,
     /// 1 while this replica leads (runs the controllers), else 0.
@@ -100,6 +102,7 @@ impl Metrics {
             revoked_certificates: Family::default(),
             watches_dropped: Counter::default(),
             samples_ingested: Counter::default(),
+            metrics_bytes: Counter::default(),
             store_latency: crate::timed_store::store_latency(),
             api_latency: crate::timed_store::store_latency(),
             schedule_pass: Histogram::new([
@@ -178,6 +181,11 @@ impl Metrics {
             "metrics_samples_ingested",
             "Metrics samples taken from edges",
             m.samples_ingested.clone(),
+        );
+        registry.register(
+            "metrics_bytes_received",
+            "Bytes of metrics rounds taken from edges, as encoded on their streams",
+            m.metrics_bytes.clone(),
         );
         registry.register(
             "metrics_samples_refused",

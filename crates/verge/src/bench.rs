@@ -143,6 +143,23 @@ pub enum BenchCommand {
         #[arg(short, long, default_value = "text")]
         output: String,
     },
+    /// The web console in Chromium (over WebDriver): time to first render of the
+    /// overview, node and instance lists, and of a filter, with a large fleet in the
+    /// hub's store, against a small one in the same run.
+    Console {
+        /// Nodes in the hub's store.
+        #[arg(long, default_value_t = 10_000)]
+        nodes: usize,
+        /// Instances in the hub's store.
+        #[arg(long, default_value_t = 100_000)]
+        instances: usize,
+        /// Page loads (and filters) per view; the median is reported.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// `json` for machines.
+        #[arg(short, long, default_value = "text")]
+        output: String,
+    },
     /// An edge node rebooted while no hub is reachable: the time until its N workloads
     /// run again after the agent starts, against starting them directly.
     Reboot {
@@ -218,6 +235,12 @@ pub fn run(cmd: BenchCommand, config: Option<std::path::PathBuf>) -> Result<()> 
             },
             &output,
         )),
+        BenchCommand::Console {
+            nodes,
+            instances,
+            runs,
+            output,
+        } => rt.block_on(crate::bench_console::run(nodes, instances, runs, &output)),
         BenchCommand::Reboot { instances, output } => {
             rt.block_on(crate::bench_reboot::run(instances, &output))
         }

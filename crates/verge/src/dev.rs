@@ -252,10 +252,15 @@ pub async fn run(args: DevArgs) -> Result<()> {
     };
     say!(
         "\nVerge is running: hub at {url}, 3 edges. {cfg_hint}\n\
+         Console: {url}/console (sign in with the token in {}; the hub's certificate is \
+         signed by its own CA, {})\n\
          Try:\n  verge get nodes -o wide\n  verge get instances\n  verge logs hello\n  \
+         verge top nodes\n  verge get events -w\n  \
          verge apply -f examples/\n  verge describe node edge-1\n  \
          verge get inventory\n  verge sched report\n\
          Logs of the processes: {}/*.log. Press Ctrl-C to stop everything.",
+        conf.display(),
+        conf.with_file_name("ca.crt").display(),
         dir.display()
     );
     if !args.exit_after_start {

@@ -5,6 +5,7 @@
 
 mod artifact;
 mod bench;
+mod bench_console;
 mod bench_ha;
 mod bench_reboot;
 mod bench_runtime;
@@ -74,6 +75,13 @@ enum Command {
         /// handshake and keep the sessions it has up (0s: never refuse).
         #[arg(long, default_value = "200ms", value_parser = parse_duration)]
         shed_lag: Duration,
+        /// How long edges' metrics are kept in the hub's memory (Prometheus, scraping
+        /// /v1/metrics/federate, keeps the long history).
+        #[arg(long, default_value = "2h", value_parser = parse_duration)]
+        metrics_retention: Duration,
+        /// How long events are kept.
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        event_retention: Duration,
         /// Lifetime of node certificates (edges renew after two thirds of it).
         #[arg(long, default_value = "365d", value_parser = parse_duration)]
         node_cert_ttl: Duration,
@@ -552,6 +560,8 @@ fn real_main() -> Result<()> {
             admit_rate,
             handshake_rate,
             shed_lag,
+            metrics_retention,
+            event_retention,
             node_cert_ttl,
             store,
             advertise,
@@ -582,6 +592,8 @@ fn real_main() -> Result<()> {
                 config.admit_rate = admit_rate;
                 config.handshake_rate = handshake_rate;
                 config.shed_lag = shed_lag;
+                config.metrics_retention = metrics_retention;
+                config.event_retention = event_retention;
                 config.node_cert_ttl = node_cert_ttl;
                 config.advertise = advertise;
                 config.lease_ttl = lease_ttl;

@@ -113,6 +113,9 @@ pub struct SimArgs {
     /// a region serving its fleet while its centre is down (steady scenario only).
     #[arg(long, conflicts_with = "replicas")]
     pub region_hub: bool,
+    /// How often each simulated edge samples and ships its metrics (0s: never).
+    #[arg(long, default_value = "10s", value_parser = crate::parse_duration)]
+    pub metrics_interval: Duration,
     /// Fail (exit non-zero) when an invariant does not hold at the end.
     #[arg(long)]
     pub check: bool,
@@ -149,6 +152,8 @@ struct Fleet {
     token: String,
     dir: PathBuf,
     edges_per_address: usize,
+    /// How often each edge samples its metrics.
+    metrics_interval: Duration,
 }
 
 impl Fleet {
@@ -203,7 +208,10 @@ impl Fleet {
             cache_budget: u64::MAX,
             peer_listen: None,
             peer_advertise: None,
-            telemetry: Default::default(),
+            telemetry: verge_edge::telemetry::TelemetryConfig {
+                interval: self.metrics_interval,
+                ..Default::default()
+            },
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         // Each edge's log lines carry its name.
@@ -1006,6 +1014,7 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
         runtime: Arc::default(),
         links,
         direct: a.direct.then(|| hubs.urls()),
+        metrics_interval: a.metrics_interval,
         token,
         dir: dir.clone(),
         edges_per_address: per_address,
@@ -1274,6 +1283,25 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
     } else {
         ((cpu1 - cpu0) * 100.0 / window.as_secs_f64()).into()
     };
+    // Metrics the fleet shipped during the window: what the hub took in, on the wire
+    // and at rest.
+    let taken = |name: &str| metric(&metrics_after, name) - metric(&metrics_before, name);
+    let samples = taken("verge_hub_metrics_samples_ingested_total ");
+    report["metricsSamplesPerSecond"] = (samples / window.as_secs_f64()).into();
+    report["metricsBytesPerEdgePerMinute"] = (taken("verge_hub_metrics_bytes_received_total ")
+        * 60.0
+        / window.as_secs_f64()
+        / a.nodes as f64)
+        .into();
+    if let Ok(stats) = client.get::<serde_json::Value>("/v1/metrics/stats").await {
+        let (bytes, held) = (stats["bytes"].as_f64(), stats["samples"].as_f64());
+        if let (Some(b), Some(n)) = (bytes, held)
+            && n > 0.0
+        {
+            report["metricsBytesPerSampleAtRest"] = (b / n).into();
+            report["metricsSeriesHeld"] = stats["series"].clone();
+        }
+    }
     report["hubMiBAtEnd"] = (hubs.rss_kib() as f64 / 1024.0).into();
     report["simMiBAtEnd"] = (own_rss_kib() as f64 / 1024.0).into();
     report["bytesPerEdgePerMinute"] = if a.direct {

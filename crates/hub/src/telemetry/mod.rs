@@ -69,6 +69,7 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
             .tsdb
             .ingest(node, &batch, verge_api::clock::now_ms() as i64);
         st.metrics.samples_ingested.inc_by(got.samples as u64);
+        st.metrics.metrics_bytes.inc_by(body.len() as u64);
         if got.refused > 0 {
             st.metrics.samples_refused.inc_by(got.refused as u64);
         }
