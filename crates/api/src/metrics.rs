@@ -92,6 +92,8 @@ pub const INSTANCE_OOM_KILLS: u16 = 22;
 pub const INSTANCE_RESTARTS: u16 = 23;
 /// Instance: 1 while running.
 pub const INSTANCE_UP: u16 = 24;
+/// Instance (function): requests served.
+pub const INSTANCE_REQUESTS: u16 = 25;
 
 /// Every metric this build knows.
 pub const CATALOGUE: &[MetricDef] = &[
@@ -199,6 +201,13 @@ pub const CATALOGUE: &[MetricDef] = &[
         Gauge,
         Instance,
         "1 while the instance runs.",
+    ),
+    def(
+        INSTANCE_REQUESTS,
+        "verge_instance_requests_total",
+        Counter,
+        Instance,
+        "Requests a function instance served (answered or failed).",
     ),
 ];
 

@@ -174,8 +174,9 @@ impl Agent {
     }
 
     /// This round's metrics of every instance the node knows: whether it runs and
-    /// its restarts, and from its cgroup (processes, containers, VMs) its CPU time,
-    /// memory and OOM kills.
+    /// its restarts, from its cgroup (processes, containers, VMs) its CPU time,
+    /// memory and OOM kills, and what its driver measures itself (a function's Wasm
+    /// stores: memory and requests).
     pub fn instance_metrics(&self) -> Vec<verge_api::metrics::Group> {
         use verge_api::metrics as m;
         let mut groups: std::collections::BTreeMap<String, Vec<(u16, f64)>> = lock(&self.statuses)
@@ -189,6 +190,9 @@ impl Agent {
                 (name.clone(), values)
             })
             .collect();
+        for (name, values) in groups.iter_mut() {
+            values.extend(self.runtime.metrics(name));
+        }
         for (name, u) in self.resources.usages() {
             let values = groups.entry(name).or_default();
             values.push((m::INSTANCE_CPU_SECONDS, u.cpu_usec as f64 / 1e6));

@@ -39,12 +39,65 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest linear memory any function may have (the pool reserves this per slot).
 pub const MAX_MEMORY: usize = 256 << 20;
 
+/// What a function's Wasm stores use, for its metrics.
+#[derive(Default)]
+struct Usage {
+    /// Linear memory of the stores alive now (requests in flight).
+    memory: std::sync::atomic::AtomicU64,
+    /// Requests served.
+    requests: std::sync::atomic::AtomicU64,
+}
+
+/// The store's limits, counting the memory it grows into its function's [`Usage`]
+/// (and giving it back when the store goes).
+struct Metered {
+    limits: StoreLimits,
+    usage: Arc<Usage>,
+    held: u64,
+}
+
+impl wasmtime::ResourceLimiter for Metered {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let ok = self.limits.memory_growing(current, desired, maximum)?;
+        if ok {
+            let grown = desired.saturating_sub(current) as u64;
+            self.held += grown;
+            self.usage
+                .memory
+                .fetch_add(grown, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(ok)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        self.usage
+            .memory
+            .fetch_sub(self.held, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Per-request state of a function's store.
 struct RequestState {
     wasi: WasiCtx,
     http: WasiHttpCtx,
     table: ResourceTable,
-    limits: StoreLimits,
+    limits: Metered,
 }
 
 impl WasiView for RequestState {
@@ -75,6 +128,8 @@ struct Function {
     log: wasmtime_wasi::cli::OutputFile,
     /// Kept so the supervisor's wait never ends while the function is deployed.
     _alive: tokio::sync::watch::Sender<Option<Exit>>,
+    /// What its stores use.
+    usage: Arc<Usage>,
 }
 
 /// Runs `form: function` instances and serves them over HTTP.
@@ -156,6 +211,29 @@ impl FunctionRuntime {
         Ok(c)
     }
 
+    /// A store for one request of `f`: its memory limit, counted in its usage.
+    fn new_store(&self, f: &Function, wasi: WasiCtx) -> Store<RequestState> {
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(f.memory)
+            .trap_on_grow_failure(true)
+            .build();
+        let mut store = Store::new(
+            &self.engine,
+            RequestState {
+                wasi,
+                http: WasiHttpCtx::new(),
+                table: ResourceTable::new(),
+                limits: Metered {
+                    limits,
+                    usage: f.usage.clone(),
+                    held: 0,
+                },
+            },
+        );
+        store.limiter(|s| &mut s.limits);
+        store
+    }
+
     /// How long instantiating function `name` takes, `n` times (for benchmarks): a
     /// fresh store and instance from the pre-instantiated component, as each request
     /// gets.
@@ -165,16 +243,7 @@ impl FunctionRuntime {
             .ok_or_else(|| format!("no function '{name}'"))?;
         let mut times = Vec::with_capacity(n);
         for _ in 0..n {
-            let mut store = Store::new(
-                &self.engine,
-                RequestState {
-                    wasi: WasiCtx::builder().build(),
-                    http: WasiHttpCtx::new(),
-                    table: ResourceTable::new(),
-                    limits: StoreLimitsBuilder::new().memory_size(f.memory).build(),
-                },
-            );
-            store.limiter(|s| &mut s.limits);
+            let mut store = self.new_store(&f, WasiCtx::builder().build());
             store.set_epoch_deadline(u64::MAX / 2);
             let t = std::time::Instant::now();
             f.pre
@@ -261,24 +330,14 @@ impl FunctionRuntime {
         f: &Function,
         req: hyper::Request<hyper::body::Incoming>,
     ) -> Result<hyper::Response<HyperOutgoingBody>, Failure> {
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(f.memory)
-            .trap_on_grow_failure(true)
-            .build();
         let wasi = WasiCtx::builder()
             .stdout(f.log.clone())
             .stderr(f.log.clone())
             .build();
-        let mut store = Store::new(
-            &self.engine,
-            RequestState {
-                wasi,
-                http: WasiHttpCtx::new(),
-                table: ResourceTable::new(),
-                limits,
-            },
-        );
-        store.limiter(|s| &mut s.limits);
+        f.usage
+            .requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut store = self.new_store(f, wasi);
         let ticks = (f.timeout.as_millis() / EPOCH.as_millis()).max(1) as u64;
         store.set_epoch_deadline(ticks);
         store.epoch_deadline_trap();
@@ -366,6 +425,7 @@ impl Runtime for FunctionRuntime {
                 .timeout_ms
                 .map_or(DEFAULT_TIMEOUT, Duration::from_millis),
             _alive: alive,
+            usage: Arc::default(),
         };
         self.functions
             .write()
@@ -382,6 +442,17 @@ impl Runtime for FunctionRuntime {
                 run_id: String::new(),
             },
             exited,
+        })
+    }
+
+    fn metrics(&self, instance: &str) -> Vec<(u16, f64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        use verge_api::metrics::{INSTANCE_MEMORY, INSTANCE_REQUESTS};
+        self.get(instance).map_or_else(Vec::new, |f| {
+            vec![
+                (INSTANCE_MEMORY, f.usage.memory.load(Relaxed) as f64),
+                (INSTANCE_REQUESTS, f.usage.requests.load(Relaxed) as f64),
+            ]
         })
     }
 

@@ -256,6 +256,13 @@ pub trait Runtime: Send + Sync + 'static {
         let _ = spec;
         true
     }
+    /// Metrics of `instance` that only the driver knows (`(catalogue id, value)`,
+    /// `verge_api::metrics`): a driver whose workloads have no cgroup of their own
+    /// (functions, in the agent's process) measures them itself.
+    fn metrics(&self, instance: &str) -> Vec<(u16, f64)> {
+        let _ = instance;
+        Vec::new()
+    }
     /// How to run `command` inside the workload's environment (`verge exec`). The
     /// agent runs it; the driver says where and how.
     fn exec_spec(&self, workload: &Workload, command: &[String]) -> Result<ExecSpec, RuntimeError> {
@@ -316,6 +323,12 @@ impl Runtime for Drivers {
     }
     fn writes_log(&self, spec: &InstanceSpec) -> bool {
         self.for_form(spec.form).is_ok_and(|d| d.writes_log(spec))
+    }
+    fn metrics(&self, instance: &str) -> Vec<(u16, f64)> {
+        self.drivers
+            .iter()
+            .flat_map(|(_, d)| d.metrics(instance))
+            .collect()
     }
 }
 

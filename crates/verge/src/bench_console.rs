@@ -61,11 +61,13 @@ async fn fill(store: &dyn Store, nodes: usize, instances: usize) -> Result<()> {
         }
     }
     for i in 0..instances {
-        let mut spec = InstanceSpec::default();
-        spec.process = Some(verge_api::ProcessSpec {
-            command: vec!["sleep".into(), "infinity".into()],
+        let mut spec = InstanceSpec {
+            process: Some(verge_api::ProcessSpec {
+                command: vec!["sleep".into(), "infinity".into()],
+                ..Default::default()
+            }),
             ..Default::default()
-        });
+        };
         spec.resources.cpu = verge_api::Cpu(100);
         spec.resources.memory = verge_api::Bytes(64 << 20);
         let mut inst = Instance::new(format!("web-{i:07}"), spec);
@@ -153,7 +155,10 @@ async fn measure(dir: &Path, nodes: usize, instances: usize, runs: usize) -> Res
     let summary: Value = client.get("/v1/console/summary").await?;
     let index_load = t.elapsed();
     if summary["instances"]["total"].as_u64() != Some(instances as u64) {
-        bail!("the hub holds {} instances, not {instances}", summary["instances"]["total"]);
+        bail!(
+            "the hub holds {} instances, not {instances}",
+            summary["instances"]["total"]
+        );
     }
     let url = format!("https://127.0.0.1:{port}");
     let driver = ChromeDriver::start(&dir.join("chromedriver.log")).await?;
@@ -186,7 +191,11 @@ async fn measure(dir: &Path, nodes: usize, instances: usize, runs: usize) -> Res
     // On the instances page: filters that match a thousandth, a tenth, and nothing.
     let mut times = Vec::new();
     for i in 0..runs {
-        for text in [format!("app-{:04}", 7 + i), "web-00".to_string(), "no-such".into()] {
+        for text in [
+            format!("app-{:04}", 7 + i),
+            "web-00".to_string(),
+            "no-such".into(),
+        ] {
             let (ms, _) = filter(&s, &text).await?;
             times.push(ms);
         }
@@ -215,7 +224,8 @@ pub async fn run(nodes: usize, instances: usize, runs: usize, output: &str) -> R
         for (name, v) in [("baseline", &baseline), ("fleet", &fleet)] {
             println!(
                 "{name:9} {:>6} nodes {:>7} instances: first render overview {:.0} ms, nodes {:.0} ms, instances {:.0} ms; filter {:.0} ms (max {:.0}); index load {:.0} ms",
-                v["nodes"], v["instances"],
+                v["nodes"],
+                v["instances"],
                 v["overviewFirstRenderMs"].as_f64().unwrap_or(0.0),
                 v["nodesFirstRenderMs"].as_f64().unwrap_or(0.0),
                 v["instancesFirstRenderMs"].as_f64().unwrap_or(0.0),

@@ -46,6 +46,8 @@ fn an_http_function_is_deployed_served_and_removed() {
         "127.0.0.1:0",
         "--plain-http-registry",
         registry.addr.as_str(),
+        "--metrics-interval",
+        "1s",
     ];
     let mut edge = Edge::start_with(
         &hub.url,
@@ -89,6 +91,19 @@ fn an_http_function_is_deployed_served_and_removed() {
     });
     let (status, body) = http_get(&addr, "/hello-fn/spin");
     assert_eq!(status, 504, "{body}");
+    // Its metrics come from its Wasm stores (it has no cgroup): the requests served,
+    // the one that timed out included.
+    let requests = wait_for("the function's metrics", T, || {
+        let v: serde_json::Value =
+            serde_json::from_str(&hub.ok(&["top", "instances", "-o", "json"])).ok()?;
+        let row = v
+            .as_array()?
+            .iter()
+            .find(|r| r["instance"] == "hello-fn")?
+            .clone();
+        row["requests"].as_f64().filter(|n| *n >= 2.0)
+    });
+    assert!(requests >= 2.0);
 
     // Cut off from the registry, a restarted agent serves the function from its cache.
     registry.proc.kill();

@@ -343,6 +343,7 @@ pub async fn top(st: &HubState, kind: &str, sel: &Selector) -> Result<serde_json
             m::INSTANCE_RESTARTS => "restarts",
             m::INSTANCE_OOM_KILLS => "oomKills",
             m::INSTANCE_UP => "up",
+            m::INSTANCE_REQUESTS => "requests",
             _ => continue,
         };
         row[key] = l.last.1.into();
