@@ -808,20 +808,32 @@ struct TopQuery {
 async fn metrics_query(
     State(st): State<Arc<HubState>>,
     p: Principal,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
     Query(sel): Query<crate::telemetry::Selector>,
 ) -> ApiResult<Response> {
     admin_only(&p, "metrics")?;
-    Ok(Json(crate::telemetry::query(&st, &sel).await?).into_response())
+    let local = crate::telemetry::query(&st, &sel).await?;
+    Ok(
+        Json(crate::telemetry::with_other_replicas(&st, &uri, &headers, local, "series").await)
+            .into_response(),
+    )
 }
 
 async fn metrics_top(
     State(st): State<Arc<HubState>>,
     p: Principal,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
     Query(q): Query<TopQuery>,
 ) -> ApiResult<Response> {
     admin_only(&p, "metrics")?;
     let kind = q.kind.as_deref().unwrap_or("nodes");
-    Ok(Json(crate::telemetry::top(&st, kind, &q.sel).await?).into_response())
+    let local = crate::telemetry::top(&st, kind, &q.sel).await?;
+    Ok(
+        Json(crate::telemetry::with_other_replicas(&st, &uri, &headers, local, "items").await)
+            .into_response(),
+    )
 }
 
 async fn metrics_federate(State(st): State<Arc<HubState>>, p: Principal) -> ApiResult<Response> {

@@ -604,7 +604,7 @@ async fn forward_with(
         .parse()
         .unwrap_or_default();
     parts.headers.insert(
-        "x-verge-forwarded-by",
+        FORWARDED_BY,
         st.replica
             .id
             .parse()
@@ -666,6 +666,57 @@ pub async fn port_forward_at(
         .await
         .map_err(|e| unavailable(format!("hub replica {url}: {e}")))?;
     Ok(Box::new(TokioIo::new(up)))
+}
+
+/// The header a replica marks the requests it forwards with.
+pub const FORWARDED_BY: &str = "x-verge-forwarded-by";
+
+/// Ask every other live replica the same `GET path_and_query`, as a peer (marked
+/// forwarded, so each answers for itself alone), at once: their JSON answers, and
+/// the replicas that gave none (what a replica holds in memory, such as its edges'
+/// metrics, is gathered this way).
+pub async fn gather(st: &HubState, path_and_query: &str) -> (Vec<serde_json::Value>, Vec<String>) {
+    let others: Vec<ReplicaRecord> = live_replicas(st)
+        .await
+        .into_iter()
+        .filter(|r| r.id != st.replica.id)
+        .collect();
+    let token = peer_token(st);
+    let asks = others.iter().map(|r| {
+        let token = token.clone();
+        async move {
+            let req = Request::builder()
+                .method("GET")
+                .uri(path_and_query)
+                .header(header::AUTHORIZATION, format!("Bearer {token}"))
+                .body(Body::empty())
+                .map_err(|e| e.to_string())?;
+            let resp = tokio::time::timeout(Duration::from_secs(10), forward(st, &r.url, req))
+                .await
+                .map_err(|_| "no answer within 10s".to_string())?
+                .map_err(|e| e.message)?;
+            if !resp.status().is_success() {
+                return Err(format!("answered {}", resp.status()));
+            }
+            let body = axum::body::to_bytes(resp.into_body(), 64 << 20)
+                .await
+                .map_err(|e| e.to_string())?;
+            serde_json::from_slice::<serde_json::Value>(&body).map_err(|e| e.to_string())
+        }
+    });
+    let answers = futures_util::future::join_all(asks).await;
+    let mut got = Vec::new();
+    let mut missing = Vec::new();
+    for (r, a) in others.iter().zip(answers) {
+        match a {
+            Ok(v) => got.push(v),
+            Err(e) => {
+                tracing::warn!(replica = %r.id, error = %e, "a replica did not answer a gathered query");
+                missing.push(r.id.clone());
+            }
+        }
+    }
+    (got, missing)
 }
 
 /// Live replicas (their records), this one included.

@@ -272,6 +272,21 @@ fn a_replica_dies_and_its_edges_move_while_streams_and_artifacts_work_across_rep
     let out = f.hub(other).ok(&["exec", "s", "--", "echo", "from-afar"]);
     assert!(out.contains("from-afar"), "{out}");
 
+    // Each replica holds the metrics of the edges it serves; any replica answers for
+    // all of them.
+    for i in 0..3 {
+        wait_for("every edge's metrics through one replica", T, || {
+            let v: serde_json::Value =
+                serde_json::from_str(&f.hub(i).ok(&["top", "nodes", "-o", "json"])).ok()?;
+            let nodes: Vec<&str> = v
+                .as_array()?
+                .iter()
+                .filter_map(|r| r["node"].as_str())
+                .collect();
+            (nodes == ["ha-0", "ha-1", "ha-2"]).then_some(())
+        });
+    }
+
     // An instance reaches another one's port on an edge held by another replica:
     // the relay goes through both replicas.
     let sessions_now = replicas(f.hub(0))["sessions"].clone();

@@ -351,6 +351,37 @@ pub async fn top(st: &HubState, kind: &str, sel: &Selector) -> Result<serde_json
     Ok(serde_json::json!({ "items": rows.into_iter().map(|r| r.2).collect::<Vec<_>>() }))
 }
 
+/// `local`'s list under `key`, joined with the same query's answers from every other
+/// replica (each holds the metrics of the edges whose sessions it holds), sorted by
+/// node and instance; `"partial": [replica ids]` names replicas that did not answer.
+/// A query another replica forwarded is answered for this replica alone.
+pub async fn with_other_replicas(
+    st: &HubState,
+    uri: &axum::http::Uri,
+    headers: &axum::http::HeaderMap,
+    mut local: serde_json::Value,
+    key: &str,
+) -> serde_json::Value {
+    if headers.contains_key(crate::replicas::FORWARDED_BY) || !st.config.shared_store {
+        return local;
+    }
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let (answers, missing) = crate::replicas::gather(st, path).await;
+    if let Some(list) = local[key].as_array_mut() {
+        for mut a in answers {
+            if let Some(more) = a[key].as_array_mut() {
+                list.append(more);
+            }
+        }
+        let at = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or("").to_string();
+        list.sort_by_key(|v| (at(v, "node"), at(v, "instance"), at(v, "metric")));
+    }
+    if !missing.is_empty() {
+        local["partial"] = missing.into();
+    }
+    local
+}
+
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
