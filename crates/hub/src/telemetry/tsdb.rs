@@ -14,6 +14,12 @@ use super::gorilla::Chunk;
 
 /// Samples per chunk before it is closed.
 const CHUNK_SAMPLES: u32 = 120;
+/// Series one node may have (its own and its instances'): a node cannot take the
+/// whole store's bound from the others.
+pub const MAX_SERIES_PER_NODE: usize = 20_000;
+/// How far ahead of the hub's clock a sample's time may be (skewed clocks); later
+/// ones are ignored, so that a node cannot freeze its own series in the future.
+const MAX_AHEAD_MS: i64 = 5 * 60 * 1000;
 
 #[derive(Default)]
 struct Series {
@@ -103,10 +109,10 @@ pub struct Stats {
 pub struct Ingested {
     /// Samples stored.
     pub samples: usize,
-    /// Samples ignored: not after the series' last (a round sent again), or older
-    /// than the retention.
+    /// Samples ignored: not after the series' last (a round sent again), older than
+    /// the retention, or too far in the future.
     pub stale: usize,
-    /// Samples refused because the store holds as many series as it may.
+    /// Samples refused because the store, or the node, holds as many series as it may.
     pub refused: usize,
 }
 
@@ -141,10 +147,10 @@ impl Tsdb {
         let mut nodes = self.lock();
         let ns = nodes.entry(node.to_string()).or_default();
         ns.last_seq = ns.last_seq.max(batch.seq);
-        let too_old = t < now_ms - self.retention_ms;
+        let out_of_range = t < now_ms - self.retention_ms || t > now_ms + MAX_AHEAD_MS;
         for g in &batch.groups {
             for &(metric, v) in &g.values {
-                if too_old {
+                if out_of_range {
                     out.stale += 1;
                     continue;
                 }
@@ -152,7 +158,9 @@ impl Tsdb {
                 let s = match ns.series.get_mut(&key) {
                     Some(s) => s,
                     None => {
-                        if self.series.load(Relaxed) >= self.max_series {
+                        if self.series.load(Relaxed) >= self.max_series
+                            || ns.series.len() >= MAX_SERIES_PER_NODE
+                        {
                             out.refused += 1;
                             continue;
                         }
@@ -322,12 +330,14 @@ mod tests {
     fn rounds_are_stored_once_in_order_and_queried_back() {
         let db = Tsdb::new(std::time::Duration::from_secs(3600), 1000);
         let t0 = 1_000_000_000u64;
+        // The hub's clock as each round arrives.
+        let now = |i: u64| (t0 + i * 10_000) as i64;
         for i in 0..300u64 {
-            let got = db.ingest("n1", &round(i + 1, t0 + i * 10_000, i as f64), t0 as i64);
+            let got = db.ingest("n1", &round(i + 1, t0 + i * 10_000, i as f64), now(i));
             assert_eq!(got.samples, 3);
         }
         // A round sent again (the edge never saw the ack) changes nothing.
-        let again = db.ingest("n1", &round(300, t0 + 299 * 10_000, 299.0), t0 as i64);
+        let again = db.ingest("n1", &round(300, t0 + 299 * 10_000, 299.0), now(300));
         assert_eq!((again.samples, again.stale), (0, 3));
         let all = db.select(|_, _, _| true, 0, i64::MAX, 10).unwrap();
         assert_eq!(all.len(), 3);
@@ -352,12 +362,38 @@ mod tests {
         assert!(st.bytes < 900 * 4, "{st:?}");
     }
 
+    /// One node cannot take the store's room from the others.
+    #[test]
+    fn a_node_has_a_series_bound_of_its_own() {
+        let db = Tsdb::new(std::time::Duration::from_secs(600), 1_000_000);
+        let groups = (0..4096)
+            .map(|i| Group {
+                instance: format!("i{i}"),
+                values: (20..25).map(|m| (m, 1.0)).collect(),
+            })
+            .collect();
+        let r = db.ingest(
+            "greedy",
+            &Batch {
+                seq: 1,
+                time_ms: 1000,
+                groups,
+            },
+            1000,
+        );
+        assert_eq!(r.samples, MAX_SERIES_PER_NODE);
+        assert_eq!(r.refused, 4096 * 5 - MAX_SERIES_PER_NODE);
+        assert_eq!(db.ingest("n2", &round(1, 1000, 1.0), 1000).samples, 3);
+    }
+
     #[test]
     fn retention_and_the_series_bound_hold() {
         let db = Tsdb::new(std::time::Duration::from_secs(600), 4);
         let now = 10_000_000i64;
-        // Older than the retention: not stored.
+        // Older than the retention, or far in the future: not stored.
         assert_eq!(db.ingest("n1", &round(1, 1000, 1.0), now).stale, 3);
+        let future = (now + 3_600_000) as u64;
+        assert_eq!(db.ingest("n1", &round(1, future, 1.0), now).stale, 3);
         assert_eq!(db.ingest("n1", &round(2, now as u64, 1.0), now).samples, 3);
         // A second node fits one more series, then the bound refuses.
         let r = db.ingest("n2", &round(1, now as u64, 1.0), now);
