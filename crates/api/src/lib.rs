@@ -8,6 +8,7 @@
 pub mod artifact;
 pub mod channel;
 pub mod clock;
+pub mod cluster;
 pub mod error;
 pub mod event;
 pub mod hash;
@@ -21,6 +22,7 @@ pub mod region;
 pub mod uplink;
 pub mod validate;
 
+pub use cluster::{Cluster, ClusterPhase, ClusterSpec, ClusterStatus};
 pub use error::{ApiError, ErrorCode};
 pub use instance::{
     ContainerSpec, DEFAULT_PROCESS_USER, DisconnectPolicy, Form, FunctionSpec, Instance,

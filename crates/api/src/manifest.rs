@@ -3,6 +3,7 @@
 
 use serde::de::DeserializeOwned;
 
+use crate::cluster::{Cluster, ClusterSpec};
 use crate::instance::{Instance, InstanceSpec};
 use crate::meta::Kind;
 use crate::node::{Node, NodeSpec};
@@ -18,6 +19,8 @@ pub enum Manifest {
     Instance(Box<Instance>),
     /// A Region.
     Region(Box<Region>),
+    /// A Cluster.
+    Cluster(Box<Cluster>),
 }
 
 impl Manifest {
@@ -27,6 +30,7 @@ impl Manifest {
             Manifest::Node(_) => NodeSpec::KIND,
             Manifest::Instance(_) => InstanceSpec::KIND,
             Manifest::Region(_) => RegionSpec::KIND,
+            Manifest::Cluster(_) => ClusterSpec::KIND,
         }
     }
 
@@ -36,6 +40,7 @@ impl Manifest {
             Manifest::Node(o) => o.name(),
             Manifest::Instance(o) => o.name(),
             Manifest::Region(o) => o.name(),
+            Manifest::Cluster(o) => o.name(),
         }
     }
 
@@ -45,12 +50,13 @@ impl Manifest {
             Manifest::Node(o) => o.validate(),
             Manifest::Instance(o) => o.validate(),
             Manifest::Region(o) => o.validate(),
+            Manifest::Cluster(o) => o.validate(),
         }
     }
 }
 
 /// Kinds this version understands, for error messages.
-pub const KINDS: &[&str] = &["Node", "Instance", "Region"];
+pub const KINDS: &[&str] = &["Node", "Instance", "Region", "Cluster"];
 
 /// A manifest that could not be read.
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
@@ -217,6 +223,7 @@ pub fn manifest_from_value(v: serde_json::Value) -> Result<Manifest, FieldErrors
         "Node" => from_value(v).map(Manifest::Node),
         "Instance" => from_value(v).map(Manifest::Instance),
         "Region" => from_value(v).map(Manifest::Region),
+        "Cluster" => from_value(v).map(Manifest::Cluster),
         other => {
             let mut e = FieldErrors::default();
             e.push(
@@ -235,6 +242,7 @@ pub fn resolve_kind(word: &str) -> Option<&'static str> {
         "node" | "nodes" | "no" => Some(NodeSpec::PLURAL),
         "instance" | "instances" | "inst" | "in" => Some(InstanceSpec::PLURAL),
         "region" | "regions" | "reg" => Some(RegionSpec::PLURAL),
+        "cluster" | "clusters" | "cl" => Some(ClusterSpec::PLURAL),
         _ => None,
     }
 }

@@ -99,25 +99,30 @@ pub const MAX_ANNOTATION_BYTES: usize = 256 << 10;
 /// room to spare, and large data belongs in an artifact, not in a manifest.
 pub const MAX_OBJECT_BYTES: usize = 1 << 20;
 
-/// Check one label (key and value).
+/// Check one label (key and value) of `metadata.labels`.
 pub fn label(errs: &mut FieldErrors, key: &str, value: &str) {
+    label_at(errs, "metadata.labels", key, value);
+}
+
+/// Check one label (key and value) of the label map at `field` (a selector too).
+pub fn label_at(errs: &mut FieldErrors, field: &str, key: &str, value: &str) {
     if key.is_empty() || !is_label_part(key, 253, true) {
         errs.push(
-            format!("metadata.labels[{key}]"),
+            format!("{field}[{key}]"),
             key,
             "label keys are 1-253 of letters, digits, '-', '_', '.', '/'",
         );
     }
     if !is_label_part(value, 63, false) {
         errs.push(
-            format!("metadata.labels[{key}]"),
+            format!("{field}[{key}]"),
             value,
             "label values are up to 63 of letters, digits, '-', '_', '.'",
         );
     }
     if key == crate::node::LABEL_TIER && !crate::node::TIERS.contains(&value) {
         errs.push(
-            format!("metadata.labels[{key}]"),
+            format!("{field}[{key}]"),
             value,
             format!("tier must be one of {}", crate::node::TIERS.join(", ")),
         );

@@ -12,6 +12,7 @@ pub mod app;
 pub mod artifacts;
 pub mod cache;
 pub mod channel;
+pub mod clusters;
 pub mod config;
 pub mod console;
 pub mod controllers;
@@ -209,6 +210,7 @@ pub async fn run_with_store(
         let cache = Arc::new(cache::ControllerCache::default());
         c.spawn(cache.clone().run(st.clone()));
         c.spawn(disconnect::run(st.clone(), cache.clone()));
+        c.spawn(clusters::run(st.clone(), cache.clone()));
         c.spawn(controllers::scheduler(st.clone(), cache));
         c.spawn(controllers::compaction(st));
         // Aborting this task drops the set, which aborts every controller in it.

@@ -26,7 +26,7 @@ pub enum Output {
 fn kind_or_bail(word: &str) -> Result<&'static str> {
     resolve_kind(word).with_context(|| {
         format!(
-            "unknown kind '{word}'; use nodes, instances, regions, inventory, audit, replicas or conflicts"
+            "unknown kind '{word}'; use nodes, instances, regions, clusters, events, inventory, audit, replicas or conflicts"
         )
     })
 }
@@ -510,6 +510,59 @@ fn region_rows(items: &[serde_json::Value]) -> (Vec<&'static str>, Vec<Vec<Strin
     (vec!["NAME", "LATITUDE", "LONGITUDE", "DESCRIPTION"], rows)
 }
 
+fn cluster_rows(items: &[serde_json::Value]) -> (Vec<&'static str>, Vec<Vec<String>>) {
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+    let rows = items
+        .iter()
+        .map(|c| {
+            let st = &c["status"];
+            let of =
+                |what: &str| format!("{} / {}", s(&st["free"][what]), s(&st["capacity"][what]));
+            let selector: Vec<String> = c["spec"]["selector"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                .collect();
+            let services: Vec<String> = st["services"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| format!("{k}:{}", v.as_str().unwrap_or("")))
+                .collect();
+            vec![
+                dash(&s(&c["metadata"]["name"])),
+                dash(&s(&st["phase"])),
+                format!(
+                    "{}/{}",
+                    st["ready"].as_u64().unwrap_or(0),
+                    st["nodes"].as_u64().unwrap_or(0)
+                ),
+                dash(&s(&st["region"])),
+                of("cpu"),
+                of("memory"),
+                st["instances"].as_u64().unwrap_or(0).to_string(),
+                dash(&services.join(",")),
+                selector.join(","),
+            ]
+        })
+        .collect();
+    (
+        vec![
+            "NAME",
+            "PHASE",
+            "READY",
+            "REGION",
+            "CPU FREE/CAP",
+            "MEMORY FREE/CAP",
+            "INSTANCES",
+            "SERVICES",
+            "SELECTOR",
+        ],
+        rows,
+    )
+}
+
 /// `verge get KIND [NAME]`.
 pub async fn get(client: &Client, kind: &str, name: Option<&str>, output: Output) -> Result<()> {
     match kind {
@@ -535,6 +588,8 @@ pub async fn get(client: &Client, kind: &str, name: Option<&str>, output: Output
     let wide = output == Output::Wide;
     let (header, rows) = if plural == "regions" {
         region_rows(&values)
+    } else if plural == "clusters" {
+        cluster_rows(&values)
     } else if plural == "nodes" {
         let nodes: Vec<Node> = serde_json::from_value(serde_json::Value::Array(values))?;
         node_rows(&nodes, wide)
@@ -641,6 +696,7 @@ pub async fn apply_one(client: &Client, m: &Manifest) -> Result<&'static str> {
         Manifest::Node(o) => ("nodes", serde_json::to_value(o)?),
         Manifest::Instance(o) => ("instances", serde_json::to_value(o)?),
         Manifest::Region(o) => ("regions", serde_json::to_value(o)?),
+        Manifest::Cluster(o) => ("clusters", serde_json::to_value(o)?),
     };
     // apply sets what the user owns; status belongs to the hub and the edges.
     if let Some(obj) = body.as_object_mut() {

@@ -91,6 +91,12 @@ impl NodeScoped for RegionSpec {
     }
 }
 
+impl NodeScoped for verge_api::ClusterSpec {
+    fn owner(_: &Object<Self>) -> Option<&str> {
+        None
+    }
+}
+
 impl NodeScoped for InstanceSpec {
     fn owner(obj: &Object<Self>) -> Option<&str> {
         obj.status.node.as_deref()

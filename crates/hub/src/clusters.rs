@@ -1,0 +1,180 @@
+//! Clusters: each one's status (its nodes, how many are Ready, what they offer, what
+//! is asked of them, what is left) kept from the nodes and instances the controllers'
+//! cache holds. [`status_of`] is pure; [`run`] writes a cluster's status when it
+//! changes, on the leader, every [`EVERY`]. Membership is only the labels: a node
+//! that joins with the cluster's labels counts from its first heartbeat.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use verge_api::cluster::{Amounts, ClusterPhase, ClusterSpec, ClusterStatus};
+use verge_api::{Bytes, Cpu, Instance, Node, NodePhase};
+
+use crate::cache::ControllerCache;
+use crate::state::HubState;
+
+/// How often clusters' statuses are brought up to date.
+pub const EVERY: Duration = Duration::from_secs(2);
+
+/// What `cluster` is, given every node and every instance.
+pub fn status_of(
+    cluster: &ClusterSpec,
+    nodes: &[Arc<Node>],
+    instances: &[Arc<Instance>],
+) -> ClusterStatus {
+    let members: Vec<&Node> = nodes
+        .iter()
+        .map(|n| &**n)
+        .filter(|n| cluster.selects(&n.metadata.labels))
+        .collect();
+    let names: BTreeSet<&str> = members.iter().map(|n| n.name()).collect();
+    let ready: Vec<&&Node> = members
+        .iter()
+        .filter(|n| n.status.phase == NodePhase::Ready)
+        .collect();
+    let regions: BTreeSet<&str> = members
+        .iter()
+        .filter_map(|n| n.metadata.labels.get(verge_api::region::REGION_LABEL))
+        .map(String::as_str)
+        .collect();
+    let capacity = Amounts {
+        cpu: Cpu(ready.iter().map(|n| n.status.allocatable.cpu.0).sum()),
+        memory: Bytes(ready.iter().map(|n| n.status.allocatable.memory.0).sum()),
+    };
+    let bound: Vec<&Instance> = instances
+        .iter()
+        .map(|i| &**i)
+        .filter(|i| i.status.node.as_deref().is_some_and(|n| names.contains(n)))
+        .collect();
+    let requested = Amounts {
+        cpu: Cpu(bound.iter().map(|i| i.spec.resources.cpu.0).sum()),
+        memory: Bytes(bound.iter().map(|i| i.spec.resources.memory.0).sum()),
+    };
+    let free = Amounts {
+        cpu: Cpu(capacity.cpu.0.saturating_sub(requested.cpu.0)),
+        memory: Bytes(capacity.memory.0.saturating_sub(requested.memory.0)),
+    };
+    let phase = match (members.len(), ready.len()) {
+        (0, _) => ClusterPhase::Empty,
+        (n, r) if r == n => ClusterPhase::Healthy,
+        (_, 0) => ClusterPhase::Down,
+        _ => ClusterPhase::Degraded,
+    };
+    ClusterStatus {
+        phase,
+        nodes: members.len() as u32,
+        ready: ready.len() as u32,
+        region: regions.into_iter().collect::<Vec<_>>().join(","),
+        capacity,
+        requested,
+        free,
+        instances: bound.len() as u32,
+        services: Default::default(),
+    }
+}
+
+/// Keep every cluster's status, for as long as this replica leads.
+pub async fn run(st: Arc<HubState>, cache: Arc<ControllerCache>) {
+    let mut tick = tokio::time::interval(EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if cache.revision() == 0 {
+            continue;
+        }
+        let Ok((clusters, _)) = st.objects.list::<ClusterSpec>().await else {
+            continue;
+        };
+        if clusters.is_empty() {
+            continue;
+        }
+        let (nodes, instances) = (cache.nodes(), cache.instances());
+        for c in clusters {
+            let want = status_of(&c.spec, &nodes, &instances);
+            if want == c.status {
+                continue;
+            }
+            let r = st
+                .objects
+                .update_status::<ClusterSpec>(c.name(), |_, s: &mut ClusterStatus| {
+                    let services = std::mem::take(&mut s.services);
+                    *s = ClusterStatus {
+                        services,
+                        ..want.clone()
+                    };
+                    Ok(true)
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::debug!(cluster = c.name(), error = %e.message, "cluster status not written");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use verge_api::{InstanceSpec, NodeSpec};
+
+    fn node(name: &str, site: &str, ready: bool) -> Arc<Node> {
+        let mut n = Node::new(name, NodeSpec::default());
+        n.metadata.labels.insert("site".into(), site.into());
+        n.metadata.labels.insert("region".into(), "eu".into());
+        n.status.phase = if ready {
+            NodePhase::Ready
+        } else {
+            NodePhase::NotReady
+        };
+        n.status.allocatable.cpu = Cpu(2000);
+        n.status.allocatable.memory = Bytes(4 << 30);
+        Arc::new(n)
+    }
+
+    fn inst(name: &str, on: Option<&str>) -> Arc<Instance> {
+        let mut i = Instance::new(name, InstanceSpec::default());
+        i.spec.resources.cpu = Cpu(500);
+        i.spec.resources.memory = Bytes(1 << 30);
+        i.status.node = on.map(str::to_string);
+        Arc::new(i)
+    }
+
+    #[test]
+    fn a_cluster_is_its_nodes_and_what_runs_on_them() {
+        let paris = ClusterSpec {
+            selector: [("site".to_string(), "paris".to_string())].into(),
+            ..Default::default()
+        };
+        let nodes = vec![
+            node("p1", "paris", true),
+            node("p2", "paris", true),
+            node("l1", "lyon", true),
+        ];
+        let instances = vec![
+            inst("a", Some("p1")),
+            inst("b", Some("l1")),
+            inst("c", None),
+        ];
+        let s = status_of(&paris, &nodes, &instances);
+        assert_eq!(
+            (s.phase, s.nodes, s.ready, s.instances),
+            (ClusterPhase::Healthy, 2, 2, 1)
+        );
+        assert_eq!(s.capacity.cpu, Cpu(4000));
+        assert_eq!(s.requested.cpu, Cpu(500));
+        assert_eq!(s.free.cpu, Cpu(3500));
+        assert_eq!(s.free.memory, Bytes(7 << 30));
+        assert_eq!(s.region, "eu");
+        // A node down: Degraded, and it offers nothing.
+        let nodes = vec![node("p1", "paris", true), node("p2", "paris", false)];
+        let s = status_of(&paris, &nodes, &instances);
+        assert_eq!(
+            (s.phase, s.ready, s.capacity.cpu),
+            (ClusterPhase::Degraded, 1, Cpu(2000))
+        );
+        let s = status_of(&paris, &[node("p2", "paris", false)], &[]);
+        assert_eq!(s.phase, ClusterPhase::Down);
+        assert_eq!(status_of(&paris, &[], &[]).phase, ClusterPhase::Empty);
+    }
+}

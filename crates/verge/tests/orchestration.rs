@@ -1,0 +1,125 @@
+//! The orchestration centre: clusters (the nodes of one edge site, by their labels).
+
+// These tests are synchronous (they drive processes), so blocking sleeps are right here.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(30);
+
+fn clusters(hub: &Hub) -> Vec<serde_json::Value> {
+    hub.list_json("clusters")
+}
+
+fn cluster(hub: &Hub, name: &str) -> serde_json::Value {
+    clusters(hub)
+        .into_iter()
+        .find(|c| c["metadata"]["name"] == name)
+        .unwrap_or_default()
+}
+
+fn millicores(v: &serde_json::Value) -> u64 {
+    let s = v.as_str().unwrap_or("0");
+    match s.strip_suffix('m') {
+        Some(m) => m.parse().unwrap_or(0),
+        None => (s.parse::<f64>().unwrap_or(0.0) * 1000.0) as u64,
+    }
+}
+
+#[test]
+fn clusters_gather_their_sites_nodes_and_say_how_they_are() {
+    let d = test_dir();
+    let hub = Hub::start(d.path());
+    let edge = |name: &str, city: &str| {
+        Edge::start_with(
+            &hub.url,
+            name,
+            Some(&hub.token(1)),
+            &d.path().join(name),
+            &["--label", &format!("city={city}")],
+        )
+    };
+    let _p1 = edge("p1", "paris");
+    let mut p2 = edge("p2", "paris");
+    let _l1 = edge("l1", "lyon");
+    for n in ["p1", "p2", "l1"] {
+        hub.wait_phase("nodes", n, "Ready", T);
+    }
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/clusters.yaml"
+    ))
+    .expect("example");
+    assert!(hub.apply(&example).status.success());
+    let marker = unique("cl");
+    let pinned = format!(
+        "{}  placement: {{nodeSelector: {{city: paris}}}}\n",
+        sleeper("cl-web", &marker).replace("cpu: 100m", "cpu: 500m")
+    );
+    assert!(hub.apply(&pinned).status.success());
+    hub.wait_phase("instances", "cl-web", "Running", T);
+
+    // Each cluster: its nodes, their health, what they offer, what is asked, what is left.
+    let offered: u64 = hub
+        .list_json("nodes")
+        .iter()
+        .filter(|n| n["metadata"]["labels"]["city"] == "paris")
+        .map(|n| millicores(&n["status"]["allocatable"]["cpu"]))
+        .sum();
+    let paris = wait_for("paris Healthy with its instance", T, || {
+        let c = cluster(&hub, "paris");
+        (c["status"]["phase"] == "Healthy" && c["status"]["instances"] == 1).then_some(c)
+    });
+    let s = &paris["status"];
+    assert_eq!(
+        (s["nodes"].as_u64(), s["ready"].as_u64()),
+        (Some(2), Some(2))
+    );
+    assert_eq!(millicores(&s["capacity"]["cpu"]), offered);
+    assert_eq!(millicores(&s["requested"]["cpu"]), 500);
+    assert_eq!(millicores(&s["free"]["cpu"]), offered - 500);
+    assert_eq!(s["region"], "eu-west");
+    let lyon = cluster(&hub, "lyon");
+    assert_eq!(
+        (
+            lyon["status"]["phase"].as_str(),
+            lyon["status"]["nodes"].as_u64()
+        ),
+        (Some("Healthy"), Some(1))
+    );
+    wait_for("mumbai Empty", T, || {
+        (cluster(&hub, "mumbai")["status"]["phase"] == "Empty").then_some(())
+    });
+    let table = hub.ok(&["get", "clusters"]);
+    assert!(
+        table.contains("paris") && table.contains("Healthy") && table.contains("city=paris"),
+        "{table}"
+    );
+
+    // A node down: its cluster is Degraded and offers less.
+    p2.proc.kill();
+    let degraded = wait_for("paris Degraded", T, || {
+        let c = cluster(&hub, "paris");
+        (c["status"]["phase"] == "Degraded").then_some(c)
+    });
+    assert_eq!(degraded["status"]["ready"], 1);
+    assert!(millicores(&degraded["status"]["capacity"]["cpu"]) < offered);
+
+    // A node that joins with a cluster's labels is part of it.
+    let _m1 = edge("m1", "mumbai");
+    wait_for("mumbai Healthy with its new node", T, || {
+        let c = cluster(&hub, "mumbai");
+        (c["status"]["phase"] == "Healthy" && c["status"]["nodes"] == 1).then_some(())
+    });
+
+    // A cluster that would select nothing is refused, naming the field.
+    let out = hub.apply("kind: Cluster\nmetadata: {name: nowhere}\nspec: {selector: {}}\n");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("spec.selector"), "{err}");
+    hub.cleanup(&["cl-web"], &[&marker]);
+}
