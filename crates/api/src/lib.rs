@@ -5,6 +5,7 @@
 //! This crate is serde only: no I/O, no async, no database. Everything else depends on
 //! it; it depends on nothing of ours. Start at [`meta::Object`] and [`instance`].
 
+pub mod application;
 pub mod artifact;
 pub mod channel;
 pub mod clock;
@@ -22,6 +23,7 @@ pub mod region;
 pub mod uplink;
 pub mod validate;
 
+pub use application::{Application, ApplicationSpec};
 pub use cluster::{Cluster, ClusterPhase, ClusterSpec, ClusterStatus};
 pub use error::{ApiError, ErrorCode};
 pub use instance::{

@@ -3,6 +3,7 @@
 
 use serde::de::DeserializeOwned;
 
+use crate::application::{Application, ApplicationSpec};
 use crate::cluster::{Cluster, ClusterSpec};
 use crate::instance::{Instance, InstanceSpec};
 use crate::meta::Kind;
@@ -21,6 +22,8 @@ pub enum Manifest {
     Region(Box<Region>),
     /// A Cluster.
     Cluster(Box<Cluster>),
+    /// An Application.
+    Application(Box<Application>),
 }
 
 impl Manifest {
@@ -31,6 +34,7 @@ impl Manifest {
             Manifest::Instance(_) => InstanceSpec::KIND,
             Manifest::Region(_) => RegionSpec::KIND,
             Manifest::Cluster(_) => ClusterSpec::KIND,
+            Manifest::Application(_) => ApplicationSpec::KIND,
         }
     }
 
@@ -41,6 +45,7 @@ impl Manifest {
             Manifest::Instance(o) => o.name(),
             Manifest::Region(o) => o.name(),
             Manifest::Cluster(o) => o.name(),
+            Manifest::Application(o) => o.name(),
         }
     }
 
@@ -51,12 +56,13 @@ impl Manifest {
             Manifest::Instance(o) => o.validate(),
             Manifest::Region(o) => o.validate(),
             Manifest::Cluster(o) => o.validate(),
+            Manifest::Application(o) => o.validate(),
         }
     }
 }
 
 /// Kinds this version understands, for error messages.
-pub const KINDS: &[&str] = &["Node", "Instance", "Region", "Cluster"];
+pub const KINDS: &[&str] = &["Node", "Instance", "Region", "Cluster", "Application"];
 
 /// A manifest that could not be read.
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
@@ -224,6 +230,7 @@ pub fn manifest_from_value(v: serde_json::Value) -> Result<Manifest, FieldErrors
         "Instance" => from_value(v).map(Manifest::Instance),
         "Region" => from_value(v).map(Manifest::Region),
         "Cluster" => from_value(v).map(Manifest::Cluster),
+        "Application" => from_value(v).map(Manifest::Application),
         other => {
             let mut e = FieldErrors::default();
             e.push(
@@ -243,6 +250,7 @@ pub fn resolve_kind(word: &str) -> Option<&'static str> {
         "instance" | "instances" | "inst" | "in" => Some(InstanceSpec::PLURAL),
         "region" | "regions" | "reg" => Some(RegionSpec::PLURAL),
         "cluster" | "clusters" | "cl" => Some(ClusterSpec::PLURAL),
+        "application" | "applications" | "app" | "apps" => Some(ApplicationSpec::PLURAL),
         _ => None,
     }
 }

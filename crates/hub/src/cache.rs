@@ -178,6 +178,23 @@ impl ControllerCache {
             .is_ok_and(|r| r.is_ok())
     }
 
+    /// Run `pass` every `every` (a pass that overruns delays the next) once the cache
+    /// is loaded, for as long as the task runs: the periodic controllers' loop.
+    pub async fn every<F, Fut>(&self, every: Duration, mut pass: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if self.revision() != 0 {
+                pass().await;
+            }
+        }
+    }
+
     /// Keep the cache for as long as the task runs: load it, then follow the store,
     /// and kick the scheduler whenever a change may make work for it. When the watch
     /// fails (compacted past, or the store went away) it is loaded again.

@@ -76,39 +76,42 @@ pub fn status_of(
 
 /// Keep every cluster's status, for as long as this replica leads.
 pub async fn run(st: Arc<HubState>, cache: Arc<ControllerCache>) {
-    let mut tick = tokio::time::interval(EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if cache.revision() == 0 {
+    cache
+        .clone()
+        .every(EVERY, || {
+            let (st, cache) = (st.clone(), cache.clone());
+            async move { update(&st, &cache).await }
+        })
+        .await
+}
+
+/// Write the status of every cluster whose status changed.
+async fn update(st: &HubState, cache: &ControllerCache) {
+    let Ok((clusters, _)) = st.objects.list::<ClusterSpec>().await else {
+        return;
+    };
+    if clusters.is_empty() {
+        return;
+    }
+    let (nodes, instances) = (cache.nodes(), cache.instances());
+    for c in clusters {
+        let want = status_of(&c.spec, &nodes, &instances);
+        if want == c.status {
             continue;
         }
-        let Ok((clusters, _)) = st.objects.list::<ClusterSpec>().await else {
-            continue;
-        };
-        if clusters.is_empty() {
-            continue;
-        }
-        let (nodes, instances) = (cache.nodes(), cache.instances());
-        for c in clusters {
-            let want = status_of(&c.spec, &nodes, &instances);
-            if want == c.status {
-                continue;
-            }
-            let r = st
-                .objects
-                .update_status::<ClusterSpec>(c.name(), |_, s: &mut ClusterStatus| {
-                    let services = std::mem::take(&mut s.services);
-                    *s = ClusterStatus {
-                        services,
-                        ..want.clone()
-                    };
-                    Ok(true)
-                })
-                .await;
-            if let Err(e) = r {
-                tracing::debug!(cluster = c.name(), error = %e.message, "cluster status not written");
-            }
+        let r = st
+            .objects
+            .update_status::<ClusterSpec>(c.name(), |_, s: &mut ClusterStatus| {
+                let services = std::mem::take(&mut s.services);
+                *s = ClusterStatus {
+                    services,
+                    ..want.clone()
+                };
+                Ok(true)
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::debug!(cluster = c.name(), error = %e.message, "cluster status not written");
         }
     }
 }

@@ -916,7 +916,7 @@ async fn count_requests(State(st): State<Arc<HubState>>, req: Request, next: Nex
 async fn not_found() -> HttpError {
     ApiError::new(
         ErrorCode::NotFound,
-        "no such endpoint; the API lives under /v1/{nodes,instances,regions,clusters,tokens,inventory,sched,artifacts,metrics,events}",
+        "no such endpoint; the API lives under /v1/{nodes,instances,regions,clusters,applications,tokens,inventory,sched,artifacts,metrics,events}",
     )
     .into()
 }
@@ -939,6 +939,7 @@ pub fn router(state: Arc<HubState>) -> Router {
         .merge(kind_routes::<InstanceSpec>())
         .merge(kind_routes::<RegionSpec>())
         .merge(kind_routes::<verge_api::ClusterSpec>())
+        .merge(kind_routes::<verge_api::ApplicationSpec>())
         .route("/v1/inventory", get(inventory_report))
         .route("/v1/inventory/audit", get(audit))
         .route("/v1/conflicts", get(conflicts))

@@ -26,6 +26,7 @@ pub mod inventory;
 pub mod limits;
 pub mod objects;
 pub mod offline;
+pub mod orchestrator;
 pub mod placement;
 pub mod region;
 pub mod replicas;
@@ -211,6 +212,7 @@ pub async fn run_with_store(
         c.spawn(cache.clone().run(st.clone()));
         c.spawn(disconnect::run(st.clone(), cache.clone()));
         c.spawn(clusters::run(st.clone(), cache.clone()));
+        c.spawn(orchestrator::run(st.clone(), cache.clone()));
         c.spawn(controllers::scheduler(st.clone(), cache));
         c.spawn(controllers::compaction(st));
         // Aborting this task drops the set, which aborts every controller in it.

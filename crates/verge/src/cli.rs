@@ -26,7 +26,7 @@ pub enum Output {
 fn kind_or_bail(word: &str) -> Result<&'static str> {
     resolve_kind(word).with_context(|| {
         format!(
-            "unknown kind '{word}'; use nodes, instances, regions, clusters, events, inventory, audit, replicas or conflicts"
+            "unknown kind '{word}'; use nodes, instances, regions, clusters, applications, events, inventory, audit, replicas or conflicts"
         )
     })
 }
@@ -563,6 +563,47 @@ fn cluster_rows(items: &[serde_json::Value]) -> (Vec<&'static str>, Vec<Vec<Stri
     )
 }
 
+fn application_rows(items: &[serde_json::Value]) -> (Vec<&'static str>, Vec<Vec<String>>) {
+    let rows = items
+        .iter()
+        .map(|a| {
+            let st = &a["status"];
+            let clusters: Vec<String> = st["clusters"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| {
+                    let waiting = v["waiting"].as_array().map_or(0, Vec::len);
+                    format!(
+                        "{k}:{}/{}{}",
+                        v["running"].as_u64().unwrap_or(0),
+                        v["desired"].as_u64().unwrap_or(0),
+                        if waiting > 0 { " (waiting)" } else { "" }
+                    )
+                })
+                .collect();
+            vec![
+                dash(a["metadata"]["name"].as_str().unwrap_or("")),
+                a["spec"]["components"]
+                    .as_array()
+                    .map_or(0, Vec::len)
+                    .to_string(),
+                format!(
+                    "{}/{}",
+                    st["running"].as_u64().unwrap_or(0),
+                    st["desired"].as_u64().unwrap_or(0)
+                ),
+                dash(&clusters.join(" ")),
+                dash(st["message"].as_str().unwrap_or("")),
+            ]
+        })
+        .collect();
+    (
+        vec!["NAME", "COMPONENTS", "RUNNING", "CLUSTERS", "MESSAGE"],
+        rows,
+    )
+}
+
 /// `verge get KIND [NAME]`.
 pub async fn get(client: &Client, kind: &str, name: Option<&str>, output: Output) -> Result<()> {
     match kind {
@@ -590,6 +631,8 @@ pub async fn get(client: &Client, kind: &str, name: Option<&str>, output: Output
         region_rows(&values)
     } else if plural == "clusters" {
         cluster_rows(&values)
+    } else if plural == "applications" {
+        application_rows(&values)
     } else if plural == "nodes" {
         let nodes: Vec<Node> = serde_json::from_value(serde_json::Value::Array(values))?;
         node_rows(&nodes, wide)
@@ -697,6 +740,7 @@ pub async fn apply_one(client: &Client, m: &Manifest) -> Result<&'static str> {
         Manifest::Instance(o) => ("instances", serde_json::to_value(o)?),
         Manifest::Region(o) => ("regions", serde_json::to_value(o)?),
         Manifest::Cluster(o) => ("clusters", serde_json::to_value(o)?),
+        Manifest::Application(o) => ("applications", serde_json::to_value(o)?),
     };
     // apply sets what the user owns; status belongs to the hub and the edges.
     if let Some(obj) = body.as_object_mut() {

@@ -123,3 +123,154 @@ fn clusters_gather_their_sites_nodes_and_say_how_they_are() {
     assert!(err.contains("spec.selector"), "{err}");
     hub.cleanup(&["cl-web"], &[&marker]);
 }
+
+/// The instances of `app` the hub holds: name -> (phase, node).
+fn app_instances(hub: &Hub, app: &str) -> std::collections::BTreeMap<String, (String, String)> {
+    hub.list_json("instances")
+        .into_iter()
+        .filter(|i| i["metadata"]["labels"]["verge.io/application"] == app)
+        .map(|i| {
+            (
+                i["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                (
+                    i["status"]["phase"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                    i["status"]["node"].as_str().unwrap_or_default().to_string(),
+                ),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn an_application_spans_clusters_in_two_regions_with_overrides_and_follows_new_clusters() {
+    let d = test_dir();
+    let hub = Hub::start(d.path());
+    let edge = |name: &str, city: &str, region: &str| {
+        Edge::start_with(
+            &hub.url,
+            name,
+            Some(&hub.token(1)),
+            &d.path().join(name),
+            &[
+                "--label",
+                &format!("city={city}"),
+                "--label",
+                &format!("region={region}"),
+            ],
+        )
+    };
+    let _p = edge("app-p", "paris", "eu-west");
+    let _m = edge("app-m", "mumbai", "ap-south");
+    for n in ["app-p", "app-m"] {
+        hub.wait_phase("nodes", n, "Ready", T);
+    }
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/");
+    for f in ["clusters.yaml", "application.yaml"] {
+        let text = std::fs::read_to_string(format!("{examples}{f}")).expect("example");
+        let out = hub.apply(&text);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // Paris: the db, then two web replicas; Mumbai: the db, then three (its override).
+    // Lyon has no node yet: nothing runs there.
+    let want = |p: usize, m: usize| {
+        move |got: &std::collections::BTreeMap<String, (String, String)>| {
+            let running = |site: &str, comp: &str| {
+                got.iter()
+                    .filter(|(n, (phase, _))| {
+                        n.starts_with(&format!("shop-{comp}-{site}-")) && phase == "Running"
+                    })
+                    .count()
+            };
+            running("paris", "db") == 1
+                && running("paris", "web") == p
+                && running("mumbai", "db") == 1
+                && running("mumbai", "web") == m
+        }
+    };
+    let got = wait_for("shop running in paris and mumbai", T, || {
+        let got = app_instances(&hub, "shop");
+        want(2, 3)(&got).then_some(got)
+    });
+    assert_eq!(got.len(), 1 + 2 + 1 + 3, "{got:?}");
+    // Each replica runs on its cluster's node, with its cluster's configuration.
+    for (name, (_, node)) in &got {
+        let site = if name.contains("-paris-") {
+            "app-p"
+        } else {
+            "app-m"
+        };
+        assert_eq!(node, site, "{name}");
+    }
+    wait_for("mumbai's greeting", T, || {
+        hub.ok(&["logs", "shop-web-mumbai-2"])
+            .contains("namaste from web")
+            .then_some(())
+    });
+    assert!(
+        hub.ok(&["logs", "shop-web-paris-0"])
+            .contains("hello from web")
+    );
+    // Its status catches up on the orchestrator's next pass.
+    wait_for("the application's status", T, || {
+        let status = hub.ok(&["get", "applications"]);
+        (status.contains("7/7") && status.contains("paris:3/3") && status.contains("mumbai:4/4"))
+            .then_some(())
+    });
+
+    // A node joins Lyon: that cluster gets the application on its own.
+    let _l = edge("app-l", "lyon", "eu-west");
+    wait_for("shop in lyon too", T, || {
+        let got = app_instances(&hub, "shop");
+        let lyon = got
+            .iter()
+            .filter(|(n, (phase, node))| {
+                n.contains("-lyon-") && phase == "Running" && node == "app-l"
+            })
+            .count();
+        (lyon == 3).then_some(())
+    });
+
+    // Scaled down: the extra replicas go, everywhere the base count applies.
+    let scaled = std::fs::read_to_string(format!("{examples}application.yaml"))
+        .expect("example")
+        .replace("replicas: 2", "replicas: 1");
+    assert!(hub.apply(&scaled).status.success());
+    wait_for(
+        "one web replica in paris and lyon, three in mumbai",
+        T,
+        || {
+            let got = app_instances(&hub, "shop");
+            let count = |site: &str| {
+                got.keys()
+                    .filter(|n| n.starts_with(&format!("shop-web-{site}-")))
+                    .count()
+            };
+            (count("paris") == 1 && count("lyon") == 1 && count("mumbai") == 3).then_some(())
+        },
+    );
+
+    // A bad application is refused, naming the field.
+    let out = hub.apply(
+        "kind: Application\nmetadata: {name: bad}\nspec:\n  placement: {clusters: [paris]}\n  components:\n    - {name: web, after: [web], template: {form: process, process: {command: [sleep, '1']}}}\n",
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("spec.components[0].after"), "{err}");
+
+    // Deleted: its instances go with it.
+    hub.ok(&["delete", "application", "shop"]);
+    wait_for("shop's instances gone", T, || {
+        app_instances(&hub, "shop").is_empty().then_some(())
+    });
+}

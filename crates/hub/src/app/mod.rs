@@ -97,6 +97,12 @@ impl NodeScoped for verge_api::ClusterSpec {
     }
 }
 
+impl NodeScoped for verge_api::ApplicationSpec {
+    fn owner(_: &Object<Self>) -> Option<&str> {
+        None
+    }
+}
+
 impl NodeScoped for InstanceSpec {
     fn owner(obj: &Object<Self>) -> Option<&str> {
         obj.status.node.as_deref()
