@@ -197,6 +197,21 @@ fn the_console_shows_the_fleet_and_follows_it_live_in_a_real_browser() {
         .expect("followed");
         shot(&s, shots.join("instance.png")).await;
 
+        // Applications: replicas running by cluster, as the API says.
+        let app = "kind: Cluster\nmetadata: {name: paris}\nspec: {selector: {site: paris}}\n---\nkind: Application\nmetadata: {name: con-app}\nspec:\n  placement: {clusters: [paris]}\n  components:\n    - name: web\n      replicas: 2\n      template: {form: process, process: {command: [sleep, infinity]}, resources: {cpu: 10m, memory: 8Mi}}\n";
+        assert!(hub.apply(app).status.success());
+        s.goto(&format!("{console}#/applications")).await.expect("applications");
+        s.wait_for(
+            "con-app 2/2 on the page",
+            "const tr = document.querySelector('tr[data-name=\"con-app\"]'); return tr && tr.innerText.includes('2 / 2') && tr.innerText.includes('paris 2/2');",
+            T,
+        )
+        .await
+        .expect("applications view");
+        let listed = hub.get_json("applications", "con-app").expect("con-app");
+        assert_eq!(listed["status"]["running"], 2);
+        shot(&s, shots.join("applications.png")).await;
+
         // The event stream has the node that went down.
         s.goto(&format!("{console}#/events")).await.expect("events");
         s.wait_for(
@@ -209,5 +224,6 @@ fn the_console_shows_the_fleet_and_follows_it_live_in_a_real_browser() {
         shot(&s, shots.join("events.png")).await;
         s.close().await.expect("close");
     });
+    hub.ok(&["delete", "application", "con-app"]);
     hub.cleanup(&["con-log"], &[&marker]);
 }

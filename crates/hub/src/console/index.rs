@@ -9,7 +9,9 @@ use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
-use verge_api::{ApiError, ErrorCode, Instance, InstanceSpec, Kind, Node, NodeSpec, kind_prefix};
+use verge_api::{
+    ApiError, ApplicationSpec, ErrorCode, Instance, InstanceSpec, Kind, Node, NodeSpec, kind_prefix,
+};
 use verge_store::{EventKind, Store, StoreError};
 
 use super::RowQuery;
@@ -271,6 +273,10 @@ impl Loaded {
                 return None;
             }
             Some(serde_json::json!({"type": "instance", "op": "put", "row": row}).to_string())
+        } else if let Some(name) = key.strip_prefix(&kind_prefix(ApplicationSpec::PLURAL)) {
+            // Few and small: a view reads them whole; the watch says which changed.
+            let op = if value.is_some() { "put" } else { "delete" };
+            Some(serde_json::json!({"type": "application", "op": op, "name": name}).to_string())
         } else {
             None
         }

@@ -7,8 +7,8 @@
 //! - `GET /v1/console/nodes` and `/v1/console/instances`: one page of rows, filtered
 //!   on the server (`q`, `site`, `region`, `node`, `phase`, `offset`, `limit`);
 //! - `GET /v1/console/watch`: one multiplexed stream per view (rows of nodes and
-//!   instances as they change, and events), so a view makes one request to stay
-//!   live, never one per row;
+//!   instances as they change, which applications changed, and events), so a view
+//!   makes one request to stay live, never one per row;
 //! - and the rest of the API for an object's events, logs and metrics.
 //!
 //! Those come from the [`index::ConsoleIndex`]: small rows of every node and
