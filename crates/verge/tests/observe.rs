@@ -120,7 +120,7 @@ fn metrics_cross_an_outage_and_an_agent_restart_in_order_and_a_full_buffer_count
     // counted. `b` runs no instance, so each of its rounds carries the same ten node
     // samples: what it says it dropped is ten for each round the hub never got, and
     // for each round the hub got but whose acknowledgement the outage swallowed (the
-    // edge cannot tell those apart: a few at most, the ones in flight at the cut).
+    // edge cannot tell those apart: at most the 32 it may have in flight at the cut).
     let (lost, dropped) = wait_for("b's losses reported", T, || {
         let row = top_node(&hub, "b")?;
         let dropped = row["droppedSamples"].as_f64()? as u64;

@@ -228,6 +228,32 @@ fn an_application_spans_clusters_in_two_regions_with_overrides_and_follows_new_c
             .then_some(())
     });
 
+    // Steady: across several orchestrator passes (every 2 s) nothing is rewritten or
+    // restarted.
+    let generations = |hub: &Hub| -> Vec<(String, u64, u64)> {
+        hub.list_json("instances")
+            .into_iter()
+            .filter(|i| i["metadata"]["labels"]["verge.io/application"] == "shop")
+            .map(|i| {
+                (
+                    i["metadata"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                    i["metadata"]["generation"].as_u64().unwrap_or(0),
+                    i["status"]["restarts"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect()
+    };
+    let before = generations(&hub);
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(generations(&hub), before);
+    assert!(
+        before.iter().all(|(_, g, r)| *g == 1 && *r == 0),
+        "{before:?}"
+    );
+
     // A node joins Lyon: that cluster gets the application on its own.
     let _l = edge("app-l", "lyon", "eu-west");
     wait_for("shop in lyon too", T, || {
