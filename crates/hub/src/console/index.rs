@@ -131,6 +131,29 @@ impl Loaded {
         self.changes.subscribe()
     }
 
+    /// Each node's site and region, and each instance's app (the labels metrics
+    /// series get).
+    pub fn labels(
+        &self,
+    ) -> (
+        std::collections::HashMap<String, (String, String)>,
+        std::collections::HashMap<String, String>,
+    ) {
+        let rows = self.read();
+        let nodes = rows
+            .nodes
+            .values()
+            .map(|n| (n.name.clone(), (n.site.clone(), n.region.clone())))
+            .collect();
+        let apps = rows
+            .instances
+            .values()
+            .filter(|i| !i.app.is_empty())
+            .map(|i| (i.name.clone(), i.app.clone()))
+            .collect();
+        (nodes, apps)
+    }
+
     /// One page of nodes.
     pub fn nodes(&self, q: &RowQuery, limit: usize) -> serde_json::Value {
         let needle = q.q.as_deref().unwrap_or("").to_ascii_lowercase();
@@ -291,7 +314,7 @@ pub struct ConsoleIndex {
 
 impl ConsoleIndex {
     /// The index, loading it first if nobody has asked before.
-    pub async fn ready(&self, st: &Arc<HubState>) -> Result<Arc<Loaded>, ApiError> {
+    pub async fn ready(&self, st: &HubState) -> Result<Arc<Loaded>, ApiError> {
         let (idx, rx) = self.loaded.get_or_init(|| {
             let (tx, rx) = watch::channel(false);
             let idx = Arc::new(Loaded {

@@ -7,7 +7,8 @@
 //!
 //! A series is labelled with its node, its instance, the node's `site` (the
 //! cluster) and `region`, and the instance's `app`; those labels come from the
-//! objects, read at most every [`LABELS_EVERY`].
+//! console's index of the objects ([`crate::console::index`]), at most
+//! [`LABELS_EVERY`] old.
 
 pub mod gorilla;
 pub mod tsdb;
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use verge_api::metrics::{MetricKind, Scope, decode, metric};
-use verge_api::{ApiError, ErrorCode, InstanceSpec, NodeSpec};
+use verge_api::{ApiError, ErrorCode};
 use verge_tunnel::chunk::{Chunk, read_chunk, write_chunk};
 
 use crate::state::HubState;
@@ -100,7 +101,8 @@ struct Labels {
     apps: HashMap<String, String>,
 }
 
-/// The labels, read from the store at most every [`LABELS_EVERY`].
+/// The labels, taken from the console's index (loaded on first use, then kept by a
+/// watch) at most every [`LABELS_EVERY`].
 #[derive(Default)]
 pub struct LabelCache(Mutex<Option<(Instant, Arc<Labels>)>>);
 
@@ -111,31 +113,8 @@ impl LabelCache {
         {
             return Ok(l.clone());
         }
-        let (nodes, _) = st.objects.list::<NodeSpec>().await?;
-        let (instances, _) = st.objects.list::<InstanceSpec>().await?;
-        let label = |l: &std::collections::BTreeMap<String, String>, k: &str| {
-            l.get(k).cloned().unwrap_or_default()
-        };
-        let labels = Arc::new(Labels {
-            nodes: nodes
-                .into_iter()
-                .map(|n| {
-                    let l = &n.metadata.labels;
-                    let v = (
-                        label(l, crate::sites::SITE_LABEL),
-                        label(l, verge_api::region::REGION_LABEL),
-                    );
-                    (n.metadata.name, v)
-                })
-                .collect(),
-            apps: instances
-                .into_iter()
-                .filter_map(|i| {
-                    let app = i.metadata.labels.get("app")?.clone();
-                    Some((i.metadata.name, app))
-                })
-                .collect(),
-        });
+        let (nodes, apps) = st.console.ready(st).await?.labels();
+        let labels = Arc::new(Labels { nodes, apps });
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), labels.clone()));
         Ok(labels)
     }
