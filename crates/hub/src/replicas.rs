@@ -622,9 +622,22 @@ async fn forward_with(
             let (Ok(client), Ok(remote)) = (client.await, remote.await) else {
                 return;
             };
-            let _ =
-                tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(remote))
-                    .await;
+            // Each direction runs to its own end and then closes its writer:
+            // `copy_bidirectional` would return at the first error of either one and
+            // drop both sides, losing what the other had written but not flushed (the
+            // `exit` chunk of an exec relayed through a region).
+            use tokio::io::AsyncWriteExt;
+            let (mut cr, mut cw) = tokio::io::split(TokioIo::new(client));
+            let (mut rr, mut rw) = tokio::io::split(TokioIo::new(remote));
+            let up = async {
+                let _ = tokio::io::copy(&mut cr, &mut rw).await;
+                let _ = rw.shutdown().await;
+            };
+            let down = async {
+                let _ = tokio::io::copy(&mut rr, &mut cw).await;
+                let _ = cw.shutdown().await;
+            };
+            tokio::join!(up, down);
         });
         let (parts, _) = resp.into_parts();
         return Ok(Response::from_parts(parts, Body::empty()));
