@@ -1311,9 +1311,16 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
             .into()
     };
 
-    // After a partition the cut-off nodes come back Ready; give them a heartbeat.
+    // After a partition the cut-off nodes come back Ready and their edges report
+    // their instances again: give them a heartbeat, then up to a minute more to
+    // converge (a loaded machine is slower), checking every second.
     tokio::time::sleep(a.heartbeat + Duration::from_secs(1)).await;
-    let inv = invariants(&client, &names, &fleet.runtime).await?;
+    let converge_by = Instant::now() + Duration::from_secs(60);
+    let mut inv = invariants(&client, &names, &fleet.runtime).await?;
+    while !inv.hold(a.nodes, a.instances) && Instant::now() < converge_by {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        inv = invariants(&client, &names, &fleet.runtime).await?;
+    }
     let held = inv.hold(a.nodes, a.instances);
     report["invariants"] = serde_json::to_value(&inv)?;
     report["invariantsHold"] = held.into();
