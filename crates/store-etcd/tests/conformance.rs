@@ -18,17 +18,28 @@ async fn open(cluster: &EtcdCluster) -> EtcdStore {
     .expect("connect to etcd")
 }
 
+/// The cluster the property tests share, or the end of this test process: a start
+/// that fails has printed why, and a poisoned static would make every case proptest
+/// tries (and shrinks) panic again with a backtrace each, burying that reason under
+/// megabytes of output.
+fn shared_cluster(members: usize) -> EtcdCluster {
+    std::panic::catch_unwind(|| EtcdCluster::start(members)).unwrap_or_else(|_| {
+        eprintln!("the etcd test cluster did not start (above: why); ending this test");
+        std::process::exit(101)
+    })
+}
+
 mod one_member {
     use super::*;
     static CLUSTER: std::sync::LazyLock<EtcdCluster> =
-        std::sync::LazyLock::new(|| EtcdCluster::start(1));
+        std::sync::LazyLock::new(|| shared_cluster(1));
     verge_store::conformance_tests!(async { ((), open(&CLUSTER).await) });
 }
 
 mod three_members {
     use super::*;
     static CLUSTER: std::sync::LazyLock<EtcdCluster> =
-        std::sync::LazyLock::new(|| EtcdCluster::start(3));
+        std::sync::LazyLock::new(|| shared_cluster(3));
     verge_store::conformance_tests!(async { ((), open(&CLUSTER).await) });
 }
 

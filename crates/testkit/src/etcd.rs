@@ -6,6 +6,7 @@
 //! with a message saying which package to install (`scripts/test.sh` installs it).
 
 use std::net::{SocketAddr, TcpListener};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -68,7 +69,31 @@ impl EtcdCluster {
     }
 
     fn start_with(n: usize, tls: bool) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
+        // Ports are picked free and then handed to etcd, which binds them a moment
+        // later: on a busy machine another test can take one in between, and that
+        // member exits at once ("address already in use"). So a start whose member
+        // exits is tried again on fresh ports; only a member that stays up and never
+        // becomes healthy (or exits every time) fails the test.
+        const ATTEMPTS: usize = 4;
+        let mut last = String::new();
+        for attempt in 1..=ATTEMPTS {
+            let mut cluster = Self::spawn_all(n, tls);
+            match cluster.poll_healthy(Duration::from_secs(60)) {
+                Ok(()) => return cluster,
+                Err(Unhealthy::Exited(why)) if attempt < ATTEMPTS => {
+                    eprintln!("etcd test cluster, attempt {attempt}: {why}; again on other ports");
+                    last = why;
+                }
+                Err(Unhealthy::Exited(why) | Unhealthy::TimedOut(why)) => {
+                    panic!("{why}")
+                }
+            }
+        }
+        panic!("{last}")
+    }
+
+    fn spawn_all(n: usize, tls: bool) -> Self {
+        let dir = tempfile::tempdir_in(process_root()).expect("tempdir");
         let tls = tls.then(|| make_tls(dir.path()));
         let mut members: Vec<Member> = (0..n)
             .map(|i| Member {
@@ -94,7 +119,6 @@ impl EtcdCluster {
             cluster.spawn(m);
         }
         cluster.members = members;
-        cluster.wait_healthy(Duration::from_secs(30));
         cluster
     }
 
@@ -200,42 +224,109 @@ impl EtcdCluster {
 
     /// Wait until every running member accepts TCP connections on its client port
     /// and the cluster has elected a leader (a member reports one through `/health`).
-    pub fn wait_healthy(&self, within: Duration) {
+    /// Panics with the member's log if it exits or is not healthy `within`.
+    pub fn wait_healthy(&mut self, within: Duration) {
+        if let Err(Unhealthy::Exited(why) | Unhealthy::TimedOut(why)) = self.poll_healthy(within) {
+            panic!("{why}")
+        }
+    }
+
+    fn poll_healthy(&mut self, within: Duration) -> Result<(), Unhealthy> {
         let deadline = Instant::now() + within;
-        for m in self.members.iter().filter(|m| m.child.is_some()) {
+        let tls = self.tls.is_some();
+        for m in self.members.iter_mut().filter(|m| m.child.is_some()) {
             loop {
                 // A TLS member is not asked over plain HTTP: accepting connections
                 // will do (a lone member elects itself as it starts).
-                let up = if self.tls.is_some() {
+                let up = if tls {
                     std::net::TcpStream::connect_timeout(&m.client, Duration::from_millis(500))
                         .is_ok()
                 } else {
                     health(m.client)
                 };
                 if up {
-                    if self.tls.is_some() {
+                    if tls {
                         // Give it an election timeout or two to elect itself.
                         #[allow(clippy::disallowed_methods)]
                         std::thread::sleep(Duration::from_secs(1));
                     }
                     break;
                 }
-                if Instant::now() >= deadline {
-                    let log =
-                        std::fs::read_to_string(m.dir.with_extension("log")).unwrap_or_default();
-                    let tail: Vec<&str> = log.lines().rev().take(15).collect();
-                    panic!(
-                        "etcd member {} did not become healthy; its log ends:\n{}",
+                if let Some(status) = m.exit_status() {
+                    return Err(Unhealthy::Exited(format!(
+                        "etcd member {} exited ({status}); its log ends:\n{}",
                         m.name,
-                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                    );
+                        m.log_tail()
+                    )));
+                }
+                if Instant::now() >= deadline {
+                    return Err(Unhealthy::TimedOut(format!(
+                        "etcd member {} did not become healthy in {within:?}; its log ends:\n{}",
+                        m.name,
+                        m.log_tail()
+                    )));
                 }
                 // Start-up is synchronous (tests call it before their runtime runs).
                 #[allow(clippy::disallowed_methods)]
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
+        Ok(())
     }
+}
+
+/// Why a cluster did not come up.
+enum Unhealthy {
+    /// A member's process ended (a port taken in between, most often).
+    Exited(String),
+    /// Every member runs, but one did not answer healthy in time.
+    TimedOut(String),
+}
+
+impl Member {
+    /// How the member's process ended, if it has (without waiting).
+    fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
+    /// The last lines of the member's log.
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+}
+
+/// The directory this process's clusters keep their data in, removed when the process
+/// ends however it ends. A cluster in a `static` (shared by the cases of a property
+/// test) is never dropped, and each member preallocates 128 MB of write-ahead log:
+/// left behind, a test run's clusters filled the disk in a few runs. So a watcher
+/// process removes the directory once this process is gone.
+fn process_root() -> PathBuf {
+    static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        let pid = std::process::id();
+        let root = std::env::temp_dir().join(format!("verge-etcd-{pid}"));
+        std::fs::create_dir_all(&root).expect("etcd test directory");
+        let watcher = Command::new("sh")
+            .args([
+                "-c",
+                r#"while kill -0 "$1" 2>/dev/null; do sleep 1; done; rm -rf "$2""#,
+                "verge-etcd-cleanup",
+                &pid.to_string(),
+                &root.display().to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn();
+        if let Err(e) = watcher {
+            eprintln!("cannot start the cleanup of {}: {e}", root.display());
+        }
+        root
+    })
+    .clone()
 }
 
 /// Start `command` from a thread that lives as long as this process, so that the

@@ -24,6 +24,9 @@ fn err(e: impl std::fmt::Display) -> WebDriverError {
 pub struct ChromeDriver {
     child: Child,
     url: String,
+    /// The browsers' profiles: here rather than Chromium's own temporary directories,
+    /// which a killed driver leaves behind in /tmp.
+    profiles: tempfile::TempDir,
 }
 
 impl ChromeDriver {
@@ -48,6 +51,7 @@ impl ChromeDriver {
         let d = Self {
             child,
             url: format!("http://127.0.0.1:{port}"),
+            profiles: tempfile::tempdir().map_err(err)?,
         };
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -68,13 +72,17 @@ impl ChromeDriver {
     /// self-signed certificate.
     pub async fn session(&self, width: u32, height: u32) -> Result<Session> {
         let client = reqwest::Client::new();
+        static SESSIONS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let profile = self.profiles.path().join(format!("s{n}"));
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
             "acceptInsecureCerts": true,
             "goog:chromeOptions": {
                 "binary": "/usr/bin/chromium",
                 "args": ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                         "--ignore-certificate-errors", format!("--window-size={width},{height}")],
+                         "--ignore-certificate-errors", format!("--window-size={width},{height}"),
+                         format!("--user-data-dir={}", profile.display())],
             },
         }}});
         let v = call(

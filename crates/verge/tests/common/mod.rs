@@ -538,6 +538,20 @@ impl Drop for TestDir {
                 );
             }
         }
+        // A container's root file system stays mounted when its agent is killed (on
+        // purpose: the workload runs on). Left mounted, the directory cannot be
+        // removed and every run leaves an overlay behind; so unmount what is mounted
+        // under it, deepest first, detached from whatever still holds it.
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut under: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| m.starts_with(&root))
+            .collect();
+        under.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in under {
+            let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+        }
     }
 }
 
