@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::instance::{InstanceSpec, Resources};
 use crate::meta::{Kind, Object};
+use crate::rollout::{RolloutStatus, RolloutStrategy};
 use crate::validate::FieldErrors;
 
 /// An Application object.
@@ -32,6 +33,49 @@ pub struct ApplicationSpec {
     /// Changes for some regions or clusters, in order (a later one wins).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub overrides: Vec<Override>,
+    /// How a change reaches the clusters: in waves, with health gates.
+    #[serde(default)]
+    pub rollout: RolloutStrategy,
+}
+
+/// What an application's instances are made from: its components and overrides (not
+/// where it goes, nor how changes roll out). A revision of it is what a rollout
+/// carries; the hub keeps the last one that was everywhere, to run where a rollout
+/// has not reached yet and to go back to.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AppTemplate {
+    /// The components.
+    pub components: Vec<Component>,
+    /// The overrides.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overrides: Vec<Override>,
+}
+
+impl AppTemplate {
+    /// Its revision: a hash of what the instances' specs come from, replica counts
+    /// left out (scaling is no rollout: counts apply at once, everywhere).
+    pub fn revision(&self) -> String {
+        let mut t = self.clone();
+        for c in &mut t.components {
+            c.replicas = 0;
+        }
+        for o in &mut t.overrides {
+            o.replicas = None;
+        }
+        let json = serde_json::to_vec(&t).unwrap_or_default();
+        format!("{:012x}", crate::hash::fnv1a(&json) & 0xffff_ffff_ffff)
+    }
+}
+
+impl ApplicationSpec {
+    /// The template its instances are made from now.
+    pub fn template(&self) -> AppTemplate {
+        AppTemplate {
+            components: self.components.clone(),
+            overrides: self.overrides.clone(),
+        }
+    }
 }
 
 /// Which clusters an application goes to: those named, and those whose labels match
@@ -139,7 +183,48 @@ pub struct ApplicationStatus {
     /// The spec generation this status is about.
     #[serde(default)]
     pub observed_generation: u64,
+    /// The rollout of the latest change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+    /// The last revision that was on every cluster (see [`RolloutStatus`]), and the
+    /// ones before it, newest first (at most [`HISTORY`]): what `verge rollout undo`
+    /// goes back to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<AppTemplate>,
 }
+
+/// What a change would do in one wave (`verge apply --dry-run`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WavePreview {
+    /// The wave's name.
+    pub name: String,
+    /// Whether the rollout waits for `verge rollout resume` after it.
+    #[serde(default)]
+    pub pause: bool,
+    /// Its clusters and what changes in each.
+    pub clusters: Vec<ClusterChanges>,
+}
+
+/// Instances a change creates, changes and deletes in one cluster.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterChanges {
+    /// The cluster.
+    pub cluster: String,
+    /// Instances it would create.
+    #[serde(default)]
+    pub create: Vec<String>,
+    /// Instances whose spec would change.
+    #[serde(default)]
+    pub update: Vec<String>,
+    /// Instances it would delete.
+    #[serde(default)]
+    pub delete: Vec<String>,
+}
+
+/// Revisions an application's status keeps.
+pub const HISTORY: usize = 3;
 
 impl Kind for ApplicationSpec {
     type Status = ApplicationStatus;
@@ -206,6 +291,7 @@ impl Kind for ApplicationSpec {
                 "the `after` order goes round in a circle",
             );
         }
+        self.rollout.validate("spec.rollout", errs);
         for (i, o) in self.overrides.iter().enumerate() {
             let at = format!("spec.overrides[{i}]");
             if o.region.is_none() && o.cluster.is_none() {

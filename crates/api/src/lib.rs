@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod node;
 pub mod quantity;
 pub mod region;
+pub mod rollout;
 pub mod uplink;
 pub mod validate;
 

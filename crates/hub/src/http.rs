@@ -434,6 +434,40 @@ async fn put_status<S: NodeScoped>(
     ))
 }
 
+/// `POST /v1/applications/{name}/rollout/{action}`: pause, resume or undo.
+async fn rollout_action(
+    State(st): State<Arc<HubState>>,
+    p: Principal,
+    Path((name, action)): Path<(String, String)>,
+) -> ApiResult<Json<verge_api::Application>> {
+    let action: crate::app::rollouts::Action = action.parse()?;
+    Ok(Json(
+        crate::app::rollouts::act(&st, &p, &name, action).await?,
+    ))
+}
+
+/// `POST /v1/applications/{name}/preview` with an application: what applying it would
+/// do, wave by wave (`verge apply --dry-run`).
+async fn application_preview(
+    State(st): State<Arc<HubState>>,
+    p: Principal,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Vec<verge_api::application::WavePreview>>> {
+    let app = parse_body::<verge_api::ApplicationSpec>(&body)?;
+    if app.name() != name {
+        return Err(ApiError::new(
+            ErrorCode::Invalid,
+            format!(
+                "metadata.name: '{}' does not match the name in the URL ('{name}')",
+                app.name()
+            ),
+        )
+        .into());
+    }
+    Ok(Json(crate::app::rollouts::preview(&st, &p, app).await?))
+}
+
 async fn delete_one<S: NodeScoped>(
     State(st): State<Arc<HubState>>,
     p: Principal,
@@ -940,6 +974,11 @@ pub fn router(state: Arc<HubState>) -> Router {
         .merge(kind_routes::<RegionSpec>())
         .merge(kind_routes::<verge_api::ClusterSpec>())
         .merge(kind_routes::<verge_api::ApplicationSpec>())
+        .route(
+            "/v1/applications/{name}/rollout/{action}",
+            post(rollout_action),
+        )
+        .route("/v1/applications/{name}/preview", post(application_preview))
         .route("/v1/inventory", get(inventory_report))
         .route("/v1/inventory/audit", get(audit))
         .route("/v1/conflicts", get(conflicts))

@@ -30,6 +30,7 @@ pub mod orchestrator;
 pub mod placement;
 pub mod region;
 pub mod replicas;
+pub mod rollout;
 pub mod sites;
 pub mod state;
 pub mod streams;

@@ -752,11 +752,32 @@ pub async fn apply_one(client: &Client, m: &Manifest) -> Result<&'static str> {
     Ok(if code == 201 { "created" } else { "configured" })
 }
 
-/// `verge apply -f SOURCE`.
-pub async fn apply(client: &Client, source: &str) -> Result<()> {
+/// `verge apply -f SOURCE [--dry-run]`.
+pub async fn apply(client: &Client, source: &str, dry_run: bool) -> Result<()> {
     let manifests = read_manifests(source)?;
     if manifests.is_empty() {
         bail!("{source}: no manifests found");
+    }
+    if dry_run {
+        // Read and checked (read_manifests validates); an application also shows
+        // what it would change, wave by wave, as the hub would roll it out.
+        for (_, m) in &manifests {
+            match m {
+                Manifest::Application(o) => {
+                    let body = serde_json::to_value(o)?;
+                    print!(
+                        "{}",
+                        crate::rollout::preview(client, &body, m.name()).await?
+                    );
+                }
+                _ => println!(
+                    "{}/{} valid (dry run: not applied)",
+                    m.kind().to_lowercase(),
+                    m.name()
+                ),
+            }
+        }
+        return Ok(());
     }
     for (_, m) in &manifests {
         let what = apply_one(client, m).await?;

@@ -51,6 +51,14 @@ pub const SAMPLES: &[(&str, &str)] = &[
         "one-shot-job.yaml",
         include_str!("../../../examples/one-shot-job.yaml"),
     ),
+    (
+        "clusters.yaml",
+        include_str!("../../../examples/clusters.yaml"),
+    ),
+    (
+        "application.yaml",
+        include_str!("../../../examples/application.yaml"),
+    ),
 ];
 
 /// The simulated sites of the dev edges: name and labels.
@@ -233,7 +241,9 @@ pub async fn run(args: DevArgs) -> Result<()> {
         for (file, text) in SAMPLES {
             for m in parse_manifests(text).map_err(|e| anyhow::anyhow!("{file}: {e}"))? {
                 let what = cli::apply_one(&client, &m).await?;
-                let Manifest::Instance(_) = &m else { continue };
+                let (Manifest::Instance(_) | Manifest::Application(_)) = &m else {
+                    continue;
+                };
                 say!(
                     "  applied examples/{file}: {}/{} {what}",
                     m.kind().to_lowercase(),
@@ -257,6 +267,8 @@ pub async fn run(args: DevArgs) -> Result<()> {
          Try:\n  verge get nodes -o wide\n  verge get instances\n  verge logs hello\n  \
          verge top nodes\n  verge get events -w\n  \
          verge apply -f examples/\n  verge describe node edge-1\n  \
+         verge get applications\n  \
+         verge apply -f examples/rollout/shop-v2.yaml && verge rollout status shop -w\n  \
          verge get inventory\n  verge sched report\n\
          Logs of the processes: {}/*.log. Press Ctrl-C to stop everything.",
         conf.display(),

@@ -14,6 +14,7 @@ mod client;
 mod dev;
 mod observe;
 mod remote;
+mod rollout;
 mod sim;
 mod store_arg;
 
@@ -262,6 +263,21 @@ enum Command {
         /// File, directory or -.
         #[arg(short = 'f', long = "filename")]
         file: String,
+        /// Change nothing: check the manifests, and show what an application's
+        /// change would do, wave by wave.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// An application's rollout: status (with --watch, until it ends), pause, resume,
+    /// undo (back to the revision before).
+    Rollout {
+        /// status | pause | resume | undo
+        action: String,
+        /// The application.
+        name: String,
+        /// With status: follow it until it completes (exit 0) or fails (exit 1).
+        #[arg(short, long)]
+        watch: bool,
     },
     /// Delete an object.
     Delete {
@@ -859,7 +875,15 @@ async fn run_cli(config: Option<PathBuf>, command: Command) -> Result<()> {
             .await
         }
         Command::Describe { kind, name } => cli::describe(&client, &kind, &name).await,
-        Command::Apply { file } => cli::apply(&client, &file).await,
+        Command::Apply { file, dry_run } => cli::apply(&client, &file, dry_run).await,
+        Command::Rollout {
+            action,
+            name,
+            watch,
+        } => match action.as_str() {
+            "status" => rollout::status(&client, &name, watch).await,
+            other => rollout::act(&client, &name, other).await,
+        },
         Command::Delete { kind, name } => cli::delete(&client, &kind, &name).await,
         Command::Logs {
             instance,

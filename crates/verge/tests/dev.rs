@@ -49,6 +49,7 @@ fn dev_starts_everything_and_restarts_on_the_same_state() {
         "web-1",
         "web-2",
         "pair-a",
+        "application/shop",
         "Ctrl-C",
     ] {
         assert!(first.contains(want), "missing {want} in:\n{first}");

@@ -286,6 +286,8 @@ fn an_application_spans_clusters_in_two_regions_with_overrides_and_follows_new_c
         },
     );
 
+    rolls_out_in_waves(&hub, d.path(), examples);
+
     // A bad application is refused, naming the field.
     let out = hub.apply(
         "kind: Application\nmetadata: {name: bad}\nspec:\n  placement: {clusters: [paris]}\n  components:\n    - {name: web, after: [web], template: {form: process, process: {command: [sleep, '1']}}}\n",
@@ -299,4 +301,162 @@ fn an_application_spans_clusters_in_two_regions_with_overrides_and_follows_new_c
     wait_for("shop's instances gone", T, || {
         app_instances(&hub, "shop").is_empty().then_some(())
     });
+}
+
+/// The spec generation of each of `app`'s instances.
+fn generations(hub: &Hub, app: &str) -> std::collections::BTreeMap<String, u64> {
+    hub.list_json("instances")
+        .into_iter()
+        .filter(|i| i["metadata"]["labels"]["verge.io/application"] == app)
+        .map(|i| {
+            (
+                i["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                i["metadata"]["generation"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+fn rollout_state(hub: &Hub, app: &str) -> String {
+    hub.get_json("applications", app).unwrap_or_default()["status"]["rollout"]["state"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A change to `shop` (one web replica in paris and lyon, three in mumbai) goes to
+/// paris first and to lyon only after paris has stayed up on it; a pause holds it; a
+/// change that never comes up fails its gate and goes back; undo works.
+fn rolls_out_in_waves(hub: &Hub, dir: &std::path::Path, examples: &str) {
+    let v2 = std::fs::read_to_string(format!("{examples}rollout/shop-v2.yaml"))
+        .expect("example")
+        .replace("replicas: 2", "replicas: 1");
+    let v2_file = dir.join("shop-v2.yaml");
+    std::fs::write(&v2_file, &v2).expect("write");
+    let v2_path = v2_file.to_str().expect("utf8");
+    // The plan first: paris's web replica, then lyon's; mumbai keeps its greeting.
+    let dry = hub.ok(&["apply", "-f", v2_path, "--dry-run"]);
+    assert!(
+        dry.contains("wave 1 canary: 1 cluster(s), 0 to create, 1 to change, 0 to delete")
+            && dry.contains("paris: change shop-web-paris-0")
+            && dry.contains("wave 2 rest: 2 cluster(s), 0 to create, 1 to change, 0 to delete")
+            && dry.contains("lyon: change shop-web-lyon-0"),
+        "{dry}"
+    );
+    let before = generations(hub, "shop");
+    assert_eq!(
+        generations(hub, "shop"),
+        before,
+        "a dry run changes nothing"
+    );
+
+    // Applied, then paused at once: lyon is not touched while it is paused.
+    hub.ok(&["apply", "-f", v2_path]);
+    hub.ok(&["rollout", "pause", "shop"]);
+    wait_for("the rollout paused", T, || {
+        (rollout_state(hub, "shop") == "Paused").then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(7));
+    let paused = generations(hub, "shop");
+    assert_eq!(
+        paused["shop-web-lyon-0"], before["shop-web-lyon-0"],
+        "lyon changed while paused"
+    );
+    let status = hub.ok(&["rollout", "status", "shop"]);
+    assert!(
+        status.contains("Paused") && status.contains("canary"),
+        "{status}"
+    );
+    hub.ok(&["rollout", "resume", "shop"]);
+
+    // Paris changes first; lyon only once paris has run on it for the gate's 5 s.
+    let started = std::time::Instant::now();
+    let (mut paris_at, mut lyon_at) = (None, None);
+    while lyon_at.is_none() && started.elapsed() < Duration::from_secs(90) {
+        let g = generations(hub, "shop");
+        let t = started.elapsed();
+        if paris_at.is_none() && g["shop-web-paris-0"] > before["shop-web-paris-0"] {
+            paris_at = Some(t);
+        }
+        if g["shop-web-lyon-0"] > before["shop-web-lyon-0"] {
+            lyon_at = Some(t);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (paris_at, lyon_at) = (
+        paris_at.or(Some(Duration::ZERO)).expect("paris"),
+        lyon_at.expect("lyon never changed"),
+    );
+    assert!(
+        lyon_at >= paris_at + Duration::from_secs(4),
+        "lyon changed {lyon_at:?}, paris {paris_at:?}: before paris passed its gate"
+    );
+    // `rollout status --watch` ends, successfully, once it is everywhere.
+    let watched = hub.ok(&["rollout", "status", "shop", "--watch"]);
+    assert!(watched.contains("Complete"), "{watched}");
+    wait_for("lyon's new greeting", T, || {
+        hub.ok(&["logs", "shop-web-lyon-0"])
+            .contains("bonjour from web")
+            .then_some(())
+    });
+    let after = generations(hub, "shop");
+    for m in after.keys().filter(|n| n.contains("-mumbai-")) {
+        assert_eq!(
+            after[m], before[m],
+            "{m}: mumbai's own greeting did not change"
+        );
+    }
+
+    // A change that never comes up: the canary fails its gate (20 s) and goes back;
+    // lyon is never touched. `status --watch` ends with an error saying so.
+    let broken = v2
+        .replace(
+            r#"'echo "$GREETING from web"; while :; do sleep 5; done'"#,
+            "'echo broken; exit 3'",
+        )
+        .replace("timeoutSeconds: 60", "timeoutSeconds: 20");
+    assert_ne!(broken, v2);
+    assert!(hub.apply(&broken).status.success());
+    let out = hub.cli(&["rollout", "status", "shop", "--watch"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        err.contains("RolledBack") && err.contains("wave canary did not pass its gate"),
+        "{err}"
+    );
+    let paris = hub
+        .get_json("instances", "shop-web-paris-0")
+        .expect("paris web");
+    wait_for("paris back on the last good revision, running", T, || {
+        let i = hub.get_json("instances", "shop-web-paris-0")?;
+        let cmd = i["spec"]["process"]["command"].to_string();
+        (cmd.contains("while") && i["status"]["phase"] == "Running").then_some(())
+    });
+    assert!(paris["metadata"]["generation"].as_u64() > after.get("shop-web-paris-0").copied());
+    assert_eq!(
+        generations(hub, "shop")["shop-web-lyon-0"],
+        after["shop-web-lyon-0"],
+        "lyon was touched by a rollout that failed in the canary"
+    );
+    let events = hub.ok(&["get", "events", "--for", "application/shop"]);
+    assert!(events.contains("RolledBack"), "{events}");
+
+    // Undo: the spec goes back to the last good revision, and that rolls out.
+    hub.ok(&["rollout", "undo", "shop"]);
+    let watched = hub.ok(&["rollout", "status", "shop", "--watch"]);
+    assert!(watched.contains("Complete"), "{watched}");
+    let app = hub.get_json("applications", "shop").expect("shop");
+    assert!(
+        app["spec"]["components"][1]["template"]["process"]["command"]
+            .to_string()
+            .contains("while"),
+        "{app}"
+    );
 }

@@ -18,6 +18,7 @@
 //! or object and says what to do, and for refusals under load a retry hint.
 
 pub mod enrolment;
+pub mod rollouts;
 
 use verge_api::{ApiError, ErrorCode, InstanceSpec, Kind, NodeSpec, Object, RegionSpec};
 
