@@ -246,51 +246,8 @@ impl Kind for ApplicationSpec {
         for (k, v) in &p.cluster_selector {
             crate::validate::label_at(errs, "spec.placement.clusterSelector", k, v);
         }
-        if self.components.is_empty() {
-            errs.push("spec.components", "[]", "list at least one component");
-        }
+        validate_components(errs, "spec.components", &self.components);
         let names: Vec<&str> = self.components.iter().map(|c| c.name.as_str()).collect();
-        for (i, c) in self.components.iter().enumerate() {
-            let at = format!("spec.components[{i}]");
-            crate::validate::name(errs, &format!("{at}.name"), &c.name);
-            if names.iter().filter(|n| **n == c.name).count() > 1 {
-                errs.push(
-                    format!("{at}.name"),
-                    &c.name,
-                    "two components have this name",
-                );
-            }
-            if c.replicas > MAX_REPLICAS {
-                errs.push(
-                    format!("{at}.replicas"),
-                    c.replicas,
-                    format!("at most {MAX_REPLICAS} per cluster"),
-                );
-            }
-            for a in &c.after {
-                if !names.contains(&a.as_str()) || a == &c.name {
-                    errs.push(
-                        format!("{at}.after"),
-                        a,
-                        format!("must name another component ({})", names.join(", ")),
-                    );
-                }
-            }
-            // The template is an instance's spec: its own checks, under this path.
-            let mut inner = FieldErrors::default();
-            c.template.validate(&mut inner);
-            for mut e in inner.0 {
-                e.field = e.field.replacen("spec.", &format!("{at}.template."), 1);
-                errs.0.push(e);
-            }
-        }
-        if let Some(cycle) = after_cycle(&self.components) {
-            errs.push(
-                "spec.components",
-                cycle.join(" -> "),
-                "the `after` order goes round in a circle",
-            );
-        }
         self.rollout.validate("spec.rollout", errs);
         for (i, o) in self.overrides.iter().enumerate() {
             let at = format!("spec.overrides[{i}]");
@@ -310,6 +267,56 @@ impl Kind for ApplicationSpec {
                 );
             }
         }
+    }
+}
+
+/// Check components (of an application, or a cluster template's services) under `at`:
+/// names, replicas, the `after` order, and each template as an instance spec.
+pub fn validate_components(errs: &mut FieldErrors, at: &str, components: &[Component]) {
+    if components.is_empty() {
+        errs.push(at, "[]", "list at least one component");
+    }
+    let names: Vec<&str> = components.iter().map(|c| c.name.as_str()).collect();
+    for (i, c) in components.iter().enumerate() {
+        let at = format!("{at}[{i}]");
+        crate::validate::name(errs, &format!("{at}.name"), &c.name);
+        if names.iter().filter(|n| **n == c.name).count() > 1 {
+            errs.push(
+                format!("{at}.name"),
+                &c.name,
+                "two components have this name",
+            );
+        }
+        if c.replicas > MAX_REPLICAS {
+            errs.push(
+                format!("{at}.replicas"),
+                c.replicas,
+                format!("at most {MAX_REPLICAS} per cluster"),
+            );
+        }
+        for a in &c.after {
+            if !names.contains(&a.as_str()) || a == &c.name {
+                errs.push(
+                    format!("{at}.after"),
+                    a,
+                    format!("must name another component ({})", names.join(", ")),
+                );
+            }
+        }
+        // The template is an instance's spec: its own checks, under this path.
+        let mut inner = FieldErrors::default();
+        c.template.validate(&mut inner);
+        for mut e in inner.0 {
+            e.field = e.field.replacen("spec.", &format!("{at}.template."), 1);
+            errs.0.push(e);
+        }
+    }
+    if let Some(cycle) = after_cycle(components) {
+        errs.push(
+            at,
+            cycle.join(" -> "),
+            "the `after` order goes round in a circle",
+        );
     }
 }
 

@@ -25,6 +25,13 @@ pub struct ClusterSpec {
     /// Free text.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub description: String,
+    /// The cluster template naming its platform services, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// Values of the template's parameters for this cluster (the rest keep the
+    /// template's defaults).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub parameters: BTreeMap<String, String>,
 }
 
 impl ClusterSpec {
@@ -123,6 +130,12 @@ impl Kind for ClusterSpec {
         }
         for (k, v) in &self.selector {
             crate::validate::label_at(errs, "spec.selector", k, v);
+        }
+        if let Some(t) = &self.template {
+            crate::validate::name(errs, "spec.template", t);
+        }
+        for k in self.parameters.keys() {
+            crate::validate::env_name(errs, &format!("spec.parameters[{k}]"), k);
         }
     }
 }

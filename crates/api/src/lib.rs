@@ -21,6 +21,7 @@ pub mod node;
 pub mod quantity;
 pub mod region;
 pub mod rollout;
+pub mod template;
 pub mod uplink;
 pub mod validate;
 
@@ -37,6 +38,7 @@ pub use meta::{API_VERSION, Kind, Object, ObjectMeta};
 pub use node::{Node, NodePhase, NodeSpec, NodeStatus, PeerVerdict, ResourceList};
 pub use quantity::{Bytes, Cpu};
 pub use region::{Region, RegionSpec};
+pub use template::{ClusterTemplate, ClusterTemplateSpec};
 pub use validate::{FieldError, FieldErrors};
 
 /// The store key of an object: `/registry/<plural>/<name>`.

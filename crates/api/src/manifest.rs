@@ -9,6 +9,7 @@ use crate::instance::{Instance, InstanceSpec};
 use crate::meta::Kind;
 use crate::node::{Node, NodeSpec};
 use crate::region::{Region, RegionSpec};
+use crate::template::{ClusterTemplate, ClusterTemplateSpec};
 use crate::validate::{FieldError, FieldErrors};
 
 /// One object read from a manifest.
@@ -24,6 +25,8 @@ pub enum Manifest {
     Cluster(Box<Cluster>),
     /// An Application.
     Application(Box<Application>),
+    /// A ClusterTemplate.
+    ClusterTemplate(Box<ClusterTemplate>),
 }
 
 impl Manifest {
@@ -35,6 +38,7 @@ impl Manifest {
             Manifest::Region(_) => RegionSpec::KIND,
             Manifest::Cluster(_) => ClusterSpec::KIND,
             Manifest::Application(_) => ApplicationSpec::KIND,
+            Manifest::ClusterTemplate(_) => ClusterTemplateSpec::KIND,
         }
     }
 
@@ -46,6 +50,7 @@ impl Manifest {
             Manifest::Region(o) => o.name(),
             Manifest::Cluster(o) => o.name(),
             Manifest::Application(o) => o.name(),
+            Manifest::ClusterTemplate(o) => o.name(),
         }
     }
 
@@ -57,12 +62,20 @@ impl Manifest {
             Manifest::Region(o) => o.validate(),
             Manifest::Cluster(o) => o.validate(),
             Manifest::Application(o) => o.validate(),
+            Manifest::ClusterTemplate(o) => o.validate(),
         }
     }
 }
 
 /// Kinds this version understands, for error messages.
-pub const KINDS: &[&str] = &["Node", "Instance", "Region", "Cluster", "Application"];
+pub const KINDS: &[&str] = &[
+    "Node",
+    "Instance",
+    "Region",
+    "Cluster",
+    "Application",
+    "ClusterTemplate",
+];
 
 /// A manifest that could not be read.
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
@@ -231,6 +244,7 @@ pub fn manifest_from_value(v: serde_json::Value) -> Result<Manifest, FieldErrors
         "Region" => from_value(v).map(Manifest::Region),
         "Cluster" => from_value(v).map(Manifest::Cluster),
         "Application" => from_value(v).map(Manifest::Application),
+        "ClusterTemplate" => from_value(v).map(Manifest::ClusterTemplate),
         other => {
             let mut e = FieldErrors::default();
             e.push(
@@ -251,6 +265,9 @@ pub fn resolve_kind(word: &str) -> Option<&'static str> {
         "region" | "regions" | "reg" => Some(RegionSpec::PLURAL),
         "cluster" | "clusters" | "cl" => Some(ClusterSpec::PLURAL),
         "application" | "applications" | "app" | "apps" => Some(ApplicationSpec::PLURAL),
+        "clustertemplate" | "clustertemplates" | "template" | "templates" | "ct" => {
+            Some(ClusterTemplateSpec::PLURAL)
+        }
         _ => None,
     }
 }

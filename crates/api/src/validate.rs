@@ -85,6 +85,23 @@ pub fn name(errs: &mut FieldErrors, field: &str, value: &str) {
     }
 }
 
+/// Check an environment variable's name (letters, digits, '_', not starting with a
+/// digit), as POSIX shells take them.
+pub fn env_name(errs: &mut FieldErrors, field: &str, value: &str) {
+    let ok = !value.is_empty()
+        && !value.starts_with(|c: char| c.is_ascii_digit())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !ok {
+        errs.push(
+            field,
+            value,
+            "an environment variable name: letters, digits and '_', not starting with a digit (e.g. CACHE_SIZE)",
+        );
+    }
+}
+
 fn is_label_part(s: &str, max: usize, slash: bool) -> bool {
     s.len() <= max
         && s.bytes().all(|b| {

@@ -17,8 +17,9 @@ use crate::state::HubState;
 /// How often clusters' statuses are brought up to date.
 pub const EVERY: Duration = Duration::from_secs(2);
 
-/// What `cluster` is, given every node and every instance.
+/// What `cluster` (named `name`) is, given every node and every instance.
 pub fn status_of(
+    name: &str,
     cluster: &ClusterSpec,
     nodes: &[Arc<Node>],
     instances: &[Arc<Instance>],
@@ -70,8 +71,39 @@ pub fn status_of(
         requested,
         free,
         instances: bound.len() as u32,
-        services: Default::default(),
+        services: services_of(name, instances),
     }
+}
+
+/// The cluster's platform services (the instances its template placed there) and how
+/// each is: its phase, or `N/M Running` when it has several replicas.
+fn services_of(
+    cluster: &str,
+    instances: &[Arc<Instance>],
+) -> std::collections::BTreeMap<String, String> {
+    use crate::orchestrator::{CLUSTER_LABEL, COMPONENT_LABEL, TEMPLATE_LABEL};
+    let mut by: std::collections::BTreeMap<String, Vec<&Instance>> = Default::default();
+    for i in instances.iter().filter(|i| {
+        i.metadata.labels.contains_key(TEMPLATE_LABEL)
+            && i.metadata.labels.get(CLUSTER_LABEL).map(String::as_str) == Some(cluster)
+    }) {
+        if let Some(service) = i.metadata.labels.get(COMPONENT_LABEL) {
+            by.entry(service.clone()).or_default().push(i);
+        }
+    }
+    by.into_iter()
+        .map(|(service, is)| {
+            let running = is
+                .iter()
+                .filter(|i| i.status.phase == verge_api::InstancePhase::Running)
+                .count();
+            let how = match is.as_slice() {
+                [one] => one.status.phase.to_string(),
+                _ => format!("{running}/{} Running", is.len()),
+            };
+            (service, how)
+        })
+        .collect()
 }
 
 /// Keep every cluster's status, for as long as this replica leads.
@@ -95,18 +127,14 @@ async fn update(st: &HubState, cache: &ControllerCache) {
     }
     let (nodes, instances) = (cache.nodes(), cache.instances());
     for c in clusters {
-        let want = status_of(&c.spec, &nodes, &instances);
+        let want = status_of(c.name(), &c.spec, &nodes, &instances);
         if want == c.status {
             continue;
         }
         let r = st
             .objects
             .update_status::<ClusterSpec>(c.name(), |_, s: &mut ClusterStatus| {
-                let services = std::mem::take(&mut s.services);
-                *s = ClusterStatus {
-                    services,
-                    ..want.clone()
-                };
+                *s = want.clone();
                 Ok(true)
             })
             .await;
@@ -159,7 +187,7 @@ mod tests {
             inst("b", Some("l1")),
             inst("c", None),
         ];
-        let s = status_of(&paris, &nodes, &instances);
+        let s = status_of("paris", &paris, &nodes, &instances);
         assert_eq!(
             (s.phase, s.nodes, s.ready, s.instances),
             (ClusterPhase::Healthy, 2, 2, 1)
@@ -171,13 +199,16 @@ mod tests {
         assert_eq!(s.region, "eu");
         // A node down: Degraded, and it offers nothing.
         let nodes = vec![node("p1", "paris", true), node("p2", "paris", false)];
-        let s = status_of(&paris, &nodes, &instances);
+        let s = status_of("paris", &paris, &nodes, &instances);
         assert_eq!(
             (s.phase, s.ready, s.capacity.cpu),
             (ClusterPhase::Degraded, 1, Cpu(2000))
         );
-        let s = status_of(&paris, &[node("p2", "paris", false)], &[]);
+        let s = status_of("paris", &paris, &[node("p2", "paris", false)], &[]);
         assert_eq!(s.phase, ClusterPhase::Down);
-        assert_eq!(status_of(&paris, &[], &[]).phase, ClusterPhase::Empty);
+        assert_eq!(
+            status_of("paris", &paris, &[], &[]).phase,
+            ClusterPhase::Empty
+        );
     }
 }

@@ -950,7 +950,7 @@ async fn count_requests(State(st): State<Arc<HubState>>, req: Request, next: Nex
 async fn not_found() -> HttpError {
     ApiError::new(
         ErrorCode::NotFound,
-        "no such endpoint; the API lives under /v1/{nodes,instances,regions,clusters,applications,tokens,inventory,sched,artifacts,metrics,events}",
+        "no such endpoint; the API lives under /v1/{nodes,instances,regions,clusters,applications,clustertemplates,tokens,inventory,sched,artifacts,metrics,events}",
     )
     .into()
 }
@@ -974,6 +974,7 @@ pub fn router(state: Arc<HubState>) -> Router {
         .merge(kind_routes::<RegionSpec>())
         .merge(kind_routes::<verge_api::ClusterSpec>())
         .merge(kind_routes::<verge_api::ApplicationSpec>())
+        .merge(kind_routes::<verge_api::ClusterTemplateSpec>())
         .route(
             "/v1/applications/{name}/rollout/{action}",
             post(rollout_action),

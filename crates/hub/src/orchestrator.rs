@@ -21,7 +21,8 @@ use verge_api::application::{
 };
 use verge_api::rollout::{RolloutState, RolloutStatus, WaveProgress};
 use verge_api::{
-    Application, ApplicationSpec, Cluster, ClusterSpec, Instance, InstancePhase, InstanceSpec,
+    Application, ApplicationSpec, Cluster, ClusterSpec, ClusterTemplate, ClusterTemplateSpec,
+    Instance, InstancePhase, InstanceSpec,
 };
 
 use crate::rollout::{self, Target, WaveObservation};
@@ -37,6 +38,29 @@ pub const APP_LABEL: &str = "verge.io/application";
 pub const COMPONENT_LABEL: &str = "verge.io/component";
 /// The label naming its cluster.
 pub const CLUSTER_LABEL: &str = "verge.io/cluster";
+/// The label naming the cluster template whose service an instance is.
+pub const TEMPLATE_LABEL: &str = "verge.io/cluster-template";
+
+/// What owns the instances a plan keeps: an application, or a cluster template (whose
+/// services are planned as an application's components: one piece of code serves).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// An application: instances labelled `app` and [`APP_LABEL`].
+    Application,
+    /// A cluster template: instances labelled [`TEMPLATE_LABEL`], each cluster's
+    /// parameters in their environment.
+    Template,
+}
+
+impl Owner {
+    /// The label naming the owner on its instances.
+    pub fn label(self) -> &'static str {
+        match self {
+            Owner::Application => APP_LABEL,
+            Owner::Template => TEMPLATE_LABEL,
+        }
+    }
+}
 
 /// What the orchestrator does for one application.
 #[derive(Debug, Default, PartialEq)]
@@ -75,14 +99,27 @@ pub fn clusters_for<'a>(app: &ApplicationSpec, clusters: &'a [Cluster]) -> Vec<&
 
 /// The instance for replica `n` of `component` (of template `t`) in `cluster`.
 fn instance_for(
-    app: &str,
+    owner: (Owner, &str),
     t: &AppTemplate,
     component: &Component,
     cluster: &Cluster,
     n: u32,
 ) -> Instance {
+    let (kind, app) = owner;
     let region = cluster.status.region.as_str();
     let mut spec = component.template.clone();
+    if kind == Owner::Template {
+        // The template's parameters as the cluster sets them (the defaults are in
+        // the services' environment already: `template_as_application`).
+        let env = if let Some(c) = spec.container.as_mut() {
+            Some(&mut c.env)
+        } else {
+            spec.process.as_mut().map(|p| &mut p.env)
+        };
+        if let Some(env) = env {
+            env.extend(cluster.spec.parameters.clone());
+        }
+    }
     for o in t
         .overrides
         .iter()
@@ -111,11 +148,13 @@ fn instance_for(
     let name = format!("{app}-{}-{}-{n}", component.name, cluster.name());
     let mut i = Instance::new(name, spec);
     i.metadata.labels = BTreeMap::from([
-        ("app".to_string(), app.to_string()),
-        (APP_LABEL.to_string(), app.to_string()),
+        (kind.label().to_string(), app.to_string()),
         (COMPONENT_LABEL.to_string(), component.name.clone()),
         (CLUSTER_LABEL.to_string(), cluster.name().to_string()),
     ]);
+    if kind == Owner::Application {
+        i.metadata.labels.insert("app".to_string(), app.to_string());
+    }
     i
 }
 
@@ -154,6 +193,7 @@ fn in_cluster(i: &Instance, component: &str, cluster: &str) -> bool {
 /// The instances `t` wants in `cluster`, with whether each component waits there for
 /// those it comes after.
 fn wanted(
+    owner: Owner,
     app: &Application,
     t: &AppTemplate,
     cluster: &Cluster,
@@ -170,7 +210,10 @@ fn wanted(
             up < want
         });
         for k in 0..replicas(&app.spec, t, &component.name, cluster) {
-            out.push((instance_for(app.name(), t, component, cluster, k), waiting));
+            out.push((
+                instance_for((owner, app.name()), t, component, cluster, k),
+                waiting,
+            ));
         }
     }
     out
@@ -202,7 +245,13 @@ fn current_rollout(
 
 /// What to do for `app`, given every cluster and the instances it owns, at `now`
 /// (seconds since the epoch).
-pub fn plan(app: &Application, clusters: &[Cluster], owned: &[Arc<Instance>], now: u64) -> Plan {
+pub fn plan(
+    owner: Owner,
+    app: &Application,
+    clusters: &[Cluster],
+    owned: &[Arc<Instance>],
+    now: u64,
+) -> Plan {
     let mut out = Plan::default();
     let have: BTreeMap<&str, &Instance> = owned.iter().map(|i| (i.name(), &**i)).collect();
     let mut keep: BTreeSet<String> = BTreeSet::new();
@@ -242,7 +291,7 @@ pub fn plan(app: &Application, clusters: &[Cluster], owned: &[Arc<Instance>], no
         };
         let mut cp = ClusterProgress::default();
         // Progress counts against the new revision, whatever the cluster runs.
-        for (want, _) in wanted(app, &new_t, cluster, owned) {
+        for (want, _) in wanted(owner, app, &new_t, cluster, owned) {
             let cur = have.get(want.name());
             let updated = cur.is_some_and(|c| c.spec == want.spec);
             let up = updated && cur.is_some_and(|c| ready(c));
@@ -279,7 +328,7 @@ pub fn plan(app: &Application, clusters: &[Cluster], owned: &[Arc<Instance>], no
                 }
             }
         }
-        for (want, waiting) in wanted(app, shape, cluster, owned) {
+        for (want, waiting) in wanted(owner, app, shape, cluster, owned) {
             cp.desired += 1;
             if waiting && !cp.waiting.contains(&want.metadata.labels[COMPONENT_LABEL]) {
                 cp.waiting
@@ -366,6 +415,7 @@ pub fn plan(app: &Application, clusters: &[Cluster], owned: &[Arc<Instance>], no
 /// (`verge apply --dry-run`): every cluster's instances to create, change and delete
 /// once its wave comes.
 pub fn preview(
+    owner: Owner,
     app: &Application,
     clusters: &[Cluster],
     owned: &[Arc<Instance>],
@@ -388,7 +438,7 @@ pub fn preview(
                 .iter()
                 .filter(|c| clusters_of_wave.iter().any(|n| n == c.name()))
             {
-                let want = wanted(app, &new_t, cluster, owned);
+                let want = wanted(owner, app, &new_t, cluster, owned);
                 let mut cp = ClusterChanges {
                     cluster: cluster.name().to_string(),
                     ..Default::default()
@@ -430,71 +480,127 @@ pub async fn run(st: Arc<HubState>, cache: Arc<ControllerCache>) {
 
 async fn pass(st: &HubState, cache: &ControllerCache) -> Result<(), verge_api::ApiError> {
     let (apps, _) = st.objects.list::<ApplicationSpec>().await?;
+    let (templates, _) = st.objects.list::<ClusterTemplateSpec>().await?;
     let instances = cache.instances();
-    let owned_by = |app: &str| -> Vec<Arc<Instance>> {
+    let owned_by = |owner: Owner, name: &str| -> Vec<Arc<Instance>> {
         instances
             .iter()
-            .filter(|i| i.metadata.labels.get(APP_LABEL).map(String::as_str) == Some(app))
+            .filter(|i| i.metadata.labels.get(owner.label()).map(String::as_str) == Some(name))
             .cloned()
             .collect()
     };
-    // Instances of applications that are gone go with them.
-    let names: BTreeSet<&str> = apps.iter().map(|a| a.name()).collect();
-    for i in instances.iter().filter(|i| {
+    // Instances of applications and templates that are gone go with them.
+    let apps_named: BTreeSet<&str> = apps.iter().map(|a| a.name()).collect();
+    let templates_named: BTreeSet<&str> = templates.iter().map(|t| t.name()).collect();
+    let orphan = |i: &Instance, label: &str, names: &BTreeSet<&str>| {
         i.metadata
             .labels
-            .get(APP_LABEL)
+            .get(label)
             .is_some_and(|a| !names.contains(a.as_str()))
+    };
+    for i in instances.iter().filter(|i| {
+        orphan(i, APP_LABEL, &apps_named) || orphan(i, TEMPLATE_LABEL, &templates_named)
     }) {
         delete_instance(st, i.name()).await;
     }
-    if apps.is_empty() {
+    if apps.is_empty() && templates.is_empty() {
         return Ok(());
     }
     let (clusters, _) = st.objects.list::<ClusterSpec>().await?;
     for app in &apps {
-        let p = plan(
-            app,
-            &clusters,
-            &owned_by(app.name()),
-            verge_api::clock::now_secs(),
-        );
-        for i in p.create {
-            let name = i.name().to_string();
-            match st.objects.create(i).await {
-                Ok(_) => record(st, "Created", &name, app.name()),
-                Err(e) => {
-                    tracing::warn!(app = app.name(), instance = %name, error = %e.message, "not created")
-                }
-            }
-        }
-        for i in p.update {
-            let name = i.name().to_string();
-            if let Err(e) = st.objects.apply(i).await {
-                tracing::warn!(app = app.name(), instance = %name, error = %e.message, "not changed");
-            }
-        }
-        for name in p.delete {
-            delete_instance(st, &name).await;
-        }
-        if p.status != app.status {
-            rollout_events(st, app, &p.status);
-            let status = p.status;
-            // Only over the status this plan was made from: an operator's resume in
-            // between wins, and the next pass plans again from it.
-            let _ = st
-                .objects
-                .update_status::<ApplicationSpec>(app.name(), |_, s| {
-                    if s.rollout != app.status.rollout {
-                        return Ok(false);
-                    }
-                    *s = status.clone();
-                    Ok(true)
-                })
-                .await;
-        }
+        let owned = owned_by(Owner::Application, app.name());
+        carry_out::<ApplicationSpec>(st, Owner::Application, app, &clusters, &owned).await;
+    }
+    for t in &templates {
+        let owned = owned_by(Owner::Template, t.name());
+        let app = template_as_application(t, &clusters);
+        carry_out::<ClusterTemplateSpec>(st, Owner::Template, &app, &clusters, &owned).await;
     }
     Ok(())
+}
+
+/// A cluster template planned as an application: its services are the components,
+/// on every cluster that names it; its parameters' defaults are in every service's
+/// environment (a changed default is a new revision, and rolls out).
+pub fn template_as_application(t: &ClusterTemplate, clusters: &[Cluster]) -> Application {
+    let mut components = t.spec.services.clone();
+    for c in &mut components {
+        let env = if let Some(c) = c.template.container.as_mut() {
+            Some(&mut c.env)
+        } else {
+            c.template.process.as_mut().map(|p| &mut p.env)
+        };
+        if let Some(env) = env {
+            for (k, v) in &t.spec.parameters {
+                env.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+    }
+    let mut app = Application::new(
+        t.name(),
+        ApplicationSpec {
+            placement: verge_api::application::AppPlacement {
+                clusters: clusters
+                    .iter()
+                    .filter(|c| c.spec.template.as_deref() == Some(t.name()))
+                    .map(|c| c.name().to_string())
+                    .collect(),
+                ..Default::default()
+            },
+            components,
+            overrides: Vec::new(),
+            rollout: t.spec.rollout.clone(),
+        },
+    );
+    app.metadata = t.metadata.clone();
+    app.status = t.status.clone();
+    app
+}
+
+/// Plan `app` (an application, or a template as one) and carry the plan out; its
+/// status is written to the object of kind `S`.
+async fn carry_out<S: verge_api::Kind<Status = ApplicationStatus>>(
+    st: &HubState,
+    owner: Owner,
+    app: &Application,
+    clusters: &[Cluster],
+    owned: &[Arc<Instance>],
+) {
+    let p = plan(owner, app, clusters, owned, verge_api::clock::now_secs());
+    for i in p.create {
+        let name = i.name().to_string();
+        match st.objects.create(i).await {
+            Ok(_) => record(st, "Created", &name, app.name()),
+            Err(e) => {
+                tracing::warn!(owner = app.name(), instance = %name, error = %e.message, "not created")
+            }
+        }
+    }
+    for i in p.update {
+        let name = i.name().to_string();
+        if let Err(e) = st.objects.apply(i).await {
+            tracing::warn!(owner = app.name(), instance = %name, error = %e.message, "not changed");
+        }
+    }
+    for name in p.delete {
+        delete_instance(st, &name).await;
+    }
+    if p.status != app.status {
+        rollout_events(st, S::PLURAL, app, &p.status);
+        let status = p.status;
+        // Only over the status this plan was made from: an operator's resume in
+        // between wins, and the next pass plans again from it.
+        let _ = st
+            .objects
+            .update_status::<S>(app.name(), |_, s| {
+                if s.rollout != app.status.rollout {
+                    return Ok(false);
+                }
+                *s = status.clone();
+                Ok(true)
+            })
+            .await;
+    }
 }
 
 async fn delete_instance(st: &HubState, name: &str) {
@@ -512,7 +618,7 @@ async fn delete_instance(st: &HubState, name: &str) {
 }
 
 /// Events for what a pass did to `app`'s rollout: a wave passed, a pause, the end.
-fn rollout_events(st: &HubState, app: &Application, now: &ApplicationStatus) {
+fn rollout_events(st: &HubState, plural: &str, app: &Application, now: &ApplicationStatus) {
     use verge_api::event::{Event, EventType};
     let (Some(before), Some(after)) = (&app.status.rollout, &now.rollout) else {
         return;
@@ -555,7 +661,7 @@ fn rollout_events(st: &HubState, app: &Application, now: &ApplicationStatus) {
             ),
         }
     };
-    let mut ev = Event::new(kind, reason, ApplicationSpec::PLURAL, app.name(), what);
+    let mut ev = Event::new(kind, reason, plural, app.name(), what);
     ev.actor = Some("orchestrator".into());
     st.events.record(ev);
 }
@@ -666,7 +772,7 @@ mod tests {
         ];
         let a = app();
         // First pass: only the databases (web comes after db).
-        let p = plan(&a, &clusters, &[], 1000);
+        let p = plan(Owner::Application, &a, &clusters, &[], 1000);
         let names: Vec<&str> = p.create.iter().map(|i| i.name()).collect();
         assert_eq!(names, ["shop-db-paris-0", "shop-db-mumbai-0"]);
         assert_eq!(p.status.clusters["paris"].waiting, ["web"]);
@@ -676,7 +782,7 @@ mod tests {
         assert_eq!(db.metadata.labels["app"], "shop");
         // Once they run, the web replicas come, with mumbai's override.
         let owned = run_all(&p);
-        let p = plan(&a, &clusters, &owned, 1000);
+        let p = plan(Owner::Application, &a, &clusters, &owned, 1000);
         let web: Vec<&Instance> = p.create.iter().collect();
         assert_eq!(web.len(), 2 + 3);
         let mumbai: Vec<&&Instance> = web.iter().filter(|i| i.name().contains("mumbai")).collect();
@@ -692,7 +798,7 @@ mod tests {
         // Everything running: nothing to do, and the status says so.
         let mut all = owned;
         all.extend(run_all(&p));
-        let p = plan(&a, &clusters, &all, 1000);
+        let p = plan(Owner::Application, &a, &clusters, &all, 1000);
         assert!(p.create.is_empty() && p.update.is_empty() && p.delete.is_empty());
         assert_eq!((p.status.desired, p.status.running), (7, 7));
         assert_eq!(p.status.observed_generation, 4);
@@ -705,7 +811,7 @@ mod tests {
             .as_mut()
             .unwrap()
             .image = "shop/web:2".into();
-        let p = plan(&a2, &clusters, &all, 1000);
+        let p = plan(Owner::Application, &a2, &clusters, &all, 1000);
         assert_eq!(p.delete, ["shop-web-paris-1"]);
         assert_eq!(
             p.update.len(),
@@ -713,7 +819,7 @@ mod tests {
             "paris's first web replica; mumbai keeps its override"
         );
         // A cluster no longer picked loses the application.
-        let p = plan(&a, &clusters[..1], &all, 1000);
+        let p = plan(Owner::Application, &a, &clusters[..1], &all, 1000);
         assert_eq!(p.delete.len(), 4);
     }
 
@@ -762,7 +868,7 @@ mod tests {
         let mut owned = Vec::new();
         let mut t = 1000;
         for _ in 0..3 {
-            let p = plan(&a, &clusters, &owned, t);
+            let p = plan(Owner::Application, &a, &clusters, &owned, t);
             carry_out(&p, &mut owned, true);
             a.status = p.status;
             t += 2;
@@ -782,7 +888,7 @@ mod tests {
         let mut seen_paris_down = 0;
         let mut when_lyon_changed = None;
         for _ in 0..30 {
-            let p = plan(&a, &clusters, &owned, t);
+            let p = plan(Owner::Application, &a, &clusters, &owned, t);
             assert!(
                 p.update.len() <= 1,
                 "at most one instance of a wave down at once"
@@ -826,7 +932,7 @@ mod tests {
         // goes back to shop/web:2; lyon and mumbai were never touched.
         set_image(&mut a, "shop/web:bad");
         for _ in 0..40 {
-            let p = plan(&a, &clusters, &owned, t);
+            let p = plan(Owner::Application, &a, &clusters, &owned, t);
             carry_out(&p, &mut owned, false);
             for i in owned
                 .iter_mut()
@@ -854,7 +960,7 @@ mod tests {
         // A scale-up is no rollout: the new replica comes at once, everywhere.
         set_image(&mut a, "shop/web:2");
         a.spec.components[1].replicas = 3;
-        let p = plan(&a, &clusters, &owned, t);
+        let p = plan(Owner::Application, &a, &clusters, &owned, t);
         assert_eq!(
             p.create.len(),
             3,

@@ -26,7 +26,7 @@ pub enum Output {
 fn kind_or_bail(word: &str) -> Result<&'static str> {
     resolve_kind(word).with_context(|| {
         format!(
-            "unknown kind '{word}'; use nodes, instances, regions, clusters, applications, events, inventory, audit, replicas or conflicts"
+            "unknown kind '{word}'; use nodes, instances, regions, clusters, applications, clustertemplates, events, inventory, audit, replicas or conflicts"
         )
     })
 }
@@ -563,7 +563,12 @@ fn cluster_rows(items: &[serde_json::Value]) -> (Vec<&'static str>, Vec<Vec<Stri
     )
 }
 
-fn application_rows(items: &[serde_json::Value]) -> (Vec<&'static str>, Vec<Vec<String>>) {
+/// Applications (parts: `components`) and cluster templates (parts: `services`).
+fn application_rows(
+    items: &[serde_json::Value],
+    parts: &str,
+    header: &'static str,
+) -> (Vec<&'static str>, Vec<Vec<String>>) {
     let rows = items
         .iter()
         .map(|a| {
@@ -584,22 +589,20 @@ fn application_rows(items: &[serde_json::Value]) -> (Vec<&'static str>, Vec<Vec<
                 .collect();
             vec![
                 dash(a["metadata"]["name"].as_str().unwrap_or("")),
-                a["spec"]["components"]
-                    .as_array()
-                    .map_or(0, Vec::len)
-                    .to_string(),
+                a["spec"][parts].as_array().map_or(0, Vec::len).to_string(),
                 format!(
                     "{}/{}",
                     st["running"].as_u64().unwrap_or(0),
                     st["desired"].as_u64().unwrap_or(0)
                 ),
                 dash(&clusters.join(" ")),
+                dash(st["rollout"]["state"].as_str().unwrap_or("")),
                 dash(st["message"].as_str().unwrap_or("")),
             ]
         })
         .collect();
     (
-        vec!["NAME", "COMPONENTS", "RUNNING", "CLUSTERS", "MESSAGE"],
+        vec!["NAME", header, "RUNNING", "CLUSTERS", "ROLLOUT", "MESSAGE"],
         rows,
     )
 }
@@ -632,7 +635,9 @@ pub async fn get(client: &Client, kind: &str, name: Option<&str>, output: Output
     } else if plural == "clusters" {
         cluster_rows(&values)
     } else if plural == "applications" {
-        application_rows(&values)
+        application_rows(&values, "components", "COMPONENTS")
+    } else if plural == "clustertemplates" {
+        application_rows(&values, "services", "SERVICES")
     } else if plural == "nodes" {
         let nodes: Vec<Node> = serde_json::from_value(serde_json::Value::Array(values))?;
         node_rows(&nodes, wide)
@@ -741,6 +746,7 @@ pub async fn apply_one(client: &Client, m: &Manifest) -> Result<&'static str> {
         Manifest::Region(o) => ("regions", serde_json::to_value(o)?),
         Manifest::Cluster(o) => ("clusters", serde_json::to_value(o)?),
         Manifest::Application(o) => ("applications", serde_json::to_value(o)?),
+        Manifest::ClusterTemplate(o) => ("clustertemplates", serde_json::to_value(o)?),
     };
     // apply sets what the user owns; status belongs to the hub and the edges.
     if let Some(obj) = body.as_object_mut() {

@@ -56,6 +56,10 @@ pub const SAMPLES: &[(&str, &str)] = &[
         include_str!("../../../examples/clusters.yaml"),
     ),
     (
+        "cluster-template.yaml",
+        include_str!("../../../examples/cluster-template.yaml"),
+    ),
+    (
         "application.yaml",
         include_str!("../../../examples/application.yaml"),
     ),

@@ -30,19 +30,36 @@ fn millicores(v: &serde_json::Value) -> u64 {
     }
 }
 
+/// Apply these files of `examples/`, requiring success.
+fn apply_examples(hub: &Hub, files: &[&str]) {
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/");
+    for f in files {
+        let text = std::fs::read_to_string(format!("{examples}{f}")).expect("example");
+        let out = hub.apply(&text);
+        assert!(
+            out.status.success(),
+            "{f}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// An edge named `name` at `city` (its `city` label), enrolled with `hub`.
+fn city_edge(hub: &Hub, dir: &std::path::Path, name: &str, city: &str) -> Edge {
+    Edge::start_with(
+        &hub.url,
+        name,
+        Some(&hub.token(1)),
+        &dir.join(name),
+        &["--label", &format!("city={city}")],
+    )
+}
+
 #[test]
 fn clusters_gather_their_sites_nodes_and_say_how_they_are() {
     let d = test_dir();
     let hub = Hub::start(d.path());
-    let edge = |name: &str, city: &str| {
-        Edge::start_with(
-            &hub.url,
-            name,
-            Some(&hub.token(1)),
-            &d.path().join(name),
-            &["--label", &format!("city={city}")],
-        )
-    };
+    let edge = |name: &str, city: &str| city_edge(&hub, d.path(), name, city);
     let _p1 = edge("p1", "paris");
     let mut p2 = edge("p2", "paris");
     let _l1 = edge("l1", "lyon");
@@ -171,15 +188,7 @@ fn an_application_spans_clusters_in_two_regions_with_overrides_and_follows_new_c
         hub.wait_phase("nodes", n, "Ready", T);
     }
     let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/");
-    for f in ["clusters.yaml", "application.yaml"] {
-        let text = std::fs::read_to_string(format!("{examples}{f}")).expect("example");
-        let out = hub.apply(&text);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    apply_examples(&hub, &["clusters.yaml", "application.yaml"]);
 
     // Paris: the db, then two web replicas; Mumbai: the db, then three (its override).
     // Lyon has no node yet: nothing runs there.
@@ -459,4 +468,145 @@ fn rolls_out_in_waves(hub: &Hub, dir: &std::path::Path, examples: &str) {
             .contains("while"),
         "{app}"
     );
+}
+
+/// The instances of cluster template `t`: name -> (phase, node, generation).
+fn service_instances(
+    hub: &Hub,
+    t: &str,
+) -> std::collections::BTreeMap<String, (String, String, u64)> {
+    hub.list_json("instances")
+        .into_iter()
+        .filter(|i| i["metadata"]["labels"]["verge.io/cluster-template"] == t)
+        .map(|i| {
+            let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+            (
+                s(&i["metadata"]["name"]),
+                (
+                    s(&i["status"]["phase"]),
+                    s(&i["status"]["node"]),
+                    i["metadata"]["generation"].as_u64().unwrap_or(0),
+                ),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_cluster_template_runs_exactly_its_services_on_each_cluster_and_rolls_out_changes() {
+    let d = test_dir();
+    let hub = Hub::start(d.path());
+    let edge = |name: &str, city: &str| city_edge(&hub, d.path(), name, city);
+    let _e = [
+        edge("t-p", "paris"),
+        edge("t-l", "lyon"),
+        edge("t-m", "mumbai"),
+    ];
+    for n in ["t-p", "t-l", "t-m"] {
+        hub.wait_phase("nodes", n, "Ready", T);
+    }
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/");
+    let template =
+        std::fs::read_to_string(format!("{examples}cluster-template.yaml")).expect("example");
+    apply_examples(&hub, &["clusters.yaml", "cluster-template.yaml"]);
+    // Two services on each of the three clusters, on that cluster's node, and nothing
+    // else there.
+    let site = |c: &str| match c {
+        "paris" => "t-p",
+        "lyon" => "t-l",
+        _ => "t-m",
+    };
+    let got = wait_for("cache and relay running in every cluster", T, || {
+        let got = service_instances(&hub, "edge-basic");
+        (got.len() == 6 && got.values().all(|(phase, _, _)| phase == "Running")).then_some(got)
+    });
+    for c in ["paris", "lyon", "mumbai"] {
+        for svc in ["cache", "relay"] {
+            let name = format!("edge-basic-{svc}-{c}-0");
+            assert_eq!(
+                got.get(&name).map(|v| v.1.as_str()),
+                Some(site(c)),
+                "{name}: {got:?}"
+            );
+        }
+    }
+    let all = hub.list_json("instances");
+    assert_eq!(all.len(), 6, "only the template's services run: {all:?}");
+    // Each cluster's parameters: Paris sets its own cache size, the others the default.
+    wait_for("the caches' sizes", T, || {
+        (hub.ok(&["logs", "edge-basic-cache-paris-0"])
+            .contains("cache up with 128 MB")
+            && hub
+                .ok(&["logs", "edge-basic-cache-lyon-0"])
+                .contains("cache up with 64 MB"))
+        .then_some(())
+    });
+    // Their resources are reserved on the cluster's nodes, and the clusters say how
+    // their services are.
+    let table = wait_for("services in the clusters' status", T, || {
+        let t = hub.ok(&["get", "clusters"]);
+        (t.matches("cache:Running,relay:Running").count() == 3).then_some(t)
+    });
+    let paris = hub.get_json("clusters", "paris").expect("paris");
+    assert_eq!(paris["status"]["requested"]["cpu"], "70m", "{table}");
+
+    // A change that never comes up: Paris (the canary) fails its gate and goes back;
+    // Lyon and Mumbai are never touched.
+    let before = service_instances(&hub, "edge-basic");
+    let broken = template
+        .replace(
+            r#"'echo "relay up"; while :; do sleep 5; done'"#,
+            "'exit 4'",
+        )
+        .replace("timeoutSeconds: 60", "timeoutSeconds: 15");
+    assert_ne!(broken, template);
+    assert!(hub.apply(&broken).status.success());
+    let t = wait_for(
+        "the template's rollout rolled back",
+        Duration::from_secs(60),
+        || {
+            let t = hub.get_json("clustertemplates", "edge-basic")?;
+            (t["status"]["rollout"]["state"] == "RolledBack").then_some(t)
+        },
+    );
+    let msg = t["status"]["rollout"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(msg.contains("wave canary"), "{msg}");
+    wait_for("paris's relay back and running", T, || {
+        let i = hub.get_json("instances", "edge-basic-relay-paris-0")?;
+        (i["spec"]["process"]["command"]
+            .to_string()
+            .contains("relay up")
+            && i["status"]["phase"] == "Running")
+            .then_some(())
+    });
+    let after = service_instances(&hub, "edge-basic");
+    for c in ["lyon", "mumbai"] {
+        let n = format!("edge-basic-relay-{c}-0");
+        assert_eq!(
+            after[&n].2, before[&n].2,
+            "{n} was changed by a rollout that failed in the canary"
+        );
+    }
+    assert!(after["edge-basic-relay-paris-0"].2 > before["edge-basic-relay-paris-0"].2);
+    let listed = hub.ok(&["get", "clustertemplates"]);
+    assert!(
+        listed.contains("edge-basic") && listed.contains("RolledBack"),
+        "{listed}"
+    );
+
+    // A bad template is refused, naming the field.
+    let out = hub.apply("kind: ClusterTemplate\nmetadata: {name: bad}\nspec:\n  services: []\n");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("spec.services"));
+
+    // Deleted: its services go with it.
+    hub.ok(&["delete", "clustertemplate", "edge-basic"]);
+    wait_for("the services gone", T, || {
+        service_instances(&hub, "edge-basic")
+            .is_empty()
+            .then_some(())
+    });
 }

@@ -104,6 +104,12 @@ impl NodeScoped for verge_api::ApplicationSpec {
     }
 }
 
+impl NodeScoped for verge_api::ClusterTemplateSpec {
+    fn owner(_: &Object<Self>) -> Option<&str> {
+        None
+    }
+}
+
 impl NodeScoped for InstanceSpec {
     fn owner(obj: &Object<Self>) -> Option<&str> {
         obj.status.node.as_deref()

@@ -127,5 +127,10 @@ pub async fn preview(
         .filter(|i| i.metadata.labels.get(APP_LABEL).map(String::as_str) == Some(app.name()))
         .map(Arc::new)
         .collect();
-    Ok(plan_preview(&app, &clusters, &owned))
+    Ok(plan_preview(
+        crate::orchestrator::Owner::Application,
+        &app,
+        &clusters,
+        &owned,
+    ))
 }
