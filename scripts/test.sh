@@ -13,7 +13,8 @@ cd "$(dirname "$0")/.."
 # which scrapes the hub's federation endpoint in the observability tests; Chromium
 # and its WebDriver, which drive the web console in its tests.
 APT_PACKAGES=(gcc qemu-system-x86 qemu-utils busybox-static runc docker-registry
-  etcd-server etcd-client protobuf-compiler prometheus chromium chromium-driver)
+  etcd-server etcd-client protobuf-compiler prometheus chromium chromium-driver
+  redis-server)
 # Each tool the tests run, and the package that provides it. The machine image may ship
 # a newer build of a package than Debian's (qemu-utils, for one), and installing another
 # package can remove it; so after installing, every tool is run, and what does not run
@@ -31,6 +32,8 @@ TOOLS=(
   "prometheus --version:prometheus"
   "chromium --version:chromium"
   "chromedriver --version:chromium-driver"
+  "redis-server --version:redis-server"
+  "redis-cli --version:redis-tools"
 )
 apt_install() {
   if [ "$(id -u)" -ne 0 ]; then

@@ -20,7 +20,10 @@ use crate::node::NodeStatus;
 /// frame, however large the node's desired state.
 /// 4: the hub tells each edge its site's peers to probe ([`HubToEdge::Peers`]).
 /// 5: edges ship metrics on a stream of their own ([`StreamHello::Metrics`]).
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 6: the hub tells each edge the endpoints of its clusters ([`HubToEdge::Endpoints`]).
+pub const PROTOCOL_VERSION: u32 = 6;
+/// The first protocol version whose edges take their clusters' endpoints.
+pub const ENDPOINTS_SINCE: u32 = 6;
 /// The first protocol version whose hubs take metrics streams.
 pub const METRICS_SINCE: u32 = 5;
 /// The first protocol version whose edges probe their site's peers.
@@ -228,6 +231,14 @@ pub enum HubToEdge {
         key: String,
         /// Where each peer answers.
         peers: Vec<SitePeer>,
+    },
+    /// The Running instances that serve ports in the clusters this node belongs to
+    /// (protocol 6), for site-local load balancers: sent when they change, kept by
+    /// the edge in a file its workloads read (`VERGE_ENDPOINTS`).
+    #[serde(rename_all = "camelCase")]
+    Endpoints {
+        /// Every such instance, sorted.
+        endpoints: Vec<crate::cluster::Endpoint>,
     },
     /// The hub refused something; for fatal codes it closes the connection after this.
     #[serde(rename_all = "camelCase")]

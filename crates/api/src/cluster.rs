@@ -37,12 +37,17 @@ pub struct ClusterSpec {
 impl ClusterSpec {
     /// Whether a node with `labels` belongs to the cluster.
     pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
-        !self.selector.is_empty()
-            && self
-                .selector
-                .iter()
-                .all(|(k, v)| labels.get(k).is_some_and(|l| l == v))
+        selector_picks(&self.selector, labels)
     }
+}
+
+/// Whether a cluster `selector` picks a node with `labels`: it names at least one
+/// label, and the node has every one it names with that value.
+pub fn selector_picks(
+    selector: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
 /// How a cluster is doing.
@@ -113,6 +118,34 @@ pub struct ClusterStatus {
     /// template; none until it has one).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub services: BTreeMap<String, String>,
+    /// The Running instances on its nodes that serve ports, and where: what a
+    /// site-local load balancer (`verge lb`) sends traffic to. Its nodes are told
+    /// them over the channel.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// A Running instance that serves ports, and where its site reaches it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    /// The instance.
+    pub instance: String,
+    /// Its application (or cluster template), if one made it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub application: String,
+    /// Its component (or service) of that application.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub component: String,
+    /// The node it runs on.
+    pub node: String,
+    /// The host its site reaches that node at (the host of the address it answers
+    /// its peers' probes at); empty when the node reports none, in which case only
+    /// the node itself reaches it (at 127.0.0.1).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub host: String,
+    /// The ports it serves.
+    pub ports: Vec<crate::instance::PortSpec>,
 }
 
 impl Kind for ClusterSpec {

@@ -220,7 +220,7 @@ pub struct FunctionSpec {
 }
 
 /// A port an instance serves.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PortSpec {
     /// A name for it, e.g. `http`.

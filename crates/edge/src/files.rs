@@ -5,6 +5,7 @@
 //! state/desired.json                    desired state: instances + the revision it reflects
 //! instances/NAME/output.log             the instance's stdout and stderr
 //! instances/NAME/run.json               how to find the running workload again
+//! site/endpoints.json                   the node's clusters' endpoints, for its workloads
 //! ```
 //!
 //! Every write is atomic (temp file, fsync, rename), so a crash or power cut leaves
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use verge_api::Instance;
+use verge_api::cluster::Endpoint;
 use verge_runtime::RunRecord;
 
 use crate::EdgeError;
@@ -230,6 +232,37 @@ impl crate::state::StateStore for DiskState {
         // The record lives in the instance's directory, which the agent removes.
         clear_record(&instance_dir(&self.dir, instance))
     }
+    fn save_endpoints(&self, node: &str, endpoints: &[Endpoint]) -> Result<(), EdgeError> {
+        let path = verge_runtime::endpoints_file(&self.dir);
+        let data = serde_json::to_vec_pretty(&reachable_endpoints(node, endpoints))
+            .map_err(|e| EdgeError::Config(format!("encoding endpoints: {e}")))?;
+        // Workloads run as their own users read it: the directory and the file are
+        // open to read (they hold addresses of the site, nothing secret).
+        if let Some(parent) = path.parent() {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::create_dir_all(parent).map_err(|e| EdgeError::file(parent, e))?;
+            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| EdgeError::file(parent, e))?;
+        }
+        write_atomic(&path, &data, 0o644)
+    }
+}
+
+/// The endpoints this node's workloads can reach: those on other nodes at the host
+/// their site reaches them at, those on this node at 127.0.0.1 when their node
+/// reports no host; others (no host, another node) are left out.
+pub fn reachable_endpoints(node: &str, endpoints: &[Endpoint]) -> Vec<Endpoint> {
+    endpoints
+        .iter()
+        .filter_map(|e| match e.host.as_str() {
+            "" if e.node == node => Some(Endpoint {
+                host: "127.0.0.1".into(),
+                ..e.clone()
+            }),
+            "" => None,
+            _ => Some(e.clone()),
+        })
+        .collect()
 }
 
 /// The directory of one instance.
@@ -281,4 +314,32 @@ pub fn tail(path: &Path, max: u64) -> std::io::Result<String> {
     let mut buf = Vec::new();
     f.take(max).read_to_end(&mut buf)?;
     Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_reaches_its_own_endpoints_on_loopback_and_others_at_their_host() {
+        let e = |instance: &str, node: &str, host: &str| Endpoint {
+            instance: instance.into(),
+            node: node.into(),
+            host: host.into(),
+            ..Default::default()
+        };
+        let got = reachable_endpoints(
+            "me",
+            &[
+                e("mine", "me", ""),
+                e("theirs", "other", "10.0.0.2"),
+                e("lost", "other", ""),
+            ],
+        );
+        let got: Vec<(&str, &str)> = got
+            .iter()
+            .map(|e| (e.instance.as_str(), e.host.as_str()))
+            .collect();
+        assert_eq!(got, [("mine", "127.0.0.1"), ("theirs", "10.0.0.2")]);
+    }
 }

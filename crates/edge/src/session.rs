@@ -261,6 +261,12 @@ where
                             p.set_peers(&key, &peers);
                         }
                     }
+                    HubToEdge::Endpoints { endpoints } => {
+                        tracing::debug!(count = endpoints.len(), "clusters' endpoints");
+                        if let Err(e) = ctx.state.save_endpoints(&ctx.identity.node, &endpoints) {
+                            tracing::warn!(error = %e, "the clusters' endpoints were not kept");
+                        }
+                    }
                     HubToEdge::Renewed { cert_pem } => {
                         if let Some(key_pem) = renewal_key.take() {
                             let renewed = Identity { cert_pem, key_pem, ..ctx.identity.clone() };

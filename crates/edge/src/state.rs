@@ -39,6 +39,15 @@ pub trait StateStore: Send + Sync + 'static {
     fn clear_record(&self, instance: &str);
     /// Forget everything kept for an instance (it is gone from the node).
     fn forget_instance(&self, instance: &str);
+    /// Keep the endpoints of the node's clusters where its workloads read them (a
+    /// simulated edge runs no workload that would: by default they are not kept).
+    fn save_endpoints(
+        &self,
+        _node: &str,
+        _endpoints: &[verge_api::cluster::Endpoint],
+    ) -> Result<(), EdgeError> {
+        Ok(())
+    }
 }
 
 /// A node's state in memory: for simulated edges, and for tests. Nothing survives the

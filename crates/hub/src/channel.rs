@@ -19,8 +19,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use verge_api::channel::{
-    EdgeToHub, HubToEdge, InstanceChange, MIN_PROTOCOL_VERSION, PART_BYTES, PEERS_SINCE,
-    PROTOCOL_VERSION, SNAPSHOT_PARTS_SINCE,
+    ENDPOINTS_SINCE, EdgeToHub, HubToEdge, InstanceChange, MIN_PROTOCOL_VERSION, PART_BYTES,
+    PEERS_SINCE, PROTOCOL_VERSION, SNAPSHOT_PARTS_SINCE,
 };
 use verge_api::clock::now_rfc3339;
 use verge_api::{ApiError, ErrorCode, Instance, InstanceSpec, NodePhase, NodeSpec, NodeStatus};
@@ -298,8 +298,15 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         let _ = writer.shutdown().await;
     });
     let mut closed = conn.closed_watch();
-    let peers_task = (protocol_version >= PEERS_SINCE)
-        .then(|| tokio::spawn(tell_peers(st.clone(), node.clone(), tx.clone())));
+    let peers_task = (protocol_version >= PEERS_SINCE).then(|| {
+        let endpoints_too = protocol_version >= ENDPOINTS_SINCE;
+        tokio::spawn(tell_site(
+            st.clone(),
+            node.clone(),
+            tx.clone(),
+            endpoints_too,
+        ))
+    });
     let sync_task = tokio::spawn(sync_loop(
         st.clone(),
         node.clone(),
@@ -521,13 +528,20 @@ async fn handle_edge_message(
     }
 }
 
-/// How often a session checks whether its node's site peers changed.
-const PEERS_EVERY: Duration = Duration::from_secs(5);
+/// How often a session checks whether its node's site peers or its clusters'
+/// endpoints changed.
+const SITE_EVERY: Duration = Duration::from_secs(3);
 
-/// Tell the node its site's peers and key ([`crate::sites`]) now and whenever they
-/// change.
-async fn tell_peers(st: Arc<HubState>, node: String, tx: mpsc::Sender<HubToEdge>) {
+/// Tell the node its site's peers and key and (from protocol 6) its clusters'
+/// endpoints ([`crate::sites`]) now and whenever they change.
+async fn tell_site(
+    st: Arc<HubState>,
+    node: String,
+    tx: mpsc::Sender<HubToEdge>,
+    endpoints_too: bool,
+) {
     let mut told: Option<(String, Vec<verge_api::channel::SitePeer>)> = None;
+    let mut told_endpoints: Vec<Arc<Vec<verge_api::cluster::Endpoint>>> = Vec::new();
     loop {
         let now = st.sites.peers_of(&node).unwrap_or_default();
         if told.as_ref() != Some(&now) {
@@ -545,7 +559,28 @@ async fn tell_peers(st: Arc<HubState>, node: String, tx: mpsc::Sender<HubToEdge>
             }
             told = Some(now);
         }
-        tokio::time::sleep(PEERS_EVERY).await;
+        if endpoints_too {
+            let now = st.sites.endpoints_of(&node);
+            let same = now.len() == told_endpoints.len()
+                && now
+                    .iter()
+                    .zip(&told_endpoints)
+                    .all(|(a, b)| Arc::ptr_eq(a, b));
+            // Nothing to say to a node that was told nothing and has none.
+            let nothing = told_endpoints.is_empty() && now.iter().all(|e| e.is_empty());
+            if !same && !nothing {
+                let mut endpoints: Vec<_> = now.iter().flat_map(|e| e.iter().cloned()).collect();
+                endpoints.sort();
+                endpoints.dedup();
+                if tx.send(HubToEdge::Endpoints { endpoints }).await.is_err() {
+                    return;
+                }
+            }
+            if !same {
+                told_endpoints = now;
+            }
+        }
+        tokio::time::sleep(SITE_EVERY).await;
     }
 }
 

@@ -8,8 +8,8 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use verge_api::cluster::{Amounts, ClusterPhase, ClusterSpec, ClusterStatus};
-use verge_api::{Bytes, Cpu, Instance, Node, NodePhase};
+use verge_api::cluster::{Amounts, ClusterPhase, ClusterSpec, ClusterStatus, Endpoint};
+use verge_api::{Bytes, Cpu, Instance, InstancePhase, Node, NodePhase};
 
 use crate::cache::ControllerCache;
 use crate::state::HubState;
@@ -72,7 +72,45 @@ pub fn status_of(
         free,
         instances: bound.len() as u32,
         services: services_of(name, instances),
+        endpoints: endpoints_of(&members, &bound),
     }
+}
+
+/// The Running instances of `bound` (on `members`) that serve ports, sorted, each
+/// with the host its site reaches its node at.
+fn endpoints_of(members: &[&Node], bound: &[&Instance]) -> Vec<Endpoint> {
+    use crate::orchestrator::{APP_LABEL, COMPONENT_LABEL, TEMPLATE_LABEL};
+    let host = |node: &str| {
+        members
+            .iter()
+            .find(|n| n.name() == node)
+            .and_then(|n| n.status.info.get(verge_api::node::PEER_ADDRESS))
+            .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default()
+    };
+    let label = |i: &Instance, k: &str| i.metadata.labels.get(k).cloned().unwrap_or_default();
+    let mut out: Vec<Endpoint> = bound
+        .iter()
+        .filter(|i| i.status.phase == InstancePhase::Running && !i.spec.ports.is_empty())
+        .filter_map(|i| {
+            let node = i.status.node.clone()?;
+            let application = match label(i, APP_LABEL) {
+                a if a.is_empty() => label(i, TEMPLATE_LABEL),
+                a => a,
+            };
+            Some(Endpoint {
+                instance: i.name().to_string(),
+                application,
+                component: label(i, COMPONENT_LABEL),
+                host: host(&node),
+                node,
+                ports: i.spec.ports.clone(),
+            })
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 /// The cluster's platform services (the instances its template placed there) and how
@@ -209,6 +247,61 @@ mod tests {
         assert_eq!(
             status_of("paris", &paris, &[], &[]).phase,
             ClusterPhase::Empty
+        );
+    }
+
+    #[test]
+    fn endpoints_are_the_running_instances_with_ports_on_its_nodes() {
+        let paris = ClusterSpec {
+            selector: [("site".to_string(), "paris".to_string())].into(),
+            ..Default::default()
+        };
+        let mut p1 = (*node("p1", "paris", true)).clone();
+        p1.status
+            .info
+            .insert(verge_api::node::PEER_ADDRESS.into(), "10.0.0.1:7947".into());
+        let nodes = vec![
+            Arc::new(p1),
+            node("p2", "paris", true),
+            node("l1", "lyon", true),
+        ];
+        let serving = |name: &str, on: &str, phase: InstancePhase| {
+            let mut i = (*inst(name, Some(on))).clone();
+            i.spec.ports = vec![verge_api::instance::PortSpec {
+                name: "http".into(),
+                port: 8080,
+            }];
+            i.status.phase = phase;
+            i.metadata
+                .labels
+                .insert(crate::orchestrator::APP_LABEL.into(), "web".into());
+            i.metadata
+                .labels
+                .insert(crate::orchestrator::COMPONENT_LABEL.into(), "front".into());
+            Arc::new(i)
+        };
+        let instances = vec![
+            serving("w-1", "p1", InstancePhase::Running),
+            serving("w-2", "p2", InstancePhase::Running),
+            serving("w-3", "p2", InstancePhase::Pending),
+            serving("w-4", "l1", InstancePhase::Running),
+            inst("quiet", Some("p1")),
+        ];
+        let s = status_of("paris", &paris, &nodes, &instances);
+        let got: Vec<(&str, &str, &str)> = s
+            .endpoints
+            .iter()
+            .map(|e| (e.instance.as_str(), e.node.as_str(), e.host.as_str()))
+            .collect();
+        // Not one that is not Running, not one elsewhere, not one without ports; a
+        // node that reports no address has no host.
+        assert_eq!(got, [("w-1", "p1", "10.0.0.1"), ("w-2", "p2", "")]);
+        assert_eq!(
+            (
+                s.endpoints[0].application.as_str(),
+                s.endpoints[0].component.as_str()
+            ),
+            ("web", "front")
         );
     }
 }

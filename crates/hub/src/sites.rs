@@ -6,16 +6,23 @@
 //! node belongs to the site its `site` label names; a node without one probes no one.
 //! It answers probes at the address it reports (`status.info.peerAddress`).
 //!
+//! It also knows which clusters each node belongs to (their selectors against its
+//! labels) and each cluster's endpoints (`Cluster.status.endpoints`, which the leader
+//! writes): what every session tells its node ([`HubToEdge::Endpoints`]) for the
+//! site-local load balancers it may run. A second watch, of the clusters, feeds that.
+//!
 //! [`HubToEdge::Peers`]: verge_api::channel::HubToEdge::Peers
+//! [`HubToEdge::Endpoints`]: verge_api::channel::HubToEdge::Endpoints
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use verge_api::channel::SitePeer;
+use verge_api::cluster::{Endpoint, selector_picks};
 use verge_api::node::PEER_ADDRESS;
-use verge_api::{Kind, Node, NodeSpec, kind_prefix};
-use verge_store::{EventKind, Store, StoreError};
+use verge_api::{Cluster, ClusterSpec, Kind, Node, NodeSpec, kind_prefix};
+use verge_store::{EventKind, Store, StoreError, WatchBatch};
 
 use crate::objects::decode_value;
 
@@ -31,16 +38,24 @@ pub fn site_of(n: &Node) -> Option<&str> {
         .filter(|s| !s.is_empty())
 }
 
+/// A cluster's selector: the labels its nodes carry.
+type Selector = BTreeMap<String, String>;
+
 #[derive(Default)]
 struct Inner {
     /// Node → its site.
     site: HashMap<String, String>,
     /// Site → node → probe address ("" while it reports none).
     members: HashMap<String, BTreeMap<String, String>>,
+    /// Cluster → its selector and endpoints.
+    clusters: BTreeMap<String, (Selector, Arc<Vec<Endpoint>>)>,
+    /// Node → the clusters it belongs to (only nodes in one or more).
+    in_clusters: HashMap<String, Vec<String>>,
 }
 
 impl Inner {
     fn forget(&mut self, node: &str) {
+        self.in_clusters.remove(node);
         if let Some(site) = self.site.remove(node)
             && let Some(m) = self.members.get_mut(&site)
         {
@@ -53,6 +68,15 @@ impl Inner {
 
     fn note(&mut self, n: &Node) {
         self.forget(n.name());
+        let clusters: Vec<String> = self
+            .clusters
+            .iter()
+            .filter(|(_, (sel, _))| selector_picks(sel, &n.metadata.labels))
+            .map(|(c, _)| c.clone())
+            .collect();
+        if !clusters.is_empty() {
+            self.in_clusters.insert(n.name().to_string(), clusters);
+        }
         let Some(site) = site_of(n) else {
             return;
         };
@@ -93,6 +117,32 @@ impl Sites {
         Some((site.clone(), peers))
     }
 
+    /// The endpoints of each cluster `node` belongs to (shared, not copied: a session
+    /// compares them with what it told its node by pointer).
+    pub fn endpoints_of(&self, node: &str) -> Vec<Arc<Vec<Endpoint>>> {
+        let inner = self.lock();
+        inner.in_clusters.get(node).map_or_else(Vec::new, |cs| {
+            cs.iter()
+                .filter_map(|c| inner.clusters.get(c).map(|(_, e)| e.clone()))
+                .collect()
+        })
+    }
+
+    /// Take in a cluster: `Err(())` when its selector is new or changed, which the
+    /// nodes' memberships must be worked out again for.
+    fn note_cluster(inner: &mut Inner, c: &Cluster) -> Result<(), ()> {
+        let endpoints = Arc::new(c.status.endpoints.clone());
+        match inner.clusters.get_mut(c.name()) {
+            Some((sel, e)) if *sel == c.spec.selector => {
+                if **e != *endpoints {
+                    *e = endpoints;
+                }
+                Ok(())
+            }
+            _ => Err(()),
+        }
+    }
+
     /// Keep the index for the hub's lifetime.
     pub async fn run(self: Arc<Self>, store: Arc<dyn Store>) {
         loop {
@@ -104,35 +154,85 @@ impl Sites {
     }
 
     async fn load_and_follow(&self, store: &dyn Store) -> Result<(), StoreError> {
-        let prefix = kind_prefix(NodeSpec::PLURAL);
-        let listed = store.range(&prefix).await?;
+        let nodes_prefix = kind_prefix(NodeSpec::PLURAL);
+        let clusters_prefix = kind_prefix(ClusterSpec::PLURAL);
+        let listed_clusters = store.range(&clusters_prefix).await?;
+        let listed = store.range(&nodes_prefix).await?;
         {
             let mut inner = self.lock();
             *inner = Inner::default();
+            for kv in &listed_clusters.kvs {
+                if let Some(c) = decode_value::<ClusterSpec>(&kv.value, kv.mod_revision) {
+                    let endpoints = Arc::new(c.status.endpoints);
+                    inner
+                        .clusters
+                        .insert(c.metadata.name, (c.spec.selector, endpoints));
+                }
+            }
             for kv in &listed.kvs {
                 if let Some(n) = decode_value::<NodeSpec>(&kv.value, kv.mod_revision) {
                     inner.note(&n);
                 }
             }
         }
-        let mut watch = store.watch(&prefix, listed.revision + 1).await?;
-        while let Some(batch) = watch.recv().await {
-            let batch = batch?;
-            let mut inner = self.lock();
-            for ev in batch.events {
-                let name = ev.kv.key.trim_start_matches(&prefix);
-                match ev.kind {
-                    EventKind::Put => {
-                        if let Some(n) = decode_value::<NodeSpec>(&ev.kv.value, ev.kv.mod_revision)
-                        {
-                            inner.note(&n);
-                        }
+        let mut nodes = store.watch(&nodes_prefix, listed.revision + 1).await?;
+        let mut clusters = store
+            .watch(&clusters_prefix, listed_clusters.revision + 1)
+            .await?;
+        loop {
+            tokio::select! {
+                batch = nodes.recv() => {
+                    let Some(batch) = batch else { break };
+                    self.nodes_changed(&nodes_prefix, batch?);
+                }
+                batch = clusters.recv() => {
+                    let Some(batch) = batch else { break };
+                    if self.clusters_changed(&clusters_prefix, batch?).is_err() {
+                        // A new or changed selector: every node's memberships again.
+                        return Ok(());
                     }
-                    EventKind::Delete => inner.forget(name),
                 }
             }
         }
-        Err(StoreError::Backend("the node watch ended".into()))
+        Err(StoreError::Backend(
+            "the node or cluster watch ended".into(),
+        ))
+    }
+
+    fn nodes_changed(&self, prefix: &str, batch: WatchBatch) {
+        let mut inner = self.lock();
+        for ev in batch.events {
+            match ev.kind {
+                EventKind::Put => {
+                    if let Some(n) = decode_value::<NodeSpec>(&ev.kv.value, ev.kv.mod_revision) {
+                        inner.note(&n);
+                    }
+                }
+                EventKind::Delete => inner.forget(ev.kv.key.trim_start_matches(prefix)),
+            }
+        }
+    }
+
+    fn clusters_changed(&self, prefix: &str, batch: WatchBatch) -> Result<(), ()> {
+        let mut inner = self.lock();
+        for ev in batch.events {
+            match ev.kind {
+                EventKind::Put => {
+                    if let Some(c) = decode_value::<ClusterSpec>(&ev.kv.value, ev.kv.mod_revision) {
+                        Self::note_cluster(&mut inner, &c)?;
+                    }
+                }
+                EventKind::Delete => {
+                    let name = ev.kv.key.trim_start_matches(prefix);
+                    inner.clusters.remove(name);
+                    for cs in inner.in_clusters.values_mut() {
+                        cs.retain(|c| c != name);
+                    }
+                    inner.in_clusters.retain(|_, cs| !cs.is_empty());
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -190,6 +290,78 @@ mod tests {
         assert!(s.peers_of("a").expect("site").1.is_empty());
         s.lock().forget("d");
         assert!(s.peers_of("b").expect("site").1.is_empty());
+    }
+
+    #[test]
+    fn a_node_is_told_the_endpoints_of_every_cluster_it_belongs_to() {
+        let s = Sites::default();
+        let cluster = |name: &str, sel: &[(&str, &str)], instances: &[&str]| {
+            let mut c = Cluster::new(
+                name,
+                ClusterSpec {
+                    selector: sel
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                    ..Default::default()
+                },
+            );
+            c.status.endpoints = instances
+                .iter()
+                .map(|i| Endpoint {
+                    instance: i.to_string(),
+                    ..Default::default()
+                })
+                .collect();
+            c
+        };
+        let mut gpu = node("a", Some("paris"), None);
+        gpu.metadata.labels.insert("gpu".into(), "yes".into());
+        {
+            let mut i = s.lock();
+            for c in [
+                cluster("paris", &[("site", "paris")], &["p-1"]),
+                cluster("gpus", &[("gpu", "yes")], &["g-1"]),
+            ] {
+                // New clusters want every membership worked out (a reload).
+                assert!(Sites::note_cluster(&mut i, &c).is_err());
+                i.clusters.insert(
+                    c.name().to_string(),
+                    (c.spec.selector.clone(), Arc::new(c.status.endpoints)),
+                );
+            }
+            i.note(&gpu);
+            i.note(&node("b", Some("paris"), None));
+            i.note(&node("c", Some("lyon"), None));
+        }
+        let names = |n: &str| -> Vec<String> {
+            s.endpoints_of(n)
+                .iter()
+                .flat_map(|e| e.iter().map(|e| e.instance.clone()))
+                .collect()
+        };
+        assert_eq!(names("a"), ["g-1", "p-1"]);
+        assert_eq!(names("b"), ["p-1"]);
+        assert!(names("c").is_empty());
+        // New endpoints of a known cluster replace the shared list; nothing else.
+        let before = s.endpoints_of("b");
+        Sites::note_cluster(
+            &mut s.lock(),
+            &cluster("paris", &[("site", "paris")], &["p-1", "p-2"]),
+        )
+        .expect("same selector");
+        assert_eq!(names("b"), ["p-1", "p-2"]);
+        assert!(!Arc::ptr_eq(&before[0], &s.endpoints_of("b")[0]));
+        let same = s.endpoints_of("b");
+        Sites::note_cluster(
+            &mut s.lock(),
+            &cluster("paris", &[("site", "paris")], &["p-1", "p-2"]),
+        )
+        .expect("same selector");
+        assert!(
+            Arc::ptr_eq(&same[0], &s.endpoints_of("b")[0]),
+            "unchanged: the same list"
+        );
     }
 
     #[test]

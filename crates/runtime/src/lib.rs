@@ -16,13 +16,20 @@ pub mod cgroup;
 pub mod fake;
 pub mod process;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use verge_api::{Instance, InstanceSpec};
+
+/// Where an agent whose data directory is `data_dir` keeps its clusters' endpoints
+/// (a JSON list of `verge_api::cluster::Endpoint`), for the workloads that balance
+/// over them (`verge lb`).
+pub fn endpoints_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("site").join("endpoints.json")
+}
 
 /// Everything a driver needs to run one instance.
 #[derive(Debug, Clone)]
@@ -55,6 +62,12 @@ impl Workload {
     /// agent's records of it, which the workload must not touch).
     pub fn work_dir(&self) -> PathBuf {
         self.dir.join("work")
+    }
+    /// The file the agent keeps its clusters' endpoints in, which the workload is
+    /// told of (`VERGE_ENDPOINTS`): [`endpoints_file`] of the data directory its own
+    /// directory is in (`DATA/instances/NAME`).
+    pub fn endpoints_file(&self) -> Option<PathBuf> {
+        self.dir.parent()?.parent().map(endpoints_file)
     }
     /// An error about this workload's directory.
     pub fn dir_error(&self, source: std::io::Error) -> RuntimeError {

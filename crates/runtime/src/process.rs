@@ -274,10 +274,19 @@ fn resolve_named(name: &str) -> Result<(u32, u32), RuntimeError> {
     }
 }
 
+/// The variable that tells a workload where its node's clusters' endpoints are
+/// ([`crate::endpoints_file`]).
+pub const ENDPOINTS_ENV: &str = "VERGE_ENDPOINTS";
+
+/// A command named this runs the agent's own binary: the platform services built
+/// into Verge (`verge lb`) need nothing installed on the node.
+pub const SELF_COMMAND: &str = "verge";
+
 /// Where, as whom and with what environment a command of this workload runs: the
 /// instance's process and `verge exec` share it. The environment is only the spec's
-/// (plus `PATH`, `HOME` and `VERGE_INSTANCE`): a workload never sees the agent's
-/// (its join token among it).
+/// (plus `PATH`, `HOME`, `VERGE_INSTANCE` and `VERGE_ENDPOINTS`): a workload never
+/// sees the agent's (its join token among it). A command named [`SELF_COMMAND`]
+/// runs the agent's own executable.
 fn environment(
     w: &Workload,
     spec: &verge_api::ProcessSpec,
@@ -294,11 +303,20 @@ fn environment(
     ]);
     env.extend(spec.env.clone());
     env.insert("VERGE_INSTANCE".into(), w.name().to_string());
+    if let Some(f) = w.endpoints_file() {
+        env.insert(ENDPOINTS_ENV.into(), f.display().to_string());
+    }
     if let Some(id) = &w.run_id {
         env.insert(RUN_ID_ENV.into(), id.clone());
     }
+    let mut argv = argv.to_vec();
+    if argv.first().is_some_and(|p| p == SELF_COMMAND)
+        && let Ok(exe) = std::env::current_exe()
+    {
+        argv[0] = exe.display().to_string();
+    }
     Ok(ExecSpec {
-        argv: argv.to_vec(),
+        argv,
         env,
         cwd,
         user: Some(resolve_user(spec.user.as_deref())?),
@@ -364,8 +382,8 @@ impl Runtime for ProcessRuntime {
         };
         let log = w.prepare()?;
         let log2 = log.try_clone().map_err(|e| w.dir_error(e))?;
-        let program = &spec.command[0];
         let run = environment(w, spec, &spec.command)?;
+        let program = &run.argv[0];
         find_program(program).map_err(|source| RuntimeError::Start {
             what: program.clone(),
             source,

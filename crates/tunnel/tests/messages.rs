@@ -194,6 +194,25 @@ fn hub_msg() -> impl Strategy<Value = HubToEdge> {
             )
         )
             .prop_map(|(key, peers)| HubToEdge::Peers { key, peers }),
+        proptest::collection::vec((name(), name(), text(), any::<u16>()), 0..4).prop_map(|es| {
+            HubToEdge::Endpoints {
+                endpoints: es
+                    .into_iter()
+                    .map(
+                        |(instance, node, host, port)| verge_api::cluster::Endpoint {
+                            instance,
+                            node,
+                            host,
+                            ports: vec![verge_api::instance::PortSpec {
+                                name: "p".into(),
+                                port,
+                            }],
+                            ..Default::default()
+                        },
+                    )
+                    .collect(),
+            }
+        }),
         (any::<u64>(), purpose()).prop_map(|(id, purpose)| HubToEdge::OpenStream { id, purpose }),
         (any::<u64>(), name(), any::<u64>()).prop_map(|(id, instance, tail_bytes)| {
             HubToEdge::Request {

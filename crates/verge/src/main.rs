@@ -12,6 +12,7 @@ mod bench_runtime;
 mod cli;
 mod client;
 mod dev;
+mod lb;
 mod observe;
 mod remote;
 mod rollout;
@@ -352,6 +353,9 @@ enum Command {
     /// Run a fleet of simulated edges (the real agent on a fake runtime, in this
     /// process) against a hub it starts, and report what the hub holds.
     Sim(sim::SimArgs),
+    /// The site-local TCP load balancer (a platform service a cluster template runs:
+    /// command `[verge, lb]`), in front of an application's instances at its site.
+    Lb(lb::LbArgs),
 }
 
 #[derive(Subcommand)]
@@ -738,6 +742,14 @@ fn real_main() -> Result<()> {
             init_tracing("error");
             tokio::runtime::Runtime::new()?.block_on(sim::run(a))
         }
+        Command::Lb(a) => {
+            init_tracing("warn");
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(lb::run(a))
+        }
         Command::Artifact {
             command:
                 ArtifactCommand::Push {
@@ -982,7 +994,8 @@ async fn run_cli(config: Option<PathBuf>, command: Command) -> Result<()> {
         | Command::Edge { .. }
         | Command::Dev(_)
         | Command::Bench { .. }
-        | Command::Sim(_) => {
+        | Command::Sim(_)
+        | Command::Lb(_) => {
             unreachable!("dispatched in main")
         }
     }

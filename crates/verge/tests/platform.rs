@@ -1,0 +1,196 @@
+//! The platform services built into Verge and deployed by cluster templates, each
+//! with real traffic or data: the site-local load balancer (`verge lb`) in front of
+//! an application's instances, and a managed middleware server (Debian's
+//! `redis-server`, spoken to with `redis-cli`).
+
+// These tests are synchronous (they drive processes), so blocking sleeps are right here.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const T: Duration = Duration::from_secs(60);
+
+/// `examples/platform/FILE` with each of `ports` replaced by a free port (the
+/// examples name fixed ones; tests run side by side).
+fn example_on_free_ports(file: &str, ports: &[&str]) -> (String, Vec<u16>) {
+    let path = format!(
+        "{}/../../examples/platform/{file}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let mut text = std::fs::read_to_string(path).expect("example");
+    let mut free = Vec::new();
+    for p in ports {
+        let f = free_port();
+        text = text.replace(p, &f.to_string());
+        free.push(f);
+    }
+    (text, free)
+}
+
+/// The instances carrying `label=value`, by name.
+fn instances_with(hub: &Hub, label: &str, value: &str) -> Vec<serde_json::Value> {
+    hub.list_json("instances")
+        .into_iter()
+        .filter(|i| i["metadata"]["labels"][label] == value)
+        .collect()
+}
+
+/// The name of the one Running instance of component `component`, once there is one.
+fn running(hub: &Hub, component: &str) -> serde_json::Value {
+    wait_for(&format!("{component} Running"), T, || {
+        instances_with(hub, "verge.io/component", component)
+            .into_iter()
+            .find(|i| i["status"]["phase"] == "Running")
+    })
+}
+
+/// What one connection to `port` gets before the other side closes (None: refused or
+/// nothing within 3 s).
+fn answer(port: u16) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out.trim().to_string()).filter(|o| !o.is_empty())
+}
+
+#[test]
+fn the_load_balancer_spreads_over_the_apps_instances_and_drops_a_killed_one() {
+    let d = test_dir();
+    let hub = Hub::start(d.path());
+    let (manifest, ports) = example_on_free_ports("lb.yaml", &["18080", "18081", "18082"]);
+    let lb_port = ports[0];
+    let _edge = Edge::start_with(
+        &hub.url,
+        "berlin-1",
+        Some(&hub.token(1)),
+        &d.path().join("berlin-1"),
+        &["--label", "city=berlin"],
+    );
+    hub.wait_phase("nodes", "berlin-1", "Ready", T);
+    let out = hub.apply(&manifest);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lb = running(&hub, "lb");
+    let a = running(&hub, "a");
+    running(&hub, "b");
+
+    // Both backends get connections (the lb learns them from the cluster's
+    // endpoints, which reach its node over the channel).
+    let seen = wait_for("the lb to send to both backends", T, || {
+        let got: Vec<String> = (0..10).filter_map(|_| answer(lb_port)).collect();
+        (got.iter().any(|g| g == "a") && got.iter().any(|g| g == "b")).then_some(got)
+    });
+    assert!(seen.iter().all(|g| g == "a" || g == "b"), "{seen:?}");
+
+    // Kill backend a: from then on every new connection is served, by b only, and
+    // a is out of the pool within a few checks.
+    let a_pid = a["status"]["pid"].as_u64().expect("pid") as u32;
+    kill_pid(a_pid);
+    let killed = Instant::now();
+    for n in 0..20 {
+        assert_eq!(
+            answer(lb_port).as_deref(),
+            Some("b"),
+            "connection {n} after the kill went elsewhere or failed"
+        );
+    }
+    let lb_name = lb["metadata"]["name"].as_str().expect("name").to_string();
+    let down = format!("backend 127.0.0.1:{} down", ports[1]);
+    wait_for("the lb to take the killed backend out", T, || {
+        hub.ok(&["logs", &lb_name]).contains(&down).then_some(())
+    });
+    eprintln!(
+        "killed backend out of the pool after {:?}",
+        killed.elapsed()
+    );
+
+    // The agent restarts a; the lb's checks bring it back.
+    let back = format!("backend 127.0.0.1:{} up", ports[1]);
+    wait_for("the restarted backend back in the pool", T, || {
+        let log = hub.ok(&["logs", &lb_name]);
+        (log.matches(&back).count() >= 2).then_some(())
+    });
+    wait_for("connections to reach a again", T, || {
+        (0..6)
+            .filter_map(|_| answer(lb_port))
+            .any(|g| g == "a")
+            .then_some(())
+    });
+}
+
+/// `redis-cli -p PORT ARGS...`'s output, trimmed.
+fn redis(port: u16, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli (apt-get install redis-tools)");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn a_template_runs_redis_per_cluster_and_its_data_outlives_restarts() {
+    let d = test_dir();
+    let hub = Hub::start(d.path());
+    let (manifest, ports) = example_on_free_ports("redis.yaml", &["16379"]);
+    let port = ports[0];
+    let start_edge = || {
+        Edge::start_with(
+            &hub.url,
+            "oslo-1",
+            Some(&hub.token(1)),
+            &d.path().join("oslo-1"),
+            &["--label", "city=oslo"],
+        )
+    };
+    let mut edge = start_edge();
+    hub.wait_phase("nodes", "oslo-1", "Ready", T);
+    let out = hub.apply(&manifest);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let server = running(&hub, "redis");
+    wait_for("redis to answer", T, || {
+        (redis(port, &["ping"]) == "PONG").then_some(())
+    });
+    assert_eq!(redis(port, &["set", "greeting", "hej"]), "OK");
+    assert_eq!(redis(port, &["incrby", "visits", "41"]), "41");
+
+    // The server killed: the agent starts it again, with its data.
+    kill_pid(server["status"]["pid"].as_u64().expect("pid") as u32);
+    wait_for("redis back after a kill", T, || {
+        (redis(port, &["get", "greeting"]) == "hej").then_some(())
+    });
+    assert_eq!(redis(port, &["incr", "visits"]), "42");
+
+    // The agent killed and started again: it adopts or restarts the server, and the
+    // data is there.
+    edge.proc.kill();
+    drop(edge);
+    let _edge = start_edge();
+    hub.wait_phase("nodes", "oslo-1", "Ready", T);
+    wait_for("redis after the agent's restart", T, || {
+        (redis(port, &["get", "visits"]) == "42").then_some(())
+    });
+    // Exactly the template's service runs in the cluster, and the cluster says so.
+    let cluster = wait_for("the cluster to list its service", T, || {
+        hub.get_json("clusters", "oslo")
+            .filter(|c| c["status"]["services"]["redis"] == "Running")
+    });
+    assert_eq!(
+        cluster["status"]["services"].as_object().map(|s| s.len()),
+        Some(1)
+    );
+    assert_eq!(instances_with(&hub, "verge.io/cluster", "oslo").len(), 1);
+}
