@@ -65,15 +65,17 @@ if ((${#broken[@]})); then
 fi
 
 # A kernel for the VM tests: Debian's cloud kernel, extracted from its package (not
-# installed: nothing on this machine boots it). Cached across runs.
+# installed: nothing on this machine boots it), with the modules a guest loads to see
+# virtio disks. Cached across runs.
 KERNEL_CACHE=/var/cache/verge-test
-if ! ls "$KERNEL_CACHE"/boot/vmlinuz-* >/dev/null 2>&1; then
+if ! ls "$KERNEL_CACHE"/boot/vmlinuz-* "$KERNEL_CACHE"/lib/modules/*/kernel/drivers/block/virtio_blk.ko >/dev/null 2>&1; then
   mkdir -p "$KERNEL_CACHE"
   kernel_pkg() { apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}'; }
   pkg=$(kernel_pkg)
   if [ -z "$pkg" ]; then apt-get update -qq && pkg=$(kernel_pkg); fi
   (cd "$KERNEL_CACHE" && apt-get download -qq "$pkg" 2>/dev/null \
     && dpkg-deb --fsys-tarfile "$pkg"_*.deb | tar -x --wildcards './boot/vmlinuz-*' \
+      './lib/modules/*/kernel/drivers/virtio/*.ko' './lib/modules/*/kernel/drivers/block/virtio_blk.ko' \
     && rm -f "$pkg"_*.deb)
 fi
 

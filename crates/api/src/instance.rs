@@ -96,6 +96,43 @@ pub struct InstanceSpec {
     /// node comes back.
     #[serde(default, skip_serializing_if = "DisconnectPolicy::is_default")]
     pub disconnect: DisconnectPolicy,
+    /// Local disks (`local-disk`): each a filesystem of its own on the node's disk, of
+    /// exactly its size (a write past it fails with "no space"), kept across restarts
+    /// of the instance and of the agent, and removed with the instance. Their sizes
+    /// count in `resources.disk`, which must cover them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeSpec>,
+}
+
+/// A local disk of an instance: mounted at `path` in a container, in a process's
+/// environment as `VERGE_VOLUME_<NAME>` (its directory on the node), a virtio disk
+/// of a VM (after its own disk, in order).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeSpec {
+    /// Its name, e.g. `data`.
+    pub name: String,
+    /// Its size, e.g. `64Mi` (at least 8Mi; it may grow, never shrink).
+    pub size: Bytes,
+    /// Where a container sees it (an absolute path); processes and VMs ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// The smallest local disk (an ext4 filesystem much smaller is mostly metadata).
+pub const MIN_VOLUME: u64 = 8 << 20;
+/// The largest local disk.
+pub const MAX_VOLUME: u64 = 16 << 40;
+
+impl VolumeSpec {
+    /// The environment variable a process finds it by: `VERGE_VOLUME_` and its name in
+    /// capitals, `-` as `_`.
+    pub fn env_name(&self) -> String {
+        format!(
+            "VERGE_VOLUME_{}",
+            self.name.to_ascii_uppercase().replace('-', "_")
+        )
+    }
 }
 
 /// When a node goes quiet, its workloads may still be running (the link is down, not
@@ -849,6 +886,7 @@ impl Kind for InstanceSpec {
                 );
             }
         }
+        validate_volumes(self, errs);
         let mut seen_ports = std::collections::BTreeSet::new();
         for (i, p) in self.ports.iter().enumerate() {
             if p.port == 0 {
@@ -901,8 +939,112 @@ impl Kind for InstanceSpec {
 }
 
 /// Check an artifact field ([`crate::artifact::check`]).
+/// Check `spec.volumes`: names, sizes, container paths, and that `resources.disk`
+/// covers them.
+fn validate_volumes(spec: &InstanceSpec, errs: &mut FieldErrors) {
+    let mut names = std::collections::BTreeSet::new();
+    let mut paths = std::collections::BTreeSet::new();
+    for (i, v) in spec.volumes.iter().enumerate() {
+        let at = |f: &str| format!("spec.volumes[{i}].{f}");
+        if !is_dns_label(&v.name) {
+            errs.push(at("name"), &v.name, "must be a name like data");
+        } else if !names.insert(v.name.as_str()) {
+            errs.push(at("name"), &v.name, "is declared twice");
+        }
+        if !(MIN_VOLUME..=MAX_VOLUME).contains(&v.size.0) {
+            errs.push(at("size"), v.size, "must be between 8Mi and 16Ti");
+        }
+        match &v.path {
+            Some(p) if !p.starts_with('/') || p == "/" || p.split('/').any(|c| c == "..") => {
+                errs.push(
+                    at("path"),
+                    p,
+                    "must be an absolute path other than /, e.g. /data",
+                );
+            }
+            Some(p) if !paths.insert(p.as_str()) => {
+                errs.push(at("path"), p, "is used by another volume");
+            }
+            None if spec.form == Form::Container => errs.push(
+                at("path"),
+                "",
+                "a container's volume needs the path it is mounted at, e.g. /data",
+            ),
+            _ => {}
+        }
+    }
+    let total: u64 = spec.volumes.iter().map(|v| v.size.0).sum();
+    if total > spec.resources.disk.0 {
+        errs.push(
+            "spec.resources.disk",
+            spec.resources.disk,
+            format!(
+                "must cover the volumes' {}: set it to at least that, so that the node reserves their space",
+                Bytes(total)
+            ),
+        );
+    }
+}
+
 fn check_artifact(errs: &mut FieldErrors, field: &str, value: &str) {
     if let Err(why) = crate::artifact::check(value) {
         errs.push(field, value, why);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(spec: &InstanceSpec) -> String {
+        let mut e = FieldErrors::default();
+        validate_volumes(spec, &mut e);
+        e.to_string()
+    }
+
+    #[test]
+    fn bad_volumes_are_refused_naming_the_field() {
+        let vol = |name: &str, size: u64, path: Option<&str>| VolumeSpec {
+            name: name.into(),
+            size: Bytes(size),
+            path: path.map(str::to_string),
+        };
+        let mut spec = InstanceSpec {
+            form: Form::Container,
+            volumes: vec![
+                vol("data", 16 << 20, Some("/data")),
+                vol("data", 1 << 20, None),
+                vol("Bad_Name", 16 << 20, Some("/data")),
+                vol("up", 16 << 20, Some("/a/../etc")),
+            ],
+            ..Default::default()
+        };
+        spec.resources.disk = Bytes(32 << 20);
+        let e = errors(&spec);
+        assert!(e.contains("spec.volumes[1].name: 'data'"), "{e}");
+        assert!(e.contains("spec.volumes[1].size"), "{e}");
+        assert!(
+            e.contains("spec.volumes[1].path"),
+            "a container's volume needs a path: {e}"
+        );
+        assert!(e.contains("spec.volumes[2].name: 'Bad_Name'"), "{e}");
+        assert!(
+            e.contains("spec.volumes[2].path: '/data'"),
+            "the same path twice: {e}"
+        );
+        assert!(e.contains("spec.volumes[3].path: '/a/../etc'"), "{e}");
+        assert!(e.contains("spec.resources.disk: '32Mi'"), "{e}");
+        // A process's volume needs no path; covered, it is fine.
+        let ok = InstanceSpec {
+            form: Form::Process,
+            volumes: vec![vol("data", 16 << 20, None)],
+            resources: Resources {
+                disk: Bytes(16 << 20),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert_eq!(errors(&ok), "");
+        assert_eq!(ok.volumes[0].env_name(), "VERGE_VOLUME_DATA");
     }
 }

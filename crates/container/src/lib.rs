@@ -281,6 +281,7 @@ pub fn runtime_config(
     image: &Image,
     hostname: &str,
     instance_cgroup: Option<&str>,
+    volumes: &[(String, std::path::PathBuf)],
 ) -> serde_json::Value {
     let mut env: Vec<String> = image.env.clone();
     if !env.iter().any(|e| e.starts_with("PATH=")) {
@@ -308,6 +309,20 @@ pub fn runtime_config(
         Some(p) => format!("{p}/container"),
         None => format!("/verge/{hostname}"),
     };
+    let mut mounts = serde_json::json!([
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}
+    ]);
+    if let Some(m) = mounts.as_array_mut() {
+        // Local disks, each bound from where the agent mounted it.
+        m.extend(volumes.iter().map(|(path, dir)| {
+            serde_json::json!({"destination": path, "type": "bind", "source": dir, "options": ["rbind", "rw", "nosuid", "nodev"]})
+        }));
+    }
     serde_json::json!({
         "ociVersion": "1.0.2",
         "process": {
@@ -322,14 +337,7 @@ pub fn runtime_config(
         },
         "root": {"path": "rootfs", "readonly": false},
         "hostname": hostname,
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
-            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}
-        ],
+        "mounts": mounts,
         "linux": {
             "cgroupsPath": cgroups_path,
             "resources": resources,
@@ -394,12 +402,14 @@ impl Runtime for ContainerRuntime {
         )
         .map_err(|e| start_err("the container's root (overlay mount)", e.to_string()))?;
         let cgroup_path = w.cgroup.as_ref().map(|c| c.hierarchy_path());
+        verge_runtime::volumes::prepare(w, None)?;
         let config = runtime_config(
             w.spec(),
             container,
             &image,
             w.name(),
             cgroup_path.as_deref(),
+            &verge_runtime::volumes::container_mounts(w),
         );
         std::fs::write(
             bundle.join("config.json"),
@@ -572,7 +582,7 @@ mod tests {
             ..Default::default()
         };
         c.env.insert("A".into(), "2".into());
-        let cfg = runtime_config(&spec, &c, &image, "web", None);
+        let cfg = runtime_config(&spec, &c, &image, "web", None, &[]);
         assert_eq!(
             cfg["process"]["args"],
             serde_json::json!(["/bin/sh", "-c", "echo hi"])
@@ -583,7 +593,7 @@ mod tests {
         );
         assert_eq!(cfg["linux"]["resources"]["memory"]["limit"], 64 << 20);
         assert_eq!(cfg["linux"]["resources"]["cpu"]["quota"], 50_000);
-        let inside = runtime_config(&spec, &c, &image, "web", Some("/a/verge-n/web"));
+        let inside = runtime_config(&spec, &c, &image, "web", Some("/a/verge-n/web"), &[]);
         assert!(
             inside["linux"]["resources"]["memory"].is_null(),
             "the instance cgroup limits"

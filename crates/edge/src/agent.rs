@@ -514,7 +514,10 @@ impl Agent {
     /// Forget an instance that is gone from the node: its records and its directory.
     fn forget(&self, name: &str) {
         self.state.forget_instance(name);
-        let _ = std::fs::remove_dir_all(files::instance_dir(&self.dir, name));
+        let dir = files::instance_dir(&self.dir, name);
+        // Its volumes unmounted first: removing through a mount would not free them.
+        verge_runtime::volumes::release(&dir);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     /// Let go of every workload without stopping it, as an agent process that exits

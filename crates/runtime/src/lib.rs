@@ -15,6 +15,7 @@
 pub mod cgroup;
 pub mod fake;
 pub mod process;
+pub mod volumes;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

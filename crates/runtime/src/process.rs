@@ -306,6 +306,10 @@ fn environment(
     if let Some(f) = w.endpoints_file() {
         env.insert(ENDPOINTS_ENV.into(), f.display().to_string());
     }
+    for v in &w.spec().volumes {
+        let dir = crate::volumes::mount_point(&w.dir, &v.name);
+        env.insert(v.env_name(), dir.display().to_string());
+    }
     if let Some(id) = &w.run_id {
         env.insert(RUN_ID_ENV.into(), id.clone());
     }
@@ -411,6 +415,7 @@ impl Runtime for ProcessRuntime {
                 })
             })?;
         }
+        crate::volumes::prepare(w, run.user)?;
         if spec.working_dir.is_none() {
             // The workload's own directory, writable by its user and nobody else.
             use std::os::unix::fs::PermissionsExt;

@@ -164,6 +164,7 @@ async fn container(dir: &Path, starts: usize) -> Result<serde_json::Value> {
         &verge_container::image::Image::default(),
         "raw",
         None,
+        &[],
     );
     cfg["root"] = json!({"path": rootfs, "readonly": true});
     cfg["linux"]["cgroupsPath"] = json!("/verge-bench-raw");

@@ -93,6 +93,35 @@ fn a_container_from_a_registry_runs_survives_the_agent_and_restarts_offline() {
     });
     assert!(page.starts_with("HTTP/1."), "{page}");
 
+    // A local disk mounted where the container asks: its data outlives a restart of
+    // the container, and it holds its size and no more.
+    let store = container(
+        "store",
+        &image,
+        "32Mi",
+        "echo x >> /data/starts; echo \"starts: $(wc -l < /data/starts)\"; dd if=/dev/zero of=/data/fill bs=1M count=32 2>&1 | grep -i space; rm -f /data/fill; while :; do sleep 1; done",
+        "  volumes: [{name: data, size: 16Mi, path: /data}]\n",
+    )
+    .replace("resources: {cpu: 200m, memory: 32Mi}", "resources: {cpu: 200m, memory: 32Mi, disk: 16Mi}");
+    let out = hub.apply(&store);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let store_pid = hub.wait_phase("instances", "store", "Running", T)["status"]["pid"]
+        .as_u64()
+        .expect("pid");
+    let store_log = |what: &str| {
+        wait_for(&format!("the store's log to show {what:?}"), T, || {
+            hub.ok(&["logs", "store"]).contains(what).then_some(())
+        })
+    };
+    store_log("starts: 1");
+    store_log("No space left on device");
+    kill_pid(store_pid as u32);
+    store_log("starts: 2");
+
     // Exit codes are known: a container is no child of the agent, but of its shim.
     let three = container(
         "three",
@@ -172,6 +201,7 @@ fn a_container_from_a_registry_runs_survives_the_agent_and_restarts_offline() {
         "busybox-web",
         "server",
         "three",
+        "store",
         "late",
     ] {
         hub.ok(&["delete", "instance", n]);

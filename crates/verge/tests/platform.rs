@@ -1,7 +1,8 @@
 //! The platform services built into Verge and deployed by cluster templates, each
 //! with real traffic or data: the site-local load balancer (`verge lb`) in front of
-//! an application's instances, and a managed middleware server (Debian's
-//! `redis-server`, spoken to with `redis-cli`).
+//! an application's instances, local disks with a size quota, and a managed
+//! middleware server (Debian's `redis-server` on a local disk, spoken to with
+//! `redis-cli`).
 
 // These tests are synchronous (they drive processes), so blocking sleeps are right here.
 #![allow(clippy::disallowed_methods)]
@@ -193,4 +194,77 @@ fn a_template_runs_redis_per_cluster_and_its_data_outlives_restarts() {
         Some(1)
     );
     assert_eq!(instances_with(&hub, "verge.io/cluster", "oslo").len(), 1);
+}
+
+/// Whether anything under `dir` is mounted.
+fn mounted_under(dir: &std::path::Path) -> bool {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let d = dir.display().to_string();
+    table
+        .lines()
+        .any(|l| l.split(' ').nth(4).is_some_and(|m| m.starts_with(&d)))
+}
+
+#[test]
+fn a_local_disk_keeps_its_data_through_restarts_and_refuses_writes_past_its_size() {
+    let d = test_dir();
+    let hub = Hub::start(d.path());
+    let dir = d.path().join("disk-1");
+    let start_edge = || Edge::start_in(&hub.url, "disk-1", Some(&hub.token(1)), &dir);
+    let mut edge = start_edge();
+    hub.wait_phase("nodes", "disk-1", "Ready", T);
+    let manifest = std::fs::read_to_string(format!(
+        "{}/../../examples/platform/local-disk.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .expect("example");
+    // A volume the instance's disk request does not cover is refused, naming it.
+    let bad = hub.apply(&manifest.replace("disk: 16Mi", "disk: 8Mi"));
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("spec.resources.disk") && err.contains("16Mi"),
+        "{err}"
+    );
+
+    let out = hub.apply(&manifest);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let logs_show = |what: &str| {
+        // (While the agent restarts its logs may not be reachable: try again.)
+        wait_for(&format!("disk-demo's log to show {what:?}"), T, || {
+            let out = hub.cli(&["logs", "disk-demo"]);
+            String::from_utf8_lossy(&out.stdout)
+                .contains(what)
+                .then_some(())
+        })
+    };
+    let pid = hub.running_pid("disk-demo") as u32;
+    logs_show("starts: 1");
+    // The quota holds: 64 MiB do not fit in 16.
+    logs_show("No space left on device");
+    // Killed: restarted by the agent, on the same disk.
+    kill_pid(pid);
+    logs_show("starts: 2");
+    // The agent killed, then the workload while it is away: the next agent starts it
+    // again, on the same disk.
+    let pid = hub.running_pid("disk-demo") as u32;
+    edge.proc.kill();
+    drop(edge);
+    kill_pid(pid);
+    let _edge = start_edge();
+    logs_show("starts: 3");
+    // Deleted: its disk goes with it, unmounted first.
+    assert!(
+        mounted_under(&dir.join("instances")),
+        "the volume is a mount"
+    );
+    hub.ok(&["delete", "instance", "disk-demo"]);
+    wait_for("the volume unmounted and removed", T, || {
+        (!mounted_under(&dir.join("instances")) && !dir.join("instances/disk-demo").exists())
+            .then_some(())
+    });
 }

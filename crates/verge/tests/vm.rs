@@ -170,3 +170,61 @@ fn a_vm_boots_a_disk_image_from_the_hubs_artifact_store_and_restarts_without_the
     wait_for("QEMU to stop", T, || (!pid_alive(pid)).then_some(()));
     drop(edge);
 }
+
+/// The guest's `/init` for the local-disk test: load virtio-blk, count its boots in
+/// the first 16 bytes of its disk, say the disk's size, try to write past its end.
+const DISK_INIT: &str = r#"#!/bin/busybox sh
+B=/bin/busybox
+$B mkdir -p /proc /sys /dev
+$B mount -t proc proc /proc
+$B mount -t sysfs sys /sys
+$B mount -t devtmpfs dev /dev
+for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk; do
+  $B insmod /files/$m.ko
+done
+n=0
+while [ ! -b /dev/vda ] && [ $n -lt 100 ]; do $B sleep 0.1; n=$((n+1)); done
+c=$($B dd if=/dev/vda bs=16 count=1 2>/dev/null | $B tr -dc 0-9)
+c=$((${c:-0}+1))
+$B printf "%16d" $c | $B dd of=/dev/vda bs=16 count=1 conv=notrunc,fsync 2>/dev/null
+$B echo "VM-STARTS $c"
+$B echo "VM-DISK-SECTORS $($B cat /sys/block/vda/size)"
+$B dd if=/dev/zero of=/dev/vda bs=1M seek=16 count=1 2>&1 | $B grep -i space
+while true; do $B sleep 1; done
+"#;
+
+#[test]
+fn a_vms_local_disk_is_a_virtio_disk_of_its_size_whose_data_outlives_a_restart() {
+    let d = test_dir();
+    let hub = Hub::start(d.path());
+    let _edge = Edge::start(&hub, "vm-disk-node", Some(&hub.token(1)));
+    let kernel = verge_vm::images::test_kernel().expect("test kernel");
+    let modules = verge_vm::images::virtio_blk_modules().expect("virtio-blk modules");
+    let initrd = d.path().join("disk-initrd.cpio");
+    verge_vm::images::busybox_initrd_with(&initrd, DISK_INIT, &modules).expect("initrd");
+    let manifest = format!(
+        "kind: Instance\nmetadata: {{name: disk-vm}}\nspec:\n  form: vm\n  vm:\n    kernel: {}\n    initrd: {}\n    cmdline: console=ttyS0 quiet panic=-1\n  volumes: [{{name: data, size: 16Mi}}]\n  resources: {{cpu: '1', memory: 128Mi, disk: 16Mi}}\n  terminationGracePeriodSeconds: 1\n",
+        kernel.display(),
+        initrd.display()
+    );
+    let out = hub.apply(&manifest);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let console = |what: &str| {
+        wait_for(&format!("the console to show {what:?}"), T, || {
+            hub.ok(&["logs", "disk-vm"]).contains(what).then_some(())
+        })
+    };
+    let pid = hub.running_pid("disk-vm");
+    console("VM-STARTS 1");
+    // 16 MiB in 512-byte sectors, and not a byte more.
+    console("VM-DISK-SECTORS 32768");
+    console("No space left on device");
+    // QEMU killed: the agent starts the VM again, on the same disk.
+    kill_pid(pid as u32);
+    console("VM-STARTS 2");
+    hub.ok(&["delete", "instance", "disk-vm"]);
+}

@@ -29,12 +29,64 @@ pub fn test_kernel() -> Result<PathBuf, String> {
         })
 }
 
+/// The modules a guest of the test kernel loads to see virtio disks, in the order
+/// they load (virtio-blk is a module of Debian's kernels, not built in).
+pub const VIRTIO_BLK_MODULES: [&str; 6] = [
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_pci",
+    "virtio_blk",
+];
+
+/// The test kernel's [`VIRTIO_BLK_MODULES`] (which `scripts/test.sh` extracts beside
+/// it), as (name, contents).
+pub fn virtio_blk_modules() -> Result<Vec<(String, Vec<u8>)>, String> {
+    let kernel = test_kernel()?;
+    let version = kernel
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("vmlinuz-"))
+        .ok_or_else(|| format!("{}: not named vmlinuz-VERSION", kernel.display()))?
+        .to_string();
+    let root = Path::new(KERNEL_CACHE)
+        .with_file_name("lib/modules")
+        .join(&version)
+        .join("kernel/drivers");
+    VIRTIO_BLK_MODULES
+        .iter()
+        .map(|m| {
+            let sub = if *m == "virtio_blk" {
+                "block"
+            } else {
+                "virtio"
+            };
+            let p = root.join(sub).join(format!("{m}.ko"));
+            std::fs::read(&p)
+                .map(|b| (format!("{m}.ko"), b))
+                .map_err(|e| format!("{}: {e} (./scripts/test.sh extracts it)", p.display()))
+        })
+        .collect()
+}
+
 /// Write an initramfs to `path` holding a static busybox (`/bin/busybox`, from Debian's
 /// busybox-static) and `init` as `/init`.
 pub fn busybox_initrd(path: &Path, init: &str) -> Result<(), String> {
+    busybox_initrd_with(path, init, &[])
+}
+
+/// [`busybox_initrd`] with `files` (name, contents) in `/files/`: kernel modules the
+/// init loads, for one.
+pub fn busybox_initrd_with(
+    path: &Path,
+    init: &str,
+    files: &[(String, Vec<u8>)],
+) -> Result<(), String> {
     let busybox = std::fs::read("/bin/busybox")
         .map_err(|e| format!("/bin/busybox: {e} (apt-get install busybox-static)"))?;
-    let archive = newc_archive(&[
+    let names: Vec<String> = files.iter().map(|(n, _)| format!("files/{n}")).collect();
+    let mut entries = vec![
         Entry {
             path: "bin",
             mode: 0o040755,
@@ -50,7 +102,18 @@ pub fn busybox_initrd(path: &Path, init: &str) -> Result<(), String> {
             mode: 0o100755,
             data: init.as_bytes(),
         },
-    ]);
+        Entry {
+            path: "files",
+            mode: 0o040755,
+            data: b"",
+        },
+    ];
+    entries.extend(files.iter().zip(&names).map(|((_, data), path)| Entry {
+        path,
+        mode: 0o100644,
+        data,
+    }));
+    let archive = newc_archive(&entries);
     std::fs::write(path, archive).map_err(|e| format!("{}: {e}", path.display()))
 }
 

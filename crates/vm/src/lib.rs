@@ -149,6 +149,14 @@ pub fn qemu_args(spec: &InstanceSpec, vm: &VmSpec, dir: &Path, kvm: bool) -> Vec
         let format = disk_format(Path::new(d));
         push(&["-drive", &format!("file={d},if=virtio,format={format}")]);
     }
+    // Local disks: the volume files themselves, never mounted on the node meanwhile.
+    for v in &spec.volumes {
+        let img = verge_runtime::volumes::image(dir, &v.name);
+        push(&[
+            "-drive",
+            &format!("file={},if=virtio,format=raw", img.display()),
+        ]);
+    }
     let log = dir.join("output.log");
     push(&[
         "-chardev",
@@ -188,6 +196,7 @@ impl Runtime for VmRuntime {
         let dir_err = |e| w.dir_error(e);
         let _ = std::fs::remove_file(control_socket(&w.dir));
         let _ = std::fs::remove_file(w.dir.join("qemu.pid"));
+        verge_runtime::volumes::prepare(w, None)?;
         let mut vm = vm.clone();
         if let Some(d) = &vm.disk {
             let disk = writable_disk(d, &w.dir)
