@@ -102,6 +102,103 @@ pub struct InstanceSpec {
     /// count in `resources.disk`, which must cover them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeSpec>,
+    /// How its node checks that it serves (a TCP connect or an HTTP GET on the node's
+    /// loopback): until it passes, and while it fails, the instance is Running but not
+    /// healthy: load balancers send it nothing and rollouts wait for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+}
+
+/// A health check (`tcp` or `http`, one of them) and how it counts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthCheck {
+    /// A TCP connect to this port passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<u16>,
+    /// A GET answered with a 2xx or 3xx status passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpCheck>,
+    /// Seconds between checks.
+    #[serde(default = "HealthCheck::default_period")]
+    pub period_seconds: u32,
+    /// Seconds a check may take.
+    #[serde(default = "HealthCheck::default_timeout")]
+    pub timeout_seconds: u32,
+    /// Failed checks in a row that make it unhealthy.
+    #[serde(default = "HealthCheck::default_failures")]
+    pub failure_threshold: u32,
+    /// Passed checks in a row that make it healthy again.
+    #[serde(default = "HealthCheck::default_successes")]
+    pub success_threshold: u32,
+}
+
+/// An HTTP health check: `GET path` on `port`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpCheck {
+    /// The port.
+    pub port: u16,
+    /// The path, e.g. `/healthz`.
+    #[serde(default = "HttpCheck::default_path")]
+    pub path: String,
+}
+
+impl HttpCheck {
+    fn default_path() -> String {
+        "/".into()
+    }
+}
+
+impl HealthCheck {
+    fn default_period() -> u32 {
+        2
+    }
+    fn default_timeout() -> u32 {
+        1
+    }
+    fn default_failures() -> u32 {
+        3
+    }
+    fn default_successes() -> u32 {
+        1
+    }
+
+    fn validate(&self, errs: &mut FieldErrors) {
+        let f = "spec.healthCheck";
+        match (self.tcp, &self.http) {
+            (Some(_), Some(_)) | (None, None) => errs.push(
+                f,
+                "",
+                "give one of tcp: PORT or http: {port: PORT, path: /healthz}",
+            ),
+            (Some(0), _) => errs.push(format!("{f}.tcp"), 0, "must be 1..65535"),
+            (_, Some(h)) if h.port == 0 => {
+                errs.push(format!("{f}.http.port"), 0, "must be 1..65535")
+            }
+            (_, Some(h))
+                if !h.path.starts_with('/')
+                    || h.path.chars().any(|c| c.is_whitespace() || c.is_control()) =>
+            {
+                errs.push(
+                    format!("{f}.http.path"),
+                    &h.path,
+                    "must be a path like /healthz",
+                )
+            }
+            _ => {}
+        }
+        for (field, v, max) in [
+            ("periodSeconds", self.period_seconds, 3600),
+            ("timeoutSeconds", self.timeout_seconds, 60),
+            ("failureThreshold", self.failure_threshold, 100),
+            ("successThreshold", self.success_threshold, 100),
+        ] {
+            if !(1..=max).contains(&v) {
+                errs.push(format!("{f}.{field}"), v, format!("must be 1..{max}"));
+            }
+        }
+    }
 }
 
 /// A local disk of an instance: mounted at `path` in a container, in a process's
@@ -577,10 +674,21 @@ pub struct InstanceStatus {
     /// What it uses on its node, as the node measures it (cgroups).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<ResourceUsage>,
+    /// Whether it passes its health check (none without one): false from its start
+    /// until the check first passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy: Option<bool>,
     /// The copy left behind on a node that was cut off when this instance was
     /// replaced; set by the hub, cleared when that node returns and one copy is kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub original: Option<OriginalCopy>,
+}
+
+impl InstanceStatus {
+    /// Whether it serves: Running, and healthy if it has a health check.
+    pub fn serves(&self) -> bool {
+        self.phase == InstancePhase::Running && self.healthy != Some(false)
+    }
 }
 
 /// A copy of an instance on a node that was lost and may come back.
@@ -887,6 +995,9 @@ impl Kind for InstanceSpec {
             }
         }
         validate_volumes(self, errs);
+        if let Some(h) = &self.health_check {
+            h.validate(errs);
+        }
         let mut seen_ports = std::collections::BTreeSet::new();
         for (i, p) in self.ports.iter().enumerate() {
             if p.port == 0 {

@@ -690,6 +690,7 @@ impl Agent {
             };
             let pid = run.record.pid;
             let started_at = run.record.started_at.clone();
+            let check = workload.instance.spec.health_check.clone();
             self.set_status(&name, &uid, |s| {
                 s.phase = InstancePhase::Running;
                 s.pid = Some(pid);
@@ -697,7 +698,20 @@ impl Agent {
                 s.message = String::new();
                 s.restarts = restarts;
                 s.observed_generation = generation;
+                // Not healthy until its check first passes.
+                s.healthy = check.as_ref().map(|_| false);
             });
+            let mut streak = crate::health::Streak::default();
+            // The next check: one period, then the probe (never, without a check).
+            let next_check = |c: Option<verge_api::instance::HealthCheck>| async move {
+                let Some(c) = c else {
+                    return std::future::pending().await;
+                };
+                tokio::time::sleep(Duration::from_secs(u64::from(c.period_seconds.max(1)))).await;
+                let result = crate::health::probe(&c).await;
+                (c, result)
+            };
+            let mut checking = Box::pin(next_check(check.clone()));
             let began = tokio::time::Instant::now();
             let oom_before = workload.cgroup.as_ref().map_or(0, |c| c.usage().oom_kills);
             let mut sampler = UsageSampler::default();
@@ -711,6 +725,17 @@ impl Agent {
                     exit = run.wait() => break Some(exit),
                     _ = stop.wait_for(|s| *s) => break None,
                     _ = log_tick.tick(), if writes_log => self.rotate_log(&name, &workload.log_path()),
+                    (c, result) = &mut checking => {
+                        checking.set(next_check(check.clone()));
+                        if let Some(healthy) = streak.observe(result.is_ok(), c.failure_threshold, c.success_threshold) {
+                            tracing::info!(instance = %name, healthy, "health check verdict changed");
+                            let why = result.err().map(|e| format!("health check failing: {e}")).unwrap_or_default();
+                            self.set_status(&name, &uid, |s| {
+                                s.healthy = Some(healthy);
+                                s.message = why.clone();
+                            });
+                        }
+                    }
                     _ = sample_tick.tick(), if samples => {
                         if let Some(usage) = workload.cgroup.as_ref().and_then(|c| sampler.sample(c)) {
                             self.set_status(&name, &uid, |s| s.usage = Some(usage.clone()));
@@ -755,6 +780,7 @@ impl Agent {
                     s.exit_code = exit.code();
                     s.pid = None;
                     s.usage = None;
+                    s.healthy = None;
                     s.message = why.clone();
                 });
                 let _ = stop.wait_for(|s| *s).await;
@@ -770,6 +796,7 @@ impl Agent {
                 s.pid = None;
                 s.restarts = restarts;
                 s.usage = None;
+                s.healthy = None;
                 s.message = format!("{why}; restarting in {}s", backoff.as_secs());
             });
             if wait_or_stop(&mut stop, backoff).await {

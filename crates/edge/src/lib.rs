@@ -15,6 +15,7 @@
 pub mod agent;
 pub mod artifacts;
 pub mod files;
+pub mod health;
 pub mod links;
 pub mod peers;
 pub mod resources;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use verge_api::cluster::{Amounts, ClusterPhase, ClusterSpec, ClusterStatus, Endpoint};
-use verge_api::{Bytes, Cpu, Instance, InstancePhase, Node, NodePhase};
+use verge_api::{Bytes, Cpu, Instance, Node, NodePhase};
 
 use crate::cache::ControllerCache;
 use crate::state::HubState;
@@ -76,7 +76,8 @@ pub fn status_of(
     }
 }
 
-/// The Running instances of `bound` (on `members`) that serve ports, sorted, each
+/// The instances of `bound` (on `members`) that serve ports (Running, and healthy if
+/// they are checked), sorted, each
 /// with the host its site reaches its node at.
 fn endpoints_of(members: &[&Node], bound: &[&Instance]) -> Vec<Endpoint> {
     use crate::orchestrator::{APP_LABEL, COMPONENT_LABEL, TEMPLATE_LABEL};
@@ -92,7 +93,7 @@ fn endpoints_of(members: &[&Node], bound: &[&Instance]) -> Vec<Endpoint> {
     let label = |i: &Instance, k: &str| i.metadata.labels.get(k).cloned().unwrap_or_default();
     let mut out: Vec<Endpoint> = bound
         .iter()
-        .filter(|i| i.status.phase == InstancePhase::Running && !i.spec.ports.is_empty())
+        .filter(|i| i.status.serves() && !i.spec.ports.is_empty())
         .filter_map(|i| {
             let node = i.status.node.clone()?;
             let application = match label(i, APP_LABEL) {
@@ -265,6 +266,7 @@ mod tests {
             node("p2", "paris", true),
             node("l1", "lyon", true),
         ];
+        use verge_api::InstancePhase;
         let serving = |name: &str, on: &str, phase: InstancePhase| {
             let mut i = (*inst(name, Some(on))).clone();
             i.spec.ports = vec![verge_api::instance::PortSpec {

@@ -180,9 +180,10 @@ fn replicas(current: &ApplicationSpec, t: &AppTemplate, component: &str, cluster
         .unwrap_or(base)
 }
 
-/// Whether an instance is up: running (the gates of a rollout wait for this).
+/// Whether an instance is up: running, and healthy if it has a health check (the
+/// gates of a rollout wait for this).
 fn ready(i: &Instance) -> bool {
-    i.status.phase == InstancePhase::Running
+    i.status.serves()
 }
 
 fn in_cluster(i: &Instance, component: &str, cluster: &str) -> bool {

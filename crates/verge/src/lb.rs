@@ -30,6 +30,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result, bail};
 use tokio::net::{TcpListener, TcpStream};
 use verge_api::cluster::Endpoint;
+use verge_edge::health::Streak;
 
 use crate::parse_duration;
 
@@ -72,21 +73,11 @@ pub struct LbArgs {
     max_connections: usize,
 }
 
-/// How one backend is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Health {
-    /// Whether it gets connections.
-    healthy: bool,
-    /// Whether it has been checked at all (its first check decides at once).
-    checked: bool,
-    /// Checks in a row that went the other way from `healthy`.
-    against: u32,
-}
-
-/// The backends and their health: pure, so the rules are tested without sockets.
+/// The backends and their health (each a [`Streak`] of checks): pure, so the rules
+/// are tested without sockets.
 #[derive(Debug, Default)]
 pub struct Pool {
-    backends: BTreeMap<SocketAddr, Health>,
+    backends: BTreeMap<SocketAddr, Streak>,
     next: usize,
     fall: u32,
     rise: u32,
@@ -117,11 +108,7 @@ impl Pool {
         let want: std::collections::BTreeSet<SocketAddr> = want.into_iter().collect();
         self.backends.retain(|a, _| want.contains(a));
         for a in want {
-            self.backends.entry(a).or_insert(Health {
-                healthy: false,
-                checked: false,
-                against: 0,
-            });
+            self.backends.entry(a).or_default();
         }
     }
 
@@ -130,34 +117,21 @@ impl Pool {
         self.backends.keys().copied().collect()
     }
 
-    /// Take a check's result (or a connection's: a refused one is a failure).
+    /// Take a check's result.
     pub fn observe(&mut self, addr: SocketAddr, ok: bool) -> Option<Change> {
         let (fall, rise) = (self.fall, self.rise);
-        let h = self.backends.get_mut(&addr)?;
-        let was = (h.checked, h.healthy);
-        if !h.checked {
-            (h.checked, h.healthy, h.against) = (true, ok, 0);
-        } else if ok == h.healthy {
-            h.against = 0;
-        } else {
-            h.against += 1;
-            if h.against >= if ok { rise } else { fall } {
-                (h.healthy, h.against) = (ok, 0);
-            }
-        }
-        match (was, h.healthy) {
-            ((true, true), true) | ((_, false), false) => None,
-            (_, true) => Some(Change::Up(addr)),
-            (_, false) => Some(Change::Down(addr)),
+        match self.backends.get_mut(&addr)?.observe(ok, fall, rise)? {
+            true => Some(Change::Up(addr)),
+            false => Some(Change::Down(addr)),
         }
     }
 
     /// Mark a backend down now (it refused a client's connection).
     pub fn refused(&mut self, addr: SocketAddr) -> Option<Change> {
-        let h = self.backends.get_mut(&addr)?;
-        let was = h.healthy;
-        (h.checked, h.healthy, h.against) = (true, false, 0);
-        was.then_some(Change::Down(addr))
+        self.backends
+            .get_mut(&addr)?
+            .down_now()
+            .then_some(Change::Down(addr))
     }
 
     /// The healthy backends in the order a new connection tries them (round robin).
@@ -165,7 +139,7 @@ impl Pool {
         let healthy: Vec<SocketAddr> = self
             .backends
             .iter()
-            .filter(|(_, h)| h.healthy)
+            .filter(|(_, h)| h.healthy == Some(true))
             .map(|(a, _)| *a)
             .collect();
         if healthy.is_empty() {
@@ -358,7 +332,11 @@ mod tests {
         let mut p = Pool::new(2, 2);
         p.set([a(1), a(2)]);
         assert!(p.pick().is_empty(), "nothing before its first check");
-        assert_eq!(p.observe(a(1), true), Some(Change::Up(a(1))));
+        assert_eq!(
+            p.observe(a(1), true),
+            Some(Change::Up(a(1))),
+            "the first check decides"
+        );
         assert_eq!(p.observe(a(2), true), Some(Change::Up(a(2))));
         assert_eq!(p.observe(a(1), false), None, "one failure is not enough");
         assert_eq!(p.observe(a(1), true), None);

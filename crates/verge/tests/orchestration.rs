@@ -419,12 +419,16 @@ fn rolls_out_in_waves(hub: &Hub, dir: &std::path::Path, examples: &str) {
         );
     }
 
-    // A change that never comes up: the canary fails its gate (20 s) and goes back;
+    // A change that runs but never serves: its health check (a port nothing listens
+    // on) keeps it unhealthy, so the canary fails its gate (20 s) and goes back;
     // lyon is never touched. `status --watch` ends with an error saying so.
     let broken = v2
         .replace(
-            r#"'echo "$GREETING from web"; while :; do sleep 5; done'"#,
-            "'echo broken; exit 3'",
+            "        terminationGracePeriodSeconds: 2\n  overrides:",
+            &format!(
+                "        terminationGracePeriodSeconds: 2\n        healthCheck: {{tcp: {}, periodSeconds: 1}}\n  overrides:",
+                free_port()
+            ),
         )
         .replace("timeoutSeconds: 60", "timeoutSeconds: 20");
     assert_ne!(broken, v2);
@@ -443,10 +447,13 @@ fn rolls_out_in_waves(hub: &Hub, dir: &std::path::Path, examples: &str) {
     let paris = hub
         .get_json("instances", "shop-web-paris-0")
         .expect("paris web");
+    assert!(
+        paris["status"]["healthy"] == false || paris["spec"]["healthCheck"].is_null(),
+        "the canary ran unhealthy, or is already back: {paris}"
+    );
     wait_for("paris back on the last good revision, running", T, || {
         let i = hub.get_json("instances", "shop-web-paris-0")?;
-        let cmd = i["spec"]["process"]["command"].to_string();
-        (cmd.contains("while") && i["status"]["phase"] == "Running").then_some(())
+        (i["spec"]["healthCheck"].is_null() && i["status"]["phase"] == "Running").then_some(())
     });
     assert!(paris["metadata"]["generation"].as_u64() > after.get("shop-web-paris-0").copied());
     assert_eq!(
@@ -463,9 +470,7 @@ fn rolls_out_in_waves(hub: &Hub, dir: &std::path::Path, examples: &str) {
     assert!(watched.contains("Complete"), "{watched}");
     let app = hub.get_json("applications", "shop").expect("shop");
     assert!(
-        app["spec"]["components"][1]["template"]["process"]["command"]
-            .to_string()
-            .contains("while"),
+        app["spec"]["components"][1]["template"]["healthCheck"].is_null(),
         "{app}"
     );
 }

@@ -97,14 +97,21 @@ fn the_load_balancer_spreads_over_the_apps_instances_and_drops_a_killed_one() {
     let a_pid = a["status"]["pid"].as_u64().expect("pid") as u32;
     kill_pid(a_pid);
     let killed = Instant::now();
+    // (A connection the kernel queued for it in the instant before it died dies with
+    // it: count from when it is gone.)
+    wait_for("backend a to be gone", T, || {
+        (!pid_alive(u64::from(a_pid))).then_some(())
+    });
+    let lb_name = lb["metadata"]["name"].as_str().expect("name").to_string();
     for n in 0..20 {
+        let got = answer(lb_port);
         assert_eq!(
-            answer(lb_port).as_deref(),
+            got.as_deref(),
             Some("b"),
-            "connection {n} after the kill went elsewhere or failed"
+            "connection {n} after the kill went elsewhere or failed; the lb's log:\n{}",
+            hub.ok(&["logs", &lb_name])
         );
     }
-    let lb_name = lb["metadata"]["name"].as_str().expect("name").to_string();
     let down = format!("backend 127.0.0.1:{} down", ports[1]);
     wait_for("the lb to take the killed backend out", T, || {
         hub.ok(&["logs", &lb_name]).contains(&down).then_some(())
