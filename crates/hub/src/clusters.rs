@@ -4,7 +4,7 @@
 //! changes, on the leader, every [`EVERY`]. Membership is only the labels: a node
 //! that joins with the cluster's labels counts from its first heartbeat.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,55 +24,124 @@ pub fn status_of(
     nodes: &[Arc<Node>],
     instances: &[Arc<Instance>],
 ) -> ClusterStatus {
-    let members: Vec<&Node> = nodes
-        .iter()
-        .map(|n| &**n)
-        .filter(|n| cluster.selects(&n.metadata.labels))
-        .collect();
-    let names: BTreeSet<&str> = members.iter().map(|n| n.name()).collect();
-    let ready: Vec<&&Node> = members
-        .iter()
-        .filter(|n| n.status.phase == NodePhase::Ready)
-        .collect();
-    let regions: BTreeSet<&str> = members
-        .iter()
-        .filter_map(|n| n.metadata.labels.get(verge_api::region::REGION_LABEL))
-        .map(String::as_str)
-        .collect();
-    let capacity = Amounts {
-        cpu: Cpu(ready.iter().map(|n| n.status.allocatable.cpu.0).sum()),
-        memory: Bytes(ready.iter().map(|n| n.status.allocatable.memory.0).sum()),
-    };
-    let bound: Vec<&Instance> = instances
-        .iter()
-        .map(|i| &**i)
-        .filter(|i| i.status.node.as_deref().is_some_and(|n| names.contains(n)))
-        .collect();
-    let requested = Amounts {
-        cpu: Cpu(bound.iter().map(|i| i.spec.resources.cpu.0).sum()),
-        memory: Bytes(bound.iter().map(|i| i.spec.resources.memory.0).sum()),
-    };
-    let free = Amounts {
-        cpu: Cpu(capacity.cpu.0.saturating_sub(requested.cpu.0)),
-        memory: Bytes(capacity.memory.0.saturating_sub(requested.memory.0)),
-    };
-    let phase = match (members.len(), ready.len()) {
-        (0, _) => ClusterPhase::Empty,
-        (n, r) if r == n => ClusterPhase::Healthy,
-        (_, 0) => ClusterPhase::Down,
-        _ => ClusterPhase::Degraded,
-    };
-    ClusterStatus {
-        phase,
-        nodes: members.len() as u32,
-        ready: ready.len() as u32,
-        region: regions.into_iter().collect::<Vec<_>>().join(","),
-        capacity,
-        requested,
-        free,
-        instances: bound.len() as u32,
-        services: services_of(name, instances),
-        endpoints: endpoints_of(&members, &bound),
+    Fleet::new(nodes, instances).status_of(name, cluster)
+}
+
+/// The nodes and instances of one pass, grouped once (nodes by label, instances by
+/// node and template services by cluster), so that each cluster's status costs what
+/// its own nodes and instances do, not the whole fleet: a pass over a thousand
+/// clusters of a thousand nodes read every node and instance for each before.
+pub struct Fleet<'a> {
+    nodes: &'a [Arc<Node>],
+    /// (label, value) -> the nodes (indices) that carry it.
+    by_label: HashMap<(&'a str, &'a str), Vec<usize>>,
+    /// Node -> the instances bound to it.
+    on_node: HashMap<&'a str, Vec<&'a Instance>>,
+    /// Cluster -> the platform services its template placed there.
+    services: HashMap<&'a str, Vec<&'a Instance>>,
+}
+
+impl<'a> Fleet<'a> {
+    /// Group `nodes` and `instances`.
+    pub fn new(nodes: &'a [Arc<Node>], instances: &'a [Arc<Instance>]) -> Self {
+        use crate::orchestrator::{CLUSTER_LABEL, TEMPLATE_LABEL};
+        let mut by_label: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
+        for (k, n) in nodes.iter().enumerate() {
+            for (l, v) in &n.metadata.labels {
+                by_label
+                    .entry((l.as_str(), v.as_str()))
+                    .or_default()
+                    .push(k);
+            }
+        }
+        let (mut on_node, mut services): (HashMap<_, Vec<_>>, HashMap<_, Vec<_>>) =
+            Default::default();
+        for i in instances.iter().map(|i| &**i) {
+            if let Some(n) = i.status.node.as_deref() {
+                on_node.entry(n).or_default().push(i);
+            }
+            if i.metadata.labels.contains_key(TEMPLATE_LABEL)
+                && let Some(c) = i.metadata.labels.get(CLUSTER_LABEL)
+            {
+                services.entry(c.as_str()).or_default().push(i);
+            }
+        }
+        Self {
+            nodes,
+            by_label,
+            on_node,
+            services,
+        }
+    }
+
+    /// The nodes `cluster` selects: those of its rarest selector label, checked
+    /// against the rest.
+    fn members(&self, cluster: &ClusterSpec) -> Vec<&'a Node> {
+        let fewest = cluster
+            .selector
+            .iter()
+            .map(|(k, v)| {
+                self.by_label
+                    .get(&(k.as_str(), v.as_str()))
+                    .map_or(&[][..], Vec::as_slice)
+            })
+            .min_by_key(|c| c.len())
+            .unwrap_or_default();
+        let mut members: Vec<&Node> = fewest
+            .iter()
+            .map(|k| &*self.nodes[*k])
+            .filter(|n| cluster.selects(&n.metadata.labels))
+            .collect();
+        members.sort_by(|a, b| a.name().cmp(b.name()));
+        members
+    }
+
+    /// What `cluster` (named `name`) is.
+    pub fn status_of(&self, name: &str, cluster: &ClusterSpec) -> ClusterStatus {
+        let members = self.members(cluster);
+        let ready: Vec<&&Node> = members
+            .iter()
+            .filter(|n| n.status.phase == NodePhase::Ready)
+            .collect();
+        let regions: BTreeSet<&str> = members
+            .iter()
+            .filter_map(|n| n.metadata.labels.get(verge_api::region::REGION_LABEL))
+            .map(String::as_str)
+            .collect();
+        let capacity = Amounts {
+            cpu: Cpu(ready.iter().map(|n| n.status.allocatable.cpu.0).sum()),
+            memory: Bytes(ready.iter().map(|n| n.status.allocatable.memory.0).sum()),
+        };
+        let bound: Vec<&Instance> = members
+            .iter()
+            .flat_map(|n| self.on_node.get(n.name()).into_iter().flatten().copied())
+            .collect();
+        let requested = Amounts {
+            cpu: Cpu(bound.iter().map(|i| i.spec.resources.cpu.0).sum()),
+            memory: Bytes(bound.iter().map(|i| i.spec.resources.memory.0).sum()),
+        };
+        let free = Amounts {
+            cpu: Cpu(capacity.cpu.0.saturating_sub(requested.cpu.0)),
+            memory: Bytes(capacity.memory.0.saturating_sub(requested.memory.0)),
+        };
+        let phase = match (members.len(), ready.len()) {
+            (0, _) => ClusterPhase::Empty,
+            (n, r) if r == n => ClusterPhase::Healthy,
+            (_, 0) => ClusterPhase::Down,
+            _ => ClusterPhase::Degraded,
+        };
+        ClusterStatus {
+            phase,
+            nodes: members.len() as u32,
+            ready: ready.len() as u32,
+            region: regions.into_iter().collect::<Vec<_>>().join(","),
+            capacity,
+            requested,
+            free,
+            instances: bound.len() as u32,
+            services: services_of(self.services.get(name).map_or(&[][..], Vec::as_slice)),
+            endpoints: endpoints_of(&members, &bound),
+        }
     }
 }
 
@@ -114,18 +183,12 @@ fn endpoints_of(members: &[&Node], bound: &[&Instance]) -> Vec<Endpoint> {
     out
 }
 
-/// The cluster's platform services (the instances its template placed there) and how
-/// each is: its phase, or `N/M Running` when it has several replicas.
-fn services_of(
-    cluster: &str,
-    instances: &[Arc<Instance>],
-) -> std::collections::BTreeMap<String, String> {
-    use crate::orchestrator::{CLUSTER_LABEL, COMPONENT_LABEL, TEMPLATE_LABEL};
+/// The cluster's platform services (`placed`: the instances its template placed
+/// there) and how each is: its phase, or `N/M Running` when it has several replicas.
+fn services_of(placed: &[&Instance]) -> std::collections::BTreeMap<String, String> {
+    use crate::orchestrator::COMPONENT_LABEL;
     let mut by: std::collections::BTreeMap<String, Vec<&Instance>> = Default::default();
-    for i in instances.iter().filter(|i| {
-        i.metadata.labels.contains_key(TEMPLATE_LABEL)
-            && i.metadata.labels.get(CLUSTER_LABEL).map(String::as_str) == Some(cluster)
-    }) {
+    for i in placed {
         if let Some(service) = i.metadata.labels.get(COMPONENT_LABEL) {
             by.entry(service.clone()).or_default().push(i);
         }
@@ -165,8 +228,9 @@ async fn update(st: &HubState, cache: &ControllerCache) {
         return;
     }
     let (nodes, instances) = (cache.nodes(), cache.instances());
+    let fleet = Fleet::new(&nodes, &instances);
     for c in clusters {
-        let want = status_of(c.name(), &c.spec, &nodes, &instances);
+        let want = fleet.status_of(c.name(), &c.spec);
         if want == c.status {
             continue;
         }

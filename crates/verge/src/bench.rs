@@ -170,6 +170,20 @@ pub enum BenchCommand {
         #[arg(short, long, default_value = "text")]
         output: String,
     },
+    /// The platform services' cost to a site: `verge lb` (memory, CPU per thousand
+    /// connections, a connection through it against direct) and a local disk (make
+    /// and mount, writes into it against a plain directory; needs root).
+    Platform {
+        /// Connections per round (two rounds each way).
+        #[arg(long, default_value_t = 2000)]
+        connections: usize,
+        /// MiB written per round.
+        #[arg(long, default_value_t = 64)]
+        mib: usize,
+        /// `json` for machines.
+        #[arg(short, long, default_value = "text")]
+        output: String,
+    },
     /// Idle memory (RSS) of a hub and an edge agent, against a `sleep` process.
     Idle {
         /// How long to let them idle before sampling.
@@ -241,6 +255,11 @@ pub fn run(cmd: BenchCommand, config: Option<std::path::PathBuf>) -> Result<()> 
             runs,
             output,
         } => rt.block_on(crate::bench_console::run(nodes, instances, runs, &output)),
+        BenchCommand::Platform {
+            connections,
+            mib,
+            output,
+        } => rt.block_on(crate::bench_platform::run(connections, mib, &output)),
         BenchCommand::Reboot { instances, output } => {
             rt.block_on(crate::bench_reboot::run(instances, &output))
         }

@@ -7,6 +7,7 @@ mod artifact;
 mod bench;
 mod bench_console;
 mod bench_ha;
+mod bench_platform;
 mod bench_reboot;
 mod bench_runtime;
 mod cli;

@@ -43,6 +43,10 @@ pub enum Scenario {
     Partition,
     /// Agents restarting all the time (each resumes from its state).
     Churn,
+    /// Every edge its own cluster, all naming one cluster template: the orchestrator's
+    /// cost per cluster against the fleet alone, and a template change rolled out
+    /// (canary, a tenth, the rest) to every cluster.
+    Template,
 }
 
 /// `verge sim` arguments.
@@ -191,13 +195,17 @@ impl Fleet {
             name: e.name.clone(),
             // Never made: the fake runtime writes nothing, the state is in memory.
             data_dir: self.dir.join("edges").join(&e.name),
-            labels: [(
-                "region".to_string(),
-                REGION
-                    .get()
-                    .cloned()
-                    .unwrap_or_else(|| format!("region-{}", i % 10)),
-            )]
+            labels: [
+                (
+                    "region".to_string(),
+                    REGION
+                        .get()
+                        .cloned()
+                        .unwrap_or_else(|| format!("region-{}", i % 10)),
+                ),
+                // What the template scenario's clusters select (one edge each).
+                (SIM_CLUSTER_LABEL.to_string(), e.name.clone()),
+            ]
             .into_iter()
             .collect(),
             metrics_listen: None,
@@ -275,8 +283,8 @@ fn own_rss_kib() -> u64 {
     verge_testkit::frontdoor::rss_kib(std::process::id())
 }
 
-/// CPU time (user + system) a process used so far, seconds.
-fn cpu_seconds(pid: u32) -> f64 {
+/// A process's CPU time (user and system), in seconds.
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
@@ -1134,6 +1142,9 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
     let mut client = client;
     match a.scenario {
         Scenario::Steady | Scenario::Burst => tick_for(a.duration, &hubs).await,
+        Scenario::Template => {
+            template_rollout(&client, &hubs, &fleet, a.duration, &mut report).await?;
+        }
         Scenario::Churn => {
             // A hundredth of the fleet restarts its agent every few seconds.
             let mut k = 0usize;
@@ -1435,6 +1446,159 @@ fn bytes(links: &[FaultProxy; 2]) -> (u64, u64) {
 }
 
 /// Wait `d`, printing the hub's memory and CPU every ten seconds.
+/// The label each simulated edge carries with its own name: a cluster of one.
+const SIM_CLUSTER_LABEL: &str = "sim-cluster";
+/// The template scenario's template.
+const SIM_TEMPLATE: &str = "sim-basic";
+
+/// The template scenario's template, its service's greeting `greeting`: a canary
+/// cluster, then a tenth, then the rest, each wave's gate passed as soon as its
+/// instances run.
+fn sim_template(greeting: &str, canary: &str) -> serde_json::Value {
+    serde_json::json!({
+        "kind": "ClusterTemplate",
+        "metadata": {"name": SIM_TEMPLATE},
+        "spec": {
+            "services": [{"name": "svc", "template": {
+                "form": "process",
+                "process": {"command": ["/bin/true"], "env": {"GREETING": greeting}},
+                "resources": {"cpu": "10m", "memory": "8Mi"}
+            }}],
+            "rollout": {
+                "waves": [
+                    {"name": "canary", "clusters": [canary]},
+                    {"name": "tenth", "percent": 10},
+                    {"name": "rest"}
+                ],
+                "maxUnavailable": 1000000,
+                "healthyForSeconds": 0,
+                "timeoutSeconds": 900
+            }
+        }
+    })
+}
+
+/// How many of the template's service instances run `greeting`.
+async fn template_running(client: &Client, greeting: &str) -> Result<usize> {
+    let instances = list_all(client, "instances").await?;
+    Ok(instances
+        .iter()
+        .filter(|i| i["metadata"]["labels"]["verge.io/cluster-template"] == SIM_TEMPLATE)
+        .filter(|i| i["status"]["phase"] == "Running")
+        .filter(|i| i["spec"]["process"]["env"]["GREETING"] == greeting)
+        .count())
+}
+
+/// Wait until all `n` of the template's instances run `greeting`, saying how it goes.
+async fn wait_template(client: &Client, greeting: &str, n: usize) -> Result<Duration> {
+    let t = Instant::now();
+    let mut said = Instant::now();
+    loop {
+        let running = template_running(client, greeting).await?;
+        if running >= n {
+            return Ok(t.elapsed());
+        }
+        if said.elapsed() >= Duration::from_secs(10) {
+            eprintln!(
+                "sim: {:.0}s: {running}/{n} clusters run {greeting}",
+                t.elapsed().as_secs_f64()
+            );
+            said = Instant::now();
+        }
+        if t.elapsed() > Duration::from_secs(900) {
+            bail!("{running} of {n} clusters ran {greeting} after 15 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Hub CPU (percent of a core) over `window`.
+async fn hub_cpu_over(hubs: &Hubs, window: Duration) -> f64 {
+    let (c0, t) = (hubs.cpu_seconds(), Instant::now());
+    tick_for(window, hubs).await;
+    (hubs.cpu_seconds() - c0) * 100.0 / t.elapsed().as_secs_f64().max(0.001)
+}
+
+/// The template scenario ([`Scenario::Template`]): the hub's CPU with the fleet
+/// alone (the baseline, measured in this run), then every edge made a cluster
+/// naming one template, its CPU and memory with them, and a change of the template
+/// timed until every cluster runs it.
+async fn template_rollout(
+    client: &Client,
+    hubs: &Hubs,
+    fleet: &Fleet,
+    window: Duration,
+    report: &mut serde_json::Value,
+) -> Result<()> {
+    use futures_util::StreamExt;
+    let n = fleet.edges.len();
+    eprintln!(
+        "sim: the baseline, the fleet alone, for {}s",
+        window.as_secs()
+    );
+    let base = hub_cpu_over(hubs, window).await;
+    let rss0 = hubs.rss_kib();
+    let canary = format!("sim-c-{}", fleet.edges[0].name);
+    client
+        .put(
+            &format!("/v1/clustertemplates/{SIM_TEMPLATE}"),
+            &sim_template("v1", &canary),
+        )
+        .await?;
+    let t = Instant::now();
+    let made: Vec<Result<()>> = futures_util::stream::iter(fleet.edges.iter())
+        .map(|e| async move {
+            let name = format!("sim-c-{}", e.name);
+            let body = serde_json::json!({
+                "kind": "Cluster",
+                "metadata": {"name": name},
+                "spec": {"selector": {SIM_CLUSTER_LABEL: e.name}, "template": SIM_TEMPLATE}
+            });
+            client
+                .put(&format!("/v1/clusters/{name}"), &body)
+                .await
+                .map(|_| ())
+                .with_context(|| format!("making cluster {name}"))
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    made.into_iter().collect::<Result<Vec<()>>>()?;
+    let created = t.elapsed();
+    eprintln!("sim: {n} clusters made in {:.1}s", created.as_secs_f64());
+    let first = wait_template(client, "v1", n).await?;
+    eprintln!("sim: the template's service runs in every cluster");
+    report["clusters"] = n.into();
+    report["clustersCreatedSeconds"] = created.as_secs_f64().into();
+    report["templateFirstDeploySeconds"] = (created + first).as_secs_f64().into();
+    eprintln!("sim: with the clusters, for {}s", window.as_secs());
+    let with = hub_cpu_over(hubs, window).await;
+    report["hubCpuPercentFleetOnly"] = base.into();
+    report["hubCpuPercentWithClusters"] = with.into();
+    // A percent of a core is 10 ms of CPU each second.
+    report["orchestratorCpuMsPerSecondPerCluster"] = ((with - base) * 10.0 / n as f64).into();
+    report["hubKiBPerCluster"] = (hubs.rss_kib().saturating_sub(rss0) as f64 / n as f64).into();
+    let t = Instant::now();
+    client
+        .put(
+            &format!("/v1/clustertemplates/{SIM_TEMPLATE}"),
+            &sim_template("v2", &canary),
+        )
+        .await?;
+    let changed = wait_template(client, "v2", n).await?;
+    let done = t.elapsed();
+    let status: serde_json::Value = client
+        .get(&format!("/v1/clustertemplates/{SIM_TEMPLATE}"))
+        .await?;
+    eprintln!(
+        "sim: the template change reached all {n} clusters in {:.1}s",
+        done.as_secs_f64()
+    );
+    report["templateChangeToAllClustersSeconds"] = changed.as_secs_f64().into();
+    report["templateRollout"] = status["status"]["rollout"].clone();
+    Ok(())
+}
+
 async fn tick_for(d: Duration, hubs: &Hubs) {
     let t = Instant::now();
     let mut cpu = hubs.cpu_seconds();

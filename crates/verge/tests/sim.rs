@@ -22,16 +22,28 @@ fn sim_with(
     duration: &str,
     extra: &[&str],
 ) -> serde_json::Value {
+    sim_of(scenario, nodes, nodes, heartbeat, duration, extra)
+}
+
+/// [`sim_with`] with `instances` instances (not one per node).
+fn sim_of(
+    scenario: &str,
+    nodes: u32,
+    instances: u32,
+    heartbeat: &str,
+    duration: &str,
+    extra: &[&str],
+) -> serde_json::Value {
     // One fleet at a time, also under `cargo test` (which runs a binary's tests in
     // parallel threads; nextest runs each alone, `.config/nextest.toml`).
     static FLEET: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one = FLEET.lock().unwrap_or_else(|e| e.into_inner());
-    let nodes = nodes.to_string();
+    let (nodes, instances) = (nodes.to_string(), instances.to_string());
     let args = [
         "--nodes",
         &nodes,
         "--instances",
-        &nodes,
+        &instances,
         "--heartbeat",
         heartbeat,
         "--duration",
@@ -122,5 +134,22 @@ fn agents_restarting_all_the_time_lose_nothing() {
     let r = sim("churn", 1000, "5s", "30s");
     assert_fleet_held(&r, 1000, 1000);
     assert!(r["agentRestarts"].as_u64().unwrap_or(0) >= 100, "{r:#}");
+    assert_eq!(r["nodesWentNotReady"], 0, "{r:#}");
+}
+
+#[test]
+fn a_template_change_reaches_every_one_of_two_hundred_clusters_in_its_waves() {
+    // No instances of the fleet's own: the scheduler packs them, and a full node
+    // rightly leaves its cluster's service Pending.
+    let r = sim_of("template", 200, 0, "5s", "10s", &[]);
+    assert_fleet_held(&r, 200, 0);
+    assert_eq!(r["clusters"], 200, "{r:#}");
+    let waves = r["templateRollout"]["waves"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let desired: Vec<u64> = waves.iter().filter_map(|w| w["desired"].as_u64()).collect();
+    // The canary cluster, then up to a tenth of them, then the rest: each once.
+    assert_eq!(desired, [1, 19, 180], "{r:#}");
     assert_eq!(r["nodesWentNotReady"], 0, "{r:#}");
 }
