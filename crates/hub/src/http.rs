@@ -434,15 +434,16 @@ async fn put_status<S: NodeScoped>(
     ))
 }
 
-/// `POST /v1/applications/{name}/rollout/{action}`: pause, resume or undo.
-async fn rollout_action(
+/// `POST /v1/{applications,clustertemplates}/{name}/rollout/{action}`: pause, resume
+/// or undo.
+async fn rollout_action<S: crate::app::rollouts::Rolled>(
     State(st): State<Arc<HubState>>,
     p: Principal,
     Path((name, action)): Path<(String, String)>,
-) -> ApiResult<Json<verge_api::Application>> {
+) -> ApiResult<Json<verge_api::Object<S>>> {
     let action: crate::app::rollouts::Action = action.parse()?;
     Ok(Json(
-        crate::app::rollouts::act(&st, &p, &name, action).await?,
+        crate::app::rollouts::act::<S>(&st, &p, &name, action).await?,
     ))
 }
 
@@ -977,7 +978,11 @@ pub fn router(state: Arc<HubState>) -> Router {
         .merge(kind_routes::<verge_api::ClusterTemplateSpec>())
         .route(
             "/v1/applications/{name}/rollout/{action}",
-            post(rollout_action),
+            post(rollout_action::<verge_api::ApplicationSpec>),
+        )
+        .route(
+            "/v1/clustertemplates/{name}/rollout/{action}",
+            post(rollout_action::<verge_api::ClusterTemplateSpec>),
         )
         .route("/v1/applications/{name}/preview", post(application_preview))
         .route("/v1/inventory", get(inventory_report))

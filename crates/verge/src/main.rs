@@ -275,7 +275,8 @@ enum Command {
     Rollout {
         /// status | pause | resume | undo
         action: String,
-        /// The application.
+        /// The application (NAME or application/NAME), or a cluster template
+        /// (clustertemplate/NAME).
         name: String,
         /// With status: follow it until it completes (exit 0) or fails (exit 1).
         #[arg(short, long)]

@@ -5,9 +5,10 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
+use verge_api::Kind;
+use verge_api::application::ApplicationStatus;
 use verge_api::application::WavePreview;
 use verge_api::rollout::{RolloutState, RolloutStatus, WaveProgress};
-use verge_api::{Application, Kind};
 
 use crate::client::Client;
 
@@ -16,31 +17,52 @@ const WATCH_EVERY: Duration = Duration::from_secs(2);
 /// Width of a progress bar, in cells.
 const BAR: usize = 20;
 
-/// `verge rollout status NAME [--watch]`. Watching ends when the rollout does: with
-/// success once complete, with an error when it failed or rolled back.
-pub async fn status(client: &Client, name: &str, watch: bool) -> Result<()> {
+/// What a rollout command names: `NAME` or `application/NAME` (an application),
+/// `clustertemplate/NAME` (or `template/`, `ct/`); its kind and plural, and its name.
+pub fn target(arg: &str) -> Result<(&'static str, &'static str, &str)> {
+    let (kind, name) = arg.split_once('/').unwrap_or(("application", arg));
+    match kind {
+        "application" | "applications" | "app" => {
+            Ok(("application", verge_api::ApplicationSpec::PLURAL, name))
+        }
+        "clustertemplate" | "clustertemplates" | "template" | "ct" => Ok((
+            "clustertemplate",
+            verge_api::ClusterTemplateSpec::PLURAL,
+            name,
+        )),
+        other => bail!(
+            "'{other}' has no rollouts: name an application (NAME or application/NAME) or a cluster template (clustertemplate/NAME)"
+        ),
+    }
+}
+
+/// An application's or a template's generation and status (a template's status is
+/// an application's).
+async fn rolled(client: &Client, plural: &str, name: &str) -> Result<(u64, ApplicationStatus)> {
+    let obj: serde_json::Value = client.get(&format!("/v1/{plural}/{name}")).await?;
+    let generation = obj["metadata"]["generation"].as_u64().unwrap_or(0);
+    let status = serde_json::from_value(obj["status"].clone()).unwrap_or_default();
+    Ok((generation, status))
+}
+
+/// `verge rollout status [KIND/]NAME [--watch]`. Watching ends when the rollout
+/// does: with success once complete, with an error when it failed or rolled back.
+pub async fn status(client: &Client, arg: &str, watch: bool) -> Result<()> {
     let tty = std::io::stdout().is_terminal();
+    let (kind, plural, name) = target(arg)?;
     loop {
-        let app: Application = client
-            .get(&format!(
-                "/v1/{}/{name}",
-                verge_api::ApplicationSpec::PLURAL
-            ))
-            .await?;
+        let (generation, status) = rolled(client, plural, name).await?;
         // A status from before the latest change says nothing about it yet.
-        let current = app.status.observed_generation >= app.metadata.generation;
-        let Some(r) = app.status.rollout.as_ref().filter(|_| current) else {
+        let current = status.observed_generation >= generation;
+        let Some(r) = status.rollout.as_ref().filter(|_| current) else {
             if !watch {
-                println!(
-                    "application {name}: the hub has not planned generation {} yet",
-                    app.metadata.generation
-                );
+                println!("{kind} {name}: the hub has not planned generation {generation} yet");
                 return Ok(());
             }
             tokio::time::sleep(WATCH_EVERY).await;
             continue;
         };
-        let text = render(name, r, tty);
+        let text = render(&format!("{kind} {name}"), r, tty);
         if tty && watch {
             // Redraw in place: clear the screen below the cursor's home.
             print!("\x1b[H\x1b[J");
@@ -59,9 +81,9 @@ pub async fn status(client: &Client, name: &str, watch: bool) -> Result<()> {
 
 /// The status of rollout `r` of application `name`, a line per wave; with `bars`,
 /// each wave's progress as a bar.
-pub fn render(name: &str, r: &RolloutStatus, bars: bool) -> String {
+pub fn render(what: &str, r: &RolloutStatus, bars: bool) -> String {
     let mut out = format!(
-        "application {name}: revision {} ({})",
+        "{what}: revision {} ({})",
         r.revision,
         match r.state {
             RolloutState::Progressing => format!(
@@ -123,14 +145,15 @@ fn bar(done: u32, of: u32) -> String {
     format!("[{}{}]", "#".repeat(filled), "-".repeat(BAR - filled))
 }
 
-/// `verge rollout pause|resume|undo NAME`.
-pub async fn act(client: &Client, name: &str, action: &str) -> Result<()> {
+/// `verge rollout pause|resume|undo [KIND/]NAME`.
+pub async fn act(client: &Client, arg: &str, action: &str) -> Result<()> {
     if !matches!(action, "pause" | "resume" | "undo") {
         bail!("no rollout action '{action}': status, pause, resume or undo");
     }
-    let app: Application = client
+    let (kind, plural, name) = target(arg)?;
+    let obj: serde_json::Value = client
         .post(
-            &format!("/v1/applications/{name}/rollout/{action}"),
+            &format!("/v1/{plural}/{name}/rollout/{action}"),
             &serde_json::Value::Null,
         )
         .await?;
@@ -138,11 +161,11 @@ pub async fn act(client: &Client, name: &str, action: &str) -> Result<()> {
         "pause" => "paused".to_string(),
         "resume" => "resumed".to_string(),
         _ => format!(
-            "going back (generation {}; verge rollout status {name} follows it)",
-            app.metadata.generation
+            "going back (generation {}; verge rollout status {arg} follows it)",
+            obj["metadata"]["generation"]
         ),
     };
-    println!("application/{name} {done}");
+    println!("{kind}/{name} {done}");
     Ok(())
 }
 
@@ -226,7 +249,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let t = render("shop", &r, true);
+        let t = render("application shop", &r, true);
         assert!(
             t.starts_with("application shop: revision abc (wave 2 of 2: rest), from old\n"),
             "{t}"
@@ -239,7 +262,7 @@ mod tests {
             t.contains("rest    [#####---------------] 1/4 updated, 1 up  2 clusters  updating"),
             "{t}"
         );
-        let plain = render("shop", &r, false);
+        let plain = render("application shop", &r, false);
         assert!(!plain.contains('['), "{plain}");
     }
 }

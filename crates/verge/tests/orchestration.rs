@@ -601,6 +601,31 @@ fn a_cluster_template_runs_exactly_its_services_on_each_cluster_and_rolls_out_ch
         listed.contains("edge-basic") && listed.contains("RolledBack"),
         "{listed}"
     );
+    // The rollout commands take a template too: its status, and undo (back to the
+    // last good services, written as they were: the parameter stays a parameter).
+    let status = hub.ok(&["rollout", "status", "clustertemplate/edge-basic"]);
+    assert!(
+        status.contains("clustertemplate edge-basic") && status.contains("RolledBack"),
+        "{status}"
+    );
+    hub.ok(&["rollout", "pause", "ct/edge-basic"]);
+    let paused = hub
+        .get_json("clustertemplates", "edge-basic")
+        .expect("template");
+    assert_eq!(paused["spec"]["rollout"]["paused"], true, "{paused}");
+    hub.ok(&["rollout", "resume", "ct/edge-basic"]);
+    hub.ok(&["rollout", "undo", "clustertemplate/edge-basic"]);
+    let watched = hub.ok(&["rollout", "status", "ct/edge-basic", "--watch"]);
+    assert!(watched.contains("Complete"), "{watched}");
+    let back = hub
+        .get_json("clustertemplates", "edge-basic")
+        .expect("template");
+    let relay = back["spec"]["services"][1]["template"]["process"].clone();
+    assert!(relay["command"].to_string().contains("relay up"), "{back}");
+    assert!(relay["env"]["CACHE_MB"].is_null(), "{back}");
+    assert_ne!(back["spec"]["rollout"]["paused"], true, "{back}");
+    let bad = hub.cli(&["rollout", "status", "node/x"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("has no rollouts"));
 
     // A bad template is refused, naming the field.
     let out = hub.apply("kind: ClusterTemplate\nmetadata: {name: bad}\nspec:\n  services: []\n");
