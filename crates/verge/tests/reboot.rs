@@ -143,4 +143,9 @@ fn every_form_comes_back_after_a_reboot_with_no_hub_reachable() {
         started.elapsed()
     );
     assert_ne!(pids_with(&proc_m), before.0, "a new process");
+    // The VM started again runs outside the agent: stop it, or it outlives the test.
+    let qemu = std::fs::read_to_string(dir.join("instances/b-vm/qemu.pid")).unwrap_or_default();
+    if let Ok(pid) = qemu.trim().parse::<u32>() {
+        kill_pid(pid);
+    }
 }

@@ -226,5 +226,8 @@ fn a_vms_local_disk_is_a_virtio_disk_of_its_size_whose_data_outlives_a_restart()
     // QEMU killed: the agent starts the VM again, on the same disk.
     kill_pid(pid as u32);
     console("VM-STARTS 2");
+    // Deleted: QEMU stops (it runs outside the agent and would outlive the test).
+    let pid = hub.running_pid("disk-vm");
     hub.ok(&["delete", "instance", "disk-vm"]);
+    wait_for("QEMU to stop", T, || (!pid_alive(pid)).then_some(()));
 }
