@@ -281,13 +281,11 @@ async fn discover(args: LbArgs, pool: Arc<Mutex<Pool>>) {
                         args.port.as_deref(),
                     );
                     want.extend(&args.backends);
+                    // In the pool's order (sorted, once each), to say only a change.
+                    want.sort();
+                    want.dedup();
                     let mut p = lock(&pool);
-                    if p.all() != {
-                        let mut w = want.clone();
-                        w.sort();
-                        w.dedup();
-                        w
-                    } {
+                    if p.all() != want {
                         println!("backends: {want:?}");
                     }
                     p.set(want);

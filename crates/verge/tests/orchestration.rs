@@ -447,10 +447,6 @@ fn rolls_out_in_waves(hub: &Hub, dir: &std::path::Path, examples: &str) {
     let paris = hub
         .get_json("instances", "shop-web-paris-0")
         .expect("paris web");
-    assert!(
-        paris["status"]["healthy"] == false || paris["spec"]["healthCheck"].is_null(),
-        "the canary ran unhealthy, or is already back: {paris}"
-    );
     wait_for("paris back on the last good revision, running", T, || {
         let i = hub.get_json("instances", "shop-web-paris-0")?;
         (i["spec"]["healthCheck"].is_null() && i["status"]["phase"] == "Running").then_some(())
