@@ -21,7 +21,12 @@ use crate::node::NodeStatus;
 /// 4: the hub tells each edge its site's peers to probe ([`HubToEdge::Peers`]).
 /// 5: edges ship metrics on a stream of their own ([`StreamHello::Metrics`]).
 /// 6: the hub tells each edge the endpoints of its clusters ([`HubToEdge::Endpoints`]).
-pub const PROTOCOL_VERSION: u32 = 6;
+/// 7: over QUIC the hub no longer answers heartbeats ([`HubToEdge::HeartbeatAck`]):
+/// the edge hears the hub in QUIC's own acknowledgements of them, one datagram per
+/// heartbeat instead of three.
+pub const PROTOCOL_VERSION: u32 = 7;
+/// The first protocol version whose edges, over QUIC, take no heartbeat answers.
+pub const QUIET_HEARTBEATS_SINCE: u32 = 7;
 /// The first protocol version whose edges take their clusters' endpoints.
 pub const ENDPOINTS_SINCE: u32 = 6;
 /// The first protocol version whose hubs take metrics streams.
@@ -190,7 +195,8 @@ pub enum HubToEdge {
         /// The revision.
         revision: u64,
     },
-    /// Answer to a heartbeat: lets the edge notice a dead connection quickly.
+    /// Answer to a heartbeat: lets the edge notice a dead connection quickly. Sent over
+    /// TLS, and over QUIC to edges before [`QUIET_HEARTBEATS_SINCE`].
     HeartbeatAck,
     /// Stop answering request `id` (a followed log whose reader went away).
     #[serde(rename_all = "camelCase")]

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use verge_api::channel::{
-    ALPN_CHANNEL, ALPN_STREAM, EdgeToHub, HubToEdge, METRICS_SINCE, PROTOCOL_VERSION, RequestBody,
-    ResponseBody,
+    ALPN_CHANNEL, ALPN_STREAM, EdgeToHub, HubToEdge, METRICS_SINCE, PROTOCOL_VERSION,
+    QUIET_HEARTBEATS_SINCE, RequestBody, ResponseBody,
 };
 use verge_tunnel::frame::{read_msg, write_msg};
 
@@ -87,6 +87,7 @@ pub async fn run_session(ctx: &SessionCtx<'_>) -> Result<SessionEnd, EdgeError> 
     };
     // Data streams go the same way as the channel: more streams of the QUIC
     // connection, or more TLS connections to the same endpoint.
+    let connection = quic_conn.clone();
     let opener = match quic_conn {
         Some(conn) => Opener::Quic(conn),
         None => Opener::Tls {
@@ -164,7 +165,19 @@ pub async fn run_session(ctx: &SessionCtx<'_>) -> Result<SessionEnd, EdgeError> 
     // protocol 5 take none: the buffer keeps them for a newer hub).
     let shipper = (hub_protocol >= METRICS_SINCE)
         .then(|| tokio::spawn(ctx.telemetry.clone().ship(opener.clone())));
-    let end = session_loop(ctx, &mut reader, &mut writer, interval, &opener, epoch).await;
+    // Over QUIC a hub of protocol 7 or later does not answer heartbeats: QUIC
+    // acknowledges each of them, and that is what the edge listens for.
+    let quiet = connection.filter(|_| hub_protocol >= QUIET_HEARTBEATS_SINCE);
+    let end = session_loop(
+        ctx,
+        &mut reader,
+        &mut writer,
+        interval,
+        &opener,
+        epoch,
+        quiet.map(Hearing::new),
+    )
+    .await;
     if let Some(s) = shipper {
         s.abort();
     }
@@ -183,6 +196,37 @@ fn refusal(code: &str, message: &str) -> Option<SessionEnd> {
     }
 }
 
+/// What an edge hears of a hub that does not answer its heartbeats: the datagrams
+/// that reach it on the session's QUIC connection (the acknowledgements of its
+/// heartbeats among them), counted between looks.
+struct Hearing {
+    connection: quinn::Connection,
+    datagrams: u64,
+    looked: tokio::time::Instant,
+}
+
+impl Hearing {
+    fn new(connection: quinn::Connection) -> Self {
+        let datagrams = connection.stats().udp_rx.datagrams;
+        Self {
+            connection,
+            datagrams,
+            looked: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Look again: when datagrams came since the last look, the hub was heard after
+    /// it (`last_heard` moves up to then; when exactly is not known).
+    fn look(&mut self, last_heard: &mut tokio::time::Instant) {
+        let now = self.connection.stats().udp_rx.datagrams;
+        if now != self.datagrams {
+            self.datagrams = now;
+            *last_heard = (*last_heard).max(self.looked);
+        }
+        self.looked = tokio::time::Instant::now();
+    }
+}
+
 async fn session_loop<R, W>(
     ctx: &SessionCtx<'_>,
     reader: &mut R,
@@ -190,6 +234,7 @@ async fn session_loop<R, W>(
     interval: Duration,
     opener: &Opener,
     epoch: Option<String>,
+    mut hearing: Option<Hearing>,
 ) -> Result<SessionEnd, EdgeError>
 where
     R: tokio::io::AsyncRead + Unpin,
@@ -199,11 +244,15 @@ where
     let mut heartbeat = tokio::time::interval(interval);
     // A hub that stays silent for two heartbeats (plus a second of slack for a slow
     // link) is gone, even if TCP has not noticed: a black-holed path looks exactly like
-    // that. Checked every second, so with the default 4 s interval a dead endpoint is
-    // noticed within 10 s.
+    // that. Checked when the limit since the hub was last heard runs out (not on a
+    // tick: a fleet of agents in one process would wake a hundred thousand times a
+    // second for nothing), so with the default 4 s interval a dead endpoint is
+    // noticed within 10 s. A quiet hub is looked for at every heartbeat: heard since
+    // the previous one means heard after it.
     let silence_limit = interval * 2 + Duration::from_secs(1);
-    let mut silence_check = tokio::time::interval(Duration::from_secs(1).min(interval));
     let mut last_heard = tokio::time::Instant::now();
+    let silence = tokio::time::sleep(silence_limit);
+    tokio::pin!(silence);
     let mut facts_sent: Option<(verge_api::NodeStatus, tokio::time::Instant)> = None;
     // Certificate renewal: a new key and CSR once two thirds of the lifetime are gone.
     let mut renew_at = ctx.identity.validity().map(|(_, _, r)| r);
@@ -300,12 +349,21 @@ where
                     }
                 }
             }
-            _ = silence_check.tick() => {
-                if last_heard.elapsed() > silence_limit {
+            () = &mut silence => {
+                if let Some(h) = hearing.as_mut() {
+                    h.look(&mut last_heard);
+                }
+                if last_heard.elapsed() >= silence_limit {
                     return Ok(SessionEnd::Lost(format!("hub silent for {:.1}s", last_heard.elapsed().as_secs_f64())));
                 }
+                silence.as_mut().reset(last_heard + silence_limit);
             }
             _ = heartbeat.tick() => {
+                if let Some(h) = hearing.as_mut() {
+                    h.look(&mut last_heard);
+                }
+                // Awake anyway: move the deadline here rather than wake for it.
+                silence.as_mut().reset(last_heard + silence_limit);
                 if renewal_key.is_none()
                     && renew_at.is_some_and(|r| verge_api::clock::now_secs() as i64 >= r)
                 {
@@ -325,6 +383,11 @@ where
                     None => true,
                 };
                 let status = send_facts.then(|| Box::new(now.clone()));
+                // A metrics round waiting goes with the heartbeat, in the same
+                // datagram: the shipper is woken first, so that on the agent's one
+                // thread it writes its round before QUIC's driver (woken by the
+                // heartbeat's write, behind it) sends.
+                ctx.telemetry.beat();
                 if let Err(e) = write_msg(writer, &EdgeToHub::Heartbeat { status }).await {
                     return lost(e);
                 }

@@ -455,7 +455,7 @@ fn recommendations(
 ///
 /// History is kept by time as well as by count: compaction goes no further than the
 /// revision of the previous pass, so at least one period (5 minutes) of history stays,
-/// however fast a large fleet writes. Edges get a bookmark every 30 s, so any edge
+/// however fast a large fleet writes. Edges get a bookmark every 2 minutes, so any edge
 /// connected within that period resumes with a delta after a hub restart, and a hub
 /// that just started compacts nothing.
 pub async fn compaction(st: Arc<HubState>) {

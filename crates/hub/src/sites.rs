@@ -54,48 +54,90 @@ struct Inner {
 }
 
 impl Inner {
-    fn forget(&mut self, node: &str) {
-        self.in_clusters.remove(node);
-        if let Some(site) = self.site.remove(node)
-            && let Some(m) = self.members.get_mut(&site)
-        {
-            m.remove(node);
-            if m.is_empty() {
-                self.members.remove(&site);
+    /// Forget `node`; whether it was in a site or a cluster.
+    fn forget(&mut self, node: &str) -> bool {
+        let mut was = self.in_clusters.remove(node).is_some();
+        if let Some(site) = self.site.remove(node) {
+            was = true;
+            if let Some(m) = self.members.get_mut(&site) {
+                m.remove(node);
+                if m.is_empty() {
+                    self.members.remove(&site);
+                }
             }
         }
+        was
     }
 
-    fn note(&mut self, n: &Node) {
-        self.forget(n.name());
+    /// Take in `n`; whether what any node is told changed (its site, its probe
+    /// address, its clusters).
+    fn note(&mut self, n: &Node) -> bool {
+        let name = n.name();
         let clusters: Vec<String> = self
             .clusters
             .iter()
             .filter(|(_, (sel, _))| selector_picks(sel, &n.metadata.labels))
             .map(|(c, _)| c.clone())
             .collect();
-        if !clusters.is_empty() {
-            self.in_clusters.insert(n.name().to_string(), clusters);
-        }
-        let Some(site) = site_of(n) else {
-            return;
-        };
+        let site = site_of(n);
         let addr = n.status.info.get(PEER_ADDRESS).cloned().unwrap_or_default();
-        self.site.insert(n.name().to_string(), site.to_string());
-        self.members
-            .entry(site.to_string())
-            .or_default()
-            .insert(n.name().to_string(), addr);
+        let same_clusters = self
+            .in_clusters
+            .get(name)
+            .map_or(clusters.is_empty(), |c| *c == clusters);
+        let same_site = match (self.site.get(name), site) {
+            (None, None) => true,
+            (Some(was), Some(site)) => {
+                was == site && self.members.get(site).and_then(|m| m.get(name)) == Some(&addr)
+            }
+            _ => false,
+        };
+        if same_clusters && same_site {
+            return false;
+        }
+        self.forget(name);
+        if !clusters.is_empty() {
+            self.in_clusters.insert(name.to_string(), clusters);
+        }
+        if let Some(site) = site {
+            self.site.insert(name.to_string(), site.to_string());
+            self.members
+                .entry(site.to_string())
+                .or_default()
+                .insert(name.to_string(), addr);
+        }
+        true
     }
 }
 
 /// The sites index ([module docs](self)).
-#[derive(Default)]
 pub struct Sites {
     inner: Mutex<Inner>,
+    /// Bumped whenever what some node is told may have changed: sessions wait on it
+    /// instead of each looking every few seconds.
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Sites {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::default(),
+            changed: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 impl Sites {
+    /// Told of every change that may concern some node ([`Sites::peers_of`],
+    /// [`Sites::endpoints_of`]).
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|g| *g += 1);
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -175,6 +217,7 @@ impl Sites {
                 }
             }
         }
+        self.bump();
         let mut nodes = store.watch(&nodes_prefix, listed.revision + 1).await?;
         let mut clusters = store
             .watch(&clusters_prefix, listed_clusters.revision + 1)
@@ -200,20 +243,29 @@ impl Sites {
     }
 
     fn nodes_changed(&self, prefix: &str, batch: WatchBatch) {
-        let mut inner = self.lock();
-        for ev in batch.events {
-            match ev.kind {
-                EventKind::Put => {
-                    if let Some(n) = decode_value::<NodeSpec>(&ev.kv.value, ev.kv.mod_revision) {
-                        inner.note(&n);
-                    }
-                }
-                EventKind::Delete => inner.forget(ev.kv.key.trim_start_matches(prefix)),
+        let mut changed = false;
+        {
+            let mut inner = self.lock();
+            for ev in batch.events {
+                changed |= match ev.kind {
+                    EventKind::Put => decode_value::<NodeSpec>(&ev.kv.value, ev.kv.mod_revision)
+                        .is_some_and(|n| inner.note(&n)),
+                    EventKind::Delete => inner.forget(ev.kv.key.trim_start_matches(prefix)),
+                };
             }
+        }
+        if changed {
+            self.bump();
         }
     }
 
     fn clusters_changed(&self, prefix: &str, batch: WatchBatch) -> Result<(), ()> {
+        let result = self.take_clusters(prefix, batch);
+        self.bump();
+        result
+    }
+
+    fn take_clusters(&self, prefix: &str, batch: WatchBatch) -> Result<(), ()> {
         let mut inner = self.lock();
         for ev in batch.events {
             match ev.kind {
@@ -290,6 +342,52 @@ mod tests {
         assert!(s.peers_of("a").expect("site").1.is_empty());
         s.lock().forget("d");
         assert!(s.peers_of("b").expect("site").1.is_empty());
+    }
+
+    /// Sessions sleep until the index changes: a node's write that changes nothing
+    /// any node is told (a status refresh, a node in no site or cluster) wakes none.
+    #[test]
+    fn only_changes_that_some_node_is_told_wake_the_sessions() {
+        let s = Sites::default();
+        let mut changes = s.changes();
+        let batch = |nodes: &[Node]| WatchBatch {
+            events: nodes
+                .iter()
+                .map(|n| verge_store::Event {
+                    kind: EventKind::Put,
+                    kv: verge_store::KeyValue {
+                        key: format!("/nodes/{}", n.name()),
+                        value: serde_json::to_vec(n).expect("encode"),
+                        mod_revision: 2,
+                        create_revision: 1,
+                        version: 1,
+                    },
+                    prev_kv: None,
+                })
+                .collect(),
+            revision: 2,
+        };
+        s.nodes_changed(
+            "/nodes/",
+            batch(&[node("lone", None, Some("10.0.0.9:7947"))]),
+        );
+        assert!(!changes.has_changed().expect("open"), "a node in no site");
+        s.nodes_changed(
+            "/nodes/",
+            batch(&[node("a", Some("paris"), Some("10.0.0.1:7947"))]),
+        );
+        assert!(changes.has_changed().expect("open"), "a site member");
+        changes.borrow_and_update();
+        s.nodes_changed(
+            "/nodes/",
+            batch(&[node("a", Some("paris"), Some("10.0.0.1:7947"))]),
+        );
+        assert!(!changes.has_changed().expect("open"), "the same again");
+        s.nodes_changed(
+            "/nodes/",
+            batch(&[node("a", Some("paris"), Some("10.0.0.2:7947"))]),
+        );
+        assert!(changes.has_changed().expect("open"), "a new probe address");
     }
 
     #[test]

@@ -60,6 +60,9 @@ struct Shared {
     reset: Notify,
     up: AtomicU64,
     down: AtomicU64,
+    /// Datagrams forwarded (client → upstream, upstream → client).
+    datagrams_up: AtomicU64,
+    datagrams_down: AtomicU64,
     connections: AtomicU64,
 }
 
@@ -112,6 +115,8 @@ impl FaultProxy {
             reset: Notify::new(),
             up: AtomicU64::new(0),
             down: AtomicU64::new(0),
+            datagrams_up: AtomicU64::new(0),
+            datagrams_down: AtomicU64::new(0),
             connections: AtomicU64::new(0),
         });
         if let Some(udp) = udp {
@@ -186,6 +191,14 @@ impl FaultProxy {
         )
     }
 
+    /// UDP datagrams forwarded `(client → upstream, upstream → client)`.
+    pub fn datagrams(&self) -> (u64, u64) {
+        (
+            self.shared.datagrams_up.load(Ordering::Relaxed),
+            self.shared.datagrams_down.load(Ordering::Relaxed),
+        )
+    }
+
     /// Connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.shared.connections.load(Ordering::Relaxed)
@@ -231,8 +244,13 @@ fn send_datagram(
     let Some(delay) = datagram_fate(&s.faults.borrow(), data.len()) else {
         return;
     };
-    let counter = if upstream { &s.up } else { &s.down };
-    counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+    let (bytes, datagrams) = if upstream {
+        (&s.up, &s.datagrams_up)
+    } else {
+        (&s.down, &s.datagrams_down)
+    };
+    bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+    datagrams.fetch_add(1, Ordering::Relaxed);
     // Undelayed, a datagram goes at once when the socket takes it (a fleet's worth of
     // datagrams a second must not cost a task each).
     if delay.is_zero() {
@@ -446,6 +464,11 @@ mod tests {
         assert_eq!(ask(b"lost").await, None, "all lost");
         p.set(Faults::default());
         assert_eq!(ask(b"back").await.as_deref(), Some(&b"back"[..]));
+        assert_eq!(
+            p.datagrams(),
+            (2, 2),
+            "forwarded datagrams counted, dropped ones not"
+        );
     }
 
     #[tokio::test]

@@ -18,8 +18,14 @@ use crate::tls::TlsError;
 pub trait Duplex: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Duplex for T {}
 
-/// Keep-alives well under common NAT UDP timeouts (30 s and up).
-const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// The dialing side's keep-alive, well under common NAT UDP timeouts (30 s and up).
+/// Only a connection that heard nothing for this long pings: the channel's own
+/// heartbeats (every 10 s in a large fleet, 4 s by default) and their
+/// acknowledgements keep it quiet, and a keep-alive at the heartbeat's own period
+/// would race it and double the datagrams. The accepting side (the hub) sends none:
+/// the dialer keeps the path open, and a hub pinging a hundred thousand edges would
+/// pay for it twice (its ping and the edge's acknowledgement).
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// A QUIC connection with no traffic for this long is dead.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -31,10 +37,11 @@ const EDGE_STREAMS: u32 = 64;
 /// (the hub never opens any; the edge opens the channel and its data streams), and no
 /// unidirectional ones. quinn keeps state for every stream the peer may open from
 /// the start, so these limits are memory per connection: at a hundred thousand edges,
-/// quinn's defaults (100 of each) cost the hub about 6 KiB per edge.
-fn transport(peer_streams: u32) -> Arc<quinn::TransportConfig> {
+/// quinn's defaults (100 of each) cost the hub about 6 KiB per edge. `keep_alive`:
+/// whether this side pings an idle connection (the dialer does).
+fn transport(peer_streams: u32, keep_alive: bool) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.keep_alive_interval(keep_alive.then_some(KEEP_ALIVE));
     if let Ok(idle) = IDLE_TIMEOUT.try_into() {
         t.max_idle_timeout(Some(idle));
     }
@@ -65,7 +72,7 @@ pub fn server(
 ) -> Result<quinn::Endpoint, TlsError> {
     let crypto = QuicServerConfig::try_from(tls).map_err(cfg_err)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(transport(EDGE_STREAMS));
+    config.transport_config(transport(EDGE_STREAMS, false));
     let io = |source| TlsError::Connect {
         addr: addr.to_string(),
         source,
@@ -193,7 +200,7 @@ pub async fn dial(
         .ok_or_else(|| TlsError::BadAddress(addr.to_string()))?;
     let crypto = QuicClientConfig::try_from(tls).map_err(cfg_err)?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport(0));
+    config.transport_config(transport(0, true));
     let mut connecting = endpoint
         .connect_with(config, sock, HUB_SERVER_NAME)
         .map_err(|e| fail(std::io::ErrorKind::Other, &e))?;

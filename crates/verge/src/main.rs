@@ -742,7 +742,14 @@ fn real_main() -> Result<()> {
         }
         Command::Sim(a) => {
             init_tracing("error");
-            tokio::runtime::Runtime::new()?.block_on(sim::run(a))
+            // One thread, as `verge edge` runs: the fleet's agents wake each other
+            // within it instead of across threads (a worker parking and waking for
+            // every packet cost a fifth of the simulator), and the hub beside it
+            // keeps the other core.
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(sim::run(a))
         }
         Command::Lb(a) => {
             init_tracing("warn");

@@ -1126,6 +1126,7 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
     let metrics_before = hubs.metrics().await;
     let (up0, down0) = bytes(&fleet.links);
     let cpu0 = hubs.cpu_seconds();
+    let sim_cpu0 = cpu_seconds(std::process::id());
     let not_ready_before: u32 = seen
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -1261,6 +1262,7 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
     let metrics_after = hubs.metrics().await;
     let (up1, down1) = bytes(&fleet.links);
     let cpu1 = hubs.cpu_seconds();
+    let sim_cpu1 = cpu_seconds(std::process::id());
     let lag = "verge_hub_heartbeat_lag_seconds";
     let (lag0, lag1) = if a.scenario == Scenario::HubRestart {
         (Vec::new(), buckets(&metrics_after, lag))
@@ -1294,6 +1296,8 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
     } else {
         ((cpu1 - cpu0) * 100.0 / window.as_secs_f64()).into()
     };
+    // The simulator shares the machine: what its fleet (and the prober) cost it.
+    report["simCpuPercent"] = ((sim_cpu1 - sim_cpu0) * 100.0 / window.as_secs_f64()).into();
     // Metrics the fleet shipped during the window: what the hub took in, on the wire
     // and at rest.
     let taken = |name: &str| metric(&metrics_after, name) - metric(&metrics_before, name);

@@ -448,3 +448,57 @@ fn exec_and_port_forward_across_a_switch_from_quic_to_tcp() {
     let _ = pf.wait();
     hub.cleanup(&["switchy"], &[&m]);
 }
+
+/// Over QUIC the hub does not answer heartbeats (protocol 7): QUIC's acknowledgement
+/// of each is what the edge hears. An idle session then costs about one datagram
+/// each way per heartbeat (answered, it cost two up and one down), stays up across
+/// many heartbeats, and a hub that goes silent is still noticed.
+#[test]
+fn an_idle_quic_session_costs_a_datagram_each_way_per_heartbeat() {
+    let rt = runtime();
+    let d = test_dir();
+    let hub = Hub::start(d.path());
+    let upstream = format!("127.0.0.1:{}", hub.port).parse().expect("addr");
+    let p = rt
+        .block_on(FaultProxy::start_with_udp(upstream))
+        .expect("proxy");
+    let edge = Edge::start_with(
+        &p.url(),
+        "quiet",
+        Some(&hub.token(1)),
+        &d.path().join("quiet"),
+        &[],
+    );
+    let node = hub.wait_phase("nodes", "quiet", "Ready", T);
+    assert_eq!(node["status"]["transport"], "quic", "{node}");
+    // Past the first heartbeat's facts and the first metrics round.
+    std::thread::sleep(Duration::from_secs(2));
+    let sessions = |log: &str| log.matches("connected to hub").count();
+    assert_eq!(sessions(&edge.proc.log_text()), 1);
+    let (up0, down0) = p.datagrams();
+    // Twenty heartbeats (the test hub's interval is 500 ms), with a metrics round
+    // (every 10 s) among them.
+    let window = Duration::from_secs(10);
+    std::thread::sleep(window);
+    let (up, down) = p.datagrams();
+    let beats = (window.as_millis() / 500) as u64;
+    let (up, down) = (up - up0, down - down0);
+    assert!(
+        up >= beats && up <= beats * 3 / 2,
+        "{up} datagrams up for {beats} heartbeats"
+    );
+    assert!(
+        down >= beats / 2 && down <= beats * 3 / 2,
+        "{down} datagrams down for {beats} heartbeats"
+    );
+    assert_eq!(sessions(&edge.proc.log_text()), 1, "the session stayed up");
+    hub.wait_phase("nodes", "quiet", "Ready", T);
+
+    // Silence is still noticed: two heartbeats and a second.
+    p.blackhole(true);
+    wait_for(
+        "the edge to notice the silence",
+        Duration::from_secs(15),
+        || edge.proc.log_text().contains("hub silent").then_some(()),
+    );
+}
