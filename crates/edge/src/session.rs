@@ -257,7 +257,10 @@ where
     // Certificate renewal: a new key and CSR once two thirds of the lifetime are gone.
     let mut renew_at = ctx.identity.validity().map(|(_, _, r)| r);
     let mut renewal_key: Option<String> = None;
-    agent.mark_all_dirty();
+    // Every status goes again in a new session, after its first heartbeat: the hub
+    // marks the node Ready on that, so a status never arrives at a hub that still
+    // counts the node silent (whose disconnect controller would then overwrite it).
+    let mut first_heartbeat = true;
     let lost = |e: verge_tunnel::frame::FrameError| Ok(SessionEnd::Lost(e.to_string()));
     // The read below loses every race against the ticks while a large snapshot
     // trickles in: it must not lose the bytes it read when it does.
@@ -391,11 +394,14 @@ where
                 if let Err(e) = write_msg(writer, &EdgeToHub::Heartbeat { status }).await {
                     return lost(e);
                 }
+                if std::mem::take(&mut first_heartbeat) {
+                    agent.mark_all_dirty();
+                }
                 if send_facts {
                     facts_sent = Some((now, tokio::time::Instant::now()));
                 }
             }
-            _ = agent.outbox.notified() => {
+            _ = agent.outbox.notified(), if !first_heartbeat => {
                 for (name, uid, status) in agent.take_dirty() {
                     if let Err(e) = write_msg(writer, &EdgeToHub::InstanceStatus { name, uid, status }).await {
                         // Unsent: mark dirty again so the next session sends it.

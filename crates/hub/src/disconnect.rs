@@ -100,6 +100,9 @@ pub struct Planned {
     pub name: String,
     /// Its uid (a step is not applied to a re-created instance).
     pub uid: String,
+    /// The revision the plan saw: a step is not applied to an instance that changed
+    /// since (its node may have reported it while the plan was made).
+    pub revision: u64,
     /// The silent node it is bound to.
     pub node: String,
     /// What to do.
@@ -191,6 +194,7 @@ pub fn plan<'a>(
         out.push(Planned {
             name: i.name().to_string(),
             uid: i.metadata.uid.clone(),
+            revision: i.metadata.revision,
             node: node_name.to_string(),
             step,
             message,
@@ -249,17 +253,27 @@ pub async fn run(st: Arc<HubState>, cache: Arc<ControllerCache>) {
         tick.tick().await;
         // The nodes of regions with hubs of their own are theirs to watch.
         let managed = crate::region::managed_elsewhere(&st, cache.regions().iter().map(|r| &**r));
-        let mut nodes = cache.nodes();
-        nodes.retain(|n| !crate::region::node_managed(n, &managed));
-        if nodes.iter().all(|n| n.status.phase == NodePhase::Ready) {
+        let unmanaged = |mut nodes: Vec<Arc<Node>>| {
+            nodes.retain(|n| !crate::region::node_managed(n, &managed));
+            nodes
+        };
+        if unmanaged(cache.nodes())
+            .iter()
+            .all(|n| n.status.phase == NodePhase::Ready)
+        {
             continue;
         }
         if !cache.catch_up(st.objects.store().as_ref()).await {
             continue;
         }
+        // The instances first, then the nodes: the nodes are then at least as new. A
+        // returning node is written Ready before it reports its instances (its first
+        // heartbeat comes first), so a report the plan sees is never judged by the
+        // node's silence before it (which would write it Unknown for good).
+        let instances = cache.instances();
+        let nodes = unmanaged(cache.nodes());
         let by_name: BTreeMap<&str, &Node> = nodes.iter().map(|n| (n.name(), &**n)).collect();
         let votes = peer_votes(nodes.iter().map(|n| &**n));
-        let instances = cache.instances();
         let steps = plan(now_secs(), &by_name, &votes, instances.iter().map(|i| &**i));
         let mut replaced = false;
         for p in steps {
@@ -277,7 +291,10 @@ async fn apply(st: &HubState, p: &Planned) {
     let r = st
         .objects
         .update_status::<InstanceSpec>(&p.name, |obj, s| {
-            if obj.metadata.uid != p.uid || s.node.as_deref() != Some(p.node.as_str()) {
+            if obj.metadata.uid != p.uid
+                || obj.metadata.revision != p.revision
+                || s.node.as_deref() != Some(p.node.as_str())
+            {
                 return Ok(false);
             }
             s.message = p.message.clone();
