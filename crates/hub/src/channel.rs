@@ -538,8 +538,9 @@ async fn handle_edge_message(
 }
 
 /// How often at most a session looks again at its node's site peers and clusters'
-/// endpoints: a joining fleet changes the index many times a second.
-const SITE_EVERY: Duration = Duration::from_secs(1);
+/// endpoints: a joining fleet, or a rollout across many clusters, changes the index
+/// many times a second, and every change wakes every session.
+const SITE_EVERY: Duration = Duration::from_secs(3);
 
 /// Tell the node its site's peers and key and (from protocol 6) its clusters'
 /// endpoints ([`crate::sites`]) now and whenever they change.
