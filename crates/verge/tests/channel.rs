@@ -18,12 +18,28 @@ fn proxy(rt: &tokio::runtime::Runtime, hub: &Hub) -> FaultProxy {
     rt.block_on(FaultProxy::start(upstream)).expect("proxy")
 }
 
-/// A hub, a fault proxy in front of it, and one edge that reaches the hub through it.
+/// A hub, a fault proxy in front of it, and one edge that reaches the hub through it
+/// (over TLS: the proxy carries no UDP).
 fn behind_proxy(edge: &str) -> (tokio::runtime::Runtime, TestDir, Hub, FaultProxy, Edge) {
+    behind(edge, false)
+}
+
+/// Like [`behind_proxy`], with the proxy carrying UDP too: the edge comes up over QUIC.
+fn behind_udp_proxy(edge: &str) -> (tokio::runtime::Runtime, TestDir, Hub, FaultProxy, Edge) {
+    behind(edge, true)
+}
+
+fn behind(edge: &str, udp: bool) -> (tokio::runtime::Runtime, TestDir, Hub, FaultProxy, Edge) {
     let rt = runtime();
     let d = test_dir();
     let hub = Hub::start(d.path());
-    let p = proxy(&rt, &hub);
+    let p = if udp {
+        let upstream = format!("127.0.0.1:{}", hub.port).parse().expect("addr");
+        rt.block_on(FaultProxy::start_with_udp(upstream))
+            .expect("proxy")
+    } else {
+        proxy(&rt, &hub)
+    };
     let e = Edge::start_with(
         &p.url(),
         edge,
@@ -31,7 +47,10 @@ fn behind_proxy(edge: &str) -> (tokio::runtime::Runtime, TestDir, Hub, FaultProx
         &d.path().join(edge),
         &[],
     );
-    hub.wait_phase("nodes", edge, "Ready", T);
+    let node = hub.wait_phase("nodes", edge, "Ready", T);
+    if udp {
+        assert_eq!(node["status"]["transport"], "quic", "{node}");
+    }
     (rt, d, hub, p, e)
 }
 
@@ -330,22 +349,7 @@ fn collect(mut r: impl std::io::Read + Send + 'static) -> std::sync::Arc<std::sy
 fn exec_and_port_forward_across_a_switch_from_quic_to_tcp() {
     use std::io::{Read, Write};
     use std::process::{Command, Stdio};
-    let rt = runtime();
-    let d = test_dir();
-    let hub = Hub::start(d.path());
-    let upstream = format!("127.0.0.1:{}", hub.port).parse().expect("addr");
-    let p = rt
-        .block_on(FaultProxy::start_with_udp(upstream))
-        .expect("proxy");
-    let _edge = Edge::start_with(
-        &p.url(),
-        "switcher",
-        Some(&hub.token(1)),
-        &d.path().join("switcher"),
-        &[],
-    );
-    let node = hub.wait_phase("nodes", "switcher", "Ready", T);
-    assert_eq!(node["status"]["transport"], "quic", "{node}");
+    let (_rt, _d, hub, p, _edge) = behind_udp_proxy("switcher");
     let m = unique("switch");
     assert!(hub.apply(&sleeper("switchy", &m)).status.success());
     hub.running_pid("switchy");
@@ -455,22 +459,7 @@ fn exec_and_port_forward_across_a_switch_from_quic_to_tcp() {
 /// many heartbeats, and a hub that goes silent is still noticed.
 #[test]
 fn an_idle_quic_session_costs_a_datagram_each_way_per_heartbeat() {
-    let rt = runtime();
-    let d = test_dir();
-    let hub = Hub::start(d.path());
-    let upstream = format!("127.0.0.1:{}", hub.port).parse().expect("addr");
-    let p = rt
-        .block_on(FaultProxy::start_with_udp(upstream))
-        .expect("proxy");
-    let edge = Edge::start_with(
-        &p.url(),
-        "quiet",
-        Some(&hub.token(1)),
-        &d.path().join("quiet"),
-        &[],
-    );
-    let node = hub.wait_phase("nodes", "quiet", "Ready", T);
-    assert_eq!(node["status"]["transport"], "quic", "{node}");
+    let (_rt, _d, hub, p, edge) = behind_udp_proxy("quiet");
     // Past the first heartbeat's facts and the first metrics round.
     std::thread::sleep(Duration::from_secs(2));
     let sessions = |log: &str| log.matches("connected to hub").count();
