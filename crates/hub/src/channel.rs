@@ -169,6 +169,10 @@ pub(crate) fn check_version(v: u32) -> Result<(), ApiError> {
 }
 
 /// Serve an identified edge channel. `node` is the name from the client certificate.
+// The steps a session takes once (admission, resumption, settling a return) and
+// each message's handling are boxed: an unboxed future is as large as its largest
+// step for the session's whole life, and a hub holds one per edge (5 KiB of 5.2
+// were such steps).
 pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     st: Arc<HubState>,
     stream: S,
@@ -189,7 +193,7 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         return;
     };
     let node = identity.node.clone();
-    if let Err(r) = crate::identity::admit(&st, &identity, "channel").await {
+    if let Err(r) = Box::pin(crate::identity::admit(&st, &identity, "channel")).await {
         let _ = write_msg(&mut writer, &refuse(r.code, r.error.message)).await;
         return;
     }
@@ -237,11 +241,11 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     }
     // A revision from another history (a store restored from a backup, or another
     // store) cannot be resumed from: the edge gets a snapshot.
-    let resume = match crate::history::can_resume(
+    let resume = match Box::pin(crate::history::can_resume(
         st.objects.store().as_ref(),
         edge_epoch.as_deref(),
         since,
-    )
+    ))
     .await
     {
         Ok(true) => since,
@@ -259,7 +263,7 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     // Instances replaced while this node was away are settled before it hears
     // anything, so that a copy it keeps is never sent a removal, nor a status it
     // reports refused.
-    let settled = crate::disconnect::settle_return(&st, &node).await;
+    let settled = Box::pin(crate::disconnect::settle_return(&st, &node)).await;
     let (tx, mut rx) = mpsc::channel::<HubToEdge>(1024);
     let welcome = HubToEdge::Welcome {
         protocol_version: PROTOCOL_VERSION,
@@ -278,7 +282,7 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         transport,
         &st.metrics,
     );
-    crate::replicas::claim_session(&st, &node, conn.id).await;
+    Box::pin(crate::replicas::claim_session(&st, &node, conn.id)).await;
     tracing::info!(node = %node, since, agent_version = %agent_version, "edge connected");
     let writer_task = tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {
@@ -356,8 +360,15 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 break format!("malformed frame: {e}");
             }
         };
-        if let Err(e) =
-            handle_edge_message(&st, &node, &conn, msg, protocol_version, transport).await
+        if let Err(e) = Box::pin(handle_edge_message(
+            &st,
+            &node,
+            &conn,
+            msg,
+            protocol_version,
+            transport,
+        ))
+        .await
         {
             if e.code == ErrorCode::Forbidden {
                 st.metrics.channel_rejected.inc();
@@ -373,7 +384,7 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         "the channel to node '{node}' was lost ({reason}); the edge reconnects on its own, run the command again then"
     ));
     st.edges.unregister(&node, conn.id);
-    crate::replicas::release_session(&st, &node, conn.id).await;
+    Box::pin(crate::replicas::release_session(&st, &node, conn.id)).await;
     sync_task.abort();
     if let Some(t) = peers_task {
         t.abort();

@@ -48,6 +48,9 @@ pub fn purpose_name(p: &StreamPurpose) -> &'static str {
 }
 
 /// Serve a data stream an edge opened. `node` comes from its certificate.
+// What each kind of stream does is boxed: unboxed, every stream's task would be as
+// large as the largest kind (5 KiB), and an edge's metrics stream lives as long as
+// its session.
 pub async fn serve_data_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     st: Arc<HubState>,
     mut stream: S,
@@ -61,7 +64,7 @@ pub async fn serve_data_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'stati
         .await;
         return;
     };
-    if let Err(r) = crate::identity::admit(&st, &identity, "data stream").await {
+    if let Err(r) = Box::pin(crate::identity::admit(&st, &identity, "data stream")).await {
         let _ = write_chunk(&mut stream, &Chunk::Error(r.error.message)).await;
         return;
     }
@@ -92,15 +95,15 @@ pub async fn serve_data_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'stati
             }
         }
         StreamHello::Relay { from, to, port } => {
-            relay(st, node, Box::new(stream), from, to, port).await;
+            Box::pin(relay(st, node, Box::new(stream), from, to, port)).await;
         }
         StreamHello::Artifact { digest } => {
-            let sent = crate::artifacts::serve_stream(&st, &node, stream, &digest).await;
+            let sent = Box::pin(crate::artifacts::serve_stream(&st, &node, stream, &digest)).await;
             count(&st, "artifact", if sent { "ok" } else { "failed" });
         }
         StreamHello::Metrics => {
             count(&st, "metrics", "ok");
-            crate::telemetry::serve_stream(&st, &node, stream).await;
+            Box::pin(crate::telemetry::serve_stream(&st, &node, stream)).await;
         }
     }
 }

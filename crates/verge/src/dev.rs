@@ -115,16 +115,38 @@ pub struct DevArgs {
     pub exit_after_start: bool,
 }
 
-/// Spawn this binary with `args`, output appended to `log`.
+/// A command a benchmark's hubs run under (`VERGE_BENCH_HUB_UNDER`, words split at
+/// spaces: `heaptrack -o /tmp/hub` or `perf record -g -o /tmp/hub.perf --`), to
+/// profile the hub that `verge sim` or `verge bench` starts.
+const HUB_UNDER: &str = "VERGE_BENCH_HUB_UNDER";
+
+/// Spawn this binary with `args`, output appended to `log` (a hub under the command
+/// in `VERGE_BENCH_HUB_UNDER`, if set).
 pub fn spawn_self(args: &[String], log: &Path) -> Result<Child> {
     let exe = std::env::current_exe().context("finding the verge binary")?;
+    let under: Vec<String> = match std::env::var(HUB_UNDER) {
+        Ok(c) if args.first().is_some_and(|a| a == "hub") => {
+            c.split_whitespace().map(String::from).collect()
+        }
+        _ => Vec::new(),
+    };
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .with_context(|| format!("opening {}", log.display()))?;
     let err = out.try_clone()?;
-    let child = Command::new(exe)
+    let mut command = match under.split_first() {
+        Some((tool, tool_args)) => {
+            let mut c = Command::new(tool);
+            // The hub would otherwise restart itself to set this, leaving the tool
+            // watching a process that is gone.
+            c.args(tool_args).arg(exe).env("MALLOC_ARENA_MAX", "2");
+            c
+        }
+        None => Command::new(exe),
+    };
+    let child = command
         .args(args)
         .stdin(Stdio::null())
         .stdout(out)
@@ -135,6 +157,18 @@ pub fn spawn_self(args: &[String], log: &Path) -> Result<Child> {
         .spawn()
         .context("starting a verge process")?;
     Ok(child)
+}
+
+/// SIGKILL a child [`spawn_self`] started, with everything in its process group (a
+/// hub run under `VERGE_BENCH_HUB_UNDER` is the tool's child), and wait for it.
+pub async fn kill_group(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let _ = child.kill().await;
 }
 
 /// Send SIGTERM and wait (up to 15 s, then SIGKILL).

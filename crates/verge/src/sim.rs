@@ -701,8 +701,7 @@ impl Hubs {
     /// SIGKILL the only hub and start it again on the same data directory.
     async fn kill_and_restart(&mut self) -> Result<()> {
         let (mut child, _, port) = self.procs.remove(0);
-        child.kill().await?;
-        let _ = child.wait().await;
+        crate::dev::kill_group(&mut child).await;
         let args = self.args.clone();
         let (child, client) = self.start_one(0, port, &args).await?;
         self.procs.insert(0, (child, client, port));
@@ -711,7 +710,7 @@ impl Hubs {
 
     async fn kill_all(&mut self) {
         for (child, _, _) in &mut self.procs {
-            let _ = child.kill().await;
+            crate::dev::kill_group(child).await;
         }
     }
 }
