@@ -720,7 +720,8 @@ async fn wait_connected(hubs: &Hubs, n: usize, what: &str, limit: Duration) -> R
     let t = Instant::now();
     let mut last_print = Instant::now();
     loop {
-        let c = metric(&hubs.metrics().await, "verge_hub_edges_connected ") as usize;
+        let text = hubs.metrics().await;
+        let c = metric(&text, "verge_hub_edges_connected ") as usize;
         if c >= n {
             return Ok(t.elapsed());
         }
@@ -731,10 +732,13 @@ async fn wait_connected(hubs: &Hubs, n: usize, what: &str, limit: Duration) -> R
             );
         }
         if last_print.elapsed() >= Duration::from_secs(5) {
-            eprintln!(
-                "sim: {what}: {c}/{n} edges connected ({:.0}s)",
-                t.elapsed().as_secs_f64()
-            );
+            // An overloaded hub may not answer in time: that is not zero edges.
+            let seen = if text.trim().is_empty() {
+                "the hub did not answer /metrics".to_string()
+            } else {
+                format!("{c}/{n} edges connected")
+            };
+            eprintln!("sim: {what}: {seen} ({:.0}s)", t.elapsed().as_secs_f64());
             last_print = Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
