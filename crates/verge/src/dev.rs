@@ -115,9 +115,10 @@ pub struct DevArgs {
     pub exit_after_start: bool,
 }
 
-/// A command a benchmark's hubs run under (`VERGE_BENCH_HUB_UNDER`, words split at
-/// spaces: `heaptrack -o /tmp/hub` or `perf record -g -o /tmp/hub.perf --`), to
-/// profile the hub that `verge sim` or `verge bench` starts.
+/// A command the hubs this binary starts run under (`VERGE_BENCH_HUB_UNDER`, words
+/// split at spaces: `heaptrack -o /tmp/hub` or `perf record -g -o /tmp/hub.perf --`),
+/// to profile the hub of `verge sim`, `verge bench` or `verge dev`. A report's hub CPU
+/// and memory are then the tool's process, not the hub's.
 const HUB_UNDER: &str = "VERGE_BENCH_HUB_UNDER";
 
 /// Spawn this binary with `args`, output appended to `log` (a hub under the command
