@@ -416,8 +416,20 @@ pub enum StreamHello {
         digest: String,
     },
     /// Ship metrics (protocol 5): the edge sends each sampling round as a data chunk
-    /// holding a [`crate::metrics::Batch`], in order; the hub answers each with a data
-    /// chunk of the 8-byte big-endian sequence number it has taken, and the edge
-    /// forgets a round only once it is taken.
-    Metrics,
+    /// holding a [`crate::metrics::Batch`], in order; the hub answers with a data
+    /// chunk of the 8-byte big-endian sequence number it has taken so far, and the
+    /// edge forgets a round only once it is taken.
+    #[serde(rename_all = "camelCase")]
+    Metrics {
+        /// Answer only every this many rounds (0 or 1: every round, as hubs did
+        /// before it was asked). An answer costs a datagram down and the edge's QUIC
+        /// acknowledgement of it up: for an idle fleet shipping a round every 10 s, a
+        /// third of its datagrams. The hub caps it at [`METRICS_ACK_EVERY_MAX`].
+        #[serde(default, skip_serializing_if = "crate::instance::is_zero")]
+        ack_every: u32,
+    },
 }
+
+/// The most rounds a hub lets an edge's metrics go unanswered
+/// ([`StreamHello::Metrics`]).
+pub const METRICS_ACK_EVERY_MAX: u32 = 16;

@@ -715,7 +715,7 @@ pub struct ResourceUsage {
     pub memory: Bytes,
 }
 
-fn is_zero(v: &u32) -> bool {
+pub(crate) fn is_zero(v: &u32) -> bool {
     *v == 0
 }
 fn is_zero64(v: &u64) -> bool {

@@ -85,7 +85,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut registry = Registry::with_prefix("verge_hub");
         let m = Self {
             edges_connected: Gauge::default(),

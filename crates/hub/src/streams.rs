@@ -101,9 +101,16 @@ pub async fn serve_data_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'stati
             let sent = Box::pin(crate::artifacts::serve_stream(&st, &node, stream, &digest)).await;
             count(&st, "artifact", if sent { "ok" } else { "failed" });
         }
-        StreamHello::Metrics => {
+        StreamHello::Metrics { ack_every } => {
             count(&st, "metrics", "ok");
-            Box::pin(crate::telemetry::serve_stream(&st, &node, stream)).await;
+            Box::pin(crate::telemetry::serve_stream(
+                &st.tsdb,
+                &st.metrics,
+                &node,
+                stream,
+                ack_every,
+            ))
+            .await;
         }
     }
 }

@@ -263,7 +263,28 @@ fn stream_hello() -> impl Strategy<Value = StreamHello> {
             port
         }),
         "[a-z0-9:]{0,80}".prop_map(|digest| StreamHello::Artifact { digest }),
+        any::<u32>().prop_map(|ack_every| StreamHello::Metrics { ack_every }),
     ]
+}
+
+/// A metrics hello from before `ackEvery` reads as "answer every round", and one
+/// that asks for it reads on a hub from before it (which answers every round, and
+/// the edge takes that).
+#[test]
+fn metrics_hellos_read_both_ways_across_versions() {
+    let old: StreamHello = serde_json::from_str(r#"{"type":"metrics"}"#).unwrap();
+    assert_eq!(old, StreamHello::Metrics { ack_every: 0 });
+    #[derive(serde::Deserialize, Debug, PartialEq)]
+    #[serde(tag = "type", rename_all = "camelCase")]
+    enum OldHello {
+        Metrics,
+    }
+    let new = serde_json::to_string(&StreamHello::Metrics { ack_every: 6 }).unwrap();
+    assert_eq!(new, r#"{"type":"metrics","ackEvery":6}"#);
+    assert_eq!(
+        serde_json::from_str::<OldHello>(&new).unwrap(),
+        OldHello::Metrics
+    );
 }
 
 fn chunk() -> impl Strategy<Value = Chunk> {

@@ -5,7 +5,8 @@
 //! back from an outage drains its backlog without flooding the hub. A round leaves
 //! the buffer only once the hub says it has taken it: one that was sent but not
 //! acknowledged when the link or the agent went down is sent again (the hub keeps
-//! each series' samples in time order and ignores one it has).
+//! each series' samples in time order and ignores one it has). The hub says so about
+//! once a minute, not for every round ([`StreamHello::Metrics`]`::ack_every`).
 
 pub mod buffer;
 
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Notify;
-use verge_api::channel::StreamHello;
+use verge_api::channel::{METRICS_ACK_EVERY_MAX, StreamHello};
 use verge_api::metrics::{Batch, Group, NODE_INSTANCES, NODE_METRICS_DROPPED};
 use verge_tunnel::chunk::{Chunk, read_chunk, write_chunk};
 
@@ -49,8 +50,12 @@ impl Default for TelemetryConfig {
 const WINDOW: u64 = 32;
 /// Bytes read from the buffer at a time.
 const PAGE: usize = 64 << 10;
-/// How long the hub may take to acknowledge before the stream is given up.
+/// How long the hub may take to acknowledge, beyond the rounds it was asked to let go
+/// unanswered, before the stream is given up.
 const ACK_DEADLINE: Duration = Duration::from_secs(30);
+/// About how often the hub is asked to acknowledge rounds: every answer costs a
+/// datagram down and the edge's acknowledgement of it up.
+const ACK_SPAN: Duration = Duration::from_secs(60);
 /// How long after a failed metrics stream another is opened.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
 /// An idle stream pings this often (NAT mappings; noticing a dead hub).
@@ -146,8 +151,18 @@ impl Telemetry {
         }
     }
 
+    /// How many rounds the hub may take before it says so: about one answer per
+    /// [`ACK_SPAN`], well inside the window so that sending never waits for one.
+    fn ack_every(&self) -> u32 {
+        let n = ACK_SPAN.as_millis() / self.config.interval.as_millis().max(1);
+        (n as u32).clamp(1, (WINDOW as u32 / 2).min(METRICS_ACK_EVERY_MAX))
+    }
+
     async fn ship_once(&self, opener: &Opener) -> Result<std::convert::Infallible, String> {
-        let io = opener.open(&StreamHello::Metrics).await?;
+        let ack_every = self.ack_every();
+        let io = opener.open(&StreamHello::Metrics { ack_every }).await?;
+        // Rounds may go unanswered for `ack_every` intervals before the deadline runs.
+        let ack_deadline = ACK_DEADLINE + self.config.interval * ack_every;
         let (mut rd, mut wr) = tokio::io::split(io);
         // Acknowledgements come in on their own task: a read cut short by select!
         // would lose bytes of a chunk.
@@ -176,6 +191,9 @@ impl Telemetry {
         let mut limiter = Limiter::new(self.config.rate);
         // A new stream sends what is there at once (a backlog from an outage).
         let mut beat = true;
+        // The last answer from the hub, or when rounds began to wait for one.
+        let mut heard = tokio::time::Instant::now();
+        let mut wrote = heard;
         loop {
             if sent < acked {
                 sent = acked;
@@ -185,6 +203,9 @@ impl Telemetry {
             let queued = self.buffer.next_seq().saturating_sub(sent + 1);
             let send_now = std::mem::take(&mut beat) || queued > 1;
             // Send what the window allows.
+            if sent == acked {
+                heard = tokio::time::Instant::now();
+            }
             while send_now && sent - acked < WINDOW {
                 let page = self.buffer.pending(sent, PAGE);
                 if page.is_empty() {
@@ -199,6 +220,7 @@ impl Telemetry {
                         .await
                         .map_err(|e| format!("sending metrics: {e}"))?;
                     sent = seq;
+                    wrote = tokio::time::Instant::now();
                 }
             }
             let waiting = sent > acked;
@@ -207,16 +229,18 @@ impl Telemetry {
                     let seq = a.ok_or("the metrics stream's reader ended")??;
                     if seq > acked {
                         acked = seq;
+                        heard = tokio::time::Instant::now();
                         self.buffer.ack(seq);
                     }
                 }
                 _ = self.fresh.notified(), if !waiting => {}
                 _ = self.beat.notified() => beat = true,
-                _ = tokio::time::sleep(ACK_DEADLINE), if waiting => {
-                    return Err(format!("the hub took nothing for {}s", ACK_DEADLINE.as_secs()));
+                _ = tokio::time::sleep_until(heard + ack_deadline), if waiting => {
+                    return Err(format!("the hub took nothing for {}s", ack_deadline.as_secs()));
                 }
-                _ = tokio::time::sleep(PING_EVERY), if !waiting => {
+                _ = tokio::time::sleep_until(wrote + PING_EVERY) => {
                     write_chunk(&mut wr, &Chunk::Ping).await.map_err(|e| format!("sending metrics: {e}"))?;
+                    wrote = tokio::time::Instant::now();
                 }
             }
         }
@@ -263,6 +287,21 @@ impl Limiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An edge sampling every 10 s asks for an answer every 6 rounds (once a
+    /// minute); one sampling rarely, every round; one sampling often, at most every
+    /// 16 (half the window, so that sending never waits for an answer).
+    #[test]
+    fn the_hub_is_asked_to_answer_about_once_a_minute() {
+        for (interval, every) in [(10, 6), (60, 1), (300, 1), (1, 16)] {
+            let config = TelemetryConfig {
+                interval: Duration::from_secs(interval),
+                ..TelemetryConfig::default()
+            };
+            let t = Telemetry::new(config, buffer::Buffer::memory(1 << 20), Arc::new(Vec::new));
+            assert_eq!(t.ack_every(), every, "interval {interval}s");
+        }
+    }
 
     /// Pacing can only make sending slower, so this checks the lower bound alone.
     #[tokio::test]

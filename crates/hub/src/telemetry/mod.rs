@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite};
+use verge_api::channel::METRICS_ACK_EVERY_MAX;
 use verge_api::metrics::{MetricKind, Scope, decode, metric};
 use verge_api::{ApiError, ErrorCode};
 use verge_tunnel::chunk::{Chunk, read_chunk, write_chunk};
@@ -32,12 +33,17 @@ pub const LABELS_EVERY: Duration = Duration::from_secs(15);
 /// How often samples past the retention are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
-/// Serve an edge's metrics stream: take each round, say so, until the edge stops.
+/// Serve an edge's metrics stream: take each round, and say so every `ack_every`
+/// rounds (as the edge asked, at most [`METRICS_ACK_EVERY_MAX`]), until the edge stops.
 pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
-    st: &HubState,
+    tsdb: &tsdb::Tsdb,
+    metrics: &crate::state::Metrics,
     node: &str,
     mut stream: S,
+    ack_every: u32,
 ) {
+    let ack_every = ack_every.clamp(1, METRICS_ACK_EVERY_MAX);
+    let mut unanswered = 0;
     loop {
         let chunk = match tokio::time::timeout(STREAM_IDLE, read_chunk(&mut stream)).await {
             Ok(Ok(Some(c))) => c,
@@ -60,20 +66,23 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
         let batch = match decode(&body) {
             Ok(b) => b,
             Err(e) => {
-                st.metrics.channel_rejected.inc();
+                metrics.channel_rejected.inc();
                 tracing::warn!(node, error = %e, "metrics round refused");
                 let _ = write_chunk(&mut stream, &Chunk::Error(e.to_string())).await;
                 return;
             }
         };
-        let got = st
-            .tsdb
-            .ingest(node, &batch, verge_api::clock::now_ms() as i64);
-        st.metrics.samples_ingested.inc_by(got.samples as u64);
-        st.metrics.metrics_bytes.inc_by(body.len() as u64);
+        let got = tsdb.ingest(node, &batch, verge_api::clock::now_ms() as i64);
+        metrics.samples_ingested.inc_by(got.samples as u64);
+        metrics.metrics_bytes.inc_by(body.len() as u64);
         if got.refused > 0 {
-            st.metrics.samples_refused.inc_by(got.refused as u64);
+            metrics.samples_refused.inc_by(got.refused as u64);
         }
+        unanswered += 1;
+        if unanswered < ack_every {
+            continue;
+        }
+        unanswered = 0;
         if write_chunk(&mut stream, &Chunk::Data(batch.seq.to_be_bytes().to_vec()))
             .await
             .is_err()
@@ -410,6 +419,42 @@ pub async fn federate(st: &HubState) -> Result<String, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The hub answers every `ackEvery` rounds, with the last round it took (which
+    /// answers for those before), and an edge from before `ackEvery` every round.
+    #[tokio::test]
+    async fn rounds_are_answered_as_often_as_the_edge_asked() {
+        use verge_api::metrics::{Batch, Group, encode};
+        for (ack_every, answered) in [(3, vec![3, 6]), (0, (1..=7).collect()), (1000, vec![])] {
+            let tsdb = tsdb::Tsdb::new(Duration::from_secs(3600), 1000);
+            let metrics = crate::state::Metrics::new();
+            let (mut edge, hub) = tokio::io::duplex(1 << 16);
+            let served = tokio::spawn(async move {
+                serve_stream(&tsdb, &metrics, "n1", hub, ack_every).await;
+            });
+            for seq in 1..=7u64 {
+                let batch = Batch {
+                    seq,
+                    time_ms: 1_000 * seq,
+                    groups: vec![Group {
+                        instance: String::new(),
+                        values: vec![(1, seq as f64)],
+                    }],
+                };
+                write_chunk(&mut edge, &Chunk::Data(encode(&batch)))
+                    .await
+                    .unwrap();
+            }
+            write_chunk(&mut edge, &Chunk::Eof).await.unwrap();
+            served.await.unwrap();
+            let mut got = Vec::new();
+            while let Some(Chunk::Data(d)) = read_chunk(&mut edge).await.unwrap() {
+                got.push(u64::from_be_bytes(d.try_into().unwrap()));
+            }
+            // 1000 is capped at METRICS_ACK_EVERY_MAX (16): nothing answered in 7.
+            assert_eq!(got, answered, "ackEvery {ack_every}");
+        }
+    }
 
     #[test]
     fn durations_parse_and_bad_ones_say_how() {
