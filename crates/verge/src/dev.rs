@@ -140,9 +140,13 @@ pub fn spawn_self(args: &[String], log: &Path) -> Result<Child> {
     let mut command = match under.split_first() {
         Some((tool, tool_args)) => {
             let mut c = Command::new(tool);
-            // The hub would otherwise restart itself to set this, leaving the tool
-            // watching a process that is gone.
-            c.args(tool_args).arg(exe).env("MALLOC_ARENA_MAX", "2");
+            // The hub would otherwise restart itself to choose its allocator, leaving
+            // the tool watching a process that is gone; and a heap profiler sees
+            // only the system's allocator.
+            c.args(tool_args)
+                .arg(exe)
+                .env(verge_alloc::ENV, "system")
+                .env("MALLOC_ARENA_MAX", "2");
             c
         }
         None => Command::new(exe),

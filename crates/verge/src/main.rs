@@ -483,16 +483,19 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     Ok((k.to_string(), v.to_string()))
 }
 
-/// Let glibc's allocator keep at most `n` arenas. By default it grows up to eight per
-/// core as threads allocate, and a hub holding a fleet of connections (or the
-/// simulator, a fleet of agents) keeps each arena's fragments: with two it held
-/// 56 KiB per connected edge instead of 70 (BENCHMARKS, fleet simulator). glibc reads
-/// the setting from the environment when a process starts, so this process starts
-/// itself again (the same pid, by `exec`) with `MALLOC_ARENA_MAX` set, unless the
-/// operator set it already. If that fails, it goes on as it is.
-fn limit_malloc_arenas(n: u32) {
+/// Restart this process (the same pid, by `exec`) with the allocator a process that
+/// holds a fleet wants ([`verge_alloc`]): mimalloc, which commits its memory as it is
+/// used (`MIMALLOC_ARENA_EAGER_COMMIT=0`, `MIMALLOC_EAGER_COMMIT=0`: held per thread
+/// otherwise). Allocators read their settings when a process starts, hence the
+/// restart. `MALLOC_ARENA_MAX=2` goes along for glibc's allocator, which the operator
+/// may choose instead (`VERGE_ALLOCATOR=system`): by default it grows up to eight
+/// arenas per core, and a hub keeps each arena's fragments (two held 56 KiB per
+/// connected edge instead of 70: BENCHMARKS, fleet simulator). Nothing happens when
+/// the operator set `VERGE_ALLOCATOR` already, and if the restart fails this goes on
+/// as it is.
+fn restart_with_fleet_allocator() {
     if !cfg!(all(target_os = "linux", target_env = "gnu"))
-        || std::env::var_os("MALLOC_ARENA_MAX").is_some()
+        || std::env::var_os(verge_alloc::ENV).is_some()
     {
         return;
     }
@@ -500,11 +503,21 @@ fn limit_malloc_arenas(n: u32) {
     let Ok(exe) = std::env::current_exe() else {
         return;
     };
-    let err = std::process::Command::new(exe)
+    let mut command = std::process::Command::new(exe);
+    command
         .args(std::env::args_os().skip(1))
-        .env("MALLOC_ARENA_MAX", n.to_string())
-        .exec();
-    eprintln!("note: could not restart with MALLOC_ARENA_MAX={n} ({err}); going on");
+        .env(verge_alloc::ENV, "mimalloc");
+    for (name, value) in [
+        ("MIMALLOC_ARENA_EAGER_COMMIT", "0"),
+        ("MIMALLOC_EAGER_COMMIT", "0"),
+        ("MALLOC_ARENA_MAX", "2"),
+    ] {
+        if std::env::var_os(name).is_none() {
+            command.env(name, value);
+        }
+    }
+    let err = command.exec();
+    eprintln!("note: could not restart with the fleet's allocator ({err}); going on");
 }
 
 fn init_tracing(default: &str) {
@@ -545,6 +558,9 @@ pub async fn shutdown_signal() {
     }
 }
 
+#[global_allocator]
+static ALLOCATOR: verge_alloc::Chosen = verge_alloc::Chosen;
+
 fn main() -> std::process::ExitCode {
     match real_main() {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -570,7 +586,7 @@ fn real_main() -> Result<()> {
     }
     let args = Args::parse();
     if matches!(args.command, Command::Hub { .. } | Command::Sim(_)) {
-        limit_malloc_arenas(2);
+        restart_with_fleet_allocator();
     }
     match args.command {
         Command::Hub {
