@@ -920,6 +920,39 @@ async fn metrics(State(st): State<Arc<HubState>>) -> Response {
         .into_response()
 }
 
+/// While the hub is behind on its work (its [`crate::limits::LoadGauge`] over the
+/// lag at which it also turns away new edge connections), writes through the API are
+/// refused with 503 and `Retry-After: 1`; reads are served. A client applying faster
+/// than the hub can place, send and take back statuses is slowed to the hub's pace,
+/// and the sessions already up keep the CPU that keeps them alive: a burst of 100,000
+/// instances applied 48 at a time starved the hub's packet path until its fleet
+/// disconnected (docs/BENCHMARKS.md). The CLI and the simulator wait and try again.
+async fn shed_writes(State(st): State<Arc<HubState>>, req: Request, next: Next) -> Response {
+    match write_refused(req.method(), &st.limits.load) {
+        Some(refused) => refused.into_response(),
+        None => next.run(req).await,
+    }
+}
+
+/// Why a request with `method` is refused now ([`shed_writes`]), if it is.
+fn write_refused(
+    method: &axum::http::Method,
+    load: &crate::limits::LoadGauge,
+) -> Option<HttpError> {
+    use axum::http::Method;
+    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        return None;
+    }
+    let refusal = load.shedding()?;
+    Some(HttpError(
+        ApiError::new(
+            ErrorCode::Unavailable,
+            format!("{refusal}: writes wait until it catches up; try again in a second"),
+        )
+        .retry_after(Duration::from_secs(1)),
+    ))
+}
+
 async fn count_requests(State(st): State<Arc<HubState>>, req: Request, next: Next) -> Response {
     // By route template (`/v1/instances/{name}`), never by the path itself: one
     // series per route, however many objects there are.
@@ -1032,7 +1065,42 @@ pub fn router(state: Arc<HubState>) -> Router {
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
+            shed_writes,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
             count_requests,
         ))
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hub behind on its work refuses writes, saying why and when to try again,
+    /// and still serves reads; one that keeps up refuses nothing.
+    #[test]
+    fn writes_wait_while_the_hub_lags_and_reads_do_not() {
+        use axum::http::Method;
+        let load = crate::limits::LoadGauge::default();
+        for m in [Method::GET, Method::PUT, Method::POST, Method::DELETE] {
+            assert!(write_refused(&m, &load).is_none(), "{m} while keeping up");
+        }
+        load.set(crate::limits::SHED_LAG * 3);
+        for m in [Method::GET, Method::HEAD] {
+            assert!(write_refused(&m, &load).is_none(), "{m} while lagging");
+        }
+        for m in [Method::PUT, Method::POST, Method::PATCH, Method::DELETE] {
+            let refused = write_refused(&m, &load).expect("a write while lagging");
+            assert!(
+                refused.0.message.contains("600 ms behind on its work"),
+                "{}",
+                refused.0.message
+            );
+            let r = refused.into_response();
+            assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        }
+    }
 }

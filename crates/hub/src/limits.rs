@@ -347,7 +347,7 @@ impl LoadGauge {
     }
 
     #[cfg(test)]
-    fn set(&self, lag: std::time::Duration) {
+    pub(crate) fn set(&self, lag: std::time::Duration) {
         self.lag_us
             .store(lag.as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
     }

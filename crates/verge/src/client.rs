@@ -30,6 +30,26 @@ async fn error_of(resp: reqwest::Response) -> anyhow::Error {
     }
 }
 
+/// How long a request refused with `Retry-After` is tried again before its error is
+/// returned.
+const RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// How long a 503 asks the client to wait (`Retry-After` in seconds, at most 10).
+fn retry_after(resp: &reqwest::Response) -> Option<std::time::Duration> {
+    if resp.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE {
+        return None;
+    }
+    let secs: u64 = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(std::time::Duration::from_secs(secs.clamp(1, 10)))
+}
+
 /// A connection to one hub.
 #[derive(Clone)]
 pub struct Client {
@@ -66,15 +86,34 @@ impl Client {
         })
     }
 
+    /// Send `req`; a write refused with 503 and `Retry-After` (a hub behind on its
+    /// work refuses writes so) is tried again after the time it asks, for up to
+    /// [`RETRY_FOR`] in all. Reads are not: a 503 there (too many watches) is for the
+    /// user to act on.
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
-        let resp =
-            req.bearer_auth(&self.token).send().await.with_context(|| {
+        let began = std::time::Instant::now();
+        let mut req = req.bearer_auth(&self.token);
+        let write = req
+            .try_clone()
+            .and_then(|r| r.build().ok())
+            .is_some_and(|r| r.method() != reqwest::Method::GET);
+        loop {
+            // A streamed body (a file) cannot be sent twice: it is not retried.
+            let again = req.try_clone().filter(|_| write);
+            let resp = req.send().await.with_context(|| {
                 format!("cannot reach the hub at {}; is it running?", self.base)
             })?;
-        if resp.status().is_success() {
-            return Ok(resp);
+            if resp.status().is_success() {
+                return Ok(resp);
+            }
+            match (again, retry_after(&resp)) {
+                (Some(next), Some(wait)) if began.elapsed() + wait <= RETRY_FOR => {
+                    tokio::time::sleep(wait).await;
+                    req = next;
+                }
+                _ => return Err(error_of(resp).await),
+            }
         }
-        Err(error_of(resp).await)
     }
 
     /// Open a data stream (exec, port-forward): an HTTP/1.1 upgrade of `GET path?query`
