@@ -487,13 +487,15 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 /// Restart this process (the same pid, by `exec`) with the allocator a process that
 /// holds a fleet wants ([`verge_alloc`]): mimalloc, which commits its memory as it is
 /// used (`MIMALLOC_ARENA_EAGER_COMMIT=0`, `MIMALLOC_EAGER_COMMIT=0`: held per thread
-/// otherwise). Allocators read their settings when a process starts, hence the
-/// restart. `MALLOC_ARENA_MAX=2` goes along for glibc's allocator, which the operator
-/// may choose instead (`VERGE_ALLOCATOR=system`): by default it grows up to eight
-/// arenas per core, and a hub keeps each arena's fragments (two held 56 KiB per
-/// connected edge instead of 70: BENCHMARKS, fleet simulator). Nothing happens when
-/// the operator set `VERGE_ALLOCATOR` already, and if the restart fails this goes on
-/// as it is.
+/// otherwise) and gives free pages back at once (`MIMALLOC_PURGE_DELAY=0`: otherwise
+/// a burst's memory, such as 32 stalled watches' buffers, stayed resident after it
+/// was freed, 260 MiB of it). Allocators read their settings when a process starts,
+/// hence the restart. `MALLOC_ARENA_MAX=2` goes along for glibc's allocator, which
+/// the operator may choose instead (`VERGE_ALLOCATOR=system`): by default it grows up
+/// to eight arenas per core, and a hub keeps each arena's fragments (two held 56 KiB
+/// per connected edge instead of 70: BENCHMARKS, fleet simulator). Nothing happens
+/// when the operator set `VERGE_ALLOCATOR` already, and if the restart fails this goes
+/// on as it is.
 fn restart_with_fleet_allocator() {
     if !cfg!(all(target_os = "linux", target_env = "gnu"))
         || std::env::var_os(verge_alloc::ENV).is_some()
@@ -511,6 +513,7 @@ fn restart_with_fleet_allocator() {
     for (name, value) in [
         ("MIMALLOC_ARENA_EAGER_COMMIT", "0"),
         ("MIMALLOC_EAGER_COMMIT", "0"),
+        ("MIMALLOC_PURGE_DELAY", "0"),
         ("MALLOC_ARENA_MAX", "2"),
     ] {
         if std::env::var_os(name).is_none() {
