@@ -923,10 +923,11 @@ async fn metrics(State(st): State<Arc<HubState>>) -> Response {
 /// While the hub is behind on its work (its [`crate::limits::LoadGauge`] over the
 /// lag at which it also turns away new edge connections), writes through the API are
 /// refused with 503 and `Retry-After: 1`; reads are served. A client applying faster
-/// than the hub can place, send and take back statuses is slowed to the hub's pace,
-/// and the sessions already up keep the CPU that keeps them alive: a burst of 100,000
-/// instances applied 48 at a time starved the hub's packet path until its fleet
-/// disconnected (docs/BENCHMARKS.md). The CLI and the simulator wait and try again.
+/// than the hub's runtime keeps up with is slowed to its pace, and the sessions
+/// already up keep the CPU that keeps them alive. The CLI and the simulator wait and
+/// try again. Not enough alone: a burst of 100,000 instances starved the hub's socket
+/// reader while the runtime's timers stayed on time, and nothing was refused
+/// (docs/BENCHMARKS.md).
 async fn shed_writes(State(st): State<Arc<HubState>>, req: Request, next: Next) -> Response {
     match write_refused(req.method(), &st.limits.load) {
         Some(refused) => refused.into_response(),
