@@ -78,8 +78,8 @@ macro_rules! either {
 }
 
 // Not inlined: every allocation site in the binary would carry both allocators' paths
-// (5 MB more code, 2.5 MiB more of it touched by an idle agent); a call costs little
-// beside an allocation.
+// (measured: 29.4 MB of code instead of 24.4, the idle agent 15.5 MiB instead of
+// 13.7); a call costs little beside an allocation.
 //
 // SAFETY: every call goes to one of two allocators that uphold `GlobalAlloc`'s
 // contract, and always to the same one in a process (the choice never changes after

@@ -204,3 +204,34 @@ impl Client {
         self.send(self.http.get(self.url(path))).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(status: u16, retry_after: Option<&str>) -> reqwest::Response {
+        let mut r = http::Response::new(Vec::new());
+        *r.status_mut() = http::StatusCode::from_u16(status).expect("status");
+        if let Some(v) = retry_after {
+            r.headers_mut().insert(
+                reqwest::header::RETRY_AFTER,
+                reqwest::header::HeaderValue::from_str(v).expect("header value"),
+            );
+        }
+        reqwest::Response::from(r)
+    }
+
+    /// Only a 503 that says when is tried again, after what it says (1 to 10 s).
+    #[test]
+    fn a_refusal_is_tried_again_only_when_it_says_when() {
+        let secs = |s| Some(std::time::Duration::from_secs(s));
+        assert_eq!(retry_after(&response(503, Some("1"))), secs(1));
+        assert_eq!(retry_after(&response(503, Some(" 3 "))), secs(3));
+        assert_eq!(retry_after(&response(503, Some("0"))), secs(1));
+        assert_eq!(retry_after(&response(503, Some("3600"))), secs(10));
+        assert_eq!(retry_after(&response(503, None)), None);
+        assert_eq!(retry_after(&response(503, Some("soon"))), None);
+        assert_eq!(retry_after(&response(429, Some("1"))), None);
+        assert_eq!(retry_after(&response(409, Some("1"))), None);
+    }
+}
