@@ -6,10 +6,13 @@
 //! - [`model`]: the cluster as flat arrays (capacity, free resources, group counts).
 //! - [`online`]: filters, scores, domains (global → region → node), overflow, gangs,
 //!   and explanations (`0/2400 nodes fit: 1900 insufficient memory, 500 wrong architecture`).
+//! - [`memo`]: the best nodes of the last full scan, so that a burst of one shape
+//!   does not scan every node for every placement (same answers).
 //! - [`offline`]: fragmentation, bounded defragmentation plans, recommendations.
 //! - [`trace`]: synthetic fleets and churn traces for benchmarks and tests, with the
 //!   first-fit and best-fit baselines.
 
+pub mod memo;
 pub mod model;
 pub mod offline;
 pub mod online;
@@ -20,4 +23,6 @@ pub use offline::{
     Alloc, Budget, Frag, FragReport, Plan, Recommendations, Shape, defrag_plan, fragmentation,
     recommend, shapes,
 };
-pub use online::{Placement, Policy, Reason, Request, Unschedulable, place, place_gang, score};
+pub use online::{
+    Placement, Policy, Reason, Request, Unschedulable, place, place_gang, place_scanning, score,
+};

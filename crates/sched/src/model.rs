@@ -205,6 +205,10 @@ pub struct Cluster {
     /// Distinct sets of taints; nodes refer to them by index (0 is the empty set), so a
     /// request decides toleration once per set, not once per node.
     pub taint_sets: Vec<Vec<Taint>>,
+    /// The best nodes of the last full scan ([`crate::memo`]): told of every node the
+    /// methods below change. Nodes' facts are changed through them, never through
+    /// the public fields, once placements have begun.
+    pub(crate) memo: crate::memo::MemoSlot,
 }
 
 impl Cluster {
@@ -219,6 +223,7 @@ impl Cluster {
 
     /// Add one node.
     pub fn add_node(&mut self, n: NodeSpec) -> u32 {
+        self.memo.forget();
         let idx = self.nodes.len() as u32;
         let r = self.regions.intern(&n.region);
         if self.region_nodes.len() <= r as usize {
@@ -305,12 +310,14 @@ impl Cluster {
 
     /// Mark node `i` as taking new work or not.
     pub fn set_ok(&mut self, i: u32, ok: bool) {
+        self.memo.touch(i);
         let h = &mut self.hot[i as usize];
         h.flags = if ok { h.flags | OK } else { h.flags & !OK };
     }
 
     /// Remove node `i`'s taints.
     pub fn clear_taints(&mut self, i: u32) {
+        self.memo.touch(i);
         self.hot[i as usize].flags &= !TAINTED;
         self.hot[i as usize].taint_set = 0;
         self.nodes[i as usize].taints.clear();
@@ -364,6 +371,7 @@ impl Cluster {
 
     /// Reserve `r` on node `i` for an instance of `group` (caller checked it fits).
     pub fn reserve(&mut self, i: u32, r: &Res, group: Option<u32>) {
+        self.memo.touch(i);
         let u = i as usize;
         let h = &mut self.hot[u];
         h.free_cpu = (h.free_cpu as u64).saturating_sub(r.cpu) as u32;
@@ -387,6 +395,7 @@ impl Cluster {
 
     /// Give back what [`Cluster::reserve`] took.
     pub fn release(&mut self, i: u32, r: &Res, group: Option<u32>) {
+        self.memo.touch(i);
         let u = i as usize;
         let cap = &self.nodes[u].sellable;
         let h = &mut self.hot[u];

@@ -283,9 +283,17 @@ pub fn defrag_plan(c: &Cluster, allocs: &[Alloc], budget: Budget) -> Plan {
 #[derive(Debug, Clone, Default)]
 pub struct Recommendations {
     by_shape: HashMap<(u64, u64), Vec<bool>>,
+    /// Which computation these are (0: none). They never change once made, so a
+    /// memo of a scan that read them holds for as long as the id is the same.
+    id: u64,
 }
 
 impl Recommendations {
+    /// Which computation these are: equal ids, equal recommendations.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// The preferred-node bitmap for a request's shape, if any.
     pub fn preferred(&self, r: &Res) -> Option<&[bool]> {
         self.by_shape.get(&(r.cpu, r.mem)).map(Vec::as_slice)
@@ -306,7 +314,11 @@ impl Recommendations {
 /// where placing it leaves free CPU and memory in the proportions of the mix, so that
 /// what remains stays usable.
 pub fn recommend(c: &Cluster, mix: &[Shape]) -> Recommendations {
-    let mut out = Recommendations::default();
+    static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut out = Recommendations {
+        id: MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
+        ..Recommendations::default()
+    };
     let keep = (c.len() / 10).max(8);
     for s in mix {
         let mut scored: Vec<(f64, u32)> = (0..c.len() as u32)

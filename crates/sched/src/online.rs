@@ -3,7 +3,8 @@
 //! Domains run global → region → node. A request that names regions (or a user
 //! location) is tried region by region, nearest first; only with `overflow` does it
 //! spill past the regions it named, to the next nearest one. Inside a domain every node
-//! is evaluated: hard filters first (readiness, resources, architecture, devices,
+//! is evaluated (or, for a request like the last one that scanned them all, only the
+//! nodes changed since: [`crate::memo`], same answer): hard filters first (readiness, resources, architecture, devices,
 //! taints, selectors, anti-affinity, spread, max per node), then a score (bin-packing or
 //! spreading, tier, ISP, proximity, soft taints, offline recommendations). The best
 //! score wins; ties go to the lower node index, so the result is deterministic.
@@ -24,7 +25,7 @@ pub enum Policy {
 }
 
 /// One instance's requirements, in cluster ids.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Request {
     /// Resources.
     pub res: Res,
@@ -452,6 +453,53 @@ impl Ctx<'_> {
         s
     }
 
+    /// The best node from the memo of the last full scan, and how many changed nodes
+    /// it judged again; `None` when a full scan must say.
+    fn best_remembered(&mut self, rec_id: Option<u64>) -> Option<((u32, f32), usize)> {
+        let mut slot = self.c.memo.lock();
+        let plain = self.plain();
+        let judge = |i: u32| {
+            self.check(i).ok()?;
+            Some(if plain {
+                self.score::<true>(i)
+            } else {
+                self.score::<false>(i)
+            })
+        };
+        slot.as_mut()?.best(self.req, rec_id, judge)
+    }
+
+    /// A scan of every node that keeps its best ones in the cluster's memo.
+    fn scan_keeping_best(&mut self, rec_id: Option<u64>) -> Option<(u32, f32)> {
+        let (best, memo) = if self.plain() {
+            self.scan_top::<true>(rec_id)
+        } else {
+            self.scan_top::<false>(rec_id)
+        };
+        *self.c.memo.lock() = Some(memo);
+        best
+    }
+
+    fn scan_top<const PLAIN: bool>(
+        &mut self,
+        rec_id: Option<u64>,
+    ) -> (Option<(u32, f32)>, crate::memo::Memo) {
+        let mut top = crate::memo::Top::new();
+        let mut counts = [0u32; REASONS];
+        let n = self.c.len() as u32;
+        for i in 0..n {
+            match self.check(i) {
+                Err(r) => counts[r as usize] += 1,
+                Ok(()) => top.offer(i, self.score::<PLAIN>(i)),
+            }
+        }
+        self.evaluated += n as usize;
+        for (total, k) in self.counts.iter_mut().zip(counts) {
+            *total += k;
+        }
+        top.finish(self.req, rec_id)
+    }
+
     fn scan(&mut self, nodes: impl Iterator<Item = u32>) -> Option<(u32, f32)> {
         if self.plain() {
             self.scan_with::<true>(nodes)
@@ -564,18 +612,55 @@ pub fn score(c: &Cluster, req: &Request, node: u32) -> Result<f64, Reason> {
 }
 
 /// Place one instance on `c` (without reserving). `rec` are the offline scheduler's
-/// recommendations, if any.
+/// recommendations, if any. A request like the last one that scanned every node is
+/// answered from what that scan kept ([`crate::memo`]), with the same answer.
 pub fn place(
     c: &Cluster,
     req: &Request,
     rec: Option<&Recommendations>,
 ) -> Result<Placement, Unschedulable> {
+    place_with(c, req, rec, true)
+}
+
+/// [`place`], evaluating every node of each domain tried, whatever was kept: the
+/// baseline the memo is measured and tested against.
+pub fn place_scanning(
+    c: &Cluster,
+    req: &Request,
+    rec: Option<&Recommendations>,
+) -> Result<Placement, Unschedulable> {
+    place_with(c, req, rec, false)
+}
+
+fn place_with(
+    c: &Cluster,
+    req: &Request,
+    rec: Option<&Recommendations>,
+    use_memo: bool,
+) -> Result<Placement, Unschedulable> {
     let mut ctx = context(c, req, rec);
+    // One global scan whose verdicts read only each node: the last scan's best
+    // nodes answer (crate::memo).
+    let memo = use_memo && req.regions.is_empty() && req.near.is_none() && ctx.rules.is_none();
+    let rec_id = rec.map(Recommendations::id);
+    if memo && let Some(((node, score), judged)) = ctx.best_remembered(rec_id) {
+        return Ok(Placement {
+            node,
+            region: c.region_of(node),
+            overflow_from: None,
+            score: score as f64,
+            evaluated: judged,
+        });
+    }
     let order = domain_order(c, req);
     let first_region = order.first().copied().flatten();
     let mut tried = 0usize;
     for domain in &order {
         let found = match domain {
+            None if memo => {
+                tried = c.len();
+                ctx.scan_keeping_best(rec_id)
+            }
             None => {
                 tried = c.len();
                 ctx.scan(0..c.len() as u32)

@@ -4,7 +4,7 @@ use proptest::prelude::*;
 use verge_sched::trace::{Strategy, run_trace, synthetic_cluster};
 use verge_sched::{
     Alloc, Budget, Cluster, GeoPoint, NodeSpec, Policy, Reason, Request, Res, Scope, Taint,
-    defrag_plan, place, place_gang,
+    defrag_plan, place, place_gang, place_scanning,
 };
 
 const GI: u64 = 1 << 30;
@@ -282,6 +282,48 @@ fn offline_defrag_cuts_fragmentation_by_a_fifth() {
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+
+    /// A burst of a few shapes, with releases and cordons between: every answer the
+    /// memo of the last scan gives is the one a full scan of the same cluster gives,
+    /// ties included.
+    #[test]
+    fn the_memo_answers_what_a_full_scan_would(
+        seed in any::<u64>(),
+        steps in proptest::collection::vec((0u8..3, 0u8..10, any::<u16>()), 1..400),
+    ) {
+        let mut c = synthetic_cluster(300, seed);
+        let shapes = [req(250, 1), req(2000, 4), Request { policy: Policy::Spread, ..req(1000, 2) }];
+        // Offline recommendations for two of the shapes: part of the score when given.
+        let recs = verge_sched::recommend(&c, &verge_sched::shapes(shapes[..2].iter().map(|r| &r.res)));
+        let mut placed: Vec<(u32, Request)> = Vec::new();
+        for (shape, action, pick) in steps {
+            let r = &shapes[shape as usize];
+            match action {
+                // Now and then an instance leaves, or a node is cordoned or back.
+                0 if !placed.is_empty() => {
+                    let (n, r) = placed.swap_remove(pick as usize % placed.len());
+                    c.release(n, &r.res, r.group);
+                }
+                1 => {
+                    let n = u32::from(pick) % c.len() as u32;
+                    c.set_ok(n, !c.ok(n));
+                }
+                _ => {
+                    let rec = (pick % 2 == 0).then_some(&recs);
+                    let fresh = place_scanning(&c, r, rec);
+                    let memo = place(&c, r, rec);
+                    prop_assert_eq!(
+                        memo.as_ref().map(|p| (p.node, p.score)).map_err(Clone::clone),
+                        fresh.as_ref().map(|p| (p.node, p.score)).map_err(Clone::clone)
+                    );
+                    if let Ok(p) = memo {
+                        c.reserve(p.node, &r.res, r.group);
+                        placed.push((p.node, r.clone()));
+                    }
+                }
+            }
+        }
+    }
 
     /// Whatever the requests and constraints, reservations never exceed a node's
     /// sellable capacity, and every placement passes the filters.

@@ -609,19 +609,21 @@ async fn deploy_functions(
     }
 }
 
-/// Time `placements` placements (each reserved) with `f` on a fresh synthetic fleet.
+/// Time `placements` placements (each reserved) of the requests `make` draws, with
+/// `f`, on a fresh synthetic fleet.
 fn time_placements(
     nodes: usize,
     placements: usize,
-    regional: bool,
+    mut make: impl FnMut(
+        &mut verge_sched::Cluster,
+        &mut verge_sched::trace::Rng,
+    ) -> verge_sched::Request,
     f: impl Fn(&verge_sched::Cluster, &verge_sched::Request) -> Option<u32>,
 ) -> (f64, usize) {
-    use verge_sched::trace::{Rng, random_request, synthetic_cluster};
+    use verge_sched::trace::{Rng, synthetic_cluster};
     let mut c = synthetic_cluster(nodes, 1);
     let mut rng = Rng::new(2);
-    let reqs: Vec<_> = (0..placements)
-        .map(|_| random_request(&mut c, &mut rng, regional))
-        .collect();
+    let reqs: Vec<_> = (0..placements).map(|_| make(&mut c, &mut rng)).collect();
     let t = Instant::now();
     let mut placed = 0;
     for r in &reqs {
@@ -640,14 +642,28 @@ fn sched(
     trace_steps: usize,
     output: &str,
 ) -> Result<()> {
-    use verge_sched::trace::{Strategy, best_fit, run_trace};
+    use verge_sched::trace::{Strategy, best_fit, random_request, run_trace};
+    let scanning = |c: &verge_sched::Cluster, r: &verge_sched::Request| {
+        verge_sched::place_scanning(c, r, None).ok().map(|p| p.node)
+    };
     let online = |c: &verge_sched::Cluster, r: &verge_sched::Request| {
         verge_sched::place(c, r, None).ok().map(|p| p.node)
     };
+    let mixed = |regional| move |c: &mut _, rng: &mut _| random_request(c, rng, regional);
+    // A burst of one shape with no group rules (an application's replicas, a
+    // simulated fleet's instances): what the memo of the last scan serves.
+    let one_shape = |_: &mut _, _: &mut _| verge_sched::Request {
+        res: verge_sched::Res::cpu_mem(250, 256 << 20),
+        ..Default::default()
+    };
     // Everything on this thread: the numbers are for one core.
-    let (global, placed_global) = time_placements(nodes, placements, false, online);
-    let (regional, _) = time_placements(nodes, placements, true, online);
-    let (baseline, _) = time_placements(nodes, placements, false, |c, r| best_fit(c, &r.res));
+    let (global, placed_global) = time_placements(nodes, placements, mixed(false), scanning);
+    let (regional, _) = time_placements(nodes, placements, mixed(true), scanning);
+    let (baseline, _) =
+        time_placements(nodes, placements, mixed(false), |c, r| best_fit(c, &r.res));
+    let (burst_scanning, _) = time_placements(nodes, placements, one_shape, scanning);
+    let (burst, placed_burst) = time_placements(nodes, placements, one_shape, online);
+    let (mixed_online, _) = time_placements(nodes, placements, mixed(false), online);
     let traces: Vec<_> = [
         Strategy::FirstFit,
         Strategy::BestFit,
@@ -674,6 +690,13 @@ fn sched(
         "regionalNote": "a region named (with overflow): the region's nodes evaluated",
         "baselineBestFitPlacementsPerSec": baseline,
         "globalVsBestFit": global / baseline,
+        "globalWithMemoPlacementsPerSec": mixed_online,
+        "globalWithMemoNote": "the same requests through place(): a request like the last global one is answered from that scan's best nodes (rarely here: shapes and groups vary)",
+        "burstPlacementsPerSec": burst,
+        "placedBurst": placed_burst,
+        "burstScanningPlacementsPerSec": burst_scanning,
+        "burstNote": "one shape, no group rules, placed one after another: from the memo of the last scan vs every node evaluated each time (same answers)",
+        "burstVsScanning": burst / burst_scanning,
         "traceNodes": trace_nodes,
         "traceSteps": trace_steps,
         "fragFirstFit": frag(Strategy::FirstFit),
