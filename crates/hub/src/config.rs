@@ -33,7 +33,8 @@ pub struct HubConfig {
     /// New QUIC handshakes begun per second (with a burst of as many); beyond it a
     /// connection is refused before its handshake, which costs the hub nothing.
     pub handshake_rate: f64,
-    /// Refuse new QUIC connections while the hub's scheduler lags more than this
+    /// Put off new work (QUIC connections, API writes, placements) while the hub's
+    /// runtime lags more than this or its QUIC socket is behind
     /// ([`crate::limits::LoadGauge`]; zero: never).
     pub shed_lag: Duration,
     /// How long edges' metrics are kept ([`crate::telemetry`]).

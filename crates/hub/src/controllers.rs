@@ -372,6 +372,9 @@ const YIELD_EVERY: Duration = Duration::from_millis(10);
 /// placement is an instance, a ledger and an audit event).
 const PLACEMENT_BATCH: usize = 32;
 
+/// The longest a batch of placements waits for a hub that is behind.
+const PLACEMENT_WAIT: Duration = Duration::from_secs(30);
+
 /// Commit the planned `batch` (emptying it). On success the ledgers move on to the
 /// versions committed, which later commits of this pass compare against (no re-read
 /// per placement); `false` when a race was lost, and the scheduler is kicked to
@@ -383,6 +386,17 @@ async fn commit_batch(
 ) -> bool {
     if batch.is_empty() {
         return true;
+    }
+    // Each placement is work for the packet path (the change to the edge, its
+    // statuses back): while the hub is behind on it, placements wait (a burst of
+    // 100,000 placed at full speed starved the socket until the fleet timed out),
+    // though never for good.
+    if !st.limits.load.caught_up(PLACEMENT_WAIT).await {
+        tracing::warn!(
+            "the hub stayed behind on its work for {}s; placing {} instances anyway",
+            PLACEMENT_WAIT.as_secs(),
+            batch.len()
+        );
     }
     let bindings = std::mem::take(batch);
     match inventory::commit(&st.objects, ledgers, &bindings, "scheduler").await {
@@ -478,5 +492,76 @@ pub async fn compaction(st: Arc<HubState>) {
         if let Err(e) = inventory::prune_audit(store.as_ref(), inventory::AUDIT_KEEP).await {
             tracing::warn!(error = %e.message, "pruning the audit trail failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use verge_api::{Bytes, Cpu, Object, ProcessSpec};
+
+    #[tokio::test]
+    async fn placements_wait_while_the_hub_is_behind_and_go_once_it_catches_up() {
+        verge_tunnel::install_crypto_provider();
+        let dir = tempfile::tempdir().expect("tmp");
+        let store: Arc<dyn verge_store::Store> = Arc::new(verge_store::MemoryStore::new());
+        let ca = verge_tunnel::pki::CertAuthority::generate("t").expect("ca");
+        let config = crate::HubConfig::new("127.0.0.1:0".parse().expect("addr"), dir.path());
+        let st = HubState::new(crate::objects::Objects::new(store), ca, config);
+        st.objects
+            .create(Object::<NodeSpec>::new("n1", NodeSpec::default()))
+            .await
+            .expect("node");
+        st.objects
+            .update_status::<NodeSpec>("n1", |_, s| {
+                s.phase = NodePhase::Ready;
+                s.allocatable.cpu = Cpu(4000);
+                s.allocatable.memory = Bytes(4 << 30);
+                Ok(true)
+            })
+            .await
+            .expect("ready");
+        let spec = InstanceSpec {
+            process: Some(ProcessSpec {
+                command: vec!["true".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        st.objects
+            .create(Instance::new("i1", spec))
+            .await
+            .expect("instance");
+        let bound = || async {
+            st.objects
+                .get::<InstanceSpec>("i1")
+                .await
+                .expect("get")
+                .status
+                .node
+        };
+
+        st.limits.load.set(crate::limits::SHED_LAG * 3);
+        let pass = tokio::spawn({
+            let st = st.clone();
+            async move { schedule_pass(&st, None, true).await }
+        });
+        // Several of the gauge's checks: the pass holds its placement all along.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(!pass.is_finished(), "the pass waits for the hub");
+        assert_eq!(
+            bound().await,
+            None,
+            "nothing placed while the hub is behind"
+        );
+
+        st.limits.load.set(Duration::ZERO);
+        let left = tokio::time::timeout(Duration::from_secs(5), pass)
+            .await
+            .expect("the pass goes on once the hub caught up")
+            .expect("joined")
+            .expect("pass");
+        assert_eq!(left, 0);
+        assert_eq!(bound().await.as_deref(), Some("n1"));
     }
 }

@@ -901,6 +901,12 @@ async fn metrics(State(st): State<Arc<HubState>>) -> Response {
         st.metrics.store_revision.set(rev as i64);
     }
     st.metrics.edges_connected.set(st.edges.len() as i64);
+    let packets = st.limits.load.packets();
+    st.metrics.quic_socket_queued.set(packets.queued as i64);
+    st.metrics.quic_socket_drops.set(packets.drops as i64);
+    st.metrics
+        .shedding
+        .set(i64::from(st.limits.load.shedding().is_some()));
     if let Ok(rev) = st.objects.store().revision().await {
         st.metrics
             .sync_lag
@@ -925,9 +931,9 @@ async fn metrics(State(st): State<Arc<HubState>>) -> Response {
 /// refused with 503 and `Retry-After: 1`; reads are served. A client applying faster
 /// than the hub's runtime keeps up with is slowed to its pace, and the sessions
 /// already up keep the CPU that keeps them alive. The CLI and the simulator wait and
-/// try again. Not enough alone: a burst of 100,000 instances starved the hub's socket
-/// reader while the runtime's timers stayed on time, and nothing was refused
-/// (docs/BENCHMARKS.md).
+/// try again. The gauge also watches the QUIC socket: a burst of 100,000 instances
+/// starved the hub's socket reader while the runtime's timers stayed on time, and
+/// nothing was refused until it did (docs/BENCHMARKS.md).
 async fn shed_writes(State(st): State<Arc<HubState>>, req: Request, next: Next) -> Response {
     match write_refused(req.method(), &st.limits.load) {
         Some(refused) => refused.into_response(),

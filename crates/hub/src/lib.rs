@@ -229,7 +229,10 @@ pub async fn run_with_store(
             .finalize()
     };
     match verge_tunnel::quic::server(addr, tls.clone(), &reset_secret) {
-        Ok(endpoint) => {
+        Ok((endpoint, watch)) => {
+            if let Some(watch) = watch {
+                tasks.spawn(st.limits.load.clone().watch_packets(watch));
+            }
             tasks.spawn(serve_quic(st.clone(), endpoint));
         }
         Err(e) => {

@@ -86,6 +86,14 @@ pub enum Refusal {
         /// How far behind, in milliseconds.
         lag_ms: u64,
     },
+    /// The hub's QUIC socket is read too slowly: datagrams wait or are dropped
+    /// ([`LoadGauge::watch_packets`]).
+    PacketsBehind {
+        /// Bytes the kernel held unread for it at the last look.
+        queued: u64,
+        /// Datagrams it dropped lately.
+        dropped: u64,
+    },
 }
 
 impl Refusal {
@@ -96,6 +104,7 @@ impl Refusal {
             Refusal::PerAddress { pool, .. } => format!("{pool}_per_address"),
             Refusal::HandshakeRate { .. } => "handshake_rate".into(),
             Refusal::Overloaded { .. } => "overloaded".into(),
+            Refusal::PacketsBehind { .. } => "packets_behind".into(),
         }
     }
 }
@@ -116,6 +125,11 @@ impl std::fmt::Display for Refusal {
             Refusal::Overloaded { lag_ms } => {
                 write!(f, "the hub is {lag_ms} ms behind on its work")
             }
+            Refusal::PacketsBehind { queued, dropped } => write!(
+                f,
+                "the hub is behind on its edges' packets ({} KiB unread, {dropped} dropped lately)",
+                queued / 1024
+            ),
         }
     }
 }
@@ -274,18 +288,65 @@ impl TokenBucket {
     }
 }
 
-/// How far behind the hub's scheduler runs: the lateness of a short timer, measured
-/// all the time. A hub whose CPU is spent falls behind on everything at once; new
-/// edge connections are what it can turn away cheaply (a QUIC refusal costs no
-/// cryptography), so while it lags it refuses them and keeps serving the sessions it
-/// has. Without this a fleet joining or reconnecting faster than the hub can finish
-/// handshakes starves the sessions already up: they time out, their edges reconnect,
-/// and the reconnections cost more (30,000 simulated edges fell back to 8,500 so).
+/// How far behind the hub runs, measured all the time two ways: the lateness of a
+/// short timer (the runtime's queue), and the backlog of its QUIC socket (the one
+/// reader of every edge's packets, which the runtime's timers do not see: quinn's
+/// endpoint reads for 50 µs a turn, and a queue long with other work makes its turns
+/// rare while each timer is still served on time).
+///
+/// A hub whose CPU is spent falls behind on everything at once; what it can put off
+/// cheaply waits while it is behind: new edge connections (a QUIC refusal costs no
+/// cryptography), writes through the API, and new placements. The sessions it has
+/// keep the CPU. Without this a fleet joining or reconnecting faster than the hub can
+/// finish handshakes starves the sessions already up: they time out, their edges
+/// reconnect, and the reconnections cost more (30,000 simulated edges fell back to
+/// 8,500 so); and a burst of placements starved the socket until 100,000 did.
 #[derive(Clone)]
 pub struct LoadGauge {
     lag_us: Arc<std::sync::atomic::AtomicU64>,
     /// Shed above this lag (microseconds; 0: never).
     over_us: Arc<std::sync::atomic::AtomicU64>,
+    packets: Arc<Packets>,
+}
+
+/// The QUIC socket's backlog as last read, and until when it counts as behind.
+#[derive(Default)]
+struct Packets {
+    queued: std::sync::atomic::AtomicU64,
+    /// Datagrams the kernel dropped since the socket opened.
+    drops: std::sync::atomic::AtomicU64,
+    /// Dropped within the last [`PACKETS_HOLD`] (for the refusal's message).
+    dropped_lately: std::sync::atomic::AtomicU64,
+    /// Behind until this many microseconds after `epoch` (0: not behind).
+    behind_until_us: std::sync::atomic::AtomicU64,
+    epoch: std::sync::OnceLock<std::time::Instant>,
+}
+
+impl Packets {
+    fn now_us(&self) -> u64 {
+        self.epoch
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_micros() as u64
+    }
+}
+
+/// How often the QUIC socket's backlog is read (a look at `/proc/net/udp`, which
+/// lists every UDP socket of the network namespace).
+const PACKETS_PROBE: std::time::Duration = std::time::Duration::from_millis(250);
+/// How long one look that found the socket behind keeps the hub shedding: long
+/// enough that a burst held off sees the queue drain, short enough that the work put
+/// off resumes within a second or two of it.
+const PACKETS_HOLD: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether a look at the socket finds it behind: more than a quarter of its buffer
+/// unread, or datagrams dropped since the last look.
+pub fn packets_behind(
+    was: verge_tunnel::backlog::Backlog,
+    now: verge_tunnel::backlog::Backlog,
+    buffer: u64,
+) -> bool {
+    now.drops > was.drops || now.queued > buffer / 4
 }
 
 impl Default for LoadGauge {
@@ -308,6 +369,7 @@ impl LoadGauge {
         Self {
             lag_us: Arc::default(),
             over_us: Arc::new((lag.as_micros() as u64).into()),
+            packets: Arc::default(),
         }
     }
 
@@ -332,17 +394,86 @@ impl LoadGauge {
         }
     }
 
+    /// Read the QUIC socket's backlog until the task is dropped; while it is behind
+    /// ([`packets_behind`]), and for [`PACKETS_HOLD`] after, the hub sheds.
+    pub async fn watch_packets(self, socket: verge_tunnel::backlog::SocketWatch) {
+        use std::sync::atomic::Ordering;
+        let p = &self.packets;
+        let mut was = socket.read().unwrap_or_default();
+        let mut ticker = tokio::time::interval(PACKETS_PROBE);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            // A blocking read, but of a small file the kernel writes out at once.
+            let Some(now) = socket.read() else { continue };
+            if packets_behind(was, now, socket.buffer()) {
+                p.behind_until_us.store(
+                    p.now_us() + PACKETS_HOLD.as_micros() as u64,
+                    Ordering::Relaxed,
+                );
+                let dropped = now.drops.saturating_sub(was.drops);
+                if dropped > 0 {
+                    tracing::warn!(
+                        dropped,
+                        queued = now.queued,
+                        "the hub's QUIC socket dropped datagrams: it sheds new work until it catches up"
+                    );
+                }
+                p.dropped_lately.store(dropped, Ordering::Relaxed);
+            }
+            p.queued.store(now.queued, Ordering::Relaxed);
+            p.drops.store(now.drops, Ordering::Relaxed);
+            was = now;
+        }
+    }
+
+    /// The QUIC socket's backlog at the last look: bytes unread and datagrams dropped
+    /// since it opened (zeros when it is not watched).
+    pub fn packets(&self) -> verge_tunnel::backlog::Backlog {
+        use std::sync::atomic::Ordering;
+        verge_tunnel::backlog::Backlog {
+            queued: self.packets.queued.load(Ordering::Relaxed),
+            drops: self.packets.drops.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Wait until the hub is not shedding (checked every 100 ms), at most `limit`;
+    /// whether it caught up within it.
+    pub async fn caught_up(&self, limit: std::time::Duration) -> bool {
+        let start = tokio::time::Instant::now();
+        while self.shedding().is_some() {
+            if start.elapsed() >= limit {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        true
+    }
+
     /// The lag measured lately.
     pub fn lag(&self) -> std::time::Duration {
         std::time::Duration::from_micros(self.lag_us.load(std::sync::atomic::Ordering::Relaxed))
     }
 
-    /// Whether new connections should be refused now (counted as `overloaded`).
+    /// Whether new work should wait now, and why: the runtime's lag over the
+    /// threshold (`overloaded`), or the QUIC socket behind (`packets_behind`). Never
+    /// with a threshold of zero.
     pub fn shedding(&self) -> Option<Refusal> {
+        use std::sync::atomic::Ordering;
         let lag = self.lag();
-        let over = self.over_us.load(std::sync::atomic::Ordering::Relaxed);
-        (over > 0 && lag.as_micros() as u64 > over).then_some(Refusal::Overloaded {
-            lag_ms: lag.as_millis() as u64,
+        let over = self.over_us.load(Ordering::Relaxed);
+        if over == 0 {
+            return None;
+        }
+        if lag.as_micros() as u64 > over {
+            return Some(Refusal::Overloaded {
+                lag_ms: lag.as_millis() as u64,
+            });
+        }
+        let p = &self.packets;
+        (p.now_us() < p.behind_until_us.load(Ordering::Relaxed)).then(|| Refusal::PacketsBehind {
+            queued: p.queued.load(Ordering::Relaxed),
+            dropped: p.dropped_lately.load(Ordering::Relaxed),
         })
     }
 
@@ -475,6 +606,63 @@ mod tests {
         }
         assert!(gauge.shedding().is_some(), "{:?}", gauge.lag());
         probe.abort();
+    }
+
+    #[test]
+    fn a_socket_is_behind_when_it_dropped_or_holds_a_quarter_of_its_buffer() {
+        use verge_tunnel::backlog::Backlog;
+        let at = |queued, drops| Backlog { queued, drops };
+        assert!(!packets_behind(at(0, 5), at(1000, 5), 8000));
+        assert!(!packets_behind(at(0, 5), at(2000, 5), 8000));
+        assert!(packets_behind(at(0, 5), at(2001, 5), 8000));
+        assert!(packets_behind(at(0, 5), at(0, 6), 8000));
+    }
+
+    #[tokio::test]
+    async fn the_gauge_sheds_while_its_socket_is_left_unread_and_a_second_after() {
+        let secs = std::time::Duration::from_secs;
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        rustix::net::sockopt::set_socket_recv_buffer_size(&rx, 4096).expect("buffer");
+        let watch = verge_tunnel::backlog::SocketWatch::of(&rx).expect("watch");
+        let gauge = LoadGauge::default();
+        let task = tokio::spawn(gauge.clone().watch_packets(watch));
+        tokio::time::sleep(PACKETS_PROBE * 2).await;
+        assert_eq!(gauge.shedding(), None, "a socket read in time");
+        // More than its buffer holds, never read: the kernel queues, then drops.
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        for _ in 0..100 {
+            tx.send_to(&[1; 200], rx.local_addr().expect("addr"))
+                .expect("send");
+        }
+        let refusal = tokio::time::timeout(secs(5), async {
+            loop {
+                if let Some(r) = gauge.shedding() {
+                    break r;
+                }
+                tokio::time::sleep(PACKETS_PROBE / 5).await;
+            }
+        })
+        .await
+        .expect("the gauge sees the socket behind");
+        assert_eq!(refusal.reason(), "packets_behind");
+        assert!(refusal.to_string().contains("dropped lately"), "{refusal}");
+        assert!(gauge.packets().drops > 0, "{:?}", gauge.packets());
+        // Read at last: the hub catches up a moment after the last bad look.
+        rx.set_nonblocking(true).expect("nonblocking");
+        let mut buf = [0; 256];
+        while rx.recv(&mut buf).is_ok() {}
+        let start = tokio::time::Instant::now();
+        assert!(gauge.caught_up(secs(5)).await, "{:?}", gauge.shedding());
+        assert!(start.elapsed() >= PACKETS_HOLD / 2, "{:?}", start.elapsed());
+        // A threshold of zero never sheds, whatever the socket says.
+        gauge.set_threshold(std::time::Duration::ZERO);
+        for _ in 0..100 {
+            tx.send_to(&[1; 200], rx.local_addr().expect("addr"))
+                .expect("send");
+        }
+        tokio::time::sleep(PACKETS_PROBE * 3).await;
+        assert_eq!(gauge.shedding(), None);
+        task.abort();
     }
 
     #[tokio::test]

@@ -82,6 +82,13 @@ pub struct Metrics {
     /// How late heartbeats arrive: the gap between two on one session, less the
     /// interval the edges were given.
     pub heartbeat_lag: Histogram,
+    /// Bytes the hub's QUIC socket holds unread (sampled at scrape).
+    pub quic_socket_queued: Gauge,
+    /// Datagrams the hub's QUIC socket dropped since it opened (sampled at scrape).
+    pub quic_socket_drops: Gauge,
+    /// 1 while the hub puts off new work because it is behind, else 0 (sampled at
+    /// scrape).
+    pub shedding: Gauge,
 }
 
 impl Metrics {
@@ -115,8 +122,26 @@ impl Metrics {
             uplink_connected: Gauge::default(),
             syncs: Family::default(),
             heartbeat_lag: Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0]),
+            quic_socket_queued: Gauge::default(),
+            quic_socket_drops: Gauge::default(),
+            shedding: Gauge::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "quic_socket_queued_bytes",
+            "Bytes the hub's QUIC socket holds unread (the kernel's accounting)",
+            m.quic_socket_queued.clone(),
+        );
+        registry.register(
+            "quic_socket_drops",
+            "Datagrams the hub's QUIC socket dropped since it opened (its buffer was full)",
+            m.quic_socket_drops.clone(),
+        );
+        registry.register(
+            "shedding",
+            "1 while the hub puts off new work (connections, API writes, placements) because it is behind",
+            m.shedding.clone(),
+        );
         registry.register(
             "connections_refused",
             "Connections turned away at a limit (all, unauthenticated, http; in all or per address) and edge sessions sent away as busy (admit_rate)",

@@ -8,10 +8,13 @@
 //! - [`tls`]: rustls configurations (mutual TLS, the pinned first-contact verifier) and
 //!   dialing over TCP.
 //! - [`quic`]: the same channel over a QUIC stream (quinn), the edge's first choice.
+//! - [`backlog`]: how far behind the reading of the hub's UDP socket is (what the
+//!   kernel holds unread for it, what it dropped).
 //!
 //! The message types live in `verge_api::channel`; this crate moves bytes and
 //! identities, it does not interpret messages.
 
+pub mod backlog;
 pub mod chunk;
 pub mod dial;
 pub mod frame;

@@ -11,6 +11,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::{ClientConfig, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::backlog::SocketWatch;
 use crate::pki::HUB_SERVER_NAME;
 use crate::tls::TlsError;
 
@@ -65,11 +66,14 @@ fn cfg_err(e: impl std::fmt::Display) -> TlsError {
 /// the CA key): the stateless-reset tokens it hands out are derived from it, so a hub
 /// that restarted can still tell its edges' old connections that they are gone, and
 /// they reconnect at once instead of waiting for silence to time out.
+///
+/// Also returns a watch on the endpoint's socket ([`crate::backlog`]): how far its
+/// reading is behind (`None` where the kernel does not say).
 pub fn server(
     addr: SocketAddr,
     tls: Arc<ServerConfig>,
     reset_secret: &[u8],
-) -> Result<quinn::Endpoint, TlsError> {
+) -> Result<(quinn::Endpoint, Option<SocketWatch>), TlsError> {
     let crypto = QuicServerConfig::try_from(tls).map_err(cfg_err)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut hub_side = transport(EDGE_STREAMS, false);
@@ -110,13 +114,17 @@ pub fn server(
     endpoint_config.min_reset_interval(std::time::Duration::from_micros(100));
     let socket = std::net::UdpSocket::bind(addr).map_err(io)?;
     enlarge_buffers(&socket, SERVER_SOCKET_BUFFER);
-    quinn::Endpoint::new(
+    let watch = SocketWatch::of(&socket)
+        .inspect_err(|e| tracing::warn!(error = %e, "cannot watch the QUIC socket's backlog"))
+        .ok();
+    let endpoint = quinn::Endpoint::new(
         endpoint_config,
         Some(config),
         socket,
         Arc::new(quinn::TokioRuntime),
     )
-    .map_err(io)
+    .map_err(io)?;
+    Ok((endpoint, watch))
 }
 
 /// The socket buffers a hub's UDP socket asks for. A fleet's datagrams come in bursts

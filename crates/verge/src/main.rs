@@ -74,9 +74,10 @@ enum Command {
         #[arg(long, default_value_t = 400.0)]
         handshake_rate: f64,
         /// While the hub lags more than this behind its own work (a moving average of
-        /// its scheduler's lateness), new QUIC connections are refused before their
-        /// handshake and API writes with 503 and Retry-After, which keeps the sessions
-        /// it has up (0s: never refuse).
+        /// its runtime's lateness), or its QUIC socket is behind (a quarter of its
+        /// buffer unread, or datagrams dropped), new QUIC connections are refused
+        /// before their handshake, API writes with 503 and Retry-After, and new
+        /// placements wait, which keeps the sessions it has up (0s: never refuse).
         #[arg(long, default_value = "200ms", value_parser = parse_duration)]
         shed_lag: Duration,
         /// How long edges' metrics are kept in the hub's memory (Prometheus, scraping

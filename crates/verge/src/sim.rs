@@ -850,6 +850,7 @@ async fn invariants(
 async fn wait_running(
     seen: &Arc<Mutex<Seen>>,
     names: &[String],
+    hubs: &Hubs,
     limit: Duration,
 ) -> Result<Duration> {
     let t = Instant::now();
@@ -873,10 +874,18 @@ async fn wait_running(
             );
         }
         if last_print.elapsed() >= Duration::from_secs(5) {
+            let m = hubs.metrics().await;
             eprintln!(
-                "sim: {running}/{} instances Running ({:.0}s)",
+                "sim: {running}/{} instances Running ({:.0}s; hub: {} edges connected, {}shedding, {} datagrams dropped at its socket)",
                 names.len(),
-                t.elapsed().as_secs_f64()
+                t.elapsed().as_secs_f64(),
+                metric(&m, "verge_hub_edges_connected "),
+                if metric(&m, "verge_hub_shedding ") > 0.0 {
+                    ""
+                } else {
+                    "not "
+                },
+                metric(&m, "verge_hub_quic_socket_drops "),
             );
             last_print = Instant::now();
         }
@@ -1086,7 +1095,8 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
     });
 
     // Instances: all at once (burst, measured) or before the measured part.
-    let placements_before = metric(&hubs.metrics().await, "verge_hub_placements_total");
+    let before = hubs.metrics().await;
+    let placements_before = metric(&before, "verge_hub_placements_total");
     let applied_from = Instant::now();
     // A burst has many applies in flight (48: new connections from one address
     // beyond the hub's 64 strangers per address would be turned away while their
@@ -1094,9 +1104,13 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
     let in_flight = if a.scenario == Scenario::Burst { 48 } else { 8 };
     let applied = apply_all(&client, &names, in_flight).await?;
     let apply_secs = applied_from.elapsed().as_secs_f64();
-    let running_after = wait_running(&seen, &names, Duration::from_secs(600)).await?;
-    let placements =
-        metric(&hubs.metrics().await, "verge_hub_placements_total") - placements_before;
+    let running_after = wait_running(&seen, &names, &hubs, Duration::from_secs(600)).await?;
+    let after = hubs.metrics().await;
+    let placements = metric(&after, "verge_hub_placements_total") - placements_before;
+    // What the hub put off to keep up, and what its socket lost anyway.
+    let delta = |name: &str| metric(&after, name) - metric(&before, name);
+    report["instancesWritesRefused"] = delta("verge_hub_api_requests_total{code=\"503\"}").into();
+    report["instancesSocketDrops"] = delta("verge_hub_quic_socket_drops ").into();
     {
         let s = seen.lock().unwrap_or_else(|e| e.into_inner());
         let mut to_running: Vec<Duration> = names
