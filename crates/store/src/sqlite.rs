@@ -302,10 +302,17 @@ fn commit_group(
                     continue;
                 }
             };
-            tx.execute_batch("SAVEPOINT one").map_err(backend)?;
+            // Cached, as every statement of the hot path: parsing these two for each
+            // transaction was most of the store writer's parsing in a burst (about a
+            // tenth of its time, a profile at 20,000 edges).
+            tx.prepare_cached("SAVEPOINT one")
+                .and_then(|mut s| s.execute([]))
+                .map_err(backend)?;
             match apply_txn(&tx, t, rev, &attachments) {
                 Ok((res, batch)) => {
-                    tx.execute_batch("RELEASE one").map_err(backend)?;
+                    tx.prepare_cached("RELEASE one")
+                        .and_then(|mut s| s.execute([]))
+                        .map_err(backend)?;
                     rev = res.revision;
                     // Into the book at once, so that later transactions of the
                     // group see them (undone below if the group fails).
