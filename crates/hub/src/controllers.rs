@@ -28,7 +28,10 @@ const RELIST_NODES_EVERY: Duration = Duration::from_secs(15);
 /// another replica holds its session (a session record lives with that replica's
 /// lease, and the replica ends a silent session). The heartbeat written to the store
 /// (at most every [`crate::channel::STATUS_REFRESH`]) only counts for nodes that no
-/// replica has heard from since this leader began.
+/// replica has heard from since this leader began, and for those, silence counts from
+/// when this hub last saw more edges connected than ever before (a restarted hub takes
+/// its fleet back at the pace it can: an edge still waiting its turn is not down).
+/// When most of a large fleet is silent at once, none is marked ([`fleet_disrupted`]).
 pub async fn node_lifecycle(st: Arc<HubState>) {
     let grace = st.config.node_grace;
     let started = now_secs();
@@ -40,6 +43,8 @@ pub async fn node_lifecycle(st: Arc<HubState>) {
     // A node that turned Ready after a read is watched from the next one: within half
     // a grace period.
     let relist = RELIST_NODES_EVERY.min(grace / 2);
+    let mut last_disruption_warning: Option<std::time::Instant> = None;
+    let (mut most_connected, mut fleet_grew) = (0usize, started);
     loop {
         tick.tick().await;
         if listed.as_ref().is_none_or(|(at, _)| at.elapsed() >= relist) {
@@ -61,30 +66,57 @@ pub async fn node_lifecycle(st: Arc<HubState>) {
         let Some(elsewhere) = crate::replicas::sessions_elsewhere(&st).await else {
             continue;
         };
+        // The most edges connected so far, and when that last grew.
+        let connected = st.edges.len();
+        if connected > most_connected {
+            most_connected = connected;
+            fleet_grew = now_secs();
+        }
         let mut counts: BTreeMap<String, i64> = BTreeMap::new();
-        for n in nodes.iter_mut() {
+        // Ready nodes judged here, and those of them silent past the grace.
+        let mut judged = 0usize;
+        let mut silent_ones: Vec<(usize, u64)> = Vec::new();
+        for (k, n) in nodes.iter().enumerate() {
             *counts.entry(n.status.phase.to_string()).or_default() += 1;
             if n.status.phase != NodePhase::Ready || elsewhere.contains(n.name()) {
                 continue;
             }
+            judged += 1;
             let silent = match st.edges.last_heard(n.name()) {
                 Some(heard) => heard.elapsed().as_secs(),
                 None => {
                     // After a hub restart, give every edge a full grace period to
-                    // reconnect.
+                    // reconnect, counted from when the fleet last grew: while edges
+                    // keep coming back, the ones not back yet wait their turn (a
+                    // fleet of 100,000 takes minutes).
                     let last = n
                         .status
                         .last_heartbeat
                         .as_deref()
                         .and_then(parse_rfc3339)
                         .unwrap_or(0)
-                        .max(started);
+                        .max(started)
+                        .max(fleet_grew);
                     now_secs().saturating_sub(last)
                 }
             };
-            if silent <= grace.as_secs() {
-                continue;
+            if silent > grace.as_secs() {
+                silent_ones.push((k, silent));
             }
+        }
+        if fleet_disrupted(silent_ones.len(), judged) {
+            if last_disruption_warning.is_none_or(|w| w.elapsed() >= Duration::from_secs(30)) {
+                tracing::warn!(
+                    silent = silent_ones.len(),
+                    ready = judged,
+                    "most nodes are silent at once: this hub is more likely the one cut off (or still taking its fleet back after a restart) than they all down; none is marked NotReady until most are heard again"
+                );
+                last_disruption_warning = Some(std::time::Instant::now());
+            }
+            silent_ones.clear();
+        }
+        for (k, silent) in silent_ones {
+            let n = &mut nodes[k];
             let r = st
                 .objects
                 .update_status::<NodeSpec>(n.name(), |_, s| {
@@ -120,6 +152,21 @@ pub async fn node_lifecycle(st: Arc<HubState>) {
                 .set(counts.get(phase).copied().unwrap_or(0));
         }
     }
+}
+
+/// Fleets smaller than this are judged node by node, whatever share is silent (one
+/// edge of three down is not the hub's fault). Kubernetes' default for its
+/// large-cluster threshold.
+const LARGE_FLEET: usize = 50;
+
+/// Whether `silent` of the `ready` nodes a hub judges being silent past the grace at
+/// once says more about the hub than about them: more than 55% of a large fleet
+/// (Kubernetes' node lifecycle stops marking in such a full disruption). A hub that
+/// restarted and takes 100,000 edges back slower than the grace marked 99,894 of
+/// them NotReady, and its reaction to that (every instance of theirs re-planned) took
+/// the CPU the reconnection needed. A real partition of a minority is still marked.
+fn fleet_disrupted(silent: usize, ready: usize) -> bool {
+    ready >= LARGE_FLEET && silent * 100 > ready * 55
 }
 
 /// How often the scheduler makes a pass when nothing woke it and nothing waits: the
@@ -508,6 +555,20 @@ pub async fn compaction(st: Arc<HubState>) {
 mod tests {
     use super::*;
     use verge_api::{Bytes, Cpu, Object, ProcessSpec};
+
+    #[test]
+    fn most_of_a_large_fleet_silent_at_once_is_the_hub_s_problem() {
+        // A hub that restarted, or is cut off: none marked.
+        assert!(fleet_disrupted(100_000, 100_000));
+        assert!(fleet_disrupted(56, 100));
+        // A partition of a minority, or a few edges down: marked.
+        assert!(!fleet_disrupted(55, 100));
+        assert!(!fleet_disrupted(10_000, 100_000));
+        // A small fleet is judged node by node: its only edge down is down.
+        assert!(!fleet_disrupted(1, 1));
+        assert!(!fleet_disrupted(49, 49));
+        assert!(fleet_disrupted(50, 50));
+    }
 
     #[tokio::test]
     async fn placements_wait_while_the_hub_is_behind_and_go_once_it_catches_up() {

@@ -108,6 +108,20 @@ fn a_fleet_spread_over_three_replicas_on_etcd_holds_steady() {
     );
 }
 
+/// A restarted hub that takes its fleet back slower than the node grace (here it
+/// admits 2 edges a second: 120 take a minute, the grace is 40 s) marks none of the
+/// edges still waiting their turn NotReady.
+#[test]
+fn a_fleet_slower_to_come_back_than_the_grace_is_not_marked_notready() {
+    let r = sim_with("hub-restart", 120, "5s", "60s", &["--admit-rate", "2"]);
+    assert_fleet_held(&r, 120, 120);
+    assert!(
+        r["hubRestartToAllConnectedSeconds"].as_f64().unwrap_or(0.0) > 40.0,
+        "the fleet took longer than the grace to come back: {r:#}"
+    );
+    assert_eq!(r["nodesWentNotReady"], 0, "{r:#}");
+}
+
 #[test]
 fn a_fleet_resyncs_after_a_hub_kill_with_deltas_only() {
     let r = sim("hub-restart", 1000, "5s", "30s");
