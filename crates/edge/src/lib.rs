@@ -460,7 +460,7 @@ pub async fn run_with(
         };
         let mut failures_in_a_row = 0usize;
         // QUIC first; after it fails on an endpoint, TLS over TCP there for a while.
-        let quic_paths: Vec<std::sync::Mutex<verge_tunnel::dial::QuicPath>> =
+        let hub_paths: Vec<std::sync::Mutex<verge_tunnel::dial::HubPath>> =
             addrs.iter().map(|_| Default::default()).collect();
         loop {
             let addr = &addrs[current];
@@ -476,7 +476,7 @@ pub async fn run_with(
                 facts: facts.as_ref(),
                 metrics: &metrics,
                 quic: quic.as_ref(),
-                quic_path: &quic_paths[current],
+                hub_path: &hub_paths[current],
                 tcp_source,
                 peers: peers.as_deref(),
                 telemetry: &telemetry,

@@ -50,7 +50,7 @@ pub struct SessionCtx<'a> {
     /// The QUIC client endpoint.
     pub quic: Option<&'a quinn::Endpoint>,
     /// What this agent has learnt of QUIC to this hub endpoint.
-    pub quic_path: &'a std::sync::Mutex<verge_tunnel::dial::QuicPath>,
+    pub hub_path: &'a std::sync::Mutex<verge_tunnel::dial::HubPath>,
     /// The local address TCP connections leave from ([`crate::Seams::tcp_source`]).
     pub tcp_source: Option<std::net::IpAddr>,
     /// This node's site-peer prober, if it probes ([`crate::peers`]).
@@ -73,7 +73,7 @@ async fn connect(
         identity,
         alpn: ALPN_CHANNEL,
         quic: ctx.quic,
-        path: ctx.quic_path,
+        path: ctx.hub_path,
         tcp_source: ctx.tcp_source,
     })
     .await?)

@@ -905,6 +905,10 @@ async fn metrics(State(st): State<Arc<HubState>>) -> Response {
     st.metrics.quic_socket_queued.set(packets.queued as i64);
     st.metrics.quic_socket_drops.set(packets.drops as i64);
     st.metrics
+        .tls_tickets_issued
+        .set(st.tickets.issued() as i64);
+    st.metrics.tls_resumptions.set(st.tickets.accepted() as i64);
+    st.metrics
         .shedding
         .set(i64::from(st.limits.load.shedding().is_some()));
     if let Ok(rev) = st.objects.store().revision().await {

@@ -136,17 +136,6 @@ pub async fn run_with_store(
     }
     let ca = config::shared_ca(store.as_ref(), &dir).await?;
     let server = config::server_cert(&ca, &config)?;
-    let tls = verge_tunnel::tls::server_config(
-        ca.cert_pem(),
-        &server,
-        &[
-            ALPN_CHANNEL,
-            ALPN_STREAM,
-            ALPN_ENROLL,
-            verge_api::uplink::ALPN_REGION,
-            b"http/1.1",
-        ],
-    )?;
 
     // Admin credentials: reuse the token from an existing admin.conf, else mint one.
     // Every replica registers its own; each is good at all of them.
@@ -186,6 +175,18 @@ pub async fn run_with_store(
     };
     let st = HubState::new(Objects::new(store), ca, config);
     st.set_epoch(epoch);
+    let tls = verge_tunnel::tls::server_config(
+        st.ca.cert_pem(),
+        &server,
+        &[
+            ALPN_CHANNEL,
+            ALPN_STREAM,
+            ALPN_ENROLL,
+            verge_api::uplink::ALPN_REGION,
+            b"http/1.1",
+        ],
+        st.tickets.clone(),
+    )?;
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(st.fanout.clone().run(st.objects.store().clone()));
     tasks.spawn(st.sites.clone().run(st.objects.store().clone()));

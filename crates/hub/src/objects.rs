@@ -22,6 +22,16 @@ pub struct Objects {
 pub fn store_err(e: StoreError) -> ApiError {
     match e {
         StoreError::Compacted { .. } => ApiError::new(ErrorCode::Gone, e.to_string()),
+        // The backend failing (a lock held past its timeout, etcd out of reach) or
+        // closing is this hub's trouble, for now, not the request's: callers may try
+        // again (an enrolling edge does; it gives up on anything else).
+        StoreError::Backend(_) | StoreError::Closed => {
+            tracing::error!(error = ?e, "store failure");
+            ApiError::new(
+                ErrorCode::Unavailable,
+                format!("the hub's store failed ({e}); try again shortly"),
+            )
+        }
         other => {
             tracing::error!(error = ?other, "store failure");
             ApiError::new(ErrorCode::Internal, format!("store failure: {other}"))
@@ -318,4 +328,28 @@ pub fn parse_body<S: Kind>(body: &[u8]) -> Result<Object<S>, ApiError> {
         e.message = format!("invalid {}: {}", S::KIND, e.message);
         e
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store that fails for a while is the hub's trouble: callers get
+    /// `unavailable` (an enrolling edge tries again on it and gives up on anything
+    /// else), not `internal`.
+    #[test]
+    fn a_failing_store_is_unavailable_and_history_gone_is_gone() {
+        let locked = StoreError::Backend("database is locked".into());
+        let e = store_err(locked);
+        assert_eq!(e.code, ErrorCode::Unavailable);
+        assert!(e.message.contains("database is locked"), "{}", e.message);
+        assert_eq!(store_err(StoreError::Closed).code, ErrorCode::Unavailable);
+        let gone = StoreError::Compacted {
+            requested: 1,
+            compact_revision: 5,
+        };
+        assert_eq!(store_err(gone).code, ErrorCode::Gone);
+        let bad = StoreError::InvalidKey { key: String::new() };
+        assert_eq!(store_err(bad).code, ErrorCode::Internal);
+    }
 }

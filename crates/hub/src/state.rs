@@ -89,6 +89,10 @@ pub struct Metrics {
     /// 1 while the hub puts off new work because it is behind, else 0 (sampled at
     /// scrape).
     pub shedding: Gauge,
+    /// TLS session tickets handed out since start (sampled at scrape).
+    pub tls_tickets_issued: Gauge,
+    /// Handshakes that resumed a session from a ticket since start (sampled at scrape).
+    pub tls_resumptions: Gauge,
 }
 
 impl Metrics {
@@ -125,8 +129,20 @@ impl Metrics {
             quic_socket_queued: Gauge::default(),
             quic_socket_drops: Gauge::default(),
             shedding: Gauge::default(),
+            tls_tickets_issued: Gauge::default(),
+            tls_resumptions: Gauge::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "tls_tickets_issued",
+            "TLS session tickets handed out since the hub started",
+            m.tls_tickets_issued.clone(),
+        );
+        registry.register(
+            "tls_resumptions",
+            "TLS handshakes since the hub started that resumed a session from a ticket (no certificate signed or verified)",
+            m.tls_resumptions.clone(),
+        );
         registry.register(
             "quic_socket_queued_bytes",
             "Bytes the hub's QUIC socket holds unread (the kernel's accounting)",
@@ -784,6 +800,9 @@ pub struct HubState {
     admission: crate::limits::TokenBucket,
     /// QUIC handshakes begun ([`HubConfig::handshake_rate`]).
     pub handshakes: crate::limits::TokenBucket,
+    /// The session tickets this hub hands out and accepts (keyed from the CA key, so
+    /// a restarted hub or another replica accepts them).
+    pub tickets: Arc<verge_tunnel::tickets::DerivedTickets>,
 }
 
 impl HubState {
@@ -809,9 +828,13 @@ impl HubState {
             metrics.store_latency.clone(),
         )));
         let events = Arc::new(crate::events::EventLog::new(metrics.events_dropped.clone()));
+        let tickets = Arc::new(verge_tunnel::tickets::DerivedTickets::new(
+            ca.key_pem().as_bytes(),
+        ));
         Arc::new(Self {
             replica,
             objects,
+            tickets,
             ca,
             artifacts: {
                 let store = verge_artifacts::Cache::new(config.data_dir.join("artifacts"));

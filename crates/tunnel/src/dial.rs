@@ -3,6 +3,7 @@
 //! that filters UDP stays on TCP for a while). Edges dial their hub with it, and a
 //! region hub its centre.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::quic::Duplex;
@@ -25,8 +26,8 @@ pub struct Target<'a> {
     pub alpn: &'a [u8],
     /// The QUIC client endpoint (None: TLS over TCP only).
     pub quic: Option<&'a quinn::Endpoint>,
-    /// What was learnt of QUIC to this endpoint.
-    pub path: &'a std::sync::Mutex<QuicPath>,
+    /// What is kept for this endpoint ([`HubPath`]).
+    pub path: &'a std::sync::Mutex<HubPath>,
     /// The local address TCP connections leave from.
     pub tcp_source: Option<std::net::IpAddr>,
 }
@@ -58,19 +59,40 @@ const QUIC_PATIENCE: u32 = 2;
 /// there before trying QUIC again.
 const QUIC_RETRY: Duration = Duration::from_secs(300);
 
-/// What a dialer has learnt of QUIC to one hub endpoint.
+/// What a dialer keeps for one hub endpoint: what it has learnt of QUIC there, and
+/// the TLS configuration it dials with (parsed once per identity, and holding the
+/// session ticket that lets the next handshake resume).
 #[derive(Debug, Default)]
-pub struct QuicPath {
+pub struct HubPath {
     /// A QUIC handshake with this endpoint completed since the agent started.
     worked: bool,
     /// QUIC attempts in a row that met silence.
     silent_in_a_row: u32,
     /// TLS over TCP until then: QUIC failed where TCP worked (UDP filtered).
     tcp_until: Option<tokio::time::Instant>,
+    /// The client configuration, and a digest of what it was made from.
+    tls: Option<(u64, Arc<rustls::ClientConfig>)>,
 }
 
-fn lock_path(p: &std::sync::Mutex<QuicPath>) -> std::sync::MutexGuard<'_, QuicPath> {
+fn lock_path(p: &std::sync::Mutex<HubPath>) -> std::sync::MutexGuard<'_, HubPath> {
     p.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The TLS configuration for `t`: the one kept on its path while the identity, CA
+/// and protocol stay the same (a renewed certificate makes a new one).
+fn tls_config(t: &Target<'_>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (t.ca_pem, t.identity, t.alpn).hash(&mut h);
+    let made_from = h.finish();
+    if let Some((from, cfg)) = &lock_path(t.path).tls
+        && *from == made_from
+    {
+        return Ok(cfg.clone());
+    }
+    let cfg = crate::tls::resuming_client_config(t.ca_pem, t.identity, &[t.alpn])?;
+    lock_path(t.path).tls = Some((made_from, cfg.clone()));
+    Ok(cfg)
 }
 
 /// Connect: QUIC first (unless it was found filtered here), TLS over TCP when QUIC
@@ -85,7 +107,7 @@ pub async fn channel(t: &Target<'_>) -> Result<Result<Connected, String>, TlsErr
     };
     let mut quic_failed = false;
     if let (Some(endpoint), true) = (t.quic, try_quic) {
-        let cfg = crate::tls::client_config(t.ca_pem, t.identity, &[t.alpn])?;
+        let cfg = tls_config(t)?;
         let answer_within = if patient {
             QUIC_PATIENT_ANSWER
         } else {
@@ -133,7 +155,7 @@ pub async fn channel(t: &Target<'_>) -> Result<Result<Connected, String>, TlsErr
         }
         quic_failed = true;
     }
-    let cfg = crate::tls::client_config(t.ca_pem, t.identity, &[t.alpn])?;
+    let cfg = tls_config(t)?;
     Ok(
         match tokio::time::timeout(
             Duration::from_secs(10),
@@ -154,4 +176,140 @@ pub async fn channel(t: &Target<'_>) -> Result<Result<Connected, String>, TlsErr
             Err(_) => Err("connect timed out".into()),
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::CertAuthority;
+    use crate::tickets::DerivedTickets;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A hub on `addr` over QUIC that echoes one byte on each connection's first
+    /// stream and reports the certificate it was shown.
+    async fn hub(
+        addr: std::net::SocketAddr,
+        ca: &CertAuthority,
+        tickets: Arc<DerivedTickets>,
+    ) -> (
+        quinn::Endpoint,
+        tokio::sync::mpsc::UnboundedReceiver<Option<Vec<u8>>>,
+    ) {
+        let server = ca.issue_server(&[]).expect("server cert");
+        let tls = crate::tls::server_config(ca.cert_pem(), &server, &[b"t"], tickets)
+            .expect("server config");
+        // The hub before may still be letting go of the port.
+        let mut tries = 0;
+        let endpoint = loop {
+            match crate::quic::server(addr, tls.clone(), ca.key_pem().as_bytes()) {
+                Ok((e, _)) => break e,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    tracing::debug!(error = %e, "port still taken");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("endpoint: {e}"),
+            }
+        };
+        let (seen, rx) = tokio::sync::mpsc::unbounded_channel();
+        let accepting = endpoint.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = accepting.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    let (_, certs) = crate::quic::peer(&conn);
+                    let _ = seen.send(certs.and_then(|c| c.first().map(|c| c.to_vec())));
+                    let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+                        return;
+                    };
+                    let mut b = [0u8; 1];
+                    if recv.read_exact(&mut b).await.is_ok() {
+                        let _ = send.write_all(&b).await;
+                        let _ = send.finish();
+                    }
+                    conn.closed().await;
+                });
+            }
+        });
+        (endpoint, rx)
+    }
+
+    async fn round_trip(target: &Target<'_>) {
+        let (mut stream, conn, transport) =
+            channel(target).await.expect("config").expect("connected");
+        assert_eq!(transport, "quic");
+        stream.write_all(b"x").await.expect("write");
+        let mut b = [0u8; 1];
+        stream.read_exact(&mut b).await.expect("echo");
+        // The ticket came before the echo; now hang up.
+        if let Some(c) = conn {
+            c.close(0u32.into(), b"done");
+        }
+    }
+
+    /// An edge that reconnects to its hub after the hub restarted resumes its TLS
+    /// session: no certificate is signed or verified again, and the restarted hub
+    /// still knows who it is.
+    #[tokio::test]
+    async fn a_restarted_hub_resumes_the_sessions_of_the_one_before() {
+        crate::install_crypto_provider();
+        let ca = CertAuthority::generate("hub").expect("ca");
+        let (node_key, csr) = crate::pki::new_node_key_and_csr("edge-1").expect("csr");
+        let node_cert = ca
+            .sign_node_csr(&csr, "edge-1", None, time::Duration::days(1))
+            .expect("node cert");
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .expect("free port");
+        let addr = port.to_string();
+        let client = crate::quic::client().expect("client endpoint");
+        let path = std::sync::Mutex::new(HubPath::default());
+        let target = Target {
+            addr: &addr,
+            ca_pem: ca.cert_pem(),
+            identity: Some((&node_cert, &node_key)),
+            alpn: b"t",
+            quic: Some(&client),
+            path: &path,
+            tcp_source: None,
+        };
+
+        let first = Arc::new(DerivedTickets::new(ca.key_pem().as_bytes()));
+        let (endpoint, mut seen) = hub(port, &ca, first.clone()).await;
+        round_trip(&target).await;
+        assert!(seen.recv().await.expect("seen").is_some());
+        assert_eq!(
+            (first.issued(), first.accepted()),
+            (1, 0),
+            "a full handshake"
+        );
+        endpoint.close(0u32.into(), b"killed");
+        endpoint.wait_idle().await;
+        drop(endpoint);
+
+        // The same CA, a new process: it accepts the old hub's ticket.
+        let restarted = Arc::new(DerivedTickets::new(ca.key_pem().as_bytes()));
+        let (endpoint, mut seen) = hub(port, &ca, restarted.clone()).await;
+        round_trip(&target).await;
+        let cert = seen.recv().await.expect("seen").expect("a certificate");
+        assert_eq!(
+            crate::pki::node_name_from_cert(&cert).as_deref(),
+            Some("edge-1"),
+            "a resumed session still names its edge"
+        );
+        assert_eq!(restarted.accepted(), 1, "resumed");
+        endpoint.close(0u32.into(), b"killed");
+        endpoint.wait_idle().await;
+        drop(endpoint);
+
+        // Another CA's hub (keys it cannot derive): a full handshake, which fails
+        // here since the edge does not trust that hub's certificate.
+        let other = CertAuthority::generate("other").expect("ca");
+        let stranger = Arc::new(DerivedTickets::new(other.key_pem().as_bytes()));
+        let (_endpoint, _) = hub(port, &other, stranger.clone()).await;
+        let refused = channel(&target).await.expect("config");
+        assert!(refused.is_err(), "a hub of another CA is not trusted");
+        assert_eq!(stranger.accepted(), 0);
+    }
 }

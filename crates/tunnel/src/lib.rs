@@ -7,6 +7,8 @@
 //!   contact.
 //! - [`tls`]: rustls configurations (mutual TLS, the pinned first-contact verifier) and
 //!   dialing over TCP.
+//! - [`tickets`]: TLS session tickets whose keys outlive a hub restart, so that a
+//!   reconnecting fleet resumes instead of paying full handshakes.
 //! - [`quic`]: the same channel over a QUIC stream (quinn), the edge's first choice.
 //! - [`backlog`]: how far behind the reading of the hub's UDP socket is (what the
 //!   kernel holds unread for it, what it dropped).
@@ -21,6 +23,7 @@ pub mod frame;
 pub mod pki;
 pub mod probe;
 pub mod quic;
+pub mod tickets;
 pub mod tls;
 
 /// Install the one rustls crypto provider (ring) for this process. Idempotent.

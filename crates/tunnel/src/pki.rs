@@ -273,18 +273,24 @@ pub fn node_name_from_cert(der: &[u8]) -> Option<String> {
 }
 
 /// The node name and enrolment of a node certificate. Certificates issued before
-/// enrolments were recorded have none.
+/// enrolments were recorded have none. A certificate outside its validity names no
+/// one: the hub reads identities with this on every connection, and a resumed TLS
+/// session ([`crate::tickets`]) skips the handshake's own check of the dates.
 pub fn node_identity_from_cert(der: &[u8]) -> Option<(String, Option<String>)> {
     identity_from_cert(der, NODE_ORG)
 }
 
-/// The region and enrolment of a region hub's client certificate.
+/// The region and enrolment of a region hub's client certificate (valid now, as
+/// for [`node_identity_from_cert`]).
 pub fn region_identity_from_cert(der: &[u8]) -> Option<(String, Option<String>)> {
     identity_from_cert(der, REGION_ORG)
 }
 
 fn identity_from_cert(der: &[u8], want_org: &str) -> Option<(String, Option<String>)> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    if !cert.validity().is_valid() {
+        return None;
+    }
     let subject = cert.subject();
     let org = subject.iter_organization().next()?.as_str().ok()?;
     if org != want_org {
@@ -414,6 +420,22 @@ mod tests {
         // The hub's own certificate is not a node identity.
         let server = ca.issue_server(&["127.0.0.1".into()]).expect("server");
         let der = CertificateDer::from_pem_slice(server.cert_pem.as_bytes()).expect("pem");
+        assert_eq!(node_name_from_cert(&der), None);
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)] // a plain test: nothing else runs on its thread
+    fn an_expired_certificate_names_no_one() {
+        crate::install_crypto_provider();
+        let ca = CertAuthority::generate("test-ca").expect("ca");
+        let (_key, csr) = new_node_key_and_csr("edge-1").expect("csr");
+        let cert = ca
+            .sign_node_csr(&csr, "edge-1", None, Duration::seconds(1))
+            .expect("sign");
+        let der = CertificateDer::from_pem_slice(cert.as_bytes()).expect("pem");
+        assert_eq!(node_name_from_cert(&der).as_deref(), Some("edge-1"));
+        // Certificates count whole seconds: well past its last one.
+        std::thread::sleep(std::time::Duration::from_millis(2_200));
         assert_eq!(node_name_from_cert(&der), None);
     }
 

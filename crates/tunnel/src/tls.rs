@@ -87,11 +87,13 @@ fn cfg_err(e: impl std::fmt::Display) -> TlsError {
 }
 
 /// The hub's server config: presents `[server cert, CA]`, accepts optional client
-/// certificates signed by the CA.
+/// certificates signed by the CA, and hands each client one session ticket from
+/// `tickets` (keys that outlive a restart: [`crate::tickets`]).
 pub fn server_config(
     ca_pem: &str,
     server: &Issued,
     alpn: &[&[u8]],
+    tickets: Arc<crate::tickets::DerivedTickets>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider())
@@ -107,14 +109,50 @@ pub fn server_config(
         .with_single_cert(chain, key(&server.key_pem)?)
         .map_err(cfg_err)?;
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    cfg.ticketer = tickets;
+    // One is enough: a client resumes once per reconnection and gets a new one then.
+    cfg.send_tls13_tickets = 1;
     Ok(Arc::new(cfg))
 }
 
-/// A client config trusting `ca_pem`, optionally presenting a client identity.
+/// A client config trusting `ca_pem`, optionally presenting a client identity. It
+/// does not resume sessions: the CLI and one-off connections build theirs each time,
+/// and rustls' default ticket cache would cost each ~20 KiB.
 pub fn client_config(
     ca_pem: &str,
     identity: Option<(&str, &str)>,
     alpn: &[&[u8]],
+) -> Result<Arc<ClientConfig>, TlsError> {
+    build_client_config(
+        ca_pem,
+        identity,
+        alpn,
+        rustls::client::Resumption::disabled(),
+    )
+}
+
+/// [`client_config`] for a peer that keeps it across connections to its hub (an
+/// edge, a region hub): it holds the last session ticket, so reconnecting resumes
+/// the session (no certificate signed or verified again on either side) even with
+/// a restarted hub. The hub still checks the client certificate of a resumed
+/// session on every connection.
+pub fn resuming_client_config(
+    ca_pem: &str,
+    identity: Option<(&str, &str)>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ClientConfig>, TlsError> {
+    // One server name (the hub's), TLS 1.3 tickets only.
+    let store = Arc::new(rustls::client::ClientSessionMemoryCache::new(1));
+    let resumption = rustls::client::Resumption::store(store)
+        .tls12_resumption(rustls::client::Tls12Resumption::Disabled);
+    build_client_config(ca_pem, identity, alpn, resumption)
+}
+
+fn build_client_config(
+    ca_pem: &str,
+    identity: Option<(&str, &str)>,
+    alpn: &[&[u8]],
+    resumption: rustls::client::Resumption,
 ) -> Result<Arc<ClientConfig>, TlsError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -127,11 +165,7 @@ pub fn client_config(
         None => builder.with_no_client_auth(),
     };
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    // No session resumption: a resumed session skips the check of the certificates
-    // (a hub would go on trusting an edge certificate past its expiry), and rustls'
-    // default ticket cache costs each connection ~20 KiB, which a fleet simulator
-    // with thousands of edges in one process pays thousands of times.
-    cfg.resumption = rustls::client::Resumption::disabled();
+    cfg.resumption = resumption;
     Ok(Arc::new(cfg))
 }
 
@@ -297,7 +331,8 @@ mod tests {
         crate::install_crypto_provider();
         let ca = CertAuthority::generate("hub").expect("ca");
         let server = ca.issue_server(&[]).expect("server");
-        let scfg = server_config(ca.cert_pem(), &server, &[b"x"]).expect("server cfg");
+        let tickets = Arc::new(crate::tickets::DerivedTickets::new(b"k"));
+        let scfg = server_config(ca.cert_pem(), &server, &[b"x"], tickets).expect("server cfg");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

@@ -1270,6 +1270,11 @@ async fn run_in(a: SimArgs, dir: &std::path::Path) -> Result<()> {
                 let series = format!("verge_hub_syncs_total{{kind=\"{kind}\"}}");
                 report[field] = (metric(&after, &series) as u64).into();
             }
+            // And its handshakes: how many of them resumed a TLS session from a
+            // ticket the hub before handed out.
+            report["tlsResumptions"] = (metric(&after, "verge_hub_tls_resumptions ") as u64).into();
+            report["tlsTicketsIssued"] =
+                (metric(&after, "verge_hub_tls_tickets_issued ") as u64).into();
             tick_for(a.duration.saturating_sub(t0.elapsed()), &hubs).await;
         }
     }

@@ -178,7 +178,7 @@ pub async fn run(st: Arc<HubState>, link: RegionLink) {
 /// How this region hub dials its centre.
 struct Dialer {
     quic: Option<quinn::Endpoint>,
-    paths: Vec<Mutex<verge_tunnel::dial::QuicPath>>,
+    paths: Vec<Mutex<verge_tunnel::dial::HubPath>>,
     upstreams: Vec<String>,
     client: verge_tunnel::pki::Issued,
     ca_pem: String,
