@@ -24,7 +24,11 @@ use crate::node::NodeStatus;
 /// 7: over QUIC the hub no longer answers heartbeats ([`HubToEdge::HeartbeatAck`]):
 /// the edge hears the hub in QUIC's own acknowledgements of them, one datagram per
 /// heartbeat instead of three.
-pub const PROTOCOL_VERSION: u32 = 7;
+/// 8: the hub tells each edge how to spread its reconnection after being turned
+/// away ([`HubToEdge::Fleet`], and in the welcome).
+pub const PROTOCOL_VERSION: u32 = 8;
+/// The first protocol version whose edges take [`HubToEdge::Fleet`].
+pub const FLEET_SINCE: u32 = 8;
 /// The first protocol version whose edges, over QUIC, take no heartbeat answers.
 pub const QUIET_HEARTBEATS_SINCE: u32 = 7;
 /// The first protocol version whose edges take their clusters' endpoints.
@@ -159,6 +163,11 @@ pub enum HubToEdge {
         /// within one history (see `verge_hub::history`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         epoch: Option<String>,
+        /// How long the hub's whole fleet takes to reconnect at the pace the hub
+        /// takes handshakes: an edge it turns away waits a random part of this
+        /// before trying again ([`HubToEdge::Fleet`] keeps it current).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reconnect_spread_ms: Option<u64>,
     },
     /// Full desired state for this node: replace everything cached.
     /// Sent on first sync or when the edge's revision was compacted away.
@@ -198,6 +207,13 @@ pub enum HubToEdge {
     /// Answer to a heartbeat: lets the edge notice a dead connection quickly. Sent over
     /// TLS, and over QUIC to edges before [`QUIET_HEARTBEATS_SINCE`].
     HeartbeatAck,
+    /// The fleet grew or shrank by a quarter or more since the edge was last told
+    /// (protocol [`FLEET_SINCE`]): its reconnect spread, as in the welcome.
+    #[serde(rename_all = "camelCase")]
+    Fleet {
+        /// See `Welcome::reconnect_spread_ms`.
+        reconnect_spread_ms: u64,
+    },
     /// Stop answering request `id` (a followed log whose reader went away).
     #[serde(rename_all = "camelCase")]
     Cancel {

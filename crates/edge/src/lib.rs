@@ -462,6 +462,7 @@ pub async fn run_with(
         // QUIC first; after it fails on an endpoint, TLS over TCP there for a while.
         let hub_paths: Vec<std::sync::Mutex<verge_tunnel::dial::HubPath>> =
             addrs.iter().map(|_| Default::default()).collect();
+        let reconnect_spread = std::sync::atomic::AtomicU64::new(0);
         loop {
             let addr = &addrs[current];
             // Pick up a renewed certificate saved by the previous session.
@@ -480,6 +481,7 @@ pub async fn run_with(
                 tcp_source,
                 peers: peers.as_deref(),
                 telemetry: &telemetry,
+                reconnect_spread: &reconnect_spread,
             };
             let began = tokio::time::Instant::now();
             let end = run_session(&ctx).await?;
@@ -501,6 +503,25 @@ pub async fn run_with(
                 SessionEnd::Busy(retry_after) => {
                     tracing::info!(addr = %addr, retry_after_ms = retry_after.as_millis() as u64, "hub is busy admitting edges; waiting");
                     tokio::time::sleep(jitter(retry_after.max(backoff))).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+                SessionEnd::TurnedAway(why) => {
+                    // The hub takes its fleet back at a pace, and this edge came too
+                    // early: coming again after a short backoff, like the rest of a
+                    // fleet, turns a restart into waves of refusals (each costs both
+                    // sides a connection attempt, and its session ticket). A random
+                    // part of the time the whole fleet takes at that pace spreads
+                    // the edges over it instead.
+                    let spread = Duration::from_millis(
+                        reconnect_spread.load(std::sync::atomic::Ordering::Relaxed),
+                    );
+                    let wait = spread.mul_f64(rand::random::<f64>()).max(jitter(backoff));
+                    if addrs.len() > 1 {
+                        current = (current + 1) % addrs.len();
+                        metrics.failovers.inc();
+                    }
+                    tracing::info!(%why, from = %addr, wait_ms = wait.as_millis() as u64, "hub turned the connection away; trying again later");
+                    tokio::time::sleep(wait).await;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
                 SessionEnd::Lost(why) => {

@@ -28,6 +28,9 @@ pub enum SessionEnd {
     Deleted(String),
     /// The hub is admitting other edges first; retry after this long.
     Busy(Duration),
+    /// The hub turned the connection away before its handshake (it takes a fleet
+    /// back at a pace): retry within the fleet's reconnect spread.
+    TurnedAway(String),
 }
 
 /// Node facts are resent at least this often even when unchanged.
@@ -57,12 +60,15 @@ pub struct SessionCtx<'a> {
     pub peers: Option<&'a crate::peers::PeerProbes>,
     /// The node's metrics, shipped on their own stream while connected.
     pub telemetry: &'a Arc<crate::telemetry::Telemetry>,
+    /// The hub's last word on how long its fleet takes to reconnect, in ms
+    /// (`HubToEdge::Welcome`, `HubToEdge::Fleet`); kept across sessions.
+    pub reconnect_spread: &'a std::sync::atomic::AtomicU64,
 }
 
 /// Connect over [`verge_tunnel::dial::channel`] with this session's identity.
 async fn connect(
     ctx: &SessionCtx<'_>,
-) -> Result<Result<verge_tunnel::dial::Connected, String>, EdgeError> {
+) -> Result<Result<verge_tunnel::dial::Connected, verge_tunnel::dial::DialFailure>, EdgeError> {
     let identity = Some((
         ctx.identity.cert_pem.as_str(),
         ctx.identity.key_pem.as_str(),
@@ -79,11 +85,21 @@ async fn connect(
     .await?)
 }
 
+/// The most an edge spreads its reconnection over, whatever a hub says.
+pub const MOST_SPREAD: Duration = Duration::from_secs(600);
+
+fn note_spread(ctx: &SessionCtx<'_>, ms: u64) {
+    let ms = ms.min(MOST_SPREAD.as_millis() as u64);
+    ctx.reconnect_spread
+        .store(ms, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Run one session. Returns when the connection ends.
 pub async fn run_session(ctx: &SessionCtx<'_>) -> Result<SessionEnd, EdgeError> {
     let (stream, quic_conn, transport) = match connect(ctx).await? {
         Ok(x) => x,
-        Err(why) => return Ok(SessionEnd::Lost(why)),
+        Err(failed) if failed.turned_away => return Ok(SessionEnd::TurnedAway(failed.why)),
+        Err(failed) => return Ok(SessionEnd::Lost(failed.why)),
     };
     // Data streams go the same way as the channel: more streams of the QUIC
     // connection, or more TLS connections to the same endpoint.
@@ -124,12 +140,18 @@ pub async fn run_session(ctx: &SessionCtx<'_>) -> Result<SessionEnd, EdgeError> 
             heartbeat_interval_ms,
             epoch,
             protocol_version,
+            reconnect_spread_ms,
             ..
-        }))) => (
-            Duration::from_millis(heartbeat_interval_ms.clamp(100, 300_000)),
-            epoch,
-            protocol_version,
-        ),
+        }))) => {
+            if let Some(ms) = reconnect_spread_ms {
+                note_spread(ctx, ms);
+            }
+            (
+                Duration::from_millis(heartbeat_interval_ms.clamp(100, 300_000)),
+                epoch,
+                protocol_version,
+            )
+        }
         Ok(Ok(Some(HubToEdge::Error { code, message, .. })))
             if refusal(&code, &message).is_some() =>
         {
@@ -347,6 +369,7 @@ where
                             return Ok(SessionEnd::Lost(message));
                         }
                     }
+                    HubToEdge::Fleet { reconnect_spread_ms } => note_spread(ctx, reconnect_spread_ms),
                     HubToEdge::Welcome { .. } | HubToEdge::Enrolled { .. } => {
                         return Ok(SessionEnd::Lost("unexpected message from hub".into()));
                     }

@@ -19,8 +19,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use verge_api::channel::{
-    ENDPOINTS_SINCE, EdgeToHub, HubToEdge, InstanceChange, MIN_PROTOCOL_VERSION, PART_BYTES,
-    PEERS_SINCE, PROTOCOL_VERSION, QUIET_HEARTBEATS_SINCE, SNAPSHOT_PARTS_SINCE,
+    ENDPOINTS_SINCE, EdgeToHub, FLEET_SINCE, HubToEdge, InstanceChange, MIN_PROTOCOL_VERSION,
+    PART_BYTES, PEERS_SINCE, PROTOCOL_VERSION, QUIET_HEARTBEATS_SINCE, SNAPSHOT_PARTS_SINCE,
 };
 use verge_api::clock::now_rfc3339;
 use verge_api::{ApiError, ErrorCode, Instance, InstanceSpec, NodePhase, NodeSpec, NodeStatus};
@@ -265,11 +265,13 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     // reports refused.
     let settled = Box::pin(crate::disconnect::settle_return(&st, &node)).await;
     let (tx, mut rx) = mpsc::channel::<HubToEdge>(1024);
+    let spread = st.reconnect_spread_ms();
     let welcome = HubToEdge::Welcome {
         protocol_version: PROTOCOL_VERSION,
         node: node.clone(),
         heartbeat_interval_ms: st.config.heartbeat_interval.as_millis() as u64,
         epoch: st.epoch().map(str::to_string),
+        reconnect_spread_ms: Some(spread),
     };
     if write_msg(&mut writer, &welcome).await.is_err() {
         return;
@@ -282,6 +284,7 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         transport,
         &st.metrics,
     );
+    conn.spread_update(spread);
     Box::pin(crate::replicas::claim_session(&st, &node, conn.id)).await;
     tracing::info!(node = %node, since, agent_version = %agent_version, "edge connected");
     let writer_task = tokio::spawn(async move {
@@ -433,6 +436,18 @@ async fn handle_edge_message(
             // the edge's acknowledgement of it), a third of a fleet's traffic.
             if protocol_version < QUIET_HEARTBEATS_SINCE || transport != "quic" {
                 let _ = conn.tx.send(HubToEdge::HeartbeatAck).await;
+            }
+            // A fleet that grew since this edge was told how to spread its
+            // reconnection tells it again (a few times over a fleet's growth).
+            if protocol_version >= FLEET_SINCE
+                && let Some(reconnect_spread_ms) = conn.spread_update(st.reconnect_spread_ms())
+            {
+                let _ = conn
+                    .tx
+                    .send(HubToEdge::Fleet {
+                        reconnect_spread_ms,
+                    })
+                    .await;
             }
             // Alive, but a node that cannot be sent its desired state is not Ready.
             let unsyncable = st.edges.sync_failure(node);

@@ -66,6 +66,7 @@ pub async fn node_lifecycle(st: Arc<HubState>) {
         let Some(elsewhere) = crate::replicas::sessions_elsewhere(&st).await else {
             continue;
         };
+        st.set_fleet_size(nodes.len());
         // The most edges connected so far, and when that last grew.
         let connected = st.edges.len();
         if connected > most_connected {

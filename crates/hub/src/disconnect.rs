@@ -272,9 +272,28 @@ pub async fn run(st: Arc<HubState>, cache: Arc<ControllerCache>) {
         // node's silence before it (which would write it Unknown for good).
         let instances = cache.instances();
         let nodes = unmanaged(cache.nodes());
-        let by_name: BTreeMap<&str, &Node> = nodes.iter().map(|n| (n.name(), &**n)).collect();
-        let votes = peer_votes(nodes.iter().map(|n| &**n));
-        let steps = plan(now_secs(), &by_name, &votes, instances.iter().map(|i| &**i));
+        // Only nodes that are not Ready have instances to plan over (`plan` passes
+        // the others by), and only the votes of their sites count: a pass over
+        // every node's name and peers each second took a tenth of a hub with
+        // 100,000 nodes while its fleet reconnected.
+        let silent: BTreeMap<&str, &Node> = nodes
+            .iter()
+            .filter(|n| n.status.phase != NodePhase::Ready)
+            .map(|n| (n.name(), &**n))
+            .collect();
+        let sites: std::collections::BTreeSet<&str> =
+            silent.values().filter_map(|n| site_of(n)).collect();
+        let votes = if sites.is_empty() {
+            BTreeMap::new()
+        } else {
+            peer_votes(
+                nodes
+                    .iter()
+                    .map(|n| &**n)
+                    .filter(|n| site_of(n).is_some_and(|s| sites.contains(s))),
+            )
+        };
+        let steps = plan(now_secs(), &silent, &votes, instances.iter().map(|i| &**i));
         let mut replaced = false;
         for p in steps {
             replaced |= p.step == Step::Replace;

@@ -306,6 +306,23 @@ pub struct EdgeConn {
     /// Set (with the reason) when this connection ends; data streams opened through it
     /// end with that reason.
     closed: watch::Sender<Option<String>>,
+    /// The reconnect spread this session last told its edge, in ms.
+    spread_told: AtomicU64,
+}
+
+/// [`HubState::reconnect_spread_ms`] for `fleet` edges at `handshakes_per_second`.
+pub fn reconnect_spread_ms(fleet: usize, handshakes_per_second: f64) -> u64 {
+    const MOST: f64 = 600_000.0;
+    if handshakes_per_second.is_nan() || handshakes_per_second <= 0.0 {
+        return 0;
+    }
+    (fleet as f64 * 1000.0 / handshakes_per_second).min(MOST) as u64
+}
+
+/// Whether an edge told a reconnect spread of `told` ms should be told `now` (it
+/// differs by a quarter or more: a growing fleet tells each edge a few times).
+pub fn spread_news(told: u64, now: u64) -> bool {
+    now.abs_diff(told) * 4 >= told.max(1)
 }
 
 /// What a connection last wrote of its node's status.
@@ -345,6 +362,17 @@ enum Waiter {
 }
 
 impl EdgeConn {
+    /// The reconnect spread to tell this session's edge, if it is news to it
+    /// ([`spread_news`]); recorded as told.
+    pub fn spread_update(&self, now: u64) -> Option<u64> {
+        let told = self.spread_told.load(Ordering::Relaxed);
+        if told != 0 && !spread_news(told, now) {
+            return None;
+        }
+        self.spread_told.store(now, Ordering::Relaxed);
+        Some(now)
+    }
+
     /// A heartbeat arrived: remember when, and return how long after the previous
     /// one (on this connection).
     pub fn heartbeat(&self) -> Option<Duration> {
@@ -525,6 +553,7 @@ impl EdgeRegistry {
             heard: Mutex::new(now),
             persisted: Mutex::new(None),
             closed: watch::channel(None).0,
+            spread_told: AtomicU64::new(0),
         });
         let old = self
             .conns
@@ -803,9 +832,27 @@ pub struct HubState {
     /// The session tickets this hub hands out and accepts (keyed from the CA key, so
     /// a restarted hub or another replica accepts them).
     pub tickets: Arc<verge_tunnel::tickets::DerivedTickets>,
+    /// Nodes this hub's edges are (set by the node lifecycle on the leader).
+    fleet_size: std::sync::atomic::AtomicUsize,
 }
 
 impl HubState {
+    /// Note how many nodes connect to this hub.
+    pub fn set_fleet_size(&self, nodes: usize) {
+        self.fleet_size.store(nodes, Ordering::Relaxed);
+    }
+
+    /// How long this hub's fleet takes to connect at the pace it takes handshakes
+    /// (`--handshake-rate`), in milliseconds: what an edge it turns away spreads its
+    /// next attempt over ([`HubToEdge::Welcome`]). At most 10 minutes.
+    pub fn reconnect_spread_ms(&self) -> u64 {
+        let fleet = self
+            .fleet_size
+            .load(Ordering::Relaxed)
+            .max(self.edges.len());
+        reconnect_spread_ms(fleet, self.config.handshake_rate)
+    }
+
     /// Assemble the state.
     pub fn new(objects: Objects, ca: CertAuthority, config: HubConfig) -> Arc<Self> {
         let admission = crate::limits::TokenBucket::new(config.admit_rate);
@@ -835,6 +882,7 @@ impl HubState {
             replica,
             objects,
             tickets,
+            fleet_size: Default::default(),
             ca,
             artifacts: {
                 let store = verge_artifacts::Cache::new(config.data_dir.join("artifacts"));
@@ -883,5 +931,29 @@ impl HubState {
     /// thousands of edges coming back at once cannot swamp it.
     pub fn admit(&self) -> Result<(), Duration> {
         self.admission.take()
+    }
+}
+
+#[cfg(test)]
+mod spread_tests {
+    use super::{reconnect_spread_ms, spread_news};
+
+    #[test]
+    fn the_reconnect_spread_is_the_fleet_at_the_handshake_pace_and_news_only_when_it_moves() {
+        assert_eq!(reconnect_spread_ms(100_000, 1000.0), 100_000);
+        assert_eq!(reconnect_spread_ms(300, 20.0), 15_000);
+        assert_eq!(
+            reconnect_spread_ms(10_000_000, 1.0),
+            600_000,
+            "at most 10 minutes"
+        );
+        assert_eq!(reconnect_spread_ms(500, 0.0), 0, "no pace, no spread");
+        assert_eq!(reconnect_spread_ms(500, f64::NAN), 0);
+        // A quarter or more either way is news; less is not.
+        assert!(spread_news(1000, 1250));
+        assert!(spread_news(1000, 750));
+        assert!(!spread_news(1000, 1200));
+        assert!(!spread_news(1000, 800));
+        assert!(spread_news(0, 1), "never told");
     }
 }

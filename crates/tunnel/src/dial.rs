@@ -14,6 +14,31 @@ use crate::tls::TlsError;
 /// transport's name (`quic` or `tls`).
 pub type Connected = (Box<dyn Duplex>, Option<quinn::Connection>, &'static str);
 
+/// Why a dial came to nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DialFailure {
+    /// What happened, for the log.
+    pub why: String,
+    /// The hub answered and turned the connection away before its handshake: it is
+    /// taking a fleet back at the rate it can, so come back later, not at once.
+    pub turned_away: bool,
+}
+
+impl DialFailure {
+    fn new(why: impl Into<String>) -> Self {
+        Self {
+            why: why.into(),
+            turned_away: false,
+        }
+    }
+}
+
+impl std::fmt::Display for DialFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
+}
+
 /// What to dial, and with what.
 pub struct Target<'a> {
     /// `HOST:PORT`.
@@ -97,7 +122,7 @@ fn tls_config(t: &Target<'_>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
 
 /// Connect: QUIC first (unless it was found filtered here), TLS over TCP when QUIC
 /// meets silence or a failure that TCP may not share.
-pub async fn channel(t: &Target<'_>) -> Result<Result<Connected, String>, TlsError> {
+pub async fn channel(t: &Target<'_>) -> Result<Result<Connected, DialFailure>, TlsError> {
     let (try_quic, patient) = {
         let p = lock_path(t.path);
         (
@@ -127,22 +152,27 @@ pub async fn channel(t: &Target<'_>) -> Result<Result<Connected, String>, TlsErr
             }
             // The hub answered over UDP but is too busy to finish: UDP works, so TCP
             // would only add load; back off.
-            Err(_) => return Ok(Err("QUIC handshake with a busy hub timed out".into())),
+            Err(_) => {
+                return Ok(Err(DialFailure::new(
+                    "QUIC handshake with a busy hub timed out",
+                )));
+            }
             Ok(Err(TlsError::Connect { source, .. }))
                 if source.kind() == std::io::ErrorKind::ConnectionRefused =>
             {
-                return Ok(Err(format!(
-                    "the hub turned the connection away ({source})"
-                )));
+                return Ok(Err(DialFailure {
+                    why: format!("the hub turned the connection away ({source})"),
+                    turned_away: true,
+                }));
             }
             Ok(Err(TlsError::Connect { source, .. }))
                 if source.kind() == std::io::ErrorKind::TimedOut =>
             {
                 lock_path(t.path).silent_in_a_row += 1;
                 if patient {
-                    return Ok(Err(format!(
+                    return Ok(Err(DialFailure::new(format!(
                         "no QUIC answer from a hub that spoke QUIC before ({source}): down or busy"
-                    )));
+                    ))));
                 }
                 tracing::info!(
                     addr = t.addr,
@@ -172,8 +202,8 @@ pub async fn channel(t: &Target<'_>) -> Result<Result<Connected, String>, TlsErr
                 }
                 Ok((Box::new(s) as Box<dyn Duplex>, None, "tls"))
             }
-            Ok(Err(e)) => Err(format!("{e}: {}", source_text(&e))),
-            Err(_) => Err("connect timed out".into()),
+            Ok(Err(e)) => Err(DialFailure::new(format!("{e}: {}", source_text(&e)))),
+            Err(_) => Err(DialFailure::new("connect timed out")),
         },
     )
 }
@@ -191,6 +221,7 @@ mod tests {
         addr: std::net::SocketAddr,
         ca: &CertAuthority,
         tickets: Arc<DerivedTickets>,
+        turn_away: usize,
     ) -> (
         quinn::Endpoint,
         tokio::sync::mpsc::UnboundedReceiver<Option<Vec<u8>>>,
@@ -214,7 +245,14 @@ mod tests {
         let (seen, rx) = tokio::sync::mpsc::unbounded_channel();
         let accepting = endpoint.clone();
         tokio::spawn(async move {
+            let mut turned = 0;
             while let Some(incoming) = accepting.accept().await {
+                // As a hub pacing its handshakes does: before the handshake.
+                if turned < turn_away {
+                    turned += 1;
+                    incoming.refuse();
+                    continue;
+                }
                 let seen = seen.clone();
                 tokio::spawn(async move {
                     let Ok(conn) = incoming.await else { return };
@@ -276,21 +314,28 @@ mod tests {
         };
 
         let first = Arc::new(DerivedTickets::new(ca.key_pem().as_bytes()));
-        let (endpoint, mut seen) = hub(port, &ca, first.clone()).await;
+        let (endpoint, mut seen) = hub(port, &ca, first.clone(), 0).await;
         round_trip(&target).await;
         assert!(seen.recv().await.expect("seen").is_some());
         assert_eq!(
             (first.issued(), first.accepted()),
-            (1, 0),
+            (crate::tickets::TICKETS_PER_HANDSHAKE as u64, 0),
             "a full handshake"
         );
         endpoint.close(0u32.into(), b"killed");
         endpoint.wait_idle().await;
         drop(endpoint);
 
-        // The same CA, a new process: it accepts the old hub's ticket.
+        // The same CA, a new process: it accepts the old hub's ticket, even after
+        // turning the first attempt away (which spent the ticket it offered).
         let restarted = Arc::new(DerivedTickets::new(ca.key_pem().as_bytes()));
-        let (endpoint, mut seen) = hub(port, &ca, restarted.clone()).await;
+        let (endpoint, mut seen) = hub(port, &ca, restarted.clone(), 1).await;
+        let turned = channel(&target).await.expect("config");
+        assert!(
+            matches!(&turned, Err(f) if f.turned_away),
+            "{:?}",
+            turned.err()
+        );
         round_trip(&target).await;
         let cert = seen.recv().await.expect("seen").expect("a certificate");
         assert_eq!(
@@ -307,7 +352,7 @@ mod tests {
         // here since the edge does not trust that hub's certificate.
         let other = CertAuthority::generate("other").expect("ca");
         let stranger = Arc::new(DerivedTickets::new(other.key_pem().as_bytes()));
-        let (_endpoint, _) = hub(port, &other, stranger.clone()).await;
+        let (_endpoint, _) = hub(port, &other, stranger.clone(), 0).await;
         let refused = channel(&target).await.expect("config");
         assert!(refused.is_err(), "a hub of another CA is not trusted");
         assert_eq!(stranger.accepted(), 0);

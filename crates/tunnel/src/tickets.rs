@@ -15,8 +15,14 @@
 //! resumed or not (`pki::node_identity_from_cert`), so a ticket never extends a
 //! certificate.
 
+use std::collections::VecDeque;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use rustls::NamedGroup;
+use rustls::client::{ClientSessionStore, Tls12ClientSessionValue, Tls13ClientSessionValue};
+use rustls::pki_types::ServerName;
 
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use sha2::{Digest, Sha256};
@@ -25,6 +31,11 @@ use sha2::{Digest, Sha256};
 /// these, and clients keep it one (TLS 1.3 allows at most 7 days). An edge whose
 /// connection is older than this pays a full handshake when it has to reconnect.
 pub const TICKET_PERIOD: u64 = 3 * 24 * 3600;
+
+/// Tickets the hub hands out per handshake, and a client keeps. An attempt the hub
+/// turns away before its handshake (while a fleet reconnects) has already spent the
+/// ticket it offered: with a second one, the next attempt still resumes.
+pub const TICKETS_PER_HANDSHAKE: usize = 2;
 
 /// Bytes before the sealed part: the period (4) and the nonce.
 const HEADER: usize = 4 + NONCE_LEN;
@@ -123,6 +134,68 @@ impl DerivedTickets {
             .open_in_place(nonce, Aad::from(period.to_be_bytes()), &mut body)
             .ok()?;
         Some(plain.to_vec())
+    }
+}
+
+/// A client's tickets for the one hub it dials: the newest
+/// [`TICKETS_PER_HANDSHAKE`], each offered once (rustls' own cache keeps up to 8 per
+/// server and a map of servers, more than an edge needs).
+#[derive(Debug, Default)]
+pub struct HubTickets {
+    held: Mutex<Held>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    kx_hint: Option<NamedGroup>,
+    tickets: VecDeque<Tls13ClientSessionValue>,
+}
+
+impl HubTickets {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Tickets held now.
+    pub fn len(&self) -> usize {
+        self.lock().tickets.len()
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl ClientSessionStore for HubTickets {
+    fn set_kx_hint(&self, _: ServerName<'static>, group: NamedGroup) {
+        self.lock().kx_hint = Some(group);
+    }
+
+    fn kx_hint(&self, _: &ServerName<'_>) -> Option<NamedGroup> {
+        self.lock().kx_hint
+    }
+
+    // TLS 1.2 sessions are not resumed (`Tls12Resumption::Disabled`).
+    fn set_tls12_session(&self, _: ServerName<'static>, _: Tls12ClientSessionValue) {}
+
+    fn tls12_session(&self, _: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
+        None
+    }
+
+    fn remove_tls12_session(&self, _: &ServerName<'static>) {}
+
+    fn insert_tls13_ticket(&self, _: ServerName<'static>, value: Tls13ClientSessionValue) {
+        let mut held = self.lock();
+        if held.tickets.len() >= TICKETS_PER_HANDSHAKE {
+            held.tickets.pop_front();
+        }
+        held.tickets.push_back(value);
+    }
+
+    fn take_tls13_ticket(&self, _: &ServerName<'static>) -> Option<Tls13ClientSessionValue> {
+        // The newest first: it has the most life left.
+        self.lock().tickets.pop_back()
     }
 }
 

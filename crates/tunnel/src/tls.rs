@@ -110,8 +110,7 @@ pub fn server_config(
         .map_err(cfg_err)?;
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     cfg.ticketer = tickets;
-    // One is enough: a client resumes once per reconnection and gets a new one then.
-    cfg.send_tls13_tickets = 1;
+    cfg.send_tls13_tickets = crate::tickets::TICKETS_PER_HANDSHAKE;
     Ok(Arc::new(cfg))
 }
 
@@ -141,8 +140,7 @@ pub fn resuming_client_config(
     identity: Option<(&str, &str)>,
     alpn: &[&[u8]],
 ) -> Result<Arc<ClientConfig>, TlsError> {
-    // One server name (the hub's), TLS 1.3 tickets only.
-    let store = Arc::new(rustls::client::ClientSessionMemoryCache::new(1));
+    let store = Arc::new(crate::tickets::HubTickets::default());
     let resumption = rustls::client::Resumption::store(store)
         .tls12_resumption(rustls::client::Tls12Resumption::Disabled);
     build_client_config(ca_pem, identity, alpn, resumption)

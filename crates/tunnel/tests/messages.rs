@@ -127,16 +127,20 @@ fn hub_msg() -> impl Strategy<Value = HubToEdge> {
             any::<u32>(),
             name(),
             any::<u64>(),
-            proptest::option::of(text())
+            proptest::option::of(text()),
+            proptest::option::of(any::<u64>())
         )
-            .prop_map(|(protocol_version, node, heartbeat_interval_ms, epoch)| {
-                HubToEdge::Welcome {
-                    protocol_version,
-                    node,
-                    heartbeat_interval_ms,
-                    epoch,
+            .prop_map(
+                |(protocol_version, node, heartbeat_interval_ms, epoch, reconnect_spread_ms)| {
+                    HubToEdge::Welcome {
+                        protocol_version,
+                        node,
+                        heartbeat_interval_ms,
+                        epoch,
+                        reconnect_spread_ms,
+                    }
                 }
-            }),
+            ),
         (any::<u64>(), proptest::collection::vec(instance(), 0..4)).prop_map(
             |(revision, instances)| HubToEdge::Snapshot {
                 revision,
@@ -168,6 +172,9 @@ fn hub_msg() -> impl Strategy<Value = HubToEdge> {
             .prop_map(|(revision, changes)| HubToEdge::Changes { revision, changes }),
         any::<u64>().prop_map(|revision| HubToEdge::Bookmark { revision }),
         Just(HubToEdge::HeartbeatAck),
+        any::<u64>().prop_map(|reconnect_spread_ms| HubToEdge::Fleet {
+            reconnect_spread_ms
+        }),
         (any::<u64>(), name(), any::<u64>()).prop_map(|(id, instance, tail_bytes)| {
             HubToEdge::Request {
                 id,

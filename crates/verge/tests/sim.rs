@@ -129,6 +129,34 @@ fn a_fleet_resyncs_after_a_hub_kill_with_deltas_only() {
     // Every edge resumed from its revision: no snapshot, and so no full re-list.
     assert_eq!(r["syncsSnapshot"], 0, "{r:#}");
     assert!(r["syncsResume"].as_f64().unwrap_or(0.0) >= 1000.0, "{r:#}");
+    // And its TLS session, with the ticket the hub before gave it: no certificate
+    // signed or verified again.
+    assert!(r["tlsResumptions"].as_u64().unwrap_or(0) >= 1000, "{r:#}");
+}
+
+/// A restarted hub that takes handshakes at a pace (20 a second here: 300 edges take
+/// 15 s) turns the early edges away; they come back spread over the time the fleet
+/// takes at that pace instead of in waves of refusals, and each resumes its TLS
+/// session (the attempt turned away spent one ticket; an edge holds two).
+#[test]
+fn a_fleet_turned_away_by_the_handshake_pace_comes_back_spread_out_and_resumed() {
+    let r = sim_with(
+        "hub-restart",
+        300,
+        "5s",
+        "40s",
+        &["--handshake-rate", "20", "--join-rate", "20"],
+    );
+    assert_fleet_held(&r, 300, 300);
+    // Nine in ten at least: an edge turned away twice has spent both its tickets.
+    assert!(r["tlsResumptions"].as_u64().unwrap_or(0) >= 270, "{r:#}");
+    let refused = r["connectionsRefused"]["handshake_rate"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(refused > 0, "the pace turned edges away: {r:#}");
+    // Retrying on its short backoff instead, the same fleet was turned away 635
+    // times, and a third of it paid full handshakes (212 and 22 with the spread).
+    assert!(refused < 400, "turned away {refused} times: {r:#}");
 }
 
 #[test]

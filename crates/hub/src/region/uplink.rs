@@ -159,7 +159,7 @@ pub async fn run(st: Arc<HubState>, link: RegionLink) {
                     Ok(why) | Err(why) => why,
                 }
             }
-            Ok(Err(why)) => why,
+            Ok(Err(failed)) => failed.why,
             Err(e) => e.to_string(),
         };
         tracing::warn!(centre = %addr, %why, "uplink to the centre is down; the region keeps working on its own");
@@ -194,7 +194,10 @@ impl Dialer {
     async fn dial(
         &self,
         i: usize,
-    ) -> Result<Result<verge_tunnel::dial::Connected, String>, verge_tunnel::tls::TlsError> {
+    ) -> Result<
+        Result<verge_tunnel::dial::Connected, verge_tunnel::dial::DialFailure>,
+        verge_tunnel::tls::TlsError,
+    > {
         verge_tunnel::dial::channel(&verge_tunnel::dial::Target {
             addr: self.addr(i),
             ca_pem: &self.ca_pem,
@@ -226,7 +229,7 @@ async fn serve_stream(st: Arc<HubState>, at: Upstream, id: u64) {
     let (stream, conn) = loop {
         let why = match at.dialer.dial(at.index).await {
             Ok(Ok((s, conn, _))) => break (s, conn),
-            Ok(Err(why)) => why,
+            Ok(Err(failed)) => failed.why,
             Err(e) => e.to_string(),
         };
         if tokio::time::Instant::now() + pause >= deadline {
