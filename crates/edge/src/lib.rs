@@ -505,13 +505,13 @@ pub async fn run_with(
                     tokio::time::sleep(jitter(retry_after.max(backoff))).await;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
-                SessionEnd::TurnedAway(why) => {
-                    // The hub takes its fleet back at a pace, and this edge came too
-                    // early: coming again after a short backoff, like the rest of a
-                    // fleet, turns a restart into waves of refusals (each costs both
-                    // sides a connection attempt, and its session ticket). A random
-                    // part of the time the whole fleet takes at that pace spreads
-                    // the edges over it instead.
+                SessionEnd::Crowded(why) => {
+                    // The hub takes its fleet back at a pace, and the whole fleet is
+                    // coming: trying again after a short backoff, like every other
+                    // edge, turns a restart into waves of refusals (each costs both
+                    // sides a connection attempt, and the edge its session ticket).
+                    // A random part of the time the whole fleet takes at that pace
+                    // spreads the edges over it instead.
                     let spread = Duration::from_millis(
                         reconnect_spread.load(std::sync::atomic::Ordering::Relaxed),
                     );
@@ -520,7 +520,7 @@ pub async fn run_with(
                         current = (current + 1) % addrs.len();
                         metrics.failovers.inc();
                     }
-                    tracing::info!(%why, from = %addr, wait_ms = wait.as_millis() as u64, "hub turned the connection away; trying again later");
+                    tracing::info!(%why, from = %addr, wait_ms = wait.as_millis() as u64, "the hub's fleet is reconnecting; trying again within its spread");
                     tokio::time::sleep(wait).await;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                 }

@@ -28,9 +28,10 @@ pub enum SessionEnd {
     Deleted(String),
     /// The hub is admitting other edges first; retry after this long.
     Busy(Duration),
-    /// The hub turned the connection away before its handshake (it takes a fleet
-    /// back at a pace): retry within the fleet's reconnect spread.
-    TurnedAway(String),
+    /// The hub's whole fleet is coming back at once: the hub turned this connection
+    /// away before its handshake (it takes a fleet back at a pace), or reset it
+    /// after a restart. Retry within the fleet's reconnect spread.
+    Crowded(String),
 }
 
 /// Node facts are resent at least this often even when unchanged.
@@ -98,7 +99,7 @@ fn note_spread(ctx: &SessionCtx<'_>, ms: u64) {
 pub async fn run_session(ctx: &SessionCtx<'_>) -> Result<SessionEnd, EdgeError> {
     let (stream, quic_conn, transport) = match connect(ctx).await? {
         Ok(x) => x,
-        Err(failed) if failed.turned_away => return Ok(SessionEnd::TurnedAway(failed.why)),
+        Err(failed) if failed.turned_away => return Ok(SessionEnd::Crowded(failed.why)),
         Err(failed) => return Ok(SessionEnd::Lost(failed.why)),
     };
     // Data streams go the same way as the channel: more streams of the QUIC
@@ -189,6 +190,7 @@ pub async fn run_session(ctx: &SessionCtx<'_>) -> Result<SessionEnd, EdgeError> 
         .then(|| tokio::spawn(ctx.telemetry.clone().ship(opener.clone())));
     // Over QUIC a hub of protocol 7 or later does not answer heartbeats: QUIC
     // acknowledges each of them, and that is what the edge listens for.
+    let reset_watch = connection.clone();
     let quiet = connection.filter(|_| hub_protocol >= QUIET_HEARTBEATS_SINCE);
     let end = session_loop(
         ctx,
@@ -206,7 +208,17 @@ pub async fn run_session(ctx: &SessionCtx<'_>) -> Result<SessionEnd, EdgeError> 
     ctx.agent.links.opener().set(None);
     ctx.metrics.connected.set(0);
     let _ = writer.shutdown().await;
-    end
+    // A stateless reset says the hub lost this connection's state: it restarted,
+    // and every edge it had is coming back at the same moment.
+    let reset = reset_watch
+        .and_then(|c| c.close_reason())
+        .is_some_and(|r| matches!(r, quinn::ConnectionError::Reset));
+    match end {
+        Ok(SessionEnd::Lost(why)) if reset => Ok(SessionEnd::Crowded(format!(
+            "the hub restarted (its QUIC endpoint reset the connection: {why})"
+        ))),
+        other => other,
+    }
 }
 
 /// How an error code from the hub ends the session for good, if it does.

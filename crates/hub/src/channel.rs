@@ -271,7 +271,7 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         node: node.clone(),
         heartbeat_interval_ms: st.config.heartbeat_interval.as_millis() as u64,
         epoch: st.epoch().map(str::to_string),
-        reconnect_spread_ms: Some(spread),
+        reconnect_spread_ms: spread,
     };
     if write_msg(&mut writer, &welcome).await.is_err() {
         return;
@@ -284,7 +284,9 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         transport,
         &st.metrics,
     );
-    conn.spread_update(spread);
+    if let Some(spread) = spread {
+        conn.spread_update(spread);
+    }
     Box::pin(crate::replicas::claim_session(&st, &node, conn.id)).await;
     tracing::info!(node = %node, since, agent_version = %agent_version, "edge connected");
     let writer_task = tokio::spawn(async move {
@@ -440,7 +442,9 @@ async fn handle_edge_message(
             // A fleet that grew since this edge was told how to spread its
             // reconnection tells it again (a few times over a fleet's growth).
             if protocol_version >= FLEET_SINCE
-                && let Some(reconnect_spread_ms) = conn.spread_update(st.reconnect_spread_ms())
+                && let Some(reconnect_spread_ms) = st
+                    .reconnect_spread_ms()
+                    .and_then(|now| conn.spread_update(now))
             {
                 let _ = conn
                     .tx

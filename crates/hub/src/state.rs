@@ -843,14 +843,18 @@ impl HubState {
     }
 
     /// How long this hub's fleet takes to connect at the pace it takes handshakes
-    /// (`--handshake-rate`), in milliseconds: what an edge it turns away spreads its
-    /// next attempt over ([`HubToEdge::Welcome`]). At most 10 minutes.
-    pub fn reconnect_spread_ms(&self) -> u64 {
-        let fleet = self
-            .fleet_size
-            .load(Ordering::Relaxed)
-            .max(self.edges.len());
-        reconnect_spread_ms(fleet, self.config.handshake_rate)
+    /// and admits sessions (`--handshake-rate`, `--admit-rate`: the slower), in
+    /// milliseconds: what an edge it turns away spreads its next attempt over
+    /// ([`HubToEdge::Welcome`]). At most 10 minutes. `None` until the node
+    /// lifecycle has counted the fleet: a hub that just started knows only the few
+    /// edges back so far, and would tell them a spread far too short.
+    pub fn reconnect_spread_ms(&self) -> Option<u64> {
+        let fleet = self.fleet_size.load(Ordering::Relaxed);
+        if fleet == 0 {
+            return None;
+        }
+        let pace = self.config.handshake_rate.min(self.config.admit_rate);
+        Some(reconnect_spread_ms(fleet.max(self.edges.len()), pace))
     }
 
     /// Assemble the state.

@@ -19,8 +19,9 @@ pub type Connected = (Box<dyn Duplex>, Option<quinn::Connection>, &'static str);
 pub struct DialFailure {
     /// What happened, for the log.
     pub why: String,
-    /// The hub answered and turned the connection away before its handshake: it is
-    /// taking a fleet back at the rate it can, so come back later, not at once.
+    /// The hub answered and turned the connection away before its handshake, or was
+    /// too busy to finish it: it is taking a fleet back at the pace it can, so come
+    /// back later, not at once.
     pub turned_away: bool,
 }
 
@@ -153,9 +154,10 @@ pub async fn channel(t: &Target<'_>) -> Result<Result<Connected, DialFailure>, T
             // The hub answered over UDP but is too busy to finish: UDP works, so TCP
             // would only add load; back off.
             Err(_) => {
-                return Ok(Err(DialFailure::new(
-                    "QUIC handshake with a busy hub timed out",
-                )));
+                return Ok(Err(DialFailure {
+                    why: "QUIC handshake with a busy hub timed out".into(),
+                    turned_away: true,
+                }));
             }
             Ok(Err(TlsError::Connect { source, .. }))
                 if source.kind() == std::io::ErrorKind::ConnectionRefused =>

@@ -135,11 +135,11 @@ fn a_fleet_resyncs_after_a_hub_kill_with_deltas_only() {
 }
 
 /// A restarted hub that takes handshakes at a pace (20 a second here: 300 edges take
-/// 15 s) turns the early edges away; they come back spread over the time the fleet
-/// takes at that pace instead of in waves of refusals, and each resumes its TLS
-/// session (the attempt turned away spent one ticket; an edge holds two).
+/// 15 s): its edges, told of the restart by its stateless resets, come back spread
+/// over the time the fleet takes at that pace instead of all at once and then in
+/// waves of refusals, and each resumes its TLS session.
 #[test]
-fn a_fleet_turned_away_by_the_handshake_pace_comes_back_spread_out_and_resumed() {
+fn a_restarted_hubs_fleet_comes_back_spread_over_its_pace_and_resumed() {
     let r = sim_with(
         "hub-restart",
         300,
@@ -148,15 +148,14 @@ fn a_fleet_turned_away_by_the_handshake_pace_comes_back_spread_out_and_resumed()
         &["--handshake-rate", "20", "--join-rate", "20"],
     );
     assert_fleet_held(&r, 300, 300);
-    // Nine in ten at least: an edge turned away twice has spent both its tickets.
-    assert!(r["tlsResumptions"].as_u64().unwrap_or(0) >= 270, "{r:#}");
+    // Coming back on its short backoff instead, the same fleet was turned away 635
+    // times, and a third of it paid full handshakes (an attempt turned away spends
+    // the ticket it offered). Spread out: none turned away, all resumed.
+    assert!(r["tlsResumptions"].as_u64().unwrap_or(0) >= 300, "{r:#}");
     let refused = r["connectionsRefused"]["handshake_rate"]
         .as_u64()
         .unwrap_or(0);
-    assert!(refused > 0, "the pace turned edges away: {r:#}");
-    // Retrying on its short backoff instead, the same fleet was turned away 635
-    // times, and a third of it paid full handshakes (212 and 22 with the spread).
-    assert!(refused < 400, "turned away {refused} times: {r:#}");
+    assert!(refused < 100, "turned away {refused} times: {r:#}");
 }
 
 #[test]
