@@ -520,7 +520,7 @@ pub async fn run_with(
                         current = (current + 1) % addrs.len();
                         metrics.failovers.inc();
                     }
-                    tracing::info!(%why, from = %addr, wait_ms = wait.as_millis() as u64, "the hub's fleet is reconnecting; trying again within its spread");
+                    tracing::warn!(%why, from = %addr, wait_ms = wait.as_millis() as u64, "hub connection lost or turned away while its fleet reconnects; workloads keep running, trying again within the fleet's spread");
                     tokio::time::sleep(wait).await;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                 }

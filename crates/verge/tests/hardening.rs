@@ -1040,6 +1040,9 @@ fn edges_notice_a_restarted_hub_at_once_not_after_a_silence() {
         !lost.contains("hub silent"),
         "the edge waited for silence instead of being reset: {lost}"
     );
+    // And it took the reset for what it says: the hub restarted, its fleet is
+    // coming back (a fleet of one waits next to nothing for its turn).
+    assert!(lost.contains("the hub restarted"), "{lost}");
     hub.wait_phase("node", "quick", "Ready", Duration::from_secs(20));
 }
 
