@@ -365,8 +365,7 @@ impl EdgeConn {
     /// The reconnect spread to tell this session's edge, if it is news to it
     /// ([`spread_news`]); recorded as told.
     pub fn spread_update(&self, now: u64) -> Option<u64> {
-        let told = self.spread_told.load(Ordering::Relaxed);
-        if told != 0 && !spread_news(told, now) {
+        if !spread_news(self.spread_told.load(Ordering::Relaxed), now) {
             return None;
         }
         self.spread_told.store(now, Ordering::Relaxed);
@@ -832,7 +831,8 @@ pub struct HubState {
     /// The session tickets this hub hands out and accepts (keyed from the CA key, so
     /// a restarted hub or another replica accepts them).
     pub tickets: Arc<verge_tunnel::tickets::DerivedTickets>,
-    /// Nodes this hub's edges are (set by the node lifecycle on the leader).
+    /// How many nodes connect to this hub (counted by the node lifecycle, on the
+    /// leader; 0 until then).
     fleet_size: std::sync::atomic::AtomicUsize,
 }
 
