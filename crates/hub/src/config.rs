@@ -30,8 +30,10 @@ pub struct HubConfig {
     pub scheduler_shard: Option<(u32, u32)>,
     /// New edge sessions admitted per second (with a burst of as many).
     pub admit_rate: f64,
-    /// New QUIC handshakes begun per second (with a burst of as many); beyond it a
-    /// connection is refused before its handshake, which costs the hub nothing.
+    /// New QUIC handshakes begun per second (with a burst of as many, and a
+    /// sixteenth of a second's worth in flight); beyond it a connection waits its
+    /// turn, at most 2 s, and is then refused before its handshake, which costs the
+    /// hub nothing ([`crate::handshakes`]).
     pub handshake_rate: f64,
     /// Put off new work (QUIC connections, API writes, placements) while the hub's
     /// runtime lags more than this or its QUIC socket is behind

@@ -931,19 +931,44 @@ async fn metrics(State(st): State<Arc<HubState>>) -> Response {
 }
 
 /// While the hub is behind on its work (its [`crate::limits::LoadGauge`] over the
-/// lag at which it also turns away new edge connections), writes through the API are
-/// refused with 503 and `Retry-After: 1`; reads are served. A client applying faster
-/// than the hub's runtime keeps up with is slowed to its pace, and the sessions
-/// already up keep the CPU that keeps them alive. The CLI and the simulator wait and
-/// try again. The gauge also watches the QUIC socket: a burst of 100,000 instances
-/// starved the hub's socket reader while the runtime's timers stayed on time, and
-/// nothing was refused until it did (docs/BENCHMARKS.md).
+/// lag at which it also holds back new edge connections), writes through the API
+/// wait for it to catch up, [`WRITE_HOLD`] at most, and are then refused with 503
+/// and `Retry-After: 1`; reads are served. A client applying faster than the hub's
+/// runtime keeps up with is slowed to its pace, and the sessions already up keep the
+/// CPU that keeps them alive. The CLI and the simulator wait and try again. The gauge
+/// also watches the QUIC socket: a burst of 100,000 instances starved the hub's
+/// socket reader while the runtime's timers stayed on time, and nothing was refused
+/// until it did (docs/BENCHMARKS.md).
 async fn shed_writes(State(st): State<Arc<HubState>>, req: Request, next: Next) -> Response {
-    match write_refused(req.method(), &st.limits.load) {
+    match write_held(req.method(), &st.limits.load).await {
         Some(refused) => refused.into_response(),
         None => next.run(req).await,
     }
 }
+
+/// Hold a request with `method` while the hub is behind ([`shed_writes`]): `None`
+/// once it may go on, the refusal if the hub is still behind after [`WRITE_HOLD`].
+/// Held, a write costs a timer; refused at once, its client waits a whole second
+/// whenever the hub is behind for a moment (a burst of 100,000 applies was refused
+/// 2,483 times so, each costing one of its 48 writers a second).
+async fn write_held(
+    method: &axum::http::Method,
+    load: &crate::limits::LoadGauge,
+) -> Option<HttpError> {
+    let until = tokio::time::Instant::now() + WRITE_HOLD;
+    loop {
+        let refused = write_refused(method, load)?;
+        if tokio::time::Instant::now() >= until {
+            return Some(refused);
+        }
+        tokio::time::sleep(WRITE_HOLD_LOOK).await;
+    }
+}
+
+/// How long a write waits for a hub that is behind before it is refused.
+const WRITE_HOLD: Duration = Duration::from_secs(2);
+/// How often a held write looks again.
+const WRITE_HOLD_LOOK: Duration = Duration::from_millis(50);
 
 /// Why a request with `method` is refused now ([`shed_writes`]), if it is.
 fn write_refused(
@@ -1113,5 +1138,41 @@ mod tests {
             assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
             assert_eq!(r.headers()[header::RETRY_AFTER], "1");
         }
+    }
+
+    /// A write that comes while the hub is behind waits for it to catch up, and is
+    /// refused only if it does not within the hold.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_waits_for_a_hub_behind_for_a_moment() {
+        use axum::http::Method;
+        let load = crate::limits::LoadGauge::default();
+        load.set(crate::limits::SHED_LAG * 3);
+        let start = tokio::time::Instant::now();
+        let caught_up = {
+            let load = load.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                load.set(Duration::ZERO);
+            }
+        };
+        let (held, ()) = tokio::join!(write_held(&Method::PUT, &load), caught_up);
+        assert!(held.is_none(), "it goes on once the hub caught up");
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_millis(700) && waited < Duration::from_millis(800),
+            "{waited:?}"
+        );
+        load.set(crate::limits::SHED_LAG * 3);
+        let start = tokio::time::Instant::now();
+        let refused = write_held(&Method::DELETE, &load).await.expect("refused");
+        assert_eq!(start.elapsed(), WRITE_HOLD);
+        assert_eq!(
+            refused.into_response().status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert!(
+            write_held(&Method::GET, &load).await.is_none(),
+            "reads go on"
+        );
     }
 }

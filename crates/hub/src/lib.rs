@@ -19,6 +19,7 @@ pub mod controllers;
 pub mod disconnect;
 pub mod events;
 pub mod fanout;
+pub mod handshakes;
 pub mod history;
 pub mod http;
 pub mod identity;
@@ -387,7 +388,58 @@ fn admit_connection(
 
 /// Accept QUIC connections: each carries one channel (or enrolment) on its first
 /// bidirectional stream; further streams the edge opens are data streams.
+///
+/// Connections wait in [`handshakes`]' queue for their handshake to begin:
+/// handshakes are paced, since each costs a key exchange (a full one a signature
+/// too) and quinn does the first flight's work while it holds the endpoint, so a
+/// storm of them (a fleet reconnecting) starves the socket: 100,000 simulated edges
+/// lost two million datagrams there, heartbeats among them, and reconnected again.
 async fn serve_quic(st: Arc<HubState>, endpoint: quinn::Endpoint) {
+    let pace = st.handshakes.rate();
+    let (queue, mut drain) = handshakes::queue::<(quinn::Incoming, limits::Permit)>(
+        handshakes::capacity_for(pace),
+        handshakes::in_flight_for(pace),
+        handshakes::MAX_WAIT,
+        st.metrics.quic_handshakes_waiting.clone(),
+        st.metrics.quic_handshakes_in_flight.clone(),
+    );
+    let turn_away = |st: &HubState, incoming: quinn::Incoming| {
+        refused(
+            st,
+            &limits::Refusal::HandshakeRate {
+                per_second: st.handshakes.rate() as u64,
+            },
+        );
+        incoming.refuse();
+    };
+    let begin = {
+        let st = st.clone();
+        tokio::spawn(async move {
+            let behind = || st.limits.load.shedding();
+            while let Some(next) = drain.next(&st.handshakes, behind).await {
+                match next {
+                    handshakes::Next::Begin((incoming, stranger), in_flight) => {
+                        // The strangers' pool took its slot back while it waited.
+                        if futures_util::FutureExt::now_or_never(stranger.evicted()).is_some() {
+                            turn_away(&st, incoming);
+                            continue;
+                        }
+                        tokio::spawn(serve_quic_connection(
+                            st.clone(),
+                            incoming,
+                            stranger,
+                            in_flight,
+                        ));
+                    }
+                    handshakes::Next::TooLate((incoming, _)) => turn_away(&st, incoming),
+                    handshakes::Next::Behind((incoming, _), why) => {
+                        refused(&st, &why);
+                        incoming.refuse();
+                    }
+                }
+            }
+        })
+    };
     while let Some(incoming) = endpoint.accept().await {
         // A hub far behind on its work refuses new edges before their handshake
         // (they back off and come again) and keeps the sessions it has.
@@ -396,21 +448,8 @@ async fn serve_quic(st: Arc<HubState>, endpoint: quinn::Endpoint) {
             incoming.refuse();
             continue;
         }
-        // Handshakes are paced: each costs a key exchange and a signature, and quinn
-        // does the first flight's work while it holds the endpoint, so a storm of them
-        // (a fleet reconnecting) starves the socket: 100,000 simulated edges lost two
-        // million datagrams there, heartbeats among them, and reconnected again.
-        if st.handshakes.take().is_err() {
-            refused(
-                &st,
-                &limits::Refusal::HandshakeRate {
-                    per_second: st.handshakes.rate() as u64,
-                },
-            );
-            incoming.refuse();
-            continue;
-        }
-        // QUIC connections share one socket, so only the strangers' pool applies.
+        // QUIC connections share one socket, so only the strangers' pool applies:
+        // its share per address also bounds what one address holds in the queue.
         let stranger = match st
             .limits
             .unauthenticated
@@ -423,8 +462,11 @@ async fn serve_quic(st: Arc<HubState>, endpoint: quinn::Endpoint) {
                 continue;
             }
         };
-        tokio::spawn(serve_quic_connection(st.clone(), incoming, stranger));
+        if let Err((incoming, _)) = queue.offer((incoming, stranger)) {
+            turn_away(&st, incoming);
+        }
     }
+    begin.abort();
 }
 
 /// One QUIC connection, from its handshake to its end.
@@ -435,14 +477,26 @@ async fn serve_quic_connection(
     st: Arc<HubState>,
     incoming: quinn::Incoming,
     stranger: limits::Permit,
+    in_flight: handshakes::InFlight,
 ) {
+    // In flight until it finishes, or for half a second: a handshake whose edge
+    // gave up holds on until its deadline, and a few such would block the queue.
+    let opened = {
+        let mut opening = Box::pin(open_quic(incoming, &stranger));
+        let first = tokio::time::timeout(handshakes::IN_FLIGHT_AT_MOST, &mut opening).await;
+        drop(in_flight);
+        match first {
+            Ok(opened) => opened,
+            Err(_) => opening.await,
+        }
+    };
     let Some(OpenedQuic {
         conn,
         alpn,
         identity,
         region,
         stream,
-    }) = Box::pin(open_quic(incoming, &stranger)).await
+    }) = opened
     else {
         return;
     };
@@ -544,10 +598,12 @@ mod tests {
     fn the_futures_a_hub_holds_per_edge_stay_small() {
         type Quic = tokio::io::Join<quinn::RecvStream, quinn::SendStream>;
         let held = [
-            (
-                "serve_quic_connection",
-                future_size(super::serve_quic_connection),
-            ),
+            ("serve_quic_connection", {
+                fn size<A, B, C, D, R>(_: fn(A, B, C, D) -> R) -> usize {
+                    std::mem::size_of::<R>()
+                }
+                size(super::serve_quic_connection)
+            }),
             ("serve_channel", {
                 fn size<A, B, C, D, R>(_: fn(A, B, C, D) -> R) -> usize {
                     std::mem::size_of::<R>()

@@ -253,8 +253,9 @@ impl<K: Key> Pool<K> {
 /// A rate: `rate` a second, with a burst of as many.
 pub struct TokenBucket {
     rate: f64,
-    /// Tokens left, and when they were last topped up.
-    state: Mutex<(f64, std::time::Instant)>,
+    /// Tokens left, and when they were last topped up (tokio's clock, which tests
+    /// can pause).
+    state: Mutex<(f64, tokio::time::Instant)>,
 }
 
 impl TokenBucket {
@@ -263,7 +264,7 @@ impl TokenBucket {
         let rate = rate.max(1.0);
         Self {
             rate,
-            state: Mutex::new((rate, std::time::Instant::now())),
+            state: Mutex::new((rate, tokio::time::Instant::now())),
         }
     }
 
@@ -275,7 +276,7 @@ impl TokenBucket {
     /// Take a token, or say how long until there is one (at least 50 ms).
     pub fn take(&self) -> Result<(), std::time::Duration> {
         let mut b = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let now = std::time::Instant::now();
+        let now = tokio::time::Instant::now();
         b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * self.rate).min(self.rate);
         b.1 = now;
         if b.0 >= 1.0 {

@@ -93,6 +93,10 @@ pub struct Metrics {
     pub tls_tickets_issued: Gauge,
     /// Handshakes that resumed a session from a ticket since start (sampled at scrape).
     pub tls_resumptions: Gauge,
+    /// QUIC connections waiting for their handshake to begin ([`crate::handshakes`]).
+    pub quic_handshakes_waiting: Gauge,
+    /// QUIC handshakes begun and not finished.
+    pub quic_handshakes_in_flight: Gauge,
 }
 
 impl Metrics {
@@ -131,8 +135,20 @@ impl Metrics {
             shedding: Gauge::default(),
             tls_tickets_issued: Gauge::default(),
             tls_resumptions: Gauge::default(),
+            quic_handshakes_waiting: Gauge::default(),
+            quic_handshakes_in_flight: Gauge::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "quic_handshakes_waiting",
+            "QUIC connections waiting for the hub to begin their handshake (at --handshake-rate)",
+            m.quic_handshakes_waiting.clone(),
+        );
+        registry.register(
+            "quic_handshakes_in_flight",
+            "QUIC handshakes the hub has begun that have not finished",
+            m.quic_handshakes_in_flight.clone(),
+        );
         registry.register(
             "tls_tickets_issued",
             "TLS session tickets handed out since the hub started",

@@ -69,8 +69,9 @@ enum Command {
         /// Edge sessions admitted per second, so reconnect storms stay bounded.
         #[arg(long, default_value_t = 200.0)]
         admit_rate: f64,
-        /// New QUIC handshakes begun per second; beyond it edges are turned away
-        /// before the handshake (they back off and come again).
+        /// New QUIC handshakes begun per second; beyond it edges wait their turn (at
+        /// most 2 s), then are turned away before the handshake (they come again
+        /// spread over the time their fleet takes at this pace).
         #[arg(long, default_value_t = 400.0)]
         handshake_rate: f64,
         /// While the hub lags more than this behind its own work (a moving average of
