@@ -143,9 +143,23 @@ fn every_form_comes_back_after_a_reboot_with_no_hub_reachable() {
         started.elapsed()
     );
     assert_ne!(pids_with(&proc_m), before.0, "a new process");
-    // The VM started again runs outside the agent: stop it, or it outlives the test.
+    // The workloads started again run outside the agent (the VM, the process, the
+    // container and the shim that waits on it): stop them, or they outlive the test
+    // (a shim of this test was found running 50 minutes after a CI run).
+    // The agent first, so that it starts none of them again.
+    drop(edge);
     let qemu = std::fs::read_to_string(dir.join("instances/b-vm/qemu.pid")).unwrap_or_default();
     if let Ok(pid) = qemu.trim().parse::<u32>() {
         kill_pid(pid);
     }
+    let shim = dir.join("instances/b-ctr").display().to_string();
+    for pid in [pids_with(&proc_m), pids_with(&ctr_m), pids_with(&shim)].concat() {
+        kill_pid(pid);
+    }
+    wait_for("the node's workloads stopped", T, || {
+        [pids_with(&proc_m), pids_with(&ctr_m), pids_with(&shim)]
+            .iter()
+            .all(Vec::is_empty)
+            .then_some(())
+    });
 }
