@@ -403,14 +403,14 @@ async fn serve_quic(st: Arc<HubState>, endpoint: quinn::Endpoint) {
         st.metrics.quic_handshakes_waiting.clone(),
         st.metrics.quic_handshakes_in_flight.clone(),
     );
-    let turn_away = |st: &HubState, incoming: quinn::Incoming| {
-        refused(
-            st,
-            &limits::Refusal::HandshakeRate {
-                per_second: st.handshakes.rate() as u64,
-            },
-        );
+    // Refused before its handshake, counted with its reason.
+    let refuse = |st: &HubState, incoming: quinn::Incoming, why: &limits::Refusal| {
+        refused(st, why);
         incoming.refuse();
+    };
+    let turn_away = move |st: &HubState, incoming: quinn::Incoming| {
+        let per_second = st.handshakes.rate() as u64;
+        refuse(st, incoming, &limits::Refusal::HandshakeRate { per_second });
     };
     let begin = {
         let st = st.clone();
@@ -432,10 +432,7 @@ async fn serve_quic(st: Arc<HubState>, endpoint: quinn::Endpoint) {
                         ));
                     }
                     handshakes::Next::TooLate((incoming, _)) => turn_away(&st, incoming),
-                    handshakes::Next::Behind((incoming, _), why) => {
-                        refused(&st, &why);
-                        incoming.refuse();
-                    }
+                    handshakes::Next::Behind((incoming, _), why) => refuse(&st, incoming, &why),
                 }
             }
         })
@@ -444,8 +441,7 @@ async fn serve_quic(st: Arc<HubState>, endpoint: quinn::Endpoint) {
         // A hub far behind on its work refuses new edges before their handshake
         // (they back off and come again) and keeps the sessions it has.
         if let Some(r) = st.limits.load.shedding() {
-            refused(&st, &r);
-            incoming.refuse();
+            refuse(&st, incoming, &r);
             continue;
         }
         // QUIC connections share one socket, so only the strangers' pool applies:
@@ -457,8 +453,7 @@ async fn serve_quic(st: Arc<HubState>, endpoint: quinn::Endpoint) {
         {
             Ok(p) => p,
             Err(r) => {
-                refused(&st, &r);
-                incoming.refuse();
+                refuse(&st, incoming, &r);
                 continue;
             }
         };
