@@ -46,7 +46,7 @@ use verge_tunnel::pki::{JoinToken, new_node_key_and_csr};
 use crate::agent::Agent;
 use crate::files::Identity;
 pub use crate::seams::Seams;
-use crate::session::{SessionCtx, SessionEnd, run_session};
+use crate::session::{Crowd, SessionCtx, SessionEnd, run_session};
 pub use crate::sysinfo::CapacityConfig;
 
 /// The agent's version string.
@@ -463,6 +463,9 @@ pub async fn run_with(
         let hub_paths: Vec<std::sync::Mutex<verge_tunnel::dial::HubPath>> =
             addrs.iter().map(|_| Default::default()).collect();
         let reconnect_spread = std::sync::atomic::AtomicU64::new(0);
+        // When this edge's part in its fleet's reconnection began (its hub restarted,
+        // or first turned it away), while it lasts.
+        let mut crowd_began: Option<tokio::time::Instant> = None;
         loop {
             let addr = &addrs[current];
             // Pick up a renewed certificate saved by the previous session.
@@ -488,6 +491,7 @@ pub async fn run_with(
             if began.elapsed() > Duration::from_secs(10) {
                 backoff = Duration::from_millis(250);
                 failures_in_a_row = 0;
+                crowd_began = None;
             }
             metrics.reconnects.inc();
             match end {
@@ -505,17 +509,26 @@ pub async fn run_with(
                     tokio::time::sleep(jitter(retry_after.max(backoff))).await;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
-                SessionEnd::Crowded(why) => {
+                SessionEnd::Crowded(why, crowd) => {
                     // The hub takes its fleet back at a pace, and the whole fleet is
                     // coming: trying again after a short backoff, like every other
                     // edge, turns a restart into waves of refusals (each costs both
                     // sides a connection attempt, and the edge its session ticket).
-                    // A random part of the time the whole fleet takes at that pace
-                    // spreads the edges over it instead.
+                    // The time the whole fleet takes at that pace spreads the edges
+                    // over it instead ([`crowded_wait`]).
                     let spread = Duration::from_millis(
                         reconnect_spread.load(std::sync::atomic::Ordering::Relaxed),
                     );
-                    let wait = spread.mul_f64(rand::random::<f64>()).max(jitter(backoff));
+                    let now = tokio::time::Instant::now();
+                    let into_crowd = match (crowd, crowd_began) {
+                        (Crowd::Continues, Some(began)) => Some(now - began),
+                        _ => {
+                            crowd_began = Some(now);
+                            None
+                        }
+                    };
+                    let wait = crowded_wait(spread, into_crowd, rand::random::<f64>())
+                        .max(jitter(backoff));
                     if addrs.len() > 1 {
                         current = (current + 1) % addrs.len();
                         metrics.failovers.inc();
@@ -560,12 +573,55 @@ pub async fn run_with(
 }
 
 /// `d` scaled by a random factor in [0.5, 1.5), so that many edges do not retry in step.
+/// How long an edge waits after its hub restarted or turned it away while its fleet
+/// reconnects, given the fleet's reconnect `spread` (the time the whole fleet takes
+/// at the hub's pace), how far into the crowd the edge is (`None`: it begins now) and
+/// a random `draw` in [0, 1).
+///
+/// At first, a random part of the spread: the fleet comes back evenly over it. An
+/// edge turned away after that came while the hub was full, and it stays full until
+/// the fleet's first pass is over: the edge comes back after that pass, spread over a
+/// quarter of it. Spread over the whole of it again (as before), the edges turned
+/// away came back among the first pass's latecomers, were turned away again, and
+/// straggled: after a restart at 100,000 simulated edges, 87,500 were back after 103 s
+/// and the last 10,000 took 100 s more.
+fn crowded_wait(spread: Duration, into_crowd: Option<Duration>, draw: f64) -> Duration {
+    match into_crowd {
+        None => spread.mul_f64(draw),
+        Some(into) => spread.saturating_sub(into) + (spread / 4).mul_f64(draw),
+    }
+}
+
 fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.5 + rand::random::<f64>())
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn an_edge_turned_away_again_comes_back_after_its_fleets_first_pass() {
+        let spread = Duration::from_secs(100);
+        let wait = |into: Option<u64>, draw| {
+            super::crowded_wait(spread, into.map(Duration::from_secs), draw)
+        };
+        // First: anywhere in the spread.
+        assert_eq!(wait(None, 0.0), Duration::ZERO);
+        assert_eq!(wait(None, 0.5), Duration::from_secs(50));
+        // Turned away 30 s in: after the 70 s left of the first pass, within a
+        // quarter of the spread.
+        assert_eq!(wait(Some(30), 0.0), Duration::from_secs(70));
+        assert_eq!(wait(Some(30), 0.5), Duration::from_millis(82_500));
+        // Turned away after the first pass: within a quarter of the spread.
+        assert_eq!(wait(Some(130), 0.5), Duration::from_millis(12_500));
+        // A hub that told no spread: no wait here (the backoff applies).
+        assert_eq!(
+            super::crowded_wait(Duration::ZERO, Some(Duration::from_secs(5)), 0.9),
+            Duration::ZERO
+        );
+    }
+
     #[test]
     fn edges_spread_over_the_hub_endpoints() {
         let mut per_hub = [0usize; 3];

@@ -28,10 +28,20 @@ pub enum SessionEnd {
     Deleted(String),
     /// The hub is admitting other edges first; retry after this long.
     Busy(Duration),
-    /// The hub's whole fleet is coming back at once: the hub turned this connection
-    /// away before its handshake (it takes a fleet back at a pace), or reset it
-    /// after a restart. Retry within the fleet's reconnect spread.
-    Crowded(String),
+    /// The hub's whole fleet is coming back at once: the hub reset this connection
+    /// after a restart ([`Crowd::Begins`]), or turned it away before its handshake
+    /// (it takes a fleet back at a pace: [`Crowd::Continues`]). Retry within the
+    /// fleet's reconnect spread.
+    Crowded(String, Crowd),
+}
+
+/// Where an edge stands in its fleet's reconnection ([`SessionEnd::Crowded`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Crowd {
+    /// The hub restarted: every edge it had is coming back from now on.
+    Begins,
+    /// The hub turned this attempt away: it is busy with the edges coming back.
+    Continues,
 }
 
 /// Node facts are resent at least this often even when unchanged.
@@ -99,7 +109,9 @@ fn note_spread(ctx: &SessionCtx<'_>, ms: u64) {
 pub async fn run_session(ctx: &SessionCtx<'_>) -> Result<SessionEnd, EdgeError> {
     let (stream, quic_conn, transport) = match connect(ctx).await? {
         Ok(x) => x,
-        Err(failed) if failed.turned_away => return Ok(SessionEnd::Crowded(failed.why)),
+        Err(failed) if failed.turned_away => {
+            return Ok(SessionEnd::Crowded(failed.why, Crowd::Continues));
+        }
         Err(failed) => return Ok(SessionEnd::Lost(failed.why)),
     };
     // Data streams go the same way as the channel: more streams of the QUIC
@@ -214,9 +226,10 @@ pub async fn run_session(ctx: &SessionCtx<'_>) -> Result<SessionEnd, EdgeError> 
         .and_then(|c| c.close_reason())
         .is_some_and(|r| matches!(r, quinn::ConnectionError::Reset));
     match end {
-        Ok(SessionEnd::Lost(why)) if reset => Ok(SessionEnd::Crowded(format!(
-            "the hub restarted (its QUIC endpoint reset the connection: {why})"
-        ))),
+        Ok(SessionEnd::Lost(why)) if reset => Ok(SessionEnd::Crowded(
+            format!("the hub restarted (its QUIC endpoint reset the connection: {why})"),
+            Crowd::Begins,
+        )),
         other => other,
     }
 }
