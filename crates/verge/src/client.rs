@@ -77,6 +77,12 @@ impl Client {
         let tls = verge_tunnel::tls::client_config(&cfg.ca_cert, None, &[b"http/1.1"])?;
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured((*tls).clone())
+            // The hub closes a keep-alive connection idle for
+            // `verge_hub::REQUEST_HEAD_DEADLINE` (10 s); a client that kept it longer
+            // (reqwest's default is 90 s) could send a request on it as the hub closes
+            // it, and fail ("peer closed connection"): a 100,000-edge simulation lost
+            // its final check so, its one request after 10 s of waiting.
+            .pool_idle_timeout(verge_hub::REQUEST_HEAD_DEADLINE / 2)
             .build()
             .context("building HTTP client")?;
         Ok(Self {
