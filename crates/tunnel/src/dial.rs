@@ -275,6 +275,52 @@ mod tests {
         (endpoint, rx)
     }
 
+    /// An edge of a hub's CA, with what it dials the hub at a free port with.
+    struct Edge {
+        ca: CertAuthority,
+        node_key: String,
+        node_cert: String,
+        port: std::net::SocketAddr,
+        addr: String,
+        client: quinn::Endpoint,
+        path: std::sync::Mutex<HubPath>,
+    }
+
+    impl Edge {
+        fn new() -> Self {
+            crate::install_crypto_provider();
+            let ca = CertAuthority::generate("hub").expect("ca");
+            let (node_key, csr) = crate::pki::new_node_key_and_csr("edge-1").expect("csr");
+            let node_cert = ca
+                .sign_node_csr(&csr, "edge-1", None, time::Duration::days(1))
+                .expect("node cert");
+            let port = std::net::UdpSocket::bind("127.0.0.1:0")
+                .and_then(|s| s.local_addr())
+                .expect("free port");
+            Self {
+                ca,
+                node_key,
+                node_cert,
+                addr: port.to_string(),
+                port,
+                client: crate::quic::client().expect("client endpoint"),
+                path: std::sync::Mutex::new(HubPath::default()),
+            }
+        }
+
+        fn target(&self) -> Target<'_> {
+            Target {
+                addr: &self.addr,
+                ca_pem: self.ca.cert_pem(),
+                identity: Some((&self.node_cert, &self.node_key)),
+                alpn: b"t",
+                quic: Some(&self.client),
+                path: &self.path,
+                tcp_source: None,
+            }
+        }
+    }
+
     async fn round_trip(target: &Target<'_>) {
         let (mut stream, conn, transport) =
             channel(target).await.expect("config").expect("connected");
@@ -298,27 +344,9 @@ mod tests {
     #[tokio::test]
     async fn a_restarted_hub_resets_every_old_connection_it_hears_from_at_once() {
         const EDGES: usize = 200;
-        crate::install_crypto_provider();
-        let ca = CertAuthority::generate("hub").expect("ca");
-        let (node_key, csr) = crate::pki::new_node_key_and_csr("edge-1").expect("csr");
-        let node_cert = ca
-            .sign_node_csr(&csr, "edge-1", None, time::Duration::days(1))
-            .expect("node cert");
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .expect("free port");
-        let addr = port.to_string();
-        let client = crate::quic::client().expect("client endpoint");
-        let path = std::sync::Mutex::new(HubPath::default());
-        let target = Target {
-            addr: &addr,
-            ca_pem: ca.cert_pem(),
-            identity: Some((&node_cert, &node_key)),
-            alpn: b"t",
-            quic: Some(&client),
-            path: &path,
-            tcp_source: None,
-        };
+        let edge = Edge::new();
+        let (ca, port) = (&edge.ca, edge.port);
+        let target = edge.target();
         let tickets = Arc::new(DerivedTickets::new(ca.key_pem().as_bytes()));
         // The hub before runs on a runtime of its own, so that it can die without a
         // word: a runtime shut down drops its tasks unpolled, and the endpoint's
@@ -343,7 +371,7 @@ mod tests {
         }
         drop(old);
         before.shutdown_background();
-        let (_new, _) = hub(port, &ca, tickets, 0).await;
+        let (_new, _) = hub(port, ca, tickets, 0).await;
         // Every edge sends at once, as a fleet's heartbeats come after a restart.
         for (stream, _) in &mut edges {
             stream.write_all(b"y").await.expect("write");
@@ -365,30 +393,12 @@ mod tests {
     /// still knows who it is.
     #[tokio::test]
     async fn a_restarted_hub_resumes_the_sessions_of_the_one_before() {
-        crate::install_crypto_provider();
-        let ca = CertAuthority::generate("hub").expect("ca");
-        let (node_key, csr) = crate::pki::new_node_key_and_csr("edge-1").expect("csr");
-        let node_cert = ca
-            .sign_node_csr(&csr, "edge-1", None, time::Duration::days(1))
-            .expect("node cert");
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .expect("free port");
-        let addr = port.to_string();
-        let client = crate::quic::client().expect("client endpoint");
-        let path = std::sync::Mutex::new(HubPath::default());
-        let target = Target {
-            addr: &addr,
-            ca_pem: ca.cert_pem(),
-            identity: Some((&node_cert, &node_key)),
-            alpn: b"t",
-            quic: Some(&client),
-            path: &path,
-            tcp_source: None,
-        };
+        let edge = Edge::new();
+        let (ca, port) = (&edge.ca, edge.port);
+        let target = edge.target();
 
         let first = Arc::new(DerivedTickets::new(ca.key_pem().as_bytes()));
-        let (endpoint, mut seen) = hub(port, &ca, first.clone(), 0).await;
+        let (endpoint, mut seen) = hub(port, ca, first.clone(), 0).await;
         round_trip(&target).await;
         assert!(seen.recv().await.expect("seen").is_some());
         assert_eq!(
@@ -403,7 +413,7 @@ mod tests {
         // The same CA, a new process: it accepts the old hub's ticket, even after
         // turning the first attempt away (which spent the ticket it offered).
         let restarted = Arc::new(DerivedTickets::new(ca.key_pem().as_bytes()));
-        let (endpoint, mut seen) = hub(port, &ca, restarted.clone(), 1).await;
+        let (endpoint, mut seen) = hub(port, ca, restarted.clone(), 1).await;
         let turned = channel(&target).await.expect("config");
         assert!(
             matches!(&turned, Err(f) if f.turned_away),
