@@ -168,7 +168,9 @@ pub(crate) fn check_version(v: u32) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Serve an identified edge channel. `node` is the name from the client certificate.
+/// Serve an identified edge channel. `identity` comes from the client certificate;
+/// `admitted`, if any, is told once the session is admitted (the data streams of a
+/// QUIC connection wait for it, see `accept_data_streams`).
 // The steps a session takes once (admission, resumption, settling a return) and
 // each message's handling are boxed: an unboxed future is as large as its largest
 // step for the session's whole life, and a hub holds one per edge (boxing them took
@@ -178,6 +180,7 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     stream: S,
     identity: Option<PeerIdentity>,
     transport: &'static str,
+    admitted: Option<tokio::sync::watch::Sender<bool>>,
 ) {
     let (mut reader, mut writer) = tokio::io::split(stream);
     let refuse = |code: &str, message: String| HubToEdge::error(code, message);
@@ -286,6 +289,9 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     );
     if let Some(spread) = spread {
         conn.spread_update(spread);
+    }
+    if let Some(admitted) = &admitted {
+        admitted.send_replace(true);
     }
     Box::pin(crate::replicas::claim_session(&st, &node, conn.id)).await;
     tracing::info!(node = %node, since, agent_version = %agent_version, "edge connected");

@@ -90,12 +90,15 @@ pub async fn verify(store: &dyn Store, peer: &PeerIdentity) -> Result<(), Refuse
         code: "unavailable",
         error: store_err(e),
     };
-    if store
-        .get(&object_key(NodeSpec::PLURAL, node))
+    // Both in one trip: this runs for every session and REST request of every edge.
+    let node_key = object_key(NodeSpec::PLURAL, node);
+    let enrolment_key = format!("{ENROLMENT_PREFIX}{node}");
+    let mut found = store
+        .get_each(&[&node_key, &enrolment_key])
         .await
         .map_err(unavailable)?
-        .is_none()
-    {
+        .into_iter();
+    if found.next().flatten().is_none() {
         return Err(Refused {
             code: NODE_DELETED,
             error: ApiError::new(
@@ -106,10 +109,9 @@ pub async fn verify(store: &dyn Store, peer: &PeerIdentity) -> Result<(), Refuse
             ),
         });
     }
-    let current = store
-        .get(&format!("{ENROLMENT_PREFIX}{node}"))
-        .await
-        .map_err(unavailable)?
+    let current = found
+        .next()
+        .flatten()
         .and_then(|kv| serde_json::from_slice::<EnrolmentRecord>(&kv.value).ok())
         .map(|r| r.id);
     if current == peer.enrolment {

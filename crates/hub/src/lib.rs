@@ -303,11 +303,17 @@ pub async fn run_with_store(
                 // enrolment or a REST connection).
                 Some(p) if p == ALPN_CHANNEL => {
                     drop(stranger);
-                    Box::pin(channel::serve_channel(st, tls, identity, "tls")).await
+                    Box::pin(channel::serve_channel(st, tls, identity, "tls", None)).await
                 }
                 Some(p) if p == ALPN_STREAM => {
                     drop(stranger);
-                    Box::pin(streams::serve_data_stream(st, tls, identity)).await
+                    Box::pin(streams::serve_data_stream(
+                        st,
+                        tls,
+                        identity,
+                        streams::Certificate::Check,
+                    ))
+                    .await
                 }
                 Some(p) if p == verge_api::uplink::ALPN_REGION => {
                     drop(stranger);
@@ -498,12 +504,21 @@ async fn serve_quic_connection(
     match alpn.as_deref() {
         Some(p) if p == ALPN_CHANNEL => {
             drop(stranger);
+            let (admitted, admission) = tokio::sync::watch::channel(false);
             let data_streams = tokio::spawn(accept_data_streams(
                 st.clone(),
                 conn.clone(),
                 identity.clone(),
+                admission,
             ));
-            Box::pin(channel::serve_channel(st, stream, identity, "quic")).await;
+            Box::pin(channel::serve_channel(
+                st,
+                stream,
+                identity,
+                "quic",
+                Some(admitted),
+            ))
+            .await;
             data_streams.abort();
         }
         Some(p) if p == verge_api::uplink::ALPN_REGION => {
@@ -563,17 +578,30 @@ async fn open_quic(incoming: quinn::Incoming, stranger: &limits::Permit) -> Opti
     })
 }
 
-/// Serve the data streams an edge opens on its QUIC channel connection.
+/// Serve the data streams an edge opens on its QUIC channel connection, once its
+/// channel has admitted it (`admission` turns true).
+///
+/// The streams ride on the channel's check of the certificate instead of reading the
+/// node and its enrolment again each (after a hub restart, every returning edge's
+/// metrics stream did, as many reads as its session): a session ends when its node is
+/// deleted or enrolled again, and the connection with it. Streams that come before
+/// the admission wait for it in quinn's queue; if the session is refused, they are
+/// never served.
 async fn accept_data_streams(
     st: Arc<HubState>,
     conn: quinn::Connection,
     identity: Option<PeerIdentity>,
+    mut admission: tokio::sync::watch::Receiver<bool>,
 ) {
+    if admission.wait_for(|admitted| *admitted).await.is_err() {
+        return;
+    }
     while let Ok((send, recv)) = conn.accept_bi().await {
         tokio::spawn(streams::serve_data_stream(
             st.clone(),
             tokio::io::join(recv, send),
             identity.clone(),
+            streams::Certificate::AdmittedWithChannel,
         ));
     }
 }
@@ -581,7 +609,12 @@ async fn accept_data_streams(
 #[cfg(test)]
 mod tests {
     /// The size of what `f` returns (an async fn's future) without calling it.
-    fn future_size<A, B, C, R>(_: fn(A, B, C) -> R) -> usize {
+    fn size4<A, B, C, D, R>(_: fn(A, B, C, D) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// [`size4`] for a function of five arguments.
+    fn size5<A, B, C, D, E, R>(_: fn(A, B, C, D, E) -> R) -> usize {
         std::mem::size_of::<R>()
     }
 
@@ -593,28 +626,19 @@ mod tests {
     fn the_futures_a_hub_holds_per_edge_stay_small() {
         type Quic = tokio::io::Join<quinn::RecvStream, quinn::SendStream>;
         let held = [
-            ("serve_quic_connection", {
-                fn size<A, B, C, D, R>(_: fn(A, B, C, D) -> R) -> usize {
-                    std::mem::size_of::<R>()
-                }
-                size(super::serve_quic_connection)
-            }),
-            ("serve_channel", {
-                fn size<A, B, C, D, R>(_: fn(A, B, C, D) -> R) -> usize {
-                    std::mem::size_of::<R>()
-                }
-                size(super::channel::serve_channel::<Quic>)
-            }),
+            ("serve_quic_connection", size4(super::serve_quic_connection)),
+            (
+                "serve_channel",
+                size5(super::channel::serve_channel::<Quic>),
+            ),
             (
                 "serve_data_stream",
-                future_size(super::streams::serve_data_stream::<Quic>),
+                size4(super::streams::serve_data_stream::<Quic>),
             ),
-            ("telemetry::serve_stream", {
-                fn size<A, B, C, D, E, R>(_: fn(A, B, C, D, E) -> R) -> usize {
-                    std::mem::size_of::<R>()
-                }
-                size(super::telemetry::serve_stream::<Quic>)
-            }),
+            (
+                "telemetry::serve_stream",
+                size5(super::telemetry::serve_stream::<Quic>),
+            ),
         ];
         for (name, bytes) in held {
             assert!(

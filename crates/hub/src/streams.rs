@@ -47,7 +47,17 @@ pub fn purpose_name(p: &StreamPurpose) -> &'static str {
     }
 }
 
-/// Serve a data stream an edge opened. `node` comes from its certificate.
+/// Whether a data stream's certificate is still to be checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Certificate {
+    /// Check it: the stream came on a connection of its own.
+    Check,
+    /// Checked already: the stream came on a QUIC connection whose channel session
+    /// admitted this certificate, and which ends with that session.
+    AdmittedWithChannel,
+}
+
+/// Serve a data stream an edge opened. `identity` comes from its certificate.
 // What each kind of stream does is boxed: unboxed, every stream's task would be as
 // large as the largest kind (5 KiB), and an edge's metrics stream lives as long as
 // its session.
@@ -55,6 +65,7 @@ pub async fn serve_data_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'stati
     st: Arc<HubState>,
     mut stream: S,
     identity: Option<crate::identity::PeerIdentity>,
+    certificate: Certificate,
 ) {
     let Some(identity) = identity else {
         let _ = write_chunk(
@@ -64,7 +75,9 @@ pub async fn serve_data_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'stati
         .await;
         return;
     };
-    if let Err(r) = Box::pin(crate::identity::admit(&st, &identity, "data stream")).await {
+    if certificate == Certificate::Check
+        && let Err(r) = Box::pin(crate::identity::admit(&st, &identity, "data stream")).await
+    {
         let _ = write_chunk(&mut stream, &Chunk::Error(r.error.message)).await;
         return;
     }

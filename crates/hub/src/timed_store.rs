@@ -58,6 +58,9 @@ impl Store for TimedStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         timed!(self, "get", self.inner.get(key))
     }
+    async fn get_each(&self, keys: &[&str]) -> Result<Vec<Option<KeyValue>>, StoreError> {
+        timed!(self, "get_each", self.inner.get_each(keys))
+    }
     async fn range_page(
         &self,
         prefix: &str,

@@ -185,6 +185,15 @@ pub async fn revisions_and_compare_and_swap(s: &dyn Store) {
         assert_eq!(range.revision, base + 3);
         assert_eq!(range.kvs.len(), 1);
         assert_eq!(range.kvs[0].key, "/b");
+        // A few keys at once come back in the order asked, the missing as none.
+        let each = s.get_each(&["/b", "/a", "/b"]).await.expect("get_each");
+        assert_eq!(
+            each.iter()
+                .map(|kv| kv.as_ref().map(|kv| kv.value.as_slice()))
+                .collect::<Vec<_>>(),
+            vec![Some(&b"b"[..]), None, Some(&b"b"[..])]
+        );
+        assert!(s.get_each(&[]).await.expect("get_each").is_empty());
         // Bad keys are refused.
         assert!(matches!(
             s.put("", vec![], None).await,

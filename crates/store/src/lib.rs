@@ -254,6 +254,17 @@ pub enum StoreError {
 pub trait Store: Send + Sync + 'static {
     /// The current value of one key.
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
+    /// The current values of a few keys, in the order asked, in one trip to the
+    /// backend where it can (a hub checks a node and its enrolment on every session:
+    /// two trips through the blocking pool cost it twice). Not one consistent
+    /// revision: each value is current when read.
+    async fn get_each(&self, keys: &[&str]) -> Result<Vec<Option<KeyValue>>, StoreError> {
+        let mut values = Vec::with_capacity(keys.len());
+        for key in keys {
+            values.push(self.get(key).await?);
+        }
+        Ok(values)
+    }
     /// Every key starting with `prefix`, at one consistent revision.
     async fn range(&self, prefix: &str) -> Result<RangeResult, StoreError> {
         let page = self.range_page(prefix, None, usize::MAX).await?;

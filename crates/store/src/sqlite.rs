@@ -657,6 +657,12 @@ impl Store for SqliteStore {
         self.read(move |c| get_current(c, &key)).await
     }
 
+    async fn get_each(&self, keys: &[&str]) -> Result<Vec<Option<KeyValue>>, StoreError> {
+        let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+        self.read(move |c| keys.iter().map(|k| get_current(c, k)).collect())
+            .await
+    }
+
     async fn range_page(
         &self,
         prefix: &str,

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use verge_api::channel::{ALPN_CHANNEL, ALPN_ENROLL, EdgeToHub, HubToEdge, PROTOCOL_VERSION};
+use verge_api::channel::{
+    ALPN_CHANNEL, ALPN_ENROLL, EdgeToHub, HubToEdge, PROTOCOL_VERSION, StreamHello,
+};
 use verge_testkit::frontdoor::{open_silent, oversized_frame, rss_kib, split_closed};
 use verge_tunnel::frame::{read_msg, write_msg};
 
@@ -344,6 +346,49 @@ fn channel_answer(rt: &tokio::runtime::Runtime, hub: &Hub, dir: &Path) -> String
     })
 }
 
+/// What a QUIC connection with the identity in `dir` hears: the channel's answer,
+/// and what a data stream opened beside it (before the channel's hello) was sent.
+fn quic_answers(rt: &tokio::runtime::Runtime, hub: &Hub, dir: &Path) -> (String, Vec<u8>) {
+    rt.block_on(async {
+        let endpoint = verge_tunnel::quic::client().expect("endpoint");
+        let (conn, mut channel) = verge_tunnel::quic::dial(
+            &endpoint,
+            &format!("127.0.0.1:{}", hub.port),
+            tls(hub, Some(dir), ALPN_CHANNEL),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("dial");
+        let (mut send, mut recv) = conn.open_bi().await.expect("data stream");
+        write_msg(&mut send, &StreamHello::Metrics { ack_every: 1 })
+            .await
+            .expect("stream hello");
+        write_msg(
+            &mut channel,
+            &EdgeToHub::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                agent_version: "test".into(),
+                since_revision: 0,
+                epoch: None,
+            },
+        )
+        .await
+        .expect("hello");
+        let answer = tokio::time::timeout(
+            Duration::from_secs(5),
+            read_msg::<HubToEdge, _>(&mut channel),
+        )
+        .await;
+        let mut sent = Vec::new();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            AsyncReadExt::read_to_end(&mut recv, &mut sent),
+        )
+        .await;
+        (format!("{answer:?}"), sent)
+    })
+}
+
 fn rest_status(rt: &tokio::runtime::Runtime, hub: &Hub, dir: &Path) -> u16 {
     rt.block_on(async {
         api_client(hub, Some(dir))
@@ -400,6 +445,15 @@ fn a_deleted_or_re_enrolled_nodes_old_certificates_are_refused_everywhere() {
     assert_eq!(rest_status(&rt, &hub, &stolen), 401);
     let answer = channel_answer(&rt, &hub, &stolen);
     assert!(answer.contains("revoked"), "{answer}");
+    // Over QUIC, a data stream rides on its channel's check: the channel is refused,
+    // and the stream beside it is never served.
+    let (answer, sent) = quic_answers(&rt, &hub, &stolen);
+    assert!(answer.contains("revoked"), "{answer}");
+    assert!(
+        sent.is_empty(),
+        "a data stream of a revoked certificate was answered: {:?}",
+        String::from_utf8_lossy(&sent)
+    );
 
     // Re-enrolled with a node-bound token: the certificate before it is refused too.
     let before_rebind = dir.path().join("before-rebind");
