@@ -464,8 +464,10 @@ pub async fn run_with(
             addrs.iter().map(|_| Default::default()).collect();
         let reconnect_spread = std::sync::atomic::AtomicU64::new(0);
         // When this edge's part in its fleet's reconnection began (its hub restarted,
-        // or first turned it away), while it lasts.
+        // or first turned it away), while it lasts, and how often it was turned away
+        // again since.
         let mut crowd_began: Option<tokio::time::Instant> = None;
+        let mut turned_away_again = 0u32;
         loop {
             let addr = &addrs[current];
             // Pick up a renewed certificate saved by the previous session.
@@ -521,9 +523,13 @@ pub async fn run_with(
                     );
                     let now = tokio::time::Instant::now();
                     let into_crowd = match (crowd, crowd_began) {
-                        (Crowd::Continues, Some(began)) => Some(now - began),
+                        (Crowd::Continues, Some(began)) => {
+                            turned_away_again += 1;
+                            Some((now - began, turned_away_again))
+                        }
                         _ => {
                             crowd_began = Some(now);
+                            turned_away_again = 0;
                             None
                         }
                     };
@@ -574,23 +580,29 @@ pub async fn run_with(
 
 /// How long an edge waits after its hub restarted or turned it away while its fleet
 /// reconnects, given the fleet's reconnect `spread` (the time the whole fleet takes
-/// at the hub's pace), how far into the crowd the edge is (`None`: it begins now) and
-/// a random `draw` in [0, 1).
+/// at the hub's pace), how far into the crowd the edge is and how often it was turned
+/// away again since (`None`: it begins now), and a random `draw` in [0, 1).
 ///
 /// At first, a random part of the spread: the fleet comes back evenly over it. An
 /// edge turned away after that came while the hub was full, and it stays full until
-/// the fleet's first pass is over: the edge comes back after that pass, spread over an
-/// eighth of it. Spread over the whole of it again (as before), the edges turned
-/// away came back among the first pass's latecomers, were turned away again, and
-/// straggled: after a restart at 100,000 simulated edges, 87,500 were back after 103 s
-/// and the last 10,000 took 100 s more. Those turned away are a few in a hundred
-/// (5,851 to 8,665 of 100,000 in the runs since): over an eighth of the spread they
-/// come at under three quarters of the pace, where over a quarter (as before) the
-/// last of them came 25 s after the first pass.
-fn crowded_wait(spread: Duration, into_crowd: Option<Duration>, draw: f64) -> Duration {
+/// the fleet's first pass is over: the edge comes back after that pass, spread over a
+/// sixteenth of the spread, twice that each time it is turned away again, at most a
+/// quarter. Spread over the whole of it again (at first), the edges turned away came
+/// back among the first pass's latecomers, were turned away again, and straggled:
+/// after a restart at 100,000 simulated edges, 87,500 were back after 103 s and the
+/// last 10,000 took 100 s more. Over a quarter, the last came 25 s after the first
+/// pass (5,851 of 100,000 turned away); those turned away are mostly a few in a
+/// hundred (1,140 to 8,665 of 100,000 in the runs since), who fit in a sixteenth, and
+/// the window widens only while the hub stays full.
+fn crowded_wait(spread: Duration, into_crowd: Option<(Duration, u32)>, draw: f64) -> Duration {
     match into_crowd {
         None => spread.mul_f64(draw),
-        Some(into) => spread.saturating_sub(into) + (spread / 8).mul_f64(draw),
+        Some((into, again)) => {
+            let window = (spread / 16)
+                .saturating_mul(1 << again.clamp(1, 3).saturating_sub(1))
+                .min(spread / 4);
+            spread.saturating_sub(into) + window.mul_f64(draw)
+        }
     }
 }
 
@@ -605,22 +617,30 @@ mod tests {
 
     #[test]
     fn an_edge_turned_away_again_comes_back_after_its_fleets_first_pass() {
-        let spread = Duration::from_secs(100);
-        let wait = |into: Option<u64>, draw| {
-            super::crowded_wait(spread, into.map(Duration::from_secs), draw)
+        let spread = Duration::from_secs(160);
+        let wait = |into: Option<(u64, u32)>, draw| {
+            super::crowded_wait(
+                spread,
+                into.map(|(s, again)| (Duration::from_secs(s), again)),
+                draw,
+            )
         };
         // First: anywhere in the spread.
         assert_eq!(wait(None, 0.0), Duration::ZERO);
-        assert_eq!(wait(None, 0.5), Duration::from_secs(50));
-        // Turned away 30 s in: after the 70 s left of the first pass, within an
-        // eighth of the spread.
-        assert_eq!(wait(Some(30), 0.0), Duration::from_secs(70));
-        assert_eq!(wait(Some(30), 0.5), Duration::from_millis(76_250));
-        // Turned away after the first pass: within an eighth of the spread.
-        assert_eq!(wait(Some(130), 0.5), Duration::from_millis(6_250));
+        assert_eq!(wait(None, 0.5), Duration::from_secs(80));
+        // Turned away again 30 s in: after the 130 s left of the first pass, within
+        // a sixteenth of the spread (10 s).
+        assert_eq!(wait(Some((30, 1)), 0.0), Duration::from_secs(130));
+        assert_eq!(wait(Some((30, 1)), 0.5), Duration::from_secs(135));
+        // After the first pass: within a sixteenth, then an eighth, then a quarter
+        // each time it is turned away again, and never more.
+        assert_eq!(wait(Some((170, 1)), 0.5), Duration::from_secs(5));
+        assert_eq!(wait(Some((175, 2)), 0.5), Duration::from_secs(10));
+        assert_eq!(wait(Some((185, 3)), 0.5), Duration::from_secs(20));
+        assert_eq!(wait(Some((205, 9)), 0.5), Duration::from_secs(20));
         // A hub that told no spread: no wait here (the backoff applies).
         assert_eq!(
-            super::crowded_wait(Duration::ZERO, Some(Duration::from_secs(5)), 0.9),
+            super::crowded_wait(Duration::ZERO, Some((Duration::from_secs(5), 1)), 0.9),
             Duration::ZERO
         );
     }

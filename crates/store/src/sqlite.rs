@@ -6,7 +6,9 @@
 //!
 //! One writer thread owns the write connection and commits queued transactions in
 //! groups (one fsync for many writers), then publishes their events to live watchers.
-//! Reads use their own connection; WAL gives them a consistent snapshot.
+//! Reads use their own connection; WAL gives them a consistent snapshot. Ranges run
+//! in the blocking pool; a read of a key or a few runs on the caller's thread when
+//! that connection is free (it takes less than the hand-off to the pool would).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
