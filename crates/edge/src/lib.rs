@@ -591,9 +591,10 @@ pub async fn run_with(
 /// back among the first pass's latecomers, were turned away again, and straggled:
 /// after a restart at 100,000 simulated edges, 87,500 were back after 103 s and the
 /// last 10,000 took 100 s more. Over a quarter, the last came 25 s after the first
-/// pass (5,851 of 100,000 turned away); those turned away are mostly a few in a
-/// hundred (1,140 to 8,665 of 100,000 in the runs since), who fit in a sixteenth, and
-/// the window widens only while the hub stays full.
+/// pass (5,851 of 100,000 turned away). While the machine keeps the pace, those
+/// turned away are a few in a hundred (1,140 to 8,665 of 100,000 in the runs since),
+/// who fit in a sixteenth; where it ran out of CPU, about 20,000 were, and the
+/// window widens while the hub stays full.
 fn crowded_wait(spread: Duration, into_crowd: Option<(Duration, u32)>, draw: f64) -> Duration {
     match into_crowd {
         None => spread.mul_f64(draw),

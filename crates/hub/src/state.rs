@@ -331,7 +331,7 @@ pub struct EdgeConn {
 /// At the pace itself, not under it: the pace is what the hub lets in, and guards
 /// its CPU. Tried after a restart at 100,000 simulated edges: told the spread of four
 /// fifths of a pace a quarter higher (1,250 a second, the same 100 s), the fleet came
-/// at about 1,100 a second, which that pace let in, until with 75,000 back the two
+/// at about 1,100 a second, which that pace let in, until with about 72,000 back the two
 /// processes had no CPU left, handshakes took over half a second and 7,358 edges
 /// were turned away (134.4 s to all back, against 131.9 s at 1,000 a second).
 pub fn reconnect_spread_ms(fleet: usize, handshakes_per_second: f64) -> u64 {

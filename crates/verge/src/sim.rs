@@ -93,7 +93,7 @@ pub struct SimArgs {
     /// joining at 250 kept a backlog of refused edges retrying, which cost the
     /// simulator more than the hub.) It is also the pace of a fleet reconnecting after
     /// a restart: at 1,250 a second, a 2-core machine with both processes on it ran
-    /// out of CPU with 75,000 of 100,000 edges back.
+    /// out of CPU with about 72,000 of 100,000 edges back.
     #[arg(long, default_value_t = 1000.0)]
     pub handshake_rate: f64,
     /// Hub replicas: 1 is one hub on SQLite; more start a local three-member etcd

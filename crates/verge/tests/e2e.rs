@@ -451,17 +451,9 @@ async fn channel_forgery(hub: &Hub, edge_dir: &std::path::Path, victim: &serde_j
     let mut s = verge_tunnel::tls::dial(&format!("127.0.0.1:{}", hub.port), cfg)
         .await
         .expect("dial");
-    write_msg(
-        &mut s,
-        &EdgeToHub::Hello {
-            protocol_version: PROTOCOL_VERSION,
-            agent_version: "test".into(),
-            since_revision: 0,
-            epoch: None,
-        },
-    )
-    .await
-    .expect("hello");
+    write_msg(&mut s, &hello(PROTOCOL_VERSION, "test"))
+        .await
+        .expect("hello");
     let forged = EdgeToHub::InstanceStatus {
         name: "on-b".into(),
         uid: victim["metadata"]["uid"].as_str().expect("uid").into(),

@@ -323,16 +323,7 @@ async fn raw_session(
     let mut s = verge_tunnel::tls::dial(&format!("127.0.0.1:{}", hub.port), cfg)
         .await
         .expect("dial");
-    let _ = write_msg(
-        &mut s,
-        &EdgeToHub::Hello {
-            protocol_version: protocol,
-            agent_version: agent.into(),
-            since_revision: 0,
-            epoch: None,
-        },
-    )
-    .await;
+    let _ = write_msg(&mut s, &hello(protocol, agent)).await;
     s
 }
 
@@ -363,17 +354,9 @@ fn quic_answers(rt: &tokio::runtime::Runtime, hub: &Hub, dir: &Path) -> (String,
         write_msg(&mut send, &StreamHello::Metrics { ack_every: 1 })
             .await
             .expect("stream hello");
-        write_msg(
-            &mut channel,
-            &EdgeToHub::Hello {
-                protocol_version: PROTOCOL_VERSION,
-                agent_version: "test".into(),
-                since_revision: 0,
-                epoch: None,
-            },
-        )
-        .await
-        .expect("hello");
+        write_msg(&mut channel, &hello(PROTOCOL_VERSION, "test"))
+            .await
+            .expect("hello");
         let answer = tokio::time::timeout(
             Duration::from_secs(5),
             read_msg::<HubToEdge, _>(&mut channel),

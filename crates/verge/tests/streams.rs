@@ -367,13 +367,7 @@ fn an_edge_speaking_protocol_1_keeps_working_against_this_hub() {
         .expect("config");
         let s = verge_tunnel::tls::dial(&addr, cfg).await.expect("dial");
         let (mut r, mut w) = tokio::io::split(s);
-        let hello = EdgeToHub::Hello {
-            protocol_version: 1,
-            agent_version: "0.0.9".into(),
-            since_revision: 0,
-            epoch: None,
-        };
-        write_msg(&mut w, &hello).await.expect("hello");
+        write_msg(&mut w, &hello(1, "0.0.9")).await.expect("hello");
         let mut beat = tokio::time::interval(Duration::from_millis(400));
         loop {
             tokio::select! {

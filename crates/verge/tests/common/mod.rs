@@ -10,6 +10,17 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_verge");
 
+/// The hello a raw channel session opens with: an edge of agent version `agent`
+/// speaking `protocol`, with nothing to resume from.
+pub fn hello(protocol: u32, agent: &str) -> verge_api::channel::EdgeToHub {
+    verge_api::channel::EdgeToHub::Hello {
+        protocol_version: protocol,
+        agent_version: agent.into(),
+        since_revision: 0,
+        epoch: None,
+    }
+}
+
 /// A small multi-threaded runtime for tests that drive async clients.
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
