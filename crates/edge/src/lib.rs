@@ -149,8 +149,12 @@ pub struct EdgeConfig {
 const PEER_PROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// The agent's metrics.
+///
+/// Registered for a scrape only ([`Metrics::encode`]): a registry holds its names and
+/// help texts, about 1 KiB that a fleet simulator would hold for every edge (whose
+/// metrics nobody scrapes).
+#[derive(Default)]
 pub struct Metrics {
-    registry: Registry,
     connected: Gauge,
     reconnects: Counter,
     failovers: Counter,
@@ -160,45 +164,40 @@ pub struct Metrics {
 
 impl Metrics {
     fn new() -> Self {
+        Self::default()
+    }
+
+    /// The metrics in Prometheus' text format.
+    fn encode(&self) -> String {
         let mut registry = Registry::with_prefix("verge_edge");
-        let connected = Gauge::default();
-        let reconnects = Counter::default();
-        let failovers = Counter::default();
-        let instances = Family::default();
-        let revision = Gauge::default();
         registry.register(
             "connected",
             "1 while the channel to the hub is up",
-            connected.clone(),
+            self.connected.clone(),
         );
         registry.register(
             "reconnects",
             "Sessions that ended (each is followed by a reconnect)",
-            reconnects.clone(),
+            self.reconnects.clone(),
         );
         registry.register(
             "failovers",
             "Switches to another hub endpoint",
-            failovers.clone(),
+            self.failovers.clone(),
         );
         registry.register(
             "instances",
             "Instances on this node by phase",
-            instances.clone(),
+            self.instances.clone(),
         );
         registry.register(
             "desired_revision",
             "Hub revision of the cached desired state",
-            revision.clone(),
+            self.revision.clone(),
         );
-        Self {
-            registry,
-            connected,
-            reconnects,
-            failovers,
-            instances,
-            revision,
-        }
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
     }
 }
 
@@ -247,10 +246,10 @@ pub async fn enroll(
     let _ = stream.shutdown().await;
     match reply {
         Some(HubToEdge::Enrolled { cert_pem, ca_pem }) => Ok(Identity {
-            node: name.to_string(),
-            cert_pem,
-            key_pem,
-            ca_pem,
+            node: name.into(),
+            cert_pem: cert_pem.into(),
+            key_pem: key_pem.into(),
+            ca_pem: ca_pem.into(),
         }),
         // A hub that cannot enrol anyone now (a region hub cut off from its centre, a
         // busy one) is retried like one out of reach.
@@ -283,9 +282,7 @@ async fn serve_metrics(
                             .get_or_create(&vec![("phase".into(), phase)])
                             .set(n);
                     }
-                    let mut out = String::new();
-                    let _ = prometheus_client::encoding::text::encode(&mut out, &metrics.registry);
-                    out
+                    metrics.encode()
                 }
             }),
         )
@@ -344,12 +341,15 @@ pub async fn run_with(
         metrics_dir,
     } = seams;
     let dir = config.data_dir.clone();
-    let initial = facts();
-    let resources = resources::ResourceManager::new(
-        initial.allocatable.cpu,
-        initial.allocatable.memory,
-        cgroups,
-    );
+    let resources = {
+        // Not kept: this future lives as long as the agent.
+        let initial = facts();
+        resources::ResourceManager::new(
+            initial.allocatable.cpu,
+            initial.allocatable.memory,
+            cgroups,
+        )
+    };
     let agent = Agent::new(
         dir.clone(),
         state.clone(),
@@ -372,7 +372,7 @@ pub async fn run_with(
     let metrics = Arc::new(Metrics::new());
     let mut metrics_addr = None;
     if let Some(listen) = config.metrics_listen {
-        let l = tokio::net::TcpListener::bind(listen)
+        let l = Box::pin(tokio::net::TcpListener::bind(listen))
             .await
             .map_err(|e| EdgeError::file(Path::new(&listen.to_string()), e))?;
         metrics_addr = l.local_addr().ok();
@@ -384,12 +384,12 @@ pub async fn run_with(
     }
     let peers = match config.peer_listen {
         Some(listen) => {
-            let p = peers::PeerProbes::bind(
+            let p = Box::pin(peers::PeerProbes::bind(
                 &config.name,
                 listen,
                 config.peer_advertise.clone(),
                 PEER_PROBE_EVERY,
-            )
+            ))
             .await
             .map_err(|e| EdgeError::Config(format!("--peer-listen {listen}: {e}")))?;
             tokio::spawn(p.clone().run());
@@ -429,7 +429,11 @@ pub async fn run_with(
                 let id = loop {
                     let addr = &addrs[attempt % addrs.len()];
                     attempt += 1;
-                    match enroll(addr, token, &config.name, &config.labels, tcp_source).await {
+                    // Boxed, as the session below: this future lives as long as the
+                    // agent, and would be as large as its largest step for all of it
+                    // (a simulator holds one per edge).
+                    let enrolling = enroll(addr, token, &config.name, &config.labels, tcp_source);
+                    match Box::pin(enrolling).await {
                         Ok(id) => break id,
                         Err(e @ EdgeError::Unreachable(_)) => {
                             tracing::warn!(error = %e, "hub endpoint unreachable for enrolment; trying the next");
@@ -489,7 +493,7 @@ pub async fn run_with(
                 reconnect_spread: &reconnect_spread,
             };
             let began = tokio::time::Instant::now();
-            let end = run_session(&ctx).await?;
+            let end = Box::pin(run_session(&ctx)).await?;
             if began.elapsed() > Duration::from_secs(10) {
                 backoff = Duration::from_millis(250);
                 failures_in_a_row = 0;
@@ -503,7 +507,7 @@ pub async fn run_with(
                     // bring the workloads back) and stop everything.
                     tracing::warn!(%msg, "this node was deleted at the hub; stopping its workloads");
                     agent.replace(0, Vec::new())?;
-                    agent.stop_all().await;
+                    Box::pin(agent.stop_all()).await;
                     return Err(EdgeError::Refused(msg));
                 }
                 SessionEnd::Busy(retry_after) => {
@@ -566,11 +570,11 @@ pub async fn run_with(
     reconciler.abort();
     collector.abort();
     if config.stop_workloads_on_exit {
-        agent.stop_all().await;
+        Box::pin(agent.stop_all()).await;
     } else {
         // What a process exit does; in one process with other agents (the fleet
         // simulator), it must be done by hand.
-        agent.abandon().await;
+        Box::pin(agent.abandon()).await;
     }
     // Groups of instances that are no longer running (and the node's own, if empty)
     // go with the agent.
@@ -644,6 +648,58 @@ mod tests {
             super::crowded_wait(Duration::ZERO, Some((Duration::from_secs(5), 1)), 0.9),
             Duration::ZERO
         );
+    }
+
+    /// A simulator holds these futures once per simulated edge for as long as it
+    /// runs, and an agent holds them for its life: a step awaited unboxed in one of
+    /// them (enrolment, the handshake, opening a stream) would cost every edge its
+    /// size for good. Before their one-time steps were boxed they were 5,952
+    /// (`run_with` and the session inside it) and 1,952 bytes (the metrics shipper).
+    #[test]
+    fn the_futures_an_edge_holds_stay_small() {
+        use std::future::Future;
+        fn size<F, Fut>(_: F) -> usize
+        where
+            F: Fn(
+                super::EdgeConfig,
+                super::Seams,
+                std::future::Ready<()>,
+                fn(Option<std::net::SocketAddr>),
+            ) -> Fut,
+        {
+            std::mem::size_of::<Fut>()
+        }
+        fn size_of_session<F, Fut>(_: F) -> usize
+        where
+            F: Fn(&'static super::session::SessionCtx<'static>) -> Fut,
+        {
+            std::mem::size_of::<Fut>()
+        }
+        fn size_of_shipper<F, Fut: Future>(_: F) -> usize
+        where
+            F: Fn(std::sync::Arc<super::telemetry::Telemetry>, super::streams::Opener) -> Fut,
+        {
+            std::mem::size_of::<Fut>()
+        }
+        let held = [
+            ("run_with", size(super::run_with), 2816),
+            (
+                "run_session",
+                size_of_session(|c| super::session::run_session(c)),
+                2304,
+            ),
+            (
+                "Telemetry::ship",
+                size_of_shipper(super::telemetry::Telemetry::ship),
+                1024,
+            ),
+        ];
+        for (name, bytes, most) in held {
+            assert!(
+                bytes <= most,
+                "{name}'s future is {bytes} bytes (at most {most}); box its one-time steps"
+            );
+        }
     }
 
     #[test]

@@ -80,10 +80,7 @@ pub struct SessionCtx<'a> {
 async fn connect(
     ctx: &SessionCtx<'_>,
 ) -> Result<Result<verge_tunnel::dial::Connected, verge_tunnel::dial::DialFailure>, EdgeError> {
-    let identity = Some((
-        ctx.identity.cert_pem.as_str(),
-        ctx.identity.key_pem.as_str(),
-    ));
+    let identity = Some((&*ctx.identity.cert_pem, &*ctx.identity.key_pem));
     Ok(verge_tunnel::dial::channel(&verge_tunnel::dial::Target {
         addr: ctx.addr,
         ca_pem: &ctx.identity.ca_pem,
@@ -107,7 +104,9 @@ fn note_spread(ctx: &SessionCtx<'_>, ms: u64) {
 
 /// Run one session. Returns when the connection ends.
 pub async fn run_session(ctx: &SessionCtx<'_>) -> Result<SessionEnd, EdgeError> {
-    let (stream, quic_conn, transport) = match connect(ctx).await? {
+    // Boxed: the handshake's future is over once connected, and unboxed it would
+    // size this one (which lasts as long as the session) to itself.
+    let (stream, quic_conn, transport) = match Box::pin(connect(ctx)).await? {
         Ok(x) => x,
         Err(failed) if failed.turned_away => {
             return Ok(SessionEnd::Crowded(failed.why, Crowd::Continues));
@@ -124,10 +123,7 @@ pub async fn run_session(ctx: &SessionCtx<'_>) -> Result<SessionEnd, EdgeError> 
             source: ctx.tcp_source,
             config: verge_tunnel::tls::client_config(
                 &ctx.identity.ca_pem,
-                Some((
-                    ctx.identity.cert_pem.as_str(),
-                    ctx.identity.key_pem.as_str(),
-                )),
+                Some((&*ctx.identity.cert_pem, &*ctx.identity.key_pem)),
                 &[ALPN_STREAM],
             )?,
         },
@@ -368,7 +364,7 @@ where
                     }
                     HubToEdge::Renewed { cert_pem } => {
                         if let Some(key_pem) = renewal_key.take() {
-                            let renewed = Identity { cert_pem, key_pem, ..ctx.identity.clone() };
+                            let renewed = Identity { cert_pem: cert_pem.into(), key_pem: key_pem.into(), ..ctx.identity.clone() };
                             ctx.state.save_identity(&renewed)?;
                             renew_at = renewed.validity().map(|(_, _, r)| r);
                             tracing::info!(valid_until = ?renewed.validity().map(|v| v.1), "node certificate renewed; the next connection uses it");
@@ -424,16 +420,26 @@ where
                     }
                     renewal_key = Some(key_pem);
                 }
-                let mut now = (ctx.facts)();
-                if let Some(p) = ctx.peers {
-                    now.info.insert(verge_api::node::PEER_ADDRESS.into(), p.advertise().to_string());
-                    now.peers = p.verdicts();
-                }
-                let send_facts = match &facts_sent {
-                    Some((prev, at)) => *prev != now || at.elapsed() >= FACTS_EVERY,
-                    None => true,
+                // The facts are looked at in a block of their own: held across the
+                // write below, they would take their room in this future (which
+                // lasts the session) for good. A write that fails ends the session,
+                // and what it kept with it.
+                let status = {
+                    let mut now = (ctx.facts)();
+                    if let Some(p) = ctx.peers {
+                        now.info.insert(verge_api::node::PEER_ADDRESS.into(), p.advertise().to_string());
+                        now.peers = p.verdicts();
+                    }
+                    let send_facts = match &facts_sent {
+                        Some((prev, at)) => *prev != now || at.elapsed() >= FACTS_EVERY,
+                        None => true,
+                    };
+                    send_facts.then(|| {
+                        let status = Box::new(now.clone());
+                        facts_sent = Some((now, tokio::time::Instant::now()));
+                        status
+                    })
                 };
-                let status = send_facts.then(|| Box::new(now.clone()));
                 // A metrics round waiting goes with the heartbeat, in the same
                 // datagram: the shipper is woken first, so that on the agent's one
                 // thread it writes its round before QUIC's driver (woken by the
@@ -444,9 +450,6 @@ where
                 }
                 if std::mem::take(&mut first_heartbeat) {
                     agent.mark_all_dirty();
-                }
-                if send_facts {
-                    facts_sent = Some((now, tokio::time::Instant::now()));
                 }
             }
             _ = agent.outbox.notified(), if !first_heartbeat => {

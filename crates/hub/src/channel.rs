@@ -171,10 +171,11 @@ pub(crate) fn check_version(v: u32) -> Result<(), ApiError> {
 /// Serve an identified edge channel. `identity` comes from the client certificate;
 /// `admitted`, if any, is told once the session is admitted (the data streams of a
 /// QUIC connection wait for it, see `accept_data_streams`).
-// The steps a session takes once (admission, resumption, settling a return) and
-// each message's handling are boxed: an unboxed future is as large as its largest
-// step for the session's whole life, and a hub holds one per edge (boxing them took
-// it from 5.0 KiB to 1.7).
+// The steps a session takes once (admission, resumption, settling a return: one
+// step, `admit_session`) and each message's handling are boxed: an unboxed future is
+// as large as its largest step for the session's whole life, and a hub holds one
+// per edge (boxing them took it from 5.0 KiB to 1.7, and the admission as one step
+// to 1.1).
 pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     st: Arc<HubState>,
     stream: S,
@@ -184,117 +185,26 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
 ) {
     let (mut reader, mut writer) = tokio::io::split(stream);
     let refuse = |code: &str, message: String| HubToEdge::error(code, message);
-    let Some(identity) = identity else {
-        let _ = write_msg(
-            &mut writer,
-            &refuse(
-                "unauthorized",
-                "the channel needs a node certificate; enrol first with --join-token".into(),
-            ),
-        )
-        .await;
-        return;
-    };
-    let node = identity.node.clone();
-    if let Err(r) = Box::pin(crate::identity::admit(&st, &identity, "channel")).await {
-        let _ = write_msg(&mut writer, &refuse(r.code, r.error.message)).await;
-        return;
-    }
-    let hello = tokio::time::timeout(
-        FIRST_MESSAGE_TIMEOUT,
-        read_msg_limited::<EdgeToHub, _>(&mut reader, MAX_UNAUTHENTICATED_FRAME),
-    )
-    .await;
-    let (since, agent_version, protocol_version, edge_epoch) = match hello {
-        Ok(Ok(Some(EdgeToHub::Hello {
-            protocol_version,
-            agent_version,
-            since_revision,
-            epoch,
-        }))) => (since_revision, agent_version, protocol_version, epoch),
-        _ => {
-            let _ = write_msg(
-                &mut writer,
-                &refuse("protocol", "expected hello first".into()),
-            )
-            .await;
-            return;
-        }
-    };
-    if let Err(e) = check_version(protocol_version) {
-        let _ = write_msg(&mut writer, &refuse("protocol", e.message)).await;
-        return;
-    }
-    if let Err(retry) = st.admit() {
-        st.metrics
-            .connections_refused
-            .get_or_create(&vec![("reason".into(), "admit_rate".into())])
-            .inc();
-        let msg = format!(
-            "hub is admitting {} edges per second; retry in {}ms",
-            st.config.admit_rate,
-            retry.as_millis()
-        );
-        let busy = HubToEdge::from_api(
-            "busy",
-            ApiError::new(ErrorCode::Unavailable, msg).retry_after(retry),
-        );
-        let _ = write_msg(&mut writer, &busy).await;
-        return;
-    }
-    // A revision from another history (a store restored from a backup, or another
-    // store) cannot be resumed from: the edge gets a snapshot.
-    let resume = match Box::pin(crate::history::can_resume(
-        st.objects.store().as_ref(),
-        edge_epoch.as_deref(),
-        since,
+    let Some(Admitted {
+        node,
+        conn,
+        resume,
+        settled,
+        protocol_version,
+        tx,
+        mut rx,
+    }) = Box::pin(admit_session(
+        &st,
+        &mut reader,
+        &mut writer,
+        identity,
+        transport,
+        admitted,
     ))
     .await
-    {
-        Ok(true) => since,
-        Ok(false) => {
-            if since != 0 {
-                tracing::warn!(node = %node, since, epoch = ?edge_epoch, "the edge's revision is not from this store's history (restored from a backup?); sending a snapshot");
-            }
-            0
-        }
-        Err(e) => {
-            let _ = write_msg(&mut writer, &refuse("unavailable", store_err(e).message)).await;
-            return;
-        }
-    };
-    // Instances replaced while this node was away are settled before it hears
-    // anything, so that a copy it keeps is never sent a removal, nor a status it
-    // reports refused.
-    let settled = Box::pin(crate::disconnect::settle_return(&st, &node)).await;
-    let (tx, mut rx) = mpsc::channel::<HubToEdge>(1024);
-    let spread = st.reconnect_spread_ms();
-    let welcome = HubToEdge::Welcome {
-        protocol_version: PROTOCOL_VERSION,
-        node: node.clone(),
-        heartbeat_interval_ms: st.config.heartbeat_interval.as_millis() as u64,
-        epoch: st.epoch().map(str::to_string),
-        reconnect_spread_ms: spread,
-    };
-    if write_msg(&mut writer, &welcome).await.is_err() {
+    else {
         return;
-    }
-    let conn = st.edges.register(
-        &node,
-        identity.enrolment.clone(),
-        tx.clone(),
-        protocol_version,
-        transport,
-        &st.metrics,
-    );
-    if let Some(spread) = spread {
-        conn.spread_update(spread);
-    }
-    if let Some(admitted) = &admitted {
-        admitted.send_replace(true);
-    }
-    Box::pin(crate::replicas::claim_session(&st, &node, conn.id)).await;
-    tracing::info!(node = %node, since, agent_version = %agent_version, "edge connected");
+    };
     let writer_task = tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {
             // An edge that takes nothing for this long is gone or hostile: what is
@@ -404,6 +314,155 @@ pub async fn serve_channel<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     drop(conn);
     // The refusal, if any, is the last frame the edge gets.
     let _ = tokio::time::timeout(WRITE_DEADLINE, writer_task).await;
+}
+
+/// A session the hub admitted, and what its loop needs.
+struct Admitted {
+    node: String,
+    conn: Arc<crate::state::EdgeConn>,
+    /// The revision its sync resumes from (0: a snapshot).
+    resume: u64,
+    /// The revision its return was settled at, if anything was settled.
+    settled: Option<u64>,
+    protocol_version: u32,
+    tx: mpsc::Sender<HubToEdge>,
+    rx: mpsc::Receiver<HubToEdge>,
+}
+
+/// A session's first steps: the edge's identity and hello, admission, where its sync
+/// resumes, settling its return, the welcome and its registration. `None`: refused
+/// (the edge was told why) or gone. A step of its own, boxed by the caller: a session
+/// lasts long, these steps do not, and a future keeps room for its largest step for
+/// all of its life.
+async fn admit_session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    st: &Arc<HubState>,
+    reader: &mut tokio::io::ReadHalf<S>,
+    writer: &mut tokio::io::WriteHalf<S>,
+    identity: Option<PeerIdentity>,
+    transport: &'static str,
+    admitted: Option<tokio::sync::watch::Sender<bool>>,
+) -> Option<Admitted> {
+    let refuse = |code: &str, message: String| HubToEdge::error(code, message);
+    let Some(identity) = identity else {
+        let _ = write_msg(
+            &mut *writer,
+            &refuse(
+                "unauthorized",
+                "the channel needs a node certificate; enrol first with --join-token".into(),
+            ),
+        )
+        .await;
+        return None;
+    };
+    let node = identity.node.clone();
+    if let Err(r) = Box::pin(crate::identity::admit(st, &identity, "channel")).await {
+        let _ = write_msg(&mut *writer, &refuse(r.code, r.error.message)).await;
+        return None;
+    }
+    let hello = tokio::time::timeout(
+        FIRST_MESSAGE_TIMEOUT,
+        read_msg_limited::<EdgeToHub, _>(&mut *reader, MAX_UNAUTHENTICATED_FRAME),
+    )
+    .await;
+    let (since, agent_version, protocol_version, edge_epoch) = match hello {
+        Ok(Ok(Some(EdgeToHub::Hello {
+            protocol_version,
+            agent_version,
+            since_revision,
+            epoch,
+        }))) => (since_revision, agent_version, protocol_version, epoch),
+        _ => {
+            let _ = write_msg(
+                &mut *writer,
+                &refuse("protocol", "expected hello first".into()),
+            )
+            .await;
+            return None;
+        }
+    };
+    if let Err(e) = check_version(protocol_version) {
+        let _ = write_msg(&mut *writer, &refuse("protocol", e.message)).await;
+        return None;
+    }
+    if let Err(retry) = st.admit() {
+        st.metrics
+            .connections_refused
+            .get_or_create(&vec![("reason".into(), "admit_rate".into())])
+            .inc();
+        let msg = format!(
+            "hub is admitting {} edges per second; retry in {}ms",
+            st.config.admit_rate,
+            retry.as_millis()
+        );
+        let busy = HubToEdge::from_api(
+            "busy",
+            ApiError::new(ErrorCode::Unavailable, msg).retry_after(retry),
+        );
+        let _ = write_msg(&mut *writer, &busy).await;
+        return None;
+    }
+    // A revision from another history (a store restored from a backup, or another
+    // store) cannot be resumed from: the edge gets a snapshot.
+    let resume = match Box::pin(crate::history::can_resume(
+        st.objects.store().as_ref(),
+        edge_epoch.as_deref(),
+        since,
+    ))
+    .await
+    {
+        Ok(true) => since,
+        Ok(false) => {
+            if since != 0 {
+                tracing::warn!(node = %node, since, epoch = ?edge_epoch, "the edge's revision is not from this store's history (restored from a backup?); sending a snapshot");
+            }
+            0
+        }
+        Err(e) => {
+            let _ = write_msg(&mut *writer, &refuse("unavailable", store_err(e).message)).await;
+            return None;
+        }
+    };
+    // Instances replaced while this node was away are settled before it hears
+    // anything, so that a copy it keeps is never sent a removal, nor a status it
+    // reports refused.
+    let settled = Box::pin(crate::disconnect::settle_return(st, &node)).await;
+    let (tx, rx) = mpsc::channel::<HubToEdge>(1024);
+    let spread = st.reconnect_spread_ms();
+    let welcome = HubToEdge::Welcome {
+        protocol_version: PROTOCOL_VERSION,
+        node: node.clone(),
+        heartbeat_interval_ms: st.config.heartbeat_interval.as_millis() as u64,
+        epoch: st.epoch().map(str::to_string),
+        reconnect_spread_ms: spread,
+    };
+    if write_msg(&mut *writer, &welcome).await.is_err() {
+        return None;
+    }
+    let conn = st.edges.register(
+        &node,
+        identity.enrolment.clone(),
+        tx.clone(),
+        protocol_version,
+        transport,
+        &st.metrics,
+    );
+    if let Some(spread) = spread {
+        conn.spread_update(spread);
+    }
+    if let Some(admitted) = &admitted {
+        admitted.send_replace(true);
+    }
+    Box::pin(crate::replicas::claim_session(st, &node, conn.id)).await;
+    tracing::info!(node = %node, since, agent_version = %agent_version, "edge connected");
+    Some(Admitted {
+        node,
+        conn,
+        resume,
+        settled,
+        protocol_version,
+        tx,
+        rx,
+    })
 }
 
 /// How often a connected node's status is written to the store when nothing in it
@@ -580,7 +639,7 @@ const SITE_EVERY: Duration = Duration::from_secs(3);
 
 /// Tell the node its site's peers and key and (from protocol 6) its clusters'
 /// endpoints ([`crate::sites`]) now and whenever they change.
-async fn tell_site(
+pub(crate) async fn tell_site(
     st: Arc<HubState>,
     node: String,
     tx: mpsc::Sender<HubToEdge>,
@@ -671,7 +730,7 @@ async fn forward(
 
 /// Send the node its desired state: from `since` as changes, or as a snapshot, then
 /// its changes as they come, from the hub's one instance watch ([`crate::fanout`]).
-async fn sync_loop(
+pub(crate) async fn sync_loop(
     st: Arc<HubState>,
     node: String,
     since: u64,
@@ -688,11 +747,11 @@ async fn sync_loop(
     // Resuming from a cache that has not seen the settlement could tell the node to
     // stop a copy it keeps: the sync waits for it.
     if let Some(revision) = settled {
-        while !st.fanout.caught_up(revision, Duration::from_secs(10)).await {
+        while !Box::pin(st.fanout.caught_up(revision, Duration::from_secs(10))).await {
             tracing::warn!(node = %node, revision, "the instance cache lags the store; the node's sync waits for it");
         }
     }
-    let mut sub = st.fanout.subscribe(&node, since).await;
+    let mut sub = Box::pin(st.fanout.subscribe(&node, since)).await;
     let mut last_sent = match sub.take_start() {
         crate::fanout::Start::Resume { revision, changes } => {
             sync_kind("resume");
@@ -703,7 +762,7 @@ async fn sync_loop(
                     Ok(())
                 }
             } else {
-                send_changes(&tx, since, revision, changes).await
+                Box::pin(send_changes(&tx, since, revision, changes)).await
             };
             if sent.is_err() {
                 return;
@@ -727,7 +786,7 @@ async fn sync_loop(
                 return;
             }
             st.edges.set_sync_failure(&node, None);
-            if send_snapshot(&tx, protocol_version, revision, instances)
+            if Box::pin(send_snapshot(&tx, protocol_version, revision, instances))
                 .await
                 .is_err()
             {
@@ -746,7 +805,7 @@ async fn sync_loop(
                     let _ = tx.send(HubToEdge::error("gone", "the hub's sync of this node restarted; reconnect and resume")).await;
                     return;
                 };
-                if forward(&tx, &mut last_sent, update).await.is_err() {
+                if Box::pin(forward(&tx, &mut last_sent, update)).await.is_err() {
                     return;
                 }
             }
@@ -756,7 +815,7 @@ async fn sync_loop(
                 // queue is drained first: a bookmark never skips a change.
                 let seen = st.fanout.revision();
                 while let Ok(update) = sub.updates.try_recv() {
-                    if forward(&tx, &mut last_sent, update).await.is_err() {
+                    if Box::pin(forward(&tx, &mut last_sent, update)).await.is_err() {
                         return;
                     }
                 }

@@ -58,9 +58,9 @@ pub enum Certificate {
 }
 
 /// Serve a data stream an edge opened. `identity` comes from its certificate.
-// What each kind of stream does is boxed: unboxed, every stream's task would be as
-// large as the largest kind (5 KiB), and an edge's metrics stream lives as long as
-// its session.
+// What each kind of stream does is boxed, and so is reading its hello: unboxed, every
+// stream's task would be as large as the largest step (5 KiB), and an edge's metrics
+// stream lives as long as its session.
 pub async fn serve_data_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     st: Arc<HubState>,
     mut stream: S,
@@ -82,10 +82,10 @@ pub async fn serve_data_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'stati
         return;
     }
     let node = identity.node;
-    let hello = match tokio::time::timeout(
+    let hello = match Box::pin(tokio::time::timeout(
         HELLO_TIMEOUT,
         read_msg_limited::<StreamHello, _>(&mut stream, MAX_UNAUTHENTICATED_FRAME),
-    )
+    ))
     .await
     {
         Ok(Ok(Some(h))) => h,

@@ -34,11 +34,83 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// its data streams (logs, exec, port-forward connections, relays).
 const EDGE_STREAMS: u32 = 64;
 
+/// Streams an edge may open at first: the channel, its metrics stream and a few more.
+/// The hub raises it as they are used ([`StreamRoom`]). quinn keeps two map entries
+/// for every stream the peer may open, from the start: at 64 that was 3.3 KiB of
+/// every connected edge's memory at the hub, and at 8 it is 0.6.
+const EDGE_STREAMS_AT_FIRST: u32 = 8;
+
+/// Streams an edge may still open before the hub raises its limit.
+const STREAM_HEADROOM: u32 = 3;
+
+/// The room an edge has to open streams on its QUIC connection to the hub: a few at
+/// first ([`EDGE_STREAMS_AT_FIRST`]), doubled whenever those open come within
+/// [`STREAM_HEADROOM`] of it, up to [`EDGE_STREAMS`]. An edge that finds no room
+/// waits for it (quinn's `open_bi`); raised ahead of use, it does not.
+#[derive(Clone)]
+pub struct StreamRoom(Arc<RoomState>);
+
+struct RoomState {
+    conn: quinn::Connection,
+    /// Open now: the channel and the data streams being served.
+    open: std::sync::atomic::AtomicU32,
+    /// What the edge may have open at once.
+    limit: std::sync::atomic::AtomicU32,
+}
+
+impl StreamRoom {
+    /// The room on `conn`, an accepted connection whose channel stream is open.
+    pub fn new(conn: quinn::Connection) -> Self {
+        Self(Arc::new(RoomState {
+            conn,
+            open: 1.into(),
+            limit: EDGE_STREAMS_AT_FIRST.into(),
+        }))
+    }
+
+    /// A data stream was accepted: it counts as open until the guard is dropped.
+    pub fn opened(&self) -> OpenStream {
+        use std::sync::atomic::Ordering::Relaxed;
+        let open = self.0.open.fetch_add(1, Relaxed) + 1;
+        let limit = self.0.limit.load(Relaxed);
+        if open + STREAM_HEADROOM >= limit && limit < EDGE_STREAMS {
+            let raised = (limit * 2).min(EDGE_STREAMS);
+            if self
+                .0
+                .limit
+                .compare_exchange(limit, raised, Relaxed, Relaxed)
+                .is_ok()
+            {
+                self.0.conn.set_max_concurrent_bi_streams(raised.into());
+            }
+        }
+        OpenStream(self.clone())
+    }
+
+    /// Streams the edge may have open at once now.
+    pub fn limit(&self) -> u32 {
+        self.0.limit.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// A data stream counted open in its [`StreamRoom`].
+pub struct OpenStream(StreamRoom);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        (self.0)
+            .0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// The transport of one side: `peer_streams` bidirectional streams the peer may open
 /// (the hub never opens any; the edge opens the channel and its data streams), and no
 /// unidirectional ones. quinn keeps state for every stream the peer may open from
 /// the start, so these limits are memory per connection: at a hundred thousand edges,
-/// quinn's defaults (100 of each) cost the hub about 6 KiB per edge. `keep_alive`:
+/// quinn's defaults (100 of each) cost the hub about 6 KiB per edge ([`StreamRoom`]
+/// raises the hub's as an edge uses them). `keep_alive`:
 /// whether this side pings an idle connection (the dialer does).
 fn transport(peer_streams: u32, keep_alive: bool) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
@@ -76,7 +148,7 @@ pub fn server(
 ) -> Result<(quinn::Endpoint, Option<SocketWatch>), TlsError> {
     let crypto = QuicServerConfig::try_from(tls).map_err(cfg_err)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    let mut hub_side = transport(EDGE_STREAMS, false);
+    let mut hub_side = transport(EDGE_STREAMS_AT_FIRST, false);
     // No path MTU discovery from the hub: each connection keeps a send buffer the
     // size of its largest datagram, which grows to twice the initial 1,200 bytes once
     // a larger MTU is found (1.2 KiB more per edge, for good). What the hub sends is
@@ -323,4 +395,77 @@ pub fn peer(
         })
         .map(|c| *c);
     (alpn, certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::CertAuthority;
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+
+    /// An edge that opens more streams than it may at first gets room for them as
+    /// it goes, without waiting: with the first limit alone, the ninth would wait
+    /// until one of the others closed.
+    #[tokio::test]
+    async fn an_edge_gets_room_for_more_streams_as_it_opens_them() {
+        crate::install_crypto_provider();
+        let ca = CertAuthority::generate("hub").expect("ca");
+        let server_cert = ca.issue_server(&[]).expect("server cert");
+        let tickets = Arc::new(crate::tickets::DerivedTickets::new(b"k"));
+        let tls = crate::tls::server_config(ca.cert_pem(), &server_cert, &[b"t"], tickets)
+            .expect("server config");
+        let (endpoint, _) =
+            server("127.0.0.1:0".parse().expect("addr"), tls, b"secret").expect("server");
+        let addr = endpoint.local_addr().expect("bound");
+        let (accepted, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let conn = endpoint
+                .accept()
+                .await
+                .expect("incoming")
+                .await
+                .expect("handshake");
+            let channel = conn.accept_bi().await.expect("channel stream");
+            let room = StreamRoom::new(conn.clone());
+            let mut held = vec![channel];
+            while let Ok(stream) = conn.accept_bi().await {
+                // Held open, as a port-forward's connections are.
+                let open = room.opened();
+                let _ = accepted.send(room.limit());
+                held.push(stream);
+                std::mem::forget(open);
+            }
+        });
+
+        let (key, csr) = crate::pki::new_node_key_and_csr("edge-1").expect("csr");
+        let cert = ca
+            .sign_node_csr(&csr, "edge-1", None, time::Duration::days(1))
+            .expect("node cert");
+        let tls = crate::tls::client_config(ca.cert_pem(), Some((&cert, &key)), &[b"t"])
+            .expect("client config");
+        let client = client().expect("client endpoint");
+        let (conn, mut channel) = dial(&client, &addr.to_string(), tls, Duration::from_secs(5))
+            .await
+            .expect("dial");
+        channel.write_all(b"c").await.expect("channel byte");
+        let mut streams = Vec::new();
+        for i in 0..EDGE_STREAMS - 1 {
+            let (mut send, recv) = tokio::time::timeout(Duration::from_secs(5), conn.open_bi())
+                .await
+                .unwrap_or_else(|_| panic!("stream {} of the edge waited for room", i + 2))
+                .expect("open");
+            send.write_all(b"s").await.expect("stream byte");
+            streams.push((send, recv));
+            let limit = tokio::time::timeout(Duration::from_secs(5), seen.recv())
+                .await
+                .expect("the hub saw the stream")
+                .expect("hub alive");
+            assert!(
+                limit >= (i + 2 + 1).min(EDGE_STREAMS),
+                "{} streams open with a limit of {limit}",
+                i + 2
+            );
+        }
+    }
 }

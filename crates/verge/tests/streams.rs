@@ -361,7 +361,7 @@ fn an_edge_speaking_protocol_1_keeps_working_against_this_hub() {
     let old_edge = rt.spawn(async move {
         let cfg = verge_tunnel::tls::client_config(
             &id.ca_pem,
-            Some((&id.cert_pem, &id.key_pem)),
+            Some((&*id.cert_pem, &*id.key_pem)),
             &[ALPN_CHANNEL],
         )
         .expect("config");

@@ -160,7 +160,8 @@ impl Telemetry {
 
     async fn ship_once(&self, opener: &Opener) -> Result<std::convert::Infallible, String> {
         let ack_every = self.ack_every();
-        let io = opener.open(&StreamHello::Metrics { ack_every }).await?;
+        // Boxed: the opening is over once open, and this future lasts the session.
+        let io = Box::pin(opener.open(&StreamHello::Metrics { ack_every })).await?;
         // Rounds may go unanswered for `ack_every` intervals before the deadline runs.
         let ack_deadline = ACK_DEADLINE + self.config.interval * ack_every;
         let (mut rd, mut wr) = tokio::io::split(io);
