@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
 use verge_api::channel::{
     ENDPOINTS_SINCE, EdgeToHub, FLEET_SINCE, HubToEdge, InstanceChange, MIN_PROTOCOL_VERSION,
     PART_BYTES, PEERS_SINCE, PROTOCOL_VERSION, QUIET_HEARTBEATS_SINCE, SNAPSHOT_PARTS_SINCE,
@@ -31,7 +30,7 @@ use verge_tunnel::frame::{
 
 use crate::identity::PeerIdentity;
 use crate::objects::store_err;
-use crate::state::HubState;
+use crate::state::{FromHub, HubState, QueueClosed, ToEdge};
 
 /// How long a peer has to send its first message.
 const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -325,8 +324,8 @@ struct Admitted {
     /// The revision its return was settled at, if anything was settled.
     settled: Option<u64>,
     protocol_version: u32,
-    tx: mpsc::Sender<HubToEdge>,
-    rx: mpsc::Receiver<HubToEdge>,
+    tx: ToEdge,
+    rx: FromHub,
 }
 
 /// A session's first steps: the edge's identity and hello, admission, where its sync
@@ -426,7 +425,7 @@ async fn admit_session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     // anything, so that a copy it keeps is never sent a removal, nor a status it
     // reports refused.
     let settled = Box::pin(crate::disconnect::settle_return(st, &node)).await;
-    let (tx, rx) = mpsc::channel::<HubToEdge>(1024);
+    let (tx, rx) = ToEdge::channel(1024);
     let spread = st.reconnect_spread_ms();
     let welcome = HubToEdge::Welcome {
         protocol_version: PROTOCOL_VERSION,
@@ -639,12 +638,7 @@ const SITE_EVERY: Duration = Duration::from_secs(3);
 
 /// Tell the node its site's peers and key and (from protocol 6) its clusters'
 /// endpoints ([`crate::sites`]) now and whenever they change.
-pub(crate) async fn tell_site(
-    st: Arc<HubState>,
-    node: String,
-    tx: mpsc::Sender<HubToEdge>,
-    endpoints_too: bool,
-) {
+pub(crate) async fn tell_site(st: Arc<HubState>, node: String, tx: ToEdge, endpoints_too: bool) {
     let mut told: Option<(String, Vec<verge_api::channel::SitePeer>)> = None;
     let mut told_endpoints: Vec<Arc<Vec<verge_api::cluster::Endpoint>>> = Vec::new();
     let mut changes = st.sites.changes();
@@ -698,11 +692,11 @@ pub(crate) async fn tell_site(
 /// Send `changes` to the edge in parts that each fit a frame; all but the last keep
 /// the edge at `before`, so a session cut between parts resumes right.
 async fn send_changes(
-    tx: &mpsc::Sender<HubToEdge>,
+    tx: &ToEdge,
     before: u64,
     revision: u64,
     changes: Vec<InstanceChange>,
-) -> Result<(), mpsc::error::SendError<HubToEdge>> {
+) -> Result<(), QueueClosed> {
     let parts = in_parts(changes, |c| match c {
         InstanceChange::Upsert { instance } => encoded_len(instance),
         InstanceChange::Remove { name } => name.len() + 32,
@@ -717,10 +711,10 @@ async fn send_changes(
 
 /// Send an update the edge does not have yet, and move `last_sent` on.
 async fn forward(
-    tx: &mpsc::Sender<HubToEdge>,
+    tx: &ToEdge,
     last_sent: &mut u64,
     update: crate::fanout::Update,
-) -> Result<(), mpsc::error::SendError<HubToEdge>> {
+) -> Result<(), QueueClosed> {
     if update.revision > *last_sent {
         send_changes(tx, *last_sent, update.revision, update.changes).await?;
         *last_sent = update.revision;
@@ -736,7 +730,7 @@ pub(crate) async fn sync_loop(
     since: u64,
     settled: Option<u64>,
     protocol_version: u32,
-    tx: mpsc::Sender<HubToEdge>,
+    tx: ToEdge,
 ) {
     let sync_kind = |kind: &str| {
         st.metrics
@@ -805,7 +799,7 @@ pub(crate) async fn sync_loop(
                     let _ = tx.send(HubToEdge::error("gone", "the hub's sync of this node restarted; reconnect and resume")).await;
                     return;
                 };
-                if Box::pin(forward(&tx, &mut last_sent, update)).await.is_err() {
+                if Box::pin(forward(&tx, &mut last_sent, *update)).await.is_err() {
                     return;
                 }
             }
@@ -815,7 +809,7 @@ pub(crate) async fn sync_loop(
                 // queue is drained first: a bookmark never skips a change.
                 let seen = st.fanout.revision();
                 while let Ok(update) = sub.updates.try_recv() {
-                    if Box::pin(forward(&tx, &mut last_sent, update)).await.is_err() {
+                    if Box::pin(forward(&tx, &mut last_sent, *update)).await.is_err() {
                         return;
                     }
                 }
@@ -859,11 +853,11 @@ pub(crate) fn in_parts<T>(items: Vec<T>, size: impl Fn(&T) -> usize) -> Vec<Vec<
 /// Send a node its whole desired state: in parts to edges that take them, else in one
 /// message (an old edge whose state outgrows a frame cannot sync, and says so).
 async fn send_snapshot(
-    tx: &mpsc::Sender<HubToEdge>,
+    tx: &ToEdge,
     protocol_version: u32,
     revision: u64,
     instances: Vec<Instance>,
-) -> Result<(), mpsc::error::SendError<HubToEdge>> {
+) -> Result<(), QueueClosed> {
     if protocol_version < SNAPSHOT_PARTS_SINCE {
         return tx
             .send(HubToEdge::Snapshot {

@@ -69,8 +69,10 @@ pub enum Start {
 pub struct Subscription {
     /// Where the session starts.
     pub start: Start,
-    /// Later updates, in revision order. Ends when the session fell behind.
-    pub updates: mpsc::Receiver<Update>,
+    /// Later updates, in revision order. Ends when the session fell behind. Boxed:
+    /// tokio's channel allocates room for 32 when it is made, and a hub holds one per
+    /// connected edge (1 KiB of updates, 256 bytes of boxes).
+    pub updates: mpsc::Receiver<Box<Update>>,
     fanout: Arc<Fanout>,
     node: String,
     id: u64,
@@ -124,7 +126,7 @@ struct NodeSlice {
     instances: BTreeMap<String, Entry>,
     /// `(revision, instance)` of removals from this node, oldest first.
     removed: VecDeque<(u64, String)>,
-    subscriber: Option<(u64, mpsc::Sender<Update>)>,
+    subscriber: Option<(u64, mpsc::Sender<Box<Update>>)>,
 }
 
 #[derive(Default)]
@@ -448,7 +450,7 @@ impl Fanout {
             let Some((_, tx)) = &slice.subscriber else {
                 continue;
             };
-            if tx.try_send(Update { revision, changes }).is_err() {
+            if tx.try_send(Box::new(Update { revision, changes })).is_err() {
                 // Full (stuck) or gone: either way the session ends, and the edge
                 // resumes from its revision.
                 tracing::warn!(node = %node, "edge session fell behind its updates; it resumes after reconnecting");
