@@ -342,7 +342,8 @@ pub async fn run_with(
     } = seams;
     let dir = config.data_dir.clone();
     let resources = {
-        // Not kept: this future lives as long as the agent.
+        // The facts go at the end of this block: a local held across this future's
+        // awaits takes room in it for good, and it lives as long as the agent.
         let initial = facts();
         resources::ResourceManager::new(
             initial.allocatable.cpu,

@@ -37,7 +37,7 @@ const EDGE_STREAMS: u32 = 64;
 /// Streams an edge may open at first: the channel, its metrics stream and a few more.
 /// The hub raises it as they are used ([`StreamRoom`]). quinn keeps two map entries
 /// for every stream the peer may open, from the start: at 64 that was 3.3 KiB of
-/// every connected edge's memory at the hub, and at 8 it is 0.6.
+/// every connected edge's memory at the hub, and at 8 it is 0.4.
 const EDGE_STREAMS_AT_FIRST: u32 = 8;
 
 /// Streams an edge may still open before the hub raises its limit.
