@@ -163,10 +163,6 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    fn new() -> Self {
-        Self::default()
-    }
-
     /// The metrics in Prometheus' text format.
     fn encode(&self) -> String {
         let mut registry = Registry::with_prefix("verge_edge");
@@ -370,7 +366,7 @@ pub async fn run_with(
     let _sampler = telemetry::AbortOnDrop(tokio::spawn(telemetry.clone().sampler(agent.clone())));
     let collector = tokio::spawn(agent.clone().collector(config.cache_budget));
 
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::default());
     let mut metrics_addr = None;
     if let Some(listen) = config.metrics_listen {
         let l = Box::pin(tokio::net::TcpListener::bind(listen))

@@ -228,9 +228,7 @@ mod tests {
         quinn::Endpoint,
         tokio::sync::mpsc::UnboundedReceiver<Option<Vec<u8>>>,
     ) {
-        let server = ca.issue_server(&[]).expect("server cert");
-        let tls = crate::tls::server_config(ca.cert_pem(), &server, &[b"t"], tickets)
-            .expect("server config");
+        let tls = crate::testing::hub_tls(ca, b"t", tickets);
         // The hub before may still be letting go of the port.
         let mut tries = 0;
         let endpoint = loop {
@@ -290,10 +288,7 @@ mod tests {
         fn new() -> Self {
             crate::install_crypto_provider();
             let ca = CertAuthority::generate("hub").expect("ca");
-            let (node_key, csr) = crate::pki::new_node_key_and_csr("edge-1").expect("csr");
-            let node_cert = ca
-                .sign_node_csr(&csr, "edge-1", None, time::Duration::days(1))
-                .expect("node cert");
+            let (node_key, node_cert) = crate::testing::node_identity(&ca, "edge-1");
             let port = std::net::UdpSocket::bind("127.0.0.1:0")
                 .and_then(|s| s.local_addr())
                 .expect("free port");

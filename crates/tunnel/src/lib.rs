@@ -23,6 +23,8 @@ pub mod frame;
 pub mod pki;
 pub mod probe;
 pub mod quic;
+#[cfg(test)]
+mod testing;
 pub mod tickets;
 pub mod tls;
 

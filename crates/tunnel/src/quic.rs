@@ -409,12 +409,9 @@ mod tests {
     /// until one of the others closed.
     #[tokio::test]
     async fn an_edge_gets_room_for_more_streams_as_it_opens_them() {
-        crate::install_crypto_provider();
         let ca = CertAuthority::generate("hub").expect("ca");
-        let server_cert = ca.issue_server(&[]).expect("server cert");
         let tickets = Arc::new(crate::tickets::DerivedTickets::new(b"k"));
-        let tls = crate::tls::server_config(ca.cert_pem(), &server_cert, &[b"t"], tickets)
-            .expect("server config");
+        let tls = crate::testing::hub_tls(&ca, b"t", tickets);
         let (endpoint, _) =
             server("127.0.0.1:0".parse().expect("addr"), tls, b"secret").expect("server");
         let addr = endpoint.local_addr().expect("bound");
@@ -428,20 +425,16 @@ mod tests {
                 .expect("handshake");
             let channel = conn.accept_bi().await.expect("channel stream");
             let room = StreamRoom::new(conn.clone());
-            let mut held = vec![channel];
+            let _channel = channel;
+            let mut held = Vec::new();
             while let Ok(stream) = conn.accept_bi().await {
-                // Held open, as a port-forward's connections are.
-                let open = room.opened();
+                // Held open (and counted open), as a port-forward's connections are.
+                held.push((stream, room.opened()));
                 let _ = accepted.send(room.limit());
-                held.push(stream);
-                std::mem::forget(open);
             }
         });
 
-        let (key, csr) = crate::pki::new_node_key_and_csr("edge-1").expect("csr");
-        let cert = ca
-            .sign_node_csr(&csr, "edge-1", None, time::Duration::days(1))
-            .expect("node cert");
+        let (key, cert) = crate::testing::node_identity(&ca, "edge-1");
         let tls = crate::tls::client_config(ca.cert_pem(), Some((&cert, &key)), &[b"t"])
             .expect("client config");
         let client = client().expect("client endpoint");

@@ -328,9 +328,8 @@ mod tests {
     async fn pinned_first_contact_accepts_right_ca_and_refuses_wrong_one() {
         crate::install_crypto_provider();
         let ca = CertAuthority::generate("hub").expect("ca");
-        let server = ca.issue_server(&[]).expect("server");
         let tickets = Arc::new(crate::tickets::DerivedTickets::new(b"k"));
-        let scfg = server_config(ca.cert_pem(), &server, &[b"x"], tickets).expect("server cfg");
+        let scfg = crate::testing::hub_tls(&ca, b"x", tickets);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
